@@ -1,0 +1,47 @@
+# Two entry points: `make demo` (the user story on this machine) and `make test` (the whole suite).
+# Both create .venv themselves; as root they also install the Debian packages they need.
+
+VENV        := .venv
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.installed
+PYTHON      ?= python3
+# Real NBD clients and kernel plumbing the tests drive (nobody here wrote them).
+DEB_PACKAGES := qemu-utils libnbd-bin python3-libnbd fio nbdkit fuse3 e2fsprogs util-linux iproute2 nftables
+
+.PHONY: demo test test-all lint bench deps venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages (install them as root): $$missing"; exit 0; fi; \
+	echo "installing Debian packages: $$missing"; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null
+
+demo: deps venv
+	$(PY) demo/demo.py
+
+test: deps venv
+	$(VENV)/bin/ruff check p2pvbd tests bench demo
+	$(VENV)/bin/pytest
+
+# Everything, including the cases marked heavy.
+test-all: deps venv
+	$(VENV)/bin/pytest -m ''
+
+bench: deps venv
+	$(PY) bench/nbd_datapath.py
+	$(PY) bench/store_open.py
+
+lint: venv
+	$(VENV)/bin/ruff check p2pvbd tests bench demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache

@@ -1,0 +1,216 @@
+"""The ``p2pvbd`` command: parse arguments, ask the daemon, print. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from p2pvbd import __version__
+from p2pvbd.attach import AttachError, attach, detach
+from p2pvbd.control import ControlError, call
+from p2pvbd.home import Home, HomeError, resolve_home, wait_for_daemon_exit
+from p2pvbd.units import format_size, parse_size
+
+# Stopping flushes and checkpoints every disk; a large journal may take a while to write out.
+STOP_WAIT_SECONDS = 60.0
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"p2pvbd: error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _home(args: argparse.Namespace) -> Home:
+    return Home(resolve_home(args.home))
+
+
+def _ask(args: argparse.Namespace, op: str, **kwargs: Any) -> Any:
+    home = _home(args)
+    home.load_config()  # a clear message when the home was never initialised
+    return call(home.control_socket, op, kwargs)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+# ---- commands --------------------------------------------------------------------------------------
+def cmd_init(args: argparse.Namespace) -> None:
+    home = _home(args)
+    cfg = home.init(args.name, listen=args.listen, nbd_tcp=args.nbd_tcp or "")
+    print(f"initialised host {cfg.name} in {home.path}")
+
+
+def cmd_daemon(args: argparse.Namespace) -> None:
+    from p2pvbd.daemon import run_daemon  # trio is only imported where it runs
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        filename=args.log_file)
+    run_daemon(_home(args))
+
+
+def cmd_stop(args: argparse.Namespace) -> None:
+    _ask(args, "shutdown")
+    home = _home(args)
+    if not wait_for_daemon_exit(home, STOP_WAIT_SECONDS):
+        _fail(f"the daemon of {home.path} did not stop within {STOP_WAIT_SECONDS:.0f} s")
+    print("daemon stopped")
+
+
+def cmd_disk_create(args: argparse.Namespace) -> None:
+    info = _ask(args, "disk_create", name=args.disk, size=args.size, block_size=args.block_size)
+    print(f"created disk {info['name']}: {format_size(info['size'])}, blocks of {format_size(info['block_size'])}")
+
+
+def cmd_disk_import(args: argparse.Namespace) -> None:
+    path = Path(args.file).absolute()
+    if not path.is_file():
+        _fail(f"{args.file} is not a file")
+    info = _ask(args, "disk_import", name=args.disk, path=str(path), block_size=args.block_size)
+    print(f"imported {args.file} as disk {info['name']}: {format_size(info['size'])}, "
+          f"{format_size(info['bytes_written'])} of data")
+
+
+def cmd_disk_list(args: argparse.Namespace) -> None:
+    disks = _ask(args, "disk_list")
+    if args.json:
+        _print_json(disks)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("disk", "size", "block size", "owner", "epoch", "mode", box=None)
+    for d in disks:
+        table.add_row(d["name"], format_size(d["size"]), format_size(d["block_size"]), d["owner"],
+                      str(d["epoch"]), d["mode"])
+    Console().print(table)
+
+
+def cmd_nbd_uri(args: argparse.Namespace) -> None:
+    print(_ask(args, "nbd_uri", disk=args.disk))
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    status = _ask(args, "status", disk=args.disk)
+    if args.json:
+        _print_json(status)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("disk", "size", "owner", "epoch", "replica on", "coverage", "current blocks",
+                  title=f"p2pvbd status (host {status['host']})", box=None)
+    for d in status["disks"]:
+        for i, r in enumerate(d["replicas"] or [None]):
+            head = [d["name"], format_size(d["size"]), d["owner"], str(d["epoch"])] if i == 0 else [""] * 4
+            tail = [r["host"], f"{r['coverage']:.1%}", f"{r['current_blocks']}/{r['total_blocks']}"] if r else [
+                "-", "-", "-"]
+            table.add_row(*head, *tail)
+    Console().print(table)
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    res = _ask(args, "verify", disk=args.disk)
+    if args.json:
+        _print_json(res)
+    elif res["ok"]:
+        print(f"{res['disk']}: all {res['blocks']} blocks match their hashes")
+    else:
+        bad = res["mismatched_blocks"]
+        print(f"{res['disk']}: {len(bad)} block(s) do not match their hashes: {bad[:20]}")
+    if not res["ok"]:
+        raise SystemExit(1)
+
+
+def cmd_attach(args: argparse.Namespace) -> None:
+    uri = _ask(args, "nbd_uri", disk=args.disk)  # the daemon must be serving the export
+    del uri
+    print(attach(_home(args), args.disk, args.device))
+
+
+def cmd_detach(args: argparse.Namespace) -> None:
+    print(f"detached {detach(_home(args), args.disk)}")
+
+
+# ---- parser ----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", metavar="DIR", default=argparse.SUPPRESS,
+                        help="this host's home directory (default: $P2PVBD_HOME, else the user data dir)")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = argparse.ArgumentParser(prog="p2pvbd", parents=[common],
+                                description="Peer-to-peer versioned virtual disks with live migration.")
+    p.add_argument("--version", action="version", version=f"p2pvbd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Any, help: str, parents: tuple[argparse.ArgumentParser, ...] = (),
+            into: Any = sub) -> argparse.ArgumentParser:
+        sp = into.add_parser(name, help=help, description=help, parents=[common, *parents])
+        sp.set_defaults(func=func)
+        return sp
+
+    sp = add("init", cmd_init, "create this host's identity and home directory")
+    sp.add_argument("name", help="this host's name in the swarm, e.g. office-pc")
+    sp.add_argument("--listen", metavar="HOST:PORT", help="address peers reach this host on")
+    sp.add_argument("--nbd-tcp", metavar="HOST:PORT", help="also serve NBD on this (loopback) TCP address")
+
+    sp = add("daemon", cmd_daemon, "run this host's daemon in the foreground")
+    sp.add_argument("--log-file", metavar="FILE", help="log here instead of to stderr")
+    sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    add("stop", cmd_stop, "stop this host's daemon")
+
+    disk = add("disk", None, "create, import and list disks")
+    dsub = disk.add_subparsers(dest="disk_command", required=True, metavar="SUBCOMMAND")
+    sp = add("create", cmd_disk_create, "create an empty disk owned by this host", into=dsub)
+    sp.add_argument("disk")
+    sp.add_argument("--size", type=_size, required=True, help="e.g. 20G")
+    sp.add_argument("--block-size", type=_size, default=64 * 1024, help="versioning granularity (default 64K)")
+    sp = add("import", cmd_disk_import, "create a disk from a raw image file", into=dsub)
+    sp.add_argument("disk")
+    sp.add_argument("file")
+    sp.add_argument("--block-size", type=_size, default=64 * 1024, help="versioning granularity (default 64K)")
+    add("list", cmd_disk_list, "list this host's disks", (as_json,), into=dsub)
+
+    sp = add("nbd-uri", cmd_nbd_uri, "print the NBD URI of a disk (for qemu, nbdinfo, nbdcopy, libnbd)")
+    sp.add_argument("disk")
+    sp = add("status", cmd_status, "disks, owners and replica coverage", (as_json,))
+    sp.add_argument("disk", nargs="?")
+    sp = add("verify", cmd_verify, "re-hash every block of a disk against its recorded hash", (as_json,))
+    sp.add_argument("disk")
+    sp = add("attach", cmd_attach, "connect a disk to a kernel block device and print its path")
+    sp.add_argument("disk")
+    sp.add_argument("--device", metavar="/dev/nbdN", help="the nbd device to use (kernel nbd module only)")
+    sp = add("detach", cmd_detach, "disconnect a disk attached with 'attach'")
+    sp.add_argument("disk")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if not hasattr(args, "home"):
+        args.home = None
+    try:
+        args.func(args)
+    except (ControlError, HomeError, AttachError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

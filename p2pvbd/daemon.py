@@ -1,0 +1,207 @@
+"""The per-host daemon: one trio nursery running the NBD exports and the control socket.
+
+Started by ``p2pvbd daemon``; every other command talks to it through the control socket.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from p2pvbd.control import ControlError, serve_control
+from p2pvbd.home import Config, Home, HomeError, check_name, parse_hostport
+from p2pvbd.kernel_hook_ctl import ExportMode, HookController
+from p2pvbd.nbd_server import serve_nbd
+from p2pvbd.replica_store import DEFAULT_BLOCK_SIZE, ReplicaStore
+
+log = logging.getLogger(__name__)
+
+# Unflushed guest writes are what a crash may lose and what reopening must re-hash; flushing every
+# few seconds bounds both, like the kernel's dirty-page writeback (dirty_expire_centisecs = 30 s).
+FLUSH_INTERVAL_SECONDS = 5.0
+# `disk import` copies in pieces this large; zero pieces are skipped so imports stay sparse.
+IMPORT_CHUNK = 1024 * 1024
+# Disk sizes are whole 512-byte sectors: what every hypervisor and the NBD clients expect.
+SECTOR = 512
+
+
+class Daemon:
+    """State shared by the daemon's services; control ops are its ``op_*`` methods."""
+
+    def __init__(self, home: Home, config: Config) -> None:
+        self.home = home
+        self.config = config
+        self.ctl = HookController()
+        self.cancel_scope: trio.CancelScope | None = None
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def open_disks(self) -> None:
+        for name in self.home.disk_names():
+            try:
+                store = ReplicaStore.open(self.home.disk_dir(name))
+            except Exception:
+                log.exception("cannot open disk %s; it is not exported", name)
+                continue
+            self.ctl.add_export(store, self._mode_for(store))
+            log.info("exporting %s (%d bytes, owner %s)", name, store.size, store.owner)
+
+    def _mode_for(self, store: ReplicaStore) -> ExportMode:
+        return ExportMode.PRIMARY if store.owner == self.config.name else ExportMode.STANDBY
+
+    def close_disks(self) -> None:
+        for name in self.ctl.names():
+            store = self.ctl.remove_export(name)
+            try:
+                store.close()
+            except Exception:
+                log.exception("closing %s failed", name)
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self.open_disks()
+        try:
+            async with trio.open_nursery() as nursery:
+                self.cancel_scope = nursery.cancel_scope
+                tcp = parse_hostport(self.config.nbd_tcp) if self.config.nbd_tcp else None
+                await nursery.start(serve_nbd, self.ctl, self.home.nbd_socket, tcp)
+                await nursery.start(serve_control, self.home.control_socket, self.handle)
+                nursery.start_soon(self._periodic_flush)
+                log.info("daemon of host %s ready: %s", self.config.name, self.home.path)
+                task_status.started()
+        finally:
+            self.close_disks()
+
+    async def _periodic_flush(self) -> None:
+        while True:
+            await trio.sleep(FLUSH_INTERVAL_SECONDS)
+            try:
+                await self.ctl.flush_all()
+            except Exception:
+                log.exception("periodic flush failed")
+
+    # ---- control ops ---------------------------------------------------------------------------
+    async def handle(self, op: str, args: dict[str, Any]) -> Any:
+        method = getattr(self, "op_" + op.replace("-", "_"), None)
+        if method is None:
+            raise ControlError(f"unknown command {op!r} (is the daemon older than this CLI?)")
+        try:
+            return await method(**args)
+        except TypeError as e:
+            raise ControlError(f"bad arguments for {op}: {e}") from e
+        except (ValueError, HomeError, FileExistsError) as e:
+            raise ControlError(str(e)) from e
+
+    def _store(self, disk: str) -> ReplicaStore:
+        exp = self.ctl.get(disk)
+        if exp is None:
+            raise ControlError(f"no disk named {disk!r} on host {self.config.name} (see 'p2pvbd disk list')")
+        return exp.store
+
+    async def op_ping(self) -> dict[str, Any]:
+        return {"host": self.config.name, "pid": os.getpid()}
+
+    async def op_shutdown(self) -> None:
+        assert self.cancel_scope is not None
+        self.cancel_scope.cancel()
+
+    async def op_disk_create(self, name: str, size: int, block_size: int = DEFAULT_BLOCK_SIZE) -> dict[str, Any]:
+        check_name("disk", name)
+        if self.ctl.get(name) is not None:
+            raise ControlError(f"disk {name!r} already exists")
+        if size <= 0 or size % SECTOR:
+            raise ControlError(f"disk size must be a positive multiple of {SECTOR} bytes, not {size}")
+        store = ReplicaStore.create(self.home.disk_dir(name), name, size, block_size,
+                                    owner=self.config.name, epoch=1)
+        self.ctl.add_export(store, ExportMode.PRIMARY)
+        return self._disk_info(store)
+
+    async def op_disk_import(self, name: str, path: str, block_size: int = DEFAULT_BLOCK_SIZE) -> dict[str, Any]:
+        src = Path(path)
+        try:
+            size = src.stat().st_size
+        except OSError as e:
+            raise ControlError(f"cannot read {path}: {e.strerror}") from e
+        size = max(SECTOR, -(-size // SECTOR) * SECTOR)
+        info = await self.op_disk_create(name, size, block_size)
+        written = 0
+        with open(src, "rb") as f:
+            offset = 0
+            while chunk := await trio.to_thread.run_sync(f.read, IMPORT_CHUNK):
+                if chunk.count(0) != len(chunk):
+                    await self.ctl.write(name, offset, chunk)
+                    written += len(chunk)
+                offset += len(chunk)
+        await self.ctl.flush(name)
+        return {**info, "bytes_written": written}
+
+    async def op_disk_list(self) -> list[dict[str, Any]]:
+        return [self._disk_info(exp.store) | {"mode": exp.mode.value} for exp in self.ctl.exports()]
+
+    def _disk_info(self, store: ReplicaStore) -> dict[str, Any]:
+        return {"name": store.name, "size": store.size, "block_size": store.block_size,
+                "owner": store.owner, "epoch": store.epoch}
+
+    async def op_nbd_uri(self, disk: str) -> str:
+        self._store(disk)
+        return self.home.nbd_uri(disk)
+
+    async def op_status(self, disk: str | None = None) -> dict[str, Any]:
+        names = [disk] if disk else self.ctl.names()
+        disks = []
+        for name in names:
+            store = self._store(name)
+            vmap = await trio.to_thread.run_sync(store.version_map)
+            cov = store.coverage(vmap)  # against itself until other hosts' maps arrive
+            disks.append(self._disk_info(store) | {"replicas": [{
+                "host": self.config.name, "coverage": cov.fraction,
+                "current_blocks": cov.current_blocks, "total_blocks": cov.total_blocks}]})
+        return {"host": self.config.name, "disks": disks}
+
+    async def op_verify(self, disk: str) -> dict[str, Any]:
+        store = self._store(disk)
+        bad = await trio.to_thread.run_sync(store.verify)
+        return {"disk": disk, "blocks": store.n_blocks, "mismatched_blocks": bad, "ok": not bad}
+
+
+def _lock_home(home: Home) -> int:
+    """One daemon per home: a second one would corrupt the stores."""
+    fd = os.open(home.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise HomeError(f"a daemon is already running for {home.path}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+async def _main(home: Home, config: Config) -> None:
+    daemon = Daemon(home, config)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            daemon.cancel_scope = nursery.cancel_scope  # `p2pvbd stop` ends the whole daemon
+
+            async def stop_on_signal() -> None:
+                async for sig in signals:
+                    log.info("received %s, shutting down", signal.Signals(sig).name)
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(stop_on_signal)
+
+
+def run_daemon(home: Home) -> None:
+    """Foreground entry point: lock the home, serve until SIGTERM/SIGINT, close every store cleanly."""
+    config = home.load_config()
+    fd = _lock_home(home)
+    try:
+        trio.run(_main, home, config)
+    finally:
+        os.close(fd)

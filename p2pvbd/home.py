@@ -1,0 +1,177 @@
+"""The host's home directory: where its config, disks and sockets live.
+
+One directory per host makes several hosts on one machine (tests, the demo) as easy as one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import platformdirs
+import tomli_w
+
+HOME_ENV = "P2PVBD_HOME"
+CONFIG_FILE = "config.toml"
+DISKS_DIR = "disks"
+NBD_SOCKET = "nbd.sock"
+CONTROL_SOCKET = "control.sock"
+DAEMON_LOCK = "daemon.lock"
+DAEMON_LOG = "daemon.log"
+# The same rule as disk names: safe in paths, URIs and DNS-like contexts.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DEFAULT_PEER_PORT = 7420
+
+
+class HomeError(Exception):
+    """A user-facing problem with the home directory (missing, not initialised, bad config)."""
+
+
+def resolve_home(arg: str | os.PathLike[str] | None) -> Path:
+    """--home, else $P2PVBD_HOME, else the platform's per-user data directory."""
+    if arg:
+        return Path(arg).expanduser().absolute()
+    env = os.environ.get(HOME_ENV)
+    if env:
+        return Path(env).expanduser().absolute()
+    return Path(platformdirs.user_data_dir("p2pvbd")).absolute()
+
+
+def check_name(kind: str, name: str) -> str:
+    if not NAME_RE.match(name):
+        raise HomeError(
+            f"invalid {kind} name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def parse_hostport(text: str, default_port: int = DEFAULT_PEER_PORT) -> tuple[str, int]:
+    """'HOST:PORT', 'HOST' or '[v6]:PORT' to a pair."""
+    m = re.match(r"^\[([^\]]+)\](?::(\d+))?$", text) or re.match(r"^([^:]*)(?::(\d+))?$", text)
+    if not m or not m.group(1):
+        raise HomeError(f"not a HOST:PORT address: {text!r}")
+    port = int(m.group(2)) if m.group(2) else default_port
+    if not 0 <= port <= 65535:
+        raise HomeError(f"port out of range in {text!r}")
+    return m.group(1), port
+
+
+@dataclass
+class Config:
+    """HOME/config.toml. Unknown keys are kept so newer versions' settings survive a rewrite."""
+
+    name: str
+    listen: str = f"127.0.0.1:{DEFAULT_PEER_PORT}"
+    nbd_tcp: str = ""
+    bootstrap: list[str] = field(default_factory=list)
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def to_toml(self) -> dict[str, object]:
+        return {**self.extra, "name": self.name, "listen": self.listen, "nbd_tcp": self.nbd_tcp,
+                "bootstrap": list(self.bootstrap)}
+
+
+@dataclass(frozen=True)
+class Home:
+    path: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def disks_dir(self) -> Path:
+        return self.path / DISKS_DIR
+
+    @property
+    def nbd_socket(self) -> Path:
+        return self.path / NBD_SOCKET
+
+    @property
+    def control_socket(self) -> Path:
+        return self.path / CONTROL_SOCKET
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / DAEMON_LOCK
+
+    def disk_dir(self, disk: str) -> Path:
+        return self.disks_dir / disk
+
+    def is_initialised(self) -> bool:
+        return self.config_path.is_file()
+
+    def load_config(self) -> Config:
+        if not self.is_initialised():
+            raise HomeError(f"{self.path} is not a p2pvbd home: run 'p2pvbd init NAME --home {self.path}' first")
+        try:
+            raw = tomllib.loads(self.config_path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise HomeError(f"cannot read {self.config_path}: {e}") from e
+        known = {"name", "listen", "nbd_tcp", "bootstrap"}
+        try:
+            cfg = Config(
+                name=check_name("host", str(raw["name"])),
+                listen=str(raw.get("listen", Config.listen)),
+                nbd_tcp=str(raw.get("nbd_tcp", "")),
+                bootstrap=[str(b) for b in raw.get("bootstrap", [])],
+                extra={k: v for k, v in raw.items() if k not in known},
+            )
+        except KeyError as e:
+            raise HomeError(f"{self.config_path} lacks the key {e}") from e
+        return cfg
+
+    def save_config(self, cfg: Config) -> None:
+        """Atomic replace, so a crash never leaves a half-written config."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(tomli_w.dumps(cfg.to_toml()))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.config_path)
+
+    def init(self, name: str, listen: str | None = None, nbd_tcp: str = "") -> Config:
+        check_name("host", name)
+        if self.is_initialised():
+            raise HomeError(f"{self.path} is already initialised as host {self.load_config().name!r}")
+        if listen:
+            parse_hostport(listen)
+        if nbd_tcp:
+            parse_hostport(nbd_tcp)
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.disks_dir.mkdir(exist_ok=True)
+        cfg = Config(name=name, listen=listen or Config.listen, nbd_tcp=nbd_tcp)
+        self.save_config(cfg)
+        return cfg
+
+    def disk_names(self) -> list[str]:
+        if not self.disks_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.disks_dir.iterdir() if p.is_dir() and NAME_RE.match(p.name))
+
+    def nbd_uri(self, disk: str) -> str:
+        return f"nbd+unix:///{disk}?socket={self.nbd_socket}"
+
+
+def wait_for_daemon_exit(home: Home, timeout: float) -> bool:
+    """True once no daemon holds the home's lock (it has closed every store)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(home.lock_path, os.O_RDWR)
+        except FileNotFoundError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        finally:
+            os.close(fd)

@@ -1,0 +1,276 @@
+"""The write-interception hook's controller: the single place where guest writes enter a store.
+
+Every NBD command for an export passes through :class:`HookController`, which enforces the export's
+mode (primary, standby, incoming), holds requests while the export is frozen, counts requests in flight
+so a freeze can drain them, and publishes a :class:`WriteEvent` for every write it applies. Migration
+builds on exactly these four powers; nothing else writes guest data.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from p2pvbd.nbd_codec import NBD_EINVAL, NBD_EIO, NBD_ENOSPC, NBD_EPERM, NBD_ESHUTDOWN
+from p2pvbd.replica_store import OutOfRange, ReplicaStore, WriteResult
+
+log = logging.getLogger(__name__)
+
+# A freeze is the switchover's stall: the guest sees it as latency, so it must end even if the
+# orchestrator that asked for it dies. 30 s is far beyond any sane switchover, yet short enough
+# that a guest's own I/O timeout (Linux: 30 s per request by default) is rarely hit.
+MAX_FREEZE_SECONDS = 30.0
+# Writes to an export waiting for an incoming migration are held at most this long, then fail
+# with EPERM (the hypervisor started the VM too early or the migration failed).
+INCOMING_WRITE_HOLD_SECONDS = 30.0
+# Write events buffered per subscriber before it is marked as having overflowed (then it must
+# resynchronise from the version map). 64 Ki events is a few MiB of memory.
+SUBSCRIBER_BUFFER = 65536
+
+
+class ExportMode(enum.Enum):
+    PRIMARY = "primary"  # this host owns the disk: reads and writes
+    STANDBY = "standby"  # replica of a disk owned elsewhere: reads, EPERM on writes
+    INCOMING = "incoming"  # migration target: reads, writes held until ownership arrives
+
+
+class HookError(Exception):
+    """A request failed; ``errno`` is the NBD error the client receives."""
+
+    def __init__(self, errno: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+@dataclass(frozen=True, slots=True)
+class WriteEvent:
+    """Blocks ``first_block..last_block`` of ``disk`` now hold ``version``."""
+
+    disk: str
+    first_block: int
+    last_block: int
+    version: int
+
+
+@dataclass
+class WriteSubscription:
+    """A subscriber's stream of write events. ``overflowed`` means events were dropped."""
+
+    receive: trio.MemoryReceiveChannel[WriteEvent]
+    _send: trio.MemorySendChannel[WriteEvent]
+    disk: str | None
+    overflowed: bool = False
+
+
+@dataclass
+class Export:
+    """One disk as seen by guests, with its gate state."""
+
+    store: ReplicaStore
+    mode: ExportMode
+    frozen: bool = False
+    inflight: int = 0
+    _thawed: trio.Event = field(default_factory=trio.Event)
+    _mode_changed: trio.Event = field(default_factory=trio.Event)
+    _drained: trio.Event | None = None
+    _freeze_generation: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.store.name
+
+
+class HookController:
+    """Owns the exports; every guest request is admitted, applied and published here."""
+
+    def __init__(self) -> None:
+        self._exports: dict[str, Export] = {}
+        self._subs: list[WriteSubscription] = []
+
+    # ---- exports -------------------------------------------------------------------------------
+    def add_export(self, store: ReplicaStore, mode: ExportMode) -> Export:
+        if store.name in self._exports:
+            raise ValueError(f"export {store.name!r} already exists")
+        exp = Export(store=store, mode=mode)
+        exp._thawed.set()
+        self._exports[store.name] = exp
+        return exp
+
+    def remove_export(self, name: str) -> ReplicaStore:
+        return self._exports.pop(name).store
+
+    def get(self, name: str) -> Export | None:
+        return self._exports.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._exports)
+
+    def exports(self) -> list[Export]:
+        return [self._exports[n] for n in sorted(self._exports)]
+
+    def set_mode(self, name: str, mode: ExportMode) -> None:
+        exp = self._require(name)
+        exp.mode = mode
+        exp._mode_changed.set()
+        exp._mode_changed = trio.Event()
+
+    def _require(self, name: str) -> Export:
+        exp = self._exports.get(name)
+        if exp is None:
+            raise HookError(NBD_ESHUTDOWN, f"export {name!r} is gone")
+        return exp
+
+    # ---- write events --------------------------------------------------------------------------
+    @contextmanager
+    def subscribe(self, disk: str | None = None) -> Iterator[WriteSubscription]:
+        """Receive a WriteEvent for every write applied from now on (to ``disk``, or to any)."""
+        send, receive = trio.open_memory_channel[WriteEvent](SUBSCRIBER_BUFFER)
+        sub = WriteSubscription(receive=receive, _send=send, disk=disk)
+        self._subs.append(sub)
+        try:
+            yield sub
+        finally:
+            self._subs.remove(sub)
+            send.close()
+
+    def _publish(self, disk: str, res: WriteResult) -> None:
+        if not self._subs or res.version == 0:
+            return
+        ev = WriteEvent(disk, res.first_block, res.last_block, res.version)
+        for sub in self._subs:
+            if sub.disk is None or sub.disk == disk:
+                try:
+                    sub._send.send_nowait(ev)
+                except trio.WouldBlock:
+                    sub.overflowed = True
+
+    # ---- admission -----------------------------------------------------------------------------
+    async def _admit(self, name: str, is_write: bool) -> Export:
+        exp = self._require(name)
+        while True:
+            if exp.frozen:
+                await exp._thawed.wait()
+                exp = self._require(name)
+                continue
+            if is_write and exp.mode is not ExportMode.PRIMARY:
+                if exp.mode is ExportMode.STANDBY:
+                    raise HookError(NBD_EPERM, f"{name} is a standby replica; its owner takes writes")
+                with trio.move_on_after(INCOMING_WRITE_HOLD_SECONDS):
+                    await exp._mode_changed.wait()
+                    exp = self._require(name)
+                    continue
+                raise HookError(NBD_EPERM, f"{name}: ownership did not arrive in time")
+            exp.inflight += 1
+            return exp
+
+    def _done(self, exp: Export) -> None:
+        exp.inflight -= 1
+        if exp.inflight == 0 and exp._drained is not None:
+            exp._drained.set()
+
+    # ---- guest commands ------------------------------------------------------------------------
+    async def read(self, name: str, offset: int, length: int) -> bytes:
+        exp = await self._admit(name, is_write=False)
+        try:
+            return exp.store.read(offset, length)
+        except OutOfRange as e:
+            raise HookError(NBD_EINVAL, str(e)) from e
+        except OSError as e:
+            raise HookError(NBD_EIO, f"read failed: {e}") from e
+        finally:
+            self._done(exp)
+
+    async def write(self, name: str, offset: int, data: bytes, fua: bool = False) -> None:
+        await self._apply(name, fua, lambda s: s.write(offset, data))
+
+    async def write_zeroes(self, name: str, offset: int, length: int, fua: bool = False) -> None:
+        await self._apply(name, fua, lambda s: s.write_zeroes(offset, length))
+
+    async def trim(self, name: str, offset: int, length: int, fua: bool = False) -> None:
+        await self._apply(name, fua, lambda s: s.trim(offset, length))
+
+    async def _apply(self, name: str, fua: bool, op: Callable[[ReplicaStore], WriteResult]) -> None:
+        exp = await self._admit(name, is_write=True)
+        try:
+            try:
+                res = op(exp.store)
+            except OutOfRange as e:
+                raise HookError(NBD_ENOSPC, str(e)) from e
+            except OSError as e:
+                raise HookError(NBD_EIO, f"write failed: {e}") from e
+            self._publish(name, res)
+            if fua:
+                await self._sync(exp)
+        finally:
+            self._done(exp)
+
+    async def flush(self, name: str) -> None:
+        exp = await self._admit(name, is_write=False)
+        try:
+            await self._sync(exp)
+        finally:
+            self._done(exp)
+
+    async def _sync(self, exp: Export) -> None:
+        try:
+            await trio.to_thread.run_sync(exp.store.flush)
+        except OSError as e:
+            raise HookError(NBD_EIO, f"flush failed: {e}") from e
+
+    def allocation(self, name: str, offset: int, length: int) -> list[tuple[int, int]]:
+        """base:allocation extents (length, NBD state flags) for BLOCK_STATUS; reads never wait."""
+        exp = self._require(name)
+        try:
+            return exp.store.allocation(offset, length)
+        except OutOfRange as e:
+            raise HookError(NBD_EINVAL, str(e)) from e
+
+    # ---- freeze / thaw -------------------------------------------------------------------------
+    async def freeze(self, name: str, timeout: float = 5.0) -> None:
+        """Hold new requests, wait for those in flight, flush. Thaws by itself after MAX_FREEZE_SECONDS.
+
+        Raises trio.TooSlowError (and thaws) when draining and flushing take longer than ``timeout``.
+        """
+        exp = self._require(name)
+        if exp.frozen:
+            raise HookError(NBD_EINVAL, f"{name} is already frozen")
+        exp.frozen = True
+        exp._thawed = trio.Event()
+        exp._freeze_generation += 1
+        gen = exp._freeze_generation
+        trio.lowlevel.spawn_system_task(self._freeze_watchdog, name, gen)
+        try:
+            with trio.fail_after(timeout):
+                if exp.inflight:
+                    exp._drained = trio.Event()
+                    await exp._drained.wait()
+                exp._drained = None
+                await self._sync(exp)
+        except BaseException:
+            exp._drained = None
+            self.thaw(name)
+            raise
+
+    def thaw(self, name: str) -> None:
+        exp = self._exports.get(name)
+        if exp is None or not exp.frozen:
+            return
+        exp.frozen = False
+        exp._thawed.set()
+
+    async def _freeze_watchdog(self, name: str, gen: int) -> None:
+        await trio.sleep(MAX_FREEZE_SECONDS)
+        exp = self._exports.get(name)
+        if exp is not None and exp.frozen and exp._freeze_generation == gen:
+            log.warning("%s stayed frozen for %.0f s; thawing it so the guest can go on", name, MAX_FREEZE_SECONDS)
+            self.thaw(name)
+
+    async def flush_all(self) -> None:
+        for exp in self.exports():
+            if exp.mode is ExportMode.PRIMARY and not exp.frozen:
+                await self._sync(exp)

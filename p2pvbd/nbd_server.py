@@ -1,0 +1,338 @@
+"""The host's NBD server: the guest-facing side of the write-interception hook.
+
+Speaks the protocol through the pure codec in :mod:`p2pvbd.nbd_codec` and applies every command
+through :class:`~p2pvbd.kernel_hook_ctl.HookController`. One task per connection reads and parses
+requests; cheap commands are applied inline and their replies batched into one send, while commands
+that wait for the disk (FLUSH, FUA writes) or for a gate (frozen or incoming exports) run as their own
+tasks, so their replies may overtake or be overtaken by others (out-of-order replies, as the spec allows).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from p2pvbd import nbd_codec as nbd
+from p2pvbd.kernel_hook_ctl import ExportMode, HookController, HookError
+
+log = logging.getLogger(__name__)
+
+# One receive covers a pipelined burst of 4 KiB requests or a quarter of a 1 MiB write.
+RECV_BYTES = 256 * 1024
+# Requests one connection may have running as separate tasks (FLUSH, FUA, held writes) before the
+# reader stops reading: backpressure instead of unbounded memory. Linux's nbd driver queues 128.
+MAX_TASKS_PER_CONNECTION = 128
+# How many connections wait in the kernel's accept queue.
+LISTEN_BACKLOG = 128
+# Advertised block size constraints (NBD_INFO_BLOCK_SIZE): any byte granularity works, 4 KiB is
+# what the store handles best, and the maximum is the request cap.
+MIN_BLOCK = 1
+PREFERRED_BLOCK = 4096
+# The only metadata context we serve; its id is what BLOCK_STATUS replies carry.
+BASE_ALLOCATION = "base:allocation"
+BASE_ALLOCATION_ID = 1
+
+TRANSMISSION_FLAGS = (
+    nbd.NBD_FLAG_HAS_FLAGS
+    | nbd.NBD_FLAG_SEND_FLUSH
+    | nbd.NBD_FLAG_SEND_FUA
+    | nbd.NBD_FLAG_SEND_TRIM
+    | nbd.NBD_FLAG_SEND_WRITE_ZEROES
+    | nbd.NBD_FLAG_CAN_MULTI_CONN
+)
+
+
+class _Disconnect(Exception):
+    """End the connection cleanly (ABORT, EXPORT_NAME of an unknown export)."""
+
+
+class NbdConnection:
+    """One client, from greeting to disconnect."""
+
+    def __init__(self, stream: trio.abc.Stream, ctl: HookController) -> None:
+        self.stream = stream
+        self.ctl = ctl
+        self.structured = False
+        self.meta_export: str | None = None  # export for which base:allocation was negotiated
+        self.send_lock = trio.Lock()
+        self.tasks = trio.Semaphore(MAX_TASKS_PER_CONNECTION)
+
+    async def run(self) -> None:
+        await self.stream.send_all(nbd.server_greeting())
+        try:
+            export, leftover = await self._handshake()
+        except _Disconnect:
+            return
+        await self._transmission(export, leftover)
+
+    # ---- handshake -----------------------------------------------------------------------------
+    async def _handshake(self) -> tuple[str, bytes]:
+        parser = nbd.HandshakeParser()
+        no_zeroes = False
+        while True:
+            ev = parser.next_event()
+            if ev is nbd.NeedData:
+                data = await self.stream.receive_some(RECV_BYTES)
+                if not data:
+                    raise _Disconnect
+                parser.feed(data)
+                continue
+            if isinstance(ev, nbd.ClientFlags):
+                no_zeroes = bool(ev.flags & nbd.NBD_FLAG_C_NO_ZEROES)
+                continue
+            assert isinstance(ev, nbd.OptionRequest)
+            chosen = await self._option(ev, no_zeroes)
+            if chosen is not None:
+                return chosen, parser.leftover()
+
+    async def _option(self, ev: nbd.OptionRequest, no_zeroes: bool) -> str | None:
+        opt, send = ev.option, self.stream.send_all
+        if opt == nbd.NBD_OPT_EXPORT_NAME:
+            try:
+                exp = self._lookup(nbd.parse_export_name(ev.data))
+            except nbd.OptionPayloadError:
+                exp = None
+            if exp is None:
+                raise _Disconnect  # the spec's only answer to an unknown EXPORT_NAME
+            await send(nbd.export_name_reply(exp.store.size, TRANSMISSION_FLAGS, no_zeroes))
+            return exp.name
+        if opt == nbd.NBD_OPT_ABORT:
+            await send(nbd.option_reply(opt, nbd.NBD_REP_ACK))
+            raise _Disconnect
+        if opt == nbd.NBD_OPT_LIST:
+            if ev.data:
+                await send(nbd.option_error(opt, nbd.NBD_REP_ERR_INVALID, "LIST takes no data"))
+                return None
+            await send(b"".join(nbd.rep_server(opt, n) for n in self.ctl.names()) + nbd.option_reply(
+                opt, nbd.NBD_REP_ACK))
+            return None
+        if opt == nbd.NBD_OPT_STRUCTURED_REPLY:
+            if ev.data:
+                await send(nbd.option_error(opt, nbd.NBD_REP_ERR_INVALID, "STRUCTURED_REPLY takes no data"))
+                return None
+            self.structured = True
+            await send(nbd.option_reply(opt, nbd.NBD_REP_ACK))
+            return None
+        if opt in (nbd.NBD_OPT_INFO, nbd.NBD_OPT_GO):
+            return await self._info_or_go(ev)
+        if opt in (nbd.NBD_OPT_SET_META_CONTEXT, nbd.NBD_OPT_LIST_META_CONTEXT):
+            await self._meta_context(ev)
+            return None
+        await send(nbd.option_error(opt, nbd.NBD_REP_ERR_UNSUP, f"option {opt} is not supported"))
+        return None
+
+    def _lookup(self, name: str) -> Any:
+        exp = self.ctl.get(name)
+        if exp is None and name == "" and len(self.ctl.names()) == 1:
+            exp = self.ctl.get(self.ctl.names()[0])  # the default export, when unambiguous
+        return exp
+
+    async def _info_or_go(self, ev: nbd.OptionRequest) -> str | None:
+        opt = ev.option
+        try:
+            req = nbd.parse_info_request(ev.data)
+        except nbd.OptionPayloadError as e:
+            await self.stream.send_all(nbd.option_error(opt, nbd.NBD_REP_ERR_INVALID, str(e)))
+            return None
+        exp = self._lookup(req.name)
+        if exp is None:
+            await self.stream.send_all(nbd.option_error(opt, nbd.NBD_REP_ERR_UNKNOWN, f"no export {req.name!r}"))
+            return None
+        out = [nbd.info_export(opt, exp.store.size, TRANSMISSION_FLAGS)]
+        if nbd.NBD_INFO_NAME in req.info_types:
+            out.append(nbd.info_name(opt, exp.name))
+        # Always sent: it tells clients (qemu, nbdcopy) the best request sizes.
+        out.append(nbd.info_block_size(opt, MIN_BLOCK, PREFERRED_BLOCK, nbd.MAX_PAYLOAD))
+        out.append(nbd.option_reply(opt, nbd.NBD_REP_ACK))
+        await self.stream.send_all(b"".join(out))
+        if opt == nbd.NBD_OPT_GO:
+            if self.meta_export is not None and self.meta_export != exp.name:
+                self.meta_export = None
+            return exp.name
+        return None
+
+    async def _meta_context(self, ev: nbd.OptionRequest) -> None:
+        opt = ev.option
+        try:
+            req = nbd.parse_meta_context_request(ev.data)
+        except nbd.OptionPayloadError as e:
+            await self.stream.send_all(nbd.option_error(opt, nbd.NBD_REP_ERR_INVALID, str(e)))
+            return
+        if opt == nbd.NBD_OPT_SET_META_CONTEXT and not self.structured:
+            await self.stream.send_all(
+                nbd.option_error(opt, nbd.NBD_REP_ERR_INVALID, "negotiate structured replies first"))
+            return
+        exp = self._lookup(req.export_name)
+        if exp is None:
+            await self.stream.send_all(
+                nbd.option_error(opt, nbd.NBD_REP_ERR_UNKNOWN, f"no export {req.export_name!r}"))
+            return
+        queries = req.queries
+        if opt == nbd.NBD_OPT_LIST_META_CONTEXT and not queries:
+            queries = [BASE_ALLOCATION]
+        matched = any(q in (BASE_ALLOCATION, "base:") for q in queries)
+        out = []
+        if matched:
+            out.append(nbd.rep_meta_context(opt, BASE_ALLOCATION_ID, BASE_ALLOCATION))
+        if opt == nbd.NBD_OPT_SET_META_CONTEXT:
+            self.meta_export = exp.name if matched else None
+        out.append(nbd.option_reply(opt, nbd.NBD_REP_ACK))
+        await self.stream.send_all(b"".join(out))
+
+    # ---- transmission --------------------------------------------------------------------------
+    async def _transmission(self, export: str, leftover: bytes) -> None:
+        parser = nbd.RequestParser()
+        size = self.ctl.get(export).store.size  # type: ignore[union-attr]
+        if leftover:
+            parser.feed(leftover)
+        async with trio.open_nursery() as nursery:
+            while True:
+                out = bytearray()
+                disconnect = False
+                while (req := parser.next_request()) is not None:
+                    if req.type == nbd.NBD_CMD_DISC:
+                        disconnect = True
+                        break
+                    if self._needs_task(export, req):
+                        if out:
+                            await self._send(bytes(out))
+                            out.clear()
+                        await self.tasks.acquire()
+                        nursery.start_soon(self._run_task, export, size, req)
+                    else:
+                        out += await self._execute(export, size, req)
+                if out:
+                    await self._send(bytes(out))
+                if disconnect:
+                    break
+                data = await self.stream.receive_some(RECV_BYTES)
+                if not data:
+                    break
+                parser.feed(data)
+        # The nursery waited for requests in flight: every accepted request was answered.
+
+    def _needs_task(self, export: str, req: nbd.Request) -> bool:
+        if req.type == nbd.NBD_CMD_FLUSH or req.flags & nbd.NBD_CMD_FLAG_FUA:
+            return True
+        exp = self.ctl.get(export)
+        if exp is None or exp.frozen:
+            return True
+        return req.type in (nbd.NBD_CMD_WRITE, nbd.NBD_CMD_WRITE_ZEROES, nbd.NBD_CMD_TRIM) and (
+            exp.mode is ExportMode.INCOMING)
+
+    async def _run_task(self, export: str, size: int, req: nbd.Request) -> None:
+        try:
+            reply = await self._execute(export, size, req)
+            await self._send(reply)
+        finally:
+            self.tasks.release()
+
+    async def _send(self, data: bytes) -> None:
+        async with self.send_lock:
+            await self.stream.send_all(data)
+
+    async def _execute(self, export: str, size: int, req: nbd.Request) -> bytes:
+        """Apply one request; return its whole reply."""
+        try:
+            return await self._dispatch(export, size, req)
+        except HookError as e:
+            return self._error(req, e.errno, str(e))
+
+    def _error(self, req: nbd.Request, errno: int, message: str) -> bytes:
+        if self.structured and req.type in (nbd.NBD_CMD_READ, nbd.NBD_CMD_BLOCK_STATUS):
+            return nbd.error_chunk(req.cookie, errno, message)
+        return nbd.simple_reply(req.cookie, errno)
+
+    async def _dispatch(self, export: str, size: int, req: nbd.Request) -> bytes:
+        t, off, n, ctl = req.type, req.offset, req.length, self.ctl
+        fua = bool(req.flags & nbd.NBD_CMD_FLAG_FUA)
+        if req.oversized and t in (nbd.NBD_CMD_READ, nbd.NBD_CMD_WRITE):
+            # No payload larger than the cap is ever buffered; the spec asks EINVAL for both
+            # (EOVERFLOW is for structured reads the server could not split).
+            return self._error(req, nbd.NBD_EINVAL, "request longer than 32 MiB")
+        if t == nbd.NBD_CMD_READ:
+            if off + n > size:
+                return self._error(req, nbd.NBD_EINVAL, "read past the end of the disk")
+            data = await ctl.read(export, off, n)
+            if self.structured:
+                return nbd.offset_data_header(req.cookie, off, n, done=True) + data
+            return nbd.simple_reply(req.cookie) + data
+        if t in (nbd.NBD_CMD_WRITE, nbd.NBD_CMD_WRITE_ZEROES, nbd.NBD_CMD_TRIM):
+            if off + n > size:
+                return self._error(req, nbd.NBD_ENOSPC, "write past the end of the disk")
+            if t == nbd.NBD_CMD_WRITE:
+                assert req.data is not None
+                await ctl.write(export, off, req.data, fua)
+            elif t == nbd.NBD_CMD_WRITE_ZEROES:
+                await ctl.write_zeroes(export, off, n, fua)
+            else:
+                await ctl.trim(export, off, n, fua)
+            return nbd.simple_reply(req.cookie)
+        if t == nbd.NBD_CMD_FLUSH:
+            await ctl.flush(export)
+            return nbd.simple_reply(req.cookie)
+        if t == nbd.NBD_CMD_BLOCK_STATUS:
+            if self.meta_export != export or not self.structured:
+                return self._error(req, nbd.NBD_EINVAL, "no metadata context negotiated")
+            if n == 0 or off + n > size:
+                return self._error(req, nbd.NBD_EINVAL, "block status range outside the disk")
+            extents = ctl.allocation(export, off, n)
+            if req.flags & nbd.NBD_CMD_FLAG_REQ_ONE:
+                extents = extents[:1]
+            return nbd.block_status_chunk(req.cookie, BASE_ALLOCATION_ID, extents, done=True)
+        return self._error(req, nbd.NBD_EINVAL, f"unknown command {t}")
+
+
+_QUIET_ERRORS = (nbd.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for e in exc.exceptions for leaf in _leaves(e)]
+    return [exc]
+
+
+async def _handle(stream: trio.abc.Stream, ctl: HookController) -> None:
+    """Serve one client; whatever it does, only its own connection ends."""
+    conn = NbdConnection(stream, ctl)
+    try:
+        async with stream:
+            await conn.run()
+    except Exception as exc:
+        leaves = _leaves(exc)
+        if all(isinstance(e, _QUIET_ERRORS) for e in leaves):
+            log.info("NBD client disconnected: %s", "; ".join(str(e) or type(e).__name__ for e in leaves))
+        else:
+            log.exception("NBD connection failed; closed it")
+
+
+async def _unix_listener(path: Path) -> trio.SocketListener:
+    path.unlink(missing_ok=True)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(os.fspath(path))
+    sock.listen(LISTEN_BACKLOG)
+    return trio.SocketListener(sock)
+
+
+async def serve_nbd(
+    ctl: HookController,
+    unix_path: Path,
+    tcp: tuple[str, int] | None = None,
+    *,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve every export of ``ctl`` on a Unix socket (and a TCP address) until cancelled."""
+    listeners: list[trio.SocketListener] = [await _unix_listener(unix_path)]
+    if tcp is not None:
+        listeners += await trio.open_tcp_listeners(tcp[1], host=tcp[0], backlog=LISTEN_BACKLOG)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: trio.serve_listeners(lambda s: _handle(s, ctl), listeners))
+            task_status.started()
+    finally:
+        unix_path.unlink(missing_ok=True)

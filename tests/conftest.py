@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.daemons import Host
+
+
+@pytest.fixture
+def make_host(tmp_path: Path) -> Iterator[Callable[..., Host]]:
+    """Create and start hosts; all are stopped at the end of the test."""
+    hosts: list[Host] = []
+
+    def make(name: str = "office-pc", *extra_init: str, start: bool = True) -> Host:
+        h = Host(tmp_path / name, name, *extra_init)
+        hosts.append(h)
+        return h.start() if start else h
+
+    yield make
+    for h in hosts:
+        if h.alive():
+            h.stop()
+
+
+@pytest.fixture
+def host(make_host: Callable[..., Host]) -> Host:
+    return make_host()

@@ -1,0 +1,103 @@
+"""Real daemons in subprocesses, one home directory each: the hosts of end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+BIN = str(Path(sys.executable).parent / "p2pvbd")
+# Starting a daemon is quick; this bounds a broken start, it is not a speed assertion.
+READY_SECONDS = 30.0
+
+
+class Host:
+    """A p2pvbd host: a home directory and (while running) its daemon process."""
+
+    def __init__(self, home: Path, name: str, *extra_init: str) -> None:
+        self.home = home
+        self.name = name
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.cli("init", name, *extra_init)
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run([BIN, *args, "--home", str(self.home)], capture_output=True, text=True,
+                             timeout=timeout)
+        if check and res.returncode != 0:
+            raise AssertionError(f"p2pvbd {' '.join(args)} failed ({res.returncode}): {res.stderr}")
+        return res
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def start(self) -> Host:
+        assert self.proc is None or self.proc.poll() is not None
+        log = open(self.home / "daemon.log", "ab")  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen([BIN, "daemon", "--home", str(self.home), "-v"],
+                                     stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + READY_SECONDS
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon of {self.name} exited: {self.log_tail()}")
+            if self.cli("disk", "list", check=False).returncode == 0:
+                return self
+            time.sleep(0.05)
+        raise AssertionError(f"daemon of {self.name} did not come up: {self.log_tail()}")
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join((self.home / "daemon.log").read_text().splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=READY_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"daemon of {self.name} ignored SIGTERM") from None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def nbd_socket(self) -> str:
+        return str(self.home / "nbd.sock")
+
+    def uri(self, disk: str) -> str:
+        return f"nbd+unix:///{disk}?socket={self.nbd_socket}"
+
+
+def run(*cmd: str, check: bool = True, timeout: float = 300, **kw: Any) -> subprocess.CompletedProcess[str]:
+    """Run a real tool; on failure show what it said."""
+    res = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, **kw)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+def system_python() -> str:
+    """python3-libnbd is a Debian package: it imports only under the system interpreter."""
+    return "/usr/bin/python3"
+
+
+def env_without_venv() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    env.pop("VIRTUAL_ENV", None)
+    return env
