@@ -1,0 +1,375 @@
+"""Peer connections over mutual TLS with trio: many concurrent requests per connection, in both roles.
+
+The client side multiplexes requests by id over one TLS stream (a reader task routes each reply to its
+waiter), so a migration can keep dozens of block fetches in flight without a connection each. The
+server side authenticates in the TLS handshake (OpenSSL rejects certificates not from the swarm CA before
+we read a byte), then runs each request as its own task, bounded per connection so a busy peer gets
+TCP back-pressure instead of unbounded memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from p2pvbd import trust
+from p2pvbd.home import HomeError, parse_hostport
+from p2pvbd.peer_wire import (
+    ERR_CONNECTION,
+    ERR_INTERNAL,
+    ERR_PROTOCOL,
+    ERR_TIMEOUT,
+    JOIN_OPS,
+    OPS,
+    PROTOCOL_VERSION,
+    FrameDecoder,
+    FrameError,
+    OpSpec,
+    PeerError,
+    encode_error,
+    encode_reply,
+    encode_request,
+    is_request,
+    validate_body,
+)
+
+__all__ = ["Handler", "PeerConnection", "PeerError", "join_handler", "join_swarm", "open_peer", "serve_join",
+           "serve_peers"]
+
+log = logging.getLogger(__name__)
+
+# TCP + TLS + hello: milliseconds on a LAN, about a second on a bad mobile link; 10 s means "unreachable".
+CONNECT_TIMEOUT = 10.0
+# A client that stalls the handshake must not hold a server task forever (a trickle/slowloris attempt).
+HANDSHAKE_TIMEOUT = 10.0
+# A 4 MiB block over a slow (~1 MB/s) WAN link takes a few seconds; 60 s is "the peer is stuck".
+DEFAULT_REQUEST_TIMEOUT = 60.0
+# Per-connection in-flight requests on the server: 16 x 8 MiB max reply = 128 MiB worst case, while
+# 16 x 4 MiB blocks in flight is enough to fill a 10 Gbit/s LAN link at ~1 ms RTT.
+MAX_CONCURRENT_REQUESTS = 16
+# Read size: large enough that a 4 MiB block arrives in a few dozen reads, small enough to be cheap.
+RECV_BYTES = 256 * 1024
+# Closing politely (TLS close_notify) must not hang on a dead peer.
+CLOSE_TIMEOUT = 1.0
+
+Handler = Callable[[str, str, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def _tls_reason(exc: BaseException) -> str:
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLError):
+            return cause.reason or str(cause)
+        cause = cause.__cause__ or cause.__context__
+    return str(exc) or type(exc).__name__
+
+
+async def _close(stream: trio.abc.AsyncResource) -> None:
+    with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+        scope.shield = True
+        try:
+            await stream.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+
+# ---- client --------------------------------------------------------------------------------------
+
+
+class PeerConnection:
+    """One TLS connection to a peer. Use through ``open_peer``; ``request`` may be called from many tasks."""
+
+    def __init__(self, stream: trio.SSLStream[trio.SocketStream], address: str) -> None:
+        self.stream = stream
+        self.address = address
+        # The peer's host name from its verified certificate; '' on a join connection (unverified).
+        self.peer_name = trust.peer_name(stream)
+        self.peer_cert_der: bytes = stream.getpeercert(binary_form=True) or b""
+        self._next_id = 0
+        self._pending: dict[int, tuple[trio.Event, list[dict[str, Any]]]] = {}
+        self._send_lock = trio.Lock()
+        self._broken: PeerError | None = None
+
+    async def request(self, op: str, body: dict[str, Any], timeout: float = DEFAULT_REQUEST_TIMEOUT) -> dict[str, Any]:
+        """Send a request and wait for its reply body; PeerError for error replies, timeouts, dead links."""
+        if self._broken:
+            raise self._dead()
+        self._next_id += 1
+        request_id = self._next_id
+        frame = encode_request(request_id, op, body)
+        event, slot = trio.Event(), []
+        self._pending[request_id] = (event, slot)
+        try:
+            with trio.fail_after(timeout):
+                async with self._send_lock:
+                    try:
+                        await self.stream.send_all(frame)
+                    except BaseException as e:
+                        # A half-sent frame (cancelled or failed) leaves the stream unusable.
+                        self._fail(PeerError(ERR_CONNECTION, f"connection to {self.address} lost: {_tls_reason(e)}"))
+                        raise
+                await event.wait()
+        except trio.TooSlowError:
+            raise PeerError(ERR_TIMEOUT, f"{op} to {self.address} got no reply within {timeout:g} s") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            raise self._dead() if self._broken else PeerError(ERR_CONNECTION, str(e)) from e
+        finally:
+            self._pending.pop(request_id, None)
+        if not slot:
+            raise self._dead()
+        reply = slot[0]
+        if reply["ok"]:
+            return reply["body"]
+        raise PeerError(reply["error"]["code"], reply["error"]["message"])
+
+    def _dead(self) -> PeerError:
+        # A fresh exception per caller: one shared instance would pile up every task's traceback.
+        assert self._broken is not None
+        return PeerError(self._broken.code, self._broken.message)
+
+    def _fail(self, error: PeerError) -> None:
+        if self._broken is None:
+            self._broken = error
+        for event, _ in self._pending.values():
+            event.set()
+
+    async def _read_replies(self) -> None:
+        decoder = FrameDecoder()
+        try:
+            while True:
+                data = await self.stream.receive_some(RECV_BYTES)
+                if not data:
+                    raise PeerError(ERR_CONNECTION, f"{self.address} closed the connection")
+                decoder.feed(data)
+                while (frame := decoder.next_frame()) is not None:
+                    if is_request(frame):
+                        raise FrameError("server sent a request")
+                    waiter = self._pending.get(frame["id"])
+                    if waiter is not None:  # else: its caller timed out and left
+                        waiter[1].append(frame)
+                        waiter[0].set()
+        except PeerError as e:
+            self._fail(e)
+        except FrameError as e:
+            self._fail(PeerError(ERR_CONNECTION, f"{self.address} broke the protocol: {e}"))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            self._fail(PeerError(ERR_CONNECTION, f"connection to {self.address} lost: {_tls_reason(e)}"))
+
+
+@asynccontextmanager
+async def open_peer(host: str, port: int, ssl_context: ssl.SSLContext, *,
+                    connect_timeout: float = CONNECT_TIMEOUT) -> AsyncIterator[PeerConnection]:
+    """Connect, complete TLS and a ``hello`` round trip, then yield the connection; closed on exit.
+
+    The hello is what makes a wrong swarm fail here: in TLS 1.3 the client finishes its handshake before
+    the server has judged the client certificate, so only a reply proves the server accepted us.
+    """
+    address = f"{host}:{port}"
+    try:
+        with trio.fail_after(connect_timeout):
+            tcp = await trio.open_tcp_stream(host, port)
+    except (OSError, trio.TooSlowError) as e:
+        raise PeerError(ERR_CONNECTION, f"cannot connect to {address}: {e or 'timed out'}") from e
+    stream = trio.SSLStream(tcp, ssl_context, server_side=False)
+    try:
+        try:
+            with trio.fail_after(connect_timeout):
+                await stream.do_handshake()
+        except (trio.BrokenResourceError, trio.TooSlowError) as e:
+            raise PeerError(ERR_CONNECTION, f"TLS handshake with {address} failed: {_tls_reason(e)} "
+                                            "(is it a host of another swarm?)") from e
+        conn = PeerConnection(stream, address)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(conn._read_replies)
+                try:
+                    reply = await conn.request("hello", {"protocol": PROTOCOL_VERSION}, timeout=connect_timeout)
+                except PeerError as e:
+                    if e.code == ERR_CONNECTION:
+                        raise PeerError(ERR_CONNECTION, f"refused after the TLS handshake ({e.message}): "
+                                                        "is this host a member of its swarm?") from e
+                    raise
+                if reply.get("protocol") != PROTOCOL_VERSION:
+                    raise PeerError(ERR_PROTOCOL, f"{address} speaks protocol {reply.get('protocol')!r}")
+                try:
+                    yield conn
+                finally:
+                    # Wake any task still waiting on this connection (from outside the block) at once.
+                    conn._fail(PeerError(ERR_CONNECTION, f"connection to {address} was closed"))
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as eg:
+            # The reader never raises, so a group here holds just the caller's own exception: give it back
+            # unwrapped, so `except PeerError` around `async with open_peer(...)` works as written.
+            if len(eg.exceptions) == 1 and not isinstance(eg.exceptions[0], BaseExceptionGroup):
+                raise eg.exceptions[0] from eg.exceptions[0].__cause__
+            raise
+    finally:
+        await _close(stream)
+
+
+# ---- server --------------------------------------------------------------------------------------
+
+
+async def _handle_request(send: Callable[[bytes], Awaitable[None]], handler: Handler, name: str,
+                          frame: dict[str, Any], ops: Mapping[str, OpSpec]) -> None:
+    request_id, op, body = frame["id"], frame["op"], frame["body"]
+    try:
+        validate_body(op, body, ops)
+        if op == "hello":
+            if body["protocol"] != PROTOCOL_VERSION:
+                raise PeerError(ERR_PROTOCOL, f"this host speaks protocol {PROTOCOL_VERSION}, not {body['protocol']}")
+            result = {"protocol": PROTOCOL_VERSION}
+        else:
+            result = await handler(name, op, body)
+            if not isinstance(result, dict):
+                raise TypeError(f"handler for {op} returned {type(result).__name__}, not a dict")
+        out = encode_reply(request_id, result)
+    except PeerError as e:
+        out = encode_error(request_id, e.code, e.message)
+    except Exception:
+        log.exception("handler for %s from %r failed", op, name)
+        out = encode_error(request_id, ERR_INTERNAL, f"internal error handling {op}")
+    await send(out)
+
+
+async def _serve_connection(tcp: trio.SocketStream, ssl_context: ssl.SSLContext, handler: Handler,
+                            ops: Mapping[str, OpSpec], max_concurrent: int, handshake_timeout: float) -> None:
+    stream = trio.SSLStream(tcp, ssl_context, server_side=True)
+    try:
+        remote = tcp.socket.getpeername()
+    except OSError:
+        remote = "?"
+    try:
+        with trio.fail_after(handshake_timeout):
+            await stream.do_handshake()
+        name = trust.peer_name(stream)
+    except (trio.BrokenResourceError, trio.TooSlowError, trust.TrustError) as e:
+        log.info("refused connection from %s: %s", remote, _tls_reason(e))
+        await trio.aclose_forcefully(stream)
+        return
+    log.debug("peer %r connected from %s", name, remote)
+    send_lock = trio.Lock()
+    limit = trio.Semaphore(max_concurrent)
+
+    async def send(data: bytes) -> None:
+        async with send_lock:
+            await stream.send_all(data)
+
+    async def run_one(frame: dict[str, Any]) -> None:
+        try:
+            await _handle_request(send, handler, name, frame, ops)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            nursery.cancel_scope.cancel()  # the peer is gone: stop its other requests too
+        finally:
+            limit.release()
+
+    decoder = FrameDecoder()
+    try:
+        async with trio.open_nursery() as nursery:
+            while True:
+                data = await stream.receive_some(RECV_BYTES)
+                if not data:
+                    break
+                decoder.feed(data)
+                while (frame := decoder.next_frame()) is not None:
+                    if not is_request(frame):
+                        raise FrameError("client sent a reply")
+                    await limit.acquire()  # back-pressure: stop reading while the peer has too much in flight
+                    nursery.start_soon(run_one, frame)
+            nursery.cancel_scope.cancel()
+    except* FrameError as eg:
+        log.info("dropping %r (%s): %s", name, remote, eg.exceptions[0])
+    except* (trio.BrokenResourceError, trio.ClosedResourceError):
+        log.debug("peer %r (%s) disconnected", name, remote)
+    finally:
+        await _close(stream)
+
+
+async def serve_peers(listeners: Sequence[trio.SocketListener], ssl_context: ssl.SSLContext, handler: Handler, *,
+                      ops: Mapping[str, OpSpec] = OPS, max_concurrent: int = MAX_CONCURRENT_REQUESTS,
+                      handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                      task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve peer requests on ``listeners`` (from ``trio.open_tcp_listeners``) until cancelled.
+
+    ``handler(peer_name, op, body)`` sees only ops in ``ops`` with bodies that passed their schema;
+    ``hello`` is answered here. Reports the first listener's port via ``task_status.started``.
+    """
+    port = listeners[0].socket.getsockname()[1]
+
+    async def on_connection(tcp: trio.SocketStream) -> None:
+        try:
+            await _serve_connection(tcp, ssl_context, handler, ops, max_concurrent, handshake_timeout)
+        except Exception:
+            log.exception("peer connection task failed")  # one broken connection never stops the server
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(trio.serve_listeners, on_connection, list(listeners), handler_nursery=nursery))
+        task_status.started(port)
+
+
+# ---- join ----------------------------------------------------------------------------------------
+
+
+def join_handler(identity: trust.HostIdentity, clock: Callable[[], float] = time.time) -> Handler:
+    """The handler for the inviter's join port (serve with ``join_server_ssl_context`` and ``ops=JOIN_OPS``)."""
+
+    async def handle(_peer: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
+        if op == "join_ca":
+            return {"ca": identity.ca_pem}
+        try:
+            # In a thread: it takes the invites flock, which the CLI may briefly hold.
+            result = await trio.to_thread.run_sync(trust.accept_join, identity, body, clock())
+        except trust.InviteError as e:
+            raise PeerError("invite", str(e)) from e
+        log.info("host %r joined the swarm", body["name"])
+        return result
+
+    return handle
+
+
+async def serve_join(listeners: Sequence[trio.SocketListener], identity: trust.HostIdentity, *,
+                     clock: Callable[[], float] = time.time,
+                     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """The inviter's join listener: no client certificates, and only the join ops."""
+    await serve_peers(listeners, trust.join_server_ssl_context(identity), join_handler(identity, clock),
+                      ops=JOIN_OPS, task_status=task_status)
+
+
+async def join_swarm(home: Path, token: str, name: str, *,
+                     connect_timeout: float = CONNECT_TIMEOUT) -> trust.HostIdentity:
+    """The joiner's side: try the token's addresses in turn, pin the inviter to the token, get a cert.
+
+    The secret proof is sent only after the server's TLS certificate is shown to be signed by the CA the
+    token names, so a machine impersonating the inviter learns neither the proof nor the swarm secret.
+    """
+    invite = trust.parse_invite(token)
+    if trust.has_identity(home):
+        raise trust.TrustError(f"{trust.trust_dir(home)} already holds a host identity; refusing to overwrite it")
+    key = trust.new_host_key()
+    request = trust.make_join_request(invite, key, name)
+    failures = []
+    for address in invite.addresses:
+        try:
+            host, port = parse_hostport(address)
+            async with open_peer(host, port, trust.join_client_ssl_context(), connect_timeout=connect_timeout) as conn:
+                ca = trust.check_ca((await conn.request("join_ca", {}, connect_timeout))["ca"], invite.ca_fingerprint)
+                trust.verify_host_cert(conn.peer_cert_der, ca)
+                reply = await conn.request("join", request, connect_timeout)
+        except (PeerError, HomeError, KeyError, TypeError) as e:
+            if isinstance(e, PeerError) and e.code == "invite":
+                raise trust.InviteError(e.message) from e
+            failures.append(f"{address}: {e}")
+            continue
+        except trust.TrustError as e:
+            failures.append(f"{address}: {e}")
+            continue
+        return trust.finish_join(home, invite, key, name, reply)
+    raise trust.TrustError("could not join through any address in the invite:\n  " + "\n  ".join(failures))

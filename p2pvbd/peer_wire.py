@@ -1,0 +1,221 @@
+"""The peer protocol's wire format, sans IO: length-prefixed msgpack frames and request/reply envelopes.
+
+Kept free of sockets so the decoder can be fuzzed directly and reused by any transport. Every frame is
+``4-byte big-endian length`` + one msgpack map. Requests are ``{"id", "op", "body"}``; replies are
+``{"id", "ok": True, "body"}`` or ``{"id", "ok": False, "error": {"code", "message"}}``. Ids let many
+requests share one connection and their replies come back in any order.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+# Bumped on incompatible changes; checked by the transport's built-in ``hello``.
+PROTOCOL_VERSION = 1
+
+HEADER = struct.Struct(">I")
+# The largest payload a message carries: one replica block (the replica store's biggest block size).
+MAX_BLOCK_BYTES = 4 * 1024 * 1024
+# One block plus its envelope, hashes and version metadata; 2x leaves room for batching several smaller
+# blocks in one get_blocks reply while capping what a peer can make us buffer per frame.
+MAX_FRAME_BYTES = 2 * MAX_BLOCK_BYTES
+# Names, op names, error messages: nothing legitimate is longer; a huge str is an attack or a bug.
+MAX_STR_LEN = 64 * 1024
+# A version map is one entry per block: 2**20 entries covers a 4 TiB disk at 4 MiB blocks.
+MAX_ARRAY_LEN = 1 << 20
+# Maps are envelopes and small bodies; per-block data travels as arrays or bin.
+MAX_MAP_LEN = 1 << 16
+# Request ids are msgpack unsigned 64-bit ints (the envelope's "id").
+MAX_REQUEST_ID = (1 << 64) - 1
+# Error codes are short identifiers; messages are human text, truncated on encode.
+MAX_ERROR_CODE_CHARS = 64
+MAX_ERROR_MESSAGE_CHARS = 2000
+
+# Error codes every side understands.
+ERR_BAD_REQUEST = "bad_request"
+ERR_UNKNOWN_OP = "unknown_op"
+ERR_INTERNAL = "internal"
+ERR_PROTOCOL = "protocol"  # version mismatch in hello
+ERR_TIMEOUT = "timeout"  # raised locally, never sent
+ERR_CONNECTION = "connection"  # raised locally, never sent
+
+
+class FrameError(Exception):
+    """The byte stream is not our protocol; the connection cannot continue."""
+
+
+class PeerError(Exception):
+    """A request failed: ``code`` is machine-readable, ``message`` is for humans.
+
+    Raised by handlers to send an error reply, and raised to callers when a reply is an error.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """An op's request body: required fields and their msgpack types. Extra fields are allowed (newer peers)."""
+
+    fields: Mapping[str, type | tuple[type, ...]] = field(default_factory=dict)
+    doc: str = ""
+
+
+# The peer port's ops. Handlers receive bodies already checked against these.
+OPS: dict[str, OpSpec] = {
+    "hello": OpSpec({"protocol": int}, "version check; answered by the transport itself"),
+    "get_version_map": OpSpec({"disk": str}, "per-block versions of a disk"),
+    "get_blocks": OpSpec({"disk": str, "blocks": list}, "block contents by index"),
+}
+# The join port's ops (a joiner has no certificate yet, so these must never share the peer port's table).
+JOIN_OPS: dict[str, OpSpec] = {
+    "hello": OPS["hello"],
+    "join_ca": OpSpec({}, "the swarm CA certificate, for the joiner to pin against its token"),
+    "join": OpSpec({"invite_id": str, "name": str, "csr": bytes, "proof": bytes}, "sign the joiner's key"),
+}
+
+
+def _type_ok(value: Any, expected: type | tuple[type, ...]) -> bool:
+    # bool is an int in Python but not on the wire: never let True pass as a count or an index.
+    if isinstance(value, bool) and bool not in (expected if isinstance(expected, tuple) else (expected,)):
+        return False
+    return isinstance(value, expected)
+
+
+def validate_body(op: str, body: dict[str, Any], ops: Mapping[str, OpSpec] = OPS) -> None:
+    """Raise PeerError (unknown_op / bad_request) unless ``body`` fits ``op``'s schema."""
+    spec = ops.get(op)
+    if spec is None:
+        raise PeerError(ERR_UNKNOWN_OP, f"unknown op {op!r}")
+    for name, expected in spec.fields.items():
+        if name not in body:
+            raise PeerError(ERR_BAD_REQUEST, f"{op}: missing field {name!r}")
+        if not _type_ok(body[name], expected):
+            raise PeerError(ERR_BAD_REQUEST, f"{op}: field {name!r} has the wrong type")
+
+
+def _pack(obj: dict[str, Any]) -> bytes:
+    payload = msgpack.packb(obj, use_bin_type=True)
+    if len(payload) > MAX_FRAME_BYTES:
+        raise FrameError(f"frame of {len(payload)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
+    return HEADER.pack(len(payload)) + payload
+
+
+def _check_id(request_id: Any) -> None:
+    if isinstance(request_id, bool) or not isinstance(request_id, int) or not 0 <= request_id <= MAX_REQUEST_ID:
+        raise FrameError("request id must be an integer in 0..2**64-1")
+
+
+def encode_request(request_id: int, op: str, body: dict[str, Any]) -> bytes:
+    _check_id(request_id)
+    return _pack({"id": request_id, "op": op, "body": body})
+
+
+def encode_reply(request_id: int, body: dict[str, Any]) -> bytes:
+    _check_id(request_id)
+    return _pack({"id": request_id, "ok": True, "body": body})
+
+
+def encode_error(request_id: int, code: str, message: str) -> bytes:
+    _check_id(request_id)
+    error = {"code": code[:MAX_ERROR_CODE_CHARS], "message": message[:MAX_ERROR_MESSAGE_CHARS]}
+    return _pack({"id": request_id, "ok": False, "error": error})
+
+
+def is_request(envelope: dict[str, Any]) -> bool:
+    return "op" in envelope
+
+
+def validate_envelope(obj: Any) -> dict[str, Any]:
+    """Return ``obj`` if it is a well-formed request or reply envelope, else raise FrameError.
+
+    Exact key sets: anything unexpected at this level means the peer speaks something else.
+    """
+    if not isinstance(obj, dict):
+        raise FrameError("frame is not a map")
+    _check_id(obj.get("id"))
+    keys = set(obj)
+    if keys == {"id", "op", "body"}:
+        if not isinstance(obj["op"], str) or not isinstance(obj["body"], dict):
+            raise FrameError("request needs a string op and a map body")
+    elif keys == {"id", "ok", "body"}:
+        if obj["ok"] is not True or not isinstance(obj["body"], dict):
+            raise FrameError("a success reply needs ok=true and a map body")
+    elif keys == {"id", "ok", "error"}:
+        err = obj["error"]
+        if (obj["ok"] is not False or not isinstance(err, dict) or set(err) != {"code", "message"}
+                or not isinstance(err["code"], str) or not isinstance(err["message"], str)):
+            raise FrameError("an error reply needs ok=false and error={code, message}")
+    else:
+        raise FrameError(f"not a request or reply envelope (keys {sorted(map(str, keys))})")
+    return obj
+
+
+class FrameDecoder:
+    """Incremental decoder: ``feed`` bytes as they arrive, then drain ``next_frame`` until it returns None.
+
+    After a FrameError the stream is out of sync for good, so the decoder keeps raising it.
+    """
+
+    def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        self._buf = bytearray()
+        self._max = max_frame_bytes
+        self._error: FrameError | None = None
+
+    def feed(self, data: bytes) -> None:
+        if self._error:
+            raise self._error
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def next_frame(self) -> dict[str, Any] | None:
+        if self._error:
+            raise self._error
+        try:
+            return self._next()
+        except FrameError as e:
+            self._error = e
+            self._buf.clear()
+            raise
+
+    def _next(self) -> dict[str, Any] | None:
+        if len(self._buf) < HEADER.size:
+            return None
+        (length,) = HEADER.unpack_from(self._buf)
+        if length > self._max:
+            raise FrameError(f"frame length {length} exceeds the {self._max}-byte limit")
+        end = HEADER.size + length
+        if len(self._buf) < end:
+            return None
+        payload = bytes(self._buf[HEADER.size:end])
+        del self._buf[:end]
+        return validate_envelope(self._decode(payload))
+
+    def _decode(self, payload: bytes) -> Any:
+        unpacker = msgpack.Unpacker(
+            raw=False, strict_map_key=True, max_buffer_size=self._max, max_str_len=MAX_STR_LEN,
+            max_bin_len=self._max, max_array_len=MAX_ARRAY_LEN, max_map_len=MAX_MAP_LEN,
+            max_ext_len=0,  # no ext types in this protocol
+        )
+        try:
+            unpacker.feed(payload)
+            obj = unpacker.unpack()
+            trailing = unpacker.tell() != len(payload)
+        except Exception as e:
+            # msgpack raises a zoo of types (OutOfData, FormatError, StackError, ValueError on limits,
+            # UnicodeDecodeError, TypeError on unhashable keys...); all mean the same thing here.
+            raise FrameError(f"undecodable frame: {type(e).__name__}: {e}") from e
+        if trailing:
+            raise FrameError("trailing bytes after the frame's message")
+        return obj

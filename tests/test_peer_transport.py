@@ -1,0 +1,261 @@
+"""Peer connections over real sockets on 127.0.0.1: who gets in, who does not, and concurrency."""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from p2pvbd import peer_transport as pt
+from p2pvbd import trust
+from p2pvbd.peer_wire import OPS, OpSpec, PeerError
+
+TEST_OPS = {**OPS, "echo": OpSpec({"n": int}), "boom": OpSpec(), "refuse": OpSpec(), "slow": OpSpec()}
+
+
+@pytest.fixture
+def alpha(tmp_path: Path) -> trust.HostIdentity:
+    return trust.create_swarm(tmp_path / "alpha", "alpha")
+
+
+@pytest.fixture
+def beta(alpha: trust.HostIdentity, tmp_path: Path) -> trust.HostIdentity:
+    now = time.time()
+    token, record = trust.make_invite(alpha, ["127.0.0.1:1"], 600, now)
+    trust.record_invite(alpha.home, record, now=now)
+    invite = trust.parse_invite(token)
+    key = trust.new_host_key()
+    reply = trust.accept_join(alpha, trust.make_join_request(invite, key, "beta"), now)
+    return trust.finish_join(tmp_path / "beta", invite, key, "beta", reply)
+
+
+@pytest.fixture
+def gamma(tmp_path: Path) -> trust.HostIdentity:
+    return trust.create_swarm(tmp_path / "gamma", "gamma")
+
+
+async def handler(peer: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
+    if op == "echo":
+        await trio.sleep(random.random() * 0.02)  # replies come back out of order
+        return {"n": body["n"], "peer": peer}
+    if op == "refuse":
+        raise PeerError("not_found", "no such thing")
+    if op == "boom":
+        raise RuntimeError("handler bug")
+    if op == "slow":
+        await trio.sleep(10)
+    return {}
+
+
+@pytest.fixture
+async def server(alpha: trust.HostIdentity, nursery: trio.Nursery) -> AsyncIterator[int]:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = await nursery.start(lambda task_status: pt.serve_peers(
+        listeners, trust.server_ssl_context(alpha), handler, ops=TEST_OPS, task_status=task_status))
+    yield port
+
+
+@pytest.fixture
+async def join_server(alpha: trust.HostIdentity, nursery: trio.Nursery) -> int:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    return await nursery.start(pt.serve_join, listeners, alpha)
+
+
+async def test_many_concurrent_requests(server: int, beta: trust.HostIdentity) -> None:
+    results: dict[int, dict[str, Any]] = {}
+    async with pt.open_peer("127.0.0.1", server, trust.client_ssl_context(beta)) as conn:
+        assert conn.peer_name == "alpha"
+
+        async def one(n: int) -> None:
+            results[n] = await conn.request("echo", {"n": n})
+
+        async with trio.open_nursery() as n:
+            for i in range(300):
+                n.start_soon(one, i)
+    assert results == {i: {"n": i, "peer": "beta"} for i in range(300)}
+
+
+async def test_two_clients_and_error_replies(server: int, alpha: trust.HostIdentity,
+                                             beta: trust.HostIdentity) -> None:
+    async with (pt.open_peer("127.0.0.1", server, trust.client_ssl_context(beta)) as b,
+                pt.open_peer("127.0.0.1", server, trust.client_ssl_context(alpha)) as a):
+        with pytest.raises(PeerError) as e:
+            await b.request("refuse", {})
+        assert (e.value.code, e.value.message) == ("not_found", "no such thing")
+        with pytest.raises(PeerError) as e:
+            await b.request("boom", {})
+        assert e.value.code == "internal"
+        with pytest.raises(PeerError) as e:
+            await b.request("nope", {})
+        assert e.value.code == "unknown_op"
+        with pytest.raises(PeerError) as e:
+            await b.request("echo", {"n": "one"})
+        assert e.value.code == "bad_request"
+        with pytest.raises(PeerError) as e:
+            await b.request("slow", {}, timeout=0.2)
+        assert e.value.code == "timeout"
+        # The connection and the server survive all of that.
+        assert await b.request("echo", {"n": 1}) == {"n": 1, "peer": "beta"}
+        assert await a.request("echo", {"n": 2}) == {"n": 2, "peer": "alpha"}
+
+
+async def test_other_swarm_is_refused_both_ways(server: int, gamma: trust.HostIdentity, alpha: trust.HostIdentity,
+                                                nursery: trio.Nursery) -> None:
+    with pytest.raises(PeerError) as e:
+        async with pt.open_peer("127.0.0.1", server, trust.client_ssl_context(gamma)):
+            pytest.fail("a host of another swarm got in")
+    assert e.value.code == "connection"
+    assert "CERTIFICATE_VERIFY_FAILED" in e.value.message  # gamma's side rejects alpha's certificate
+    # And a gamma server refuses alpha's certificate even if alpha trusted gamma's CA.
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = await nursery.start(lambda task_status: pt.serve_peers(
+        listeners, trust.server_ssl_context(gamma), handler, ops=TEST_OPS, task_status=task_status))
+    ctx = trust.client_ssl_context(alpha)
+    ctx.load_verify_locations(cadata=gamma.ca_pem.decode())
+    with pytest.raises(PeerError) as e:
+        async with pt.open_peer("127.0.0.1", port, ctx):
+            pytest.fail("gamma's server accepted alpha")
+    assert e.value.code == "connection"
+
+
+async def test_client_without_certificate_is_refused(server: int, alpha: trust.HostIdentity, beta: trust.HostIdentity,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="p2pvbd.peer_transport")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cadata=alpha.ca_pem.decode())  # it even trusts the right CA
+    with pytest.raises(PeerError) as e:
+        async with pt.open_peer("127.0.0.1", server, ctx):
+            pytest.fail("a client without a certificate got in")
+    assert e.value.code == "connection"
+    # Refused by OpenSSL in the server's handshake, before any request was read.
+    assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in caplog.text
+    async with pt.open_peer("127.0.0.1", server, trust.client_ssl_context(beta)) as conn:
+        assert await conn.request("echo", {"n": 5}) == {"n": 5, "peer": "beta"}
+
+
+async def test_garbage_does_not_stop_the_server(server: int, beta: trust.HostIdentity) -> None:
+    garbage = [b"GET / HTTP/1.1\r\n\r\n", bytes(range(256)) * 40, b"\x16\x03\x01\xff\xff" + b"\0" * 100, b""]
+    streams = []
+    for g in garbage:
+        s = await trio.open_tcp_stream("127.0.0.1", server)
+        await s.send_all(g)
+        streams.append(s)
+    # Some of those connections are still hanging mid-handshake; a real peer is served regardless.
+    async with pt.open_peer("127.0.0.1", server, trust.client_ssl_context(beta)) as conn:
+        assert await conn.request("echo", {"n": 7}) == {"n": 7, "peer": "beta"}
+    for s in streams:
+        await trio.aclose_forcefully(s)
+    async with pt.open_peer("127.0.0.1", server, trust.client_ssl_context(beta)) as conn:
+        assert await conn.request("echo", {"n": 8}) == {"n": 8, "peer": "beta"}
+
+
+async def test_member_sending_bad_frames_is_dropped_alone(server: int, beta: trust.HostIdentity) -> None:
+    tcp = await trio.open_tcp_stream("127.0.0.1", server)
+    s = trio.SSLStream(tcp, trust.client_ssl_context(beta))
+    await s.do_handshake()
+    await s.send_all(b"\xff\xff\xff\xff" + b"x" * 64)  # length prefix beyond the limit
+    with trio.fail_after(5):
+        try:
+            while await s.receive_some(1024):
+                pass
+        except trio.BrokenResourceError:
+            pass
+    await trio.aclose_forcefully(s)
+    async with pt.open_peer("127.0.0.1", server, trust.client_ssl_context(beta)) as conn:
+        assert await conn.request("echo", {"n": 8}) == {"n": 8, "peer": "beta"}
+
+
+async def test_connection_refused_is_a_peer_error() -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    await listeners[0].aclose()
+    with pytest.raises(PeerError) as e:
+        async with pt.open_peer("127.0.0.1", port, trust.join_client_ssl_context()):
+            pass
+    assert e.value.code == "connection"
+
+
+async def test_server_going_away_fails_pending_requests(alpha: trust.HostIdentity, beta: trust.HostIdentity) -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(lambda task_status: pt.serve_peers(
+            listeners, trust.server_ssl_context(alpha), handler, ops=TEST_OPS, task_status=task_status))
+        async with pt.open_peer("127.0.0.1", port, trust.client_ssl_context(beta)) as conn:
+            async def stop_soon() -> None:
+                await trio.sleep(0.2)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(stop_soon)
+            with pytest.raises(PeerError) as e:
+                await conn.request("slow", {}, timeout=5)
+            assert e.value.code == "connection"
+            with pytest.raises(PeerError):
+                await conn.request("echo", {"n": 1})
+
+
+# ---- joining over the network --------------------------------------------------------------------
+
+
+def new_token(alpha: trust.HostIdentity, port: int, ttl: int = 600, now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    token, record = trust.make_invite(alpha, ["127.0.0.1:1", f"127.0.0.1:{port}"], ttl, now)
+    trust.record_invite(alpha.home, record, now=now)
+    return token
+
+
+async def test_join_then_talk(join_server: int, server: int, alpha: trust.HostIdentity, tmp_path: Path) -> None:
+    token = new_token(alpha, join_server)  # the first address is dead: the joiner moves on to the next
+    delta = await pt.join_swarm(tmp_path / "delta", token, "delta", connect_timeout=5)
+    assert delta.name == "delta" and not delta.can_invite
+    assert delta.ca_fingerprint == alpha.ca_fingerprint and delta.swarm_secret == alpha.swarm_secret
+    async with pt.open_peer("127.0.0.1", server, trust.client_ssl_context(delta)) as conn:
+        assert await conn.request("echo", {"n": 9}) == {"n": 9, "peer": "delta"}
+
+
+async def test_reused_invite_is_refused(join_server: int, alpha: trust.HostIdentity, tmp_path: Path) -> None:
+    token = new_token(alpha, join_server)
+    await pt.join_swarm(tmp_path / "delta", token, "delta")
+    with pytest.raises(trust.InviteError, match="already used"):
+        await pt.join_swarm(tmp_path / "epsilon", token, "epsilon")
+    assert not trust.has_identity(tmp_path / "epsilon")
+
+
+async def test_expired_invite_is_refused(join_server: int, alpha: trust.HostIdentity, tmp_path: Path) -> None:
+    token = new_token(alpha, join_server, ttl=60, now=time.time() - 120)
+    with pytest.raises(trust.InviteError, match="expired"):
+        await pt.join_swarm(tmp_path / "delta", token, "delta")
+
+
+async def test_taken_name_does_not_burn_the_invite(join_server: int, alpha: trust.HostIdentity,
+                                                    tmp_path: Path) -> None:
+    token = new_token(alpha, join_server)
+    with pytest.raises(trust.InviteError, match="already taken"):
+        await pt.join_swarm(tmp_path / "delta", token, "alpha")
+    assert (await pt.join_swarm(tmp_path / "delta", token, "delta")).name == "delta"
+
+
+async def test_joiner_will_not_talk_to_another_swarm(alpha: trust.HostIdentity, gamma: trust.HostIdentity,
+                                                     nursery: trio.Nursery, tmp_path: Path) -> None:
+    # gamma serves the join port at the address alpha's token names: the pin must stop the joiner.
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = await nursery.start(pt.serve_join, listeners, gamma)
+    token = new_token(alpha, port)
+    with pytest.raises(trust.TrustError, match="does not match"):
+        await pt.join_swarm(tmp_path / "delta", token, "delta")
+    assert not trust.has_identity(tmp_path / "delta")
+
+
+async def test_join_port_serves_no_peer_ops(join_server: int) -> None:
+    async with pt.open_peer("127.0.0.1", join_server, trust.join_client_ssl_context()) as conn:
+        assert conn.peer_name == ""
+        with pytest.raises(PeerError) as e:
+            await conn.request("get_version_map", {"disk": "d"})
+        assert e.value.code == "unknown_op"
