@@ -1,0 +1,533 @@
+"""ReplicaStore and VersionMap: I/O semantics, replication rules and crash consistency."""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from p2pvbd import replica_store as rs
+from p2pvbd.replica_store import (
+    BlockRecord,
+    HashMismatch,
+    OutOfRange,
+    ReplicaStore,
+    StaleVersion,
+    StoreBusy,
+)
+from p2pvbd.version_map import NO_HASH, VersionMap, block_hash, zero_hash
+
+ROOT = Path(__file__).resolve().parent.parent
+BS = 4096
+# 16 blocks, the last one partial (1536 bytes): exercises the tail everywhere.
+SIZE = 15 * BS + 1536
+
+
+def make(tmp_path: Path, size: int = SIZE, bs: int = BS, name: str = "d", **kw: object) -> ReplicaStore:
+    return ReplicaStore.create(tmp_path / name, name, size, bs, **kw)  # type: ignore[arg-type]
+
+
+def assert_consistent(store: ReplicaStore) -> None:
+    """Metadata never claims a hash the data does not have; never-written blocks read as zeros."""
+    vm = store.version_map()
+    for i in range(vm.n_blocks):
+        data = store.read(i * vm.block_size, vm.block_length(i))
+        if vm.versions[i] == 0:
+            assert data == bytes(len(data)), f"block {i} at version 0 holds data"
+        else:
+            assert vm.hashes[i].tobytes() == block_hash(data), f"block {i} hash does not match its data"
+    assert store.verify() == []
+
+
+def payload(seed: int, length: int) -> bytes:
+    return random.Random(seed).randbytes(length)
+
+
+# ---- creation and validation -----------------------------------------------------------------------
+@pytest.mark.parametrize("bs", [0, 512, 2048, 4095, 6144, 8 * 1024 * 1024, 65537])
+def test_block_size_rejected(tmp_path: Path, bs: int) -> None:
+    with pytest.raises(ValueError, match="power of two"):
+        make(tmp_path, bs=bs)
+
+
+@pytest.mark.parametrize("name", ["", "-x", ".hidden", "a/b", "sp ace", "x" * 65, "é"])
+def test_bad_names_rejected(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ValueError, match="invalid disk name"):
+        ReplicaStore.create(tmp_path / "d", name, SIZE)
+
+
+@pytest.mark.parametrize("size", [0, -512, 1000, 513])
+def test_bad_sizes_rejected(tmp_path: Path, size: int) -> None:
+    with pytest.raises(ValueError, match="multiple of 512"):
+        make(tmp_path, size=size)
+
+
+def test_create_twice_open_missing_and_busy(tmp_path: Path) -> None:
+    with make(tmp_path) as s:
+        with pytest.raises(FileExistsError):
+            make(tmp_path)
+        with pytest.raises(StoreBusy):
+            ReplicaStore.open(tmp_path / "d")
+    with pytest.raises(FileNotFoundError):
+        ReplicaStore.open(tmp_path / "nothing")
+    assert s.name == "d" and s.size == SIZE and s.block_size == BS and s.n_blocks == 16
+    with pytest.raises(ValueError, match="closed"):
+        s.read(0, 1)
+
+
+# ---- guest I/O ------------------------------------------------------------------------------------
+def test_round_trips_against_model(tmp_path: Path) -> None:
+    rng = random.Random(1)
+    model = bytearray(SIZE)
+    with make(tmp_path) as s:
+        last_version = 0
+        for k in range(200):
+            off = rng.randrange(SIZE)
+            length = rng.randint(1, min(3 * BS, SIZE - off))
+            res = s.write(off, payload(k, length))
+            model[off:off + length] = payload(k, length)
+            assert res.version > last_version and (res.first_block, res.last_block) == (
+                off // BS, (off + length - 1) // BS)
+            last_version = res.version
+            if k % 50 == 0:
+                s.flush()
+        s.write(SIZE - 100, b"\xff" * 100)  # the partial last block
+        model[-100:] = b"\xff" * 100
+        assert s.read(0, SIZE) == model
+        assert s.read(SIZE - 1, 1) == b"\xff" and s.read(SIZE, 0) == b""
+        assert s.counter == last_version + 1
+        assert_consistent(s)
+        for off, length in [(SIZE, 1), (SIZE - 1, 2), (-1, 1), (0, -1), (0, SIZE + 1)]:
+            with pytest.raises(OutOfRange):
+                s.read(off, length)
+        with pytest.raises(OutOfRange):
+            s.write(SIZE - 1, b"ab")
+        with pytest.raises(OutOfRange):
+            s.trim(0, SIZE + 512)
+        assert s.write(5, b"").version == 0  # touches no block, takes no version
+    with ReplicaStore.open(tmp_path / "d") as s:
+        assert s.read(0, SIZE) == model
+        assert s.counter == last_version + 1  # clean close: no gap
+
+
+def test_versions_per_request(tmp_path: Path) -> None:
+    with make(tmp_path) as s:
+        r1 = s.write(BS - 10, b"x" * (2 * BS + 20))  # blocks 0..3, one version
+        r2 = s.write_zeroes(2 * BS, BS)
+        vm = s.version_map()
+        assert (r1.first_block, r1.last_block, r2.version) == (0, 3, r1.version + 1)
+        assert vm.versions.tolist()[:5] == [r1.version, r1.version, r2.version, r1.version, 0]
+
+
+def holes(path: Path) -> list[tuple[int, int]]:
+    """Allocated extents of a file."""
+    out, off, size = [], 0, path.stat().st_size
+    with open(path, "rb") as f:
+        while off < size:
+            try:
+                start = os.lseek(f.fileno(), off, os.SEEK_DATA)
+            except OSError:
+                break
+            off = os.lseek(f.fileno(), start, os.SEEK_HOLE)
+            out.append((start, off))
+    return out
+
+
+def test_zeroes_and_trim_make_holes(tmp_path: Path) -> None:
+    with make(tmp_path) as s:
+        s.write(0, payload(1, SIZE))
+        s.flush()
+        data_path = tmp_path / "d" / rs.DATA_FILE
+        before = data_path.stat().st_blocks
+        r = s.trim(2 * BS, 4 * BS)
+        s.write_zeroes(10 * BS + 100, 100)  # inside one block: an ordinary write of zeros
+        s.write_zeroes(15 * BS, 1536)  # the whole partial last block
+        s.flush()
+        assert data_path.stat().st_blocks < before
+        extents = holes(data_path)
+        assert not any(a < 6 * BS and b > 2 * BS for a, b in extents), extents
+        vm = s.version_map()
+        for i in range(2, 6):
+            assert vm.versions[i] == r.version and vm.hashes[i].tobytes() == zero_hash(BS)
+            assert s.read_block(i) == BlockRecord(i, r.version, zero_hash(BS), None)
+        assert vm.hashes[15].tobytes() == zero_hash(1536) and s.read_block(15).data is None
+        assert s.read(2 * BS, 4 * BS) == bytes(4 * BS)
+        assert s.read(10 * BS + 100, 100) == bytes(100) and s.read_block(10).data is not None
+        assert vm.zero_mask().tolist() == [i in (2, 3, 4, 5, 15) for i in range(16)]
+        assert s.allocation(BS, 6 * BS) == [(BS, 0), (4 * BS, 3), (BS, 0)]
+        assert s.allocation(15 * BS + 1, 1000) == [(1000, 3)]
+        assert_consistent(s)
+
+
+def test_written_zeros_settle_to_zero_blocks(tmp_path: Path) -> None:
+    with make(tmp_path) as s:
+        s.write(0, payload(2, 2 * BS))
+        s.write(0, bytes(BS))
+        assert s.allocation(0, 2 * BS) == [(2 * BS, 0)]  # dirty: not known to be zero yet
+        rec = s.read_block(0)
+        assert rec.data is None and rec.hash == zero_hash(BS) and rec.version == s.counter
+        assert s.allocation(0, 2 * BS) == [(BS, 3), (BS, 0)]
+        assert s.read_block(1).data == payload(2, 2 * BS)[BS:]
+
+
+def test_flush_in_a_thread_while_writing(tmp_path: Path) -> None:
+    """The daemon's pattern: flush() in a worker thread while the loop keeps writing and reading."""
+    model = bytearray(SIZE)
+    with make(tmp_path) as s:
+        stop = threading.Event()
+
+        def flusher() -> None:
+            while not stop.is_set():
+                s.flush()
+                s.version_map()
+
+        t = threading.Thread(target=flusher)
+        t.start()
+        rng = random.Random(3)
+        try:
+            for k in range(3000):
+                off = rng.randrange(SIZE)
+                length = rng.randint(1, min(2 * BS, SIZE - off))
+                if k % 10 == 9:
+                    s.write_zeroes(off, length)
+                    model[off:off + length] = bytes(length)
+                else:
+                    s.write(off, payload(k, length))
+                    model[off:off + length] = payload(k, length)
+                assert s.read(off, length) == model[off:off + length]
+        finally:
+            stop.set()
+            t.join()
+        assert s.read(0, SIZE) == model
+        assert_consistent(s)
+        s.abandon()
+    with ReplicaStore.open(tmp_path / "d") as s:
+        assert s.read(0, SIZE) == model
+        assert_consistent(s)
+
+
+# ---- replication ----------------------------------------------------------------------------------
+def test_put_block_rules(tmp_path: Path) -> None:
+    with make(tmp_path) as s:
+        data = payload(3, BS)
+        with pytest.raises(HashMismatch):
+            s.put_block(1, 5, data, block_hash(b"other"))
+        with pytest.raises(ValueError, match="bytes"):
+            s.put_block(1, 5, data[:-1], block_hash(data[:-1]))
+        with pytest.raises(OutOfRange):
+            s.put_block(16, 5, data, block_hash(data))
+        assert s.put_block(1, 5, data, block_hash(data)) is True
+        assert s.counter == 5 and s.read(BS, BS) == data
+        assert s.put_block(1, 5, data, block_hash(data)) is False
+        with pytest.raises(StaleVersion):
+            s.put_block(1, 4, data, block_hash(data))
+        assert s.put_block(1, 9, None, zero_hash(BS)) is True
+        assert s.read(BS, BS) == bytes(BS) and s.read_block(1) == BlockRecord(1, 9, zero_hash(BS), None)
+        with pytest.raises(HashMismatch):
+            s.put_block(2, 3, None, block_hash(data))
+        assert s.put_block(2, 0, None, NO_HASH) is False  # both never written
+        tail = payload(4, 1536)
+        assert s.put_block(15, 7, tail, block_hash(tail)) is True
+        assert s.write(0, b"a").version == 10  # the counter never reuses a replicated version
+        assert_consistent(s)
+    with ReplicaStore.open(tmp_path / "d") as s:
+        assert s.version_map().versions.tolist()[:3] == [10, 9, 0]
+
+
+def test_coverage_and_replication_between_stores(tmp_path: Path) -> None:
+    with make(tmp_path, name="a") as a, make(tmp_path, name="b") as b:
+        a.write(0, payload(5, 3 * BS))
+        a.trim(5 * BS, 2 * BS)
+        a.write(SIZE - 10, b"z" * 10)
+        owner = a.version_map()
+        cov = b.coverage(owner)
+        assert (cov.current_blocks, cov.total_blocks) == (10, 16) and cov.fraction == 10 / 16
+        stale = b.version_map().stale_against(owner)
+        assert stale.tolist() == [0, 1, 2, 5, 6, 15]
+        for i in stale.tolist():
+            r = a.read_block(i)
+            assert b.put_block(r.index, r.version, r.data, r.hash)
+        assert b.coverage(owner).fraction == 1.0 and b.read(0, SIZE) == a.read(0, SIZE)
+        a.write(BS, b"new")
+        assert b.version_map().stale_against(a.version_map()).tolist() == [1]
+
+
+def test_version_map_bytes() -> None:
+    vm = VersionMap.empty(SIZE, BS)
+    vm.versions[3] = 2**63 + 5
+    vm.hashes[3] = np.frombuffer(block_hash(b"x"), np.uint8)
+    back = VersionMap.from_bytes(vm.to_bytes())
+    assert back.coverage(vm).fraction == 1.0 and back.versions[3] == 2**63 + 5
+    raw = vm.to_bytes()
+    for bad in (raw[:-1], raw + b"\0", b"XXXX" + raw[4:], raw[:10], b""):
+        with pytest.raises(ValueError):
+            VersionMap.from_bytes(bad)
+    with pytest.raises(ValueError):
+        vm.coverage(VersionMap.empty(SIZE + 512, BS))
+    big = VersionMap.empty(1 << 40)  # 16 Mi blocks
+    other = VersionMap.from_bytes(big.to_bytes())
+    assert not other.versions.flags.writeable  # a view of the immutable bytes, not a 384 MiB copy
+    t = time.perf_counter()
+    assert big.coverage(other).fraction == 1.0 and not big.stale_against(other).size
+    assert time.perf_counter() - t < 2  # vectorised: ~0.1 s each
+
+
+# ---- persistence and crashes ----------------------------------------------------------------------
+def test_owner_and_counter_persist(tmp_path: Path) -> None:
+    s = make(tmp_path, owner="office-pc", epoch=3)
+    s.write(0, b"x")
+    s.set_owner("laptop", 4)
+    with pytest.raises(ValueError):
+        s.set_owner("bad name", 5)
+    counter = s.counter
+    s.abandon()  # a crash: set_owner must already be durable, the counter must jump
+    with ReplicaStore.open(tmp_path / "d") as s:
+        assert (s.owner, s.epoch) == ("laptop", 4)
+        assert s.counter >= counter + rs.UNCLEAN_COUNTER_GAP
+        assert s.write(0, b"y").version > counter + rs.UNCLEAN_COUNTER_GAP
+
+
+def test_dropping_an_open_store_is_a_crash(tmp_path: Path) -> None:
+    s = make(tmp_path)
+    s.write(0, b"abc")
+    del s
+    gc.collect()
+    with ReplicaStore.open(tmp_path / "d") as s:
+        assert s.read(0, 3) == b"abc"
+        assert_consistent(s)
+
+
+def test_checkpoint_bounds_the_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rs, "JOURNAL_CHECKPOINT_BYTES", 10 * rs.REC_SIZE)
+    with make(tmp_path) as s:
+        for k in range(20):
+            s.write(k * 100, payload(k, 100))
+        s.flush()
+        assert (tmp_path / "d" / rs.JOURNAL_FILE).stat().st_size == 0
+        s.write(0, b"q", fua=True)
+        assert (tmp_path / "d" / rs.JOURNAL_FILE).stat().st_size > 0
+        s.abandon()
+    with ReplicaStore.open(tmp_path / "d") as s:
+        assert s.read(0, 1) == b"q"
+        assert_consistent(s)
+
+
+OPS_PER_CHILD = 400
+
+
+def gen_ops(seed: int) -> list[tuple[str, int, int, int]]:
+    """The crash child's deterministic request sequence: (kind, offset, length, payload seed)."""
+    rng = random.Random(seed)
+    ops = []
+    for k in range(OPS_PER_CHILD):
+        off = rng.randrange(SIZE)
+        length = rng.randint(1, min(3 * BS, SIZE - off))
+        ops.append((rng.choice(["write"] * 6 + ["fua", "zeroes", "trim"]), off, length, seed * 100_003 + k))
+    return ops
+
+
+def apply_op(model: np.ndarray, op: tuple[str, int, int, int]) -> None:
+    kind, off, length, pseed = op
+    model[off:off + length] = np.frombuffer(payload(pseed, length), np.uint8) if kind in ("write", "fua") else 0
+
+
+def _child_main() -> None:  # run in the crash child: python -c "from tests.test_replica_store import _child_main"
+    directory, seed = Path(sys.argv[1]), int(sys.argv[2])
+    s = ReplicaStore.open(directory)
+    for k, (kind, off, length, pseed) in enumerate(gen_ops(seed)):
+        if kind in ("write", "fua"):
+            s.write(off, payload(pseed, length), fua=kind == "fua")
+        else:
+            getattr(s, "write_zeroes" if kind == "zeroes" else "trim")(off, length)
+        if kind == "fua" or k % 7 == 6:
+            if kind != "fua":
+                s.flush()
+            print("acked", k + 1, flush=True)
+    print("done", flush=True)
+    time.sleep(60)
+
+
+def matches_some_later_state(data: np.ndarray, ops: list, acked: int) -> bool:
+    """data equals the model after some j >= acked requests, the (j+1)-th possibly half applied."""
+    model = np.zeros(SIZE, np.uint8)
+    for op in ops[:acked]:
+        apply_op(model, op)
+    for j in range(acked, len(ops) + 1):
+        diff = np.flatnonzero(data != model)
+        if not diff.size:
+            return True
+        if j == len(ops):
+            return False
+        nxt = model.copy()
+        apply_op(nxt, ops[j])
+        _, off, length, _ = ops[j]
+        if diff.min() >= off and diff.max() < off + length and (data[diff] == nxt[diff]).all():
+            return True
+        model = nxt
+    return False
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_kill_9_keeps_flushed_writes(tmp_path: Path, seed: int) -> None:
+    make(tmp_path).close()
+    rng = random.Random(seed)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from tests.test_replica_store import _child_main; _child_main()",
+         str(tmp_path / "d"), str(seed)], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    acked, want = 0, rng.randint(1, OPS_PER_CHILD - 20)
+    for line in proc.stdout:
+        if line.startswith("acked"):
+            acked = int(line.split()[1])
+        if acked >= want or line.startswith("done"):
+            break
+    time.sleep(rng.random() * 0.004)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for line in proc.stdout.read().splitlines():  # acks the child printed before it died count too
+        if line.startswith("acked"):
+            acked = int(line.split()[1])
+    assert acked > 0
+    with ReplicaStore.open(tmp_path / "d") as s:
+        data = np.frombuffer(s.read(0, SIZE), np.uint8)
+        assert matches_some_later_state(data, gen_ops(seed), acked)
+        assert_consistent(s)
+        assert s.counter > rs.UNCLEAN_COUNTER_GAP
+
+
+def test_torn_journal_prefixes(tmp_path: Path) -> None:
+    """Every kill -9 state: journal cut at any byte, data as written after the last whole record or before it."""
+    s = make(tmp_path)
+    base = tmp_path / "base"
+    shutil.copytree(tmp_path / "d", base)  # meta.bin/state.json as of open; the journal grows from here
+    journal_path = tmp_path / "d" / rs.JOURNAL_FILE
+    snaps = [(0, bytes(SIZE))]  # (journal length, data) after each request
+    rng = random.Random(7)
+    for k in range(80):
+        off = rng.randrange(SIZE)
+        length = rng.randint(1, min(3 * BS, SIZE - off))
+        r = rng.random()
+        if k == 0:
+            s.write(0, payload(0, SIZE))
+        elif r < 0.5:
+            s.write(off, payload(k, length))
+        elif r < 0.7:
+            s.write_zeroes(off, length)
+        elif r < 0.8:
+            s.write(off, bytes(length))
+        elif r < 0.9:
+            s.flush()
+        else:
+            s.read_block(rng.randrange(16))  # settles a block: a SETTLE record
+        snaps.append((journal_path.stat().st_size, s.read(0, SIZE)))
+    journal = journal_path.read_bytes()
+    s.abandon()
+    cuts = sorted({rng.randrange(len(journal) + 1) for _ in range(60)} | {jlen for jlen, _ in snaps})
+    for t in cuts:
+        k = max(i for i, (jlen, _) in enumerate(snaps) if jlen <= t)
+        datas = [snaps[k][1]]
+        if t == snaps[k][0] and k and snaps[k - 1][0] < t:  # request k's records whole, its data not yet written
+            datas.append(snaps[k - 1][1])
+        for data in datas:
+            d = tmp_path / "cut"
+            shutil.rmtree(d, ignore_errors=True)
+            shutil.copytree(base, d)
+            (d / rs.DATA_FILE).write_bytes(data)
+            (d / rs.JOURNAL_FILE).write_bytes(journal[:t])
+            with ReplicaStore.open(d) as c:
+                assert_consistent(c)
+                if data is datas[0]:
+                    assert c.read(0, SIZE) == data
+
+
+class StoreMachine(RuleBasedStateMachine):
+    """The store against a bytearray; crashes lose nothing because the page cache survives them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmp = Path(tempfile.mkdtemp(prefix="p2pvbd-store-"))
+        self.store = ReplicaStore.create(self.tmp / "d", "d", SIZE, BS)
+        self.model = bytearray(SIZE)
+        self.versions = np.zeros(16, np.uint64)  # lower bounds learnt from WriteResults
+
+    def _note(self, res: rs.WriteResult) -> None:
+        if res.version:
+            assert res.version > self.versions.max()
+            self.versions[res.first_block:res.last_block + 1] = res.version
+
+    @rule(data=st.data(), zeros=st.booleans())
+    def write(self, data: st.DataObject, zeros: bool) -> None:
+        off = data.draw(st.integers(0, SIZE - 1))
+        length = data.draw(st.integers(0, min(3 * BS, SIZE - off)))
+        buf = bytes(length) if zeros else payload(data.draw(st.integers(0, 1000)), length)
+        self._note(self.store.write(off, buf, fua=data.draw(st.booleans())))
+        self.model[off:off + length] = buf
+
+    @rule(data=st.data(), trim=st.booleans())
+    def zero(self, data: st.DataObject, trim: bool) -> None:
+        off = data.draw(st.integers(0, SIZE - 1))
+        length = data.draw(st.integers(1, SIZE - off))
+        self._note((self.store.trim if trim else self.store.write_zeroes)(off, length))
+        self.model[off:off + length] = bytes(length)
+
+    @rule()
+    def flush(self) -> None:
+        self.store.flush()
+
+    @rule(index=st.integers(0, 15))
+    def serve_block(self, index: int) -> None:
+        rec = self.store.read_block(index)
+        want = bytes(self.model[index * BS:(index + 1) * BS])
+        assert (bytes(len(want)) if rec.data is None else rec.data) == want
+        assert rec.hash == (NO_HASH if rec.version == 0 else block_hash(want))
+
+    @rule(how=st.sampled_from(["close", "abandon", "drop"]))
+    def reopen(self, how: str) -> None:
+        counter = self.store.counter
+        if how == "close":
+            self.store.close()
+        elif how == "abandon":
+            self.store.abandon()
+        else:
+            del self.store
+            gc.collect()
+        self.store = ReplicaStore.open(self.tmp / "d")
+        vm = self.store.version_map()
+        assert (vm.versions >= self.versions).all()
+        self.versions = vm.versions.copy()
+        assert self.store.counter >= counter + (0 if how == "close" else rs.UNCLEAN_COUNTER_GAP)
+        for i in range(16):
+            data = bytes(self.model[i * BS:(i + 1) * BS])
+            assert (vm.versions[i] == 0 and not any(data)) or vm.hashes[i].tobytes() == block_hash(data)
+
+    @invariant()
+    def reads_match_model(self) -> None:
+        assert self.store.read(0, SIZE) == self.model
+
+    @rule()
+    def verify(self) -> None:
+        assert self.store.verify() == []
+
+    def teardown(self) -> None:
+        self.store.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+StoreMachine.TestCase.settings = settings(
+    max_examples=30, stateful_step_count=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+test_store_state_machine = StoreMachine.TestCase
