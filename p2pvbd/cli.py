@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -31,6 +33,13 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
+def _duration(text: str) -> int:
+    m = re.match(r"^(\d+)([smhd]?)$", text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (expected e.g. 90s, 30m, 1h, 2d)")
+    return int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
 def _home(args: argparse.Namespace) -> Home:
     return Home(resolve_home(args.home))
 
@@ -47,9 +56,56 @@ def _print_json(obj: Any) -> None:
 
 # ---- commands --------------------------------------------------------------------------------------
 def cmd_init(args: argparse.Namespace) -> None:
+    from p2pvbd import trust
+
     home = _home(args)
     cfg = home.init(args.name, listen=args.listen, nbd_tcp=args.nbd_tcp or "")
-    print(f"initialised host {cfg.name} in {home.path}")
+    identity = trust.create_swarm(home.path, cfg.name)
+    print(f"initialised host {cfg.name} in {home.path}: a new swarm (CA {identity.ca_fingerprint[:16]}…), "
+          f"peers reach it on {cfg.listen}")
+
+
+def cmd_join(args: argparse.Namespace) -> None:
+    import trio
+
+    from p2pvbd import trust
+    from p2pvbd.peer_transport import join_swarm
+
+    home = _home(args)
+    if home.is_initialised():
+        _fail(f"{home.path} is already initialised as host {home.load_config().name!r}")
+    try:
+        invite = trust.parse_invite(args.token)
+        home.check_new(args.name, listen=args.listen, nbd_tcp=args.nbd_tcp or "")
+        identity = trio.run(partial(join_swarm, home.path, args.token, args.name))
+    except trust.TrustError as e:
+        _fail(str(e))
+    cfg = home.init(args.name, listen=args.listen, nbd_tcp=args.nbd_tcp or "", bootstrap=invite.addresses)
+    print(f"host {identity.name} joined the swarm (CA {identity.ca_fingerprint[:16]}…) in {home.path}; "
+          f"peers reach it on {cfg.listen}")
+
+
+def cmd_invite(args: argparse.Namespace) -> None:
+    res = _ask(args, "invite", ttl=args.ttl)
+    if args.json:
+        _print_json(res)
+    else:
+        print(res["token"])
+
+
+def cmd_peers(args: argparse.Namespace) -> None:
+    peers = _ask(args, "peers")
+    if args.json:
+        _print_json(peers)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("host", "addresses", "last seen", "reachable", box=None)
+    for p in peers:
+        reach = "yes" if p["reachable"] else f"no ({p['error']})" if p["error"] else "no"
+        table.add_row(p["name"], ", ".join(p["addresses"]), f"{p['last_seen_ago_s']:.0f} s ago", reach)
+    Console().print(table)
 
 
 def cmd_daemon(args: argparse.Namespace) -> None:
@@ -167,6 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name", help="this host's name in the swarm, e.g. office-pc")
     sp.add_argument("--listen", metavar="HOST:PORT", help="address peers reach this host on")
     sp.add_argument("--nbd-tcp", metavar="HOST:PORT", help="also serve NBD on this (loopback) TCP address")
+
+    sp = add("join", cmd_join, "join the swarm of an invite (its inviter must be running)")
+    sp.add_argument("token", help="the line printed by 'p2pvbd invite' on a swarm member")
+    sp.add_argument("name", help="this host's name in the swarm, e.g. car-pc")
+    sp.add_argument("--listen", metavar="HOST:PORT", help="address peers reach this host on")
+    sp.add_argument("--nbd-tcp", metavar="HOST:PORT", help="also serve NBD on this (loopback) TCP address")
+
+    sp = add("invite", cmd_invite, "print a one-time token with which another machine joins this swarm",
+             (as_json,))
+    sp.add_argument("--ttl", type=_duration, default=3600, help="how long the token works (default 1h)")
+    add("peers", cmd_peers, "the swarm's other hosts: addresses, last seen, reachable", (as_json,))
 
     sp = add("daemon", cmd_daemon, "run this host's daemon in the foreground")
     sp.add_argument("--log-file", metavar="FILE", help="log here instead of to stderr")

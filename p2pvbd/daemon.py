@@ -9,16 +9,19 @@ import fcntl
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from p2pvbd import trust
 from p2pvbd.control import ControlError, serve_control
 from p2pvbd.home import Config, Home, HomeError, check_name, parse_hostport
 from p2pvbd.kernel_hook_ctl import ExportMode, HookController
 from p2pvbd.nbd_server import serve_nbd
 from p2pvbd.replica_store import DEFAULT_BLOCK_SIZE, ReplicaStore
+from p2pvbd.swarm import Swarm, advertised_addresses
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +30,8 @@ log = logging.getLogger(__name__)
 FLUSH_INTERVAL_SECONDS = 5.0
 # `disk import` copies in pieces this large; zero pieces are skipped so imports stay sparse.
 IMPORT_CHUNK = 1024 * 1024
+# `invite --ttl` default: long enough to walk to the other machine, short enough to be useless later.
+DEFAULT_INVITE_TTL = 3600
 # Disk sizes are whole 512-byte sectors: what every hypervisor and the NBD clients expect.
 SECTOR = 512
 
@@ -39,6 +44,10 @@ class Daemon:
         self.config = config
         self.ctl = HookController()
         self.cancel_scope: trio.CancelScope | None = None
+        if not trust.has_identity(home.path):
+            raise HomeError(f"{home.path} has no swarm identity: create it with 'p2pvbd init' or 'p2pvbd join'")
+        self.identity = trust.load_identity(home.path)
+        self.swarm = Swarm(home, config, self.identity, self.ctl)
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def open_disks(self) -> None:
@@ -69,6 +78,7 @@ class Daemon:
                 self.cancel_scope = nursery.cancel_scope
                 tcp = parse_hostport(self.config.nbd_tcp) if self.config.nbd_tcp else None
                 await nursery.start(serve_nbd, self.ctl, self.home.nbd_socket, tcp)
+                await nursery.start(self.swarm.run)
                 await nursery.start(serve_control, self.home.control_socket, self.handle)
                 nursery.start_soon(self._periodic_flush)
                 log.info("daemon of host %s ready: %s", self.config.name, self.home.path)
@@ -118,7 +128,11 @@ class Daemon:
         store = ReplicaStore.create(self.home.disk_dir(name), name, size, block_size,
                                     owner=self.config.name, epoch=1)
         self.ctl.add_export(store, ExportMode.PRIMARY)
+        self._changed()
         return self._disk_info(store)
+
+    def _changed(self) -> None:
+        self.swarm.request_publish()
 
     async def op_disk_import(self, name: str, path: str, block_size: int = DEFAULT_BLOCK_SIZE) -> dict[str, Any]:
         src = Path(path)
@@ -151,16 +165,23 @@ class Daemon:
         return self.home.nbd_uri(disk)
 
     async def op_status(self, disk: str | None = None) -> dict[str, Any]:
-        names = [disk] if disk else self.ctl.names()
-        disks = []
-        for name in names:
-            store = self._store(name)
-            vmap = await trio.to_thread.run_sync(store.version_map)
-            cov = store.coverage(vmap)  # against itself until other hosts' maps arrive
-            disks.append(self._disk_info(store) | {"replicas": [{
-                "host": self.config.name, "coverage": cov.fraction,
-                "current_blocks": cov.current_blocks, "total_blocks": cov.total_blocks}]})
-        return {"host": self.config.name, "disks": disks}
+        if disk and disk not in await self.swarm.known_disks():
+            raise ControlError(f"no disk named {disk!r} in the swarm")
+        return await self.swarm.status(disk)
+
+    async def op_peers(self) -> list[dict[str, Any]]:
+        return await self.swarm.peers()
+
+    async def op_invite(self, ttl: int = DEFAULT_INVITE_TTL) -> dict[str, Any]:
+        if not self.identity.can_invite:
+            raise ControlError(f"host {self.config.name} cannot invite: only the host that created the swarm "
+                               "holds its CA key")
+        if ttl <= 0:
+            raise ControlError("the invite's lifetime must be positive")
+        now = time.time()
+        token, record = trust.make_invite(self.identity, advertised_addresses(self.config.listen), ttl, now)
+        trust.record_invite(self.home.path, record, now=now)
+        return {"token": token, "expires": record.expires}
 
     async def op_verify(self, disk: str) -> dict[str, Any]:
         store = self._store(disk)

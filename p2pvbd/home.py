@@ -135,7 +135,8 @@ class Home:
             os.fsync(f.fileno())
         os.replace(tmp, self.config_path)
 
-    def init(self, name: str, listen: str | None = None, nbd_tcp: str = "") -> Config:
+    def check_new(self, name: str, listen: str | None = None, nbd_tcp: str = "") -> None:
+        """Refuse, before anything is written, what init would refuse."""
         check_name("host", name)
         if self.is_initialised():
             raise HomeError(f"{self.path} is already initialised as host {self.load_config().name!r}")
@@ -143,9 +144,13 @@ class Home:
             parse_hostport(listen)
         if nbd_tcp:
             parse_hostport(nbd_tcp)
+
+    def init(self, name: str, listen: str | None = None, nbd_tcp: str = "",
+             bootstrap: list[str] | None = None) -> Config:
+        self.check_new(name, listen, nbd_tcp)
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.disks_dir.mkdir(exist_ok=True)
-        cfg = Config(name=name, listen=listen or Config.listen, nbd_tcp=nbd_tcp)
+        cfg = Config(name=name, listen=listen or Config.listen, nbd_tcp=nbd_tcp, bootstrap=list(bootstrap or []))
         self.save_config(cfg)
         return cfg
 

@@ -57,6 +57,9 @@ DEFAULT_REQUEST_TIMEOUT = 60.0
 MAX_CONCURRENT_REQUESTS = 16
 # Read size: large enough that a 4 MiB block arrives in a few dozen reads, small enough to be cheap.
 RECV_BYTES = 256 * 1024
+# Invites are served on the port after the peer port: a joiner has no certificate yet, and the peer
+# port must stay strict (no certificate, no connection). Tokens carry peer addresses.
+JOIN_PORT_OFFSET = 1
 # Closing politely (TLS close_notify) must not hang on a dead peer.
 CLOSE_TIMEOUT = 1.0
 
@@ -97,6 +100,8 @@ class PeerConnection:
         self._pending: dict[int, tuple[trio.Event, list[dict[str, Any]]]] = {}
         self._send_lock = trio.Lock()
         self._broken: PeerError | None = None
+        # Set once the connection can serve no more requests, so a pool knows to drop it.
+        self.lost = trio.Event()
 
     async def request(self, op: str, body: dict[str, Any], timeout: float = DEFAULT_REQUEST_TIMEOUT) -> dict[str, Any]:
         """Send a request and wait for its reply body; PeerError for error replies, timeouts, dead links."""
@@ -138,6 +143,7 @@ class PeerConnection:
     def _fail(self, error: PeerError) -> None:
         if self._broken is None:
             self._broken = error
+        self.lost.set()
         for event, _ in self._pending.values():
             event.set()
 
@@ -359,7 +365,8 @@ async def join_swarm(home: Path, token: str, name: str, *,
     for address in invite.addresses:
         try:
             host, port = parse_hostport(address)
-            async with open_peer(host, port, trust.join_client_ssl_context(), connect_timeout=connect_timeout) as conn:
+            async with open_peer(host, port + JOIN_PORT_OFFSET, trust.join_client_ssl_context(),
+                                 connect_timeout=connect_timeout) as conn:
                 ca = trust.check_ca((await conn.request("join_ca", {}, connect_timeout))["ca"], invite.ca_fingerprint)
                 trust.verify_host_cert(conn.peer_cert_der, ca)
                 reply = await conn.request("join", request, connect_timeout)

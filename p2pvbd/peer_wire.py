@@ -72,8 +72,9 @@ class OpSpec:
 # The peer port's ops. Handlers receive bodies already checked against these.
 OPS: dict[str, OpSpec] = {
     "hello": OpSpec({"protocol": int}, "version check; answered by the transport itself"),
-    "get_version_map": OpSpec({"disk": str}, "per-block versions of a disk"),
-    "get_blocks": OpSpec({"disk": str, "blocks": list}, "block contents by index"),
+    "get_version_map": OpSpec({"disk": str, "start": int, "count": int},
+                              "one page of a disk's per-block versions and hashes (zstd), with its generation"),
+    "get_blocks": OpSpec({"disk": str, "blocks": list}, "block contents by [index, version] pairs"),
 }
 # The join port's ops (a joiner has no certificate yet, so these must never share the peer port's table).
 JOIN_OPS: dict[str, OpSpec] = {

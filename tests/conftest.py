@@ -13,8 +13,8 @@ def make_host(tmp_path: Path) -> Iterator[Callable[..., Host]]:
     """Create and start hosts; all are stopped at the end of the test."""
     hosts: list[Host] = []
 
-    def make(name: str = "office-pc", *extra_init: str, start: bool = True) -> Host:
-        h = Host(tmp_path / name, name, *extra_init)
+    def make(name: str = "office-pc", *extra_init: str, start: bool = True, join: str | None = None) -> Host:
+        h = Host(tmp_path / name, name, *extra_init, join=join)
         hosts.append(h)
         return h.start() if start else h
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,14 +18,42 @@ BIN = str(Path(sys.executable).parent / "p2pvbd")
 READY_SECONDS = 30.0
 
 
+# Ports handed to test hosts come from this range, away from the kernel's ephemeral range (32768+).
+PORT_RANGE = (20000, 30000)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port P with TCP P, UDP P (the DHT) and TCP P+1 (joins) all free on ``host``."""
+    for _ in range(200):
+        port = random.randrange(*PORT_RANGE)
+        socks = []
+        try:
+            for kind, p in ((socket.SOCK_STREAM, port), (socket.SOCK_DGRAM, port), (socket.SOCK_STREAM, port + 1)):
+                s = socket.socket(socket.AF_INET, kind)
+                socks.append(s)
+                s.bind((host, p))
+            return port
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port found")
+
+
 class Host:
     """A p2pvbd host: a home directory and (while running) its daemon process."""
 
-    def __init__(self, home: Path, name: str, *extra_init: str) -> None:
+    def __init__(self, home: Path, name: str, *extra_init: str, join: str | None = None) -> None:
         self.home = home
         self.name = name
         self.proc: subprocess.Popen[bytes] | None = None
-        self.cli("init", name, *extra_init)
+        self.port = free_port()
+        listen = ["--listen", f"127.0.0.1:{self.port}"] if "--listen" not in extra_init else []
+        if join is None:
+            self.cli("init", name, *listen, *extra_init)
+        else:
+            self.cli("join", join, name, *listen, *extra_init)
 
     def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         res = subprocess.run([BIN, *args, "--home", str(self.home)], capture_output=True, text=True,

@@ -206,7 +206,9 @@ async def test_server_going_away_fails_pending_requests(alpha: trust.HostIdentit
 
 def new_token(alpha: trust.HostIdentity, port: int, ttl: int = 600, now: float | None = None) -> str:
     now = time.time() if now is None else now
-    token, record = trust.make_invite(alpha, ["127.0.0.1:1", f"127.0.0.1:{port}"], ttl, now)
+    # Tokens carry peer addresses; the joiner dials the join port next to each.
+    peer_port = port - pt.JOIN_PORT_OFFSET
+    token, record = trust.make_invite(alpha, ["127.0.0.1:1", f"127.0.0.1:{peer_port}"], ttl, now)
     trust.record_invite(alpha.home, record, now=now)
     return token
 

@@ -1,0 +1,804 @@
+"""The swarm's index: a Kademlia DHT saying which host is where, owns what and holds what.
+
+This is p2pvbd's only asyncio module: kademlia 2.2.3 (on rpcudp) is asyncio, so :class:`DhtNode` hosts it
+on a trio-asyncio loop and offers trio coroutines. kademlia's gaps are closed by subclassing, never by
+patching site-packages:
+
+* keys are multi-valued: one signed record per publisher; a store merges (newest ``ts`` per publisher
+  wins) and a lookup unions what every one of the k closest nodes holds;
+* every datagram carries a truncated HMAC keyed from the swarm secret, so outsiders cannot talk to the
+  DHT; datagrams failing the MAC or the schema are dropped and counted, never raised in the loop;
+* every record is Ed25519-signed by its publisher and verified on store and on read;
+* no pickle (bootstrap state is JSON); nobody answering keeps the record locally for a retry instead of
+  kademlia's ValueError; republish and refresh run in a trio task that stops with the node.
+
+A MAC does not stop an outsider replaying a captured datagram; harmless, because every RPC is
+idempotent and a replayed record loses to the newer one or expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import hmac
+import json
+import logging
+import math
+import os
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import msgpack
+import trio
+import trio_asyncio
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from kademlia.crawling import SpiderCrawl
+from kademlia.network import Server
+from kademlia.node import Node
+from kademlia.protocol import KademliaProtocol
+from kademlia.routing import RoutingTable
+from kademlia.storage import IStorage
+from kademlia.utils import digest
+
+log = logging.getLogger(__name__)
+
+MAC_BYTES = 16  # HMAC-SHA256 cut to 128 bits: RFC 2104 §5 allows truncating to >= half the output
+RPC_HEADER_BYTES = 21  # rpcudp framing: 1 type byte (0 request, 1 response) + 20-byte message id
+MAX_RPC_BYTES = 8192  # rpcudp refuses request bodies above 8 KiB; we hold responses to it too
+MAX_DATAGRAM_BYTES = MAC_BYTES + RPC_HEADER_BYTES + MAX_RPC_BYTES
+RPC_TIMEOUT = 5.0  # rpcudp's default wait_timeout
+MAX_RECORD_BYTES = 1024  # a host record with a few addresses is ~300 B; a reply page still holds >= 6
+MAX_RECORDS_PER_KEY = 64  # publishers per key: one person's machines, with headroom
+MAX_NAME_BYTES = 255  # host names (RFC 1035's limit) and disk names
+MAX_NODES_IN_REPLY = 64  # bounds the work a reply causes; peers send ksize (the paper's k = 20)
+MAX_STORED_KEYS = 65536  # a swarm member cannot make us hold more keys than this
+MAX_CLOCK_SKEW = 300.0  # seconds a record's ts may lie in our future (hosts' clocks drift)
+MAX_TTL = 604800.0  # one week: kademlia ForgetfulStorage's default maximum age
+DEFAULT_TTL = 3600.0  # the paper's tRefresh: a vanished host's records are gone within the hour
+REPUBLISH_FRACTION = 0.5  # republish our records halfway through their TTL: one lost round is survivable
+REFRESH_INTERVAL = 3600.0  # paper §2.3 tRefresh (kademlia's refresh_table default)
+REPLICATE_INTERVAL = 3600.0  # paper §2.5 tReplicate (kademlia's iter_older_than(3600))
+RETRY_INTERVAL = 30.0  # retry publishes that reached nobody, and bootstrap while the table is empty
+VERIFY_CACHE_SIZE = 4096  # verified records remembered: Ed25519 verify costs ~50 us and lookups repeat
+PAGE_SLACK = 128  # bytes of a request/reply left for msgpack framing, method name and ids
+
+KINDS = frozenset({"host", "owner", "holders", "catalog"})
+STAT_KEYS = ("bad_mac", "malformed", "bad_signature", "expired", "future_ts", "wrong_key", "untrusted",
+             "key_full", "rpc_errors")
+_FIELDS = ("kind", "key", "publisher", "pubkey", "ts", "ttl", "payload", "sig")
+_SIG_DOMAIN = "p2pvbd-dht-record/1"
+
+
+class RecordError(ValueError):
+    """A record failed a check; ``reason`` names its ``stats`` counter."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+class DhtStopped(RuntimeError):
+    """The node's run() has ended (or ended under this call)."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One publisher's verified statement about a key."""
+
+    kind: str
+    key: str
+    publisher: str
+    ts: float
+    ttl: float
+    payload: dict[str, Any]
+    pubkey: bytes = field(repr=False)
+
+    @property
+    def expires(self) -> float:
+        return self.ts + self.ttl
+
+
+@dataclass
+class LookupTrace:
+    """What one crawl cost: for the hop-count bench and for explaining slow lookups."""
+
+    rounds: int = 0  # crawler iterations: <= alpha parallel RPCs each, the last to the rest of the k closest
+    contacted: int = 0  # find RPCs sent (extra pages of a large value not counted)
+    responded: int = 0
+    hops: int = 0  # sequential RPCs on the shortest discovery path to a value holder (else the closest node)
+
+
+def key_digest(kind: str, key: str) -> bytes:
+    """The 160-bit DHT key of (kind, key); kinds hold no ':' so this is unambiguous."""
+    return digest(f"{kind}:{key}")
+
+
+def derive_mac_key(swarm_secret: bytes) -> bytes:
+    """A key for datagram MACs only, so the swarm secret itself never keys anything directly."""
+    if len(swarm_secret) != 32:
+        raise ValueError("swarm secret must be 32 bytes")
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"p2pvbd dht datagram mac v1").derive(
+        swarm_secret)
+
+
+def seal(mac_key: bytes, data: bytes) -> bytes:
+    return hmac.digest(mac_key, data, "sha256")[:MAC_BYTES] + data
+
+
+def unseal(mac_key: bytes, datagram: bytes) -> bytes | None:
+    """The datagram's body if its MAC is right, else None."""
+    body = datagram[MAC_BYTES:]
+    return body if hmac.compare_digest(datagram[:MAC_BYTES], hmac.digest(mac_key, body, "sha256")[:MAC_BYTES]) \
+        else None
+
+
+def _signed_bytes(m: dict[str, Any]) -> bytes:
+    return msgpack.packb([_SIG_DOMAIN, *(m[f] for f in _FIELDS[:-1])])
+
+
+def _is_name(x: object) -> bool:
+    return isinstance(x, str) and 0 < len(x.encode("utf-8", "surrogatepass")) <= MAX_NAME_BYTES
+
+
+def sign_record(signing_key: Ed25519PrivateKey, publisher: str, kind: str, key: str, payload: dict[str, Any],
+                ttl: float = DEFAULT_TTL, ts: float | None = None) -> bytes:
+    """Encode and sign a record; ValueError (RecordError) if verifiers would refuse it."""
+    m = {"kind": kind, "key": key, "publisher": publisher, "pubkey": signing_key.public_key().public_bytes_raw(),
+         "ts": float(time.time() if ts is None else ts), "ttl": float(ttl),
+         "payload": msgpack.unpackb(msgpack.packb(payload))}  # sign exactly what verifiers will re-encode
+    raw = msgpack.packb({**m, "sig": signing_key.sign(_signed_bytes(m))})
+    check_record(parse_record(raw), key_digest(kind, key), m["ts"])
+    return raw
+
+
+def parse_record(raw: object) -> Record:
+    """Structure and signature checks: what depends only on the bytes (so it can be cached)."""
+    if not isinstance(raw, bytes) or len(raw) > MAX_RECORD_BYTES:
+        raise RecordError("malformed", "not bytes or too large")
+    try:
+        m = msgpack.unpackb(raw)
+    except Exception as exc:
+        raise RecordError("malformed", "not msgpack") from exc
+    if not isinstance(m, dict) or m.keys() != set(_FIELDS):
+        raise RecordError("malformed", "wrong fields")
+    pk, ts, ttl, payload = m["pubkey"], m["ts"], m["ttl"], m["payload"]
+    if not (isinstance(m["kind"], str) and m["kind"] in KINDS and _is_name(m["key"]) and _is_name(m["publisher"])
+            and isinstance(pk, bytes) and len(pk) == 32 and isinstance(m["sig"], bytes) and len(m["sig"]) == 64
+            and isinstance(ts, float) and math.isfinite(ts) and isinstance(ttl, float) and 0 < ttl <= MAX_TTL
+            and isinstance(payload, dict) and all(isinstance(k, str) for k in payload)):
+        raise RecordError("malformed", "bad field types")
+    try:
+        Ed25519PublicKey.from_public_bytes(pk).verify(m["sig"], _signed_bytes(m))
+    except (InvalidSignature, ValueError) as exc:
+        raise RecordError("bad_signature", f"from {m['publisher']!r}") from exc
+    return Record(m["kind"], m["key"], m["publisher"], ts, ttl, payload, pk)
+
+
+def check_record(rec: Record, dkey: bytes | None, now: float) -> None:
+    """The checks that depend on where the record is filed and on the clock."""
+    if dkey is not None and key_digest(rec.kind, rec.key) != dkey:
+        raise RecordError("wrong_key", f"{rec.kind}:{rec.key}")
+    if rec.ts > now + MAX_CLOCK_SKEW:
+        raise RecordError("future_ts", f"{rec.ts - now:.0f}s ahead")
+    if rec.expires < now:
+        raise RecordError("expired")
+
+
+def host_payload(addresses: list[str], cert_fingerprint: str) -> dict[str, Any]:
+    """`host` kind, keyed by host name: where it listens and which TLS certificate it presents."""
+    for a in addresses:
+        parse_hostport(a)
+    return {"addresses": list(addresses), "cert": cert_fingerprint}
+
+
+def owner_payload(host: str, epoch: int) -> dict[str, Any]:
+    """`owner` kind, keyed by disk: which host owns it; the higher epoch wins a migration race."""
+    return {"host": host, "epoch": int(epoch)}
+
+
+def holders_payload(host: str, current_blocks: int, generation: int) -> dict[str, Any]:
+    """`holders` kind, keyed by disk: a host holding a replica, how complete, of which generation."""
+    return {"host": host, "current_blocks": int(current_blocks), "generation": int(generation)}
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' to (host, port); ValueError otherwise."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"not host:port: {text!r}")
+    return host, int(port)
+
+
+def format_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _is_ip(text: str) -> bool:
+    """A literal address (sendto would resolve a name, blocking the loop); inet_pton is 10x ipaddress."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, text)
+            return True
+        except (OSError, ValueError):
+            pass
+    return False
+
+
+def _newer(a: tuple[bytes, Record], b: tuple[bytes, Record]) -> bool:
+    """Newest ts wins; a tie is broken on the bytes so every node keeps the same record."""
+    return (a[1].ts, a[0]) > (b[1].ts, b[0])
+
+
+def _merge_newest(pairs: Iterable[tuple[bytes, Record]]) -> list[tuple[bytes, Record]]:
+    best: dict[str, tuple[bytes, Record]] = {}
+    for p in pairs:
+        if p[1].publisher not in best or _newer(p, best[p[1].publisher]):
+            best[p[1].publisher] = p
+    return [best[k] for k in sorted(best)]
+
+
+class _RecordStore(IStorage):
+    """IStorage with multi-valued keys: dkey → {publisher: (raw, Record)}, every record pre-verified."""
+
+    def __init__(self) -> None:
+        self.data: dict[bytes, dict[str, tuple[bytes, Record]]] = {}
+        self.stamp: dict[bytes, float] = {}  # monotonic time a key was last stored: drives §2.5 replication
+
+    def merge(self, dkey: bytes, items: list[tuple[bytes, Record]]) -> bool:
+        """Keep the newest record per publisher; False if some were refused for lack of room."""
+        if dkey not in self.data and len(self.data) >= MAX_STORED_KEYS:
+            return False
+        slot, room = self.data.setdefault(dkey, {}), True
+        for raw, rec in items:
+            old = slot.get(rec.publisher)
+            if old is None and len(slot) >= MAX_RECORDS_PER_KEY:
+                room = False
+            elif old is None or _newer((raw, rec), old):
+                slot[rec.publisher] = (raw, rec)
+        self.stamp[dkey] = time.monotonic()
+        self.records(dkey)  # drops the key again if nothing was kept
+        return room
+
+    def records(self, dkey: bytes) -> list[tuple[bytes, Record]]:
+        """Unexpired records of a key, ordered by publisher (stable for paging)."""
+        slot, now = self.data.get(dkey, {}), time.time()
+        for publisher in [p for p, (_, rec) in slot.items() if rec.expires < now]:
+            del slot[publisher]
+        if not slot:
+            self.data.pop(dkey, None)
+            self.stamp.pop(dkey, None)
+        return [slot[p] for p in sorted(slot)]
+
+    def __setitem__(self, key: bytes, value: Any) -> NoReturn:
+        raise TypeError("records must be verified first: use merge()")
+
+    def get(self, key: bytes, default: Any = None) -> Any:
+        return [raw for raw, _ in self.records(key)] or default
+
+    def __getitem__(self, key: bytes) -> list[bytes]:
+        if raws := self.get(key):
+            return raws
+        raise KeyError(key)
+
+    def iter_older_than(self, seconds_old: float) -> list[tuple[bytes, list[bytes]]]:
+        cutoff = time.monotonic() - seconds_old
+        return [(k, raws) for k in list(self.data) if self.stamp.get(k, 0) <= cutoff and (raws := self.get(k))]
+
+    def __iter__(self) -> Any:
+        return iter(self.iter_older_than(-math.inf))
+
+
+def _is_id(x: object) -> bool:
+    return isinstance(x, bytes) and len(x) == 20
+
+
+def _is_raws(x: object) -> bool:
+    return isinstance(x, list) and 0 < len(x) <= MAX_RECORDS_PER_KEY and all(isinstance(r, bytes) for r in x)
+
+
+# Accepted argument lists per RPC (after the sender address that rpcudp prepends); the rest is dropped.
+_REQUESTS: dict[str, tuple[tuple[Callable[[object], bool], ...], ...]] = {
+    "ping": ((_is_id,),),
+    "store": ((_is_id, _is_id, _is_raws),),
+    "find_node": ((_is_id, _is_id),),
+    "find_value": ((_is_id, _is_id), (_is_id, _is_id, lambda x: type(x) is int and 0 <= x < MAX_RECORDS_PER_KEY)),
+}
+
+
+def _is_request(msg: object) -> bool:
+    """[name, args] with args matching one of _REQUESTS[name]."""
+    if not (isinstance(msg, list) and len(msg) == 2 and isinstance(msg[0], str) and isinstance(msg[1], list)):
+        return False
+    return any(len(sig) == len(msg[1]) and all(ok(a) for ok, a in zip(sig, msg[1], strict=True))
+               for sig in _REQUESTS.get(msg[0], ()))
+
+
+def _node_list(x: object) -> list[Node] | None:
+    """A validated peer list from a reply, or None."""
+    if not isinstance(x, list) or len(x) > MAX_NODES_IN_REPLY:
+        return None
+    ok = all(isinstance(t, list) and len(t) == 3 and _is_id(t[0]) and isinstance(t[1], str) and _is_ip(t[1])
+             and type(t[2]) is int and 0 < t[2] < 65536 for t in x)
+    return [Node(*t) for t in x] if ok else None  # type: ignore[misc]
+
+
+def _value_reply(x: object) -> tuple[list[Node], list[bytes], bool] | None:
+    """find_value's reply: a bare peer list (kademlia's shape) or {value, more, nodes}; None if neither."""
+    if isinstance(x, list):
+        nodes = _node_list(x)
+        return None if nodes is None else (nodes, [], False)
+    if not (isinstance(x, dict) and x.keys() == {"value", "more", "nodes"} and isinstance(x["more"], bool)
+            and isinstance(x["value"], list) and len(x["value"]) <= MAX_RECORDS_PER_KEY
+            and all(isinstance(r, bytes) for r in x["value"])):
+        return None
+    nodes = _node_list(x["nodes"])
+    return None if nodes is None else (nodes, x["value"], x["more"])
+
+
+def _pages(raws: list[bytes], budget: int) -> list[list[bytes]]:
+    """Split records into runs whose msgpack encoding fits `budget` bytes (bin header: <= 5 bytes)."""
+    out: list[list[bytes]] = []
+    used = budget
+    for raw in raws:
+        if used + len(raw) + 5 > budget:
+            out.append([])
+            used = 0
+        out[-1].append(raw)
+        used += len(raw) + 5
+    return out
+
+
+class _RoutingTable(RoutingTable):
+    """kademlia's TableTraverser stops when it runs out of buckets on the right even with buckets left
+    on the left, so a key high in the id space could get no start peers at all (2% of lookups failed
+    at 1000 nodes). Here: the k nearest of all contacts."""
+
+    def find_neighbors(self, node: Node, k: int | None = None, exclude: Node | None = None) -> list[Node]:
+        self.buckets[self.get_bucket_for(node)].touch_last_updated()  # as the traverser did, for §2.3 refresh
+        nodes = (n for b in self.buckets for n in b.nodes.values()
+                 if n.id != node.id and (exclude is None or not n.same_home_as(exclude)))
+        return heapq.nsmallest(k or self.ksize, nodes, key=node.distance_to)
+
+
+class _SwarmProtocol(KademliaProtocol):
+    """KademliaProtocol with MACs, schema checks, signed multi-valued records and paged values.
+    Both of rpcudp's send paths are replaced (to seal, and to use C msgpack: pure-Python umsgpack was
+    a third of a lookup's CPU); the wire format inside the MAC is still rpcudp's."""
+
+    def __init__(self, source_node: Node, storage: _RecordStore, ksize: int, mac_key: bytes,
+                 stats: dict[str, int], trust: Callable[[str, bytes], bool] | None) -> None:
+        super().__init__(source_node, storage, ksize)
+        self.router = _RoutingTable(self, ksize, source_node)
+        self._mac_key, self.stats, self._trust = mac_key, stats, trust
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._verified: OrderedDict[bytes, Record] = OrderedDict()
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        """Authenticate, parse, answer: synchronously, and never raising into the event loop."""
+        body = unseal(self._mac_key, data) if len(data) <= MAX_DATAGRAM_BYTES else None
+        if body is None:
+            self.stats["bad_mac" if len(data) <= MAX_DATAGRAM_BYTES else "malformed"] += 1
+            return
+        try:
+            msg = msgpack.unpackb(body[RPC_HEADER_BYTES:])
+        except Exception:  # garbage raises many types
+            self.stats["malformed"] += 1
+            return
+        msg_id = body[1:RPC_HEADER_BYTES]
+        try:
+            if body[:1] == b"\x01" and len(msg_id) == 20:
+                self._accept_response(msg_id, msg, addr)
+            elif body[:1] == b"\x00" and len(msg_id) == 20 and _is_request(msg):
+                response = getattr(self, f"rpc_{msg[0]}")(addr, *msg[1])  # kademlia's handlers are all sync
+                self.transport.sendto(seal(self._mac_key, b"\x01" + msg_id + msgpack.packb(response)), addr)
+            else:
+                self.stats["malformed"] += 1
+        except Exception:
+            log.exception("DHT datagram from %s failed", addr)
+            self.stats["rpc_errors"] += 1
+
+    def request(self, address: tuple[str, int], name: str, *args: Any) -> asyncio.Future[tuple[bool, Any]]:
+        """rpcudp's remote-call closure: a future of (answered, reply)."""
+        data = msgpack.packb([name, args])
+        if len(data) > MAX_RPC_BYTES:
+            raise ValueError(f"{name} request of {len(data)} bytes exceeds {MAX_RPC_BYTES}")
+        msg_id = os.urandom(20)
+        self.transport.sendto(seal(self._mac_key, b"\x00" + msg_id + data), address)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._outstanding[msg_id] = (future, loop.call_later(self._wait_timeout, self._timeout, msg_id))
+        return future
+
+    def _accept_response(self, msg_id: bytes, data: Any, address: Any) -> None:
+        # rpcudp's raises InvalidStateError when the waiter was cancelled (by a cancelled lookup).
+        future, timer = self._outstanding.pop(msg_id, (None, None))
+        if future is not None and timer is not None:
+            timer.cancel()
+            if not future.done():
+                future.set_result((True, data))
+
+    def _timeout(self, msg_id: bytes) -> None:
+        future, _ = self._outstanding.pop(msg_id, (None, None))
+        if future is not None and not future.done():
+            future.set_result((False, None))
+
+    def shutdown(self) -> None:
+        """Cancel our tasks and every pending RPC (which also ends kademlia's untracked bucket pings)."""
+        for task in list(self._tasks):
+            task.cancel()
+        for future, timer in self._outstanding.values():
+            timer.cancel()
+            future.cancel()
+        self._outstanding.clear()
+
+    def check_records(self, raws: list[bytes], dkey: bytes | None) -> list[tuple[bytes, Record]]:
+        """The records passing every check; each failure is counted under its reason."""
+        now, good = time.time(), []
+        for raw in raws:
+            try:
+                if (rec := self._verified.get(raw)) is None:
+                    rec = self._verified[raw] = parse_record(raw)
+                    if len(self._verified) > VERIFY_CACHE_SIZE:
+                        self._verified.popitem(last=False)
+                check_record(rec, dkey, now)
+                if self._trust is not None and not self._trust(rec.publisher, rec.pubkey):
+                    raise RecordError("untrusted", rec.publisher)
+                good.append((raw, rec))
+            except RecordError as exc:
+                self.stats[exc.reason] += 1
+                log.debug("dropped DHT record: %s", exc)
+        return good
+
+    def _welcome(self, sender: Any, nodeid: bytes) -> Node:
+        node = Node(nodeid, sender[0], sender[1])
+        if nodeid != self.source_node.id:
+            self.welcome_if_new(node)
+        return node
+
+    def rpc_ping(self, sender: Any, nodeid: bytes) -> bytes:
+        self._welcome(sender, nodeid)
+        return self.source_node.id
+
+    def rpc_store(self, sender: Any, nodeid: bytes, dkey: bytes, raws: list[bytes]) -> bool:
+        self._welcome(sender, nodeid)
+        good = self.check_records(raws, dkey)
+        if good and not self.storage.merge(dkey, good):
+            self.stats["key_full"] += 1
+            return False
+        return len(good) == len(raws)
+
+    def rpc_find_node(self, sender: Any, nodeid: bytes, key: bytes) -> list[tuple[Any, ...]]:
+        source = self._welcome(sender, nodeid)
+        return [tuple(n) for n in self.router.find_neighbors(Node(key), exclude=source)]
+
+    def rpc_find_value(self, sender: Any, nodeid: bytes, key: bytes, skip: int = 0) -> Any:
+        """Our records from `skip` on, as many as fit 8 KiB, *and* peers (so the crawl keeps converging)."""
+        nodes = self.rpc_find_node(sender, nodeid, key)
+        if not (raws := self.storage.get(key)):
+            return nodes
+        page = (_pages(raws[skip:], MAX_RPC_BYTES - PAGE_SLACK - len(msgpack.packb(nodes))) or [[]])[0]
+        return {"value": page, "more": skip + len(page) < len(raws), "nodes": nodes}
+
+    async def _rpc(self, node: Node, name: str, check: Callable[[Any], object], *args: Any) -> tuple[bool, Any]:
+        """One request; a reply failing `check` counts as no reply (and kademlia drops the peer)."""
+        ok, reply = await self.request((node.ip, node.port), name, self.source_node.id, *args)
+        if ok and (reply := check(reply)) is None:
+            self.stats["malformed"] += 1
+            ok = False
+        return self.handle_call_response((ok, reply if ok else None), node)
+
+    async def call_ping(self, node_to_ask: Node) -> tuple[bool, Any]:
+        return await self._rpc(node_to_ask, "ping", lambda r: r if _is_id(r) else None)
+
+    async def call_store(self, node_to_ask: Node, key: bytes, value: list[bytes]) -> tuple[bool, Any]:
+        return await self._rpc(node_to_ask, "store", lambda r: r if isinstance(r, bool) else None, key, value)
+
+    async def call_find_node(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
+        return await self._rpc(node_to_ask, "find_node", _node_list, node_to_find.id)
+
+    async def call_find_value(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
+        """(True, (peers, records)) with every page of the records fetched, or (False, None)."""
+        nodes, raws, more = [], [], True
+        while more and len(raws) < MAX_RECORDS_PER_KEY:
+            args = (node_to_find.id, len(raws)) if raws else (node_to_find.id,)
+            ok, reply = await self._rpc(node_to_ask, "find_value", _value_reply, *args)
+            if not ok:
+                return (True, (nodes, raws)) if raws else (False, None)
+            nodes, raws, more = nodes or reply[0], raws + reply[1], reply[2] and bool(reply[1])
+        return True, (nodes, raws)
+
+    async def store_raws(self, node: Node, dkey: bytes, raws: list[bytes]) -> bool:
+        for chunk in _pages(raws, MAX_RPC_BYTES - PAGE_SLACK):
+            ok, accepted = await self.call_store(node, dkey, chunk)
+            if not (ok and accepted):
+                return False
+        return True
+
+    def welcome_if_new(self, node: Node) -> None:
+        """kademlia's §2.5 hand-over, fixed: it hashed the already-hashed key, and sent whole values."""
+        if not self.router.is_new_node(node):
+            return
+        for dkey, raws in self.storage:
+            keynode = Node(dkey)
+            neighbors = self.router.find_neighbors(keynode)
+            if not neighbors or (node.distance_to(keynode) < neighbors[-1].distance_to(keynode)
+                                 and self.source_node.distance_to(keynode) < neighbors[0].distance_to(keynode)):
+                task = asyncio.ensure_future(self.store_raws(node, dkey, raws))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        self.router.add_contact(node)
+
+
+class _Crawl(SpiderCrawl):
+    """One crawler for nodes and values: visits all k closest (never stops at the first value), unions
+    the records found, and fills a LookupTrace."""
+
+    def __init__(self, protocol: _SwarmProtocol, node: Node, peers: list[Node], ksize: int, alpha: int,
+                 values: bool, trace: LookupTrace | None) -> None:
+        super().__init__(protocol, node, peers, ksize, alpha)
+        self.values, self.trace = values, trace or LookupTrace()
+        self.depth = {p.id: 0 for p in peers}  # RPCs on the path by which we learnt of each node
+        self.raws: list[bytes] = []
+        self.value_hops = 0
+        self.closest: list[Node] = []
+
+    async def find(self) -> list[Node]:
+        return await self._find(self.protocol.call_find_value if self.values else self.protocol.call_find_node)
+
+    async def _nodes_found(self, responses: dict[bytes, tuple[bool, Any]]) -> list[Node]:
+        t = self.trace
+        t.rounds, t.contacted = t.rounds + 1, t.contacted + len(responses)
+        for peer_id, (ok, body) in responses.items():
+            if not ok:
+                continue
+            t.responded += 1
+            hop = self.depth.get(peer_id, 0) + 1
+            nodes, raws = body if self.values else (body, [])
+            if raws:
+                self.raws += raws
+                self.value_hops = min(hop, self.value_hops or hop)
+            for n in nodes:
+                self.depth[n.id] = min(hop, self.depth.get(n.id, hop))
+            self.nearest.push(nodes)
+        self.nearest.remove([peer_id for peer_id, (ok, _) in responses.items() if not ok])
+        if not self.nearest.have_contacted_all():
+            return await self.find()
+        self.closest = list(self.nearest)
+        t.hops = self.value_hops or (self.depth.get(self.closest[0].id, 0) + 1 if self.closest else 0)
+        return self.closest
+
+
+def _refuse(why: str) -> Callable[..., NoReturn]:
+    def method(*_: Any, **__: Any) -> NoReturn:
+        raise NotImplementedError(why)
+    return method
+
+
+class _SwarmServer(Server):
+    """kademlia's Server minus pickle and its call_later loops, with multi-valued set/get."""
+
+    protocol: _SwarmProtocol
+    save_state = save_state_regularly = _refuse("kademlia's state file is a pickle (unsafe): use save_bootstrap")
+    load_state = staticmethod(save_state)
+    get = set = _refuse("keys are multi-valued: use lookup_digest / set_digest with signed records")
+
+    def __init__(self, ksize: int, alpha: int, mac_key: bytes, stats: dict[str, int],
+                 trust: Callable[[str, bytes], bool] | None) -> None:
+        super().__init__(ksize=ksize, alpha=alpha, storage=_RecordStore())
+        self._protocol_args = (mac_key, stats, trust)
+
+    def _create_protocol(self) -> _SwarmProtocol:
+        return _SwarmProtocol(self.node, self.storage, self.ksize, *self._protocol_args)
+
+    async def listen(self, port: int, interface: str = "0.0.0.0") -> int:
+        """Bind; return the bound port. No refresh loop: the trio side owns timing."""
+        self.transport, self.protocol = await asyncio.get_running_loop().create_datagram_endpoint(
+            self._create_protocol, local_addr=(interface, port))
+        return self.transport.get_extra_info("sockname")[1]
+
+    def stop(self) -> None:
+        super().stop()
+        if self.protocol is not None:
+            self.protocol.shutdown()
+
+    async def bootstrap_node(self, addr: tuple[str, int]) -> Node | None:
+        ok, nodeid = await self.protocol.request(addr, "ping", self.node.id)
+        return Node(nodeid, addr[0], addr[1]) if ok and _is_id(nodeid) and nodeid != self.node.id else None
+
+    async def bootstrap(self, addrs: list[tuple[str, int]]) -> list[Node]:
+        seeds = [n for n in await asyncio.gather(*map(self.bootstrap_node, addrs)) if n is not None]
+        return (await self.crawl(self.node, seeds, values=False)).closest
+
+    async def crawl(self, target: Node, peers: list[Node] | None = None, *, values: bool,
+                    trace: LookupTrace | None = None) -> _Crawl:
+        """One crawl, or none without peers (where kademlia's set() raised ValueError)."""
+        peers = self.protocol.router.find_neighbors(target) if peers is None else peers
+        crawler = _Crawl(self.protocol, target, peers, self.ksize, self.alpha, values, trace)
+        if peers:
+            await crawler.find()
+        return crawler
+
+    async def set_digest(self, dkey: bytes, value: list[bytes]) -> int:
+        """Store records on the k closest nodes found; how many acknowledged (0: nobody)."""
+        nodes = (await self.crawl(Node(dkey), values=False)).closest
+        return sum(await asyncio.gather(*(self.protocol.store_raws(n, dkey, value) for n in nodes)))
+
+    async def lookup_digest(self, dkey: bytes, trace: LookupTrace | None = None) -> list[tuple[bytes, Record]]:
+        """Union of our copy and every record the k closest nodes return, newest per publisher."""
+        crawler = await self.crawl(Node(dkey), values=True, trace=trace)
+        return _merge_newest([*self.storage.records(dkey), *self.protocol.check_records(crawler.raws, dkey)])
+
+    async def _refresh_table(self) -> None:
+        """§2.3 refresh of idle buckets, then §2.5 replication of records nobody stored here for an hour."""
+        await asyncio.gather(*(self.crawl(Node(i), values=False) for i in self.protocol.get_refresh_ids()))
+        for dkey, raws in self.storage.iter_older_than(REPLICATE_INTERVAL):
+            await self.set_digest(dkey, raws)
+
+
+@dataclass
+class _Own:
+    payload: dict[str, Any]
+    ttl: float
+    due: float = 0.0  # wall-clock time of the next republish
+    pending: bool = True  # the last attempt reached nobody
+
+
+class DhtNode:
+    """A swarm member's DHT node, driven from trio; asyncio stays inside run()."""
+
+    def __init__(self, *, host_name: str, signing_key: Ed25519PrivateKey, swarm_secret: bytes, ksize: int = 20,
+                 alpha: int = 3, trust: Callable[[str, bytes], bool] | None = None) -> None:
+        """`trust(publisher, pubkey)`, if given, refuses records not signed by that publisher's key:
+        without it any swarm member can publish under any name (the MAC only keeps outsiders out)."""
+        if not _is_name(host_name):
+            raise ValueError(f"bad host name {host_name!r}")
+        self.host_name, self.ksize, self.alpha = host_name, ksize, alpha
+        self._signing_key, self._mac_key, self._trust = signing_key, derive_mac_key(swarm_secret), trust
+        self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+        # Tunables, read when run() starts (tests shorten them).
+        self.retry_interval, self.refresh_interval, self.rpc_timeout = RETRY_INTERVAL, REFRESH_INTERVAL, RPC_TIMEOUT
+        self._server: _SwarmServer | None = None
+        self._loop: Any = None
+        self._ready = trio.Event()
+        self._own: dict[tuple[str, str], _Own] = {}
+        self._seeds: list[tuple[str, int]] = []
+        self._last_ts = 0.0
+
+    async def run(self, listen_host: str, port: int, bootstrap: list[tuple[str, int]], *,
+                  task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled: `task_status.started(bound_port)` once listening, then join via
+        `bootstrap` and maintain. Uses the enclosing trio-asyncio loop if any (many nodes in one
+        process), else owns one."""
+        if self._ready.is_set():
+            raise RuntimeError("a DhtNode runs once")
+        if (loop := trio_asyncio.current_loop.get()) is None:
+            async with trio_asyncio.open_loop() as loop:
+                await self._serve(loop, listen_host, port, bootstrap, task_status)
+        else:
+            await self._serve(loop, listen_host, port, bootstrap, task_status)
+
+    async def _serve(self, loop: Any, host: str, port: int, seeds: list[tuple[str, int]], task_status: Any) -> None:
+        server = _SwarmServer(self.ksize, self.alpha, self._mac_key, self.stats, self._trust)
+        try:
+            bound = await trio_asyncio.aio_as_trio(server.listen, loop=loop)(port, host)
+            server.protocol._wait_timeout = self.rpc_timeout
+            self._server, self._loop, self._seeds = server, loop, list(seeds)
+            self._ready.set()
+            task_status.started(bound)
+            if seeds:
+                await self.bootstrap(seeds)
+            await self._maintain()
+        finally:
+            server.stop()
+            self._server = self._loop = None
+            self._ready.set()
+
+    async def _aio(self, method: str, *args: Any) -> Any:
+        """Run a _SwarmServer coroutine method on our asyncio loop."""
+        await self._ready.wait()
+        if self._server is None:
+            raise DhtStopped("DHT node is not running")
+        try:
+            return await trio_asyncio.aio_as_trio(getattr(self._server, method), loop=self._loop)(*args)
+        except asyncio.CancelledError as exc:  # our shutdown cancelled the RPC under us
+            raise DhtStopped("DHT node stopped") from exc
+
+    async def _maintain(self) -> None:
+        """Rejoin while alone, retry unreached publishes, republish before TTLs end, refresh hourly."""
+        next_refresh = trio.current_time() + self.refresh_interval
+        while True:
+            await trio.sleep(self.retry_interval)
+            try:
+                if self._seeds and not self.neighbours():
+                    await self.bootstrap(self._seeds)
+                await self._republish()
+                if trio.current_time() >= next_refresh:
+                    next_refresh = trio.current_time() + self.refresh_interval
+                    await self._aio("_refresh_table")
+            except DhtStopped:
+                return
+            except Exception:
+                log.exception("DHT maintenance failed; retrying in %.0fs", self.retry_interval)
+
+    async def _republish(self) -> None:
+        now = time.time()
+        for (kind, key), own in list(self._own.items()):
+            if own.pending or own.due <= now:
+                await self._send_own(kind, key, own)
+
+    async def _send_own(self, kind: str, key: str, own: _Own) -> int:
+        if self._own.get((kind, key)) is not own:
+            return 0  # publish() replaced it while a republish round was under way
+        self._last_ts = ts = max(time.time(), self._last_ts + 1e-6)  # strictly newer than our previous one
+        raw = sign_record(self._signing_key, self.host_name, kind, key, own.payload, own.ttl, ts)
+        if self._server is None:
+            raise DhtStopped("DHT node is not running")
+        self._server.storage.merge(key_digest(kind, key), [(raw, parse_record(raw))])  # for hand-over, lookups
+        acks = await self._aio("set_digest", key_digest(kind, key), [raw])
+        own.pending, own.due = acks == 0, ts + own.ttl * REPUBLISH_FRACTION
+        return acks
+
+    async def publish(self, kind: str, key: str, payload: dict[str, Any], ttl: float = DEFAULT_TTL) -> int:
+        """Sign and store on the k closest nodes, and keep republishing it. Returns how many nodes
+        acknowledged: 0 means only we hold it for now; it is retried every retry_interval."""
+        sign_record(self._signing_key, self.host_name, kind, key, payload, ttl)  # ValueError now, not later
+        self._own[(kind, key)] = own = _Own(payload, float(ttl))
+        await self._ready.wait()
+        return await self._send_own(kind, key, own)
+
+    async def lookup(self, kind: str, key: str, *, trace: LookupTrace | None = None) -> list[Record]:
+        """Verified, unexpired records, newest per publisher; with no neighbours, the ones we hold."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown record kind {kind!r}")
+        return [rec for _, rec in await self._aio("lookup_digest", key_digest(kind, key), trace)]
+
+    async def bootstrap(self, addrs: list[tuple[str, int]]) -> None:
+        """Join via these peers (names resolved by trio, not in the loop), then place pending records."""
+        resolved = []
+        for host, port in addrs:
+            try:
+                infos = [] if _is_ip(host) else await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+                resolved.append((infos[0][4][0] if infos else host, port))
+            except OSError as exc:
+                log.warning("cannot resolve DHT peer %s: %s", host, exc)
+        await self._aio("bootstrap", resolved)
+        if any(own.pending for own in self._own.values()) and self.neighbours():
+            await self._republish()
+
+    def neighbours(self) -> list[tuple[str, int]]:
+        """Up to k peers nearest to us: what save_bootstrap writes."""
+        return [] if self._server is None else [(ip, port) for ip, port in self._server.bootstrappable_neighbors()]
+
+    def save_bootstrap(self, path: str | os.PathLike[str]) -> int:
+        """Write neighbours as a JSON list of "host:port" (never pickle); with none, keep the old file."""
+        if peers := [format_hostport(h, p) for h, p in self.neighbours()]:
+            tmp = Path(f"{path}.tmp")
+            tmp.write_text(json.dumps(peers))
+            tmp.replace(path)
+        return len(peers)
+
+    @staticmethod
+    def load_bootstrap(path: str | os.PathLike[str]) -> list[tuple[str, int]]:
+        """Peers written by save_bootstrap; [] if there is no file; entries that do not parse are skipped."""
+        try:
+            entries = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            return []
+        if not isinstance(entries, list):
+            raise ValueError(f"{path}: expected a JSON list of host:port")
+        out = []
+        for e in entries:
+            try:
+                out.append(parse_hostport(e))
+            except (ValueError, AttributeError):
+                log.warning("%s: ignoring bad bootstrap entry %r", path, e)
+        return out

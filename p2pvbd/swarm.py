@@ -1,0 +1,361 @@
+"""The swarm service: this host's DHT node, peer server and join server, and swarm-wide questions.
+
+It publishes what this host knows (where it listens, which disks it holds and owns), answers peers'
+requests for version maps and blocks, and answers ``status`` and ``peers`` for the whole swarm by
+combining DHT records with version maps fetched peer to peer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import subprocess
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+import trio
+import zstandard
+
+from p2pvbd import dht, trust
+from p2pvbd.home import Config, Home, parse_hostport
+from p2pvbd.kernel_hook_ctl import HookController
+from p2pvbd.peer_transport import JOIN_PORT_OFFSET, PeerConnection, PeerError, open_peer, serve_join, serve_peers
+from p2pvbd.peer_wire import MAX_FRAME_BYTES
+from p2pvbd.replica_store import ReplicaStore
+from p2pvbd.version_map import HASH_SIZE, VersionMap
+
+log = logging.getLogger(__name__)
+
+# Key of the swarm's catalog of disks: every host lists the disks it holds under it.
+CATALOG_KEY = "disks"
+# Records of hosts that stopped publishing vanish after this; live hosts republish well before.
+RECORD_TTL = 600.0
+# Holders records carry a block count that changes with every write; republish them this often.
+PUBLISH_INTERVAL = 15.0
+# Blocks per version-map page: 256 Ki blocks are 2 MiB of versions + 4 MiB of hashes before zstd,
+# inside the 8 MiB peer frame.
+MAP_PAGE_BLOCKS = 256 * 1024
+# A status or peers query must answer even when a host is down: its requests give up after this.
+QUERY_TIMEOUT = 5.0
+# Blocks returned by one get_blocks reply: their bytes must fit one frame with room for headers.
+BLOCKS_REPLY_BUDGET = MAX_FRAME_BYTES - 64 * 1024
+# zstd level 3: the library's default, ~300 MB/s per core, most of the ratio of higher levels.
+ZSTD_LEVEL = 3
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def advertised_addresses(listen: str) -> list[str]:
+    """Where peers can reach us: the listen address, or every non-loopback address for a wildcard."""
+    host, port = parse_hostport(listen)
+    if host not in WILDCARDS:
+        return [dht.format_hostport(host, port)]
+    try:
+        out = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True, check=True).stdout
+        addrs = [a["local"] for ifc in json.loads(out) for a in ifc.get("addr_info", [])
+                 if a.get("scope") == "global"]
+    except (OSError, subprocess.CalledProcessError, ValueError, KeyError):
+        addrs = []
+    return [dht.format_hostport(a, port) for a in addrs] or [dht.format_hostport("127.0.0.1", port)]
+
+
+@dataclass
+class PeerInfo:
+    name: str
+    addresses: list[str]
+    cert: str
+    last_seen: float
+    reachable: bool | None = None
+    error: str = ""
+
+
+class Swarm:
+    """One host's membership in its swarm; run() owns the DHT node and the peer and join servers."""
+
+    def __init__(self, home: Home, config: Config, identity: trust.HostIdentity, ctl: HookController) -> None:
+        self.home, self.config, self.identity, self.ctl = home, config, identity, ctl
+        self.name = config.name
+        self.dht = dht.DhtNode(host_name=self.name, signing_key=identity.key, swarm_secret=identity.swarm_secret)
+        self.client_ssl = trust.client_ssl_context(identity)
+        self._conns: dict[str, PeerConnection] = {}
+        self._connecting: dict[str, trio.Event] = {}
+        self._nursery: trio.Nursery | None = None
+        self._publish_now = trio.Event()
+        self._map_cache: dict[str, tuple[int, VersionMap]] = {}
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        host, port = parse_hostport(self.config.listen)
+        bootstrap = [parse_hostport(b) for b in self.config.bootstrap]
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self.dht.run, host, port, bootstrap)
+            peer_listeners = await trio.open_tcp_listeners(port, host=host or None)
+            await nursery.start(partial(serve_peers, peer_listeners, trust.server_ssl_context(self.identity),
+                                        self.handle_peer))
+            if self.identity.can_invite:
+                join_listeners = await trio.open_tcp_listeners(port + JOIN_PORT_OFFSET, host=host or None)
+                await nursery.start(partial(serve_join, join_listeners, self.identity))
+            nursery.start_soon(self._publish_loop)
+            task_status.started()
+
+    def request_publish(self) -> None:
+        """Publish this host's records now (after a disk was created, imported or changed owner)."""
+        self._publish_now.set()
+
+    async def _publish_loop(self) -> None:
+        while True:
+            try:
+                await self.publish()
+            except Exception:
+                log.exception("publishing this host's records failed")
+            with trio.move_on_after(PUBLISH_INTERVAL):
+                await self._publish_now.wait()
+            self._publish_now = trio.Event()
+
+    async def publish(self) -> None:
+        await self.dht.publish("host", self.name, dht.host_payload(
+            advertised_addresses(self.config.listen), self.identity.cert_fingerprint), RECORD_TTL)
+        disks = self.ctl.names()
+        await self.dht.publish("catalog", CATALOG_KEY, {"host": self.name, "disks": disks}, RECORD_TTL)
+        for exp in self.ctl.exports():
+            store = exp.store
+            if store.owner == self.name:
+                await self.dht.publish("owner", store.name, dht.owner_payload(self.name, store.epoch), RECORD_TTL)
+            vmap = await self._local_map(store)
+            current = int(np.count_nonzero(vmap.versions)) if store.owner != self.name else vmap.n_blocks
+            await self.dht.publish("holders", store.name, dht.holders_payload(self.name, current, store.counter),
+                                   RECORD_TTL)
+
+    # ---- connections ---------------------------------------------------------------------------
+    async def connect(self, peer: str) -> PeerConnection:
+        """A live connection to ``peer`` (found by name in the DHT), shared by all callers."""
+        while True:
+            conn = self._conns.get(peer)
+            if conn is not None and not conn.lost.is_set():
+                return conn
+            pending = self._connecting.get(peer)
+            if pending is None:
+                break
+            await pending.wait()
+        self._connecting[peer] = done = trio.Event()
+        try:
+            assert self._nursery is not None
+            errors = []
+            for address in await self._addresses(peer):
+                host, port = parse_hostport(address)
+                try:
+                    conn = await self._nursery.start(self._hold, peer, host, port)
+                except PeerError as e:
+                    errors.append(f"{address}: {e.message}")
+                    continue
+                self._conns[peer] = conn
+                return conn
+            raise PeerError("unreachable", f"host {peer} is unreachable" + (f" ({'; '.join(errors)})"
+                                                                            if errors else " (no address known)"))
+        finally:
+            del self._connecting[peer]
+            done.set()
+
+    async def _hold(self, peer: str, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep one connection open until it breaks; failures before it is handed out go to the caller."""
+        started = False
+        try:
+            async with open_peer(host, port, self.client_ssl, connect_timeout=QUERY_TIMEOUT) as conn:
+                if conn.peer_name != peer:
+                    raise PeerError("wrong_host", f"{host}:{port} is {conn.peer_name!r}, not {peer!r}")
+                task_status.started(conn)
+                started = True
+                await conn.lost.wait()
+        except PeerError as e:
+            if not started:
+                raise
+            log.info("connection to %s ended: %s", peer, e.message)
+
+    async def _addresses(self, peer: str) -> list[str]:
+        records = await self.dht.lookup("host", peer)
+        mine = [r for r in records if r.publisher == peer]
+        if not mine:
+            return []
+        newest = max(mine, key=lambda r: r.ts)
+        return [str(a) for a in newest.payload.get("addresses", [])]
+
+    # ---- serving peers -------------------------------------------------------------------------
+    async def handle_peer(self, peer: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
+        if op == "get_version_map":
+            return await self._serve_map(body["disk"], body["start"], body["count"])
+        if op == "get_blocks":
+            return self._serve_blocks(body["disk"], body["blocks"])
+        raise PeerError("unknown_op", f"no handler for {op!r}")
+
+    def _store(self, disk: str) -> ReplicaStore:
+        exp = self.ctl.get(disk)
+        if exp is None:
+            raise PeerError("no_disk", f"host {self.name} holds no replica of {disk!r}")
+        return exp.store
+
+    async def _local_map(self, store: ReplicaStore) -> VersionMap:
+        """The store's map, re-read only when its counter moved (maps of big disks are big)."""
+        cached = self._map_cache.get(store.name)
+        if cached is not None and cached[0] == store.counter:
+            return cached[1]
+        counter = store.counter
+        vmap = await trio.to_thread.run_sync(store.version_map)
+        self._map_cache[store.name] = (counter, vmap)
+        return vmap
+
+    async def _serve_map(self, disk: str, start: int, count: int) -> dict[str, Any]:
+        store = self._store(disk)
+        vmap = await self._local_map(store)
+        if not 0 <= start <= vmap.n_blocks or count < 0:
+            raise PeerError("bad_request", "page outside the map")
+        stop = min(vmap.n_blocks, start + min(count, MAP_PAGE_BLOCKS))
+        cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        return {"size": store.size, "block_size": store.block_size, "owner": store.owner, "epoch": store.epoch,
+                "generation": store.counter, "start": start, "stop": stop,
+                "versions": cctx.compress(vmap.versions[start:stop].tobytes()),
+                "hashes": cctx.compress(vmap.hashes[start:stop].tobytes())}
+
+    def _serve_blocks(self, disk: str, wanted: list[Any]) -> dict[str, Any]:
+        store = self._store(disk)
+        out: list[list[Any]] = []
+        budget = BLOCKS_REPLY_BUDGET
+        for item in wanted:
+            if not (isinstance(item, list) and len(item) == 2 and all(isinstance(x, int) for x in item)):
+                raise PeerError("bad_request", "blocks must be [index, version] pairs")
+            index, version = item
+            if not 0 <= index < store.n_blocks:
+                raise PeerError("bad_request", f"block {index} is outside {disk}")
+            if budget < store.block_size:
+                break  # the caller asks again for the rest
+            rec = store.read_block(index)
+            if rec.version != version:
+                out.append([index, rec.version, None, None])  # not that version here (any more)
+                continue
+            out.append([index, rec.version, rec.hash, rec.data])
+            budget -= len(rec.data or b"")
+        return {"blocks": out}
+
+    # ---- swarm-wide queries --------------------------------------------------------------------
+    async def fetch_map(self, host: str, disk: str) -> tuple[VersionMap, dict[str, Any]]:
+        """``host``'s version map of ``disk`` (paged over the peer link) and its header."""
+        if host == self.name:
+            store = self._store(disk)
+            return await self._local_map(store), {"owner": store.owner, "epoch": store.epoch,
+                                                  "generation": store.counter}
+        conn = await self.connect(host)
+        dctx = zstandard.ZstdDecompressor()
+        versions: list[np.ndarray] = []
+        hashes: list[np.ndarray] = []
+        start, total, head = 0, 1, None
+        while start < total:
+            page = await conn.request("get_version_map", {"disk": disk, "start": start, "count": MAP_PAGE_BLOCKS},
+                                      timeout=QUERY_TIMEOUT)
+            if head is None:
+                head = page
+                total = -(-int(page["size"]) // int(page["block_size"]))
+            n = int(page["stop"]) - start
+            if n <= 0:
+                raise PeerError("bad_reply", f"{host} sent an empty map page")
+            versions.append(np.frombuffer(dctx.decompress(page["versions"], max_output_size=n * 8), dtype="<u8"))
+            hashes.append(np.frombuffer(dctx.decompress(page["hashes"], max_output_size=n * HASH_SIZE),
+                                        dtype=np.uint8).reshape(-1, HASH_SIZE))
+            start += n
+        assert head is not None
+        vmap = VersionMap(block_size=int(head["block_size"]), size=int(head["size"]),
+                          versions=np.concatenate(versions).astype(np.uint64), hashes=np.concatenate(hashes))
+        return vmap, {"owner": head["owner"], "epoch": head["epoch"], "generation": head["generation"]}
+
+    async def known_disks(self) -> list[str]:
+        names = set(self.ctl.names())
+        for rec in await self.dht.lookup("catalog", CATALOG_KEY):
+            names.update(str(d) for d in rec.payload.get("disks", []))
+        return sorted(names)
+
+    async def disk_status(self, disk: str) -> dict[str, Any]:
+        owners = await self.dht.lookup("owner", disk)
+        local = self.ctl.get(disk)
+        candidates = [(int(r.payload["epoch"]), r.ts, str(r.payload["host"])) for r in owners]
+        if local is not None and local.store.owner:
+            candidates.append((local.store.epoch, math.inf, local.store.owner))
+        epoch, _, owner = max(candidates) if candidates else (0, 0.0, "")
+        holders = {str(r.payload["host"]): r for r in await self.dht.lookup("holders", disk)}
+        if local is not None:
+            holders.setdefault(self.name, None)  # type: ignore[arg-type]
+        maps: dict[str, VersionMap] = {}
+        errors: dict[str, str] = {}
+
+        async def get(host: str) -> None:
+            try:
+                maps[host] = (await self.fetch_map(host, disk))[0]
+            except (PeerError, trio.TooSlowError) as e:
+                errors[host] = getattr(e, "message", str(e))
+
+        async with trio.open_nursery() as nursery:
+            for host in {*holders, owner} - {""}:
+                nursery.start_soon(get, host)
+        ref = maps.get(owner)
+        size = block_size = 0
+        any_map = ref or next(iter(maps.values()), None)
+        if any_map is not None:
+            size, block_size = any_map.size, any_map.block_size
+        replicas = []
+        for host in sorted(holders):
+            entry: dict[str, Any] = {"host": host}
+            if ref is not None and host in maps and maps[host].n_blocks == ref.n_blocks:
+                cov = maps[host].coverage(ref)
+                entry |= {"coverage": cov.fraction, "current_blocks": cov.current_blocks,
+                          "total_blocks": cov.total_blocks}
+            else:  # the owner or this holder is unreachable: what the holder last published
+                rec = holders[host]
+                total = ref.n_blocks if ref is not None else (any_map.n_blocks if any_map is not None else 0)
+                current = int(rec.payload.get("current_blocks", 0)) if rec is not None else 0
+                entry |= {"coverage": (current / total) if total else 0.0, "current_blocks": current,
+                          "total_blocks": total, "stale": True, "error": errors.get(host) or errors.get(owner, "")}
+            replicas.append(entry)
+        return {"name": disk, "size": size, "block_size": block_size, "owner": owner, "epoch": epoch,
+                "replicas": replicas}
+
+    async def status(self, disk: str | None = None) -> dict[str, Any]:
+        names = [disk] if disk else await self.known_disks()
+        results: dict[str, dict[str, Any]] = {}
+
+        async def one(name: str) -> None:
+            results[name] = await self.disk_status(name)
+
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                nursery.start_soon(one, name)
+        return {"host": self.name, "disks": [results[n] for n in names]}
+
+    async def peers(self) -> list[dict[str, Any]]:
+        names = {str(r.payload.get("host", r.publisher)) for r in await self.dht.lookup("catalog", CATALOG_KEY)}
+        names.discard(self.name)
+        infos: dict[str, PeerInfo] = {}
+
+        async def probe(name: str) -> None:
+            records = [r for r in await self.dht.lookup("host", name) if r.publisher == name]
+            if not records:
+                infos[name] = PeerInfo(name, [], "", 0.0, False, "no host record")
+                return
+            rec = max(records, key=lambda r: r.ts)
+            info = PeerInfo(name, [str(a) for a in rec.payload.get("addresses", [])], str(rec.payload.get("cert")),
+                            rec.ts)
+            try:
+                with trio.fail_after(QUERY_TIMEOUT):
+                    await self.connect(name)
+                info.reachable = True
+            except (PeerError, trio.TooSlowError) as e:
+                info.reachable, info.error = False, getattr(e, "message", "timed out")
+            infos[name] = info
+
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                nursery.start_soon(probe, name)
+        now = time.time()
+        return [{"name": i.name, "addresses": i.addresses, "cert_fingerprint": i.cert,
+                 "last_seen": i.last_seen, "last_seen_ago_s": round(now - i.last_seen, 1),
+                 "reachable": i.reachable, "error": i.error} for i in sorted(infos.values(), key=lambda i: i.name)]

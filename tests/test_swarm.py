@@ -1,0 +1,146 @@
+"""A swarm of real daemons on loopback: joining, discovery through the DHT, swarm-wide status, security."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.daemons import Host, free_port
+
+# Records spread through the DHT within a publish round; this bounds waiting for it (not a speed check).
+CONVERGE_SECONDS = 60.0
+
+
+def wait_until(predicate: Callable[[], Any], what: str, timeout: float = CONVERGE_SECONDS) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def invite(host: Host) -> str:
+    return host.cli("invite").stdout.strip()
+
+
+@pytest.fixture
+def swarm(make_host: Callable[..., Host]) -> list[Host]:
+    """office-pc creates the swarm; three hosts join it with tokens and bootstrap from it alone."""
+    first = make_host("office-pc")
+    hosts = [first]
+    for name in ("home-pc", "car-pc", "laptop"):
+        hosts.append(make_host(name, join=invite(first)))
+    return hosts
+
+
+def disk_names(host: Host) -> list[str]:
+    return [d["name"] for d in host.json("status")["disks"]]
+
+
+def test_status_agrees_on_every_host(swarm: list[Host]) -> None:
+    for i, h in enumerate(swarm):
+        h.cli("disk", "create", f"vm{i}", "--size", f"{i + 1}M")
+    expected = [f"vm{i}" for i in range(len(swarm))]
+    for h in swarm:
+        wait_until(lambda h=h: disk_names(h) == expected, f"{h.name} to see every disk")
+    statuses = [h.json("status") for h in swarm]
+    assert [s["host"] for s in statuses] == [h.name for h in swarm]
+    disks = [s["disks"] for s in statuses]
+    assert all(d == disks[0] for d in disks), disks
+    for i, d in enumerate(disks[0]):
+        assert d["owner"] == swarm[i].name and d["epoch"] == 1 and d["size"] == (i + 1) << 20
+        assert d["replicas"] == [{"host": swarm[i].name, "coverage": 1.0, "current_blocks": (i + 1) * 16,
+                                  "total_blocks": (i + 1) * 16}]
+
+
+def test_peers_lists_every_other_host(swarm: list[Host]) -> None:
+    names = {h.name for h in swarm}
+    for h in swarm:
+        peers = wait_until(lambda h=h: (p := h.json("peers")) and {x["name"] for x in p} == names - {h.name} and p,
+                           f"{h.name} to know every peer")
+        assert all(p["reachable"] for p in peers), peers
+        by_name = {p["name"]: p for p in peers}
+        for other in swarm:
+            if other is not h:
+                assert by_name[other.name]["addresses"] == [f"127.0.0.1:{other.port}"]
+
+
+def test_host_restarted_on_a_new_port_is_found_by_name(swarm: list[Host]) -> None:
+    office, home = swarm[0], swarm[1]
+    home.cli("disk", "create", "vm-home", "--size", "1M")
+    wait_until(lambda: "vm-home" in disk_names(office), "office-pc to see vm-home")
+    home.stop()
+    new_port = free_port()
+    config = home.home / "config.toml"
+    config.write_text(config.read_text().replace(f"127.0.0.1:{home.port}", f"127.0.0.1:{new_port}"))
+    home.port = new_port
+    home.start()
+
+    def office_sees_new_address() -> bool:
+        peers = {p["name"]: p for p in office.json("peers")}
+        p = peers.get("home-pc")
+        return bool(p and p["addresses"] == [f"127.0.0.1:{new_port}"] and p["reachable"])
+
+    wait_until(office_sees_new_address, "office-pc to find home-pc at its new port")
+    status = office.json("status", "vm-home")["disks"][0]
+    assert status["replicas"][0]["host"] == "home-pc" and "stale" not in status["replicas"][0]
+
+
+def test_reused_and_bad_tokens_are_refused(make_host: Callable[..., Host], tmp_path: Any) -> None:
+    first = make_host("office-pc")
+    token = invite(first)
+    make_host("home-pc", join=token, start=False)
+    again = Host.__new__(Host)  # a second join with the same token must fail cleanly
+    again.home, again.name, again.proc = tmp_path / "car-pc", "car-pc", None
+    res = again.cli("join", token, "car-pc", "--listen", f"127.0.0.1:{free_port()}", check=False)
+    assert res.returncode == 1 and "already used" in res.stderr and "Traceback" not in res.stderr
+    res = again.cli("join", "p2pvbd1:garbage", "car-pc", check=False)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    res = again.cli("join", invite(first), "home-pc", "--listen", f"127.0.0.1:{free_port()}", check=False)
+    assert res.returncode == 1 and "taken" in res.stderr
+
+
+def test_a_host_of_another_swarm_cannot_get_in(make_host: Callable[..., Host]) -> None:
+    office = make_host("office-pc")
+    office.cli("disk", "create", "secret", "--size", "1M")
+    stranger = make_host("stranger")  # its own `init`: another swarm, another CA
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    trust_dir = stranger.home / "trust"
+    ctx.load_cert_chain(trust_dir / "host.pem", trust_dir / "host.key")
+    with socket.create_connection(("127.0.0.1", office.port), timeout=10) as raw:
+        tls = ctx.wrap_socket(raw)
+        with tls:  # TLS 1.3: the server's verdict on our certificate arrives with the first read
+            tls.sendall(b"\x00\x00\x00\x10" + b"x" * 16)
+            with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+                if not tls.recv(1):
+                    raise ConnectionResetError("closed")
+    assert office.alive()
+    assert "secret" not in disk_names(stranger)
+
+
+def test_garbage_to_the_peer_and_dht_ports_does_not_stop_the_daemon(swarm: list[Host]) -> None:
+    office, home = swarm[0], swarm[1]
+    office.cli("disk", "create", "vm1", "--size", "1M")
+    rng = os.urandom
+    for i in range(50):  # random and truncated frames, before and instead of a TLS handshake
+        with socket.create_connection(("127.0.0.1", office.port), timeout=10) as s:
+            s.sendall(rng(1 + i * 37) if i % 2 else b"\x16\x03\x01" + rng(i))
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for i in range(500):  # random datagrams at the DHT
+        udp.sendto(rng(1 + (i * 13) % 1400), ("127.0.0.1", office.port))
+    udp.close()
+    assert office.alive()
+    wait_until(lambda: "vm1" in disk_names(home), "home-pc to still see office-pc's disk")
+    peers = {p["name"]: p for p in home.json("peers")}
+    assert peers["office-pc"]["reachable"]
