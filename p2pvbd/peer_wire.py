@@ -220,3 +220,42 @@ class FrameDecoder:
         if trailing:
             raise FrameError("trailing bytes after the frame's message")
         return obj
+
+
+# ---- block payloads --------------------------------------------------------------------------------
+# How a block's bytes travel in a get_blocks reply: raw, or zstd when that saves bytes. Zero blocks
+# travel as None (a marker), never as data.
+ENC_RAW = 0
+ENC_ZSTD = 1
+# zstd level 1: ~500 MB/s per core, fast enough to never be the bottleneck of a 1 Gbit/s link, and
+# most of the gain on compressible disk data (text, sparse file systems).
+BLOCK_ZSTD_LEVEL = 1
+# Compress only when it saves at least 1/8 of the block: random or already compressed data would only
+# cost the receiver a decompression for nothing.
+MIN_SAVING_FRACTION = 1 / 8
+
+
+def pack_block(data: bytes, compressor: Any) -> tuple[int, bytes]:
+    """(encoding, payload) for one block's data; ``compressor`` is a zstandard.ZstdCompressor."""
+    packed = compressor.compress(data)
+    if len(packed) <= len(data) * (1 - MIN_SAVING_FRACTION):
+        return ENC_ZSTD, packed
+    return ENC_RAW, data
+
+
+def unpack_block(encoding: Any, payload: Any, length: int, decompressor: Any) -> bytes:
+    """The block's bytes; FrameError unless they decode to exactly ``length`` bytes."""
+    if not isinstance(payload, bytes):
+        raise FrameError("block payload must be bytes")
+    if encoding == ENC_RAW:
+        data = payload
+    elif encoding == ENC_ZSTD:
+        try:
+            data = decompressor.decompress(payload, max_output_size=length)
+        except Exception as e:  # zstandard.ZstdError and friends: the peer sent garbage
+            raise FrameError(f"undecodable block: {e}") from e
+    else:
+        raise FrameError(f"unknown block encoding {encoding!r}")
+    if len(data) != length:
+        raise FrameError(f"block of {len(data)} bytes, expected {length}")
+    return data

@@ -24,7 +24,7 @@ from p2pvbd import dht, trust
 from p2pvbd.home import Config, Home, parse_hostport
 from p2pvbd.kernel_hook_ctl import HookController
 from p2pvbd.peer_transport import JOIN_PORT_OFFSET, PeerConnection, PeerError, open_peer, serve_join, serve_peers
-from p2pvbd.peer_wire import MAX_FRAME_BYTES
+from p2pvbd.peer_wire import BLOCK_ZSTD_LEVEL, ENC_RAW, MAX_FRAME_BYTES, pack_block
 from p2pvbd.replica_store import ReplicaStore
 from p2pvbd.version_map import HASH_SIZE, VersionMap
 
@@ -85,6 +85,7 @@ class Swarm:
         self._nursery: trio.Nursery | None = None
         self._publish_now = trio.Event()
         self._map_cache: dict[str, tuple[int, VersionMap]] = {}
+        self._block_compressor = zstandard.ZstdCompressor(level=BLOCK_ZSTD_LEVEL)
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -235,8 +236,12 @@ class Swarm:
             if rec.version != version:
                 out.append([index, rec.version, None, None])  # not that version here (any more)
                 continue
-            out.append([index, rec.version, rec.hash, rec.data])
-            budget -= len(rec.data or b"")
+            if rec.data is None:
+                out.append([index, rec.version, rec.hash, None, ENC_RAW])
+                continue
+            encoding, payload = pack_block(rec.data, self._block_compressor)
+            out.append([index, rec.version, rec.hash, payload, encoding])
+            budget -= len(payload)
         return {"blocks": out}
 
     # ---- swarm-wide queries --------------------------------------------------------------------
