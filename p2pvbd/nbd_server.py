@@ -47,6 +47,17 @@ TRANSMISSION_FLAGS = (
 )
 
 
+# Command flags each command accepts; anything else is EINVAL (proto.md, "Error values").
+_ALLOWED_FLAGS = {
+    nbd.NBD_CMD_READ: nbd.NBD_CMD_FLAG_FUA,
+    nbd.NBD_CMD_WRITE: nbd.NBD_CMD_FLAG_FUA,
+    nbd.NBD_CMD_FLUSH: nbd.NBD_CMD_FLAG_FUA,
+    nbd.NBD_CMD_TRIM: nbd.NBD_CMD_FLAG_FUA,
+    nbd.NBD_CMD_WRITE_ZEROES: nbd.NBD_CMD_FLAG_FUA | nbd.NBD_CMD_FLAG_NO_HOLE,
+    nbd.NBD_CMD_BLOCK_STATUS: nbd.NBD_CMD_FLAG_REQ_ONE,
+}
+
+
 class _Disconnect(Exception):
     """End the connection cleanly (ABORT, EXPORT_NAME of an unknown export)."""
 
@@ -251,6 +262,8 @@ class NbdConnection:
     async def _dispatch(self, export: str, size: int, req: nbd.Request) -> bytes:
         t, off, n, ctl = req.type, req.offset, req.length, self.ctl
         fua = bool(req.flags & nbd.NBD_CMD_FLAG_FUA)
+        if req.flags & ~_ALLOWED_FLAGS.get(t, 0):
+            return self._error(req, nbd.NBD_EINVAL, "command flag not supported for this command")
         if req.oversized and t in (nbd.NBD_CMD_READ, nbd.NBD_CMD_WRITE):
             # No payload larger than the cap is ever buffered; the spec asks EINVAL for both
             # (EOVERFLOW is for structured reads the server could not split).
@@ -258,13 +271,16 @@ class NbdConnection:
         if t == nbd.NBD_CMD_READ:
             if off + n > size:
                 return self._error(req, nbd.NBD_EINVAL, "read past the end of the disk")
+            if n == 0:  # legal but pointless: answer without data rather than an empty data chunk
+                return nbd.none_chunk(req.cookie) if self.structured else nbd.simple_reply(req.cookie)
             data = await ctl.read(export, off, n)
             if self.structured:
                 return nbd.offset_data_header(req.cookie, off, n, done=True) + data
             return nbd.simple_reply(req.cookie) + data
         if t in (nbd.NBD_CMD_WRITE, nbd.NBD_CMD_WRITE_ZEROES, nbd.NBD_CMD_TRIM):
-            if off + n > size:
-                return self._error(req, nbd.NBD_ENOSPC, "write past the end of the disk")
+            if off + n > size:  # the spec: ENOSPC for writes and zeroes, EINVAL for a trim
+                return self._error(req, nbd.NBD_EINVAL if t == nbd.NBD_CMD_TRIM else nbd.NBD_ENOSPC,
+                                   "past the end of the disk")
             if t == nbd.NBD_CMD_WRITE:
                 assert req.data is not None
                 await ctl.write(export, off, req.data, fua)

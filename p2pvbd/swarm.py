@@ -280,13 +280,25 @@ class Swarm:
             names.update(str(d) for d in rec.payload.get("disks", []))
         return sorted(names)
 
-    async def disk_status(self, disk: str) -> dict[str, Any]:
+    async def owner_of(self, disk: str) -> tuple[str, int]:
+        """(owning host, epoch): the highest epoch any owner record or this host's store knows."""
         owners = await self.dht.lookup("owner", disk)
         local = self.ctl.get(disk)
         candidates = [(int(r.payload["epoch"]), r.ts, str(r.payload["host"])) for r in owners]
         if local is not None and local.store.owner:
             candidates.append((local.store.epoch, math.inf, local.store.owner))
         epoch, _, owner = max(candidates) if candidates else (0, 0.0, "")
+        return owner, epoch
+
+    async def holders_of(self, disk: str) -> list[str]:
+        hosts = {str(r.payload["host"]) for r in await self.dht.lookup("holders", disk)}
+        if self.ctl.get(disk) is not None:
+            hosts.add(self.name)
+        return sorted(hosts)
+
+    async def disk_status(self, disk: str) -> dict[str, Any]:
+        owner, epoch = await self.owner_of(disk)
+        local = self.ctl.get(disk)
         holders = {str(r.payload["host"]): r for r in await self.dht.lookup("holders", disk)}
         if local is not None:
             holders.setdefault(self.name, None)  # type: ignore[arg-type]
