@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -79,6 +79,9 @@ class Export:
     _mode_changed: trio.Event = field(default_factory=trio.Event)
     _drained: trio.Event | None = None
     _freeze_generation: int = 0
+    # Awaited after a write is applied and before it is acknowledged: where migration makes a write
+    # synchronous with its mirror, or paces a guest that writes faster than the mirror can ship.
+    after_write: Callable[[WriteResult], Awaitable[None]] | None = None
 
     @property
     def name(self) -> str:
@@ -204,6 +207,8 @@ class HookController:
             except OSError as e:
                 raise HookError(NBD_EIO, f"write failed: {e}") from e
             self._publish(name, res)
+            if exp.after_write is not None:
+                await exp.after_write(res)
             if fua:
                 await self._sync(exp)
         finally:

@@ -1,0 +1,172 @@
+"""The hook controller's powers: write events, freeze/thaw, standby and incoming modes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from p2pvbd import kernel_hook_ctl as khc
+from p2pvbd.kernel_hook_ctl import ExportMode, HookController, HookError, WriteEvent
+from p2pvbd.nbd_codec import NBD_EPERM
+from p2pvbd.replica_store import ReplicaStore
+
+KiB = 1024
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[ReplicaStore]:
+    s = ReplicaStore.create(tmp_path / "vm1", "vm1", 1 << 20, 64 * KiB, owner="office-pc", epoch=1)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def ctl(store: ReplicaStore) -> HookController:
+    c = HookController()
+    c.add_export(store, ExportMode.PRIMARY)
+    return c
+
+
+async def test_every_applied_write_is_published(ctl: HookController) -> None:
+    with ctl.subscribe("vm1") as sub, ctl.subscribe("other") as unrelated:
+        await ctl.write("vm1", 60 * KiB, b"x" * 8 * KiB)  # spans blocks 0 and 1
+        await ctl.write_zeroes("vm1", 128 * KiB, 64 * KiB)
+        await ctl.trim("vm1", 256 * KiB, 4 * KiB)
+        events = [sub.receive.receive_nowait() for _ in range(3)]
+        with pytest.raises(trio.WouldBlock):
+            unrelated.receive.receive_nowait()
+    assert [(e.first_block, e.last_block) for e in events] == [(0, 1), (2, 2), (4, 4)]
+    assert all(isinstance(e, WriteEvent) and e.disk == "vm1" for e in events)
+    assert events[0].version < events[1].version < events[2].version
+    assert ctl.get("vm1").store.read(60 * KiB, 8 * KiB) == b"x" * 8 * KiB  # type: ignore[union-attr]
+
+
+async def test_a_slow_subscriber_is_told_it_missed_events(ctl: HookController, monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    monkeypatch.setattr(khc, "SUBSCRIBER_BUFFER", 2)
+    with ctl.subscribe() as sub:
+        for i in range(3):
+            await ctl.write("vm1", i * 64 * KiB, b"y")
+        assert sub.overflowed
+
+
+async def test_freeze_holds_new_requests_until_thaw(ctl: HookController, nursery: trio.Nursery) -> None:
+    await ctl.freeze("vm1", timeout=5)
+    done: list[str] = []
+
+    async def guest_write() -> None:
+        await ctl.write("vm1", 0, b"held")
+        done.append("write")
+
+    async def guest_read() -> None:
+        await ctl.read("vm1", 0, 4)
+        done.append("read")
+
+    nursery.start_soon(guest_write)
+    nursery.start_soon(guest_read)
+    await trio.testing.wait_all_tasks_blocked()
+    assert done == []  # both held while frozen
+    ctl.thaw("vm1")
+    await trio.testing.wait_all_tasks_blocked()
+    assert sorted(done) == ["read", "write"]
+    assert await ctl.read("vm1", 0, 4) == b"held"
+
+
+async def test_freeze_drains_requests_in_flight_and_flushes(ctl: HookController, nursery: trio.Nursery,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    exp = ctl.get("vm1")
+    assert exp is not None
+    flushed: list[int] = []
+    real_flush = exp.store.flush
+    monkeypatch.setattr(exp.store, "flush", lambda: (flushed.append(exp.inflight), real_flush())[1])
+    release = trio.Event()
+
+    async def slow_hook(res: object) -> None:
+        await release.wait()
+
+    exp.after_write = slow_hook  # a write that has been applied but not yet acknowledged
+    nursery.start_soon(ctl.write, "vm1", 0, b"in flight")
+    await trio.testing.wait_all_tasks_blocked()
+    assert exp.inflight == 1
+    frozen = trio.Event()
+
+    async def freeze() -> None:
+        await ctl.freeze("vm1", timeout=5)
+        frozen.set()
+
+    nursery.start_soon(freeze)
+    await trio.testing.wait_all_tasks_blocked()
+    assert not frozen.is_set()  # waiting for the write in flight
+    release.set()
+    await frozen.wait()
+    assert flushed == [0]  # flushed once, after the drain
+    ctl.thaw("vm1")
+
+
+async def test_freeze_that_cannot_drain_in_time_thaws_and_says_so(ctl: HookController, nursery: trio.Nursery
+                                                                  ) -> None:
+    exp = ctl.get("vm1")
+    assert exp is not None
+    never = trio.Event()
+
+    async def stuck(res: object) -> None:
+        await never.wait()
+
+    exp.after_write = stuck
+    nursery.start_soon(ctl.write, "vm1", 0, b"stuck")
+    await trio.testing.wait_all_tasks_blocked()
+    with pytest.raises(trio.TooSlowError):
+        await ctl.freeze("vm1", timeout=0.05)
+    assert not exp.frozen
+    never.set()
+
+
+async def test_a_forgotten_freeze_thaws_by_itself(ctl: HookController, monkeypatch: pytest.MonkeyPatch,
+                                                  autojump_clock: trio.testing.MockClock) -> None:
+    monkeypatch.setattr(khc, "MAX_FREEZE_SECONDS", 3.0)
+    await ctl.freeze("vm1", timeout=1)
+    with trio.fail_after(10):
+        await ctl.write("vm1", 0, b"eventually")
+    assert trio.current_time() >= 3.0
+
+
+async def test_standby_refuses_writes_but_serves_reads(ctl: HookController) -> None:
+    await ctl.write("vm1", 0, b"before")
+    ctl.set_mode("vm1", ExportMode.STANDBY)
+    with pytest.raises(HookError) as e:
+        await ctl.write("vm1", 0, b"after")
+    assert e.value.errno == NBD_EPERM
+    with pytest.raises(HookError):
+        await ctl.trim("vm1", 0, 4096)
+    assert await ctl.read("vm1", 0, 6) == b"before"
+
+
+async def test_incoming_holds_writes_until_ownership_arrives(ctl: HookController, nursery: trio.Nursery) -> None:
+    ctl.set_mode("vm1", ExportMode.INCOMING)
+    done = trio.Event()
+
+    async def guest_write() -> None:
+        await ctl.write("vm1", 0, b"after switchover")
+        done.set()
+
+    nursery.start_soon(guest_write)
+    await trio.testing.wait_all_tasks_blocked()
+    assert not done.is_set()
+    assert await ctl.read("vm1", 0, 5) == bytes(5)  # reads are served meanwhile
+    ctl.set_mode("vm1", ExportMode.PRIMARY)
+    await done.wait()
+    assert await ctl.read("vm1", 0, 16) == b"after switchover"
+
+
+async def test_incoming_write_fails_with_eperm_when_ownership_never_comes(
+        ctl: HookController, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock) -> None:
+    monkeypatch.setattr(khc, "INCOMING_WRITE_HOLD_SECONDS", 2.0)
+    ctl.set_mode("vm1", ExportMode.INCOMING)
+    with pytest.raises(HookError) as e:
+        await ctl.write("vm1", 0, b"too early")
+    assert e.value.errno == NBD_EPERM
+    assert trio.current_time() >= 2.0
