@@ -14,55 +14,64 @@ patching site-packages:
 
 A MAC does not stop an outsider replaying a captured datagram; harmless, because every RPC is
 idempotent and a replayed record loses to the newer one or expires.
+
+The pure parts live beside it: records, their checks and the per-node store in ``dht_records``, the
+schema datagrams are checked against in ``dht_wire``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import heapq
-import hmac
 import json
 import logging
-import math
 import os
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 import msgpack
 import trio
 import trio_asyncio
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from kademlia.crawling import SpiderCrawl
 from kademlia.network import Server
 from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 from kademlia.routing import RoutingTable
-from kademlia.storage import IStorage
-from kademlia.utils import digest
+
+from p2pvbd.dht_records import (
+    DEFAULT_TTL,
+    KINDS,
+    MAC_BYTES,
+    MAX_RECORDS_PER_KEY,
+    Record,
+    RecordError,
+    RecordStore,
+    check_record,
+    derive_mac_key,
+    format_hostport,
+    is_name,
+    key_digest,
+    newest_per_publisher,
+    parse_hostport,
+    parse_record,
+    seal,
+    sign_record,
+    unseal,
+)
+from p2pvbd.dht_wire import is_ip_literal, is_node_id, is_request, parse_node_list, parse_value_reply, split_pages
 
 log = logging.getLogger(__name__)
 
-MAC_BYTES = 16  # HMAC-SHA256 cut to 128 bits: RFC 2104 §5 allows truncating to >= half the output
 RPC_HEADER_BYTES = 21  # rpcudp framing: 1 type byte (0 request, 1 response) + 20-byte message id
 MAX_RPC_BYTES = 8192  # rpcudp refuses request bodies above 8 KiB; we hold responses to it too
 MAX_DATAGRAM_BYTES = MAC_BYTES + RPC_HEADER_BYTES + MAX_RPC_BYTES
 RPC_TIMEOUT = 5.0  # rpcudp's default wait_timeout
-MAX_RECORD_BYTES = 1024  # a host record with a few addresses is ~300 B; a reply page still holds >= 6
-MAX_RECORDS_PER_KEY = 64  # publishers per key: one person's machines, with headroom
-MAX_NAME_BYTES = 255  # host names (RFC 1035's limit) and disk names
-MAX_NODES_IN_REPLY = 64  # bounds the work a reply causes; peers send ksize (the paper's k = 20)
-MAX_STORED_KEYS = 65536  # a swarm member cannot make us hold more keys than this
-MAX_CLOCK_SKEW = 300.0  # seconds a record's ts may lie in our future (hosts' clocks drift)
-MAX_TTL = 604800.0  # one week: kademlia ForgetfulStorage's default maximum age
-DEFAULT_TTL = 3600.0  # the paper's tRefresh: a vanished host's records are gone within the hour
 REPUBLISH_FRACTION = 0.5  # republish our records halfway through their TTL: one lost round is survivable
 REFRESH_INTERVAL = 3600.0  # paper §2.3 tRefresh (kademlia's refresh_table default)
 REPLICATE_INTERVAL = 3600.0  # paper §2.5 tReplicate (kademlia's iter_older_than(3600))
@@ -70,40 +79,12 @@ RETRY_INTERVAL = 30.0  # retry publishes that reached nobody, and bootstrap whil
 VERIFY_CACHE_SIZE = 4096  # verified records remembered: Ed25519 verify costs ~50 us and lookups repeat
 PAGE_SLACK = 128  # bytes of a request/reply left for msgpack framing, method name and ids
 
-KINDS = frozenset({"host", "owner", "holders", "catalog"})
 STAT_KEYS = ("bad_mac", "malformed", "bad_signature", "expired", "future_ts", "wrong_key", "untrusted",
              "key_full", "rpc_errors")
-_FIELDS = ("kind", "key", "publisher", "pubkey", "ts", "ttl", "payload", "sig")
-_SIG_DOMAIN = "p2pvbd-dht-record/1"
-
-
-class RecordError(ValueError):
-    """A record failed a check; ``reason`` names its ``stats`` counter."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
 
 
 class DhtStopped(RuntimeError):
     """The node's run() has ended (or ended under this call)."""
-
-
-@dataclass(frozen=True)
-class Record:
-    """One publisher's verified statement about a key."""
-
-    kind: str
-    key: str
-    publisher: str
-    ts: float
-    ttl: float
-    payload: dict[str, Any]
-    pubkey: bytes = field(repr=False)
-
-    @property
-    def expires(self) -> float:
-        return self.ts + self.ttl
 
 
 @dataclass
@@ -114,247 +95,6 @@ class LookupTrace:
     contacted: int = 0  # find RPCs sent (extra pages of a large value not counted)
     responded: int = 0
     hops: int = 0  # sequential RPCs on the shortest discovery path to a value holder (else the closest node)
-
-
-def key_digest(kind: str, key: str) -> bytes:
-    """The 160-bit DHT key of (kind, key); kinds hold no ':' so this is unambiguous."""
-    return digest(f"{kind}:{key}")
-
-
-def derive_mac_key(swarm_secret: bytes) -> bytes:
-    """A key for datagram MACs only, so the swarm secret itself never keys anything directly."""
-    if len(swarm_secret) != 32:
-        raise ValueError("swarm secret must be 32 bytes")
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"p2pvbd dht datagram mac v1").derive(
-        swarm_secret)
-
-
-def seal(mac_key: bytes, data: bytes) -> bytes:
-    return hmac.digest(mac_key, data, "sha256")[:MAC_BYTES] + data
-
-
-def unseal(mac_key: bytes, datagram: bytes) -> bytes | None:
-    """The datagram's body if its MAC is right, else None."""
-    body = datagram[MAC_BYTES:]
-    return body if hmac.compare_digest(datagram[:MAC_BYTES], hmac.digest(mac_key, body, "sha256")[:MAC_BYTES]) \
-        else None
-
-
-def _signed_bytes(m: dict[str, Any]) -> bytes:
-    return msgpack.packb([_SIG_DOMAIN, *(m[f] for f in _FIELDS[:-1])])
-
-
-def _is_name(x: object) -> bool:
-    return isinstance(x, str) and 0 < len(x.encode("utf-8", "surrogatepass")) <= MAX_NAME_BYTES
-
-
-def sign_record(signing_key: Ed25519PrivateKey, publisher: str, kind: str, key: str, payload: dict[str, Any],
-                ttl: float = DEFAULT_TTL, ts: float | None = None) -> bytes:
-    """Encode and sign a record; ValueError (RecordError) if verifiers would refuse it."""
-    m = {"kind": kind, "key": key, "publisher": publisher, "pubkey": signing_key.public_key().public_bytes_raw(),
-         "ts": float(time.time() if ts is None else ts), "ttl": float(ttl),
-         "payload": msgpack.unpackb(msgpack.packb(payload))}  # sign exactly what verifiers will re-encode
-    raw = msgpack.packb({**m, "sig": signing_key.sign(_signed_bytes(m))})
-    check_record(parse_record(raw), key_digest(kind, key), m["ts"])
-    return raw
-
-
-def parse_record(raw: object) -> Record:
-    """Structure and signature checks: what depends only on the bytes (so it can be cached)."""
-    if not isinstance(raw, bytes) or len(raw) > MAX_RECORD_BYTES:
-        raise RecordError("malformed", "not bytes or too large")
-    try:
-        m = msgpack.unpackb(raw)
-    except Exception as exc:
-        raise RecordError("malformed", "not msgpack") from exc
-    if not isinstance(m, dict) or m.keys() != set(_FIELDS):
-        raise RecordError("malformed", "wrong fields")
-    pk, ts, ttl, payload = m["pubkey"], m["ts"], m["ttl"], m["payload"]
-    if not (isinstance(m["kind"], str) and m["kind"] in KINDS and _is_name(m["key"]) and _is_name(m["publisher"])
-            and isinstance(pk, bytes) and len(pk) == 32 and isinstance(m["sig"], bytes) and len(m["sig"]) == 64
-            and isinstance(ts, float) and math.isfinite(ts) and isinstance(ttl, float) and 0 < ttl <= MAX_TTL
-            and isinstance(payload, dict) and all(isinstance(k, str) for k in payload)):
-        raise RecordError("malformed", "bad field types")
-    try:
-        Ed25519PublicKey.from_public_bytes(pk).verify(m["sig"], _signed_bytes(m))
-    except (InvalidSignature, ValueError) as exc:
-        raise RecordError("bad_signature", f"from {m['publisher']!r}") from exc
-    return Record(m["kind"], m["key"], m["publisher"], ts, ttl, payload, pk)
-
-
-def check_record(rec: Record, dkey: bytes | None, now: float) -> None:
-    """The checks that depend on where the record is filed and on the clock."""
-    if dkey is not None and key_digest(rec.kind, rec.key) != dkey:
-        raise RecordError("wrong_key", f"{rec.kind}:{rec.key}")
-    if rec.ts > now + MAX_CLOCK_SKEW:
-        raise RecordError("future_ts", f"{rec.ts - now:.0f}s ahead")
-    if rec.expires < now:
-        raise RecordError("expired")
-
-
-def host_payload(addresses: list[str], cert_fingerprint: str) -> dict[str, Any]:
-    """`host` kind, keyed by host name: where it listens and which TLS certificate it presents."""
-    for a in addresses:
-        parse_hostport(a)
-    return {"addresses": list(addresses), "cert": cert_fingerprint}
-
-
-def owner_payload(host: str, epoch: int) -> dict[str, Any]:
-    """`owner` kind, keyed by disk: which host owns it; the higher epoch wins a migration race."""
-    return {"host": host, "epoch": int(epoch)}
-
-
-def holders_payload(host: str, current_blocks: int, generation: int) -> dict[str, Any]:
-    """`holders` kind, keyed by disk: a host holding a replica, how complete, of which generation."""
-    return {"host": host, "current_blocks": int(current_blocks), "generation": int(generation)}
-
-
-def parse_hostport(text: str) -> tuple[str, int]:
-    """'host:port' or '[v6]:port' to (host, port); ValueError otherwise."""
-    host, sep, port = text.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"not host:port: {text!r}")
-    return host, int(port)
-
-
-def format_hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _is_ip(text: str) -> bool:
-    """A literal address (sendto would resolve a name, blocking the loop); inet_pton is 10x ipaddress."""
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, text)
-            return True
-        except (OSError, ValueError):
-            pass
-    return False
-
-
-def _newer(a: tuple[bytes, Record], b: tuple[bytes, Record]) -> bool:
-    """Newest ts wins; a tie is broken on the bytes so every node keeps the same record."""
-    return (a[1].ts, a[0]) > (b[1].ts, b[0])
-
-
-def _merge_newest(pairs: Iterable[tuple[bytes, Record]]) -> list[tuple[bytes, Record]]:
-    best: dict[str, tuple[bytes, Record]] = {}
-    for p in pairs:
-        if p[1].publisher not in best or _newer(p, best[p[1].publisher]):
-            best[p[1].publisher] = p
-    return [best[k] for k in sorted(best)]
-
-
-class _RecordStore(IStorage):
-    """IStorage with multi-valued keys: dkey → {publisher: (raw, Record)}, every record pre-verified."""
-
-    def __init__(self) -> None:
-        self.data: dict[bytes, dict[str, tuple[bytes, Record]]] = {}
-        self.stamp: dict[bytes, float] = {}  # monotonic time a key was last stored: drives §2.5 replication
-
-    def merge(self, dkey: bytes, items: list[tuple[bytes, Record]]) -> bool:
-        """Keep the newest record per publisher; False if some were refused for lack of room."""
-        if dkey not in self.data and len(self.data) >= MAX_STORED_KEYS:
-            return False
-        slot, room = self.data.setdefault(dkey, {}), True
-        for raw, rec in items:
-            old = slot.get(rec.publisher)
-            if old is None and len(slot) >= MAX_RECORDS_PER_KEY:
-                room = False
-            elif old is None or _newer((raw, rec), old):
-                slot[rec.publisher] = (raw, rec)
-        self.stamp[dkey] = time.monotonic()
-        self.records(dkey)  # drops the key again if nothing was kept
-        return room
-
-    def records(self, dkey: bytes) -> list[tuple[bytes, Record]]:
-        """Unexpired records of a key, ordered by publisher (stable for paging)."""
-        slot, now = self.data.get(dkey, {}), time.time()
-        for publisher in [p for p, (_, rec) in slot.items() if rec.expires < now]:
-            del slot[publisher]
-        if not slot:
-            self.data.pop(dkey, None)
-            self.stamp.pop(dkey, None)
-        return [slot[p] for p in sorted(slot)]
-
-    def __setitem__(self, key: bytes, value: Any) -> NoReturn:
-        raise TypeError("records must be verified first: use merge()")
-
-    def get(self, key: bytes, default: Any = None) -> Any:
-        return [raw for raw, _ in self.records(key)] or default
-
-    def __getitem__(self, key: bytes) -> list[bytes]:
-        if raws := self.get(key):
-            return raws
-        raise KeyError(key)
-
-    def iter_older_than(self, seconds_old: float) -> list[tuple[bytes, list[bytes]]]:
-        cutoff = time.monotonic() - seconds_old
-        return [(k, raws) for k in list(self.data) if self.stamp.get(k, 0) <= cutoff and (raws := self.get(k))]
-
-    def __iter__(self) -> Any:
-        return iter(self.iter_older_than(-math.inf))
-
-
-def _is_id(x: object) -> bool:
-    return isinstance(x, bytes) and len(x) == 20
-
-
-def _is_raws(x: object) -> bool:
-    return isinstance(x, list) and 0 < len(x) <= MAX_RECORDS_PER_KEY and all(isinstance(r, bytes) for r in x)
-
-
-# Accepted argument lists per RPC (after the sender address that rpcudp prepends); the rest is dropped.
-_REQUESTS: dict[str, tuple[tuple[Callable[[object], bool], ...], ...]] = {
-    "ping": ((_is_id,),),
-    "store": ((_is_id, _is_id, _is_raws),),
-    "find_node": ((_is_id, _is_id),),
-    "find_value": ((_is_id, _is_id), (_is_id, _is_id, lambda x: type(x) is int and 0 <= x < MAX_RECORDS_PER_KEY)),
-}
-
-
-def _is_request(msg: object) -> bool:
-    """[name, args] with args matching one of _REQUESTS[name]."""
-    if not (isinstance(msg, list) and len(msg) == 2 and isinstance(msg[0], str) and isinstance(msg[1], list)):
-        return False
-    return any(len(sig) == len(msg[1]) and all(ok(a) for ok, a in zip(sig, msg[1], strict=True))
-               for sig in _REQUESTS.get(msg[0], ()))
-
-
-def _node_list(x: object) -> list[Node] | None:
-    """A validated peer list from a reply, or None."""
-    if not isinstance(x, list) or len(x) > MAX_NODES_IN_REPLY:
-        return None
-    ok = all(isinstance(t, list) and len(t) == 3 and _is_id(t[0]) and isinstance(t[1], str) and _is_ip(t[1])
-             and type(t[2]) is int and 0 < t[2] < 65536 for t in x)
-    return [Node(*t) for t in x] if ok else None  # type: ignore[misc]
-
-
-def _value_reply(x: object) -> tuple[list[Node], list[bytes], bool] | None:
-    """find_value's reply: a bare peer list (kademlia's shape) or {value, more, nodes}; None if neither."""
-    if isinstance(x, list):
-        nodes = _node_list(x)
-        return None if nodes is None else (nodes, [], False)
-    if not (isinstance(x, dict) and x.keys() == {"value", "more", "nodes"} and isinstance(x["more"], bool)
-            and isinstance(x["value"], list) and len(x["value"]) <= MAX_RECORDS_PER_KEY
-            and all(isinstance(r, bytes) for r in x["value"])):
-        return None
-    nodes = _node_list(x["nodes"])
-    return None if nodes is None else (nodes, x["value"], x["more"])
-
-
-def _pages(raws: list[bytes], budget: int) -> list[list[bytes]]:
-    """Split records into runs whose msgpack encoding fits `budget` bytes (bin header: <= 5 bytes)."""
-    out: list[list[bytes]] = []
-    used = budget
-    for raw in raws:
-        if used + len(raw) + 5 > budget:
-            out.append([])
-            used = 0
-        out[-1].append(raw)
-        used += len(raw) + 5
-    return out
 
 
 class _RoutingTable(RoutingTable):
@@ -374,7 +114,7 @@ class _SwarmProtocol(KademliaProtocol):
     Both of rpcudp's send paths are replaced (to seal, and to use C msgpack: pure-Python umsgpack was
     a third of a lookup's CPU); the wire format inside the MAC is still rpcudp's."""
 
-    def __init__(self, source_node: Node, storage: _RecordStore, ksize: int, mac_key: bytes,
+    def __init__(self, source_node: Node, storage: RecordStore, ksize: int, mac_key: bytes,
                  stats: dict[str, int], trust: Callable[[str, bytes], bool] | None) -> None:
         super().__init__(source_node, storage, ksize)
         self.router = _RoutingTable(self, ksize, source_node)
@@ -397,7 +137,7 @@ class _SwarmProtocol(KademliaProtocol):
         try:
             if body[:1] == b"\x01" and len(msg_id) == 20:
                 self._accept_response(msg_id, msg, addr)
-            elif body[:1] == b"\x00" and len(msg_id) == 20 and _is_request(msg):
+            elif body[:1] == b"\x00" and len(msg_id) == 20 and is_request(msg):
                 response = getattr(self, f"rpc_{msg[0]}")(addr, *msg[1])  # kademlia's handlers are all sync
                 self.transport.sendto(seal(self._mac_key, b"\x01" + msg_id + msgpack.packb(response)), addr)
             else:
@@ -485,7 +225,7 @@ class _SwarmProtocol(KademliaProtocol):
         nodes = self.rpc_find_node(sender, nodeid, key)
         if not (raws := self.storage.get(key)):
             return nodes
-        page = (_pages(raws[skip:], MAX_RPC_BYTES - PAGE_SLACK - len(msgpack.packb(nodes))) or [[]])[0]
+        page = (split_pages(raws[skip:], MAX_RPC_BYTES - PAGE_SLACK - len(msgpack.packb(nodes))) or [[]])[0]
         return {"value": page, "more": skip + len(page) < len(raws), "nodes": nodes}
 
     async def _rpc(self, node: Node, name: str, check: Callable[[Any], object], *args: Any) -> tuple[bool, Any]:
@@ -497,27 +237,27 @@ class _SwarmProtocol(KademliaProtocol):
         return self.handle_call_response((ok, reply if ok else None), node)
 
     async def call_ping(self, node_to_ask: Node) -> tuple[bool, Any]:
-        return await self._rpc(node_to_ask, "ping", lambda r: r if _is_id(r) else None)
+        return await self._rpc(node_to_ask, "ping", lambda r: r if is_node_id(r) else None)
 
     async def call_store(self, node_to_ask: Node, key: bytes, value: list[bytes]) -> tuple[bool, Any]:
         return await self._rpc(node_to_ask, "store", lambda r: r if isinstance(r, bool) else None, key, value)
 
     async def call_find_node(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
-        return await self._rpc(node_to_ask, "find_node", _node_list, node_to_find.id)
+        return await self._rpc(node_to_ask, "find_node", parse_node_list, node_to_find.id)
 
     async def call_find_value(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
         """(True, (peers, records)) with every page of the records fetched, or (False, None)."""
         nodes, raws, more = [], [], True
         while more and len(raws) < MAX_RECORDS_PER_KEY:
             args = (node_to_find.id, len(raws)) if raws else (node_to_find.id,)
-            ok, reply = await self._rpc(node_to_ask, "find_value", _value_reply, *args)
+            ok, reply = await self._rpc(node_to_ask, "find_value", parse_value_reply, *args)
             if not ok:
                 return (True, (nodes, raws)) if raws else (False, None)
             nodes, raws, more = nodes or reply[0], raws + reply[1], reply[2] and bool(reply[1])
         return True, (nodes, raws)
 
     async def store_raws(self, node: Node, dkey: bytes, raws: list[bytes]) -> bool:
-        for chunk in _pages(raws, MAX_RPC_BYTES - PAGE_SLACK):
+        for chunk in split_pages(raws, MAX_RPC_BYTES - PAGE_SLACK):
             ok, accepted = await self.call_store(node, dkey, chunk)
             if not (ok and accepted):
                 return False
@@ -593,7 +333,7 @@ class _SwarmServer(Server):
 
     def __init__(self, ksize: int, alpha: int, mac_key: bytes, stats: dict[str, int],
                  trust: Callable[[str, bytes], bool] | None) -> None:
-        super().__init__(ksize=ksize, alpha=alpha, storage=_RecordStore())
+        super().__init__(ksize=ksize, alpha=alpha, storage=RecordStore())
         self._protocol_args = (mac_key, stats, trust)
 
     def _create_protocol(self) -> _SwarmProtocol:
@@ -612,7 +352,7 @@ class _SwarmServer(Server):
 
     async def bootstrap_node(self, addr: tuple[str, int]) -> Node | None:
         ok, nodeid = await self.protocol.request(addr, "ping", self.node.id)
-        return Node(nodeid, addr[0], addr[1]) if ok and _is_id(nodeid) and nodeid != self.node.id else None
+        return Node(nodeid, addr[0], addr[1]) if ok and is_node_id(nodeid) and nodeid != self.node.id else None
 
     async def bootstrap(self, addrs: list[tuple[str, int]]) -> list[Node]:
         seeds = [n for n in await asyncio.gather(*map(self.bootstrap_node, addrs)) if n is not None]
@@ -635,7 +375,7 @@ class _SwarmServer(Server):
     async def lookup_digest(self, dkey: bytes, trace: LookupTrace | None = None) -> list[tuple[bytes, Record]]:
         """Union of our copy and every record the k closest nodes return, newest per publisher."""
         crawler = await self.crawl(Node(dkey), values=True, trace=trace)
-        return _merge_newest([*self.storage.records(dkey), *self.protocol.check_records(crawler.raws, dkey)])
+        return newest_per_publisher([*self.storage.records(dkey), *self.protocol.check_records(crawler.raws, dkey)])
 
     async def _refresh_table(self) -> None:
         """§2.3 refresh of idle buckets, then §2.5 replication of records nobody stored here for an hour."""
@@ -659,7 +399,7 @@ class DhtNode:
                  alpha: int = 3, trust: Callable[[str, bytes], bool] | None = None) -> None:
         """`trust(publisher, pubkey)`, if given, refuses records not signed by that publisher's key:
         without it any swarm member can publish under any name (the MAC only keeps outsiders out)."""
-        if not _is_name(host_name):
+        if not is_name(host_name):
             raise ValueError(f"bad host name {host_name!r}")
         self.host_name, self.ksize, self.alpha = host_name, ksize, alpha
         self._signing_key, self._mac_key, self._trust = signing_key, derive_mac_key(swarm_secret), trust
@@ -766,7 +506,7 @@ class DhtNode:
         resolved = []
         for host, port in addrs:
             try:
-                infos = [] if _is_ip(host) else await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+                infos = [] if is_ip_literal(host) else await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
                 resolved.append((infos[0][4][0] if infos else host, port))
             except OSError as exc:
                 log.warning("cannot resolve DHT peer %s: %s", host, exc)

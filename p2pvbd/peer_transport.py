@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from p2pvbd import trust
+from p2pvbd import invites, trust
 from p2pvbd.home import HomeError, parse_hostport
 from p2pvbd.peer_wire import (
     ERR_CONNECTION,
@@ -332,8 +332,8 @@ def join_handler(identity: trust.HostIdentity, clock: Callable[[], float] = time
             return {"ca": identity.ca_pem}
         try:
             # In a thread: it takes the invites flock, which the CLI may briefly hold.
-            result = await trio.to_thread.run_sync(trust.accept_join, identity, body, clock())
-        except trust.InviteError as e:
+            result = await trio.to_thread.run_sync(invites.accept_join, identity, body, clock())
+        except invites.InviteError as e:
             raise PeerError("invite", str(e)) from e
         log.info("host %r joined the swarm", body["name"])
         return result
@@ -356,27 +356,27 @@ async def join_swarm(home: Path, token: str, name: str, *,
     The secret proof is sent only after the server's TLS certificate is shown to be signed by the CA the
     token names, so a machine impersonating the inviter learns neither the proof nor the swarm secret.
     """
-    invite = trust.parse_invite(token)
+    invite = invites.parse_invite(token)
     if trust.has_identity(home):
         raise trust.TrustError(f"{trust.trust_dir(home)} already holds a host identity; refusing to overwrite it")
     key = trust.new_host_key()
-    request = trust.make_join_request(invite, key, name)
+    request = invites.make_join_request(invite, key, name)
     failures = []
     for address in invite.addresses:
         try:
             host, port = parse_hostport(address)
             async with open_peer(host, port + JOIN_PORT_OFFSET, trust.join_client_ssl_context(),
                                  connect_timeout=connect_timeout) as conn:
-                ca = trust.check_ca((await conn.request("join_ca", {}, connect_timeout))["ca"], invite.ca_fingerprint)
+                ca = invites.check_ca((await conn.request("join_ca", {}, connect_timeout))["ca"], invite.ca_fingerprint)
                 trust.verify_host_cert(conn.peer_cert_der, ca)
                 reply = await conn.request("join", request, connect_timeout)
         except (PeerError, HomeError, KeyError, TypeError) as e:
             if isinstance(e, PeerError) and e.code == "invite":
-                raise trust.InviteError(e.message) from e
+                raise invites.InviteError(e.message) from e
             failures.append(f"{address}: {e}")
             continue
         except trust.TrustError as e:
             failures.append(f"{address}: {e}")
             continue
-        return trust.finish_join(home, invite, key, name, reply)
+        return invites.finish_join(home, invite, key, name, reply)
     raise trust.TrustError("could not join through any address in the invite:\n  " + "\n  ".join(failures))

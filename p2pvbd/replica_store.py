@@ -14,16 +14,11 @@ blocks go dirty and are "settled" (read, hashed, SETTLE record) when a hash is n
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import errno
 import fcntl
-import json
 import os
-import struct
 import threading
 import weakref
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +27,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from p2pvbd import store_files, store_journal
 from p2pvbd.home import NAME_RE
+from p2pvbd.store_files import DATA_FILE, JOURNAL_FILE, META_FILE, STATE_FILE, pread_all, punch_hole, pwrite_all
+from p2pvbd.store_journal import DIRTY, PUT, SETTLE, SYNC, ZERO, journal_record
 from p2pvbd.version_map import (
     DEFAULT_BLOCK_SIZE,
-    HASH_SIZE,
     NO_HASH,
     Coverage,
     VersionMap,
@@ -46,7 +43,6 @@ from p2pvbd.version_map import (
     zero_hash,
 )
 
-DATA_FILE, META_FILE, JOURNAL_FILE, STATE_FILE = "data.raw", "meta.bin", "journal.log", "state.json"
 # Disk sizes are whole 512-byte sectors: what every hypervisor and NBD client expects.
 SECTOR = 512
 # Metadata lives in RAM at 24 bytes a block: 256 Mi blocks is 6 GiB (16 TiB at 64 KiB blocks).
@@ -56,36 +52,11 @@ MAX_BLOCKS = 1 << 28
 UNCLEAN_COUNTER_GAP = 2**32
 # Journal size that makes flush() checkpoint: bounds replay (~700k 4 KiB writes at two records each).
 JOURNAL_CHECKPOINT_BYTES = 64 * 1024 * 1024
-# Changed meta records less than a 4 KiB page apart go out in one pwrite, unchanged ones between included.
-META_COALESCE_GAP = 4096 // 24
 # Passes of lock-free hashing before the blocks rewritten meanwhile are hashed under the lock: each
 # pass only sees blocks written during the previous one, so few are left for the locked pass.
 PREHASH_ROUNDS = 3
-# Linux moves at most ~2 GiB per read/write call; 64 MiB also bounds temporary buffers.
-IO_CHUNK = 64 * 1024 * 1024
-# Zeros per pwrite when the filesystem cannot punch holes.
-ZERO_CHUNK = 1024 * 1024
 # NBD base:allocation flags (nbd_codec.NBD_STATE_*; repeated so the store stays protocol-free).
 STATE_HOLE, STATE_ZERO = 1, 2
-FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02  # linux/falloc.h
-
-STATE_FORMAT = 1
-META_MAGIC, META_FORMAT = b"P2VBMETA", 1
-META_HEADER_SIZE = 64  # magic, format, block size, size, block count; padded so records stay aligned
-_META_HEAD = struct.Struct("<8sIIQQ")
-META_DTYPE = np.dtype([("version", "<u8"), ("hash", np.uint8, (HASH_SIZE,))])
-assert META_DTYPE.itemsize == 24  # ≤ 32 bytes per block is a hard requirement
-# Journal record: crc32 of the rest, kind, first block (SYNC: covered offset), count, version, hash.
-_CRC, _REC_BODY = struct.Struct("<I"), struct.Struct("<B3xQQQ16s")
-REC_SIZE = _CRC.size + _REC_BODY.size  # 48
-DIRTY, ZERO, SETTLE, PUT, SYNC = 1, 2, 3, 4, 5
-# Replay verdicts per block (0: metadata already right).
-_KEEP, _FRESH, _CHECK_SETTLE, _CHECK_PUT, _REDO_ZERO = 1, 2, 3, 4, 5
-
-_fallocate = getattr(ctypes.CDLL(None, use_errno=True), "fallocate", None)
-if _fallocate is not None:
-    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    _fallocate.restype = ctypes.c_int
 
 
 class OutOfRange(ValueError):
@@ -98,10 +69,6 @@ class HashMismatch(ValueError):
 
 class StaleVersion(ValueError):
     """A replicated block older than the one held: versions never go backwards."""
-
-
-class StoreCorrupt(ValueError):
-    """A store file is unreadable or inconsistent with the others."""
 
 
 class StoreBusy(RuntimeError):
@@ -127,79 +94,6 @@ class BlockRecord:
     data: bytes | None
 
 
-def _rec(kind: int, first: int, count: int = 1, version: int = 0, digest: bytes = NO_HASH) -> bytes:
-    body = _REC_BODY.pack(kind, first, count, version, digest)
-    return _CRC.pack(zlib.crc32(body)) + body
-
-
-def _parse_journal(buf: bytes, n_blocks: int) -> list[tuple[int, int, int, int, int, bytes]]:
-    """(end offset, kind, first, count, version, hash) up to the first torn, corrupt or nonsensical record."""
-    out = []
-    for off in range(0, len(buf) - REC_SIZE + 1, REC_SIZE):
-        body = buf[off + _CRC.size:off + REC_SIZE]
-        if _CRC.unpack_from(buf, off)[0] != zlib.crc32(body):
-            break
-        kind, first, count, version, digest = _REC_BODY.unpack(body)
-        if kind == SYNC:
-            if first > off:  # a SYNC vouches only for records before itself
-                break
-        elif kind not in (DIRTY, ZERO, SETTLE, PUT) or not 0 < count <= n_blocks - first or (
-                kind in (SETTLE, PUT) and count != 1):
-            break
-        out.append((off + REC_SIZE, kind, first, count, version, digest))
-    return out
-
-
-def _pwrite_all(fd: int, buf: Any, offset: int) -> None:
-    mv = memoryview(buf).cast("B")
-    while mv:
-        n = os.pwrite(fd, mv[:IO_CHUNK], offset)
-        mv, offset = mv[n:], offset + n
-
-
-def _pread_all(fd: int, length: int, offset: int) -> bytes:
-    parts, have = [os.pread(fd, length, offset)], 0
-    while (have := have + len(parts[-1])) < length:  # past the file's end reads as zeros, like a hole
-        parts.append(os.pread(fd, length - have, offset + have) or bytes(length - have))
-    return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-def punch_hole(fd: int, offset: int, length: int) -> None:
-    """Deallocate a range so it reads as zeros; writes zeros where the filesystem cannot punch."""
-    if length <= 0:
-        return
-    if _fallocate is not None and _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
-        return
-    zeros = bytes(min(length, ZERO_CHUNK))
-    while length > 0:
-        n = os.pwrite(fd, zeros[:length], offset)
-        offset, length = offset + n, length - n
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temp file, fsync, rename, fsync the directory: a crash leaves the old or the new file whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        _pwrite_all(fd, data, 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _close_fds(fds: list[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    fds.clear()
-
-
 def _check_owner(owner: str, epoch: int) -> None:
     if not isinstance(owner, str) or (owner and not NAME_RE.match(owner)):
         raise ValueError(f"invalid owner host name {owner!r}")
@@ -214,6 +108,7 @@ class ReplicaStore:
         self._dir = directory
         self._name, self._size, self._bs = state["name"], state["size"], state["block_size"]
         self._owner, self._epoch, self._counter = state["owner"], state["epoch"], state["counter"]
+        self._changes = 0
         self._n = blocks_for(self._size, self._bs)
         self._tail = self._size - (self._n - 1) * self._bs
         self._zeros, self._tail_zeros = bytes(self._bs), bytes(self._tail)
@@ -227,7 +122,7 @@ class ReplicaStore:
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()  # one flush/checkpoint/close at a time: fds stay open meanwhile
         self._closed = False
-        self._finalizer = weakref.finalize(self, _close_fds, fds)  # dropped without close() = crashed
+        self._finalizer = weakref.finalize(self, store_files.close_fds, fds)  # dropped without close() = crashed
 
     # ---- lifecycle -----------------------------------------------------------------------------
     @classmethod
@@ -243,48 +138,26 @@ class ReplicaStore:
             raise ValueError(f"{size} bytes is {n} blocks of {block_size}; at most {MAX_BLOCKS} (use larger blocks)")
         _check_owner(owner, epoch)
         directory = Path(directory)
-        if any((directory / f).exists() for f in (STATE_FILE, DATA_FILE, META_FILE)):
-            raise FileExistsError(f"a disk store already exists in {directory}")
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        meta_head = _META_HEAD.pack(META_MAGIC, META_FORMAT, block_size, size, n)
-        files = ((DATA_FILE, size, b""), (JOURNAL_FILE, 0, b""),
-                 (META_FILE, META_HEADER_SIZE + n * META_DTYPE.itemsize, meta_head))
-        made: list[Path] = []
-        try:
-            for fname, length, head in files:
-                fd = os.open(directory / fname, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                made.append(directory / fname)
-                try:
-                    os.ftruncate(fd, length)  # sparse: never-written blocks are zeros with version-0 records
-                    _pwrite_all(fd, head, 0)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            state = {"format": STATE_FORMAT, "name": name, "size": size, "block_size": block_size,
-                     "owner": owner, "epoch": epoch, "counter": 0, "clean": True}
-            _atomic_write(directory / STATE_FILE, json.dumps(state).encode())  # last: marks the store complete
-        except BaseException:
-            for p in made:
-                p.unlink(missing_ok=True)
-            raise
+        store_files.create_store_files(directory, {"name": name, "size": size, "block_size": block_size,
+                                                   "owner": owner, "epoch": epoch, "counter": 0, "clean": True})
         return cls.open(directory)
 
     @classmethod
     def open(cls, directory: Path) -> ReplicaStore:
         """Load meta.bin, replay the journal, checkpoint. Reads data.raw only for journaled blocks."""
         directory = Path(directory)
-        state = _read_state(directory / STATE_FILE)
+        state = store_files.read_state(directory / STATE_FILE)
         fds = [os.open(directory / DATA_FILE, os.O_RDWR | os.O_CLOEXEC)]
         try:
             try:
                 fcntl.flock(fds[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise StoreBusy(f"disk store {directory} is already open") from None
-            meta = _load_meta(directory / META_FILE, state["size"], state["block_size"])
+            meta = store_files.load_meta(directory / META_FILE, state["size"], state["block_size"])
             fds.append(os.open(directory / JOURNAL_FILE, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600))
             journal = (directory / JOURNAL_FILE).read_bytes()
         except BaseException:
-            _close_fds(fds)
+            store_files.close_fds(fds)
             raise
         store = cls(directory, state, fds, meta)
         try:
@@ -333,6 +206,8 @@ class ReplicaStore:
     @property
     def counter(self) -> int: return self._counter  # the last version handed out
     @property
+    def changes(self) -> int: return self._changes  # bumped by every mutation: cheap cache invalidation
+    @property
     def directory(self) -> Path: return self._dir
 
     def set_owner(self, owner: str, epoch: int) -> None:
@@ -346,7 +221,7 @@ class ReplicaStore:
     def read(self, offset: int, length: int) -> bytes:
         with self._lock:
             self._check_range(offset, length)
-            return _pread_all(self._data_fd, length, offset) if length else b""
+            return pread_all(self._data_fd, length, offset) if length else b""
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> WriteResult:
         length = len(data)
@@ -356,7 +231,8 @@ class ReplicaStore:
                 return WriteResult(offset // self._bs, offset // self._bs - 1, 0)
             first, last = offset // self._bs, (offset + length - 1) // self._bs
             self._counter = v = self._counter + 1
-            self._append(_rec(DIRTY, first, last - first + 1, v))  # intent first: see the module docstring
+            self._changes += 1
+            self._append(journal_record(DIRTY, first, last - first + 1, v))  # intent first: see the module docstring
             if first == last:
                 self._versions[first] = v
                 self._dirty.add(first)
@@ -365,7 +241,7 @@ class ReplicaStore:
                 self._versions[first:last + 1] = v
                 self._dirty.update(range(first, last + 1))
                 self._changed[first:last + 1] = True
-            _pwrite_all(self._data_fd, data, offset)
+            pwrite_all(self._data_fd, data, offset)
         if fua:
             self.flush()
         return WriteResult(first, last, v)
@@ -382,17 +258,19 @@ class ReplicaStore:
             b = max(a, self._n if end == self._size else end // bs)  # [a, b): blocks covered whole
             partial = sorted({i for i in (first, last) if not a <= i < b})
             self._counter = v = self._counter + 1
-            self._append(b"".join([_rec(DIRTY, i, 1, v) for i in partial] + [_rec(ZERO, a, b - a, v)] * (b > a)))
+            self._changes += 1
+            self._append(b"".join([journal_record(DIRTY, i, 1, v) for i in partial]
+                                  + [journal_record(ZERO, a, b - a, v)] * (b > a)))
             self._versions[first:last + 1] = v
             self._changed[first:last + 1] = True
             self._dirty.update(partial)
-            self._set_zero_hashes(a, b)
+            store_journal.set_zero_hashes(self._hashes, a, b, bs, self._tail)
             if self._dirty and b > a:
                 self._dirty = {i for i in self._dirty if not a <= i < b}
             try:
                 for i in partial:
                     lo, hi = max(offset, i * bs), min(end, (i + 1) * bs)
-                    _pwrite_all(self._data_fd, self._zeros[:hi - lo], lo)
+                    pwrite_all(self._data_fd, self._zeros[:hi - lo], lo)
                 punch_hole(self._data_fd, a * bs, min(b * bs, self._size) - a * bs)
             except BaseException:
                 self._dirty.update(range(a, b))  # content unknown now: settling will find out
@@ -419,7 +297,7 @@ class ReplicaStore:
                     return
             os.fdatasync(self._data_fd)
             with self._lock:
-                self._append(_rec(SYNC, covered, 0))
+                self._append(journal_record(SYNC, covered, 0))
                 self._synced_jlen = self._jlen
             os.fsync(self._jfd)
             if self._jlen >= JOURNAL_CHECKPOINT_BYTES:
@@ -470,7 +348,7 @@ class ReplicaStore:
             version, digest, length = int(self._versions[index]), self._hashes[index].tobytes(), self._block_len(index)
             if version == 0 or digest == zero_hash(length):
                 return BlockRecord(index, version, digest, None)
-            return BlockRecord(index, version, digest, _pread_all(self._data_fd, length, index * self._bs))
+            return BlockRecord(index, version, digest, pread_all(self._data_fd, length, index * self._bs))
 
     def put_block(self, index: int, version: int, data: bytes | None, hash: bytes) -> bool:
         """Apply a block from a peer; False if already held. Hashing happens outside the lock.
@@ -493,12 +371,13 @@ class ReplicaStore:
             if version < (current := int(self._versions[index])):
                 raise StaleVersion(f"block {index}: have version {current}, refusing older {version}")
             self._counter = max(self._counter, version)  # a later owner must never reuse this version
+            self._changes += 1
             if version == current:
                 if index in self._dirty:
                     self._settle([index])
                 if version == 0 or self._hashes[index].tobytes() == hash:
                     return False
-            self._append(_rec(PUT, index, 1, version, hash))
+            self._append(journal_record(PUT, index, 1, version, hash))
             self._versions[index] = version
             self._hashes[index] = np.frombuffer(hash, np.uint8)
             self._dirty.discard(index)
@@ -507,7 +386,7 @@ class ReplicaStore:
                 if data is None:
                     punch_hole(self._data_fd, index * self._bs, length)
                 else:
-                    _pwrite_all(self._data_fd, data, index * self._bs)
+                    pwrite_all(self._data_fd, data, index * self._bs)
             except BaseException:
                 self._dirty.add(index)
                 raise
@@ -520,7 +399,8 @@ class ReplicaStore:
         with self._lock:
             self._check_open()
             self._settle(self._dirty, known)
-            has_data = self._data_mask()  # zero blocks that are holes need no reading
+            # zero blocks that are holes need no reading
+            has_data = store_files.allocated_blocks(self._data_fd, self._size, self._bs)
             todo = np.flatnonzero(has_data | ((self._versions > 0) & ~self._zero_blocks(0, self._n))).tolist()
         bad = []
         for i in todo:
@@ -564,15 +444,9 @@ class ReplicaStore:
                 raise OSError(errno.EIO, f"short write to the journal of {self._name!r}")
             self._jlen += len(buf)
 
-    def _set_zero_hashes(self, a: int, b: int) -> None:
-        if b > a:
-            self._hashes[a:b] = np.frombuffer(zero_hash(self._bs), np.uint8)
-            if b == self._n:
-                self._hashes[b - 1] = np.frombuffer(zero_hash(self._tail), np.uint8)
-
     def _read_and_hash(self, i: int) -> tuple[bytes, bool]:
         """(hash, is_zero) of block i as it is on disk."""
-        data = _pread_all(self._data_fd, self._block_len(i), i * self._bs)
+        data = pread_all(self._data_fd, self._block_len(i), i * self._bs)
         if data == self._zeros_for(len(data)):
             return zero_hash(len(data)), True
         return block_hash(data), False
@@ -610,59 +484,21 @@ class ReplicaStore:
             if is_zero:
                 punch_hole(self._data_fd, i * self._bs, self._block_len(i))
             self._hashes[i] = np.frombuffer(digest, np.uint8)
-            recs.append(_rec(SETTLE, i, 1, int(self._versions[i]), digest))
+            recs.append(journal_record(SETTLE, i, 1, int(self._versions[i]), digest))
         self._append(b"".join(recs))
         self._dirty.difference_update(order)
 
-    def _data_mask(self) -> npt.NDArray[np.bool_]:
-        """Blocks with allocated extents in data.raw, found with SEEK_DATA/SEEK_HOLE without reading."""
-        mask, off = np.zeros(self._n, np.bool_), 0
-        while off < self._size:
-            try:
-                start = os.lseek(self._data_fd, off, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno != errno.ENXIO:
-                    raise
-                break
-            off = min(os.lseek(self._data_fd, start, os.SEEK_HOLE), self._size)
-            mask[start // self._bs:-(-off // self._bs)] = True
-        return mask
-
     def _recover(self, journal: bytes, clean: bool) -> None:
         """Redo the journal over meta.bin: trust what a SYNC vouches for, re-check the rest against the data."""
-        recs = _parse_journal(journal, self._n)
-        trusted_end = max((r[2] for r in recs if r[1] == SYNC), default=0)
-        counter = max(self._counter, int(self._versions.max()), *(r[4] for r in recs))
-        flags = np.zeros(self._n if recs else 0, np.uint8)
-        for end, kind, first, count, version, digest in recs:
-            if kind == SYNC:
-                continue
-            trusted, sl = end <= trusted_end, slice(first, first + count)
-            self._versions[sl] = version
-            self._changed[sl] = True
-            if kind == DIRTY:
-                flags[sl] = _KEEP if trusted else _FRESH
-            elif kind == ZERO:
-                self._set_zero_hashes(first, first + count)
-                flags[sl] = 0 if trusted else _REDO_ZERO
-            else:
-                self._hashes[first] = np.frombuffer(digest, np.uint8)
-                flags[first] = 0 if trusted else _CHECK_SETTLE if kind == SETTLE else _CHECK_PUT
-        self._counter = counter + (UNCLEAN_COUNTER_GAP if not clean or journal else 0)
-        for a, b in runs(np.flatnonzero(flags == _REDO_ZERO)):  # a ZERO's content is known: redo it
+        verdicts, newest = store_journal.replay(journal, self._versions, self._hashes, self._changed,
+                                                self._bs, self._tail)
+        self._counter = max(self._counter, newest) + (UNCLEAN_COUNTER_GAP if not clean or journal else 0)
+        for a, b in runs(np.flatnonzero(verdicts == store_journal.REDO_ZERO)):  # a ZERO's content is known: redo it
             punch_hole(self._data_fd, a * self._bs, min(b * self._bs, self._size) - a * self._bs)
-        fresh = 0
-        for i in np.flatnonzero((flags != 0) & (flags != _REDO_ZERO)).tolist():
-            digest, _ = self._read_and_hash(i)
-            if flags[i] == _KEEP or digest == self._hashes[i].tobytes():
-                self._hashes[i] = np.frombuffer(digest, np.uint8)
-            elif flags[i] in (_FRESH, _CHECK_SETTLE):  # unvouched guest data: new content, new version
-                self._counter = fresh = fresh or self._counter + 1
-                self._hashes[i] = np.frombuffer(digest, np.uint8)
-                self._versions[i] = fresh
-            else:  # a replicated block whose data did not land: missing, to be fetched again
-                self._versions[i], self._hashes[i] = 0, 0
-                punch_hole(self._data_fd, i * self._bs, self._block_len(i))
+        self._counter, missing = store_journal.check_against_data(verdicts, self._versions, self._hashes, self._counter,
+                                                                  lambda i: self._read_and_hash(i)[0])
+        for i in missing:  # a replicated block whose data did not land: to be fetched again
+            punch_hole(self._data_fd, i * self._bs, self._block_len(i))
         self._checkpoint(clean=False)
 
     def _checkpoint(self, clean: bool, known: dict[int, tuple[int, bytes, bool]] | None = None) -> None:
@@ -670,13 +506,7 @@ class ReplicaStore:
         self._settle(self._dirty, known)
         os.fdatasync(self._data_fd)
         if (idx := np.flatnonzero(self._changed)).size:
-            fd = os.open(self._dir / META_FILE, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                for a, b in runs(idx, META_COALESCE_GAP):
-                    _pwrite_all(fd, self._meta[a:b].view(np.uint8), META_HEADER_SIZE + a * META_DTYPE.itemsize)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            store_files.write_meta_records(self._dir / META_FILE, self._meta, idx)
             self._changed[idx] = False
         self._write_state(clean)
         os.ftruncate(self._jfd, 0)
@@ -684,34 +514,7 @@ class ReplicaStore:
         self._jlen = self._synced_jlen = 0
 
     def _write_state(self, clean: bool) -> None:
-        state = {"format": STATE_FORMAT, "name": self._name, "size": self._size, "block_size": self._bs,
-                 "owner": self._owner, "epoch": self._epoch, "counter": self._counter, "clean": clean}
-        _atomic_write(self._dir / STATE_FILE, json.dumps(state).encode())
+        store_files.write_state(self._dir, {"name": self._name, "size": self._size, "block_size": self._bs,
+                                            "owner": self._owner, "epoch": self._epoch, "counter": self._counter,
+                                            "clean": clean})
 
-
-def _read_state(path: Path) -> dict[str, Any]:
-    try:
-        state = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no disk store in {path.parent} (missing {path.name})") from None
-    except ValueError as e:
-        raise StoreCorrupt(f"{path}: {e}") from e
-    types = {"format": int, "name": str, "size": int, "block_size": int, "owner": str, "epoch": int,
-             "counter": int, "clean": bool}
-    if not isinstance(state, dict) or any(not isinstance(state.get(k), t) for k, t in types.items()):
-        raise StoreCorrupt(f"{path}: missing or mistyped fields (expected {sorted(types)})")
-    if state["format"] != STATE_FORMAT:
-        raise StoreCorrupt(f"{path}: format {state['format']}, this version reads {STATE_FORMAT}")
-    check_block_size(state["block_size"])
-    return state
-
-
-def _load_meta(path: Path, size: int, block_size: int) -> npt.NDArray[Any]:
-    n = blocks_for(size, block_size)
-    with open(path, "rb") as f:
-        if _META_HEAD.unpack_from(f.read(META_HEADER_SIZE).ljust(META_HEADER_SIZE, b"\0")) != (
-                META_MAGIC, META_FORMAT, block_size, size, n):
-            raise StoreCorrupt(f"{path}: header does not match a {size}-byte disk of {block_size}-byte blocks")
-        if (actual := os.fstat(f.fileno()).st_size) != (expected := META_HEADER_SIZE + n * META_DTYPE.itemsize):
-            raise StoreCorrupt(f"{path}: {actual} bytes, expected {expected}")
-        return np.fromfile(f, META_DTYPE, count=n)

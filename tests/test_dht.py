@@ -17,17 +17,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kademlia.node import Node
 
-from p2pvbd.dht import (
+from p2pvbd.dht import STAT_KEYS, DhtNode, DhtStopped, LookupTrace, _SwarmProtocol, _SwarmServer
+from p2pvbd.dht_records import (
     MAX_RECORD_BYTES,
     MAX_RECORDS_PER_KEY,
-    STAT_KEYS,
-    DhtNode,
-    DhtStopped,
-    LookupTrace,
     RecordError,
-    _RecordStore,
-    _SwarmProtocol,
-    _SwarmServer,
+    RecordStore,
     derive_mac_key,
     holders_payload,
     host_payload,
@@ -205,7 +200,7 @@ def test_fuzzed_datagrams_never_raise(name: str, args: list, kind: bytes, noise:
     """Parsing and dispatch run inside asyncio callbacks: they must drop, never raise."""
     stats = dict.fromkeys(STAT_KEYS, 0)
     mac_key = derive_mac_key(SECRET)
-    proto = _SwarmProtocol(Node(os.urandom(20)), _RecordStore(), 20, mac_key, stats, None)
+    proto = _SwarmProtocol(Node(os.urandom(20)), RecordStore(), 20, mac_key, stats, None)
     proto.connection_made(_Sink())
     body = [kind + os.urandom(20) + msgpack.packb([name, args]), noise, kind + os.urandom(20) + noise][mode]
     proto.datagram_received(seal(mac_key, body), ("127.0.0.1", 4000))

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import trio
 
+from p2pvbd import invites, trust
 from p2pvbd import peer_transport as pt
-from p2pvbd import trust
 from p2pvbd.peer_wire import OPS, OpSpec, PeerError
 
 TEST_OPS = {**OPS, "echo": OpSpec({"n": int}), "boom": OpSpec(), "refuse": OpSpec(), "slow": OpSpec()}
@@ -28,12 +28,12 @@ def alpha(tmp_path: Path) -> trust.HostIdentity:
 @pytest.fixture
 def beta(alpha: trust.HostIdentity, tmp_path: Path) -> trust.HostIdentity:
     now = time.time()
-    token, record = trust.make_invite(alpha, ["127.0.0.1:1"], 600, now)
-    trust.record_invite(alpha.home, record, now=now)
-    invite = trust.parse_invite(token)
+    token, record = invites.make_invite(alpha, ["127.0.0.1:1"], 600, now)
+    invites.record_invite(alpha.home, record, now=now)
+    invite = invites.parse_invite(token)
     key = trust.new_host_key()
-    reply = trust.accept_join(alpha, trust.make_join_request(invite, key, "beta"), now)
-    return trust.finish_join(tmp_path / "beta", invite, key, "beta", reply)
+    reply = invites.accept_join(alpha, invites.make_join_request(invite, key, "beta"), now)
+    return invites.finish_join(tmp_path / "beta", invite, key, "beta", reply)
 
 
 @pytest.fixture
@@ -208,8 +208,8 @@ def new_token(alpha: trust.HostIdentity, port: int, ttl: int = 600, now: float |
     now = time.time() if now is None else now
     # Tokens carry peer addresses; the joiner dials the join port next to each.
     peer_port = port - pt.JOIN_PORT_OFFSET
-    token, record = trust.make_invite(alpha, ["127.0.0.1:1", f"127.0.0.1:{peer_port}"], ttl, now)
-    trust.record_invite(alpha.home, record, now=now)
+    token, record = invites.make_invite(alpha, ["127.0.0.1:1", f"127.0.0.1:{peer_port}"], ttl, now)
+    invites.record_invite(alpha.home, record, now=now)
     return token
 
 
@@ -225,21 +225,21 @@ async def test_join_then_talk(join_server: int, server: int, alpha: trust.HostId
 async def test_reused_invite_is_refused(join_server: int, alpha: trust.HostIdentity, tmp_path: Path) -> None:
     token = new_token(alpha, join_server)
     await pt.join_swarm(tmp_path / "delta", token, "delta")
-    with pytest.raises(trust.InviteError, match="already used"):
+    with pytest.raises(invites.InviteError, match="already used"):
         await pt.join_swarm(tmp_path / "epsilon", token, "epsilon")
     assert not trust.has_identity(tmp_path / "epsilon")
 
 
 async def test_expired_invite_is_refused(join_server: int, alpha: trust.HostIdentity, tmp_path: Path) -> None:
     token = new_token(alpha, join_server, ttl=60, now=time.time() - 120)
-    with pytest.raises(trust.InviteError, match="expired"):
+    with pytest.raises(invites.InviteError, match="expired"):
         await pt.join_swarm(tmp_path / "delta", token, "delta")
 
 
 async def test_taken_name_does_not_burn_the_invite(join_server: int, alpha: trust.HostIdentity,
                                                     tmp_path: Path) -> None:
     token = new_token(alpha, join_server)
-    with pytest.raises(trust.InviteError, match="already taken"):
+    with pytest.raises(invites.InviteError, match="already taken"):
         await pt.join_swarm(tmp_path / "delta", token, "alpha")
     assert (await pt.join_swarm(tmp_path / "delta", token, "delta")).name == "delta"
 

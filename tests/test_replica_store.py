@@ -29,6 +29,7 @@ from p2pvbd.replica_store import (
     StaleVersion,
     StoreBusy,
 )
+from p2pvbd.store_journal import REC_SIZE
 from p2pvbd.version_map import NO_HASH, VersionMap, block_hash, zero_hash
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -312,7 +313,7 @@ def test_dropping_an_open_store_is_a_crash(tmp_path: Path) -> None:
 
 
 def test_checkpoint_bounds_the_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rs, "JOURNAL_CHECKPOINT_BYTES", 10 * rs.REC_SIZE)
+    monkeypatch.setattr(rs, "JOURNAL_CHECKPOINT_BYTES", 10 * REC_SIZE)
     with make(tmp_path) as s:
         for k in range(20):
             s.write(k * 100, payload(k, 100))

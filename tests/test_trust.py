@@ -12,8 +12,9 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from p2pvbd import trust
-from p2pvbd.trust import InviteError, TrustError
+from p2pvbd import invites, trust
+from p2pvbd.invites import InviteError
+from p2pvbd.trust import TrustError
 
 NOW = 1_700_000_000.0
 
@@ -28,12 +29,12 @@ def founder(tmp_path: Path) -> trust.HostIdentity:
 
 
 def invite_and_join(founder: trust.HostIdentity, home: Path, name: str, now: float = NOW) -> trust.HostIdentity:
-    token, record = trust.make_invite(founder, ["127.0.0.1:7420"], 600, now)
-    trust.record_invite(founder.home, record, now=now)
-    invite = trust.parse_invite(token)
+    token, record = invites.make_invite(founder, ["127.0.0.1:7420"], 600, now)
+    invites.record_invite(founder.home, record, now=now)
+    invite = invites.parse_invite(token)
     key = trust.new_host_key()
-    reply = trust.accept_join(founder, trust.make_join_request(invite, key, name), now)
-    return trust.finish_join(home, invite, key, name, reply)
+    reply = invites.accept_join(founder, invites.make_join_request(invite, key, name), now)
+    return invites.finish_join(home, invite, key, name, reply)
 
 
 def test_create_swarm_files_and_modes(founder: trust.HostIdentity) -> None:
@@ -93,10 +94,10 @@ def test_two_swarms_differ(founder: trust.HostIdentity, tmp_path: Path) -> None:
 
 
 def test_token_round_trip(founder: trust.HostIdentity) -> None:
-    token, record = trust.make_invite(founder, ["10.0.0.1:7420", "[fe80::1]:7420"], 600, NOW)
+    token, record = invites.make_invite(founder, ["10.0.0.1:7420", "[fe80::1]:7420"], 600, NOW)
     assert token.startswith("p2pvbd1:") and "\n" not in token and " " not in token
     assert len(token) < 300
-    invite = trust.parse_invite(f"  {token}\n")
+    invite = invites.parse_invite(f"  {token}\n")
     assert invite.addresses == ["10.0.0.1:7420", "[fe80::1]:7420"]
     assert invite.ca_fingerprint == founder.ca_fingerprint
     assert len(invite.secret) >= 16
@@ -109,54 +110,54 @@ def test_token_round_trip(founder: trust.HostIdentity) -> None:
                                    "p2pvbd1:" + "A" * 9000])
 def test_damaged_tokens(token: str) -> None:
     with pytest.raises(InviteError):
-        trust.parse_invite(token)
+        invites.parse_invite(token)
 
 
 def test_truncated_token(founder: trust.HostIdentity) -> None:
-    token, _ = trust.make_invite(founder, ["h:1"], 600, NOW)
+    token, _ = invites.make_invite(founder, ["h:1"], 600, NOW)
     for cut in range(len("p2pvbd1:"), len(token) - 1, 7):
         with pytest.raises(InviteError):
-            trust.parse_invite(token[:cut])
+            invites.parse_invite(token[:cut])
 
 
 def test_invite_arguments_checked(founder: trust.HostIdentity) -> None:
     with pytest.raises(InviteError):
-        trust.make_invite(founder, [], 600, NOW)
+        invites.make_invite(founder, [], 600, NOW)
     with pytest.raises(InviteError):
-        trust.make_invite(founder, ["h:1"], 0, NOW)
+        invites.make_invite(founder, ["h:1"], 0, NOW)
     with pytest.raises(InviteError):
-        trust.make_invite(founder, ["h:1"], trust.MAX_INVITE_TTL_SECONDS + 1, NOW)
+        invites.make_invite(founder, ["h:1"], invites.MAX_INVITE_TTL_SECONDS + 1, NOW)
 
 
 def test_consume_unknown_used_expired(founder: trust.HostIdentity) -> None:
     home = founder.home
-    _, record = trust.make_invite(founder, ["h:1"], 600, NOW)
+    _, record = invites.make_invite(founder, ["h:1"], 600, NOW)
     with pytest.raises(InviteError, match="unknown"):
-        trust.consume_invite(home, record.invite_id, NOW)
-    trust.record_invite(home, record, now=NOW)
+        invites.consume_invite(home, record.invite_id, NOW)
+    invites.record_invite(home, record, now=NOW)
     assert mode(home / "trust" / "invites.json") == 0o600
     with pytest.raises(InviteError, match="expired"):
-        trust.consume_invite(home, record.invite_id, NOW + 601)
-    used = trust.consume_invite(home, record.invite_id, NOW + 1, used_by="beta")
+        invites.consume_invite(home, record.invite_id, NOW + 601)
+    used = invites.consume_invite(home, record.invite_id, NOW + 1, used_by="beta")
     assert used.used and used.used_by == "beta"
     with pytest.raises(InviteError, match="already used"):
-        trust.consume_invite(home, record.invite_id, NOW + 2)
+        invites.consume_invite(home, record.invite_id, NOW + 2)
     with pytest.raises(InviteError, match="already used"):
-        trust.lookup_invite(home, record.invite_id, NOW + 2)
+        invites.lookup_invite(home, record.invite_id, NOW + 2)
 
 
 def test_prune_keeps_used_records(founder: trust.HostIdentity) -> None:
-    _, old = trust.make_invite(founder, ["h:1"], 60, NOW)
-    _, used = trust.make_invite(founder, ["h:1"], 60, NOW)
-    trust.record_invite(founder.home, old, now=NOW)
-    trust.record_invite(founder.home, used, now=NOW)
-    trust.consume_invite(founder.home, used.invite_id, NOW, used_by="beta")
-    later = NOW + trust.INVITE_PRUNE_AFTER_SECONDS + 3600
-    _, fresh = trust.make_invite(founder, ["h:1"], 60, later)
-    trust.record_invite(founder.home, fresh, now=later)
+    _, old = invites.make_invite(founder, ["h:1"], 60, NOW)
+    _, used = invites.make_invite(founder, ["h:1"], 60, NOW)
+    invites.record_invite(founder.home, old, now=NOW)
+    invites.record_invite(founder.home, used, now=NOW)
+    invites.consume_invite(founder.home, used.invite_id, NOW, used_by="beta")
+    later = NOW + invites.INVITE_PRUNE_AFTER_SECONDS + 3600
+    _, fresh = invites.make_invite(founder, ["h:1"], 60, later)
+    invites.record_invite(founder.home, fresh, now=later)
     with pytest.raises(InviteError, match="unknown"):
-        trust.lookup_invite(founder.home, old.invite_id, NOW)
-    assert "beta" in trust.taken_names(founder)
+        invites.lookup_invite(founder.home, old.invite_id, NOW)
+    assert "beta" in invites.taken_names(founder)
 
 
 # ---- join ----------------------------------------------------------------------------------------
@@ -172,7 +173,7 @@ def test_join_gives_a_member_without_the_ca_key(founder: trust.HostIdentity, tmp
     assert mode(beta.home / "trust" / "host.key") == 0o600
     assert trust.load_identity(beta.home).cert_fingerprint == beta.cert_fingerprint
     with pytest.raises(InviteError, match="CA key"):
-        trust.make_invite(beta, ["h:1"], 600, NOW)
+        invites.make_invite(beta, ["h:1"], 600, NOW)
 
 
 def test_name_taken(founder: trust.HostIdentity, tmp_path: Path) -> None:
@@ -183,68 +184,68 @@ def test_name_taken(founder: trust.HostIdentity, tmp_path: Path) -> None:
 
 
 def test_wrong_proof_does_not_burn_the_invite(founder: trust.HostIdentity) -> None:
-    token, record = trust.make_invite(founder, ["h:1"], 600, NOW)
-    trust.record_invite(founder.home, record, now=NOW)
-    invite = trust.parse_invite(token)
+    token, record = invites.make_invite(founder, ["h:1"], 600, NOW)
+    invites.record_invite(founder.home, record, now=NOW)
+    invite = invites.parse_invite(token)
     key = trust.new_host_key()
-    body = trust.make_join_request(invite, key, "beta")
+    body = invites.make_join_request(invite, key, "beta")
     # The proof is bound to the name: renaming the request invalidates it.
     with pytest.raises(InviteError, match="proof"):
-        trust.accept_join(founder, {**body, "name": "mallory"}, NOW)
+        invites.accept_join(founder, {**body, "name": "mallory"}, NOW)
     # ...and to the key: another key's CSR with this proof fails too.
-    other = trust.make_csr(trust.new_host_key(), "beta")
+    other = invites.make_csr(trust.new_host_key(), "beta")
     with pytest.raises(InviteError, match="proof"):
-        trust.accept_join(founder, {**body, "csr": other}, NOW)
-    assert trust.accept_join(founder, body, NOW)["cert"]
+        invites.accept_join(founder, {**body, "csr": other}, NOW)
+    assert invites.accept_join(founder, body, NOW)["cert"]
     with pytest.raises(InviteError, match="already used"):
-        trust.accept_join(founder, body, NOW)
+        invites.accept_join(founder, body, NOW)
 
 
 def test_malformed_join_requests(founder: trust.HostIdentity) -> None:
-    token, record = trust.make_invite(founder, ["h:1"], 600, NOW)
-    trust.record_invite(founder.home, record, now=NOW)
-    body = trust.make_join_request(trust.parse_invite(token), trust.new_host_key(), "beta")
+    token, record = invites.make_invite(founder, ["h:1"], 600, NOW)
+    invites.record_invite(founder.home, record, now=NOW)
+    body = invites.make_join_request(invites.parse_invite(token), trust.new_host_key(), "beta")
     for bad in ({}, {**body, "csr": "text"}, {**body, "csr": b"junk"}, {**body, "invite_id": 5}):
         with pytest.raises(InviteError):
-            trust.accept_join(founder, bad, NOW)
+            invites.accept_join(founder, bad, NOW)
 
 
 def test_sign_host_csr_uses_the_given_name(founder: trust.HostIdentity) -> None:
     key = trust.new_host_key()
-    csr = trust.make_csr(key, "claimed")
+    csr = invites.make_csr(key, "claimed")
     assert founder.ca_key is not None
-    cert = trust.sign_host_csr(founder.ca_key, founder.ca_cert, csr, "given", set())
+    cert = invites.sign_host_csr(founder.ca_key, founder.ca_cert, csr, "given", set())
     assert trust.verify_host_cert(cert, founder.ca_cert) == "given"
     with pytest.raises(InviteError, match="taken"):
-        trust.sign_host_csr(founder.ca_key, founder.ca_cert, csr, "given", {"given"})
+        invites.sign_host_csr(founder.ca_key, founder.ca_cert, csr, "given", {"given"})
     with pytest.raises(InviteError, match="invalid"):
-        trust.sign_host_csr(founder.ca_key, founder.ca_cert, csr, "../etc", set())
+        invites.sign_host_csr(founder.ca_key, founder.ca_cert, csr, "../etc", set())
 
 
 def test_check_ca_pins_the_token(founder: trust.HostIdentity, tmp_path: Path) -> None:
     other = trust.create_swarm(tmp_path / "gamma", "gamma")
-    assert trust.check_ca(founder.ca_pem, founder.ca_fingerprint) == founder.ca_cert
+    assert invites.check_ca(founder.ca_pem, founder.ca_fingerprint) == founder.ca_cert
     with pytest.raises(TrustError, match="does not match"):
-        trust.check_ca(other.ca_pem, founder.ca_fingerprint)
+        invites.check_ca(other.ca_pem, founder.ca_fingerprint)
     with pytest.raises(TrustError, match="unreadable"):
-        trust.check_ca(b"nope", founder.ca_fingerprint)
+        invites.check_ca(b"nope", founder.ca_fingerprint)
 
 
 def test_finish_join_rejects_a_foreign_reply(founder: trust.HostIdentity, tmp_path: Path) -> None:
     other = trust.create_swarm(tmp_path / "gamma", "gamma")
     now = time.time()
-    token, record = trust.make_invite(founder, ["h:1"], 600, now)
-    trust.record_invite(founder.home, record, now=now)
-    invite = trust.parse_invite(token)
+    token, record = invites.make_invite(founder, ["h:1"], 600, now)
+    invites.record_invite(founder.home, record, now=now)
+    invite = invites.parse_invite(token)
     key = trust.new_host_key()
-    reply = trust.accept_join(founder, trust.make_join_request(invite, key, "beta"), now)
+    reply = invites.accept_join(founder, invites.make_join_request(invite, key, "beta"), now)
     home = tmp_path / "beta"
     with pytest.raises(TrustError, match="does not match"):
-        trust.finish_join(home, invite, key, "beta", {**reply, "ca": other.ca_pem})
+        invites.finish_join(home, invite, key, "beta", {**reply, "ca": other.ca_pem})
     with pytest.raises(TrustError, match="another key"):
-        trust.finish_join(home, invite, trust.new_host_key(), "beta", reply)
+        invites.finish_join(home, invite, trust.new_host_key(), "beta", reply)
     with pytest.raises(TrustError, match="another host name"):
-        trust.finish_join(home, invite, key, "delta", reply)
+        invites.finish_join(home, invite, key, "delta", reply)
     assert not trust.has_identity(home)
 
 

@@ -1,0 +1,189 @@
+"""The files of a replica store on disk: their names, the meta.bin and state.json formats, raw I/O helpers.
+
+Split out of replica_store so that module is about the crash rules and the locking, not about byte
+layouts, short reads and writes, or hole punching. Nothing here keeps state or takes a lock: each
+function works on a path or a file descriptor it is given. Which file holds what, and why a crash leaves
+them consistent, is in replica_store's docstring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from p2pvbd.version_map import HASH_SIZE, blocks_for, check_block_size, runs
+
+DATA_FILE, META_FILE, JOURNAL_FILE, STATE_FILE = "data.raw", "meta.bin", "journal.log", "state.json"
+# Changed meta records less than a 4 KiB page apart go out in one pwrite, unchanged ones between included.
+META_COALESCE_GAP = 4096 // 24
+# Linux moves at most ~2 GiB per read/write call; 64 MiB also bounds temporary buffers.
+IO_CHUNK = 64 * 1024 * 1024
+# Zeros per pwrite when the filesystem cannot punch holes.
+ZERO_CHUNK = 1024 * 1024
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02  # linux/falloc.h
+
+STATE_FORMAT = 1
+META_MAGIC, META_FORMAT = b"P2VBMETA", 1
+META_HEADER_SIZE = 64  # magic, format, block size, size, block count; padded so records stay aligned
+_META_HEAD = struct.Struct("<8sIIQQ")
+META_DTYPE = np.dtype([("version", "<u8"), ("hash", np.uint8, (HASH_SIZE,))])
+assert META_DTYPE.itemsize == 24  # ≤ 32 bytes per block is a hard requirement
+
+_fallocate = getattr(ctypes.CDLL(None, use_errno=True), "fallocate", None)
+if _fallocate is not None:
+    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    _fallocate.restype = ctypes.c_int
+
+
+class StoreCorrupt(ValueError):
+    """A store file is unreadable or inconsistent with the others."""
+
+
+# ---- raw I/O ---------------------------------------------------------------------------------------
+def pwrite_all(fd: int, buf: Any, offset: int) -> None:
+    mv = memoryview(buf).cast("B")
+    while mv:
+        n = os.pwrite(fd, mv[:IO_CHUNK], offset)
+        mv, offset = mv[n:], offset + n
+
+
+def pread_all(fd: int, length: int, offset: int) -> bytes:
+    parts, have = [os.pread(fd, length, offset)], 0
+    while (have := have + len(parts[-1])) < length:  # past the file's end reads as zeros, like a hole
+        parts.append(os.pread(fd, length - have, offset + have) or bytes(length - have))
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate a range so it reads as zeros; writes zeros where the filesystem cannot punch."""
+    if length <= 0:
+        return
+    if _fallocate is not None and _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return
+    zeros = bytes(min(length, ZERO_CHUNK))
+    while length > 0:
+        n = os.pwrite(fd, zeros[:length], offset)
+        offset, length = offset + n, length - n
+
+
+def allocated_blocks(fd: int, size: int, block_size: int) -> npt.NDArray[np.bool_]:
+    """Blocks with allocated extents in the file, found with SEEK_DATA/SEEK_HOLE without reading."""
+    mask, off = np.zeros(blocks_for(size, block_size), np.bool_), 0
+    while off < size:
+        try:
+            start = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            break
+        off = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        mask[start // block_size:-(-off // block_size)] = True
+    return mask
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Temp file, fsync, rename, fsync the directory: a crash leaves the old or the new file whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        pwrite_all(fd, data, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    fds.clear()
+
+
+# ---- the store's files -----------------------------------------------------------------------------
+def create_store_files(directory: Path, state: dict[str, Any]) -> None:
+    """A sparse data.raw, an empty journal, meta.bin of version-0 records, and state.json last.
+
+    ``state`` holds every state.json field but the format. A failure removes what was made."""
+    size, block_size = state["size"], state["block_size"]
+    n = blocks_for(size, block_size)
+    if any((directory / f).exists() for f in (STATE_FILE, DATA_FILE, META_FILE)):
+        raise FileExistsError(f"a disk store already exists in {directory}")
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    meta_head = _META_HEAD.pack(META_MAGIC, META_FORMAT, block_size, size, n)
+    files = ((DATA_FILE, size, b""), (JOURNAL_FILE, 0, b""),
+             (META_FILE, META_HEADER_SIZE + n * META_DTYPE.itemsize, meta_head))
+    made: list[Path] = []
+    try:
+        for fname, length, head in files:
+            fd = os.open(directory / fname, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            made.append(directory / fname)
+            try:
+                os.ftruncate(fd, length)  # sparse: never-written blocks are zeros with version-0 records
+                pwrite_all(fd, head, 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        write_state(directory, state)  # last: marks the store complete
+    except BaseException:
+        for p in made:
+            p.unlink(missing_ok=True)
+        raise
+
+
+def write_state(directory: Path, state: dict[str, Any]) -> None:
+    """Replace state.json atomically; ``state`` holds every field but the format."""
+    atomic_write(directory / STATE_FILE, json.dumps({"format": STATE_FORMAT, **state}).encode())
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no disk store in {path.parent} (missing {path.name})") from None
+    except ValueError as e:
+        raise StoreCorrupt(f"{path}: {e}") from e
+    types = {"format": int, "name": str, "size": int, "block_size": int, "owner": str, "epoch": int,
+             "counter": int, "clean": bool}
+    if not isinstance(state, dict) or any(not isinstance(state.get(k), t) for k, t in types.items()):
+        raise StoreCorrupt(f"{path}: missing or mistyped fields (expected {sorted(types)})")
+    if state["format"] != STATE_FORMAT:
+        raise StoreCorrupt(f"{path}: format {state['format']}, this version reads {STATE_FORMAT}")
+    check_block_size(state["block_size"])
+    return state
+
+
+def load_meta(path: Path, size: int, block_size: int) -> npt.NDArray[Any]:
+    n = blocks_for(size, block_size)
+    with open(path, "rb") as f:
+        if _META_HEAD.unpack_from(f.read(META_HEADER_SIZE).ljust(META_HEADER_SIZE, b"\0")) != (
+                META_MAGIC, META_FORMAT, block_size, size, n):
+            raise StoreCorrupt(f"{path}: header does not match a {size}-byte disk of {block_size}-byte blocks")
+        if (actual := os.fstat(f.fileno()).st_size) != (expected := META_HEADER_SIZE + n * META_DTYPE.itemsize):
+            raise StoreCorrupt(f"{path}: {actual} bytes, expected {expected}")
+        return np.fromfile(f, META_DTYPE, count=n)
+
+
+def write_meta_records(path: Path, meta: npt.NDArray[Any], indexes: npt.NDArray[np.intp]) -> None:
+    """Write the records of blocks ``indexes`` (sorted) from ``meta`` into meta.bin and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        for a, b in runs(indexes, META_COALESCE_GAP):
+            pwrite_all(fd, meta[a:b].view(np.uint8), META_HEADER_SIZE + a * META_DTYPE.itemsize)
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,109 @@
+"""The replica store's redo journal: 48-byte CRC-checked records, and replaying them over the metadata.
+
+Split out of replica_store so the record format and the recovery rules read on their own, apart from
+locking and file handling. Everything here works on bytes and numpy arrays: replica_store appends the
+records, reads the data replay asks about, and punches the holes replay decides on. The crash rule the
+records implement (intent before data, SYNC vouching for what precedes it) is in replica_store's docstring.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+import numpy.typing as npt
+
+from p2pvbd.version_map import NO_HASH, zero_hash
+
+# Journal record: crc32 of the rest, kind, first block (SYNC: covered offset), count, version, hash.
+_CRC, _REC_BODY = struct.Struct("<I"), struct.Struct("<B3xQQQ16s")
+REC_SIZE = _CRC.size + _REC_BODY.size  # 48
+DIRTY, ZERO, SETTLE, PUT, SYNC = 1, 2, 3, 4, 5
+# Replay verdicts per block (0: metadata already right).
+KEEP, FRESH, CHECK_SETTLE, CHECK_PUT, REDO_ZERO = 1, 2, 3, 4, 5
+
+# A parsed record: end offset in the journal, kind, first block, count, version, hash.
+JournalRecord = tuple[int, int, int, int, int, bytes]
+
+
+def journal_record(kind: int, first: int, count: int = 1, version: int = 0, digest: bytes = NO_HASH) -> bytes:
+    body = _REC_BODY.pack(kind, first, count, version, digest)
+    return _CRC.pack(zlib.crc32(body)) + body
+
+
+def parse_journal(buf: bytes, n_blocks: int) -> list[JournalRecord]:
+    """(end offset, kind, first, count, version, hash) up to the first torn, corrupt or nonsensical record."""
+    out = []
+    for off in range(0, len(buf) - REC_SIZE + 1, REC_SIZE):
+        body = buf[off + _CRC.size:off + REC_SIZE]
+        if _CRC.unpack_from(buf, off)[0] != zlib.crc32(body):
+            break
+        kind, first, count, version, digest = _REC_BODY.unpack(body)
+        if kind == SYNC:
+            if first > off:  # a SYNC vouches only for records before itself
+                break
+        elif kind not in (DIRTY, ZERO, SETTLE, PUT) or not 0 < count <= n_blocks - first or (
+                kind in (SETTLE, PUT) and count != 1):
+            break
+        out.append((off + REC_SIZE, kind, first, count, version, digest))
+    return out
+
+
+def set_zero_hashes(hashes: npt.NDArray[np.uint8], a: int, b: int, block_size: int, tail: int) -> None:
+    """Give blocks [a, b) the hash of zero data; the disk's last block, ``tail`` bytes long, its own."""
+    if b > a:
+        hashes[a:b] = np.frombuffer(zero_hash(block_size), np.uint8)
+        if b == len(hashes):
+            hashes[b - 1] = np.frombuffer(zero_hash(tail), np.uint8)
+
+
+def replay(journal: bytes, versions: npt.NDArray[np.uint64], hashes: npt.NDArray[np.uint8],
+           changed: npt.NDArray[np.bool_], block_size: int, tail: int) -> tuple[npt.NDArray[np.uint8], int]:
+    """Redo the journal's records over the metadata arrays in place, marking the blocks they touch ``changed``.
+
+    Returns a verdict per block (an empty array without records) on what the data must still confirm,
+    and the newest version the metadata or the journal names. Records a SYNC vouches for are trusted."""
+    recs = parse_journal(journal, len(versions))
+    trusted_end = max((r[2] for r in recs if r[1] == SYNC), default=0)
+    newest = max([int(versions.max()), *(r[4] for r in recs)])
+    verdicts = np.zeros(len(versions) if recs else 0, np.uint8)
+    for end, kind, first, count, version, digest in recs:
+        if kind == SYNC:
+            continue
+        trusted, sl = end <= trusted_end, slice(first, first + count)
+        versions[sl] = version
+        changed[sl] = True
+        if kind == DIRTY:
+            verdicts[sl] = KEEP if trusted else FRESH
+        elif kind == ZERO:
+            set_zero_hashes(hashes, first, first + count, block_size, tail)
+            verdicts[sl] = 0 if trusted else REDO_ZERO
+        else:
+            hashes[first] = np.frombuffer(digest, np.uint8)
+            verdicts[first] = 0 if trusted else CHECK_SETTLE if kind == SETTLE else CHECK_PUT
+    return verdicts, newest
+
+
+def check_against_data(verdicts: npt.NDArray[np.uint8], versions: npt.NDArray[np.uint64],
+                       hashes: npt.NDArray[np.uint8], counter: int,
+                       data_hash: Callable[[int], bytes]) -> tuple[int, list[int]]:
+    """Settle the blocks with a verdict other than REDO_ZERO against ``data_hash(i)``, the hash of their data.
+
+    Unvouched guest data is new content: it gets one new version past ``counter``. A replicated block whose
+    data did not land drops to version 0, missing. Returns the counter and those missing blocks, whose data
+    the caller punches out so they can be fetched again."""
+    fresh, missing = 0, []
+    for i in np.flatnonzero((verdicts != 0) & (verdicts != REDO_ZERO)).tolist():
+        digest = data_hash(i)
+        if verdicts[i] == KEEP or digest == hashes[i].tobytes():
+            hashes[i] = np.frombuffer(digest, np.uint8)
+        elif verdicts[i] in (FRESH, CHECK_SETTLE):  # unvouched guest data: new content, new version
+            counter = fresh = fresh or counter + 1
+            hashes[i] = np.frombuffer(digest, np.uint8)
+            versions[i] = fresh
+        else:
+            versions[i], hashes[i] = 0, 0
+            missing.append(i)
+    return counter, missing
