@@ -17,6 +17,8 @@ from p2pvbd.control import ControlError, call
 from p2pvbd.home import Home, HomeError, resolve_home, wait_for_daemon_exit
 from p2pvbd.units import format_size, parse_size
 
+# How often `sync` and `migrate` redraw their progress from the daemon.
+JOB_POLL_SECONDS = 0.2
 # Stopping flushes and checkpoints every disk; a large journal may take a while to write out.
 STOP_WAIT_SECONDS = 60.0
 
@@ -38,6 +40,14 @@ def _duration(text: str) -> int:
     if not m:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r} (expected e.g. 90s, 30m, 1h, 2d)")
     return int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def _rate(text: str) -> float:
+    """Bytes per second from '20M' (bytes) or '100mbit' / '1gbit' (bits)."""
+    m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)bit(?:/s)?\s*$", text, re.IGNORECASE)
+    if m:
+        return float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2).lower()] / 8
+    return float(_size(text.removesuffix("/s")))
 
 
 def _home(args: argparse.Namespace) -> Home:
@@ -68,14 +78,14 @@ def cmd_init(args: argparse.Namespace) -> None:
 def cmd_join(args: argparse.Namespace) -> None:
     import trio
 
-    from p2pvbd import trust
+    from p2pvbd import invites, trust
     from p2pvbd.peer_transport import join_swarm
 
     home = _home(args)
     if home.is_initialised():
         _fail(f"{home.path} is already initialised as host {home.load_config().name!r}")
     try:
-        invite = trust.parse_invite(args.token)
+        invite = invites.parse_invite(args.token)
         home.check_new(args.name, listen=args.listen, nbd_tcp=args.nbd_tcp or "")
         identity = trio.run(partial(join_swarm, home.path, args.token, args.name))
     except trust.TrustError as e:
@@ -177,6 +187,93 @@ def cmd_status(args: argparse.Namespace) -> None:
     Console().print(table)
 
 
+def cmd_sync(args: argparse.Namespace) -> None:
+    sources = [h for h in (args.sources or "").split(",") if h] or None
+    job = _ask(args, "sync", disk=args.disk, sources=sources)["job"]
+    res = _follow_job(args, job, f"sync {args.disk}", quiet=args.json)
+    if args.json:
+        _print_json({k: res[k] for k in ("disk", "bytes_from", "blocks_fetched", "bytes_on_wire", "duration_s",
+                                         "zero_blocks", "local_copies", "peers", "error")})
+    elif not res["error"]:
+        print(f"{args.disk}: {res['blocks_fetched']} blocks fetched ({format_size(res['bytes_on_wire'])} on the "
+              f"wire) in {res['duration_s']:.1f} s from " + ", ".join(
+                  f"{h} {format_size(b)}" for h, b in sorted(res["bytes_from"].items())))
+        for host, p in sorted(res["peers"].items()):
+            if p["dropped"] or p["bad_blocks"]:
+                print(f"  {host}: {p['bad_blocks']} bad block(s){', dropped: ' + p['error'] if p['dropped'] else ''}")
+    if res["error"]:
+        _fail(res["error"])
+
+
+def cmd_migrate(args: argparse.Namespace) -> None:
+    jobs = _ask(args, "migrate", to=args.to, disks=args.disks or None, mode=args.mode,
+                max_downtime_ms=args.max_downtime)["jobs"]
+    results = [_follow_job(args, job, f"migrate to {args.to}", quiet=args.json) for job in jobs]
+    keys = ("disk", "from", "to", "mode", "duration_s", "downtime_ms", "bytes_on_wire", "bytes_from", "epoch",
+            "throttled", "error")
+    if args.json:
+        summary = [{k: r[k] for k in keys} for r in results]
+        _print_json(summary[0] if len(summary) == 1 else summary)
+    for r in results:
+        if r["error"]:
+            print(f"p2pvbd: error: {r['disk']}: {r['error']}", file=sys.stderr)
+        elif not args.json:
+            print(f"{r['disk']}: now owned by {r['to']} (epoch {r['epoch']}) after {r['duration_s']:.1f} s; "
+                  f"guest stalled {r['downtime_ms']:.0f} ms; {format_size(r['bytes_on_wire'])} moved from "
+                  + ", ".join(f"{h} {format_size(b)}" for h, b in sorted(r["bytes_from"].items())))
+    if any(r["error"] for r in results):
+        raise SystemExit(1)
+
+
+def cmd_replicate(args: argparse.Namespace) -> None:
+    on = [h for h in (args.on or "").split(",") if h]
+    off = [h for h in (args.off or "").split(",") if h]
+    if not on and not off and args.rate is None:
+        _fail("say which hosts: --on HOST[,HOST…] or --off HOST[,HOST…]")
+    policy = _ask(args, "replicate", disk=args.disk, on=on, off=off, rate=args.rate)
+    if args.json:
+        _print_json(policy)
+        return
+    limit = "unlimited" if policy["rate"] < 0 else f"{format_size(policy['rate'])}/s"
+    hosts = ", ".join(policy["hosts"]) or "no host"
+    print(f"{args.disk}: kept warm on {hosts}; owner upload for it at most {limit}")
+
+
+def cmd_jobs(args: argparse.Namespace) -> None:
+    jobs = _ask(args, "jobs")
+    if args.json:
+        _print_json(jobs)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("job", "disk", "phase", "progress", "on the wire", "time", "error", box=None)
+    for j in jobs:
+        share = f"{j['done_bytes'] / j['total_bytes']:.0%}" if j["total_bytes"] else "-"
+        table.add_row(str(j["job"]), j["disk"], j["phase"], share, format_size(j["bytes_on_wire"]),
+                      f"{j['duration_s']:.1f} s", j["error"])
+    Console().print(table)
+
+
+def _follow_job(args: argparse.Namespace, job: int, title: str, quiet: bool) -> dict[str, Any]:
+    """Poll a daemon job until it ends, drawing a progress bar with per-peer rates unless quiet."""
+    import time
+
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeRemainingColumn(), TextColumn("{task.fields[peers]}")]
+    with Progress(*columns, disable=quiet or not sys.stderr.isatty(), console=None, transient=True) as bar:
+        task = bar.add_task(title, total=None, peers="")
+        while True:
+            res = _ask(args, "job", job=job)
+            rates = ", ".join(f"{h} {format_size(p['rate'])}/s" for h, p in sorted(res["peers"].items()))
+            bar.update(task, total=res["total_bytes"] or None, completed=res["done_bytes"], peers=rates)
+            if res["done"]:
+                return res
+            time.sleep(JOB_POLL_SECONDS)
+
+
 def cmd_verify(args: argparse.Namespace) -> None:
     res = _ask(args, "verify", disk=args.disk)
     if args.json:
@@ -257,6 +354,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("disk")
     sp = add("status", cmd_status, "disks, owners and replica coverage", (as_json,))
     sp.add_argument("disk", nargs="?")
+    sp = add("sync", cmd_sync, "bring this host's replica of a disk to the owner's versions, from many peers",
+             (as_json,))
+    sp.add_argument("disk")
+    sp.add_argument("--from", dest="sources", metavar="HOST,…", help="only pull from these hosts")
+    sp = add("migrate", cmd_migrate, "move disks this host owns to another host while their guest runs",
+             (as_json,))
+    sp.add_argument("disks", nargs="*", metavar="DISK", help="default: every disk this host owns")
+    sp.add_argument("--to", required=True, metavar="HOST", help="the new owner")
+    sp.add_argument("--mode", choices=("sync", "async"), default="async",
+                    help="sync: a write is acknowledged once both hosts have it; async (default): shipped after")
+    sp.add_argument("--max-downtime", type=float, default=50, metavar="MS",
+                    help="switch over once the rest ships within this many milliseconds (default 50)")
+    sp = add("replicate", cmd_replicate, "keep replicas of a disk warm on other hosts in the background",
+             (as_json,))
+    sp.add_argument("disk")
+    sp.add_argument("--on", metavar="HOST,…", help="hosts that keep a warm replica")
+    sp.add_argument("--off", metavar="HOST,…", help="hosts that stop keeping one")
+    sp.add_argument("--rate", type=_rate, help="cap on the owner's upload for it, e.g. 20M (bytes/s) or 100mbit")
+    add("jobs", cmd_jobs, "syncs this daemon ran or is running, with their progress", (as_json,))
     sp = add("verify", cmd_verify, "re-hash every block of a disk against its recorded hash", (as_json,))
     sp.add_argument("disk")
     sp = add("attach", cmd_attach, "connect a disk to a kernel block device and print its path")

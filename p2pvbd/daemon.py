@@ -11,17 +11,22 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from p2pvbd import trust
+from p2pvbd import invites, trust
 from p2pvbd.control import ControlError, serve_control
 from p2pvbd.home import Config, Home, HomeError, check_name, parse_hostport
 from p2pvbd.kernel_hook_ctl import ExportMode, HookController
+from p2pvbd.migrate import DEFAULT_MAX_DOWNTIME_MS
 from p2pvbd.nbd_server import serve_nbd
+from p2pvbd.peer_transport import PeerError
 from p2pvbd.replica_store import DEFAULT_BLOCK_SIZE, ReplicaStore
 from p2pvbd.swarm import Swarm, advertised_addresses
+
+if TYPE_CHECKING:
+    from p2pvbd.fetcher import SyncProgress
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,8 @@ class Daemon:
             raise HomeError(f"{home.path} has no swarm identity: create it with 'p2pvbd init' or 'p2pvbd join'")
         self.identity = trust.load_identity(home.path)
         self.swarm = Swarm(home, config, self.identity, self.ctl)
+        self.jobs: dict[int, Any] = {}  # SyncProgress or MigrationProgress: both have as_dict()
+        self._nursery: trio.Nursery | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def open_disks(self) -> None:
@@ -76,6 +83,7 @@ class Daemon:
         try:
             async with trio.open_nursery() as nursery:
                 self.cancel_scope = nursery.cancel_scope
+                self._nursery = nursery
                 tcp = parse_hostport(self.config.nbd_tcp) if self.config.nbd_tcp else None
                 await nursery.start(serve_nbd, self.ctl, self.home.nbd_socket, tcp)
                 await nursery.start(self.swarm.run)
@@ -179,9 +187,108 @@ class Daemon:
         if ttl <= 0:
             raise ControlError("the invite's lifetime must be positive")
         now = time.time()
-        token, record = trust.make_invite(self.identity, advertised_addresses(self.config.listen), ttl, now)
-        trust.record_invite(self.home.path, record, now=now)
+        token, record = invites.make_invite(self.identity, advertised_addresses(self.config.listen), ttl, now)
+        invites.record_invite(self.home.path, record, now=now)
         return {"token": token, "expires": record.expires}
+
+    async def op_sync(self, disk: str, sources: list[str] | None = None) -> dict[str, Any]:
+        """Start pulling ``disk`` up to the owner's versions; `job` reports progress."""
+        check_name("disk", disk)
+        if any(p.disk == disk and p.finished is None for p in self.jobs.values()):
+            raise ControlError(f"a sync of {disk} is already running")
+        job = max(self.jobs, default=0) + 1
+        from p2pvbd.fetcher import SyncProgress
+
+        progress = self.jobs[job] = SyncProgress(disk)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._run_sync, disk, sources, progress)
+        return {"job": job}
+
+    async def _run_sync(self, disk: str, sources: list[str] | None, progress: SyncProgress) -> None:
+        from p2pvbd.fetcher import SyncError, sync_disk
+
+        try:
+            await sync_disk(self.swarm, disk, progress, sources)
+        except (SyncError, ValueError, OSError) as e:
+            progress.error = str(e)
+        except PeerError as e:
+            progress.error = e.message
+        except Exception as e:
+            log.exception("sync of %s failed", disk)
+            progress.error = f"internal error: {e}"
+        finally:
+            progress.finished = time.monotonic()
+            if progress.error:
+                progress.phase = "failed"
+
+    async def op_jobs(self) -> list[dict[str, Any]]:
+        return [{"job": job} | await self.op_job(job) for job in sorted(self.jobs)]
+
+    async def op_migrate(self, to: str, disks: list[str] | None = None, mode: str = "async",
+                         max_downtime_ms: float = DEFAULT_MAX_DOWNTIME_MS) -> dict[str, Any]:
+        """Start migrating ``disks`` (default: every disk this host owns) to host ``to``."""
+        from p2pvbd.migrate import MigrationProgress
+
+        check_name("host", to)
+        if mode not in ("sync", "async"):
+            raise ControlError("--mode must be sync or async")
+        if max_downtime_ms <= 0:
+            raise ControlError("--max-downtime must be positive")
+        owned = [e.name for e in self.ctl.exports() if e.store.owner == self.config.name]
+        disks = disks or owned
+        if not disks:
+            raise ControlError(f"host {self.config.name} owns no disk to migrate")
+        for disk in disks:
+            if disk not in owned:
+                raise ControlError(f"host {self.config.name} does not own {disk!r}")
+            if disk in self.swarm.migrations and self.swarm.migrations[disk].finished is None:
+                raise ControlError(f"{disk} is already migrating")
+        if to == self.config.name:
+            raise ControlError(f"{', '.join(disks)} already live(s) on {to}")
+        jobs = []
+        assert self._nursery is not None
+        for disk in disks:
+            job = max(self.jobs, default=0) + 1
+            progress = self.jobs[job] = self.swarm.migrations[disk] = MigrationProgress(disk, self.config.name, to,
+                                                                                        mode)
+            self._nursery.start_soon(self._run_migration, progress, max_downtime_ms)
+            jobs.append(job)
+        return {"jobs": jobs}
+
+    async def _run_migration(self, progress: Any, max_downtime_ms: float) -> None:
+        from p2pvbd.migrate import MigrationError, migrate_disk
+
+        try:
+            await migrate_disk(self.swarm, progress.disk, progress.dest, progress.mode, max_downtime_ms, progress)
+            progress.phase = "done"
+        except MigrationError as e:
+            progress.error = str(e)
+        except PeerError as e:
+            progress.error = e.message
+        except Exception as e:
+            log.exception("migration of %s failed", progress.disk)
+            progress.error = f"internal error: {e}"
+        finally:
+            progress.finished = time.monotonic()
+            if progress.error:
+                progress.phase = "failed"
+
+    async def op_replicate(self, disk: str, on: list[str], off: list[str], rate: float | None = None
+                           ) -> dict[str, Any]:
+        if disk not in await self.swarm.known_disks():
+            raise ControlError(f"no disk named {disk!r} in the swarm")
+        for host in (*on, *off):
+            check_name("host", host)
+        if rate is not None and rate <= 0:
+            raise ControlError("--rate must be positive")
+        policy = await self.swarm.replication.set(disk, on, off, rate)
+        return policy.as_payload()
+
+    async def op_job(self, job: int) -> dict[str, Any]:
+        progress = self.jobs.get(job)
+        if progress is None:
+            raise ControlError(f"no job {job}")
+        return progress.as_dict() | {"done": progress.finished is not None}
 
     async def op_verify(self, disk: str) -> dict[str, Any]:
         store = self._store(disk)

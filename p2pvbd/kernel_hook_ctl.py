@@ -13,6 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -45,6 +46,16 @@ class HookError(Exception):
     def __init__(self, errno: int, message: str) -> None:
         super().__init__(message)
         self.errno = errno
+
+
+class Forwarder(Protocol):
+    """Where an old owner sends the I/O of guest connections that predate the switchover."""
+
+    async def read(self, offset: int, length: int) -> bytes: ...
+    async def write(self, offset: int, data: bytes, fua: bool) -> None: ...
+    async def write_zeroes(self, offset: int, length: int, fua: bool) -> None: ...
+    async def trim(self, offset: int, length: int, fua: bool) -> None: ...
+    async def flush(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +93,12 @@ class Export:
     # Awaited after a write is applied and before it is acknowledged: where migration makes a write
     # synchronous with its mirror, or paces a guest that writes faster than the mirror can ship.
     after_write: Callable[[WriteResult], Awaitable[None]] | None = None
+    # Guest connections now open (ids from HookController.connect).
+    clients: set[int] = field(default_factory=set)
+    # After a switchover: the connections open at that moment have their I/O carried out by the new
+    # owner through ``forward``, so a guest whose memory is still migrating never sees an error.
+    forward: Forwarder | None = None
+    forwarded_clients: frozenset[int] = frozenset()
 
     @property
     def name(self) -> str:
@@ -94,6 +111,7 @@ class HookController:
     def __init__(self) -> None:
         self._exports: dict[str, Export] = {}
         self._subs: list[WriteSubscription] = []
+        self._next_client = 0
 
     # ---- exports -------------------------------------------------------------------------------
     def add_export(self, store: ReplicaStore, mode: ExportMode) -> Export:
@@ -152,14 +170,29 @@ class HookController:
                 except trio.WouldBlock:
                     sub.overflowed = True
 
+    # ---- guest connections ---------------------------------------------------------------------
+    def connect(self, name: str) -> int:
+        """Register a guest connection to ``name``; its id goes with each of its requests."""
+        self._next_client += 1
+        self._require(name).clients.add(self._next_client)
+        return self._next_client
+
+    def disconnect(self, name: str, client: int) -> None:
+        exp = self._exports.get(name)
+        if exp is not None:
+            exp.clients.discard(client)
+
     # ---- admission -----------------------------------------------------------------------------
-    async def _admit(self, name: str, is_write: bool) -> Export:
+    async def _admit(self, name: str, is_write: bool, client: int = 0) -> Export | None:
+        """The export, counted in flight; None when the request is to be forwarded to the new owner."""
         exp = self._require(name)
         while True:
             if exp.frozen:
                 await exp._thawed.wait()
                 exp = self._require(name)
                 continue
+            if exp.forward is not None and client in exp.forwarded_clients:
+                return None
             if is_write and exp.mode is not ExportMode.PRIMARY:
                 if exp.mode is ExportMode.STANDBY:
                     raise HookError(NBD_EPERM, f"{name} is a standby replica; its owner takes writes")
@@ -177,8 +210,10 @@ class HookController:
             exp._drained.set()
 
     # ---- guest commands ------------------------------------------------------------------------
-    async def read(self, name: str, offset: int, length: int) -> bytes:
-        exp = await self._admit(name, is_write=False)
+    async def read(self, name: str, offset: int, length: int, client: int = 0) -> bytes:
+        exp = await self._admit(name, is_write=False, client=client)
+        if exp is None:
+            return await self._forwarder(name).read(offset, length)
         try:
             return exp.store.read(offset, length)
         except OutOfRange as e:
@@ -188,17 +223,28 @@ class HookController:
         finally:
             self._done(exp)
 
-    async def write(self, name: str, offset: int, data: bytes, fua: bool = False) -> None:
-        await self._apply(name, fua, lambda s: s.write(offset, data))
+    async def write(self, name: str, offset: int, data: bytes, fua: bool = False, client: int = 0) -> None:
+        if not await self._apply(name, fua, client, lambda s: s.write(offset, data)):
+            await self._forwarder(name).write(offset, data, fua)
 
-    async def write_zeroes(self, name: str, offset: int, length: int, fua: bool = False) -> None:
-        await self._apply(name, fua, lambda s: s.write_zeroes(offset, length))
+    async def write_zeroes(self, name: str, offset: int, length: int, fua: bool = False, client: int = 0) -> None:
+        if not await self._apply(name, fua, client, lambda s: s.write_zeroes(offset, length)):
+            await self._forwarder(name).write_zeroes(offset, length, fua)
 
-    async def trim(self, name: str, offset: int, length: int, fua: bool = False) -> None:
-        await self._apply(name, fua, lambda s: s.trim(offset, length))
+    async def trim(self, name: str, offset: int, length: int, fua: bool = False, client: int = 0) -> None:
+        if not await self._apply(name, fua, client, lambda s: s.trim(offset, length)):
+            await self._forwarder(name).trim(offset, length, fua)
 
-    async def _apply(self, name: str, fua: bool, op: Callable[[ReplicaStore], WriteResult]) -> None:
-        exp = await self._admit(name, is_write=True)
+    def _forwarder(self, name: str) -> Forwarder:
+        fwd = self._require(name).forward
+        assert fwd is not None
+        return fwd
+
+    async def _apply(self, name: str, fua: bool, client: int, op: Callable[[ReplicaStore], WriteResult]) -> bool:
+        """Apply a write locally; False when it must be forwarded instead."""
+        exp = await self._admit(name, is_write=True, client=client)
+        if exp is None:
+            return False
         try:
             try:
                 res = op(exp.store)
@@ -213,9 +259,12 @@ class HookController:
                 await self._sync(exp)
         finally:
             self._done(exp)
+        return True
 
-    async def flush(self, name: str) -> None:
-        exp = await self._admit(name, is_write=False)
+    async def flush(self, name: str, client: int = 0) -> None:
+        exp = await self._admit(name, is_write=False, client=client)
+        if exp is None:
+            return await self._forwarder(name).flush()
         try:
             await self._sync(exp)
         finally:

@@ -2,13 +2,16 @@
 
 Speaks the protocol through the pure codec in :mod:`p2pvbd.nbd_codec` and applies every command
 through :class:`~p2pvbd.kernel_hook_ctl.HookController`. One task per connection reads and parses
-requests; cheap commands are applied inline and their replies batched into one send, while commands
+requests; cheap commands are applied inline and their replies batched into one send (a list of buffers
+handed to one sendmsg(), so READ data is never copied in Python), while commands
 that wait for the disk (FLUSH, FUA writes) or for a gate (frozen or incoming exports) run as their own
 tasks, so their replies may overtake or be overtaken by others (out-of-order replies, as the spec allows).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import socket
@@ -24,6 +27,14 @@ log = logging.getLogger(__name__)
 
 # One receive covers a pipelined burst of 4 KiB requests or a quarter of a 1 MiB write.
 RECV_BYTES = 256 * 1024
+# READ data batched before a send: the client consumes one reply while the next is read from the store.
+SEND_BATCH_BYTES = 1024 * 1024
+# Send buffer of Unix-socket connections (the kernel caps it at net.core.wmem_max): one sendmsg() then
+# takes a 1 MiB READ reply instead of ~200 KiB per writable wakeup. TCP sockets keep the kernel's
+# autotuning, which setting SO_SNDBUF would switch off.
+UNIX_SNDBUF = 4 * 1024 * 1024
+# Buffers per sendmsg() call (Linux's IOV_MAX).
+IOV_MAX = 1024
 # Requests one connection may have running as separate tasks (FLUSH, FUA, held writes) before the
 # reader stops reading: backpressure instead of unbounded memory. Linux's nbd driver queues 128.
 MAX_TASKS_PER_CONNECTION = 128
@@ -58,6 +69,23 @@ _ALLOWED_FLAGS = {
 }
 
 
+# A whole reply: one buffer, or a READ's header and data (sent together, never copied into one).
+_Reply = bytes | tuple[bytes, bytes]
+
+
+async def _sendmsg_all(sock: trio.socket.SocketType, bufs: list[bytes]) -> None:
+    """Send every byte of ``bufs``, in order, with as few sendmsg() calls as the kernel allows."""
+    views: list[bytes | memoryview] = list(bufs)
+    i, n = 0, len(views)
+    while i < n:
+        sent = await sock.sendmsg(views[i:i + IOV_MAX] if i or n > IOV_MAX else views)
+        while i < n and sent >= len(views[i]):
+            sent -= len(views[i])
+            i += 1
+        if sent:  # a partial send: resume inside this buffer
+            views[i] = memoryview(views[i])[sent:]
+
+
 class _Disconnect(Exception):
     """End the connection cleanly (ABORT, EXPORT_NAME of an unknown export)."""
 
@@ -70,8 +98,16 @@ class NbdConnection:
         self.ctl = ctl
         self.structured = False
         self.meta_export: str | None = None  # export for which base:allocation was negotiated
+        self.client = 0  # this connection's id at the controller, once in transmission
         self.send_lock = trio.Lock()
         self.tasks = trio.Semaphore(MAX_TASKS_PER_CONNECTION)
+        # Replies go out with sendmsg() on the socket itself when there is one (scatter-gather).
+        self._sock: trio.socket.SocketType | None = None
+        if isinstance(stream, trio.SocketStream) and hasattr(stream.socket, "sendmsg"):
+            self._sock = stream.socket
+            if stream.socket.family == socket.AF_UNIX:
+                with contextlib.suppress(OSError):
+                    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
 
     async def run(self) -> None:
         await self.stream.send_all(nbd.server_greeting())
@@ -201,9 +237,17 @@ class NbdConnection:
         size = self.ctl.get(export).store.size  # type: ignore[union-attr]
         if leftover:
             parser.feed(leftover)
+        self.client = self.ctl.connect(export)
+        try:
+            await self._serve_requests(export, size, parser)
+        finally:
+            self.ctl.disconnect(export, self.client)
+
+    async def _serve_requests(self, export: str, size: int, parser: nbd.RequestParser) -> None:
         async with trio.open_nursery() as nursery:
             while True:
-                out = bytearray()
+                out: list[bytes] = []  # whole replies, in the order they were produced
+                batched = 0  # READ bytes in out
                 disconnect = False
                 while (req := parser.next_request()) is not None:
                     if req.type == nbd.NBD_CMD_DISC:
@@ -211,14 +255,22 @@ class NbdConnection:
                         break
                     if self._needs_task(export, req):
                         if out:
-                            await self._send(bytes(out))
-                            out.clear()
+                            await self._send(out)
+                            out, batched = [], 0
                         await self.tasks.acquire()
                         nursery.start_soon(self._run_task, export, size, req)
+                        continue
+                    reply = await self._execute(export, size, req)
+                    if isinstance(reply, tuple):
+                        out += reply
+                        batched += req.length
+                        if batched >= SEND_BATCH_BYTES:
+                            await self._send(out)
+                            out, batched = [], 0
                     else:
-                        out += await self._execute(export, size, req)
+                        out.append(reply)
                 if out:
-                    await self._send(bytes(out))
+                    await self._send(out)
                 if disconnect:
                     break
                 data = await self.stream.receive_some(RECV_BYTES)
@@ -231,23 +283,32 @@ class NbdConnection:
         if req.type == nbd.NBD_CMD_FLUSH or req.flags & nbd.NBD_CMD_FLAG_FUA:
             return True
         exp = self.ctl.get(export)
-        if exp is None or exp.frozen:
+        if exp is None or exp.frozen or exp.forward is not None:
             return True
         return req.type in (nbd.NBD_CMD_WRITE, nbd.NBD_CMD_WRITE_ZEROES, nbd.NBD_CMD_TRIM) and (
-            exp.mode is ExportMode.INCOMING)
+            exp.mode is ExportMode.INCOMING or exp.after_write is not None)
 
     async def _run_task(self, export: str, size: int, req: nbd.Request) -> None:
         try:
             reply = await self._execute(export, size, req)
-            await self._send(reply)
+            await self._send(list(reply) if isinstance(reply, tuple) else [reply])
         finally:
             self.tasks.release()
 
-    async def _send(self, data: bytes) -> None:
+    async def _send(self, bufs: list[bytes]) -> None:
+        """Send whole replies; the lock keeps replies of different tasks from interleaving on the wire."""
         async with self.send_lock:
-            await self.stream.send_all(data)
+            if self._sock is None:
+                await self.stream.send_all(bufs[0] if len(bufs) == 1 else b"".join(bufs))
+                return
+            try:
+                await _sendmsg_all(self._sock, bufs)
+            except OSError as exc:  # the errors SocketStream.send_all raises for the same failures
+                if exc.errno in (errno.EBADF, errno.ENOTSOCK):
+                    raise trio.ClosedResourceError("this socket was already closed") from None
+                raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
 
-    async def _execute(self, export: str, size: int, req: nbd.Request) -> bytes:
+    async def _execute(self, export: str, size: int, req: nbd.Request) -> _Reply:
         """Apply one request; return its whole reply."""
         try:
             return await self._dispatch(export, size, req)
@@ -259,7 +320,7 @@ class NbdConnection:
             return nbd.error_chunk(req.cookie, errno, message)
         return nbd.simple_reply(req.cookie, errno)
 
-    async def _dispatch(self, export: str, size: int, req: nbd.Request) -> bytes:
+    async def _dispatch(self, export: str, size: int, req: nbd.Request) -> _Reply:
         t, off, n, ctl = req.type, req.offset, req.length, self.ctl
         fua = bool(req.flags & nbd.NBD_CMD_FLAG_FUA)
         if req.flags & ~_ALLOWED_FLAGS.get(t, 0):
@@ -273,24 +334,24 @@ class NbdConnection:
                 return self._error(req, nbd.NBD_EINVAL, "read past the end of the disk")
             if n == 0:  # legal but pointless: answer without data rather than an empty data chunk
                 return nbd.none_chunk(req.cookie) if self.structured else nbd.simple_reply(req.cookie)
-            data = await ctl.read(export, off, n)
-            if self.structured:
-                return nbd.offset_data_header(req.cookie, off, n, done=True) + data
-            return nbd.simple_reply(req.cookie) + data
+            data = await ctl.read(export, off, n, client=self.client)
+            if self.structured:  # header and data stay separate buffers: no copy of the data
+                return nbd.offset_data_header(req.cookie, off, n, done=True), data
+            return nbd.simple_reply(req.cookie), data
         if t in (nbd.NBD_CMD_WRITE, nbd.NBD_CMD_WRITE_ZEROES, nbd.NBD_CMD_TRIM):
             if off + n > size:  # the spec: ENOSPC for writes and zeroes, EINVAL for a trim
                 return self._error(req, nbd.NBD_EINVAL if t == nbd.NBD_CMD_TRIM else nbd.NBD_ENOSPC,
                                    "past the end of the disk")
             if t == nbd.NBD_CMD_WRITE:
                 assert req.data is not None
-                await ctl.write(export, off, req.data, fua)
+                await ctl.write(export, off, req.data, fua, client=self.client)
             elif t == nbd.NBD_CMD_WRITE_ZEROES:
-                await ctl.write_zeroes(export, off, n, fua)
+                await ctl.write_zeroes(export, off, n, fua, client=self.client)
             else:
-                await ctl.trim(export, off, n, fua)
+                await ctl.trim(export, off, n, fua, client=self.client)
             return nbd.simple_reply(req.cookie)
         if t == nbd.NBD_CMD_FLUSH:
-            await ctl.flush(export)
+            await ctl.flush(export, client=self.client)
             return nbd.simple_reply(req.cookie)
         if t == nbd.NBD_CMD_BLOCK_STATUS:
             if self.meta_export != export or not self.structured:

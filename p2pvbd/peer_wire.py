@@ -75,6 +75,16 @@ OPS: dict[str, OpSpec] = {
     "get_version_map": OpSpec({"disk": str, "start": int, "count": int},
                               "one page of a disk's per-block versions and hashes (zstd), with its generation"),
     "get_blocks": OpSpec({"disk": str, "blocks": list}, "block contents by [index, version] pairs"),
+    # Live migration, source -> destination (see migrate.py / migrate_target.py).
+    "migrate_prepare": OpSpec({"disk": str, "epoch": int, "size": int, "block_size": int, "mode": str},
+                              "a migration of disk is coming: become its incoming replica"),
+    "migrate_pull": OpSpec({"disk": str}, "start the bulk multi-peer pull; answers a job id"),
+    "migrate_job": OpSpec({"job": int}, "progress of a bulk pull"),
+    "put_blocks": OpSpec({"disk": str, "blocks": list}, "mirrored blocks [index, version, hash, data, enc]"),
+    "migrate_commit": OpSpec({"disk": str, "epoch": int}, "take ownership if every block matches the source"),
+    "migrate_status": OpSpec({"disk": str, "epoch": int}, "was that epoch committed? (else it never will be)"),
+    "migrate_abort": OpSpec({"disk": str}, "the migration is off: back to a standby replica"),
+    "guest_io": OpSpec({"disk": str, "op": str}, "I/O of a guest still connected to the old owner"),
 }
 # The join port's ops (a joiner has no certificate yet, so these must never share the peer port's table).
 JOIN_OPS: dict[str, OpSpec] = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import subprocess
 import time
 from dataclasses import dataclass
@@ -21,11 +22,14 @@ import trio
 import zstandard
 
 from p2pvbd import dht, trust
+from p2pvbd.dht_records import format_hostport, holders_payload, host_payload, owner_payload
 from p2pvbd.home import Config, Home, parse_hostport
 from p2pvbd.kernel_hook_ctl import HookController
+from p2pvbd.migrate_target import MigrationTarget
 from p2pvbd.peer_transport import JOIN_PORT_OFFSET, PeerConnection, PeerError, open_peer, serve_join, serve_peers
 from p2pvbd.peer_wire import BLOCK_ZSTD_LEVEL, ENC_RAW, MAX_FRAME_BYTES, pack_block
 from p2pvbd.replica_store import ReplicaStore
+from p2pvbd.replication import Replication
 from p2pvbd.version_map import HASH_SIZE, VersionMap
 
 log = logging.getLogger(__name__)
@@ -46,20 +50,22 @@ BLOCKS_REPLY_BUDGET = MAX_FRAME_BYTES - 64 * 1024
 # zstd level 3: the library's default, ~300 MB/s per core, most of the ratio of higher levels.
 ZSTD_LEVEL = 3
 WILDCARDS = ("0.0.0.0", "::", "")
+# Set to 1 in a daemon's environment to make it a lying peer (tests only; logged loudly at start).
+FAULT_CORRUPT_ENV = "P2PVBD_FAULT_CORRUPT_SERVED_BLOCKS"
 
 
 def advertised_addresses(listen: str) -> list[str]:
     """Where peers can reach us: the listen address, or every non-loopback address for a wildcard."""
     host, port = parse_hostport(listen)
     if host not in WILDCARDS:
-        return [dht.format_hostport(host, port)]
+        return [format_hostport(host, port)]
     try:
         out = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True, check=True).stdout
         addrs = [a["local"] for ifc in json.loads(out) for a in ifc.get("addr_info", [])
                  if a.get("scope") == "global"]
     except (OSError, subprocess.CalledProcessError, ValueError, KeyError):
         addrs = []
-    return [dht.format_hostport(a, port) for a in addrs] or [dht.format_hostport("127.0.0.1", port)]
+    return [format_hostport(a, port) for a in addrs] or [format_hostport("127.0.0.1", port)]
 
 
 @dataclass
@@ -86,6 +92,14 @@ class Swarm:
         self._publish_now = trio.Event()
         self._map_cache: dict[str, tuple[int, VersionMap]] = {}
         self._block_compressor = zstandard.ZstdCompressor(level=BLOCK_ZSTD_LEVEL)
+        self.record_ttl = RECORD_TTL
+        # Fault injection for tests of the fetcher's defences: this host serves corrupt blocks (a liar).
+        self.fault_corrupt_blocks = os.environ.get(FAULT_CORRUPT_ENV) == "1"
+        self.replication = Replication(self, home.path)
+        self.migration_target = MigrationTarget(self)
+        self.target_ops = self.migration_target.ops()
+        # Migrations this host runs as their source, by disk: shown by `status` on every host.
+        self.migrations: dict[str, Any] = {}
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -100,7 +114,12 @@ class Swarm:
             if self.identity.can_invite:
                 join_listeners = await trio.open_tcp_listeners(port + JOIN_PORT_OFFSET, host=host or None)
                 await nursery.start(partial(serve_join, join_listeners, self.identity))
+            if self.fault_corrupt_blocks:
+                log.warning("%s=1: this daemon serves corrupt blocks to its peers (fault injection)",
+                            FAULT_CORRUPT_ENV)
             nursery.start_soon(self._publish_loop)
+            await nursery.start(self.replication.run)
+            await nursery.start(self.migration_target.run)
             task_status.started()
 
     def request_publish(self) -> None:
@@ -118,17 +137,17 @@ class Swarm:
             self._publish_now = trio.Event()
 
     async def publish(self) -> None:
-        await self.dht.publish("host", self.name, dht.host_payload(
+        await self.dht.publish("host", self.name, host_payload(
             advertised_addresses(self.config.listen), self.identity.cert_fingerprint), RECORD_TTL)
         disks = self.ctl.names()
         await self.dht.publish("catalog", CATALOG_KEY, {"host": self.name, "disks": disks}, RECORD_TTL)
         for exp in self.ctl.exports():
             store = exp.store
             if store.owner == self.name:
-                await self.dht.publish("owner", store.name, dht.owner_payload(self.name, store.epoch), RECORD_TTL)
+                await self.dht.publish("owner", store.name, owner_payload(self.name, store.epoch), RECORD_TTL)
             vmap = await self._local_map(store)
             current = int(np.count_nonzero(vmap.versions)) if store.owner != self.name else vmap.n_blocks
-            await self.dht.publish("holders", store.name, dht.holders_payload(self.name, current, store.counter),
+            await self.dht.publish("holders", store.name, holders_payload(self.name, current, store.counter),
                                    RECORD_TTL)
 
     # ---- connections ---------------------------------------------------------------------------
@@ -189,8 +208,14 @@ class Swarm:
         if op == "get_version_map":
             return await self._serve_map(body["disk"], body["start"], body["count"])
         if op == "get_blocks":
-            return self._serve_blocks(body["disk"], body["blocks"])
-        raise PeerError("unknown_op", f"no handler for {op!r}")
+            reply, nbytes = self._serve_blocks(body["disk"], body["blocks"])
+            if body.get("background") is True:  # a warm-replica pull: paced to the policy's rate
+                await self.replication.bucket(body["disk"]).take(nbytes)
+            return reply
+        handler = self.target_ops.get(op)
+        if handler is None:
+            raise PeerError("unknown_op", f"no handler for {op!r}")
+        return await handler(peer, body)
 
     def _store(self, disk: str) -> ReplicaStore:
         exp = self.ctl.get(disk)
@@ -199,11 +224,11 @@ class Swarm:
         return exp.store
 
     async def _local_map(self, store: ReplicaStore) -> VersionMap:
-        """The store's map, re-read only when its counter moved (maps of big disks are big)."""
+        """The store's map, re-read only when the store changed (maps of big disks are big)."""
         cached = self._map_cache.get(store.name)
-        if cached is not None and cached[0] == store.counter:
+        if cached is not None and cached[0] == store.changes:
             return cached[1]
-        counter = store.counter
+        counter = store.changes
         vmap = await trio.to_thread.run_sync(store.version_map)
         self._map_cache[store.name] = (counter, vmap)
         return vmap
@@ -215,12 +240,14 @@ class Swarm:
             raise PeerError("bad_request", "page outside the map")
         stop = min(vmap.n_blocks, start + min(count, MAP_PAGE_BLOCKS))
         cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        migration = self.migrations.get(disk)
         return {"size": store.size, "block_size": store.block_size, "owner": store.owner, "epoch": store.epoch,
                 "generation": store.counter, "start": start, "stop": stop,
+                "migration": migration.as_dict() if migration is not None and migration.finished is None else None,
                 "versions": cctx.compress(vmap.versions[start:stop].tobytes()),
                 "hashes": cctx.compress(vmap.hashes[start:stop].tobytes())}
 
-    def _serve_blocks(self, disk: str, wanted: list[Any]) -> dict[str, Any]:
+    def _serve_blocks(self, disk: str, wanted: list[Any]) -> tuple[dict[str, Any], int]:
         store = self._store(disk)
         out: list[list[Any]] = []
         budget = BLOCKS_REPLY_BUDGET
@@ -233,24 +260,29 @@ class Swarm:
             if budget < store.block_size:
                 break  # the caller asks again for the rest
             rec = store.read_block(index)
-            if rec.version != version:
-                out.append([index, rec.version, None, None])  # not that version here (any more)
+            # Not that version here (any more): a replica says so; the owner sends what it has now.
+            if rec.version != version and store.owner != self.name:
+                out.append([index, rec.version, None, None, ENC_RAW])
                 continue
             if rec.data is None:
                 out.append([index, rec.version, rec.hash, None, ENC_RAW])
                 continue
             encoding, payload = pack_block(rec.data, self._block_compressor)
+            if self.fault_corrupt_blocks:
+                payload = bytes([payload[0] ^ 0xFF]) + payload[1:]
             out.append([index, rec.version, rec.hash, payload, encoding])
             budget -= len(payload)
-        return {"blocks": out}
+        return {"blocks": out}, BLOCKS_REPLY_BUDGET - budget
 
     # ---- swarm-wide queries --------------------------------------------------------------------
     async def fetch_map(self, host: str, disk: str) -> tuple[VersionMap, dict[str, Any]]:
         """``host``'s version map of ``disk`` (paged over the peer link) and its header."""
         if host == self.name:
             store = self._store(disk)
-            return await self._local_map(store), {"owner": store.owner, "epoch": store.epoch,
-                                                  "generation": store.counter}
+            migration = self.migrations.get(disk)
+            return await self._local_map(store), {
+                "owner": store.owner, "epoch": store.epoch, "generation": store.counter,
+                "migration": migration.as_dict() if migration is not None and migration.finished is None else None}
         conn = await self.connect(host)
         dctx = zstandard.ZstdDecompressor()
         versions: list[np.ndarray] = []
@@ -272,7 +304,8 @@ class Swarm:
         assert head is not None
         vmap = VersionMap(block_size=int(head["block_size"]), size=int(head["size"]),
                           versions=np.concatenate(versions).astype(np.uint64), hashes=np.concatenate(hashes))
-        return vmap, {"owner": head["owner"], "epoch": head["epoch"], "generation": head["generation"]}
+        return vmap, {"owner": head["owner"], "epoch": head["epoch"], "generation": head["generation"],
+                      "migration": head.get("migration")}
 
     async def known_disks(self) -> list[str]:
         names = set(self.ctl.names())
@@ -303,11 +336,12 @@ class Swarm:
         if local is not None:
             holders.setdefault(self.name, None)  # type: ignore[arg-type]
         maps: dict[str, VersionMap] = {}
+        heads: dict[str, dict[str, Any]] = {}
         errors: dict[str, str] = {}
 
         async def get(host: str) -> None:
             try:
-                maps[host] = (await self.fetch_map(host, disk))[0]
+                maps[host], heads[host] = await self.fetch_map(host, disk)
             except (PeerError, trio.TooSlowError) as e:
                 errors[host] = getattr(e, "message", str(e))
 
@@ -333,8 +367,13 @@ class Swarm:
                 entry |= {"coverage": (current / total) if total else 0.0, "current_blocks": current,
                           "total_blocks": total, "stale": True, "error": errors.get(host) or errors.get(owner, "")}
             replicas.append(entry)
+        for entry in replicas:
+            entry["lag_blocks"] = entry["total_blocks"] - entry["current_blocks"]
+        policy = self.replication.policies.get(disk)
+        migration = heads.get(owner, {}).get("migration")
         return {"name": disk, "size": size, "block_size": block_size, "owner": owner, "epoch": epoch,
-                "replicas": replicas}
+                "replicas": replicas, "replicate": policy.as_payload() if policy and policy.hosts else None,
+                "migration": migration}
 
     async def status(self, disk: str | None = None) -> dict[str, Any]:
         names = [disk] if disk else await self.known_disks()

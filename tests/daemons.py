@@ -18,6 +18,8 @@ BIN = str(Path(sys.executable).parent / "p2pvbd")
 READY_SECONDS = 30.0
 
 
+# A host alone in its network namespace has every port to itself.
+PEER_PORT_IN_NAMESPACE = 7420
 # Ports handed to test hosts come from this range, away from the kernel's ephemeral range (32768+).
 PORT_RANGE = (20000, 30000)
 
@@ -44,19 +46,22 @@ def free_port(host: str = "127.0.0.1") -> int:
 class Host:
     """A p2pvbd host: a home directory and (while running) its daemon process."""
 
-    def __init__(self, home: Path, name: str, *extra_init: str, join: str | None = None) -> None:
+    def __init__(self, home: Path, name: str, *extra_init: str, join: str | None = None,
+                 prefix: list[str] | None = None, address: str = "127.0.0.1") -> None:
         self.home = home
         self.name = name
         self.proc: subprocess.Popen[bytes] | None = None
-        self.port = free_port()
-        listen = ["--listen", f"127.0.0.1:{self.port}"] if "--listen" not in extra_init else []
+        # Commands and the daemon run behind this, e.g. ["ip", "netns", "exec", NS] for a namespace.
+        self.prefix: list[str] = prefix or []
+        self.port = free_port() if address == "127.0.0.1" else PEER_PORT_IN_NAMESPACE
+        listen = ["--listen", f"{address}:{self.port}"] if "--listen" not in extra_init else []
         if join is None:
             self.cli("init", name, *listen, *extra_init)
         else:
             self.cli("join", join, name, *listen, *extra_init)
 
     def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run([BIN, *args, "--home", str(self.home)], capture_output=True, text=True,
+        res = subprocess.run([*self.prefix, BIN, *args, "--home", str(self.home)], capture_output=True, text=True,
                              timeout=timeout)
         if check and res.returncode != 0:
             raise AssertionError(f"p2pvbd {' '.join(args)} failed ({res.returncode}): {res.stderr}")
@@ -65,11 +70,12 @@ class Host:
     def json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--json").stdout)
 
-    def start(self) -> Host:
+    def start(self, env: dict[str, str] | None = None) -> Host:
         assert self.proc is None or self.proc.poll() is not None
         log = open(self.home / "daemon.log", "ab")  # noqa: SIM115 - owned by the child
-        self.proc = subprocess.Popen([BIN, "daemon", "--home", str(self.home), "-v"],
-                                     stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen([*self.prefix, BIN, "daemon", "--home", str(self.home), "-v"],
+                                     stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                     env={**os.environ, **(env or {})})
         log.close()
         deadline = time.monotonic() + READY_SECONDS
         while time.monotonic() < deadline:

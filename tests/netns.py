@@ -58,7 +58,7 @@ PREFIX = "p2pv-"
 NETNS_DIR = "/run/netns"
 
 # Host names become part of namespace names (files in /run/netns).
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.]{1,40}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
 
 _counter = itertools.count(1)
 _live: set[Network] = set()
@@ -375,7 +375,7 @@ class Network:
         if self._closed:
             raise NetnsError("network is closed")
         if not _NAME_RE.match(name):
-            raise ValueError(f"bad host name {name!r} (letters, digits, '_' and '.')")
+            raise ValueError(f"bad host name {name!r} (letters, digits, '_', '.' and '-')")
         if name in self.hosts or name == "br":
             raise ValueError(f"host name {name!r} already used")
         try:

@@ -58,7 +58,8 @@ def test_status_and_list_json(host: Host) -> None:
     vm1 = next(d for d in status["disks"] if d["name"] == "vm1")
     assert vm1 == {"name": "vm1", "size": 20 << 30, "block_size": 65536, "owner": "office-pc", "epoch": 1,
                    "replicas": [{"host": "office-pc", "coverage": 1.0, "current_blocks": 327680,
-                                 "total_blocks": 327680}]}
+                                 "total_blocks": 327680, "lag_blocks": 0}],
+                   "replicate": None, "migration": None}
     assert [d["name"] for d in host.json("status", "vm2")["disks"]] == ["vm2"]
     listed = host.json("disk", "list")
     assert {(d["name"], d["block_size"], d["mode"]) for d in listed} == {("vm1", 65536, "primary"),

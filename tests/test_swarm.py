@@ -17,7 +17,7 @@ from tests.daemons import Host, free_port
 CONVERGE_SECONDS = 60.0
 
 
-def wait_until(predicate: Callable[[], Any], what: str, timeout: float = CONVERGE_SECONDS) -> Any:
+def wait_until(predicate: Callable[[], Any], what: str, timeout: float = CONVERGE_SECONDS, poll: float = 0.2) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()
@@ -25,7 +25,7 @@ def wait_until(predicate: Callable[[], Any], what: str, timeout: float = CONVERG
             return result
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
+        time.sleep(poll)
 
 
 def invite(host: Host) -> str:
@@ -59,7 +59,7 @@ def test_status_agrees_on_every_host(swarm: list[Host]) -> None:
     for i, d in enumerate(disks[0]):
         assert d["owner"] == swarm[i].name and d["epoch"] == 1 and d["size"] == (i + 1) << 20
         assert d["replicas"] == [{"host": swarm[i].name, "coverage": 1.0, "current_blocks": (i + 1) * 16,
-                                  "total_blocks": (i + 1) * 16}]
+                                  "total_blocks": (i + 1) * 16, "lag_blocks": 0}]
 
 
 def test_peers_lists_every_other_host(swarm: list[Host]) -> None:
@@ -100,7 +100,7 @@ def test_reused_and_bad_tokens_are_refused(make_host: Callable[..., Host], tmp_p
     token = invite(first)
     make_host("home-pc", join=token, start=False)
     again = Host.__new__(Host)  # a second join with the same token must fail cleanly
-    again.home, again.name, again.proc = tmp_path / "car-pc", "car-pc", None
+    again.home, again.name, again.proc, again.prefix = tmp_path / "car-pc", "car-pc", None, []
     res = again.cli("join", token, "car-pc", "--listen", f"127.0.0.1:{free_port()}", check=False)
     assert res.returncode == 1 and "already used" in res.stderr and "Traceback" not in res.stderr
     res = again.cli("join", "p2pvbd1:garbage", "car-pc", check=False)

@@ -1,0 +1,287 @@
+"""Multi-peer pull: bring this host's replica of a disk to the owner's versions, from many peers at once.
+
+The pure planner decides which block comes from whom; this module executes that plan over peer
+links: a few pipelined get_blocks requests per peer, every block checked against the owner's hash
+before it enters the store, bad blocks counted against their sender and fetched elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import trio
+import zstandard
+
+from p2pvbd.peer_transport import PeerError
+from p2pvbd.peer_wire import FrameError, unpack_block
+from p2pvbd.replica_store import HashMismatch, ReplicaStore, StaleVersion
+from p2pvbd.sync_planner import FetchRequest, PeerInfo, SyncScheduler, plan_sync
+from p2pvbd.version_map import VersionMap, block_hash
+
+if TYPE_CHECKING:
+    from p2pvbd.swarm import Swarm
+
+log = logging.getLogger(__name__)
+
+# First guess of a peer's rate before any block arrived: the planner re-balances within a request or
+# two, so the guess only shapes the first few requests. 10 MB/s is a modest LAN.
+INITIAL_RATE = 10e6
+# get_blocks requests in flight per peer: enough to keep a link busy across one round trip, few enough
+# that work stays stealable near the end.
+INFLIGHT_PER_PEER = 4
+# One request waits this long for its reply before its blocks go back to the pool (a stalled peer).
+REQUEST_TIMEOUT = 30.0
+# Requests to one peer failing in a row (timeouts, protocol errors) before it is dropped from the sync.
+MAX_CONSECUTIVE_FAILURES = 3
+# An idle worker re-asks the scheduler at least this often (work may be stolen or freed meanwhile).
+IDLE_POLL = 0.05
+
+
+class SyncError(Exception):
+    """The sync cannot complete; the message says why."""
+
+
+@dataclass
+class PeerProgress:
+    bytes: int = 0
+    blocks: int = 0
+    bad_blocks: int = 0
+    dropped: bool = False
+    error: str = ""
+
+    def as_dict(self, elapsed: float) -> dict[str, Any]:
+        return {"bytes": self.bytes, "blocks": self.blocks, "bad_blocks": self.bad_blocks,
+                "rate": self.bytes / elapsed if elapsed > 0 else 0.0, "dropped": self.dropped,
+                "error": self.error}
+
+
+@dataclass
+class SyncProgress:
+    """Live state of one sync, read by `p2pvbd sync`'s progress bar and by `status`."""
+
+    disk: str
+    phase: str = "planning"
+    total_bytes: int = 0
+    done_bytes: int = 0
+    blocks_fetched: int = 0
+    zero_blocks: int = 0
+    local_copies: int = 0
+    bytes_on_wire: int = 0
+    peers: dict[str, PeerProgress] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+    error: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        elapsed = (self.finished or time.monotonic()) - self.started
+        return {"disk": self.disk, "phase": self.phase, "total_bytes": self.total_bytes,
+                "done_bytes": self.done_bytes, "blocks_fetched": self.blocks_fetched,
+                "zero_blocks": self.zero_blocks, "local_copies": self.local_copies,
+                "bytes_on_wire": self.bytes_on_wire, "duration_s": round(elapsed, 3),
+                "bytes_from": {p: v.bytes for p, v in self.peers.items()},
+                "peers": {p: v.as_dict(elapsed) for p, v in self.peers.items()}, "error": self.error}
+
+
+class Fetcher:
+    """One sync of one disk; run() returns when the replica matches the owner's map."""
+
+    def __init__(self, swarm: Swarm, store: ReplicaStore, owner: str, owner_map: VersionMap,
+                 peer_maps: dict[str, VersionMap], progress: SyncProgress, background: bool = False) -> None:
+        self.swarm, self.store, self.owner_map, self.progress = swarm, store, owner_map, progress
+        self.owner = owner
+        self._failures: dict[str, int] = {}
+        self.background = background
+        self.peer_maps = peer_maps
+        self._wake = trio.Event()
+        self._decompressor = zstandard.ZstdDecompressor()
+
+    async def run(self) -> None:
+        target = await trio.to_thread.run_sync(self.store.version_map)
+        infos = [PeerInfo(name, m.versions, INITIAL_RATE, INFLIGHT_PER_PEER) for name, m in self.peer_maps.items()]
+        plan = plan_sync(target, self.owner_map, infos)
+        self.progress.total_bytes = plan.needed_bytes
+        await self._apply_without_transfer(plan.zero_blocks, plan.local_copies)
+        if len(plan.unavailable):
+            raise SyncError(f"{len(plan.unavailable)} block(s) of {self.store.name} are held at the owner's "
+                            "version by no reachable peer")
+        self.scheduler = SyncScheduler(plan, infos, self.owner_map.block_length, now=time.monotonic())
+        for name in self.peer_maps:
+            self.progress.peers.setdefault(name, PeerProgress())
+        self.progress.phase = "pulling"
+        async with trio.open_nursery() as nursery:
+            for info in infos:
+                for _ in range(info.max_inflight):
+                    nursery.start_soon(self._worker, info.name)
+        if not self.scheduler.done:
+            raise SyncError(f"{self.scheduler.remaining_blocks} block(s) could not be fetched from any peer")
+        self.progress.phase = "done"
+
+    async def _apply_without_transfer(self, zero_blocks: Any, local_copies: list[tuple[int, int]]) -> None:
+        """Zero blocks are recorded, duplicates copied locally: neither costs a byte on the wire."""
+        versions, hashes = self.owner_map.versions, self.owner_map.hashes
+        for idx in np.asarray(zero_blocks, dtype=np.int64).tolist():
+            self.store.put_block(idx, int(versions[idx]), None, hashes[idx].tobytes())
+            self.progress.zero_blocks += 1
+        bs = self.store.block_size
+        for dst, src in local_copies:
+            data = self.store.read(src * bs, self.owner_map.block_length(src))
+            self.store.put_block(dst, int(versions[dst]), data, hashes[dst].tobytes())
+            self.progress.local_copies += 1
+        await trio.lowlevel.checkpoint()
+
+    async def _worker(self, peer: str) -> None:
+        prog = self.progress.peers[peer]
+        while not self.scheduler.done and not prog.dropped:
+            req = self.scheduler.next_request(peer, time.monotonic())
+            if req is None:
+                if not any(self.scheduler.outstanding(p) for p in self.progress.peers) and not self.scheduler.done:
+                    return  # stuck: no peer left holds what remains; run() reports it
+                with trio.move_on_after(IDLE_POLL):
+                    await self._wake.wait()
+                continue
+            try:
+                with trio.fail_after(REQUEST_TIMEOUT):
+                    await self._fetch(peer, req)
+                self._failures[peer] = 0
+            except (PeerError, trio.TooSlowError, FrameError) as e:
+                message = getattr(e, "message", None) or str(e) or "timed out"
+                log.info("sync of %s: request to %s failed: %s", self.store.name, peer, message)
+                self.scheduler.failed(peer, req, time.monotonic())
+                self._failures[peer] = failures = self._failures.get(peer, 0) + 1
+                fatal = isinstance(e, PeerError) and e.code in ("connection", "unreachable", "no_disk")
+                if (fatal or failures >= MAX_CONSECUTIVE_FAILURES) and not prog.dropped:
+                    prog.error, prog.dropped = message, True
+                    self.scheduler.drop_peer(peer)
+            self._kick()
+
+    def _kick(self) -> None:
+        self._wake.set()
+        self._wake = trio.Event()
+
+    async def _fetch(self, peer: str, req: FetchRequest) -> None:
+        conn = await self.swarm.connect(peer)
+        versions, hashes = self.owner_map.versions, self.owner_map.hashes
+        wanted = [[i, int(versions[i])] for i in range(req.start, req.start + req.count)]
+        reply = await conn.request("get_blocks", {"disk": self.store.name, "blocks": wanted,
+                                                  "background": self.background}, timeout=REQUEST_TIMEOUT)
+        good: list[int] = []
+        bad: list[int] = []
+        nbytes = 0
+        prog = self.progress.peers[peer]
+        for item in reply.get("blocks", []):
+            index, version, digest, payload, encoding = _parse_item(item)
+            if not req.start <= index < req.start + req.count or index in good or index in bad:
+                raise FrameError(f"{peer} answered for block {index}, which was not asked")
+            expected = hashes[index].tobytes()
+            if version != int(versions[index]):
+                if not (peer == self.owner and version > int(versions[index]) and digest):
+                    bad.append(index)  # does not hold that version after all: not a lie, just stale
+                    continue
+                expected = digest  # the owner wrote it again meanwhile: its newer version is the one to hold
+            try:
+                data = None if payload is None else unpack_block(encoding, payload, self.owner_map.block_length(index),
+                                                                 self._decompressor)
+            except FrameError:
+                data = b""
+            nbytes += len(payload or b"")
+            if digest != expected or (data is not None and block_hash(data) != expected):
+                bad.append(index)
+                prog.bad_blocks += 1
+                if self.scheduler.report_bad(peer):
+                    prog.dropped, prog.error = True, "sent blocks that do not match the owner's hashes"
+                    log.warning("sync of %s: dropping %s, it sent corrupt blocks", self.store.name, peer)
+                continue
+            if self.scheduler.is_complete(index):
+                continue  # an endgame duplicate lost the race
+            try:
+                self.store.put_block(index, version, data, expected)
+            except StaleVersion:
+                good.append(index)  # a newer version is already here (the owner's, meanwhile)
+                continue
+            except HashMismatch as e:
+                log.warning("sync of %s: block %d not stored: %s", self.store.name, index, e)
+                bad.append(index)
+                continue
+            good.append(index)
+            length = self.owner_map.block_length(index)
+            prog.blocks += 1
+            prog.bytes += len(payload or b"")
+            self.progress.blocks_fetched += 1
+            self.progress.done_bytes += length
+        self.progress.bytes_on_wire += nbytes
+        if not good and not bad:
+            raise FrameError(f"{peer} answered none of the blocks asked")
+        log.debug("sync of %s: %s answered %d+%d for %s: %d good, %d bad, %d remaining", self.store.name, peer,
+                  req.start, req.count, [i[:2] for i in reply.get("blocks", [])][:4], len(good), len(bad),
+                  self.scheduler.remaining_blocks)
+        for cancelled in self.scheduler.completed(peer, req, good, bad, nbytes, time.monotonic()):
+            del cancelled  # duplicates finish on their own; their blocks are ignored when they arrive
+
+
+def _parse_item(item: Any) -> tuple[int, int, bytes, bytes | None, int]:
+    if not (isinstance(item, list) and len(item) == 5 and isinstance(item[0], int) and isinstance(item[1], int)):
+        raise FrameError("malformed block entry")
+    index, version, digest, payload, encoding = item
+    if digest is None and payload is None:
+        return index, version, b"", None, 0
+    if not isinstance(digest, bytes) or not (payload is None or isinstance(payload, bytes)):
+        raise FrameError("malformed block entry")
+    return index, version, digest, payload, encoding
+
+
+async def sync_disk(swarm: Swarm, disk: str, progress: SyncProgress, sources: list[str] | None = None,
+                    background: bool = False) -> None:
+    """Make this host's replica of ``disk`` equal to the owner's current versions.
+
+    Creates the replica (a standby export) when this host has none. ``sources`` limits the peers
+    blocks may come from; by default every host holding a replica, the owner included. A
+    ``background`` sync (a replication policy's) is paced by the owner to the policy's rate.
+    """
+    from p2pvbd.kernel_hook_ctl import ExportMode
+
+    owner, epoch = await swarm.owner_of(disk)
+    if not owner:
+        raise SyncError(f"no disk named {disk!r} in the swarm")
+    if owner == swarm.name:
+        raise SyncError(f"this host owns {disk}: its replica is the reference every other replica syncs to")
+    progress.phase = "maps"
+    owner_map, _ = await swarm.fetch_map(owner, disk)
+    exp = swarm.ctl.get(disk)
+    if exp is None:
+        store = ReplicaStore.create(swarm.home.disk_dir(disk), disk, owner_map.size, owner_map.block_size,
+                                    owner=owner, epoch=epoch)
+        swarm.ctl.add_export(store, ExportMode.STANDBY)
+        swarm.request_publish()
+    else:
+        store = exp.store
+        if (store.size, store.block_size) != (owner_map.size, owner_map.block_size):
+            raise SyncError(f"this host's replica of {disk} has another geometry than the owner's")
+        if (store.owner, store.epoch) != (owner, epoch) and epoch >= store.epoch:
+            store.set_owner(owner, epoch)
+    candidates = [h for h in await swarm.holders_of(disk) if h != swarm.name]
+    if owner not in candidates:
+        candidates.append(owner)
+    if sources:
+        unknown = sorted(set(sources) - set(candidates))
+        if unknown:
+            raise SyncError(f"{', '.join(unknown)} hold(s) no replica of {disk}")
+        candidates = [h for h in candidates if h in sources]
+    peer_maps: dict[str, VersionMap] = {owner: owner_map} if owner in candidates else {}
+
+    async def get_map(host: str) -> None:
+        try:
+            peer_maps[host] = (await swarm.fetch_map(host, disk))[0]
+        except (PeerError, trio.TooSlowError) as e:
+            progress.peers[host] = PeerProgress(dropped=True, error=getattr(e, "message", "timed out"))
+
+    async with trio.open_nursery() as nursery:
+        for host in candidates:
+            if host not in peer_maps:
+                nursery.start_soon(get_map, host)
+    peer_maps = {h: m for h, m in peer_maps.items() if m.n_blocks == owner_map.n_blocks}
+    await Fetcher(swarm, store, owner, owner_map, peer_maps, progress, background).run()
+    swarm.request_publish()

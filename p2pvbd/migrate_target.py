@@ -1,0 +1,241 @@
+"""The destination's side of a live migration, and the fencing a restarted source must respect.
+
+Every request is checked against the peer's name from its TLS certificate: only the host that
+prepared a migration may push blocks, commit or abort it. A commit is granted only when this host's
+whole version map equals the frozen source's, and it is made durable (data flushed, owner and epoch
+persisted) before the answer leaves.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import trio
+import zstandard
+
+from p2pvbd.kernel_hook_ctl import ExportMode, HookError
+from p2pvbd.migrate import hand_over, pending_path, read_pending
+from p2pvbd.peer_transport import PeerError
+from p2pvbd.peer_wire import FrameError, unpack_block
+from p2pvbd.replica_store import HashMismatch, ReplicaStore, StaleVersion
+from p2pvbd.version_map import block_hash
+
+if TYPE_CHECKING:
+    from p2pvbd.fetcher import SyncProgress
+    from p2pvbd.swarm import Swarm
+
+log = logging.getLogger(__name__)
+
+# Blocks named in one "still missing" answer to a commit; the source ships them and asks again.
+MAX_MISSING_REPLY = 65536
+# A restarted source asks the destination of its unfinished migration this often until it answers.
+RESOLVE_RETRY_SECONDS = 2.0
+
+
+@dataclass
+class Incoming:
+    source: str
+    epoch: int
+    job: int | None = None
+
+
+class MigrationTarget:
+    """Peer ops of the destination; registered with the swarm's peer server."""
+
+    def __init__(self, swarm: Swarm) -> None:
+        self.swarm = swarm
+        self.incoming: dict[str, Incoming] = {}
+        self.jobs: dict[int, SyncProgress] = {}
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for exp in self.swarm.ctl.exports():
+                pending = read_pending(exp.store.directory)
+                if pending is not None:
+                    self.swarm.ctl.set_mode(exp.name, ExportMode.INCOMING)  # fenced until resolved
+                    nursery.start_soon(self._resolve_pending, exp.name, pending["dest"], int(pending["epoch"]))
+            task_status.started()
+            await trio.sleep_forever()
+
+    def ops(self) -> dict[str, Any]:
+        return {"migrate_prepare": self.prepare, "migrate_pull": self.pull, "migrate_job": self.job,
+                "put_blocks": self.put_blocks, "migrate_commit": self.commit, "migrate_status": self.status,
+                "migrate_abort": self.abort, "guest_io": self.guest_io}
+
+    def _from_source(self, peer: str, disk: str) -> Incoming:
+        inc = self.incoming.get(disk)
+        if inc is None or inc.source != peer:
+            raise PeerError("no_migration", f"no migration of {disk} from {peer} is under way here")
+        return inc
+
+    async def prepare(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        disk, epoch = body["disk"], int(body["epoch"])
+        ctl = self.swarm.ctl
+        exp = ctl.get(disk)
+        if exp is None:
+            store = ReplicaStore.create(self.swarm.home.disk_dir(disk), disk, int(body["size"]),
+                                        int(body["block_size"]), owner=peer, epoch=epoch)
+            exp = ctl.add_export(store, ExportMode.INCOMING)
+        elif exp.store.epoch > epoch or (exp.store.owner == self.swarm.name and exp.store.epoch >= epoch):
+            raise PeerError("stale", f"{peer} is not the current owner of {disk} (epoch {exp.store.epoch} here)")
+        elif (exp.store.size, exp.store.block_size) != (int(body["size"]), int(body["block_size"])):
+            raise PeerError("geometry", f"this host's replica of {disk} has another size or block size")
+        else:
+            if (exp.store.owner, exp.store.epoch) != (peer, epoch):
+                exp.store.set_owner(peer, epoch)
+            ctl.set_mode(disk, ExportMode.INCOMING)
+        self.incoming[disk] = Incoming(peer, epoch)
+        self.swarm.request_publish()
+        return {"host": self.swarm.name}
+
+    async def pull(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        from p2pvbd.fetcher import SyncProgress
+
+        inc = self._from_source(peer, body["disk"])
+        job = max(self.jobs, default=0) + 1
+        progress = self.jobs[job] = SyncProgress(body["disk"])
+        inc.job = job
+        assert self._nursery is not None
+        self._nursery.start_soon(self._pull, body["disk"], progress)
+        return {"job": job}
+
+    async def _pull(self, disk: str, progress: SyncProgress) -> None:
+        import time
+
+        from p2pvbd.fetcher import SyncError, sync_disk
+
+        try:
+            await sync_disk(self.swarm, disk, progress)
+        except (SyncError, PeerError, OSError, ValueError) as e:
+            progress.error = getattr(e, "message", None) or str(e)
+        finally:
+            progress.finished = time.monotonic()
+
+    async def job(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        progress = self.jobs.get(int(body["job"]))
+        if progress is None:
+            raise PeerError("no_job", f"no job {body['job']}")
+        return progress.as_dict() | {"done": progress.finished is not None}
+
+    async def put_blocks(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        disk = body["disk"]
+        self._from_source(peer, disk)
+        store = self._store(disk)
+        stored = 0
+        for item in body["blocks"]:
+            if not (isinstance(item, list) and len(item) == 5 and isinstance(item[0], int)
+                    and isinstance(item[1], int) and isinstance(item[2], bytes)):
+                raise PeerError("bad_request", "blocks must be [index, version, hash, payload, encoding]")
+            index, version, digest, payload, encoding = item
+            if not 0 <= index < store.n_blocks:
+                raise PeerError("bad_request", f"block {index} is outside {disk}")
+            try:
+                data = None if payload is None else unpack_block(encoding, payload, _length(store, index),
+                                                                 self._decompressor)
+                if data is not None and block_hash(data) != digest:
+                    raise HashMismatch("payload does not match its hash")
+                stored += store.put_block(index, version, data, digest)
+            except StaleVersion:
+                continue  # a newer version of this block already arrived
+            except (HashMismatch, FrameError) as e:
+                raise PeerError("bad_block", f"block {index}: {e}") from e
+        return {"stored": stored}
+
+    async def commit(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        disk, epoch = body["disk"], int(body["epoch"])
+        inc = self._from_source(peer, disk)
+        store = self._store(disk)
+        if store.owner == self.swarm.name and store.epoch == epoch:
+            return {"committed": True}  # a retried commit
+        if epoch != inc.epoch + 1:
+            raise PeerError("stale", f"commit for epoch {epoch}, expected {inc.epoch + 1}")
+        theirs, _ = await self.swarm.fetch_map(peer, disk)
+        mine = await trio.to_thread.run_sync(store.version_map)
+        differ = np.flatnonzero((theirs.versions != mine.versions) | (theirs.hashes != mine.hashes).any(axis=1))
+        if len(differ):
+            return {"committed": False, "missing": differ[:MAX_MISSING_REPLY].tolist()}
+        await trio.to_thread.run_sync(store.flush)
+        store.set_owner(self.swarm.name, epoch)  # durable before the answer: the source relies on it
+        del self.incoming[disk]
+        self.swarm.ctl.set_mode(disk, ExportMode.PRIMARY)
+        self.swarm.request_publish()
+        log.info("took %s over from %s at epoch %d", disk, peer, epoch)
+        return {"committed": True}
+
+    async def status(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Did this host commit ``epoch``? If not, it never will: the incoming migration is dropped."""
+        disk, epoch = body["disk"], int(body["epoch"])
+        exp = self.swarm.ctl.get(disk)
+        committed = exp is not None and exp.store.owner == self.swarm.name and exp.store.epoch >= epoch
+        if not committed:
+            await self.abort(peer, {"disk": disk})
+        return {"committed": committed}
+
+    async def abort(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        disk = body["disk"]
+        inc = self.incoming.get(disk)
+        if inc is not None and inc.source == peer:
+            del self.incoming[disk]
+            exp = self.swarm.ctl.get(disk)
+            if exp is not None and exp.store.owner != self.swarm.name:
+                self.swarm.ctl.set_mode(disk, ExportMode.STANDBY)
+        return {}
+
+    async def guest_io(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        """I/O of a guest still connected to the old owner ``peer``, applied here, the new owner."""
+        disk, op, ctl = body["disk"], body["op"], self.swarm.ctl
+        exp = ctl.get(disk)
+        if exp is None or exp.store.owner != self.swarm.name:
+            raise PeerError("not_owner", f"{self.swarm.name} does not own {disk}")
+        try:
+            if op == "read":
+                return {"data": await ctl.read(disk, int(body["offset"]), int(body["length"]))}
+            if op == "write":
+                await ctl.write(disk, int(body["offset"]), bytes(body["data"]), bool(body.get("fua")))
+            elif op == "write_zeroes":
+                await ctl.write_zeroes(disk, int(body["offset"]), int(body["length"]), bool(body.get("fua")))
+            elif op == "trim":
+                await ctl.trim(disk, int(body["offset"]), int(body["length"]), bool(body.get("fua")))
+            elif op == "flush":
+                await ctl.flush(disk)
+            else:
+                raise PeerError("bad_request", f"unknown guest op {op!r}")
+        except HookError as e:
+            raise PeerError("io", str(e)) from e
+        return {}
+
+    def _store(self, disk: str) -> ReplicaStore:
+        exp = self.swarm.ctl.get(disk)
+        if exp is None:
+            raise PeerError("no_disk", f"no disk {disk!r} here")
+        return exp.store
+
+    async def _resolve_pending(self, disk: str, dest: str, epoch: int) -> None:
+        """A source restarted in the middle of a switchover: stay fenced until ``dest`` tells the outcome."""
+        exp = self.swarm.ctl.get(disk)
+        assert exp is not None
+        while True:
+            try:
+                conn = await self.swarm.connect(dest)
+                reply = await conn.request("migrate_status", {"disk": disk, "epoch": epoch}, timeout=10)
+                break
+            except PeerError as e:
+                log.info("%s stays fenced: cannot reach %s (%s)", disk, dest, e.message)
+                await trio.sleep(RESOLVE_RETRY_SECONDS)
+        if reply["committed"]:
+            hand_over(self.swarm, exp, dest, epoch)
+            log.info("%s: %s had taken it over; this host is a standby now", disk, dest)
+        else:
+            pending_path(exp.store.directory).unlink(missing_ok=True)
+            self.swarm.ctl.set_mode(disk, ExportMode.PRIMARY)
+            log.info("%s: the migration to %s never committed; this host owns it again", disk, dest)
+
+
+def _length(store: ReplicaStore, index: int) -> int:
+    return min(store.block_size, store.size - index * store.block_size)

@@ -1,0 +1,172 @@
+"""Standing replication policies: named hosts keep their replica of a disk warm in the background.
+
+A policy (``p2pvbd replicate DISK --on HOST,… [--rate RATE]``) lives in the swarm's index as a
+``policy`` record. Every host that learns a policy keeps it in ``HOME/policies.json`` and republishes
+it, so it outlives the host that set it; the newest ``set_at`` wins. Each host named in a policy pulls
+new versions as they appear, and the owner paces the blocks it serves to such background pulls so
+they never take more than RATE of its upload.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+if TYPE_CHECKING:
+    from p2pvbd.swarm import Swarm
+
+log = logging.getLogger(__name__)
+
+POLICY_FILE = "policies.json"
+# How often a replicating host checks the owner for new versions: the lag a warm replica may have
+# behind a busy owner, and the cost of an idle check (one DHT lookup, one map page header).
+CHECK_INTERVAL = 2.0
+# How often policies are looked up in the index, to learn new ones and drop ended ones.
+POLICY_REFRESH = 5.0
+# A token bucket holds at most this much time's worth of tokens: short bursts ride it, longer ones pace.
+BUCKET_SECONDS = 0.25
+
+
+@dataclass(frozen=True)
+class Policy:
+    disk: str
+    hosts: tuple[str, ...]
+    rate: float  # bytes/s of the owner's upload; math.inf = unlimited
+    set_at: float
+
+    def as_payload(self) -> dict[str, Any]:
+        return {"disk": self.disk, "hosts": list(self.hosts), "rate": -1 if math.isinf(self.rate) else self.rate,
+                "set_at": self.set_at}
+
+    @classmethod
+    def from_payload(cls, p: dict[str, Any]) -> Policy:
+        hosts = p.get("hosts")
+        if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+            raise ValueError("policy hosts must be a list of names")
+        rate = float(p["rate"])
+        return cls(str(p["disk"]), tuple(hosts), math.inf if rate < 0 else rate, float(p["set_at"]))
+
+
+class TokenBucket:
+    """Paces bytes to ``rate``/s: ``take(n)`` sleeps as long as the debt needs."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._tokens = rate * BUCKET_SECONDS
+        self._stamp = trio.current_time()
+
+    async def take(self, n: int) -> None:
+        if math.isinf(self.rate):
+            return
+        now = trio.current_time()
+        self._tokens = min(self.rate * BUCKET_SECONDS, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        self._tokens -= n
+        if self._tokens < 0:
+            await trio.sleep(-self._tokens / self.rate)
+
+
+class Replication:
+    """The policy book of one host and the background pulls it owes."""
+
+    def __init__(self, swarm: Swarm, home: Path) -> None:
+        self.swarm = swarm
+        self.path = home / POLICY_FILE
+        self.policies: dict[str, Policy] = self._load()
+        self.buckets: dict[str, TokenBucket] = {}
+        self.lag: dict[str, int] = {}  # disk -> blocks this host's replica lacks, at the last check
+
+    def _load(self) -> dict[str, Policy]:
+        try:
+            raw = json.loads(self.path.read_text())
+            return {d: Policy.from_payload(p) for d, p in raw.items()}
+        except FileNotFoundError:
+            return {}
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("ignoring unreadable %s: %s", self.path, e)
+            return {}
+
+    def _save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({d: p.as_payload() for d, p in self.policies.items()}))
+        os.replace(tmp, self.path)
+
+    def learn(self, policy: Policy) -> bool:
+        """Keep ``policy`` if it is newer than what we have; True when it changed anything."""
+        known = self.policies.get(policy.disk)
+        if known is not None and known.set_at >= policy.set_at:
+            return False
+        self.policies[policy.disk] = policy
+        self.buckets.pop(policy.disk, None)
+        self._save()
+        return True
+
+    async def set(self, disk: str, add: list[str], remove: list[str], rate: float | None) -> Policy:
+        await self.refresh()
+        known = self.policies.get(disk)
+        hosts = [h for h in (known.hosts if known else ()) if h not in remove]
+        hosts += [h for h in add if h not in hosts]
+        new_rate = rate if rate is not None else (known.rate if known else math.inf)
+        policy = Policy(disk, tuple(hosts), new_rate, max(time.time(), (known.set_at if known else 0) + 1e-3))
+        self.learn(policy)
+        await self.publish()
+        return policy
+
+    async def publish(self) -> None:
+        for policy in self.policies.values():
+            await self.swarm.dht.publish("policy", policy.disk, policy.as_payload(), self.swarm.record_ttl)
+
+    async def refresh(self) -> None:
+        for disk in await self.swarm.known_disks():
+            for rec in await self.swarm.dht.lookup("policy", disk):
+                try:
+                    self.learn(Policy.from_payload(rec.payload))
+                except (ValueError, KeyError, TypeError):
+                    log.info("ignoring a malformed policy record from %s", rec.publisher)
+
+    def bucket(self, disk: str) -> TokenBucket:
+        """The owner's pacing of background pulls of ``disk`` (one bucket shared by every puller)."""
+        policy = self.policies.get(disk)
+        rate = policy.rate if policy else math.inf
+        b = self.buckets.get(disk)
+        if b is None or b.rate != rate:
+            b = self.buckets[disk] = TokenBucket(rate)
+        return b
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        last_refresh = -math.inf
+        while True:
+            if trio.current_time() - last_refresh >= POLICY_REFRESH:
+                try:
+                    await self.refresh()
+                    await self.publish()
+                except Exception:
+                    log.exception("refreshing replication policies failed")
+                last_refresh = trio.current_time()
+            for policy in list(self.policies.values()):
+                if self.swarm.name in policy.hosts:
+                    await self._keep_warm(policy)
+            await trio.sleep(CHECK_INTERVAL)
+
+    async def _keep_warm(self, policy: Policy) -> None:
+        from p2pvbd.fetcher import SyncError, SyncProgress, sync_disk
+        from p2pvbd.peer_transport import PeerError
+
+        owner, _ = await self.swarm.owner_of(policy.disk)
+        if not owner or owner == self.swarm.name:
+            return
+        progress = SyncProgress(policy.disk)
+        try:
+            await sync_disk(self.swarm, policy.disk, progress, background=True)
+            self.lag[policy.disk] = 0
+        except (SyncError, PeerError, OSError, ValueError) as e:
+            log.info("keeping %s warm failed for now: %s", policy.disk, getattr(e, "message", e))

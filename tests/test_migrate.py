@@ -1,0 +1,104 @@
+"""Live migration between real daemons with a verifying guest writing all the while."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.daemons import Host, run, system_python
+from tests.test_swarm import wait_until
+from tests.test_sync import coverage, qemu_io, sync, visible
+
+BLOCK = 64 * 1024
+BLOCKS = 256  # a 16 MiB disk
+WORKLOAD = Path(__file__).with_name("workload.py")
+
+
+def pattern(block: int, seq: int) -> bytes:
+    head = struct.pack(">QQ", block, seq)
+    return (head * (BLOCK // len(head) + 1))[:BLOCK]
+
+
+class Guest:
+    """tests/workload.py in a subprocess: writes until stopped, then reports what was acknowledged."""
+
+    def __init__(self, uri: str, tmp: Path, seed: int = 1) -> None:
+        self.stop_file, self.log = tmp / f"stop{seed}", tmp / f"log{seed}.json"
+        self.proc = subprocess.Popen([system_python(), str(WORKLOAD), uri, str(self.stop_file), str(self.log),
+                                      "--blocks", str(BLOCKS), "--seed", str(seed)])
+        wait_until(lambda: Path(str(self.log) + ".ready").exists() or self.proc.poll() is not None,
+                   "the guest workload to connect")
+        assert self.proc.poll() is None, "the workload could not connect"
+
+    def finish(self) -> dict[str, object]:
+        self.stop_file.touch()
+        assert self.proc.wait(timeout=120) == 0
+        return json.loads(self.log.read_text())
+
+
+def model_image(path: Path, base: bytes, acked: dict[str, int]) -> Path:
+    data = bytearray(base)
+    for block, seq in acked.items():
+        b = int(block)
+        data[b * BLOCK:(b + 1) * BLOCK] = pattern(b, seq)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.fixture
+def three(make_host: Callable[..., Host]) -> list[Host]:
+    office = make_host("office-pc")
+    return [office, make_host("home-pc", join=office.cli("invite").stdout.strip()),
+            make_host("car-pc", join=office.cli("invite").stdout.strip())]
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_migration_under_a_writing_guest(three: list[Host], tmp_path: Path, mode: str) -> None:
+    office, home, car = three
+    base = bytes(range(256)) * (BLOCKS * BLOCK // 256)
+    (tmp_path / "base.raw").write_bytes(base)
+    office.cli("disk", "import", "vm1", str(tmp_path / "base.raw"))
+    wait_until(lambda: visible(home, "vm1"), "home-pc to see vm1")
+    sync(home, "vm1")  # a helper peer with a full but soon stale replica
+    wait_until(lambda: visible(car, "vm1", holders=2), "car-pc to see both holders")
+
+    guest = Guest(office.uri("vm1"), tmp_path)  # connected to the old owner for the whole test
+    res = office.cli("migrate", "vm1", "--to", "car-pc", "--mode", mode, "--json", timeout=600)
+    summary = json.loads(res.stdout)
+    assert summary["to"] == "car-pc" and summary["epoch"] == 2 and summary["error"] == ""
+    assert summary["mode"] == mode and summary["downtime_ms"] is not None
+    # The guest goes on writing through its old connection: forwarded to the new owner.
+    before = car.json("status", "vm1")["disks"][0]
+    assert before["owner"] == "car-pc"
+    qemu_io(car.uri("vm1"), "read 0 64k")
+    report = guest.finish()
+
+    assert report["errors"] == [] and report["reads_ok"], report
+    model = model_image(tmp_path / "model.raw", base, report["acked"])  # type: ignore[arg-type]
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(model), car.uri("vm1"))
+    assert coverage(car, "vm1")["car-pc"] == 1.0
+    assert car.json("verify", "vm1")["ok"]
+
+    # A new connection to the old owner: reads work, writes are refused (standby).
+    qemu_io(office.uri("vm1"), "read 0 64k")
+    refused = run("qemu-io", "-f", "raw", "-c", "write -P 1 0 4k", office.uri("vm1"), check=False)
+    assert "Operation not permitted" in refused.stdout + refused.stderr
+    assert office.json("disk", "list")[0]["mode"] == "standby"
+
+
+def test_migrate_refuses_what_it_cannot_do(three: list[Host]) -> None:
+    office, home, _ = three
+    office.cli("disk", "create", "vm1", "--size", "1M")
+    wait_until(lambda: visible(home, "vm1"), "home-pc to see vm1")
+    res = home.cli("migrate", "vm1", "--to", "car-pc", check=False)
+    assert res.returncode == 1 and "does not own" in res.stderr and "Traceback" not in res.stderr
+    res = office.cli("migrate", "vm1", "--to", "office-pc", check=False)
+    assert res.returncode == 1 and "already" in res.stderr
+    res = office.cli("migrate", "--to", "nowhere", check=False, timeout=120)
+    assert res.returncode == 1 and "nowhere" in res.stderr
+    assert office.json("status", "vm1")["disks"][0]["owner"] == "office-pc"  # nothing moved
