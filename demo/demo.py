@@ -7,8 +7,10 @@ recorded. Every command printed is one a user could type.
 
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -21,6 +23,13 @@ DAEMON_READY_SECONDS = 20.0
 # Loopback ports of the demo's hosts (peers on TCP and the index on UDP; joins on the next port).
 OFFICE_PC_PORT = 27420
 HOME_PC_PORT = 27430
+CAR_PC_PORT = 27440
+# python3-libnbd is a Debian package: it imports only under the system interpreter.
+SYSTEM_PYTHON = "/usr/bin/python3"
+WORKLOAD = Path(__file__).resolve().parent.parent / "tests" / "workload.py"
+# The guest writes whole 64 KiB blocks among the first 256 (16 MiB) of the disk.
+GUEST_BLOCK = 64 * 1024
+GUEST_BLOCKS = 256
 
 
 def say(text: str) -> None:
@@ -61,59 +70,98 @@ def wait_for_disk(home: Path, disk: str) -> None:
     raise SystemExit(f"{disk} did not show up on {home.name}")
 
 
+def start_host(work: Path, name: str, port: int, daemons: list[subprocess.Popen[bytes]],
+               token: str | None = None) -> Path:
+    home = work / name
+    if token is None:
+        run(BIN, "init", name, "--listen", f"127.0.0.1:{port}", "--home", home)
+    else:
+        run(BIN, "join", token, name, "--listen", f"127.0.0.1:{port}", "--home", home)
+    print(f"$ p2pvbd daemon --home {home} &", flush=True)
+    daemons.append(subprocess.Popen([BIN, "daemon", "--home", home, "--log-file", home / "daemon.log"]))
+    wait_for_daemon(home, daemons[-1])
+    return home
+
+
+def start_guest(uri: str, work: Path) -> subprocess.Popen[bytes] | None:
+    """The verifying guest (tests/workload.py on libnbd), when the system Python has libnbd."""
+    if subprocess.run([SYSTEM_PYTHON, "-c", "import nbd"], capture_output=True).returncode != 0:
+        print("# (python3-libnbd is missing: the migration runs without a writing guest)")
+        return None
+    guest = subprocess.Popen([SYSTEM_PYTHON, str(WORKLOAD), uri, str(work / "stop"), str(work / "guest.json"),
+                              "--blocks", str(GUEST_BLOCKS), "--pause", "0.005"])
+    deadline = time.monotonic() + DAEMON_READY_SECONDS
+    while not (work / "guest.json.ready").exists():
+        if guest.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("the guest workload could not connect")
+        time.sleep(0.05)
+    return guest
+
+
+def check_guest(guest: subprocess.Popen[bytes], work: Path, before: bytes, car_uri: str) -> None:
+    """Rebuild what the guest was promised and compare it with car-pc's disk."""
+    (work / "stop").touch()
+    guest.wait(timeout=120)
+    report = json.loads((work / "guest.json").read_text())
+    model = bytearray(before)
+    for block, seq in report["acked"].items():
+        b = int(block)
+        head = struct.pack(">QQ", b, seq)
+        model[b * GUEST_BLOCK:(b + 1) * GUEST_BLOCK] = (head * (GUEST_BLOCK // len(head)))
+    (work / "model.raw").write_bytes(bytes(model))
+    print(f"# the guest wrote {report['writes']} blocks during the migration, saw {len(report['errors'])} errors")
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(work / "model.raw"), car_uri)
+    if report["errors"] or not report["reads_ok"]:
+        raise SystemExit("the guest saw errors")
+
+
 def main() -> None:
-    for tool in ("qemu-io", "nbdinfo"):
+    for tool in ("qemu-io", "qemu-img", "nbdinfo"):
         if shutil.which(tool) is None:
             raise SystemExit(f"the demo needs {tool} (apt-get install qemu-utils libnbd-bin)")
     work = Path(tempfile.mkdtemp(prefix="p2pvbd-demo-"))
-    home = work / "office-pc"
     daemons: list[subprocess.Popen[bytes]] = []
     try:
-        say("1. Create this host's identity")
-        run(BIN, "init", "office-pc", "--listen", f"127.0.0.1:{OFFICE_PC_PORT}", "--home", home)
-
-        say("2. Start its daemon (in the background)")
-        print(f"$ p2pvbd daemon --home {home} &", flush=True)
-        daemons.append(subprocess.Popen([BIN, "daemon", "--home", home, "--log-file", home / "daemon.log"]))
-        wait_for_daemon(home, daemons[0])
-
-        say("3. Create a 256 MiB disk and find its NBD URI")
-        run(BIN, "disk", "create", "vm1", "--size", "256M", "--home", home)
-        uri = run(BIN, "nbd-uri", "vm1", "--home", home)
+        say("1. office-pc: a new swarm, its daemon, a 64 MiB disk with data")
+        office = start_host(work, "office-pc", OFFICE_PC_PORT, daemons)
+        run(BIN, "disk", "create", "vm1", "--size", "64M", "--home", office)
+        uri = run(BIN, "nbd-uri", "vm1", "--home", office)
         print(f"# a VM would use: qemu-system-x86_64 -drive file={uri},format=raw,if=virtio ...")
-
-        say("4. A real NBD client writes through the export: every write is versioned")
-        run("qemu-io", "-f", "raw", "-c", "write -P 0xab 0 8M", "-c", "write -P 0xcd 64M 1M",
-            "-c", "write -z 128M 4M", "-c", "flush", uri)
+        run("qemu-io", "-f", "raw", "-c", "write -P 0xab 0 24M", "-c", "write -z 24M 8M", "-c", "flush", uri)
         run("nbdinfo", "--map", uri)
 
-        say("5. Read it back and check the pattern")
-        run("qemu-io", "-f", "raw", "-c", "read -P 0xab 0 8M", "-c", "read -P 0xcd 64M 1M",
-            "-c", "read -P 0 128M 4M", uri)
+        say("2. home-pc joins and pulls a replica; then office-pc writes more (home-pc is partly stale)")
+        home = start_host(work, "home-pc", HOME_PC_PORT, daemons,
+                          run(BIN, "invite", "--ttl", "10m", "--home", office))
+        wait_for_disk(home, "vm1")
+        run(BIN, "sync", "vm1", "--home", home)
+        run("qemu-io", "-f", "raw", "-c", "write -P 0xcd 0 4M", "-c", "write -P 0xef 40M 8M", "-c", "flush", uri)
 
-        say("6. What the host knows about its disks")
-        run(BIN, "status", "--home", home)
-        run(BIN, "verify", "vm1", "--home", home)
+        say("3. car-pc joins: it holds nothing yet")
+        car = start_host(work, "car-pc", CAR_PC_PORT, daemons, run(BIN, "invite", "--ttl", "10m", "--home", office))
+        run(BIN, "peers", "--home", car)
+        wait_for_disk(car, "vm1")
+        run(BIN, "status", "--home", car)
 
-        say("7. A second machine joins the swarm with a one-time token")
-        token = run(BIN, "invite", "--ttl", "10m", "--home", home)
-        other = work / "home-pc"
-        run(BIN, "join", token, "home-pc", "--listen", f"127.0.0.1:{HOME_PC_PORT}", "--home", other)
-        print(f"$ p2pvbd daemon --home {other} &", flush=True)
-        daemons.append(subprocess.Popen([BIN, "daemon", "--home", other, "--log-file", other / "daemon.log"]))
-        wait_for_daemon(other, daemons[-1])
-        run(BIN, "peers", "--home", other)
-        wait_for_disk(other, "vm1")
-        run(BIN, "status", "--home", other)
+        say("4. A guest writes to vm1 on office-pc while vm1 moves to car-pc")
+        before = Path(work / "before.raw")
+        run("qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(before))
+        guest = start_guest(uri, work)
+        run(BIN, "migrate", "vm1", "--to", "car-pc", "--home", office)
+        time.sleep(0.5)  # the guest's connection to office-pc is forwarded to car-pc now
 
-        say("8. Stop office-pc's daemon; start it again: the data and versions are still there")
-        run(BIN, "stop", "--home", home)
-        daemons[0].wait(timeout=DAEMON_READY_SECONDS)
-        daemons[0] = subprocess.Popen([BIN, "daemon", "--home", home, "--log-file", home / "daemon.log"])
-        wait_for_daemon(home, daemons[0])
-        run("qemu-io", "-f", "raw", "-c", "read -P 0xab 0 8M", uri)
-        run(BIN, "status", "vm1", "--json", "--home", home)
-        say("Done: the disk was written, read back, verified, seen from a second host and survived a restart.")
+        say("5. Afterwards: car-pc owns vm1, holds all of it, and has every write the guest was promised")
+        car_uri = run(BIN, "nbd-uri", "vm1", "--home", car)
+        if guest is not None:
+            check_guest(guest, work, before.read_bytes(), car_uri)
+        run(BIN, "status", "--home", car)
+        run(BIN, "verify", "vm1", "--home", car)
+        refused = run("qemu-io", "-f", "raw", "-c", "write -P 1 0 4k", uri, check=False)
+        print(f"# a new writer on office-pc is refused: {'Operation not permitted' in refused}")
+        run(BIN, "stop", "--home", office)
+        print("# office-pc is gone; car-pc does not care:")
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x77 0 1M", "-c", "read -P 0x77 0 1M", car_uri)
+        say("Done: vm1 moved from office-pc to car-pc under a writing guest, pulled from two peers at once.")
     finally:
         for daemon in daemons:
             if daemon.poll() is None:
