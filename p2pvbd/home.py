@@ -16,6 +16,8 @@ from pathlib import Path
 import platformdirs
 import tomli_w
 
+from p2pvbd.store_files import atomic_write
+
 HOME_ENV = "P2PVBD_HOME"
 CONFIG_FILE = "config.toml"
 DISKS_DIR = "disks"
@@ -129,11 +131,7 @@ class Home:
     def save_config(self, cfg: Config) -> None:
         """Atomic replace, so a crash never leaves a half-written config."""
         self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.config_path.with_suffix(".tmp")
-        tmp.write_text(tomli_w.dumps(cfg.to_toml()))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.config_path)
+        atomic_write(self.config_path, tomli_w.dumps(cfg.to_toml()).encode())
 
     def check_new(self, name: str, listen: str | None = None, nbd_tcp: str = "") -> None:
         """Refuse, before anything is written, what init would refuse."""

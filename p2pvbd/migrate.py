@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from p2pvbd.kernel_hook_ctl import Export, ExportMode, HookError
 from p2pvbd.peer_transport import PeerError
 from p2pvbd.peer_wire import BLOCK_ZSTD_LEVEL, ENC_RAW, pack_block
 from p2pvbd.replica_store import WriteResult
+from p2pvbd.store_files import atomic_write
 
 if TYPE_CHECKING:
     from p2pvbd.peer_transport import PeerConnection
@@ -98,17 +98,7 @@ def pending_path(store_dir: Path) -> Path:
 
 
 def write_pending(store_dir: Path, dest: str, epoch: int) -> None:
-    tmp = pending_path(store_dir).with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"dest": dest, "epoch": epoch}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, pending_path(store_dir))
-    fd = os.open(store_dir, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write(pending_path(store_dir), json.dumps({"dest": dest, "epoch": epoch}).encode())
 
 
 def read_pending(store_dir: Path) -> dict[str, Any] | None:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
+
+from p2pvbd.store_files import atomic_write
 
 if TYPE_CHECKING:
     from p2pvbd.swarm import Swarm
@@ -95,9 +96,7 @@ class Replication:
             return {}
 
     def _save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({d: p.as_payload() for d, p in self.policies.items()}))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps({d: p.as_payload() for d, p in self.policies.items()}).encode())
 
     def learn(self, policy: Policy) -> bool:
         """Keep ``policy`` if it is newer than what we have; True when it changed anything."""
