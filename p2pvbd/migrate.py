@@ -237,13 +237,20 @@ def _drain(sub: Any, dirty: set[int]) -> None:
 
 
 def _sync_hook(shipper: Shipper, dirty: set[int]) -> Any:
+    """Ship each write's blocks before it is acknowledged (sync mode).
+
+    If the destination fails, the write is still acknowledged: it is applied here, and this host is
+    still the owner. The block goes back to the dirty set, and the migration fails on its next shipment.
+    """
     async def ship_before_ack(res: WriteResult) -> None:
         blocks = list(range(res.first_block, res.last_block + 1))
         try:
             await shipper.ship(blocks)
         except PeerError as e:
-            raise HookError(5, f"mirror to {shipper.progress.dest} failed: {e.message}") from e
-    del dirty
+            log.warning("sync mirror to %s failed (%s); the guest goes on, the migration will fail",
+                        shipper.progress.dest, e.message)
+            shipper.exp.after_write = None
+            dirty.update(blocks)
     return ship_before_ack
 
 
