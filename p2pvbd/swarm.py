@@ -145,8 +145,10 @@ class Swarm:
             store = exp.store
             if store.owner == self.name:
                 await self.dht.publish("owner", store.name, owner_payload(self.name, store.epoch), RECORD_TTL)
-            vmap = await self._local_map(store)
-            current = int(np.count_nonzero(vmap.versions)) if store.owner != self.name else vmap.n_blocks
+            if store.owner == self.name:
+                current = store.n_blocks  # the owner's replica is the reference: no need to hash for it
+            else:
+                current = int(np.count_nonzero((await self._local_map(store)).versions))
             await self.dht.publish("holders", store.name, holders_payload(self.name, current, store.counter),
                                    RECORD_TTL)
 
