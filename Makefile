@@ -8,7 +8,7 @@ PYTHON      ?= python3
 # Real NBD clients and kernel plumbing the tests drive (nobody here wrote them).
 DEB_PACKAGES := qemu-utils libnbd-bin python3-libnbd fio nbdkit fuse3 e2fsprogs util-linux iproute2 nftables
 
-.PHONY: demo test test-all lint bench deps venv clean
+.PHONY: demo test test-all soak lint bench deps venv clean
 
 venv: $(STAMP)
 
@@ -39,6 +39,12 @@ test-all: deps venv
 bench: deps venv
 	$(PY) bench/nbd_datapath.py
 	$(PY) bench/store_open.py
+	$(PY) bench/dht_lookup.py
+	$(PY) bench/multipeer_pull.py
+
+# The migration fault schedules, all 200 seeds.
+soak: deps venv
+	$(VENV)/bin/pytest -m '' tests/test_migrate_faults.py
 
 lint: venv
 	$(VENV)/bin/ruff check p2pvbd tests bench demo
