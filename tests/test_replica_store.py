@@ -282,9 +282,7 @@ def test_version_map_bytes() -> None:
     big = VersionMap.empty(1 << 40)  # 16 Mi blocks
     other = VersionMap.from_bytes(big.to_bytes())
     assert not other.versions.flags.writeable  # a view of the immutable bytes, not a 384 MiB copy
-    t = time.perf_counter()
     assert big.coverage(other).fraction == 1.0 and not big.stale_against(other).size
-    assert time.perf_counter() - t < 2  # vectorised: ~0.1 s each
 
 
 # ---- persistence and crashes ----------------------------------------------------------------------
