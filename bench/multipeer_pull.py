@@ -49,12 +49,10 @@ the exit status is 0 even when a target is missed (a measurement, not a test).
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import statistics
@@ -71,6 +69,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from py_spy_summary import summarize_profile  # noqa: E402
 
 from p2pvbd.control import ControlError, call  # noqa: E402
 from p2pvbd.home import Home  # noqa: E402
@@ -414,37 +414,6 @@ def nonzero_bytes(image: Path) -> int:
 
 
 # ---- profile -------------------------------------------------------------------------------------
-def summarize_profile(path: Path, top: int = 14) -> dict[str, Any]:
-    """Self and inclusive shares per function and thread from py-spy's raw output (--threads --idle)."""
-    threads: dict[str, dict[str, collections.Counter[str]]] = {}
-    totals: collections.Counter[str] = collections.Counter()
-    for line in path.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        frames = stack.split(";")
-        thread = re.sub(r"^thread \(0x[0-9A-Fa-f]+\): ", "", frames[0]) if frames[0].startswith("thread") else "all"
-        thread = re.sub(r"^thread \(\d+\): ", "", thread)
-        thread = "worker threads" if thread.startswith("Trio thread") else thread
-        funcs = [re.sub(r":\d+\)$", ")", f.strip()) for f in frames[1:]] or ["?"]
-        c = threads.setdefault(thread, {"self": collections.Counter(), "incl": collections.Counter()})
-        k = int(count)
-        totals[thread] += k
-        c["self"][funcs[-1]] += k
-        for f in set(funcs):
-            c["incl"][f] += k
-    out: dict[str, Any] = {}
-    for thread, c in sorted(threads.items(), key=lambda kv: -totals[kv[0]]):
-        total = totals[thread]
-        out[thread] = {
-            "samples": total,
-            "self_pct": {f: round(100 * v / total, 1) for f, v in c["self"].most_common(top)},
-            "inclusive_pct": {f: round(100 * v / total, 1) for f, v in c["incl"].most_common(4 * top)
-                              if "p2pvbd/" in f or "trio/_" in f or "ssl" in f.lower()},
-        }
-    return out
-
-
 # ---- report --------------------------------------------------------------------------------------
 def machine() -> dict[str, Any]:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()

@@ -37,7 +37,6 @@ Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import json
 import os
@@ -56,6 +55,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from py_spy_summary import summarize_profile
 
 VENV_BIN = Path(sys.executable).parent
 P2PVBD = VENV_BIN / "p2pvbd"
@@ -288,36 +289,6 @@ def measure(test: Test, uri: str, pid: int, source: Path, runtime: int, ramp: in
 
 
 # ---- profile -----------------------------------------------------------------------------------------
-def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
-    """Self and inclusive time per function and thread from py-spy's raw output (with --threads --idle)."""
-    threads: dict[str, dict[str, collections.Counter[str]]] = {}
-    totals: collections.Counter[str] = collections.Counter()
-    for line in path.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        frames = stack.split(";")
-        thread = re.sub(r"^thread \(\d+\): ", "", frames[0]) if frames[0].startswith("thread") else "all"
-        thread = "worker threads" if thread.startswith("Trio thread") else thread
-        funcs = [re.sub(r":\d+\)$", ")", f) for f in frames[1:]] or ["?"]
-        c = threads.setdefault(thread, {"self": collections.Counter(), "incl": collections.Counter()})
-        n = int(count)
-        totals[thread] += n
-        c["self"][funcs[-1]] += n
-        for f in set(funcs):
-            c["incl"][f] += n
-    out: dict[str, Any] = {}
-    for thread, c in threads.items():
-        total = totals[thread]
-        out[thread] = {
-            "samples": total,
-            "self_pct": {f: round(100 * n / total, 1) for f, n in c["self"].most_common(top)},
-            "inclusive_pct": {f: round(100 * n / total, 1) for f, n in c["incl"].most_common(3 * top)
-                              if "p2pvbd/" in f or "trio/_" in f},
-        }
-    return out
-
-
 def profile(tests: list[Test], uri: str, pid: int, runtime: int, ramp: int, tmp: Path, outdir: Path) -> dict[str, Any]:
     outdir.mkdir(parents=True, exist_ok=True)
     summaries: dict[str, Any] = {}

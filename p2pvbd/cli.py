@@ -288,8 +288,7 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
 
 def cmd_attach(args: argparse.Namespace) -> None:
-    uri = _ask(args, "nbd_uri", disk=args.disk)  # the daemon must be serving the export
-    del uri
+    _ask(args, "nbd_uri", disk=args.disk)  # fails clearly unless the daemon serves this export
     print(attach(_home(args), args.disk, args.device))
 
 

@@ -215,11 +215,8 @@ class Fetcher:
         self.progress.bytes_on_wire += nbytes
         if not good and not bad:
             raise FrameError(f"{peer} answered none of the blocks asked")
-        log.debug("sync of %s: %s answered %d+%d for %s: %d good, %d bad, %d remaining", self.store.name, peer,
-                  req.start, req.count, [i[:2] for i in reply.get("blocks", [])][:4], len(good), len(bad),
-                  self.scheduler.remaining_blocks)
-        for cancelled in self.scheduler.completed(peer, req, good, bad, nbytes, time.monotonic()):
-            del cancelled  # duplicates finish on their own; their blocks are ignored when they arrive
+        # Endgame duplicates made useless by this reply finish on their own; their blocks are ignored.
+        self.scheduler.completed(peer, req, good, bad, nbytes, time.monotonic())
 
 
 def _parse_item(item: Any) -> tuple[int, int, bytes, bytes | None, int]:

@@ -310,8 +310,6 @@ async def _commit(conn: PeerConnection, disk: str, epoch: int, shipper: Shipper)
 
 async def _resolve(swarm: Swarm, disk: str, dest: str, epoch: int) -> bool | None:
     """Ask ``dest`` whether it committed ``epoch``; keep asking (fenced) until it answers."""
-    exp = swarm.ctl.get(disk)
-    assert exp is not None
     swarm.ctl.set_mode(disk, ExportMode.INCOMING)  # fenced: reads only, writes held
     deadline = trio.current_time() + RESOLVE_SECONDS
     while True:
