@@ -99,6 +99,9 @@ class Export:
     # owner through ``forward``, so a guest whose memory is still migrating never sees an error.
     forward: Forwarder | None = None
     forwarded_clients: frozenset[int] = frozenset()
+    # While an incoming migration is under way: reads are served by the current owner, because
+    # this replica may still hold stale blocks (a hypervisor may start the incoming VM early).
+    read_through: Forwarder | None = None
 
     @property
     def name(self) -> str:
@@ -214,6 +217,9 @@ class HookController:
         exp = await self._admit(name, is_write=False, client=client)
         if exp is None:
             return await self._forwarder(name).read(offset, length)
+        if exp.mode is ExportMode.INCOMING and exp.read_through is not None:
+            self._done(exp)
+            return await self._read_through(exp, offset, length)
         try:
             return exp.store.read(offset, length)
         except OutOfRange as e:
@@ -234,6 +240,16 @@ class HookController:
     async def trim(self, name: str, offset: int, length: int, fua: bool = False, client: int = 0) -> None:
         if not await self._apply(name, fua, client, lambda s: s.trim(offset, length)):
             await self._forwarder(name).trim(offset, length, fua)
+
+    async def _read_through(self, exp: Export, offset: int, length: int) -> bytes:
+        """A read at a migration target, answered by the owner; served here once ownership has arrived."""
+        assert exp.read_through is not None
+        try:
+            return await exp.read_through.read(offset, length)
+        except HookError:
+            if exp.mode is not ExportMode.PRIMARY:
+                raise
+        return await self.read(exp.name, offset, length)
 
     def _forwarder(self, name: str) -> Forwarder:
         fwd = self._require(name).forward
@@ -285,10 +301,12 @@ class HookController:
             raise HookError(NBD_EINVAL, str(e)) from e
 
     # ---- freeze / thaw -------------------------------------------------------------------------
-    async def freeze(self, name: str, timeout: float = 5.0) -> None:
+    async def freeze(self, name: str, timeout: float = 5.0, flush: bool = True) -> None:
         """Hold new requests, wait for those in flight, flush. Thaws by itself after MAX_FREEZE_SECONDS.
 
-        Raises trio.TooSlowError (and thaws) when draining and flushing take longer than ``timeout``.
+        ``flush=False`` skips the flush, for a caller that makes the data durable elsewhere (a switchover:
+        the destination flushes what it commits). Raises trio.TooSlowError (and thaws) when draining and
+        flushing take longer than ``timeout``.
         """
         exp = self._require(name)
         if exp.frozen:
@@ -304,7 +322,8 @@ class HookController:
                     exp._drained = trio.Event()
                     await exp._drained.wait()
                 exp._drained = None
-                await self._sync(exp)
+                if flush:
+                    await self._sync(exp)
         except BaseException:
             exp._drained = None
             self.thaw(name)

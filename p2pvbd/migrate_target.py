@@ -9,6 +9,7 @@ persisted) before the answer leaves.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -16,12 +17,13 @@ import numpy as np
 import trio
 import zstandard
 
-from p2pvbd.kernel_hook_ctl import ExportMode, HookError
-from p2pvbd.migrate import hand_over, pending_path, read_pending
+from p2pvbd.kernel_hook_ctl import Export, ExportMode, HookError
+from p2pvbd.migrate import PeerForwarder, hand_over, pending_path, read_pending, record_hand_over
+from p2pvbd.nbd_codec import NBD_EPERM
 from p2pvbd.peer_transport import PeerError
 from p2pvbd.peer_wire import FrameError, unpack_block
 from p2pvbd.replica_store import HashMismatch, ReplicaStore, StaleVersion
-from p2pvbd.version_map import block_hash
+from p2pvbd.version_map import VersionMap, block_hash
 
 if TYPE_CHECKING:
     from p2pvbd.fetcher import SyncProgress
@@ -33,6 +35,12 @@ log = logging.getLogger(__name__)
 MAX_MISSING_REPLY = 65536
 # A restarted source asks the destination of its unfinished migration this often until it answers.
 RESOLVE_RETRY_SECONDS = 2.0
+# Fault injection for tests: the destination sleeps this long between making a commit durable and
+# answering it, so a test can cut the link exactly when only the destination knows the outcome.
+FAULT_COMMIT_STALL_ENV = "P2PVBD_FAULT_COMMIT_STALL"
+# Guest I/O relayed along a chain of hand-overs: a disk that moved office -> car -> home -> office has
+# 3 hops; more means two hosts point at each other and the request must fail, not loop.
+MAX_FORWARD_HOPS = 4
 
 
 @dataclass
@@ -51,6 +59,10 @@ class MigrationTarget:
         self.jobs: dict[int, SyncProgress] = {}
         self._decompressor = zstandard.ZstdDecompressor()
         self._nursery: trio.Nursery | None = None
+        # commit, status and abort of one disk never interleave: "not committed" must stay true once said
+        self._outcome_locks: dict[str, trio.Lock] = {}
+        self._resolving: set[str] = set()
+        self._commit_stall = float(os.environ.get(FAULT_COMMIT_STALL_ENV) or 0)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -58,8 +70,7 @@ class MigrationTarget:
             for exp in self.swarm.ctl.exports():
                 pending = read_pending(exp.store.directory)
                 if pending is not None:
-                    self.swarm.ctl.set_mode(exp.name, ExportMode.INCOMING)  # fenced until resolved
-                    nursery.start_soon(self._resolve_pending, exp.name, pending["dest"], int(pending["epoch"]))
+                    self.resolve_later(exp.name, pending["dest"], int(pending["epoch"]))
             task_status.started()
             await trio.sleep_forever()
 
@@ -91,6 +102,7 @@ class MigrationTarget:
                 exp.store.set_owner(peer, epoch)
             ctl.set_mode(disk, ExportMode.INCOMING)
         self.incoming[disk] = Incoming(peer, epoch)
+        exp.read_through = PeerForwarder(self.swarm, peer, disk)
         self.swarm.request_publish()
         return {"host": self.swarm.name}
 
@@ -145,69 +157,114 @@ class MigrationTarget:
                 continue  # a newer version of this block already arrived
             except (HashMismatch, FrameError) as e:
                 raise PeerError("bad_block", f"block {index}: {e}") from e
+        if body.get("flush"):
+            await trio.to_thread.run_sync(store.flush)
         return {"stored": stored}
+
+    def _outcome_lock(self, disk: str) -> trio.Lock:
+        return self._outcome_locks.setdefault(disk, trio.Lock())
 
     async def commit(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
         disk, epoch = body["disk"], int(body["epoch"])
-        inc = self._from_source(peer, disk)
-        store = self._store(disk)
-        if store.owner == self.swarm.name and store.epoch == epoch:
-            return {"committed": True}  # a retried commit
-        if epoch != inc.epoch + 1:
-            raise PeerError("stale", f"commit for epoch {epoch}, expected {inc.epoch + 1}")
-        theirs, _ = await self.swarm.fetch_map(peer, disk)
-        mine = await trio.to_thread.run_sync(store.version_map)
-        differ = np.flatnonzero((theirs.versions != mine.versions) | (theirs.hashes != mine.hashes).any(axis=1))
-        if len(differ):
-            return {"committed": False, "missing": differ[:MAX_MISSING_REPLY].tolist()}
-        await trio.to_thread.run_sync(store.flush)
-        store.set_owner(self.swarm.name, epoch)  # durable before the answer: the source relies on it
-        del self.incoming[disk]
-        self.swarm.ctl.set_mode(disk, ExportMode.PRIMARY)
-        self.swarm.request_publish()
-        log.info("took %s over from %s at epoch %d", disk, peer, epoch)
-        return {"committed": True}
+        async with self._outcome_lock(disk):
+            store = self._store(disk)
+            if store.owner == self.swarm.name and store.epoch == epoch:
+                return {"committed": True}  # a retried commit
+            inc = self._from_source(peer, disk)
+            if epoch != inc.epoch + 1:
+                raise PeerError("stale", f"commit for epoch {epoch}, expected {inc.epoch + 1}")
+            mine = await trio.to_thread.run_sync(_commit_if_equal, store, body.get("map_digest"), self.swarm.name,
+                                                 epoch)
+            if mine is not None:  # the maps differ: name the blocks the source must still send
+                theirs, _ = await self.swarm.fetch_map(peer, disk)
+                differ = np.flatnonzero((theirs.versions != mine.versions)
+                                        | (theirs.hashes != mine.hashes).any(axis=1))
+                if len(differ):
+                    return {"committed": False, "missing": differ[:MAX_MISSING_REPLY].tolist()}
+                await trio.to_thread.run_sync(_commit_if_equal, store, None, self.swarm.name, epoch)
+            self._end_incoming(disk, ExportMode.PRIMARY)
+            log.info("took %s over from %s at epoch %d", disk, peer, epoch)
+            if self._commit_stall:
+                await trio.sleep(self._commit_stall)
+            return {"committed": True}
 
     async def status(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
         """Did this host commit ``epoch``? If not, it never will: the incoming migration is dropped."""
         disk, epoch = body["disk"], int(body["epoch"])
-        exp = self.swarm.ctl.get(disk)
-        committed = exp is not None and exp.store.owner == self.swarm.name and exp.store.epoch >= epoch
-        if not committed:
-            await self.abort(peer, {"disk": disk})
-        return {"committed": committed}
+        async with self._outcome_lock(disk):
+            exp = self.swarm.ctl.get(disk)
+            committed = exp is not None and exp.store.owner == self.swarm.name and exp.store.epoch >= epoch
+            if not committed:
+                self._abort(peer, disk)
+            return {"committed": committed}
 
     async def abort(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
-        disk = body["disk"]
-        inc = self.incoming.get(disk)
-        if inc is not None and inc.source == peer:
-            del self.incoming[disk]
-            exp = self.swarm.ctl.get(disk)
-            if exp is not None and exp.store.owner != self.swarm.name:
-                self.swarm.ctl.set_mode(disk, ExportMode.STANDBY)
+        async with self._outcome_lock(body["disk"]):
+            self._abort(peer, body["disk"])
         return {}
 
+    def _abort(self, peer: str, disk: str) -> None:
+        inc = self.incoming.get(disk)
+        if inc is not None and inc.source == peer:
+            exp = self.swarm.ctl.get(disk)
+            self._end_incoming(disk, ExportMode.STANDBY if exp is not None and exp.store.owner != self.swarm.name
+                               else None)
+
+    def _end_incoming(self, disk: str, mode: ExportMode | None) -> None:
+        self.incoming.pop(disk, None)
+        exp = self.swarm.ctl.get(disk)
+        if exp is not None:
+            exp.read_through = None
+            if mode is ExportMode.PRIMARY:  # owner again (a migration back): nothing to forward any more
+                exp.forward, exp.forwarded_clients = None, frozenset()
+            if mode is not None:
+                self.swarm.ctl.set_mode(disk, mode)
+        self.swarm.request_publish()
+
     async def guest_io(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
-        """I/O of a guest still connected to the old owner ``peer``, applied here, the new owner."""
-        disk, op, ctl = body["disk"], body["op"], self.swarm.ctl
-        exp = ctl.get(disk)
-        if exp is None or exp.store.owner != self.swarm.name:
-            raise PeerError("not_owner", f"{self.swarm.name} does not own {disk}")
-        try:
-            if op == "read":
-                return {"data": await ctl.read(disk, int(body["offset"]), int(body["length"]))}
-            if op == "write":
-                await ctl.write(disk, int(body["offset"]), bytes(body["data"]), bool(body.get("fua")))
-            elif op == "write_zeroes":
-                await ctl.write_zeroes(disk, int(body["offset"]), int(body["length"]), bool(body.get("fua")))
-            elif op == "trim":
-                await ctl.trim(disk, int(body["offset"]), int(body["length"]), bool(body.get("fua")))
-            elif op == "flush":
-                await ctl.flush(disk)
-            else:
-                raise PeerError("bad_request", f"unknown guest op {op!r}")
-        except HookError as e:
-            raise PeerError("io", str(e)) from e
+        """I/O of a guest still connected to an old owner, applied here if this host owns the disk.
+
+        Ownership may have moved on since (a migration back, or further): then this host relays the
+        request to the owner it handed over to, so the guest never sees an error however often it moves.
+        """
+        disk, hops = body["disk"], int(body.get("hops", 0))
+        for _ in range(2):
+            exp = self.swarm.ctl.get(disk)
+            if exp is None:
+                raise PeerError("no_disk", f"no disk {disk!r} here")
+            if not self._owns(exp):
+                if isinstance(exp.forward, PeerForwarder) and hops < MAX_FORWARD_HOPS:
+                    try:
+                        return await exp.forward.relay(body | {"hops": hops + 1})
+                    except HookError as e:
+                        raise PeerError("io", str(e)) from e
+                raise PeerError("not_owner", f"{self.swarm.name} does not own {disk}")
+            try:
+                return await self._apply_guest_io(disk, body)
+            except HookError as e:
+                if e.errno == NBD_EPERM and not self._owns(exp):
+                    continue  # handed over while the request was held: relay it
+                raise PeerError("io", str(e)) from e
+        raise PeerError("not_owner", f"{self.swarm.name} does not own {disk}")
+
+    def _owns(self, exp: Export) -> bool:
+        """Owner of the disk, and not in the instant between handing it over and recording that."""
+        return exp.store.owner == self.swarm.name and exp.mode is not ExportMode.STANDBY
+
+    async def _apply_guest_io(self, disk: str, body: dict[str, Any]) -> dict[str, Any]:
+        op, ctl = body["op"], self.swarm.ctl
+        if op == "read":
+            return {"data": await ctl.read(disk, int(body["offset"]), int(body["length"]))}
+        if op == "write":
+            await ctl.write(disk, int(body["offset"]), bytes(body["data"]), bool(body.get("fua")))
+        elif op == "write_zeroes":
+            await ctl.write_zeroes(disk, int(body["offset"]), int(body["length"]), bool(body.get("fua")))
+        elif op == "trim":
+            await ctl.trim(disk, int(body["offset"]), int(body["length"]), bool(body.get("fua")))
+        elif op == "flush":
+            await ctl.flush(disk)
+        else:
+            raise PeerError("bad_request", f"unknown guest op {op!r}")
         return {}
 
     def _store(self, disk: str) -> ReplicaStore:
@@ -216,8 +273,21 @@ class MigrationTarget:
             raise PeerError("no_disk", f"no disk {disk!r} here")
         return exp.store
 
+    def resolve_later(self, disk: str, dest: str, epoch: int) -> None:
+        """Keep ``disk`` fenced and ask ``dest`` in the background whether it committed ``epoch``."""
+        self.swarm.ctl.set_mode(disk, ExportMode.INCOMING)  # reads only, writes held
+        if disk not in self._resolving and self._nursery is not None:
+            self._resolving.add(disk)
+            self._nursery.start_soon(self._resolve_pending, disk, dest, epoch)
+
     async def _resolve_pending(self, disk: str, dest: str, epoch: int) -> None:
-        """A source restarted in the middle of a switchover: stay fenced until ``dest`` tells the outcome."""
+        """A switchover whose outcome this source does not know: stay fenced until ``dest`` tells it."""
+        try:
+            await self._ask_outcome(disk, dest, epoch)
+        finally:
+            self._resolving.discard(disk)
+
+    async def _ask_outcome(self, disk: str, dest: str, epoch: int) -> None:
         exp = self.swarm.ctl.get(disk)
         assert exp is not None
         while True:
@@ -229,12 +299,25 @@ class MigrationTarget:
                 log.info("%s stays fenced: cannot reach %s (%s)", disk, dest, e.message)
                 await trio.sleep(RESOLVE_RETRY_SECONDS)
         if reply["committed"]:
-            hand_over(self.swarm, exp, dest, epoch)
+            hand_over(self.swarm, exp, dest)
+            await record_hand_over(self.swarm, exp, dest, epoch)
             log.info("%s: %s had taken it over; this host is a standby now", disk, dest)
         else:
             pending_path(exp.store.directory).unlink(missing_ok=True)
             self.swarm.ctl.set_mode(disk, ExportMode.PRIMARY)
             log.info("%s: the migration to %s never committed; this host owns it again", disk, dest)
+
+
+def _commit_if_equal(store: ReplicaStore, digest: bytes | None, owner: str, epoch: int) -> VersionMap | None:
+    """Take ownership if this replica's map has ``digest`` (None: already compared), durably: data
+    first, then owner and epoch. Otherwise return the map. One thread hop for the whole commit."""
+    if digest is not None:
+        mine = store.version_map()
+        if mine.digest() != digest:
+            return mine
+    store.flush()
+    store.set_owner(owner, epoch)
+    return None
 
 
 def _length(store: ReplicaStore, index: int) -> int:
