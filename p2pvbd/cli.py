@@ -268,7 +268,11 @@ def _follow_job(args: argparse.Namespace, job: int, title: str, quiet: bool) -> 
         while True:
             res = _ask(args, "job", job=job)
             rates = ", ".join(f"{h} {format_size(p['rate'])}/s" for h, p in sorted(res["peers"].items()))
-            bar.update(task, total=res["total_bytes"] or None, completed=res["done_bytes"], peers=rates)
+            description = f"{title} ({res['phase']})" if "phase" in res else title
+            if res.get("mirror_lag_blocks"):
+                description += f", mirror lag {res['mirror_lag_blocks']} blocks"
+            bar.update(task, description=description, total=res["total_bytes"] or None, completed=res["done_bytes"],
+                       peers=rates)
             if res["done"]:
                 return res
             time.sleep(JOB_POLL_SECONDS)

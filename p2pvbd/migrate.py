@@ -83,6 +83,7 @@ class MigrationProgress:
     done_bytes: int = 0
     bytes_on_wire: int = 0
     bytes_from: dict[str, int] = field(default_factory=dict)
+    peers: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-peer bytes and rate of the bulk pull
     mirror_lag_blocks: int = 0
     mirrored_bytes: int = 0
     downtime_ms: float | None = None
@@ -101,7 +102,7 @@ class MigrationProgress:
                 "mirror_lag_blocks": self.mirror_lag_blocks, "downtime_ms": self.downtime_ms,
                 "switchover_ms": self.switchover_ms,
                 "epoch": self.epoch, "throttled": self.throttled, "duration_s": round(end - self.started, 3),
-                "error": self.error, "peers": {h: {"bytes": b, "rate": 0.0} for h, b in self.bytes_from.items()}}
+                "error": self.error, "peers": self.peers}
 
 
 # ---- the pending marker: what a restarted source must resolve before it takes writes again ---------
@@ -220,6 +221,7 @@ async def _bulk(conn: PeerConnection, disk: str, progress: MigrationProgress) ->
         res = await conn.request("migrate_job", {"job": job})
         progress.total_bytes, progress.done_bytes = res["total_bytes"], res["done_bytes"]
         progress.bytes_on_wire, progress.bytes_from = res["bytes_on_wire"], dict(res["bytes_from"])
+        progress.peers = dict(res["peers"])
         if res["done"]:
             if res["error"]:
                 raise MigrationError(f"the bulk copy to {progress.dest} failed: {res['error']}")
