@@ -170,3 +170,48 @@ async def test_incoming_write_fails_with_eperm_when_ownership_never_comes(
         await ctl.write("vm1", 0, b"too early")
     assert e.value.errno == NBD_EPERM
     assert trio.current_time() >= 2.0
+
+
+class OwnerReads:
+    """The migration source as an incoming export sees it: reads only, or gone (``fail``)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.fail, self.calls = data, False, 0
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self.calls += 1
+        if self.fail:
+            raise HookError(khc.NBD_EIO, "the owner is unreachable")
+        return self.data[offset:offset + length]
+
+    async def write(self, offset: int, data: bytes, fua: bool) -> None:
+        raise AssertionError("an incoming export never forwards writes")
+
+    write_zeroes = trim = write  # type: ignore[assignment]
+
+    async def flush(self) -> None:
+        raise AssertionError("an incoming export never forwards flushes")
+
+
+async def test_incoming_reads_come_from_the_owner_until_ownership_arrives(ctl: HookController) -> None:
+    """The local replica may be stale during an incoming migration: reads go to the owner; once this
+    host owns the disk they are local again, also for a read whose forwarding failed at that moment."""
+    await ctl.write("vm1", 0, b"stale" * 10)
+    owner = OwnerReads(b"fresh" * 10)
+    ctl.set_mode("vm1", ExportMode.INCOMING)
+    exp = ctl.get("vm1")
+    assert exp is not None
+    exp.read_through = owner
+    assert await ctl.read("vm1", 0, 10) == b"freshfresh"
+    owner.fail = True
+    with pytest.raises(HookError):
+        await ctl.read("vm1", 0, 10)  # still incoming: no stale answer
+    owner.fail = False
+
+    async def commit_then_refuse(offset: int, length: int) -> bytes:
+        ctl.set_mode("vm1", ExportMode.PRIMARY)  # the commit lands while the read is on its way
+        raise HookError(khc.NBD_EIO, "no longer the owner")
+    owner.read = commit_then_refuse  # type: ignore[method-assign]
+    assert await ctl.read("vm1", 0, 10) == b"stalestale"  # this host is the owner now: its data is current
+    assert await ctl.read("vm1", 0, 10) == b"stalestale"
+    assert owner.calls == 2
