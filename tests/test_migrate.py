@@ -102,3 +102,25 @@ def test_migrate_refuses_what_it_cannot_do(three: list[Host]) -> None:
     res = office.cli("migrate", "--to", "nowhere", check=False, timeout=120)
     assert res.returncode == 1 and "nowhere" in res.stderr
     assert office.json("status", "vm1")["disks"][0]["owner"] == "office-pc"  # nothing moved
+
+
+def test_a_guest_follows_its_disk_around_the_swarm(three: list[Host], tmp_path: Path) -> None:
+    """office -> car -> home -> office with one guest connection open at office all along: its I/O is
+    relayed along the chain of hand-overs, served locally again once office owns the disk, never failed."""
+    office, home, car = three
+    base = bytes(BLOCKS * BLOCK)
+    (tmp_path / "base.raw").write_bytes(base)
+    office.cli("disk", "import", "vm1", str(tmp_path / "base.raw"))
+    wait_until(lambda: visible(car, "vm1") and visible(home, "vm1"), "car-pc and home-pc to see vm1")
+    guest = Guest(office.uri("vm1"), tmp_path)
+    epochs = []
+    for src, dst in ((office, car), (car, home), (home, office)):
+        summary = json.loads(src.cli("migrate", "vm1", "--to", dst.name, "--json", timeout=600).stdout)
+        assert summary["error"] == "" and summary["to"] == dst.name, summary
+        epochs.append(summary["epoch"])
+    assert epochs == [2, 3, 4]
+    report = guest.finish()
+    assert report["errors"] == [] and report["reads_ok"], report
+    assert office.json("disk", "list")[0]["mode"] == "primary"
+    model = model_image(tmp_path / "model.raw", base, report["acked"])  # type: ignore[arg-type]
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(model), office.uri("vm1"))
