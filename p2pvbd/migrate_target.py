@@ -93,8 +93,10 @@ class MigrationTarget:
             store = ReplicaStore.create(self.swarm.home.disk_dir(disk), disk, int(body["size"]),
                                         int(body["block_size"]), owner=peer, epoch=epoch)
             exp = ctl.add_export(store, ExportMode.INCOMING)
-        elif exp.store.epoch > epoch or (exp.store.owner == self.swarm.name and exp.store.epoch >= epoch):
-            raise PeerError("stale", f"{peer} is not the current owner of {disk} (epoch {exp.store.epoch} here)")
+        elif (exp.store.epoch > epoch or (exp.store.owner == self.swarm.name and exp.store.epoch >= epoch)
+              or (exp.store.epoch == epoch and exp.store.owner not in ("", peer))):
+            raise PeerError("stale", f"{peer} is not the current owner of {disk} (here: {exp.store.owner or 'unknown'}"
+                                     f" at epoch {exp.store.epoch})")
         elif (exp.store.size, exp.store.block_size) != (int(body["size"]), int(body["block_size"])):
             raise PeerError("geometry", f"this host's replica of {disk} has another size or block size")
         else:
