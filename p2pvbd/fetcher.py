@@ -2,7 +2,9 @@
 
 The pure planner decides which block comes from whom; this module executes that plan over peer
 links: a few pipelined get_blocks requests per peer, every block checked against the owner's hash
-before it enters the store, bad blocks counted against their sender and fetched elsewhere.
+before it enters the store, bad blocks counted against their sender and fetched elsewhere. Requests made
+useless by another peer's answer (endgame duplicates) are cancelled, and the sync ends as soon as every
+block is in.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import zstandard
 from p2pvbd.peer_transport import PeerError
 from p2pvbd.peer_wire import FrameError, unpack_block
 from p2pvbd.replica_store import HashMismatch, ReplicaStore, StaleVersion
-from p2pvbd.sync_planner import FetchRequest, PeerInfo, SyncScheduler, plan_sync
+from p2pvbd.sync_planner import FetchRequest, PeerInfo, SyncScheduler, plan_sync, request_bytes_for
 from p2pvbd.version_map import VersionMap, block_hash
 
 if TYPE_CHECKING:
@@ -30,8 +32,8 @@ log = logging.getLogger(__name__)
 # First guess of a peer's rate before any block arrived: the planner re-balances within a request or
 # two, so the guess only shapes the first few requests. 10 MB/s is a modest LAN.
 INITIAL_RATE = 10e6
-# get_blocks requests in flight per peer: enough to keep a link busy across one round trip, few enough
-# that work stays stealable near the end.
+# get_blocks requests in flight per peer (of sync_planner.MAX_REQUEST_BYTES each): enough to keep a link
+# busy across one round trip, few enough that work stays stealable near the end.
 INFLIGHT_PER_PEER = 4
 # One request waits this long for its reply before its blocks go back to the pool (a stalled peer).
 REQUEST_TIMEOUT = 30.0
@@ -97,22 +99,26 @@ class Fetcher:
         self.background = background
         self.peer_maps = peer_maps
         self._wake = trio.Event()
-        self._decompressor = zstandard.ZstdDecompressor()
+        # Cancel scopes of the requests in flight, so one made useless by another peer's answer is dropped.
+        self._inflight: dict[FetchRequest, trio.CancelScope] = {}
 
     async def run(self) -> None:
         target = await trio.to_thread.run_sync(self.store.version_map)
         infos = [PeerInfo(name, m.versions, INITIAL_RATE, INFLIGHT_PER_PEER) for name, m in self.peer_maps.items()]
-        plan = plan_sync(target, self.owner_map, infos)
+        request_bytes = request_bytes_for(self.owner_map.block_size)
+        plan = plan_sync(target, self.owner_map, infos, max_request_bytes=request_bytes)
         self.progress.total_bytes = plan.needed_bytes
         await self._apply_without_transfer(plan.zero_blocks, plan.local_copies)
         if len(plan.unavailable):
             raise SyncError(f"{len(plan.unavailable)} block(s) of {self.store.name} are held at the owner's "
                             "version by no reachable peer")
-        self.scheduler = SyncScheduler(plan, infos, self.owner_map.block_length, now=time.monotonic())
+        self.scheduler = SyncScheduler(plan, infos, self.owner_map.block_length, now=time.monotonic(),
+                                       max_request_bytes=request_bytes)
         for name in self.peer_maps:
             self.progress.peers.setdefault(name, PeerProgress())
         self.progress.phase = "pulling"
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             for info in infos:
                 for _ in range(info.max_inflight):
                     nursery.start_soon(self._worker, info.name)
@@ -144,9 +150,12 @@ class Fetcher:
                     await self._wake.wait()
                 continue
             try:
-                with trio.fail_after(REQUEST_TIMEOUT):
-                    await self._fetch(peer, req)
-                self._failures[peer] = 0
+                with trio.CancelScope() as scope:
+                    self._inflight[req] = scope
+                    with trio.fail_after(REQUEST_TIMEOUT):
+                        await self._fetch(peer, req)
+                if not scope.cancelled_caught:  # else another peer's answer made it useless: no verdict
+                    self._failures[peer] = 0
             except (PeerError, trio.TooSlowError, FrameError) as e:
                 message = getattr(e, "message", None) or str(e) or "timed out"
                 log.info("sync of %s: request to %s failed: %s", self.store.name, peer, message)
@@ -156,7 +165,13 @@ class Fetcher:
                 if (fatal or failures >= MAX_CONSECUTIVE_FAILURES) and not prog.dropped:
                     prog.error, prog.dropped = message, True
                     self.scheduler.drop_peer(peer)
+            finally:
+                if self._inflight.get(req) is scope:
+                    del self._inflight[req]
             self._kick()
+            if self.scheduler.done:
+                # Every block is in: what is still in flight are duplicates; stop them rather than wait.
+                self._nursery.cancel_scope.cancel()
 
     def _kick(self) -> None:
         self._wake.set()
@@ -168,12 +183,15 @@ class Fetcher:
         wanted = [[i, int(versions[i])] for i in range(req.start, req.start + req.count)]
         reply = await conn.request("get_blocks", {"disk": self.store.name, "blocks": wanted,
                                                   "background": self.background}, timeout=REQUEST_TIMEOUT)
+        items = [_parse_item(item) for item in reply.get("blocks", [])]
+        # Decompressing and hashing a MiB costs milliseconds of CPU: in a thread (zstd and hashlib release
+        # the GIL), the event loop keeps reading the other peers' replies meanwhile.
+        decoded = await trio.to_thread.run_sync(self._decode, items)
         good: list[int] = []
         bad: list[int] = []
         nbytes = 0
         prog = self.progress.peers[peer]
-        for item in reply.get("blocks", []):
-            index, version, digest, payload, encoding = _parse_item(item)
+        for (index, version, digest, payload, _), (data, actual) in zip(items, decoded, strict=True):
             if not req.start <= index < req.start + req.count or index in good or index in bad:
                 raise FrameError(f"{peer} answered for block {index}, which was not asked")
             expected = hashes[index].tobytes()
@@ -182,13 +200,8 @@ class Fetcher:
                     bad.append(index)  # does not hold that version after all: not a lie, just stale
                     continue
                 expected = digest  # the owner wrote it again meanwhile: its newer version is the one to hold
-            try:
-                data = None if payload is None else unpack_block(encoding, payload, self.owner_map.block_length(index),
-                                                                 self._decompressor)
-            except FrameError:
-                data = b""
             nbytes += len(payload or b"")
-            if digest != expected or (data is not None and block_hash(data) != expected):
+            if digest != expected or (data is not None and actual != expected):
                 bad.append(index)
                 prog.bad_blocks += 1
                 if self.scheduler.report_bad(peer):
@@ -196,9 +209,10 @@ class Fetcher:
                     log.warning("sync of %s: dropping %s, it sent corrupt blocks", self.store.name, peer)
                 continue
             if self.scheduler.is_complete(index):
-                continue  # an endgame duplicate lost the race
+                good.append(index)  # a good copy, but an endgame duplicate was first
+                continue
             try:
-                self.store.put_block(index, version, data, expected)
+                self.store.put_block(index, version, data, expected, verified=data is not None)
             except StaleVersion:
                 good.append(index)  # a newer version is already here (the owner's, meanwhile)
                 continue
@@ -215,11 +229,35 @@ class Fetcher:
         self.progress.bytes_on_wire += nbytes
         if not good and not bad:
             raise FrameError(f"{peer} answered none of the blocks asked")
-        # Endgame duplicates made useless by this reply finish on their own; their blocks are ignored.
-        self.scheduler.completed(peer, req, good, bad, nbytes, time.monotonic())
+        for useless in self.scheduler.completed(peer, req, good, bad, nbytes, time.monotonic()):
+            if (scope := self._inflight.get(useless)) is not None:
+                scope.cancel()  # its blocks are all in: the peer is told to stop, its reply is dropped
+
+    def _decode(self, items: list[_Item]) -> list[tuple[bytes | None, bytes]]:
+        """Each item's block data (None: a zero block) and its hash; b"" for both when it does not decode.
+
+        Runs in a worker thread, hence a decompressor of its own (one is not safe across threads).
+        """
+        decompressor = zstandard.ZstdDecompressor()
+        out: list[tuple[bytes | None, bytes]] = []
+        for index, _, _, payload, encoding in items:
+            if payload is None:
+                out.append((None, b""))
+                continue
+            try:
+                data = unpack_block(encoding, payload, self.owner_map.block_length(index), decompressor)
+            except FrameError:
+                out.append((b"", b""))
+                continue
+            out.append((data, block_hash(data)))
+        return out
 
 
-def _parse_item(item: Any) -> tuple[int, int, bytes, bytes | None, int]:
+# One get_blocks reply entry: index, version, hash, payload (None: a zero block), encoding.
+_Item = tuple[int, int, bytes, bytes | None, int]
+
+
+def _parse_item(item: Any) -> _Item:
     if not (isinstance(item, list) and len(item) == 5 and isinstance(item[0], int) and isinstance(item[1], int)):
         raise FrameError("malformed block entry")
     index, version, digest, payload, encoding = item

@@ -62,6 +62,9 @@ RECV_BYTES = 256 * 1024
 JOIN_PORT_OFFSET = 1
 # Closing politely (TLS close_notify) must not hang on a dead peer.
 CLOSE_TIMEOUT = 1.0
+# A cancel frame is ~30 bytes; if the link cannot take it within this long the connection is stuck anyway
+# (and is marked broken), like CLOSE_TIMEOUT: long enough for a busy link, short enough not to hold a caller.
+CANCEL_SEND_TIMEOUT = 1.0
 
 Handler = Callable[[str, str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -104,7 +107,11 @@ class PeerConnection:
         self.lost = trio.Event()
 
     async def request(self, op: str, body: dict[str, Any], timeout: float = DEFAULT_REQUEST_TIMEOUT) -> dict[str, Any]:
-        """Send a request and wait for its reply body; PeerError for error replies, timeouts, dead links."""
+        """Send a request and wait for its reply body; PeerError for error replies, timeouts, dead links.
+
+        Cancelling the caller is safe: a frame is always sent whole, the peer is told to drop the request
+        (``cancel``), and a reply that still arrives is discarded by the reader.
+        """
         if self._broken:
             raise self._dead()
         self._next_id += 1
@@ -112,15 +119,11 @@ class PeerConnection:
         frame = encode_request(request_id, op, body)
         event, slot = trio.Event(), []
         self._pending[request_id] = (event, slot)
+        sent, deadline = False, trio.current_time() + timeout
         try:
-            with trio.fail_after(timeout):
-                async with self._send_lock:
-                    try:
-                        await self.stream.send_all(frame)
-                    except BaseException as e:
-                        # A half-sent frame (cancelled or failed) leaves the stream unusable.
-                        self._fail(PeerError(ERR_CONNECTION, f"connection to {self.address} lost: {_tls_reason(e)}"))
-                        raise
+            with trio.fail_at(deadline):
+                await self._send_whole(frame, deadline)
+                sent = True
                 await event.wait()
         except trio.TooSlowError:
             raise PeerError(ERR_TIMEOUT, f"{op} to {self.address} got no reply within {timeout:g} s") from None
@@ -128,12 +131,43 @@ class PeerConnection:
             raise self._dead() if self._broken else PeerError(ERR_CONNECTION, str(e)) from e
         finally:
             self._pending.pop(request_id, None)
+            if sent and not slot and not self._broken:  # timed out or cancelled while the peer works on it
+                await self._cancel_remote(request_id)
         if not slot:
             raise self._dead()
         reply = slot[0]
         if reply["ok"]:
             return reply["body"]
         raise PeerError(reply["error"]["code"], reply["error"]["message"])
+
+    async def _send_whole(self, frame: bytes, deadline: float) -> None:
+        """Send one frame, never half of it: the caller's cancellation stops the wait for the lock, not
+        ``send_all``. Only ``deadline`` (the request's own timeout: a peer reading nothing for that long
+        is dead) or a failure cuts a send, and then the connection is marked broken.
+        """
+        async with self._send_lock:
+            if self._broken:
+                raise self._dead()
+            with trio.CancelScope(shield=True, deadline=deadline) as scope:
+                try:
+                    await self.stream.send_all(frame)
+                except BaseException as e:
+                    self._fail(PeerError(ERR_CONNECTION, f"connection to {self.address} lost: {_tls_reason(e)}"))
+                    raise
+            if scope.cancelled_caught:
+                self._fail(PeerError(ERR_CONNECTION, f"connection to {self.address} lost: sending stalled"))
+                raise trio.TooSlowError
+
+    async def _cancel_remote(self, request_id: int) -> None:
+        """Best effort: tell the peer to stop serving ``request_id`` (saves its upload for a reply nobody reads)."""
+        self._next_id += 1
+        frame = encode_request(self._next_id, "cancel", {"id": request_id})
+        deadline = trio.current_time() + CANCEL_SEND_TIMEOUT
+        with trio.CancelScope(shield=True, deadline=deadline):
+            try:
+                await self._send_whole(frame, deadline)
+            except (PeerError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the connection is gone or marked broken: nothing left to cancel
 
     def _dead(self) -> PeerError:
         # A fresh exception per caller: one shared instance would pile up every task's traceback.
@@ -224,8 +258,8 @@ async def open_peer(host: str, port: int, ssl_context: ssl.SSLContext, *,
 # ---- server --------------------------------------------------------------------------------------
 
 
-async def _handle_request(send: Callable[[bytes], Awaitable[None]], handler: Handler, name: str,
-                          frame: dict[str, Any], ops: Mapping[str, OpSpec]) -> None:
+async def _answer(handler: Handler, name: str, frame: dict[str, Any], ops: Mapping[str, OpSpec]) -> bytes:
+    """The reply frame for one request (an error reply if it fails)."""
     request_id, op, body = frame["id"], frame["op"], frame["body"]
     try:
         validate_body(op, body, ops)
@@ -237,13 +271,12 @@ async def _handle_request(send: Callable[[bytes], Awaitable[None]], handler: Han
             result = await handler(name, op, body)
             if not isinstance(result, dict):
                 raise TypeError(f"handler for {op} returned {type(result).__name__}, not a dict")
-        out = encode_reply(request_id, result)
+        return encode_reply(request_id, result)
     except PeerError as e:
-        out = encode_error(request_id, e.code, e.message)
+        return encode_error(request_id, e.code, e.message)
     except Exception:
         log.exception("handler for %s from %r failed", op, name)
-        out = encode_error(request_id, ERR_INTERNAL, f"internal error handling {op}")
-    await send(out)
+        return encode_error(request_id, ERR_INTERNAL, f"internal error handling {op}")
 
 
 async def _serve_connection(tcp: trio.SocketStream, ssl_context: ssl.SSLContext, handler: Handler,
@@ -265,16 +298,27 @@ async def _serve_connection(tcp: trio.SocketStream, ssl_context: ssl.SSLContext,
     send_lock = trio.Lock()
     limit = trio.Semaphore(max_concurrent)
 
-    async def send(data: bytes) -> None:
-        async with send_lock:
-            await stream.send_all(data)
+    # Requests being worked on or waiting to send their reply, by id, so a ``cancel`` can stop one
+    # until its reply starts going out (a reply is never cut: that would break the framing).
+    running: dict[int, trio.CancelScope] = {}
 
-    async def run_one(frame: dict[str, Any]) -> None:
+    async def run_one(frame: dict[str, Any], scope: trio.CancelScope) -> None:
+        request_id, sending = frame["id"], False
         try:
-            await _handle_request(send, handler, name, frame, ops)
+            with scope:
+                out = await _answer(handler, name, frame, ops)
+                await send_lock.acquire()  # replies queue here behind each other: cancellable while they wait
+                sending = True
+            if sending:
+                try:
+                    await stream.send_all(out)
+                finally:
+                    send_lock.release()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             nursery.cancel_scope.cancel()  # the peer is gone: stop its other requests too
         finally:
+            if running.get(request_id) is scope:
+                del running[request_id]
             limit.release()
 
     decoder = FrameDecoder()
@@ -288,8 +332,14 @@ async def _serve_connection(tcp: trio.SocketStream, ssl_context: ssl.SSLContext,
                 while (frame := decoder.next_frame()) is not None:
                     if not is_request(frame):
                         raise FrameError("client sent a reply")
+                    if frame["op"] == "cancel" and "cancel" in ops:
+                        target = frame["body"].get("id")  # one-way: no reply, whatever it names
+                        if isinstance(target, int) and target in running:
+                            running[target].cancel()
+                        continue
                     await limit.acquire()  # back-pressure: stop reading while the peer has too much in flight
-                    nursery.start_soon(run_one, frame)
+                    scope = running.setdefault(frame["id"], trio.CancelScope())  # before it starts: cancellable at once
+                    nursery.start_soon(run_one, frame, scope)
             nursery.cancel_scope.cancel()
     except* FrameError as eg:
         log.info("dropping %r (%s): %s", name, remote, eg.exceptions[0])

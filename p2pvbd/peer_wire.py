@@ -3,7 +3,9 @@
 Kept free of sockets so the decoder can be fuzzed directly and reused by any transport. Every frame is
 ``4-byte big-endian length`` + one msgpack map. Requests are ``{"id", "op", "body"}``; replies are
 ``{"id", "ok": True, "body"}`` or ``{"id", "ok": False, "error": {"code", "message"}}``. Ids let many
-requests share one connection and their replies come back in any order.
+requests share one connection and their replies come back in any order. The one request without a reply
+is ``cancel``: the client no longer waits for the request it names, so the server stops working on it and
+sends nothing (a peer that does not know ``cancel`` answers ``unknown_op``, which the client drops).
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ OPS: dict[str, OpSpec] = {
     "get_version_map": OpSpec({"disk": str, "start": int, "count": int},
                               "one page of a disk's per-block versions and hashes (zstd), with its generation"),
     "get_blocks": OpSpec({"disk": str, "blocks": list}, "block contents by [index, version] pairs"),
+    "cancel": OpSpec({"id": int}, "stop the request with that id and send no reply to either; answered by "
+                                  "the transport itself"),
     # Live migration, source -> destination (see migrate.py / migrate_target.py).
     "migrate_prepare": OpSpec({"disk": str, "epoch": int, "size": int, "block_size": int, "mode": str},
                               "a migration of disk is coming: become its incoming replica"),
@@ -89,6 +93,7 @@ OPS: dict[str, OpSpec] = {
 # The join port's ops (a joiner has no certificate yet, so these must never share the peer port's table).
 JOIN_OPS: dict[str, OpSpec] = {
     "hello": OPS["hello"],
+    "cancel": OPS["cancel"],
     "join_ca": OpSpec({}, "the swarm CA certificate, for the joiner to pin against its token"),
     "join": OpSpec({"invite_id": str, "name": str, "csr": bytes, "proof": bytes}, "sign the joiner's key"),
 }
@@ -209,27 +214,26 @@ class FrameDecoder:
         end = HEADER.size + length
         if len(self._buf) < end:
             return None
-        payload = bytes(self._buf[HEADER.size:end])
-        del self._buf[:end]
-        return validate_envelope(self._decode(payload))
+        # msgpack reads the frame in place: no copy of a multi-MiB reply before it is decoded. The views
+        # must be released before the buffer shrinks (a bytearray with live exports cannot be resized).
+        with memoryview(self._buf) as whole, whole[HEADER.size:end] as payload:
+            obj = self._decode(payload)
+        del self._buf[:end]  # O(1): CPython drops a bytearray's head by moving its start
+        return validate_envelope(obj)
 
-    def _decode(self, payload: bytes) -> Any:
-        unpacker = msgpack.Unpacker(
-            raw=False, strict_map_key=True, max_buffer_size=self._max, max_str_len=MAX_STR_LEN,
-            max_bin_len=self._max, max_array_len=MAX_ARRAY_LEN, max_map_len=MAX_MAP_LEN,
-            max_ext_len=0,  # no ext types in this protocol
-        )
+    def _decode(self, payload: memoryview) -> Any:
         try:
-            unpacker.feed(payload)
-            obj = unpacker.unpack()
-            trailing = unpacker.tell() != len(payload)
+            return msgpack.unpackb(
+                payload, raw=False, strict_map_key=True, max_str_len=MAX_STR_LEN, max_bin_len=self._max,
+                max_array_len=MAX_ARRAY_LEN, max_map_len=MAX_MAP_LEN,
+                max_ext_len=0,  # no ext types in this protocol
+            )
+        except msgpack.ExtraData:
+            raise FrameError("trailing bytes after the frame's message") from None
         except Exception as e:
             # msgpack raises a zoo of types (OutOfData, FormatError, StackError, ValueError on limits,
             # UnicodeDecodeError, TypeError on unhashable keys...); all mean the same thing here.
             raise FrameError(f"undecodable frame: {type(e).__name__}: {e}") from e
-        if trailing:
-            raise FrameError("trailing bytes after the frame's message")
-        return obj
 
 
 # ---- block payloads --------------------------------------------------------------------------------

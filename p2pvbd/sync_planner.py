@@ -1,10 +1,10 @@
 """Which block comes from where when a replica catches up with the owner: the pure planning core.
 
 A replica pulls exactly the blocks it lacks, at the owner's versions, from every peer holding them, in
-parallel. ``plan_sync`` splits the work so all peers are predicted to finish together; ``SyncScheduler``
-hands it out request by request and moves work away from peers that fail, stall, lie or turn out slower
-than estimated. Sans-IO like h11: the fetcher feeds in events and the time; nothing here sleeps, reads a
-clock or touches a socket.
+parallel. ``plan_sync`` splits the work so all peers are predicted to finish together (the max-flow
+split itself is in ``sync_split``); ``SyncScheduler`` hands it out request by request and moves work
+away from peers that fail, stall, lie or turn out slower than estimated. Sans-IO like h11: the fetcher
+feeds in events and the time; nothing here sleeps, reads a clock or touches a socket.
 """
 
 from __future__ import annotations
@@ -17,12 +17,23 @@ import numpy as np
 import numpy.typing as npt
 
 from p2pvbd.peer_wire import MAX_FRAME_BYTES
+from p2pvbd.sync_split import BINCOUNT_PEERS as _BINCOUNT_PEERS
+from p2pvbd.sync_split import discretise as _discretise
+from p2pvbd.sync_split import fluid_balance as _fluid_balance
+from p2pvbd.sync_split import holder_groups as _holder_groups
 from p2pvbd.version_map import VersionMap
 
+# Block data per get_blocks request. Every request in flight is work that cannot move to another peer,
+# and near the end of a sync a duplicate or a dead peer's request costs its whole size: 4 MiB is 0.7 s of
+# a 50 Mbit/s link, which measured (docs/BENCHMARKS.md, multi-peer pull) as 0.1-0.2 of extra bytes and
+# tail time with 3-4 peers; 1 MiB brings both to the noise while a request still costs a round trip and
+# a ~100-byte envelope per MiB. A disk with larger blocks asks one block at a time (request_bytes_for).
+MAX_REQUEST_BYTES = 1 << 20
 # A get_blocks reply must fit one 8 MiB peer frame: half a frame of block data leaves the rest for the
-# envelope, per-block hashes and zstd's worst case on incompressible data. Also the largest block size.
-MAX_REQUEST_BYTES = MAX_FRAME_BYTES // 2
-# Requests in flight per peer: 4 x 4 MiB keep a 1 Gbit/s link busy across a 100 ms round trip.
+# envelope, per-block hashes and zstd's worst case on incompressible data (and it is the largest block).
+_REPLY_DATA_LIMIT = MAX_FRAME_BYTES // 2
+# Requests in flight per peer: 4 x 1 MiB keep a 1 Gbit/s link busy across a 30 ms round trip (a LAN or
+# a home uplink with any round trip), while little work sits where it cannot be stolen.
 DEFAULT_INFLIGHT = 4
 # Holder sets are bitmasks over the peers in one uint64.
 MAX_PEERS = 64
@@ -38,11 +49,13 @@ FAILURE_RATE_FACTOR = 0.5
 # Extra copies of a late request in the endgame. BitTorrent asks every peer; two extra copies beat one
 # slow or dead duplicate while wasting at most twice the last requests' bytes.
 ENDGAME_COPIES = 2
+# An outstanding request is duplicated only once it is late by this many times its own expected service
+# time (its bytes at its peer's rate). Rates are estimates (the first one a guess), so a request just past
+# its predicted end is usually on its way; one service time late it is worth a copy.
+ENDGAME_MARGIN = 1.0
 # Bad blocks tolerated from a peer: one may be a bit flip or a write racing our request; three make a
 # liar (or a dying disk), and cost us at most three blocks.
 MAX_LIES = 3
-# Up to this many peers, holder sets are counted with bincount (2**16 bins) instead of sorting.
-_BINCOUNT_PEERS = 16
 # Dedup prefilter: a bitmap with >= 4 slots per wanted hash (~22% false positives), 2**20..2**26 slots
 # (1..64 MB): a few stale blocks filter a 16 Mi-block disk of candidate sources down to ~0.1%.
 _DEDUP_BITMAP_BITS = (20, 26)
@@ -57,8 +70,6 @@ REPLAN_SPACING = 32
 # Positions scanned per numpy step in the scheduler, doubling from the first: 64 Ki take ~50 us, so a
 # 16 Mi-block disk is 256 steps, while the usual next block, a few positions on, costs a 256-wide step.
 _FIRST_WINDOW, SCAN_WINDOW = 256, 1 << 16
-# Relative tolerance of the float max-flow in the fluid balance.
-_EPS = 1e-9
 
 Array = npt.NDArray
 
@@ -133,6 +144,13 @@ def _words(hashes: Array[np.uint8]) -> Array[np.uint64]:
 
 def _same(a: Array[np.uint64], b: Array[np.uint64]) -> Array[np.bool_]:
     return (a[:, 0] == b[:, 0]) & (a[:, 1] == b[:, 1])
+
+
+def request_bytes_for(block_size: int) -> int:
+    """Block data per request for a disk of ``block_size`` blocks: MAX_REQUEST_BYTES, at least one block."""
+    if block_size > _REPLY_DATA_LIMIT:
+        raise ValueError(f"{block_size}-byte blocks do not fit a get_blocks reply ({_REPLY_DATA_LIMIT} bytes)")
+    return max(MAX_REQUEST_BYTES, block_size)
 
 
 def plan_sync(target: VersionMap, owner: VersionMap, peers: list[PeerInfo], *,
@@ -220,130 +238,6 @@ def _local_copies(target: VersionMap, owner: VersionMap, want: Array[np.bool_], 
             want[q[ok]] = False
     order = np.argsort(dst, kind="stable")
     return list(zip(dst[order].tolist(), src[order].tolist(), strict=True)), want
-
-
-def _holder_groups(masks: Array[np.unsignedinteger], npeers: int) -> tuple[list[int], Array[np.intp], Array[np.int64]]:
-    """Distinct holder sets, each block's group and the blocks per group; O(n) for few peers."""
-    if npeers > _BINCOUNT_PEERS:
-        uniq, inverse, counts = np.unique(masks, return_inverse=True, return_counts=True)
-        return uniq.tolist(), inverse.ravel(), counts
-    per_set = np.bincount(masks, minlength=1 << npeers)
-    present = np.flatnonzero(per_set)
-    lut = np.zeros(per_set.size, np.min_scalar_type(present.size))  # a small type: argsort radix-sorts it
-    lut[present] = np.arange(present.size)
-    return present.tolist(), lut[masks], per_set[present]
-
-
-def _fluid_balance(gmasks: list[int], gbytes: Array[np.float64], rates: Array[np.float64]
-                   ) -> tuple[float, Array[np.float64]]:
-    """Smallest makespan T if each group's bytes could be split freely among its holders, and that split.
-
-    T is feasible iff the flow source -> group (its bytes) -> holder -> sink (rate * T) saturates, so by
-    max-flow/min-cut T* = max over peer sets Q of bytes(groups held only within Q) / rate(Q). Dinkelbach:
-    start at total / sum(rates); while the flow falls short, the min cut names a set Q with a larger
-    ratio; move T there. T grows through ratios of finitely many sets, in practice a few steps.
-    """
-    ng, npeers, total = len(gmasks), rates.size, float(gbytes.sum())
-    flows = np.zeros((ng, npeers))
-    if not ng:
-        return 0.0, flows
-    holders = [[p for p in range(npeers) if m >> p & 1] for m in gmasks]
-    src, sink, t = ng + npeers, ng + npeers + 1, total / float(rates[sorted({p for h in holders for p in h})].sum())
-    while True:
-        net = _Flow(ng + npeers + 2)
-        edges = [[net.add(g, ng + p, math.inf) for p in h] for g, h in enumerate(holders)]
-        for g in range(ng):
-            net.add(src, g, float(gbytes[g]))
-        for p in range(npeers):
-            net.add(ng + p, sink, float(rates[p]) * t * (1 + _EPS))
-        if net.max_flow(src, sink, total * _EPS) >= total * (1 - _EPS):
-            break
-        reach = net.levels(src, total * _EPS)
-        q = [p for p in range(npeers) if reach[ng + p] >= 0]
-        inside = [g for g, h in enumerate(holders) if set(h) <= set(q)]
-        nxt = float(gbytes[inside].sum()) / float(rates[q].sum())
-        if nxt <= t * (1 + _EPS):  # float noise only; the split below still covers every byte
-            break
-        t = nxt
-    for g, h in enumerate(holders):
-        flows[g, h] = [net.cap[e ^ 1] for e in edges[g]]  # an edge's flow is its reverse's capacity
-        if flows[g].sum() <= 0:
-            flows[g, max(h, key=lambda p: rates[p])] = gbytes[g]
-    return t, flows
-
-
-class _Flow:
-    """Dinic's max-flow on float capacities: ~0.1 s for 4095 holder sets of 12 peers."""
-
-    def __init__(self, nodes: int) -> None:
-        self.adj: list[list[int]] = [[] for _ in range(nodes)]
-        self.to: list[int] = []
-        self.cap: list[float] = []
-
-    def add(self, u: int, v: int, cap: float) -> int:
-        for a, b, c in ((u, v, cap), (v, u, 0.0)):
-            self.adj[a].append(len(self.to))
-            self.to.append(b)
-            self.cap.append(c)
-        return len(self.to) - 2
-
-    def levels(self, s: int, eps: float) -> list[int]:
-        """BFS depth of each node over edges with capacity left; -1 where unreachable."""
-        level, frontier = [-1] * len(self.adj), [s]
-        level[s] = 0
-        for u in frontier:
-            for e in self.adj[u]:
-                if self.cap[e] > eps and level[self.to[e]] < 0:
-                    level[self.to[e]] = level[u] + 1
-                    frontier.append(self.to[e])
-        return level
-
-    def max_flow(self, s: int, t: int, eps: float) -> float:
-        total = 0.0
-        while (level := self.levels(s, eps))[t] >= 0:
-            it = [0] * len(self.adj)
-
-            def push(u: int, limit: float, level: list[int] = level, it: list[int] = it) -> float:
-                if u == t:
-                    return limit
-                while it[u] < len(self.adj[u]):
-                    e = self.adj[u][it[u]]
-                    if (self.cap[e] > eps and level[self.to[e]] == level[u] + 1
-                            and (got := push(self.to[e], min(limit, self.cap[e]))) > eps):
-                        self.cap[e] -= got
-                        self.cap[e ^ 1] += got
-                        return got
-                    it[u] += 1
-                return 0.0
-
-            while (got := push(s, math.inf)) > eps:
-                total += got
-        return total
-
-
-def _discretise(flows: Array[np.float64], counts: Array[np.int64], inverse: Array[np.intp]
-                ) -> tuple[Array[np.unsignedinteger], Array[np.int64]]:
-    """Each block's peer, and blocks per peer: a group's sorted blocks cut into runs sized by the split.
-
-    Rounding carries each peer's accumulated deficit from group to group, so its total stays within
-    about a block of its fluid share rather than drifting by one block per group.
-    """
-    ng, npeers = flows.shape
-    who = np.empty(inverse.size, np.min_scalar_type(npeers))
-    order = np.argsort(inverse, kind="stable")  # blocks by group, ascending index within a group
-    deficit, start, per_peer = np.zeros(npeers), 0, np.zeros(npeers, np.int64)
-    for g in range(ng):
-        share = flows[g] / flows[g].sum() * counts[g]
-        take = np.floor(share).astype(np.int64)
-        if (left := int(counts[g] - take.sum())) > 0:
-            key = np.where(flows[g] > 0, deficit + share - take, -np.inf)
-            take[np.argsort(-key, kind="stable")[:left]] += 1
-        deficit += share - take
-        per_peer += take
-        for p in np.flatnonzero(take).tolist():
-            who[order[start:start + take[p]]] = p
-            start += int(take[p])
-    return who, per_peer
 
 
 def _requests(peer: str, blocks: Array[np.intp], max_blocks: int) -> RequestList:
@@ -596,7 +490,8 @@ class SyncScheduler:
         return req
 
     def _endgame(self, p: int, bit: np.unsignedinteger, start: float, now: float) -> FetchRequest | None:
-        """Duplicate the most overdue outstanding request, else the one due last, if ``p`` would beat it."""
+        """Duplicate the most overdue outstanding request (late by ENDGAME_MARGIN), else the one due last,
+        if ``p`` would beat it."""
         best, best_key = None, (-1, 0.0)
         for u, flights in enumerate(self._flights):
             for f in flights.values() if u != p else ():
@@ -608,9 +503,10 @@ class SyncScheduler:
                     continue
                 a = int(np.argmax(ok))
                 b = a + int(np.argmin(np.r_[ok[a:], False]))
-                key = (1, -f.eta) if f.eta <= now else (0, f.eta)
+                overdue = f.eta + ENDGAME_MARGIN * f.nbytes / self._rate[u] <= now
+                key = (1, -f.eta) if overdue else (0, f.eta)
                 beats = start + self._nbytes(f.lo + a, f.lo + b) / self._rate[p] < f.eta
-                if key > best_key and (f.eta <= now or beats):
+                if key > best_key and (overdue or beats):
                     best, best_key = (f.lo + a, f.lo + b), key
         return None if best is None else self._issue(p, *best, now, duplicate=True)
 

@@ -17,7 +17,10 @@ from p2pvbd import invites, trust
 from p2pvbd import peer_transport as pt
 from p2pvbd.peer_wire import OPS, OpSpec, PeerError
 
-TEST_OPS = {**OPS, "echo": OpSpec({"n": int}), "boom": OpSpec(), "refuse": OpSpec(), "slow": OpSpec()}
+TEST_OPS = {**OPS, "echo": OpSpec({"n": int}), "boom": OpSpec(), "refuse": OpSpec(), "slow": OpSpec(),
+            "hold": OpSpec(), "stubborn": OpSpec()}
+# What the "hold" handler saw: started, and stopped by a cancel (not finished).
+HOLD: dict[str, trio.Event] = {}
 
 
 @pytest.fixture
@@ -51,6 +54,16 @@ async def handler(peer: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError("handler bug")
     if op == "slow":
         await trio.sleep(10)
+    if op == "hold":
+        HOLD["started"].set()
+        try:
+            await trio.sleep(10)
+        except trio.Cancelled:
+            HOLD["cancelled"].set()
+            raise
+    if op == "stubborn":  # cannot be stopped: its reply comes after the client left
+        with trio.CancelScope(shield=True):
+            await trio.sleep(0.2)
     return {}
 
 
@@ -199,6 +212,48 @@ async def test_server_going_away_fails_pending_requests(alpha: trust.HostIdentit
             assert e.value.code == "connection"
             with pytest.raises(PeerError):
                 await conn.request("echo", {"n": 1})
+
+
+async def test_cancelled_request_stops_on_the_server(server: int, beta: trust.HostIdentity) -> None:
+    HOLD.update(started=trio.Event(), cancelled=trio.Event())
+    async with pt.open_peer("127.0.0.1", server, trust.client_ssl_context(beta)) as conn:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as n:
+                n.start_soon(conn.request, "hold", {})
+                await HOLD["started"].wait()
+                scope.cancel()
+        with trio.fail_after(5):
+            await HOLD["cancelled"].wait()  # the cancel message reached the handler's task
+        assert not conn.lost.is_set()
+        assert await conn.request("echo", {"n": 3}) == {"n": 3, "peer": "beta"}
+
+
+async def test_late_reply_to_a_cancelled_request_is_dropped(server: int, beta: trust.HostIdentity) -> None:
+    async with pt.open_peer("127.0.0.1", server, trust.client_ssl_context(beta)) as conn:
+        with trio.move_on_after(0.05):
+            await conn.request("stubborn", {})
+        await trio.sleep(0.3)  # its reply arrives now, with no one waiting
+        assert not conn.lost.is_set()
+        assert await conn.request("echo", {"n": 4}) == {"n": 4, "peer": "beta"}
+
+
+async def test_cancelling_mid_send_never_breaks_the_framing(server: int, beta: trust.HostIdentity) -> None:
+    pad = b"x" * (2 << 20)  # several TLS records and socket writes per frame: cancels land inside send_all
+    async with pt.open_peer("127.0.0.1", server, trust.client_ssl_context(beta)) as conn:
+        async def one(n: int) -> None:
+            with trio.move_on_after(random.random() * 0.05):
+                await conn.request("echo", {"n": n, "pad": pad})
+
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(one, i)
+        assert not conn.lost.is_set()
+        assert await conn.request("echo", {"n": 99}) == {"n": 99, "peer": "beta"}
+
+
+def test_cancel_is_a_one_way_op() -> None:
+    # Old peers answer unknown_op to it; ours answer nothing. Either way the client ignores what comes back.
+    assert "cancel" in OPS and "cancel" in pt.JOIN_OPS
 
 
 # ---- joining over the network --------------------------------------------------------------------

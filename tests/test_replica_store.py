@@ -249,6 +249,25 @@ def test_put_block_rules(tmp_path: Path) -> None:
         assert s.version_map().versions.tolist()[:3] == [10, 9, 0]
 
 
+def test_put_block_verified_skips_the_second_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data, zeros = payload(5, BS), bytes(BS)
+    digest = block_hash(data)
+
+    def no_hashing(_: bytes) -> bytes:
+        raise AssertionError("hashed again")
+
+    with make(tmp_path) as s:
+        monkeypatch.setattr(rs, "block_hash", no_hashing)
+        assert s.put_block(3, 6, data, digest, verified=True) is True
+        # Zero data is stored as a hole and still checked against the zero hash, verified or not.
+        with pytest.raises(HashMismatch):
+            s.put_block(4, 6, zeros, digest, verified=True)
+        assert s.put_block(4, 6, zeros, zero_hash(BS), verified=True) is True
+        monkeypatch.undo()
+        assert s.read(3 * BS, BS) == data and s.read_block(3).hash == digest
+        assert s.verify() == []
+
+
 def test_coverage_and_replication_between_stores(tmp_path: Path) -> None:
     with make(tmp_path, name="a") as a, make(tmp_path, name="b") as b:
         a.write(0, payload(5, 3 * BS))

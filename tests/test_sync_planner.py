@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from p2pvbd.sync_planner import (
     ENDGAME_COPIES,
+    ENDGAME_MARGIN,
     MAX_LIES,
     MAX_REQUEST_BYTES,
     FetchRequest,
@@ -22,6 +23,7 @@ from p2pvbd.sync_planner import (
     Plan,
     SyncScheduler,
     plan_sync,
+    request_bytes_for,
 )
 from p2pvbd.version_map import HASH_SIZE, VersionMap, block_hash, zero_hash
 
@@ -499,6 +501,28 @@ def test_endgame_duplicates_are_bounded_and_cancelled() -> None:
     assert sched.completed("c", dup_c, list(dup_c.blocks), [], dup_c.count * bs, late + 0.02) == []
     assert sum(st.blocks for st in sched.stats.values()) == n
     assert sched.outstanding("a") == sched.outstanding("c") == 0
+
+
+def test_endgame_waits_for_a_margin_past_the_predicted_end() -> None:
+    bs, n = 4 * KiB, 4
+    owner = VersionMap(bs, n * bs, np.full(n, 5, np.uint64), np.full((n, HASH_SIZE), 9, np.uint8))
+    peers = [PeerInfo(name, owner.versions.copy(), 1e6, 1) for name in "ab"]
+    plan = plan_sync(VersionMap.empty(n * bs, bs), owner, peers, max_request_bytes=2 * bs)
+    sched = SyncScheduler(plan, peers, bs, now=0.0, max_request_bytes=2 * bs)
+    slow = sched.next_request("a", 0.0)
+    fast = sched.next_request("b", 0.0)
+    assert slow is not None and fast is not None
+    sched.completed("b", fast, list(fast.blocks), [], fast.count * bs, 0.001)
+    service = slow.count * bs / 1e6  # "a" was predicted to deliver at t = service
+    assert sched.next_request("b", service * (1 + ENDGAME_MARGIN) - 1e-4) is None, "late, but within the margin"
+    assert sched.next_request("b", service * (1 + ENDGAME_MARGIN) + 1e-4) == FetchRequest("b", slow.start, slow.count)
+
+
+def test_request_bytes_for() -> None:
+    assert request_bytes_for(64 * KiB) == MAX_REQUEST_BYTES
+    assert request_bytes_for(4 * MiB) == 4 * MiB  # larger blocks: one per request
+    with pytest.raises(ValueError):
+        request_bytes_for(8 * MiB)
 
 
 def test_scheduler_given_only_some_planned_peers_splits_their_work() -> None:
