@@ -22,6 +22,8 @@ NBDFUSE_READY_SECONDS = 15.0
 # How long detach waits for nbdfuse to exit after the unmount.
 NBDFUSE_EXIT_SECONDS = 10.0
 POLL_SECONDS = 0.05
+# `losetup -d` detaches asynchronously; on a busy host the loop device kept its file for ~1 s at most.
+LOOP_RELEASE_SECONDS = 10.0
 # /dev/nbd0../dev/nbd15 is the kernel module's default (nbds_max=16).
 NBD_DEVICES = 16
 
@@ -110,12 +112,27 @@ def detach(home: Home, disk: str) -> str:
         _run(["nbd-client", "-d", record["device"]])
     else:
         _run(["losetup", "-d", record["device"]])
-        _run(["fusermount3", "-u", record["mount"]])
+        _unmount_when_released(record["device"], record["mount"])
         deadline = time.monotonic() + NBDFUSE_EXIT_SECONDS
         while _alive(int(record["pid"])) and time.monotonic() < deadline:
             time.sleep(POLL_SECONDS)
     state.unlink()
     return str(record["device"])
+
+
+def _unmount_when_released(loop: str, mount: str) -> None:
+    """Unmount nbdfuse once the loop device lets go of its file: ``losetup -d`` only asks the kernel to
+    detach, and while the loop device still holds the file, fusermount fails with "busy"."""
+    backing = Path("/sys/block") / Path(loop).name / "loop" / "backing_file"
+    deadline = time.monotonic() + LOOP_RELEASE_SECONDS
+    while True:
+        res = subprocess.run(["fusermount3", "-u", mount], capture_output=True, text=True)
+        if res.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise AttachError(f"fusermount3 -u {mount} failed: {res.stderr.strip()}"
+                              + (f" ({loop} still holds it)" if backing.exists() else ""))
+        time.sleep(POLL_SECONDS)
 
 
 def _alive(pid: int) -> bool:
