@@ -294,9 +294,13 @@ class NbdConnection:
                     break
                 data = await self._receive()
                 if not data:
+                    # Gone without NBD_CMD_DISC: nobody will read the replies, and a request still held
+                    # (a frozen or fenced export) must not be applied later on behalf of a client
+                    # that no longer exists.
+                    nursery.cancel_scope.cancel()
                     break
                 parser.feed(data)
-        # The nursery waited for requests in flight: every accepted request was answered.
+        # After NBD_CMD_DISC the nursery waited for requests in flight: every accepted one was answered.
 
     def _needs_task(self, export: str, req: nbd.Request) -> bool:
         if req.type == nbd.NBD_CMD_FLUSH or req.flags & nbd.NBD_CMD_FLAG_FUA:
