@@ -190,8 +190,8 @@ def test_partition_while_only_the_destination_knows_the_commit(lan: tuple[Networ
     net, hosts = lan
     office, home, _, car = hosts
     disk = f"vm-partition-{unplugged}"
-    # One block past the guest's range for the probes: a held probe may still land once the source
-    # learns the outcome (its request was sent; NBD leaves an unacknowledged write undecided).
+    # One block past the guest's range for the probes. A probe held by the fenced source is abandoned by
+    # its client (qemu-io killed after PROBE_SECONDS): it must never be applied, not even forwarded later.
     probe_offset = faults.BLOCKS * faults.BLOCK
     base = random.Random(SEED + 1).randbytes(probe_offset + faults.BLOCK)
     (tmp_path / "base.raw").write_bytes(base)
@@ -237,8 +237,10 @@ def test_partition_while_only_the_destination_knows_the_commit(lan: tuple[Networ
         assert guest.finish(), "the guest hung in a write"
         acked, in_flight, errors = guest.outcome()
         assert errors == [], f"the guest saw errors: {errors}; {what}"
-        _, bad = faults.missing_writes(car, disk, base, acked, in_flight, tmp_path / "owner.raw")
+        data, bad = faults.missing_writes(car, disk, base, acked, in_flight, tmp_path / "owner.raw")
         assert bad == [], f"acknowledged writes missing at car-pc (block, acked, in flight, found): {bad[:8]}"
+        probe = slice(probe_offset, probe_offset + faults.BLOCK)
+        assert data[probe] == base[probe], "a write held for a client that had gone away was applied later"
         refused = faults.write_result(office, disk, 0)
         assert "Operation not permitted" in refused.stdout + refused.stderr, refused.stdout
     finally:
