@@ -37,10 +37,12 @@ test-all: deps venv
 	$(VENV)/bin/pytest -m ''
 
 bench: deps venv
+	$(VENV)/bin/pip install -q -e '.[test,bench]'
 	$(PY) bench/nbd_datapath.py
 	$(PY) bench/store_open.py
 	$(PY) bench/dht_lookup.py
 	$(PY) bench/multipeer_pull.py
+	$(PY) bench/migration.py
 
 # The migration fault schedules, all 200 seeds.
 soak: deps venv
