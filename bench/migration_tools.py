@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from multipeer_pull import daemon_pid
+from py_spy_summary import stop_spies
 
 from tests.daemons import BIN, Host
 
@@ -68,14 +68,7 @@ def spying(hosts: dict[str, Host], spy_dir: Path | None, tag: str, names: tuple[
     try:
         yield
     finally:
-        for spy in spies:
-            spy.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
-        for spy in spies:
-            try:
-                spy.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                spy.kill()
-                spy.wait()
+        stop_spies(spies)
         for name in names:  # the daemons' debug logs, to line phases up with the profile
             with contextlib.suppress(OSError):
                 shutil.copy(hosts[name].home / "daemon.log", spy_dir / f"{tag}-{name}.log")

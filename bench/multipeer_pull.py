@@ -54,7 +54,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -70,7 +69,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from py_spy_summary import summarize_profile  # noqa: E402
+from py_spy_summary import stop_spies, summarize_profile  # noqa: E402
 
 from p2pvbd.control import ControlError, call  # noqa: E402
 from p2pvbd.home import Home  # noqa: E402
@@ -349,14 +348,7 @@ def timed_sync(net: Network, sources: list[Host], target: Host, case: str, disk_
     finally:
         stop.set()
         poller.join()
-        for spy in spies:
-            spy.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
-        for spy in spies:
-            try:
-                spy.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                spy.kill()
-                spy.wait()
+        stop_spies(spies)
     cpu = {name: round(cpu_seconds(pid) - cpu0[name], 2) for name, pid in pids.items()}
     waited = {name: round(run_delay_s(pid) - wait0[name], 2) for name, pid in pids.items()}
     others = busy_cpu_s() - busy0 - sum(cpu.values())

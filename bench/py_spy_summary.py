@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import collections
 import re
+import signal
+import subprocess
 from pathlib import Path
 from typing import Any
+
+# py-spy writes its profile on Ctrl-C; a big raw profile takes a few seconds to write out.
+SPY_STOP_SECONDS = 60
 
 
 def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
@@ -37,3 +42,15 @@ def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
                               if "p2pvbd/" in f or "trio/_" in f or "ssl" in f.lower()},
         }
     return out
+
+
+def stop_spies(spies: list[subprocess.Popen[Any]]) -> None:
+    """Stop py-spy recorders so that each writes its output (SIGINT, as Ctrl-C would)."""
+    for spy in spies:
+        spy.send_signal(signal.SIGINT)
+    for spy in spies:
+        try:
+            spy.wait(timeout=SPY_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait()
