@@ -209,8 +209,8 @@ def cmd_migrate(args: argparse.Namespace) -> None:
     jobs = _ask(args, "migrate", to=args.to, disks=args.disks or None, mode=args.mode,
                 max_downtime_ms=args.max_downtime)["jobs"]
     results = [_follow_job(args, job, f"migrate to {args.to}", quiet=args.json) for job in jobs]
-    keys = ("disk", "from", "to", "mode", "duration_s", "downtime_ms", "switchover_ms", "bytes_on_wire",
-            "bytes_from", "epoch", "throttled", "error")
+    keys = ("disk", "from", "to", "mode", "duration_s", "downtime_ms", "switchover_ms", "switchover_blocks",
+            "bytes_on_wire", "bytes_from", "epoch", "throttled", "error")
     if args.json:
         summary = [{k: r[k] for k in keys} for r in results]
         _print_json(summary[0] if len(summary) == 1 else summary)

@@ -97,6 +97,7 @@ class MigrationProgress:
     mirrored_bytes: int = 0
     downtime_ms: float | None = None
     switchover_ms: dict[str, float] = field(default_factory=dict)  # where the guest's stall went, step by step
+    switchover_blocks: int = 0  # dirty blocks shipped inside the freeze
     epoch: int | None = None
     throttled: bool = False
     started: float = field(default_factory=time.monotonic)
@@ -109,7 +110,7 @@ class MigrationProgress:
                 "total_bytes": self.total_bytes, "done_bytes": self.done_bytes,
                 "bytes_on_wire": self.bytes_on_wire + self.mirrored_bytes, "bytes_from": self.bytes_from,
                 "mirror_lag_blocks": self.mirror_lag_blocks, "downtime_ms": self.downtime_ms,
-                "switchover_ms": self.switchover_ms,
+                "switchover_ms": self.switchover_ms, "switchover_blocks": self.switchover_blocks,
                 "epoch": self.epoch, "throttled": self.throttled, "duration_s": round(end - self.started, 3),
                 "error": self.error, "peers": self.peers}
 
@@ -405,7 +406,7 @@ async def _switchover(swarm: Swarm, conn: PeerConnection, exp: Export, shipper: 
         dirty.clear()
         digest = (await trio.to_thread.run_sync(store.version_map)).digest()
         step("ship")
-        steps["blocks_shipped"] = n_dirty
+        progress.switchover_blocks = n_dirty
         outcome = None  # from the moment the commit is sent, only the destination knows
         outcome = await _commit(conn, disk, epoch, digest, shipper)
         step("commit")
