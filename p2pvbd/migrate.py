@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 import zstandard
 
-from p2pvbd.kernel_hook_ctl import Export, ExportMode, HookError
+from p2pvbd.kernel_hook_ctl import Export, ExportMode, HookError, WriteEvent
 from p2pvbd.nbd_codec import NBD_EIO
 from p2pvbd.peer_transport import PeerError
 from p2pvbd.peer_wire import BLOCK_ZSTD_LEVEL, ENC_RAW, pack_block
@@ -242,9 +242,13 @@ async def migrate_disk(swarm: Swarm, disk: str, dest: str, mode: str, max_downti
                     pass
 
 
-async def _collect(receive: trio.MemoryReceiveChannel[Any], dirty: set[int]) -> None:
+async def _collect(receive: trio.MemoryReceiveChannel[WriteEvent], dirty: set[int]) -> None:
     async for ev in receive:
-        dirty.update(range(ev.first_block, ev.last_block + 1))
+        _mark(dirty, ev)
+
+
+def _mark(dirty: set[int], ev: WriteEvent) -> None:
+    dirty.update(range(ev.first_block, ev.last_block + 1))
 
 
 async def _bulk(conn: PeerConnection, disk: str, progress: MigrationProgress) -> None:
@@ -337,7 +341,7 @@ def _drain(sub: Any, dirty: set[int]) -> None:
             ev = sub.receive.receive_nowait()
         except (trio.WouldBlock, trio.EndOfChannel):
             return
-        dirty.update(range(ev.first_block, ev.last_block + 1))
+        _mark(dirty, ev)
 
 
 def _sync_hook(shipper: Shipper, dirty: set[int]) -> Any:

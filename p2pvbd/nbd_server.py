@@ -306,8 +306,8 @@ class NbdConnection:
         if req.type == nbd.NBD_CMD_FLUSH or req.flags & nbd.NBD_CMD_FLAG_FUA:
             return True
         exp = self.ctl.get(export)
-        if exp is None or exp.frozen or exp.forward is not None:
-            return True
+        if exp is None or exp.frozen or exp.forward is not None or exp.read_through is not None:
+            return True  # may wait, or cross the peer link: never hold up the connection's other requests
         return req.type in (nbd.NBD_CMD_WRITE, nbd.NBD_CMD_WRITE_ZEROES, nbd.NBD_CMD_TRIM) and (
             exp.mode is ExportMode.INCOMING or exp.after_write is not None)
 
