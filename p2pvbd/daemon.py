@@ -23,10 +23,10 @@ from p2pvbd.migrate import DEFAULT_MAX_DOWNTIME_MS
 from p2pvbd.nbd_server import serve_nbd
 from p2pvbd.peer_transport import PeerError
 from p2pvbd.replica_store import DEFAULT_BLOCK_SIZE, ReplicaStore
-from p2pvbd.swarm import Swarm, advertised_addresses
+from p2pvbd.swarm.node import Swarm, advertised_addresses
 
 if TYPE_CHECKING:
-    from p2pvbd.fetcher import SyncProgress
+    from p2pvbd.migration.fetcher import SyncProgress
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ class Daemon:
         if any(p.disk == disk and p.finished is None for p in self.jobs.values()):
             raise ControlError(f"a sync of {disk} is already running")
         job = max(self.jobs, default=0) + 1
-        from p2pvbd.fetcher import SyncProgress
+        from p2pvbd.migration.fetcher import SyncProgress
 
         progress = self.jobs[job] = SyncProgress(disk)
         assert self._nursery is not None
@@ -205,7 +205,7 @@ class Daemon:
         return {"job": job}
 
     async def _run_sync(self, disk: str, sources: list[str] | None, progress: SyncProgress) -> None:
-        from p2pvbd.fetcher import SyncError, sync_disk
+        from p2pvbd.migration.fetcher import SyncError, sync_disk
 
         try:
             await sync_disk(self.swarm, disk, progress, sources)

@@ -28,13 +28,13 @@ import zstandard
 from p2pvbd.kernel_hook_ctl import Export, ExportMode, HookError, WriteEvent
 from p2pvbd.nbd_codec import NBD_EIO
 from p2pvbd.peer_transport import PeerError
-from p2pvbd.peer_wire import BLOCK_ZSTD_LEVEL, ENC_RAW, pack_block
 from p2pvbd.replica_store import WriteResult
-from p2pvbd.store_files import atomic_write
+from p2pvbd.store.store_files import atomic_write
+from p2pvbd.wire.peer_wire import BLOCK_ZSTD_LEVEL, ENC_RAW, pack_block
 
 if TYPE_CHECKING:
     from p2pvbd.peer_transport import PeerConnection
-    from p2pvbd.swarm import Swarm
+    from p2pvbd.swarm.node import Swarm
 
 log = logging.getLogger(__name__)
 
@@ -366,7 +366,7 @@ def _sync_hook(shipper: Shipper, dirty: set[int]) -> Any:
 
 
 def _throttle_hook(shipper: Shipper, block_size: int) -> Any:
-    from p2pvbd.replication import TokenBucket
+    from p2pvbd.migration.replication import TokenBucket
 
     bucket = TokenBucket(max(shipper.rate * THROTTLE_FRACTION, block_size))
 

@@ -22,7 +22,7 @@ import trio
 
 from p2pvbd import invites, trust
 from p2pvbd.home import HomeError, parse_hostport
-from p2pvbd.peer_wire import (
+from p2pvbd.wire.peer_wire import (
     ERR_CONNECTION,
     ERR_INTERNAL,
     ERR_PROTOCOL,

@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from p2pvbd import store_files, store_journal
 from p2pvbd.home import NAME_RE
-from p2pvbd.store_files import DATA_FILE, JOURNAL_FILE, META_FILE, STATE_FILE, pread_all, punch_hole, pwrite_all
-from p2pvbd.store_journal import DIRTY, PUT, SETTLE, SYNC, ZERO, journal_record
-from p2pvbd.version_map import (
+from p2pvbd.store import store_files, store_journal
+from p2pvbd.store.store_files import DATA_FILE, JOURNAL_FILE, META_FILE, STATE_FILE, pread_all, punch_hole, pwrite_all
+from p2pvbd.store.store_journal import DIRTY, PUT, SETTLE, SYNC, ZERO, journal_record
+from p2pvbd.store.version_map import (
     DEFAULT_BLOCK_SIZE,
     NO_HASH,
     Coverage,

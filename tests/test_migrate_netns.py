@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from p2pvbd.migrate import COMMIT_TIMEOUT
-from p2pvbd.migrate_target import FAULT_COMMIT_STALL_ENV
-from p2pvbd.swarm import FAULT_CORRUPT_ENV
+from p2pvbd.migration.target import FAULT_COMMIT_STALL_ENV
+from p2pvbd.swarm.node import FAULT_CORRUPT_ENV
 from tests import test_migrate_faults as faults
 from tests.daemons import BIN, Host, run
 from tests.netns import Network, require_root

@@ -15,7 +15,7 @@ import trio
 
 from p2pvbd import invites, trust
 from p2pvbd import peer_transport as pt
-from p2pvbd.peer_wire import OPS, OpSpec, PeerError
+from p2pvbd.wire.peer_wire import OPS, OpSpec, PeerError
 
 TEST_OPS = {**OPS, "echo": OpSpec({"n": int}), "boom": OpSpec(), "refuse": OpSpec(), "slow": OpSpec(),
             "hold": OpSpec(), "stubborn": OpSpec()}

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pvbd import peer_wire as w
-from p2pvbd.peer_wire import FrameDecoder, FrameError, PeerError
+from p2pvbd.wire import peer_wire as w
+from p2pvbd.wire.peer_wire import FrameDecoder, FrameError, PeerError
 
 
 def frame_of(obj: Any) -> bytes:

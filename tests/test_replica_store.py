@@ -29,8 +29,8 @@ from p2pvbd.replica_store import (
     StaleVersion,
     StoreBusy,
 )
-from p2pvbd.store_journal import REC_SIZE
-from p2pvbd.version_map import NO_HASH, VersionMap, block_hash, zero_hash
+from p2pvbd.store.store_journal import REC_SIZE
+from p2pvbd.store.version_map import NO_HASH, VersionMap, block_hash, zero_hash
 
 ROOT = Path(__file__).resolve().parent.parent
 BS = 4096

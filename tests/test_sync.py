@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from p2pvbd.replication import CHECK_INTERVAL
-from p2pvbd.swarm import FAULT_CORRUPT_ENV
+from p2pvbd.migration.replication import CHECK_INTERVAL
+from p2pvbd.swarm.node import FAULT_CORRUPT_ENV
 from tests.daemons import BIN, Host, run
 from tests.test_swarm import wait_until
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import trio
 
-from p2pvbd import fetcher as fetcher_mod
-from p2pvbd.fetcher import Fetcher, SyncProgress
-from p2pvbd.peer_wire import ENC_RAW
+from p2pvbd.migration import fetcher as fetcher_mod
+from p2pvbd.migration.fetcher import Fetcher, SyncProgress
 from p2pvbd.replica_store import ReplicaStore
+from p2pvbd.wire.peer_wire import ENC_RAW
 
 MiB, BS = 1 << 20, 64 * 1024
 

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from p2pvbd.store.version_map import HASH_SIZE, VersionMap, block_hash, zero_hash
 from p2pvbd.sync_planner import (
     ENDGAME_COPIES,
     ENDGAME_MARGIN,
@@ -25,7 +26,6 @@ from p2pvbd.sync_planner import (
     plan_sync,
     request_bytes_for,
 )
-from p2pvbd.version_map import HASH_SIZE, VersionMap, block_hash, zero_hash
 
 KiB, MiB = 1 << 10, 1 << 20
 # How far makespans may exceed the fluid lower bound: the static plan by 10% (plus a granularity

@@ -25,12 +25,12 @@ from p2pvbd import dht, trust
 from p2pvbd.dht_records import format_hostport, holders_payload, host_payload, owner_payload
 from p2pvbd.home import Config, Home, parse_hostport
 from p2pvbd.kernel_hook_ctl import HookController
-from p2pvbd.migrate_target import MigrationTarget
+from p2pvbd.migration.replication import Replication
+from p2pvbd.migration.target import MigrationTarget
 from p2pvbd.peer_transport import JOIN_PORT_OFFSET, PeerConnection, PeerError, open_peer, serve_join, serve_peers
-from p2pvbd.peer_wire import BLOCK_ZSTD_LEVEL, ENC_RAW, MAX_FRAME_BYTES, pack_block
 from p2pvbd.replica_store import ReplicaStore
-from p2pvbd.replication import Replication
-from p2pvbd.version_map import HASH_SIZE, VersionMap
+from p2pvbd.store.version_map import HASH_SIZE, VersionMap
+from p2pvbd.wire.peer_wire import BLOCK_ZSTD_LEVEL, ENC_RAW, MAX_FRAME_BYTES, pack_block
 
 log = logging.getLogger(__name__)
 

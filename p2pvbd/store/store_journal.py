@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
-from p2pvbd.version_map import NO_HASH, zero_hash
+from p2pvbd.store.version_map import NO_HASH, zero_hash
 
 # Journal record: crc32 of the rest, kind, first block (SYNC: covered offset), count, version, hash.
 _CRC, _REC_BODY = struct.Struct("<I"), struct.Struct("<B3xQQQ16s")

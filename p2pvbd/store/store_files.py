@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from p2pvbd.version_map import HASH_SIZE, blocks_for, check_block_size, runs
+from p2pvbd.store.version_map import HASH_SIZE, blocks_for, check_block_size, runs
 
 DATA_FILE, META_FILE, JOURNAL_FILE, STATE_FILE = "data.raw", "meta.bin", "journal.log", "state.json"
 # Changed meta records less than a 4 KiB page apart go out in one pwrite, unchanged ones between included.

@@ -21,13 +21,13 @@ from p2pvbd.kernel_hook_ctl import Export, ExportMode, HookError
 from p2pvbd.migrate import PeerForwarder, hand_over, pending_path, read_pending, record_hand_over
 from p2pvbd.nbd_codec import NBD_EPERM
 from p2pvbd.peer_transport import PeerError
-from p2pvbd.peer_wire import FrameError, unpack_block
 from p2pvbd.replica_store import HashMismatch, ReplicaStore, StaleVersion
-from p2pvbd.version_map import VersionMap, block_hash
+from p2pvbd.store.version_map import VersionMap, block_hash
+from p2pvbd.wire.peer_wire import FrameError, unpack_block
 
 if TYPE_CHECKING:
-    from p2pvbd.fetcher import SyncProgress
-    from p2pvbd.swarm import Swarm
+    from p2pvbd.migration.fetcher import SyncProgress
+    from p2pvbd.swarm.node import Swarm
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class MigrationTarget:
         return {"host": self.swarm.name}
 
     async def pull(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
-        from p2pvbd.fetcher import SyncProgress
+        from p2pvbd.migration.fetcher import SyncProgress
 
         inc = self._from_source(peer, body["disk"])
         job = max(self.jobs, default=0) + 1
@@ -122,7 +122,7 @@ class MigrationTarget:
     async def _pull(self, disk: str, progress: SyncProgress) -> None:
         import time
 
-        from p2pvbd.fetcher import SyncError, sync_disk
+        from p2pvbd.migration.fetcher import SyncError, sync_disk
 
         try:
             await sync_disk(self.swarm, disk, progress)

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from p2pvbd.store_files import atomic_write
+from p2pvbd.store.store_files import atomic_write
 
 if TYPE_CHECKING:
-    from p2pvbd.swarm import Swarm
+    from p2pvbd.swarm.node import Swarm
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class Replication:
             await trio.sleep(CHECK_INTERVAL)
 
     async def _keep_warm(self, policy: Policy) -> None:
-        from p2pvbd.fetcher import SyncError, SyncProgress, sync_disk
+        from p2pvbd.migration.fetcher import SyncError, SyncProgress, sync_disk
         from p2pvbd.peer_transport import PeerError
 
         owner, _ = await self.swarm.owner_of(policy.disk)

@@ -19,13 +19,13 @@ import trio
 import zstandard
 
 from p2pvbd.peer_transport import PeerError
-from p2pvbd.peer_wire import FrameError, unpack_block
 from p2pvbd.replica_store import HashMismatch, ReplicaStore, StaleVersion
+from p2pvbd.store.version_map import VersionMap, block_hash
 from p2pvbd.sync_planner import FetchRequest, PeerInfo, SyncScheduler, plan_sync, request_bytes_for
-from p2pvbd.version_map import VersionMap, block_hash
+from p2pvbd.wire.peer_wire import FrameError, unpack_block
 
 if TYPE_CHECKING:
-    from p2pvbd.swarm import Swarm
+    from p2pvbd.swarm.node import Swarm
 
 log = logging.getLogger(__name__)
 

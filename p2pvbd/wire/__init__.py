@@ -1,0 +1,1 @@
+"""Pure codecs of what travels between hosts: no sockets, no clocks."""
