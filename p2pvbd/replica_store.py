@@ -2,14 +2,21 @@
 
 ``data.raw`` holds the bytes (trimmed blocks are holes); ``meta.bin`` one 24-byte record (u64 version,
 16-byte hash) per block as of the last checkpoint, loaded whole with numpy so opening never reads
-data; ``journal.log`` a redo log of 48-byte CRC-checked records since then; ``state.json`` identity,
-owner, counter and clean flag, replaced atomically.
+data; ``journal.log`` a redo log of 48-byte CRC-checked records since then (plus ``journal.<n>.log``
+while a checkpoint runs); ``state.json`` identity, owner, counter and clean flag, replaced atomically.
+A :class:`MapTree` over the records answers "are two maps equal", "where do they differ" and "what
+changed since version V" at a cost that follows what changed, never the disk's size.
 
 Crash rule: an intent record (DIRTY, ZERO, PUT) is appended *before* its data is written, so after
 ``kill -9`` the page cache holds the intent whenever it holds the data. SYNC(L), appended after an
 fdatasync of the data, vouches that the records before journal offset L have their data durable;
 replay trusts those and re-checks the rest against the data. Writes never hash (NBD hot path):
 blocks go dirty and are "settled" (read, hashed, SETTLE record) when a hash is needed.
+
+Locks: ``_lock`` guards the metadata and is held only for work proportional to a request (the event loop
+takes it for guest and peer I/O). Hashing many blocks, digesting the tree, data syncs and checkpoints run
+outside it: under ``_flush_lock`` (one flush, checkpoint, refresh or close at a time; the files stay open
+meanwhile) and, for the tree's digests, ``_tree_lock``.
 """
 
 from __future__ import annotations
@@ -29,12 +36,21 @@ import numpy.typing as npt
 
 from p2pvbd.home import NAME_RE
 from p2pvbd.store import store_files, store_journal
-from p2pvbd.store.store_files import DATA_FILE, JOURNAL_FILE, META_FILE, STATE_FILE, pread_all, punch_hole, pwrite_all
+from p2pvbd.store.map_tree import LEAF_BLOCKS, MapTree, canonical, leaf_blocks
+from p2pvbd.store.store_files import (
+    DATA_FILE,
+    JOURNAL_FILE,
+    META_DTYPE,
+    META_FILE,
+    STATE_FILE,
+    pread_all,
+    punch_hole,
+    pwrite_all,
+)
 from p2pvbd.store.store_journal import DIRTY, PUT, SETTLE, SYNC, ZERO, journal_record
 from p2pvbd.store.version_map import (
     DEFAULT_BLOCK_SIZE,
     NO_HASH,
-    Coverage,
     VersionMap,
     block_hash,
     blocks_for,
@@ -52,6 +68,12 @@ MAX_BLOCKS = 1 << 28
 UNCLEAN_COUNTER_GAP = 2**32
 # Journal size that makes flush() checkpoint: bounds replay (~700k 4 KiB writes at two records each).
 JOURNAL_CHECKPOINT_BYTES = 64 * 1024 * 1024
+# A checkpoint copies and writes the changed records this many leaves at a time (6 MiB at 64 blocks a
+# leaf): its memory stays bounded even when every record of a 1 TiB disk changed.
+CHECKPOINT_CHUNK_LEAVES = 4096
+# Lock-free passes of digesting stale leaves before a refresh gives up on those a writer keeps touching
+# (they stay marked stale, which a comparison treats as "differs": correct, only less precise).
+REFRESH_ROUNDS = 3
 # Passes of lock-free hashing before the blocks rewritten meanwhile are hashed under the lock: each
 # pass only sees blocks written during the previous one, so few are left for the locked pass.
 PREHASH_ROUNDS = 3
@@ -102,7 +124,7 @@ def _check_owner(owner: str, epoch: int) -> None:
 
 
 class ReplicaStore:
-    """One disk's replica. Thread-safe: one lock guards state; flush() drops it while syncing data."""
+    """One disk's replica. Thread-safe; see the module docstring for what each lock guards."""
 
     def __init__(self, directory: Path, state: dict[str, Any], fds: list[int], meta: npt.NDArray[Any]) -> None:
         self._dir = directory
@@ -116,11 +138,20 @@ class ReplicaStore:
         self._versions: npt.NDArray[np.uint64] = meta["version"]
         self._hashes: npt.NDArray[np.uint8] = meta["hash"]
         self._dirty: set[int] = set()  # written blocks whose hash is not known yet
-        self._changed = np.zeros(self._n, np.bool_)  # records that differ from meta.bin
+        self._tree = MapTree(self._n, self._bs, self._size)
+        self._changed_leaves = np.zeros(self._tree.sizes[0], np.bool_)  # records that differ from meta.bin
+        self._held = 0  # blocks at a version above 0
+        # Names this opening of the store: a change feed's "since V" is only meaningful within one (an
+        # unclean restart may have lost versions a peer had already seen).
+        self._boot = os.urandom(8).hex()
+        self._fds = fds
         self._data_fd, self._jfd = fds
         self._jlen = self._synced_jlen = 0
+        self._jseq = 1
         self._lock = threading.Lock()
-        self._flush_lock = threading.Lock()  # one flush/checkpoint/close at a time: fds stay open meanwhile
+        self._flush_lock = threading.RLock()  # re-entered: a checkpoint settles blocks, which takes it too
+        self._tree_lock = threading.Lock()
+        self._state_lock = threading.Lock()  # state.json writes in the order their snapshots were taken
         self._closed = False
         self._finalizer = weakref.finalize(self, store_files.close_fds, fds)  # dropped without close() = crashed
 
@@ -128,6 +159,8 @@ class ReplicaStore:
     @classmethod
     def create(cls, directory: Path, name: str, size: int, block_size: int = DEFAULT_BLOCK_SIZE,
                owner: str = "", epoch: int = 0) -> ReplicaStore:
+        """A new, empty store. Nothing of the disk's size is read or hashed: the metadata starts as
+        untouched zero pages and the tree as the empty one."""
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise ValueError(f"invalid disk name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
                              "starting with a letter or digit")
@@ -138,31 +171,33 @@ class ReplicaStore:
             raise ValueError(f"{size} bytes is {n} blocks of {block_size}; at most {MAX_BLOCKS} (use larger blocks)")
         _check_owner(owner, epoch)
         directory = Path(directory)
-        store_files.create_store_files(directory, {"name": name, "size": size, "block_size": block_size,
-                                                   "owner": owner, "epoch": epoch, "counter": 0, "clean": True})
-        return cls.open(directory)
+        # not clean from the start: it is open, and a crash before close() must make the counter jump
+        state = {"name": name, "size": size, "block_size": block_size, "owner": owner, "epoch": epoch,
+                 "counter": 0, "clean": False}
+        store_files.create_store_files(directory, state)
+        fds = _open_files(directory)
+        store = cls(directory, state, fds, np.zeros(n, META_DTYPE))
+        store._tree.reset_empty()
+        return store
 
     @classmethod
     def open(cls, directory: Path) -> ReplicaStore:
-        """Load meta.bin, replay the journal, checkpoint. Reads data.raw only for journaled blocks."""
+        """Load meta.bin, replay the journals, checkpoint. Reads data.raw only for journaled blocks."""
         directory = Path(directory)
         state = store_files.read_state(directory / STATE_FILE)
-        fds = [os.open(directory / DATA_FILE, os.O_RDWR | os.O_CLOEXEC)]
+        fds = _open_files(directory)
         try:
-            try:
-                fcntl.flock(fds[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise StoreBusy(f"disk store {directory} is already open") from None
             meta = store_files.load_meta(directory / META_FILE, state["size"], state["block_size"])
-            fds.append(os.open(directory / JOURNAL_FILE, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600))
-            journal = (directory / JOURNAL_FILE).read_bytes()
+            rotated = store_files.rotated_journals(directory)
+            journals = [p.read_bytes() for _, p in rotated] + [(directory / JOURNAL_FILE).read_bytes()]
         except BaseException:
             store_files.close_fds(fds)
             raise
         store = cls(directory, state, fds, meta)
+        store._jseq = max((seq for seq, _ in rotated), default=0) + 1
         try:
-            with store._lock:
-                store._recover(journal, clean=state["clean"])
+            store._recover(journals, clean=state["clean"])
+            store._checkpoint(clean=False)
         except BaseException:
             store.abandon()
             raise
@@ -170,11 +205,13 @@ class ReplicaStore:
 
     def close(self) -> None:
         """Clean shutdown: checkpoint and mark clean, so the next open replays nothing."""
-        with self._flush_lock, self._lock:
-            if not self._closed:
-                try:
-                    self._checkpoint(clean=True)
-                finally:
+        with self._flush_lock:
+            if self._closed:
+                return
+            try:
+                self._checkpoint(clean=True)
+            finally:
+                with self._lock:
                     self._closed = True
                     self._finalizer()
 
@@ -208,14 +245,23 @@ class ReplicaStore:
     @property
     def changes(self) -> int: return self._changes  # bumped by every mutation: cheap cache invalidation
     @property
+    def held_blocks(self) -> int: return self._held  # blocks this replica holds some version of
+    @property
+    def boot(self) -> str: return self._boot
+    @property
     def directory(self) -> Path: return self._dir
 
-    def set_owner(self, owner: str, epoch: int) -> None:
+    def set_owner(self, owner: str, epoch: int, counter: int = 0) -> None:
+        """Record a new owner and epoch durably; ``counter`` raises the version counter too (the previous
+        owner's, handed over with the disk, so no version it gave out is ever given out again)."""
         _check_owner(owner, epoch)
-        with self._lock:
-            self._check_open()
-            self._owner, self._epoch = owner, epoch
-            self._write_state(clean=False)
+        with self._state_lock:
+            with self._lock:
+                self._check_open()
+                self._owner, self._epoch = owner, epoch
+                self._counter = max(self._counter, counter)
+                state = self._state(clean=False)
+            store_files.write_state(self._dir, state)
 
     # ---- guest I/O -----------------------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
@@ -231,16 +277,12 @@ class ReplicaStore:
                 return WriteResult(offset // self._bs, offset // self._bs - 1, 0)
             first, last = offset // self._bs, (offset + length - 1) // self._bs
             self._counter = v = self._counter + 1
-            self._changes += 1
             self._append(journal_record(DIRTY, first, last - first + 1, v))  # intent first: see the module docstring
+            self._set_versions(first, last, v)
             if first == last:
-                self._versions[first] = v
                 self._dirty.add(first)
-                self._changed[first] = True
             else:
-                self._versions[first:last + 1] = v
                 self._dirty.update(range(first, last + 1))
-                self._changed[first:last + 1] = True
             pwrite_all(self._data_fd, data, offset)
         if fua:
             self.flush()
@@ -258,11 +300,9 @@ class ReplicaStore:
             b = max(a, self._n if end == self._size else end // bs)  # [a, b): blocks covered whole
             partial = sorted({i for i in (first, last) if not a <= i < b})
             self._counter = v = self._counter + 1
-            self._changes += 1
             self._append(b"".join([journal_record(DIRTY, i, 1, v) for i in partial]
                                   + [journal_record(ZERO, a, b - a, v)] * (b > a)))
-            self._versions[first:last + 1] = v
-            self._changed[first:last + 1] = True
+            self._set_versions(first, last, v)
             self._dirty.update(partial)
             store_journal.set_zero_hashes(self._hashes, a, b, bs, self._tail)
             if self._dirty and b > a:
@@ -301,9 +341,13 @@ class ReplicaStore:
                 self._synced_jlen = self._jlen
             os.fsync(self._jfd)
             if self._jlen >= JOURNAL_CHECKPOINT_BYTES:
-                known = self._prehash()
-                with self._lock:
-                    self._checkpoint(clean=False, known=known)
+                self._checkpoint(clean=False)
+
+    def maintain(self) -> None:
+        """Periodic upkeep (the daemon's, every few seconds): flush, then digest what changed, so that
+        comparisons and a switchover find the tree up to date."""
+        self.flush()
+        self.refresh_tree()
 
     def allocation(self, offset: int, length: int) -> list[tuple[int, int]]:
         """NBD base:allocation extents (length, flags) from metadata alone: zero blocks are holes."""
@@ -322,8 +366,9 @@ class ReplicaStore:
         return [(hi - lo, STATE_HOLE | STATE_ZERO if zero[s] else 0)
                 for s, lo, hi in zip(starts, edges[:-1], edges[1:], strict=True)]
 
-    # ---- replication ---------------------------------------------------------------------------
+    # ---- the map and its summaries ---------------------------------------------------------------
     def version_map(self) -> VersionMap:
+        """A copy of the whole map: for tests and tools only (384 MiB at 1 TiB); services use the tree."""
         with self._flush_lock:
             known = self._prehash()
             with self._lock:
@@ -331,14 +376,93 @@ class ReplicaStore:
                 self._settle(self._dirty, known)
                 return VersionMap(self._bs, self._size, self._versions.copy(), self._hashes.copy())
 
-    def coverage(self, other: VersionMap) -> Coverage:
-        with self._flush_lock:
-            known = self._prehash()
-            with self._lock:
-                self._check_open()
-                self._settle(self._dirty, known)
-                return VersionMap(self._bs, self._size, self._versions, self._hashes).coverage(other)
+    def refresh_tree(self) -> None:
+        """Digest the leaves changed since the last refresh, and their ancestors, while guest I/O goes on.
 
+        Costs what changed since then. A leaf rewritten while it is digested stays stale (a comparison
+        then looks into it); once writes stop, one refresh leaves nothing stale."""
+        with self._flush_lock:
+            known = self._prehash(rounds=1)
+            with self._tree_lock:
+                tree = self._tree
+                for _ in range(REFRESH_ROUNDS):
+                    with self._lock:
+                        self._check_open()
+                        self._settle(self._dirty, known, only_known=True)
+                        leaves = tree.stale_leaves()
+                        if self._dirty:  # unknown hashes: those leaves cannot be digested yet
+                            busy = np.fromiter((i // LEAF_BLOCKS for i in self._dirty), np.int64)
+                            leaves = leaves[~np.isin(leaves, busy)]
+                        if not leaves.size:
+                            break
+                        tree.stale[leaves] = False  # a writer marks them again; then their digests are dropped
+                    digests = tree.hash_leaves(self._meta, leaves)
+                    newest = tree.newest_of(self._meta, leaves)
+                    with self._lock:
+                        ok = ~tree.stale[leaves]
+                        tree.set_leaves(leaves[ok], [d for d, k in zip(digests, ok, strict=True) if k],
+                                        newest[ok], propagate=False)
+                        tree.stale[leaves[~ok]] = True
+                    tree.propagate(leaves[ok])
+                    known = self._prehash(rounds=1)
+
+    def map_summary(self) -> dict[str, Any]:
+        """What a peer needs to compare maps with this one: geometry, owner, generation, root digest."""
+        with self._tree_lock, self._lock:
+            self._check_open()
+            return {"size": self._size, "block_size": self._bs, "owner": self._owner, "epoch": self._epoch,
+                    "generation": self._counter, "boot": self._boot, "held_blocks": self._held,
+                    "root": self._tree.root()}
+
+    def map_nodes(self, level: int, parents: npt.NDArray[np.int64]) -> npt.NDArray[np.uint8]:
+        """Digests of the children of ``parents`` at ``level`` (see MapTree.nodes); ValueError if out of range."""
+        with self._tree_lock, self._lock:
+            self._check_open()
+            return self._tree.nodes(level, parents)
+
+    def map_entries(self, blocks: npt.NDArray[np.int64]) -> npt.NDArray[Any]:
+        """The (version, hash) records of ``blocks`` (sorted, in range), hashes of written blocks settled."""
+        blocks = np.asarray(blocks, np.int64)
+        if blocks.size and (blocks[0] < 0 or blocks[-1] >= self._n or (np.diff(blocks) <= 0).any()):
+            raise OutOfRange(f"block list must be sorted, unique and inside disk {self._name!r}")
+        self._settle_blocks(blocks)
+        with self._lock:
+            self._check_open()
+            return canonical(self._meta[blocks])
+
+    def changes_since(self, since: int, start_leaf: int = 0, max_blocks: int = 1 << 17
+                      ) -> tuple[int, npt.NDArray[np.int64], npt.NDArray[Any], int | None]:
+        """The change feed: blocks from leaf ``start_leaf`` on whose version is above ``since``.
+
+        Returns (generation, blocks, their records, next leaf or None when done). Every block changed in
+        (since, generation] is in the answer, or in the pages from the next leaf on. Costs one scan of the
+        per-leaf newest versions (8 bytes a leaf) plus the changed leaves, never the whole map."""
+        with self._lock:
+            self._check_open()
+            generation = self._counter
+            leaves = self._tree.leaves_since(since, start_leaf)
+            per_page = max(1, max_blocks // LEAF_BLOCKS)
+            nxt = int(leaves[per_page]) if leaves.size > per_page else None
+            blocks = leaf_blocks(leaves[:per_page], self._n)
+            blocks = blocks[self._versions[blocks] > np.uint64(since)]
+        self._settle_blocks(blocks)
+        with self._lock:
+            self._check_open()
+            return generation, blocks, canonical(self._meta[blocks]), nxt
+
+    def changed_blocks(self, since: int, upto: int | None = None) -> tuple[npt.NDArray[np.int64], int]:
+        """Blocks whose version is in (since, upto] (upto: now), and the counter at the time of the answer."""
+        with self._lock:
+            self._check_open()
+            leaves = self._tree.leaves_since(since)
+            blocks = leaf_blocks(leaves, self._n)
+            v = self._versions[blocks]
+            keep = v > np.uint64(since)
+            if upto is not None:
+                keep &= v <= np.uint64(upto)
+            return blocks[keep], self._counter
+
+    # ---- replication ---------------------------------------------------------------------------
     def read_block(self, index: int) -> BlockRecord:
         self._check_index(index)
         with self._lock:
@@ -374,17 +498,15 @@ class ReplicaStore:
             if version < (current := int(self._versions[index])):
                 raise StaleVersion(f"block {index}: have version {current}, refusing older {version}")
             self._counter = max(self._counter, version)  # a later owner must never reuse this version
-            self._changes += 1
             if version == current:
                 if index in self._dirty:
                     self._settle([index])
                 if version == 0 or self._hashes[index].tobytes() == hash:
                     return False
             self._append(journal_record(PUT, index, 1, version, hash))
-            self._versions[index] = version
+            self._set_versions(index, index, version)
             self._hashes[index] = np.frombuffer(hash, np.uint8)
             self._dirty.discard(index)
-            self._changed[index] = True
             try:
                 if data is None:
                     punch_hole(self._data_fd, index * self._bs, length)
@@ -399,12 +521,12 @@ class ReplicaStore:
         """Blocks whose data does not match their metadata (version-0 blocks must read as zeros)."""
         with self._flush_lock:
             known = self._prehash()
-        with self._lock:
-            self._check_open()
-            self._settle(self._dirty, known)
-            # zero blocks that are holes need no reading
-            has_data = store_files.allocated_blocks(self._data_fd, self._size, self._bs)
-            todo = np.flatnonzero(has_data | ((self._versions > 0) & ~self._zero_blocks(0, self._n))).tolist()
+            with self._lock:
+                self._check_open()
+                self._settle(self._dirty, known)
+        # whole-disk scans, outside the lock: each block found is checked again under it
+        has_data = store_files.allocated_blocks(self._data_fd, self._size, self._bs)
+        todo = np.flatnonzero(has_data | ((self._versions > 0) & ~self._zero_blocks(0, self._n))).tolist()
         bad = []
         for i in todo:
             with self._lock:  # block by block, so guest I/O goes on meanwhile
@@ -441,6 +563,18 @@ class ReplicaStore:
         """Which of blocks [a, b) are zero blocks per metadata (dirty ones not excluded)."""
         return VersionMap(self._bs, self._size, self._versions, self._hashes).zero_mask(a, b)
 
+    def _set_versions(self, first: int, last: int, version: int) -> None:
+        """Blocks first..last now hold ``version`` (> 0): the one place versions change after opening."""
+        if first == last:
+            self._held += int(self._versions[first] == 0)
+            self._versions[first] = version
+        else:
+            self._held += int(np.count_nonzero(self._versions[first:last + 1] == 0))
+            self._versions[first:last + 1] = version
+        self._changes += 1
+        self._tree.touch(first, last, version)
+        self._changed_leaves[first // LEAF_BLOCKS:last // LEAF_BLOCKS + 1] = True
+
     def _append(self, buf: bytes) -> None:
         if buf:
             if os.write(self._jfd, buf) != len(buf):
@@ -454,21 +588,41 @@ class ReplicaStore:
             return zero_hash(len(data)), True
         return block_hash(data), False
 
-    def _prehash(self, rounds: int = PREHASH_ROUNDS) -> dict[int, tuple[int, bytes, bool]]:
-        """Hash the dirty blocks *without* the state lock: at ~0.2 ms per 64 KiB block, thousands of them
-        would stall guest I/O. Results are keyed by the version read; a block rewritten meanwhile has a
-        new version, so _settle ignores its (possibly torn) result and a later round hashes it again.
-        Call with _flush_lock held: the files then stay open."""
+    def _prehash(self, rounds: int = PREHASH_ROUNDS, among: set[int] | None = None
+                 ) -> dict[int, tuple[int, bytes, bool]]:
+        """Hash the dirty blocks (those of ``among`` only, if given) *without* the state lock: at ~0.2 ms per
+        64 KiB block, thousands of them would stall guest I/O. Results are keyed by the version read; a
+        block rewritten meanwhile has a new version, so _settle ignores its (possibly torn) result and a
+        later round hashes it again. Call with _flush_lock held: the files then stay open."""
         known: dict[int, tuple[int, bytes, bool]] = {}
         for _ in range(rounds):
             with self._lock:
                 self._check_open()
-                todo = [(i, int(self._versions[i])) for i in sorted(self._dirty)]
+                dirty = self._dirty if among is None else self._dirty & among
+                todo = [(i, int(self._versions[i])) for i in sorted(dirty)]
             todo = [(i, v) for i, v in todo if known.get(i, (-1,))[0] != v]
             if not todo:
                 break
             known.update({i: (v, *self._read_and_hash(i)) for i, v in todo})
         return known
+
+    def _settle_blocks(self, blocks: npt.NDArray[np.int64]) -> None:
+        """Settle the dirty ones among ``blocks``, hashing them outside the state lock (call without it)."""
+        with self._lock:
+            among = self._dirty_among(blocks)
+        if not among:
+            return
+        with self._flush_lock:
+            known = self._prehash(among=among)
+            with self._lock:
+                self._check_open()
+                self._settle(among & self._dirty, known)
+
+    def _dirty_among(self, blocks: npt.NDArray[np.int64]) -> set[int]:
+        if not self._dirty or not blocks.size:
+            return set()
+        dirty = np.fromiter(self._dirty, np.int64, len(self._dirty))
+        return set(dirty[np.isin(dirty, blocks)].tolist())
 
     def _settle(self, indexes: Iterable[int], known: dict[int, tuple[int, bytes, bool]] | None = None,
                 only_known: bool = False) -> None:
@@ -487,37 +641,94 @@ class ReplicaStore:
             if is_zero:
                 punch_hole(self._data_fd, i * self._bs, self._block_len(i))
             self._hashes[i] = np.frombuffer(digest, np.uint8)
+            self._tree.touch(i, i, 0)  # the leaf's digest covers hashes too
+            self._changed_leaves[i // LEAF_BLOCKS] = True
             recs.append(journal_record(SETTLE, i, 1, int(self._versions[i]), digest))
         self._append(b"".join(recs))
         self._dirty.difference_update(order)
 
-    def _recover(self, journal: bytes, clean: bool) -> None:
-        """Redo the journal over meta.bin: trust what a SYNC vouches for, re-check the rest against the data."""
-        verdicts, newest = store_journal.replay(journal, self._versions, self._hashes, self._changed,
-                                                self._bs, self._tail)
-        self._counter = max(self._counter, newest) + (UNCLEAN_COUNTER_GAP if not clean or journal else 0)
+    def _recover(self, journals: list[bytes], clean: bool) -> None:
+        """Redo the journals over meta.bin: trust what a SYNC vouches for, re-check the rest against the data.
+        Runs before anyone else can see the store: no lock needed."""
+        changed = np.zeros(self._n, np.bool_)
+        verdicts, newest = store_journal.replay(journals, self._versions, self._hashes, changed, self._bs, self._tail)
+        self._counter = max(self._counter, newest) + (UNCLEAN_COUNTER_GAP if not clean or any(journals) else 0)
         for a, b in runs(np.flatnonzero(verdicts == store_journal.REDO_ZERO)):  # a ZERO's content is known: redo it
             punch_hole(self._data_fd, a * self._bs, min(b * self._bs, self._size) - a * self._bs)
         self._counter, missing = store_journal.check_against_data(verdicts, self._versions, self._hashes, self._counter,
                                                                   lambda i: self._read_and_hash(i)[0])
         for i in missing:  # a replicated block whose data did not land: to be fetched again
             punch_hole(self._data_fd, i * self._bs, self._block_len(i))
-        self._checkpoint(clean=False)
+        touched = np.flatnonzero(changed)
+        self._hashes[touched[self._versions[touched] == 0]] = 0  # never written (or lost): no hash
+        pad = (-self._n) % LEAF_BLOCKS
+        self._changed_leaves = np.concatenate([changed, np.zeros(pad, np.bool_)]).reshape(-1, LEAF_BLOCKS).any(axis=1)
+        self._held = int(np.count_nonzero(self._versions))
+        self._tree = MapTree.build(self._meta, self._bs, self._size)
 
-    def _checkpoint(self, clean: bool, known: dict[int, tuple[int, bytes, bool]] | None = None) -> None:
-        """Make everything durable, fold it into meta.bin and state.json, empty the journal."""
-        self._settle(self._dirty, known)
-        os.fdatasync(self._data_fd)
-        if (idx := np.flatnonzero(self._changed)).size:
-            store_files.write_meta_records(self._dir / META_FILE, self._meta, idx)
-            self._changed[idx] = False
-        self._write_state(clean)
-        os.ftruncate(self._jfd, 0)
-        os.fsync(self._jfd)
+    def _checkpoint(self, clean: bool) -> None:
+        """Fold every change into meta.bin and state.json and drop the journals, while guest I/O goes on.
+
+        Call with _flush_lock held. The active journal is rotated away first, so records appended
+        meanwhile survive. Then, chunk by chunk, the changed records are copied under the lock (dirty
+        ones settled first), the data is synced, and the copies are written to meta.bin: a record never
+        reaches meta.bin before the data it describes is durable. state.json is written last; only then
+        are the rotated journals deleted. Replay of journals that meta.bin already reflects is harmless."""
+        with self._lock:
+            self._check_open()
+            seq = self._rotate_journal()
+            leaves = np.flatnonzero(self._changed_leaves)
+            self._changed_leaves[leaves] = False  # changes from now on mark their leaves again
+        try:
+            for start in range(0, leaves.size, CHECKPOINT_CHUNK_LEAVES):
+                chunk = leaves[start:start + CHECKPOINT_CHUNK_LEAVES]
+                blocks = leaf_blocks(chunk, self._n)
+                self._settle_blocks(blocks)
+                with self._lock:
+                    self._check_open()
+                    self._settle(self._dirty_among(blocks))  # written since _settle_blocks: a few, if any
+                    pieces = [(a * LEAF_BLOCKS, self._meta[a * LEAF_BLOCKS:min(b * LEAF_BLOCKS, self._n)].copy())
+                              for a, b in runs(chunk)]
+                os.fdatasync(self._data_fd)
+                store_files.write_meta_runs(self._dir / META_FILE, pieces)
+            with self._state_lock:
+                with self._lock:
+                    state = self._state(clean)
+                store_files.write_state(self._dir, state)
+        except BaseException:
+            with self._lock:
+                self._changed_leaves[leaves] = True  # the next checkpoint writes them again
+            raise
+        for s, path in store_files.rotated_journals(self._dir):
+            if s <= seq:
+                path.unlink(missing_ok=True)
+
+    def _rotate_journal(self) -> int:
+        """Rename the active journal to journal.<seq>.log and append to a new, empty one from now on."""
+        seq, self._jseq = self._jseq, self._jseq + 1
+        active = self._dir / JOURNAL_FILE
+        os.rename(active, self._dir / f"journal.{seq}.log")
+        fd = os.open(active, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        os.close(self._fds[1])
+        self._fds[1] = self._jfd = fd
         self._jlen = self._synced_jlen = 0
+        return seq
 
-    def _write_state(self, clean: bool) -> None:
-        store_files.write_state(self._dir, {"name": self._name, "size": self._size, "block_size": self._bs,
-                                            "owner": self._owner, "epoch": self._epoch, "counter": self._counter,
-                                            "clean": clean})
+    def _state(self, clean: bool) -> dict[str, Any]:
+        return {"name": self._name, "size": self._size, "block_size": self._bs, "owner": self._owner,
+                "epoch": self._epoch, "counter": self._counter, "clean": clean}
 
+
+def _open_files(directory: Path) -> list[int]:
+    """data.raw locked against a second opener, and the active journal for appending."""
+    fds = [os.open(directory / DATA_FILE, os.O_RDWR | os.O_CLOEXEC)]
+    try:
+        try:
+            fcntl.flock(fds[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreBusy(f"disk store {directory} is already open") from None
+        fds.append(os.open(directory / JOURNAL_FILE, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    except BaseException:
+        store_files.close_fds(fds)
+        raise
+    return fds

@@ -29,6 +29,7 @@ from p2pvbd.replica_store import (
     StaleVersion,
     StoreBusy,
 )
+from p2pvbd.store.map_tree import MapTree, records_of
 from p2pvbd.store.store_journal import REC_SIZE
 from p2pvbd.store.version_map import NO_HASH, VersionMap, block_hash, zero_hash
 
@@ -274,14 +275,14 @@ def test_coverage_and_replication_between_stores(tmp_path: Path) -> None:
         a.trim(5 * BS, 2 * BS)
         a.write(SIZE - 10, b"z" * 10)
         owner = a.version_map()
-        cov = b.coverage(owner)
+        cov = b.version_map().coverage(owner)
         assert (cov.current_blocks, cov.total_blocks) == (10, 16) and cov.fraction == 10 / 16
         stale = b.version_map().stale_against(owner)
         assert stale.tolist() == [0, 1, 2, 5, 6, 15]
         for i in stale.tolist():
             r = a.read_block(i)
             assert b.put_block(r.index, r.version, r.data, r.hash)
-        assert b.coverage(owner).fraction == 1.0 and b.read(0, SIZE) == a.read(0, SIZE)
+        assert b.version_map().coverage(owner).fraction == 1.0 and b.read(0, SIZE) == a.read(0, SIZE)
         a.write(BS, b"new")
         assert b.version_map().stale_against(a.version_map()).tolist() == [1]
 
@@ -534,6 +535,26 @@ class StoreMachine(RuleBasedStateMachine):
             data = bytes(self.model[i * BS:(i + 1) * BS])
             assert (vm.versions[i] == 0 and not any(data)) or vm.hashes[i].tobytes() == block_hash(data)
 
+    @rule(since=st.integers(0, 40))
+    def summaries_match_the_map(self, since: int) -> None:
+        vm = self.store.version_map()  # settles every block
+        self.store.refresh_tree()
+        built = MapTree.build(records_of(vm.versions, vm.hashes), BS, SIZE)
+        assert self.store.map_summary()["root"] == built.root()
+        for level in range(built.top + 1):
+            parents = np.arange(1 if level == built.top else built.sizes[level + 1])
+            assert (self.store.map_nodes(level, parents) == built.nodes(level, parents)).all()
+        fed, start = [], 0
+        while True:
+            _, blocks, records, start = self.store.changes_since(since, start, max_blocks=64)
+            assert (records["version"] > since).all()
+            fed += blocks.tolist()
+            if start is None:
+                break
+        assert fed == np.flatnonzero(vm.versions > since).tolist()
+        assert self.store.changed_blocks(since)[0].tolist() == fed
+        assert self.store.held_blocks == int(np.count_nonzero(vm.versions))
+
     @invariant()
     def reads_match_model(self) -> None:
         assert self.store.read(0, SIZE) == self.model
@@ -550,3 +571,80 @@ class StoreMachine(RuleBasedStateMachine):
 StoreMachine.TestCase.settings = settings(
     max_examples=30, stateful_step_count=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 test_store_state_machine = StoreMachine.TestCase
+
+
+# ---- the map tree of a store ----------------------------------------------------------------------
+def tree_matches_map(store: ReplicaStore) -> None:
+    vm = store.version_map()
+    store.refresh_tree()
+    built = MapTree.build(records_of(vm.versions, vm.hashes), vm.block_size, vm.size)
+    assert store.map_summary()["root"] == built.root()
+    assert store.held_blocks == int(np.count_nonzero(vm.versions))
+
+
+def test_store_tree_follows_writes_puts_trims_and_crashes(tmp_path: Path) -> None:
+    size = (64 * 64 * 2 + 300) * BS  # three levels of leaves and nodes, a partial last leaf
+    rng = random.Random(5)
+    s = make(tmp_path, size=size)
+    with make(tmp_path, size=size, name="peer") as peer:
+        for k in range(300):
+            off = rng.randrange(size - 3 * BS)
+            r = rng.random()
+            if r < 0.5:
+                s.write(off, payload(k, rng.randint(1, 3 * BS)))
+            elif r < 0.6:
+                s.trim(off, rng.randint(1, 40 * BS))
+            elif r < 0.8:
+                peer.write(off, payload(k, BS))
+                rec = peer.read_block(off // BS)
+                if rec.version > int(s.version_map().versions[off // BS]):
+                    s.put_block(rec.index, rec.version, rec.data, rec.hash)
+            elif r < 0.9:
+                s.read_block(rng.randrange(size // BS))
+            else:
+                s.flush()
+            if k % 60 == 59:
+                tree_matches_map(s)
+    tree_matches_map(s)
+    root = s.map_summary()["root"]
+    s.abandon()  # a crash: the journal is replayed and the tree rebuilt from the metadata
+    with ReplicaStore.open(tmp_path / "d") as s:
+        tree_matches_map(s)
+        assert s.map_summary()["root"] == root
+
+
+def test_refresh_and_checkpoint_run_while_a_writer_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Neither blocks the writer; nothing either writes is lost; the tree ends equal to the map."""
+    monkeypatch.setattr(rs, "JOURNAL_CHECKPOINT_BYTES", 64 * REC_SIZE)  # checkpoint on most flushes
+    size = 64 * 64 * 4 * BS
+    s = make(tmp_path, size=size)
+    model = bytearray(size)
+    stop = threading.Event()
+
+    def writer() -> None:
+        rng = random.Random(9)
+        k = 0
+        while not stop.is_set():
+            off = rng.randrange(size // BS) * BS
+            data = payload(k, BS)
+            s.write(off, data)
+            model[off:off + BS] = data
+            k += 1
+            time.sleep(0.0002)  # a guest's pace, not a loop that holds the GIL for good
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        for _ in range(10):
+            s.refresh_tree()
+            s.flush()
+    finally:
+        stop.set()
+        t.join()
+    assert s.read(0, size) == model
+    tree_matches_map(s)
+    assert not list(tmp_path.joinpath("d").glob("journal.*.log"))  # rotated journals are gone
+    s.abandon()
+    with ReplicaStore.open(tmp_path / "d") as s:
+        assert s.read(0, size) == model
+        assert_consistent(s)

@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from p2pvbd.store.version_map import HASH_SIZE, blocks_for, check_block_size, runs
+from p2pvbd.store.version_map import HASH_SIZE, blocks_for, check_block_size
 
 DATA_FILE, META_FILE, JOURNAL_FILE, STATE_FILE = "data.raw", "meta.bin", "journal.log", "state.json"
-# Changed meta records less than a 4 KiB page apart go out in one pwrite, unchanged ones between included.
-META_COALESCE_GAP = 4096 // 24
+# A checkpoint renames the active journal to journal.<seq>.log and starts an empty one, so guest writes
+# go on while it writes meta.bin; the rotated journals are deleted once meta.bin and state.json are durable.
+ROTATED_JOURNAL_GLOB = "journal.*.log"
 # Linux moves at most ~2 GiB per read/write call; 64 MiB also bounds temporary buffers.
 IO_CHUNK = 64 * 1024 * 1024
 # Zeros per pwrite when the filesystem cannot punch holes.
@@ -100,11 +101,26 @@ def atomic_write(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make renames, creations and deletions in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def rotated_journals(directory: Path) -> list[tuple[int, Path]]:
+    """Journals a checkpoint rotated away and did not finish with, oldest first."""
+    out = []
+    for p in directory.glob(ROTATED_JOURNAL_GLOB):
+        seq = p.name.split(".")[1]
+        if seq.isdigit():
+            out.append((int(seq), p))
+    return sorted(out)
 
 
 def close_fds(fds: list[int]) -> None:
@@ -178,12 +194,12 @@ def load_meta(path: Path, size: int, block_size: int) -> npt.NDArray[Any]:
         return np.fromfile(f, META_DTYPE, count=n)
 
 
-def write_meta_records(path: Path, meta: npt.NDArray[Any], indexes: npt.NDArray[np.intp]) -> None:
-    """Write the records of blocks ``indexes`` (sorted) from ``meta`` into meta.bin and fsync it."""
+def write_meta_runs(path: Path, pieces: list[tuple[int, npt.NDArray[Any]]]) -> None:
+    """Write (first block, records) pieces into meta.bin and fsync it."""
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
-        for a, b in runs(indexes, META_COALESCE_GAP):
-            pwrite_all(fd, meta[a:b].view(np.uint8), META_HEADER_SIZE + a * META_DTYPE.itemsize)
+        for first, records in pieces:
+            pwrite_all(fd, records.view(np.uint8), META_HEADER_SIZE + first * META_DTYPE.itemsize)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -1,4 +1,4 @@
-"""The replica store's redo journal: 48-byte CRC-checked records, and replaying them over the metadata.
+"""The replica store's redo journals: 48-byte CRC-checked records, and replaying them over the metadata.
 
 Split out of replica_store so the record format and the recovery rules read on their own, apart from
 locking and file handling. Everything here works on bytes and numpy arrays: replica_store appends the
@@ -59,30 +59,35 @@ def set_zero_hashes(hashes: npt.NDArray[np.uint8], a: int, b: int, block_size: i
             hashes[b - 1] = np.frombuffer(zero_hash(tail), np.uint8)
 
 
-def replay(journal: bytes, versions: npt.NDArray[np.uint64], hashes: npt.NDArray[np.uint8],
+def replay(journals: list[bytes], versions: npt.NDArray[np.uint64], hashes: npt.NDArray[np.uint8],
            changed: npt.NDArray[np.bool_], block_size: int, tail: int) -> tuple[npt.NDArray[np.uint8], int]:
-    """Redo the journal's records over the metadata arrays in place, marking the blocks they touch ``changed``.
+    """Redo the journals' records, oldest journal first, over the metadata arrays in place, marking the
+    blocks they touch ``changed``.
 
     Returns a verdict per block (an empty array without records) on what the data must still confirm,
-    and the newest version the metadata or the journal names. Records a SYNC vouches for are trusted."""
-    recs = parse_journal(journal, len(versions))
-    trusted_end = max((r[2] for r in recs if r[1] == SYNC), default=0)
-    newest = max([int(versions.max()), *(r[4] for r in recs)])
-    verdicts = np.zeros(len(versions) if recs else 0, np.uint8)
-    for end, kind, first, count, version, digest in recs:
-        if kind == SYNC:
-            continue
-        trusted, sl = end <= trusted_end, slice(first, first + count)
-        versions[sl] = version
-        changed[sl] = True
-        if kind == DIRTY:
-            verdicts[sl] = KEEP if trusted else FRESH
-        elif kind == ZERO:
-            set_zero_hashes(hashes, first, first + count, block_size, tail)
-            verdicts[sl] = 0 if trusted else REDO_ZERO
-        else:
-            hashes[first] = np.frombuffer(digest, np.uint8)
-            verdicts[first] = 0 if trusted else CHECK_SETTLE if kind == SETTLE else CHECK_PUT
+    and the newest version the metadata or the journals name. Records a SYNC vouches for are trusted: a
+    SYNC vouches for the records before it in its own journal and, since the data sync before it covered
+    everything written earlier, for every record of the older journals a checkpoint had rotated away."""
+    parsed = [parse_journal(j, len(versions)) for j in journals]
+    newest = max([int(versions.max(initial=0)), *(r[4] for recs in parsed for r in recs)])
+    verdicts = np.zeros(len(versions) if any(parsed) else 0, np.uint8)
+    for k, recs in enumerate(parsed):
+        later_sync = any(r[1] == SYNC for later in parsed[k + 1:] for r in later)
+        trusted_end = float("inf") if later_sync else max((r[2] for r in recs if r[1] == SYNC), default=0)
+        for end, kind, first, count, version, digest in recs:
+            if kind == SYNC:
+                continue
+            trusted, sl = end <= trusted_end, slice(first, first + count)
+            versions[sl] = version
+            changed[sl] = True
+            if kind == DIRTY:
+                verdicts[sl] = KEEP if trusted else FRESH
+            elif kind == ZERO:
+                set_zero_hashes(hashes, first, first + count, block_size, tail)
+                verdicts[sl] = 0 if trusted else REDO_ZERO
+            else:
+                hashes[first] = np.frombuffer(digest, np.uint8)
+                verdicts[first] = 0 if trusted else CHECK_SETTLE if kind == SETTLE else CHECK_PUT
     return verdicts, newest
 
 
