@@ -57,10 +57,11 @@ class Daemon:
         self._nursery: trio.Nursery | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------
-    def open_disks(self) -> None:
+    async def open_disks(self) -> None:
+        """Open every store in a worker thread: replaying a journal and digesting a big map take a while."""
         for name in self.home.disk_names():
             try:
-                store = ReplicaStore.open(self.home.disk_dir(name))
+                store = await trio.to_thread.run_sync(ReplicaStore.open, self.home.disk_dir(name))
             except Exception:
                 log.exception("cannot open disk %s; it is not exported", name)
                 continue
@@ -79,7 +80,7 @@ class Daemon:
                 log.exception("closing %s failed", name)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        self.open_disks()
+        await self.open_disks()
         try:
             async with trio.open_nursery() as nursery:
                 self.cancel_scope = nursery.cancel_scope
@@ -133,8 +134,11 @@ class Daemon:
             raise ControlError(f"disk {name!r} already exists")
         if size <= 0 or size % SECTOR:
             raise ControlError(f"disk size must be a positive multiple of {SECTOR} bytes, not {size}")
-        store = ReplicaStore.create(self.home.disk_dir(name), name, size, block_size,
-                                    owner=self.config.name, epoch=1)
+        store = await trio.to_thread.run_sync(ReplicaStore.create, self.home.disk_dir(name), name, size, block_size,
+                                              self.config.name, 1)
+        if self.ctl.get(name) is not None:  # created meanwhile by a concurrent command or a peer
+            await trio.to_thread.run_sync(store.abandon)
+            raise ControlError(f"disk {name!r} already exists")
         self.ctl.add_export(store, ExportMode.PRIMARY)
         self._changed()
         return self._disk_info(store)
@@ -205,7 +209,8 @@ class Daemon:
         return {"job": job}
 
     async def _run_sync(self, disk: str, sources: list[str] | None, progress: SyncProgress) -> None:
-        from p2pvbd.migration.fetcher import SyncError, sync_disk
+        from p2pvbd.migration.fetcher import SyncError
+        from p2pvbd.migration.pull import sync_disk
 
         try:
             await sync_disk(self.swarm, disk, progress, sources)

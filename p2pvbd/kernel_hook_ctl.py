@@ -344,6 +344,8 @@ class HookController:
             self.thaw(name)
 
     async def flush_all(self) -> None:
+        """Periodic upkeep of every store, replicas too (their journals checkpoint like the owner's): flush,
+        then digest what changed, in a worker thread. A frozen export is left to its switchover."""
         for exp in self.exports():
-            if exp.mode is ExportMode.PRIMARY and not exp.frozen:
-                await self._sync(exp)
+            if not exp.frozen:
+                await trio.to_thread.run_sync(exp.store.maintain)

@@ -22,15 +22,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import numpy.typing as npt
 import trio
 import zstandard
 
-from p2pvbd.kernel_hook_ctl import Export, ExportMode, HookError, WriteEvent
+from p2pvbd.kernel_hook_ctl import Export, ExportMode, HookError
 from p2pvbd.nbd_codec import NBD_EIO
 from p2pvbd.peer_transport import PeerError
-from p2pvbd.replica_store import WriteResult
+from p2pvbd.replica_store import ReplicaStore, WriteResult
 from p2pvbd.store.store_files import atomic_write
-from p2pvbd.wire.peer_wire import BLOCK_ZSTD_LEVEL, ENC_RAW, pack_block
+from p2pvbd.wire.map_wire import unpack_blocks
+from p2pvbd.wire.peer_wire import BLOCK_ZSTD_LEVEL, ENC_RAW, FrameError, pack_block
 
 if TYPE_CHECKING:
     from p2pvbd.peer_transport import PeerConnection
@@ -150,14 +153,15 @@ class Shipper:
     def rate_known(self) -> bool:
         return not math.isinf(self.rate)
 
-    async def ship(self, blocks: list[int]) -> None:
+    async def ship(self, blocks: npt.NDArray[np.int64]) -> None:
+        """Send the current version of ``blocks`` (sorted, unique)."""
         store = self.exp.store
         t0, shipped = trio.current_time(), 0  # guest bytes, before compression
         try:
             async with trio.open_nursery() as nursery:
                 batch: list[list[Any]] = []
                 size = 0
-                for index in sorted(set(blocks)):
+                for index in np.asarray(blocks, np.int64).tolist():
                     rec = store.read_block(index)
                     if rec.data is None:
                         batch.append([index, rec.version, rec.hash, None, ENC_RAW])
@@ -223,15 +227,11 @@ async def migrate_disk(swarm: Swarm, disk: str, dest: str, mode: str, max_downti
     shipper = Shipper(conn, exp, progress)
     committed = False
     try:
-        with ctl.subscribe(disk) as sub:
-            dirty: set[int] = set()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_collect, sub.receive, dirty)
-                await _bulk(conn, disk, progress)
-                progress.phase = "mirror"
-                await _mirror(exp, shipper, dirty, sub, mode, max_downtime_ms, progress)
-                committed = await _switchover(swarm, conn, exp, shipper, dirty, sub, progress)
-                nursery.cancel_scope.cancel()
+        dirty = DirtyBlocks(store, since=store.counter)  # what the guest writes from here on
+        await _bulk(conn, disk, progress)
+        progress.phase = "mirror"
+        await _mirror(exp, shipper, dirty, mode, max_downtime_ms, progress)
+        committed = await _switchover(swarm, conn, exp, shipper, dirty, progress)
     finally:
         exp.after_write = None
         if not committed:
@@ -242,13 +242,40 @@ async def migrate_disk(swarm: Swarm, disk: str, dest: str, mode: str, max_downti
                     pass
 
 
-async def _collect(receive: trio.MemoryReceiveChannel[WriteEvent], dirty: set[int]) -> None:
-    async for ev in receive:
-        _mark(dirty, ev)
+class DirtyBlocks:
+    """Blocks the guest wrote that the destination may not have yet, found through the store's change
+    feed (no per-write bookkeeping) and kept as a sorted numpy array: what a mirror round ships costs what
+    was written, never the disk's size."""
 
+    def __init__(self, store: ReplicaStore, since: int) -> None:
+        self.store, self.since = store, since
+        self.blocks = np.zeros(0, np.int64)
+        self.upto: int | None = None  # sync mode: writes after this version are shipped by the write itself
 
-def _mark(dirty: set[int], ev: WriteEvent) -> None:
-    dirty.update(range(ev.first_block, ev.last_block + 1))
+    def collect(self) -> None:
+        """Add the blocks written since the last collect (up to ``upto``)."""
+        if self.upto is not None and self.since >= self.upto:
+            return
+        new, counter = self.store.changed_blocks(self.since, self.upto)
+        self.since = counter if self.upto is None else min(counter, self.upto)
+        if new.size:
+            self.blocks = np.union1d(self.blocks, new)
+
+    def take(self, limit: int | None = None) -> npt.NDArray[np.int64]:
+        """Remove and return the first ``limit`` blocks (all of them by default)."""
+        out = self.blocks if limit is None else self.blocks[:limit]
+        self.blocks = self.blocks[out.size:]
+        return out
+
+    def add(self, blocks: npt.NDArray[np.int64]) -> None:
+        self.blocks = np.union1d(self.blocks, blocks)
+
+    def discard(self, blocks: npt.NDArray[np.int64]) -> None:
+        if self.blocks.size:
+            self.blocks = np.setdiff1d(self.blocks, blocks, assume_unique=True)
+
+    def __len__(self) -> int:
+        return int(self.blocks.size)
 
 
 async def _bulk(conn: PeerConnection, disk: str, progress: MigrationProgress) -> None:
@@ -267,14 +294,15 @@ async def _bulk(conn: PeerConnection, disk: str, progress: MigrationProgress) ->
         await trio.sleep(POLL_SECONDS)
 
 
-async def _mirror(exp: Export, shipper: Shipper, dirty: set[int], sub: Any, mode: str, max_downtime_ms: float,
+async def _mirror(exp: Export, shipper: Shipper, dirty: DirtyBlocks, mode: str, max_downtime_ms: float,
                   progress: MigrationProgress) -> None:
     """Ship what the guest writes until the rest fits in the downtime budget.
 
     Sync mode makes every write wait for its own shipment from the start of this phase, so the guest
     is paced by the link and only what was dirtied during the bulk copy is left to the rounds here.
-    The first time the rest fits, the destination is asked to make everything it holds durable (the
-    bulk pull left it in the page cache), so that flush costs nothing at switchover.
+    The first time the rest fits, the destination is asked to make everything it holds durable and to
+    digest it (the bulk pull left it in the page cache), so that costs nothing at switchover. Each round
+    digests what it shipped here too, so the freeze finds both trees nearly up to date.
     """
     bs = exp.store.block_size
     budget_s = max_downtime_ms / 1000 * FINAL_SHIP_SHARE
@@ -282,21 +310,23 @@ async def _mirror(exp: Export, shipper: Shipper, dirty: set[int], sub: Any, mode
     dest_flushed = False
     if mode == "sync":
         exp.after_write = _sync_hook(shipper, dirty)
+        dirty.upto = exp.store.counter  # read after the hook is set: later writes ship themselves
 
     def fits() -> bool:
-        return not dirty or (shipper.rate_known and len(dirty) * bs <= shipper.rate * budget_s)
+        return not len(dirty) or (shipper.rate_known and len(dirty) * bs <= shipper.rate * budget_s)
 
     while True:
-        _drain(sub, dirty)
+        dirty.collect()
         progress.mirror_lag_blocks = len(dirty)
         if fits():
             if not dest_flushed:
                 await shipper.flush()
                 dest_flushed = True
                 continue
-            await _tighten(shipper, dirty, sub)
-            _drain(sub, dirty)
+            await _tighten(shipper, dirty)
+            dirty.collect()
             if fits():
+                await trio.to_thread.run_sync(exp.store.refresh_tree)
                 return
         history.append(len(dirty))
         if (mode == "async" and exp.after_write is None and len(history) > NO_PROGRESS_ROUNDS
@@ -304,47 +334,30 @@ async def _mirror(exp: Export, shipper: Shipper, dirty: set[int], sub: Any, mode
             exp.after_write = _throttle_hook(shipper, bs)  # the guest outruns the link: pace it
             progress.throttled = True
         await shipper.ship(_take_round(dirty, shipper, bs))
+        await trio.to_thread.run_sync(exp.store.refresh_tree)
 
 
-def _take_round(dirty: set[int], shipper: Shipper, block_size: int) -> list[int]:
+def _take_round(dirty: DirtyBlocks, shipper: Shipper, block_size: int) -> npt.NDArray[np.int64]:
     """Remove and return one round's worth of dirty blocks (all of them while the rate is unknown)."""
-    limit = len(dirty)
-    if shipper.rate_known:
-        limit = max(1, int(max(shipper.rate * MIRROR_ROUND_SECONDS, SHIP_BATCH_BYTES) // block_size))
-    if limit >= len(dirty):
-        batch = list(dirty)
-        dirty.clear()
-        return batch
-    batch = sorted(dirty)[:limit]
-    dirty.difference_update(batch)
-    return batch
+    if not shipper.rate_known:
+        return dirty.take()
+    return dirty.take(max(1, int(max(shipper.rate * MIRROR_ROUND_SECONDS, SHIP_BATCH_BYTES) // block_size)))
 
 
-async def _tighten(shipper: Shipper, dirty: set[int], sub: Any) -> None:
+async def _tighten(shipper: Shipper, dirty: DirtyBlocks) -> None:
     """Already within budget: ship rounds while they still shrink the dirty set, so the freeze finds
     only what the guest wrote during the last, shortest round."""
     for _ in range(MAX_TIGHTEN_ROUNDS):
         if len(dirty) <= 1:
             return
         before = len(dirty)
-        batch = list(dirty)
-        dirty.clear()
-        await shipper.ship(batch)
-        _drain(sub, dirty)
+        await shipper.ship(dirty.take())
+        dirty.collect()
         if len(dirty) >= before:
             return
 
 
-def _drain(sub: Any, dirty: set[int]) -> None:
-    while True:
-        try:
-            ev = sub.receive.receive_nowait()
-        except (trio.WouldBlock, trio.EndOfChannel):
-            return
-        _mark(dirty, ev)
-
-
-def _sync_hook(shipper: Shipper, dirty: set[int]) -> Any:
+def _sync_hook(shipper: Shipper, dirty: DirtyBlocks) -> Any:
     """Ship each write's blocks before it is acknowledged (sync mode).
 
     A shipped block leaves the dirty set: every write ships the block's current version (at least its
@@ -353,15 +366,16 @@ def _sync_hook(shipper: Shipper, dirty: set[int]) -> Any:
     goes back to the dirty set, and the migration fails on its next shipment.
     """
     async def ship_before_ack(res: WriteResult) -> None:
-        blocks = list(range(res.first_block, res.last_block + 1))
+        blocks = np.arange(res.first_block, res.last_block + 1, dtype=np.int64)
         try:
             await shipper.ship(blocks)
-            dirty.difference_update(blocks)
+            dirty.discard(blocks)
         except PeerError as e:
             log.warning("sync mirror to %s failed (%s); the guest goes on, the migration will fail",
                         shipper.progress.dest, e.message)
             shipper.exp.after_write = None
-            dirty.update(blocks)
+            dirty.upto = None  # every later write is the rounds' to ship again
+            dirty.add(blocks)
     return ship_before_ack
 
 
@@ -375,8 +389,8 @@ def _throttle_hook(shipper: Shipper, block_size: int) -> Any:
     return pace
 
 
-async def _switchover(swarm: Swarm, conn: PeerConnection, exp: Export, shipper: Shipper, dirty: set[int],
-                      sub: Any, progress: MigrationProgress) -> bool:
+async def _switchover(swarm: Swarm, conn: PeerConnection, exp: Export, shipper: Shipper, dirty: DirtyBlocks,
+                      progress: MigrationProgress) -> bool:
     """Freeze, ship the rest, commit at the destination, hand ownership over; True once committed.
 
     The guest's stall runs from the freeze to the thaw. Everything that can happen before it does:
@@ -404,15 +418,15 @@ async def _switchover(swarm: Swarm, conn: PeerConnection, exp: Export, shipper: 
     step("freeze")
     outcome: bool | None = False
     try:
-        _drain(sub, dirty)
+        dirty.upto = None
+        dirty.collect()
         n_dirty = len(dirty)
-        await shipper.ship(list(dirty))
-        dirty.clear()
-        digest = (await trio.to_thread.run_sync(store.version_map)).digest()
+        await shipper.ship(dirty.take())
+        digest = await trio.to_thread.run_sync(_root, store)  # digests only the leaves written since the mirror's
         step("ship")
         progress.switchover_blocks = n_dirty
         outcome = None  # from the moment the commit is sent, only the destination knows
-        outcome = await _commit(conn, disk, epoch, digest, shipper)
+        outcome = await _commit(conn, disk, epoch, digest, store.counter, shipper)
         step("commit")
         if outcome is None:
             outcome = await _resolve(swarm, disk, dest, epoch)
@@ -432,17 +446,34 @@ async def _switchover(swarm: Swarm, conn: PeerConnection, exp: Export, shipper: 
     return True
 
 
-async def _commit(conn: PeerConnection, disk: str, epoch: int, digest: bytes, shipper: Shipper) -> bool | None:
-    """True when committed, False when refused; None when the outcome is unknown (link lost)."""
+def _root(store: ReplicaStore) -> bytes:
+    """The root digest of the (frozen) store's map, after digesting what changed since the last refresh."""
+    store.refresh_tree()
+    return store.map_summary()["root"]
+
+
+async def _commit(conn: PeerConnection, disk: str, epoch: int, digest: bytes, counter: int,
+                  shipper: Shipper) -> bool | None:
+    """True when committed, False when refused; None when the outcome is unknown (link lost).
+
+    ``counter`` (this host's version counter) goes with the disk: the new owner never hands out a version
+    this host already gave out."""
     try:
         for _ in range(MAX_COMMIT_ROUNDS):
-            reply = await conn.request("migrate_commit", {"disk": disk, "epoch": epoch, "map_digest": digest},
-                                       timeout=COMMIT_TIMEOUT)
+            reply = await conn.request("migrate_commit", {"disk": disk, "epoch": epoch, "map_digest": digest,
+                                                          "counter": counter}, timeout=COMMIT_TIMEOUT)
             if reply["committed"]:
                 return True
-            if not reply.get("missing"):
+            missing = reply.get("missing")
+            if not isinstance(missing, dict):
                 return False
-            await shipper.ship([int(i) for i in reply["missing"]])
+            try:
+                blocks = unpack_blocks(missing, shipper.exp.store.n_blocks)
+            except FrameError as e:
+                raise PeerError("bad_reply", f"commit answer: {e}") from e
+            if not blocks.size:
+                return False
+            await shipper.ship(blocks)
         return False
     except PeerError as e:
         log.warning("commit of %s: %s; resolving the outcome", disk, e.message)

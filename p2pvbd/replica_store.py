@@ -376,6 +376,11 @@ class ReplicaStore:
                 self._settle(self._dirty, known)
                 return VersionMap(self._bs, self._size, self._versions.copy(), self._hashes.copy())
 
+    def live_map(self) -> VersionMap:
+        """The metadata arrays themselves, not a copy, for readers that tolerate them changing underneath
+        and re-check what they use (the planner's local dedup: a copy is verified against its hash)."""
+        return VersionMap(self._bs, self._size, self._versions, self._hashes)
+
     def refresh_tree(self) -> None:
         """Digest the leaves changed since the last refresh, and their ancestors, while guest I/O goes on.
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import numpy.typing as npt
 
-from p2pvbd.store.version_map import VersionMap
+from p2pvbd.store.version_map import BlockEntries, VersionMap
 from p2pvbd.sync_split import BINCOUNT_PEERS as _BINCOUNT_PEERS
 from p2pvbd.sync_split import discretise as _discretise
 from p2pvbd.sync_split import fluid_balance as _fluid_balance
@@ -153,36 +153,63 @@ def request_bytes_for(block_size: int) -> int:
     return max(MAX_REQUEST_BYTES, block_size)
 
 
-def plan_sync(target: VersionMap, owner: VersionMap, peers: list[PeerInfo], *,
-              max_request_bytes: int = MAX_REQUEST_BYTES) -> Plan:
-    """Assign every block where ``target`` differs from ``owner`` to a zero record, a local copy or a peer."""
-    n, bs, names = owner.n_blocks, owner.block_size, tuple(p.name for p in peers)
-    if (target.block_size, target.size) != (bs, owner.size):
+def plan_sync(target: VersionMap | BlockEntries, owner: VersionMap | BlockEntries, peers: list[PeerInfo], *,
+              max_request_bytes: int = MAX_REQUEST_BYTES, dedup: VersionMap | None = None) -> Plan:
+    """Assign every block where ``target`` differs from ``owner`` to a zero record, a local copy or a peer.
+
+    Sparse form (what a sync uses): ``target`` and ``owner`` are BlockEntries of the same blocks (those a
+    map comparison found differing; every other block is taken to be current) and each peer's versions
+    (and hashes) are given for those blocks, in that order. ``dedup``, the target's whole map, lets
+    blocks whose content already sits elsewhere on the target be copied locally; it costs one pass over
+    it, so callers give it only when the transfer saved is worth that.
+
+    Full form (tests, tools): whole VersionMaps and peer maps; the differing blocks are found here and
+    ``target`` itself serves for dedup.
+    """
+    if isinstance(owner, VersionMap):
+        if not isinstance(target, VersionMap):
+            raise ValueError("target and owner must both be VersionMaps or both BlockEntries")
+        n = owner.n_blocks
+        if (target.block_size, target.size) != (owner.block_size, owner.size):
+            raise ValueError(f"target map ({target.size} bytes, {target.block_size}-byte blocks) is of another disk")
+        if bad := [p.name for p in peers
+                   if p.versions.shape != (n,) or (p.hashes is not None and p.hashes.shape != owner.hashes.shape)]:
+            raise ValueError(f"maps of peers {bad} do not cover the owner's {n} blocks")
+        blocks = np.flatnonzero(~target.current_mask(owner))
+        peers = [replace(p, versions=p.versions[blocks], hashes=None if p.hashes is None else p.hashes[blocks])
+                 for p in peers]
+        return plan_sync(BlockEntries.from_map(target, blocks), BlockEntries.from_map(owner, blocks), peers,
+                         max_request_bytes=max_request_bytes, dedup=target)
+    if not isinstance(target, BlockEntries) or not np.array_equal(target.blocks, owner.blocks):
+        raise ValueError("target and owner entries must be of the same blocks")
+    n, bs, names, k = owner.n_blocks, owner.block_size, tuple(p.name for p in peers), len(owner)
+    if (target.block_size, target.size) != (bs, owner.size) or (
+            dedup is not None and (dedup.block_size, dedup.size) != (bs, owner.size)):
         raise ValueError(f"target map ({target.size} bytes, {target.block_size}-byte blocks) is of another disk")
     if len(set(names)) != len(names) or len(names) > MAX_PEERS:
         raise ValueError(f"peers must have distinct names, at most {MAX_PEERS}: {names}")
-    if bad := [p.name for p in peers
-               if p.versions.shape != (n,) or (p.hashes is not None and p.hashes.shape != owner.hashes.shape)]:
-        raise ValueError(f"maps of peers {bad} do not cover the owner's {n} blocks")
+    if bad := [p.name for p in peers if p.versions.shape != (k,) or (p.hashes is not None and p.hashes.shape
+                                                                      != owner.hashes.shape)]:
+        raise ValueError(f"versions of peers {bad} are not given for the {k} planned blocks")
     if max_request_bytes < bs:
         raise ValueError(f"max_request_bytes {max_request_bytes} is below one {bs}-byte block")
     tv, ov, ow = target.versions, owner.versions, _words(owner.hashes)
     stable = _same(_words(target.hashes), ow) & (tv != 0)  # content already the owner's
-    needed = (tv != ov) | ((tv != 0) & ~stable)  # = ~target.current_mask(owner), sharing the hash compare
+    needed = (tv != ov) | ((tv != 0) & ~stable)
     zero = needed & owner.zero_mask()
-    local, fetch = _local_copies(target, owner, needed & ~zero, stable)
+    local, fetch = _local_copies(dedup, owner, needed & ~zero, stable)
 
     kind = np.min_scalar_type((1 << len(peers)) - 1) if peers else np.dtype(np.uint8)
-    idx = np.flatnonzero(fetch)
-    whole = idx.size == n  # a fresh replica: compare whole arrays rather than gather the fetch set
-    ov, ow = (ov, ow) if whole else (ov[idx], ow[idx])
-    masks, has = np.zeros(idx.size, kind), np.empty(idx.size, bool)
+    pos = np.flatnonzero(fetch)
+    ov, ow = ov[pos], ow[pos]
+    masks, has = np.zeros(pos.size, kind), np.empty(pos.size, bool)
     for bit, p in enumerate(peers):
-        np.equal(p.versions if whole else p.versions[idx], ov, out=has)
+        np.equal(p.versions[pos], ov, out=has)
         if p.hashes is not None:
-            has &= _same(_words(p.hashes if whole else p.hashes[idx]), ow)
+            has &= _same(_words(p.hashes[pos]), ow)
         masks |= has.view(np.uint8).astype(kind, copy=False) << kind.type(bit)
-    unavailable = np.empty(0, np.intp)
+    idx = owner.blocks[pos]
+    unavailable = np.empty(0, np.int64)
     if not (held := masks != 0).all():
         unavailable, idx, masks = idx[~held], idx[held], masks[held]
 
@@ -199,27 +226,30 @@ def plan_sync(target: VersionMap, owner: VersionMap, peers: list[PeerInfo], *,
         mine = idx[order[bounds[p]:bounds[p + 1]]]
         assignments[name] = _requests(name, mine, max_request_bytes // bs)
         loads[p] = mine.size * bs - (tail if mine.size and mine[-1] == n - 1 else 0)
-    return Plan(local, np.flatnonzero(zero), assignments, unavailable, int(loads.sum()),
+    return Plan(local, owner.blocks[zero], assignments, unavailable, int(loads.sum()),
                 float((loads / rates).max(initial=0.0)), fluid, names, idx, masks, who)
 
 
-def _local_copies(target: VersionMap, owner: VersionMap, want: Array[np.bool_], stable: Array[np.bool_]
+def _local_copies(dedup: VersionMap | None, owner: BlockEntries, want: Array[np.bool_], stable: Array[np.bool_]
                   ) -> tuple[list[tuple[int, int]], Array[np.bool_]]:
-    """Blocks of ``want`` whose content already sits in the target, and what is left to fetch.
+    """Blocks of ``want`` (per entry) whose content already sits in the target, and what is left to fetch.
 
-    Sources are *stable* blocks, whose target hash already equals the owner's: their content survives
-    this sync, so copies may run in any order; a stale block with the wanted hash is overwritten by this
-    sync, so it is no source. A block already holding its own new content is its own source: (i, i)
-    just records the version. Keys are the first 64 hash bits and the other 64 are checked, so a key
-    collision costs a fetch, never a wrong copy.
+    A block already holding its own new content is its own source: (i, i) just records the version.
+    Other sources are blocks of the whole target map ``dedup`` whose content survives this sync: written
+    blocks that are current (not among the entries) or stable (their hash already the owner's), so copies
+    may run in any order; a stale block with the wanted hash is overwritten by this sync, so it is no
+    source. Keys are the first 64 hash bits and the other 64 are checked, so a key collision costs a
+    fetch, never a wrong copy.
     """
-    if not stable.any():  # a fresh replica has nothing to copy from
-        return [], want
-    tw, ow = _words(target.hashes), _words(owner.hashes)
-    dst = src = np.flatnonzero(want & stable)
+    blocks = owner.blocks
+    dst = src = blocks[want & stable]
     want = want & ~stable
-    q, cand = np.flatnonzero(want), np.flatnonzero(stable)
-    if q.size:
+    q = np.flatnonzero(want)
+    if dedup is not None and q.size:
+        tw, ow = _words(dedup.hashes), _words(owner.hashes)
+        overwritten = blocks[~stable]
+        cand = np.flatnonzero(dedup.versions != 0)
+        cand = cand[~np.isin(cand, overwritten, assume_unique=True)]
         # Random binary searches into big arrays are the slow part: a bitmap of wanted keys first drops
         # most candidates (a whole disk of them in an incremental sync), then only the rest is sorted.
         qk, mask = ow[q, 0], np.uint64((1 << int(np.clip(math.ceil(math.log2(4 * q.size)), *_DEDUP_BITMAP_BITS))) - 1)
@@ -234,7 +264,7 @@ def _local_copies(target: VersionMap, owner: VersionMap, want: Array[np.bool_], 
         if ck.size:
             at = cand[np.minimum(np.searchsorted(ck, qk), ck.size - 1)]
             ok = (tw[at, 0] == qk) & (tw[at, 1] == ow[q, 1])
-            dst, src = np.r_[dst, q[ok]], np.r_[src, at[ok]]
+            dst, src = np.r_[dst, blocks[q[ok]]], np.r_[src, at[ok]]
             want[q[ok]] = False
     order = np.argsort(dst, kind="stable")
     return list(zip(dst[order].tolist(), src[order].tolist(), strict=True)), want

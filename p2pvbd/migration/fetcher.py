@@ -1,4 +1,5 @@
-"""Multi-peer pull: bring this host's replica of a disk to the owner's versions, from many peers at once.
+"""Multi-peer pull: fetch the blocks a replica lacks from many peers at once (migration/pull.py decides
+which blocks those are, by comparing maps).
 
 The pure planner decides which block comes from whom; this module executes that plan over peer
 links: a few pipelined get_blocks requests per peer, every block checked against the owner's hash
@@ -12,15 +13,17 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 import trio
 import zstandard
 
 from p2pvbd.peer_transport import PeerError
 from p2pvbd.replica_store import HashMismatch, ReplicaStore, StaleVersion
-from p2pvbd.store.version_map import VersionMap, block_hash
+from p2pvbd.store.version_map import BlockEntries, VersionMap, block_hash
 from p2pvbd.sync_planner import FetchRequest, PeerInfo, SyncScheduler, plan_sync, request_bytes_for
 from p2pvbd.wire.peer_wire import FrameError, unpack_block
 
@@ -89,32 +92,38 @@ class SyncProgress:
 
 
 class Fetcher:
-    """One sync of one disk; run() returns when the replica matches the owner's map."""
+    """One sync of one disk: executes the plan for the blocks where this replica differs from the owner.
 
-    def __init__(self, swarm: Swarm, store: ReplicaStore, owner: str, owner_map: VersionMap,
-                 peer_maps: dict[str, VersionMap], progress: SyncProgress, background: bool = False) -> None:
-        self.swarm, self.store, self.owner_map, self.progress = swarm, store, owner_map, progress
-        self.owner = owner
+    ``owner`` holds the owner's versions and hashes of those blocks, ``target`` this replica's; each
+    peer's versions of the same blocks are in ``peer_versions``. ``dedup`` (this replica's whole map, or
+    None) lets the planner copy content this replica already holds elsewhere."""
+
+    def __init__(self, swarm: Swarm, store: ReplicaStore, owner_name: str, owner: BlockEntries, target: BlockEntries,
+                 peer_versions: dict[str, npt.NDArray[np.uint64]], progress: SyncProgress, background: bool = False,
+                 dedup: VersionMap | None = None) -> None:
+        self.swarm, self.store, self.owner_map, self.target, self.progress = swarm, store, owner, target, progress
+        self.owner = owner_name
         self._failures: dict[str, int] = {}
         self.background = background
-        self.peer_maps = peer_maps
+        self.peer_versions = peer_versions
+        self.dedup = dedup
         self._wake = trio.Event()
         # Cancel scopes of the requests in flight, so one made useless by another peer's answer is dropped.
         self._inflight: dict[FetchRequest, trio.CancelScope] = {}
 
     async def run(self) -> None:
-        target = await trio.to_thread.run_sync(self.store.version_map)
-        infos = [PeerInfo(name, m.versions, INITIAL_RATE, INFLIGHT_PER_PEER) for name, m in self.peer_maps.items()]
+        infos = [PeerInfo(name, v, INITIAL_RATE, INFLIGHT_PER_PEER) for name, v in self.peer_versions.items()]
         request_bytes = request_bytes_for(self.owner_map.block_size)
-        plan = plan_sync(target, self.owner_map, infos, max_request_bytes=request_bytes)
+        plan = await trio.to_thread.run_sync(partial(plan_sync, self.target, self.owner_map, infos,
+                                                     max_request_bytes=request_bytes, dedup=self.dedup))
         self.progress.total_bytes = plan.needed_bytes
-        await self._apply_without_transfer(plan.zero_blocks, plan.local_copies)
+        await trio.to_thread.run_sync(self._apply_without_transfer, plan.zero_blocks, plan.local_copies)
         if len(plan.unavailable):
             raise SyncError(f"{len(plan.unavailable)} block(s) of {self.store.name} are held at the owner's "
                             "version by no reachable peer")
         self.scheduler = SyncScheduler(plan, infos, self.owner_map.block_length, now=time.monotonic(),
                                        max_request_bytes=request_bytes)
-        for name in self.peer_maps:
+        for name in self.peer_versions:
             self.progress.peers.setdefault(name, PeerProgress())
         self.progress.phase = "pulling"
         async with trio.open_nursery() as nursery:
@@ -126,18 +135,30 @@ class Fetcher:
             raise SyncError(f"{self.scheduler.remaining_blocks} block(s) could not be fetched from any peer")
         self.progress.phase = "done"
 
-    async def _apply_without_transfer(self, zero_blocks: Any, local_copies: list[tuple[int, int]]) -> None:
-        """Zero blocks are recorded, duplicates copied locally: neither costs a byte on the wire."""
-        versions, hashes = self.owner_map.versions, self.owner_map.hashes
+    def _apply_without_transfer(self, zero_blocks: Any, local_copies: list[tuple[int, int]]) -> None:
+        """Zero blocks are recorded, duplicates copied locally: neither costs a byte on the wire. In a worker
+        thread: a trimmed region can be thousands of blocks."""
+        owner, bs = self.owner_map, self.store.block_size
+        changed = 0
         for idx in np.asarray(zero_blocks, dtype=np.int64).tolist():
-            self.store.put_block(idx, int(versions[idx]), None, hashes[idx].tobytes())
+            pos = owner.position(idx)
+            try:
+                self.store.put_block(idx, int(owner.versions[pos]), None, owner.hashes[pos].tobytes())
+            except StaleVersion:
+                pass  # a newer version is already here
             self.progress.zero_blocks += 1
-        bs = self.store.block_size
         for dst, src in local_copies:
-            data = self.store.read(src * bs, self.owner_map.block_length(src))
-            self.store.put_block(dst, int(versions[dst]), data, hashes[dst].tobytes())
+            pos = owner.position(dst)
+            data = self.store.read(src * bs, owner.block_length(src))
+            try:
+                self.store.put_block(dst, int(owner.versions[pos]), data, owner.hashes[pos].tobytes())
+            except StaleVersion:
+                pass
+            except HashMismatch:
+                changed += 1  # the source block changed since it was planned
             self.progress.local_copies += 1
-        await trio.lowlevel.checkpoint()
+        if changed:
+            raise SyncError(f"{changed} block(s) of {self.store.name} changed here while being copied; sync again")
 
     async def _worker(self, peer: str) -> None:
         prog = self.progress.peers[peer]
@@ -179,8 +200,9 @@ class Fetcher:
 
     async def _fetch(self, peer: str, req: FetchRequest) -> None:
         conn = await self.swarm.connect(peer)
+        base = self.owner_map.position(req.start) - req.start  # a request is a run of consecutive entries
         versions, hashes = self.owner_map.versions, self.owner_map.hashes
-        wanted = [[i, int(versions[i])] for i in range(req.start, req.start + req.count)]
+        wanted = [[i, int(versions[base + i])] for i in range(req.start, req.start + req.count)]
         reply = await conn.request("get_blocks", {"disk": self.store.name, "blocks": wanted,
                                                   "background": self.background}, timeout=REQUEST_TIMEOUT)
         items = [_parse_item(item) for item in reply.get("blocks", [])]
@@ -194,9 +216,9 @@ class Fetcher:
         for (index, version, digest, payload, _), (data, actual) in zip(items, decoded, strict=True):
             if not req.start <= index < req.start + req.count or index in good or index in bad:
                 raise FrameError(f"{peer} answered for block {index}, which was not asked")
-            expected = hashes[index].tobytes()
-            if version != int(versions[index]):
-                if not (peer == self.owner and version > int(versions[index]) and digest):
+            expected = hashes[base + index].tobytes()
+            if version != int(versions[base + index]):
+                if not (peer == self.owner and version > int(versions[base + index]) and digest):
                     bad.append(index)  # does not hold that version after all: not a lie, just stale
                     continue
                 expected = digest  # the owner wrote it again meanwhile: its newer version is the one to hold
@@ -266,57 +288,3 @@ def _parse_item(item: Any) -> _Item:
     if not isinstance(digest, bytes) or not (payload is None or isinstance(payload, bytes)):
         raise FrameError("malformed block entry")
     return index, version, digest, payload, encoding
-
-
-async def sync_disk(swarm: Swarm, disk: str, progress: SyncProgress, sources: list[str] | None = None,
-                    background: bool = False) -> None:
-    """Make this host's replica of ``disk`` equal to the owner's current versions.
-
-    Creates the replica (a standby export) when this host has none. ``sources`` limits the peers
-    blocks may come from; by default every host holding a replica, the owner included. A
-    ``background`` sync (a replication policy's) is paced by the owner to the policy's rate.
-    """
-    from p2pvbd.kernel_hook_ctl import ExportMode
-
-    owner, epoch = await swarm.owner_of(disk)
-    if not owner:
-        raise SyncError(f"no disk named {disk!r} in the swarm")
-    if owner == swarm.name:
-        raise SyncError(f"this host owns {disk}: its replica is the reference every other replica syncs to")
-    progress.phase = "maps"
-    owner_map, _ = await swarm.fetch_map(owner, disk)
-    exp = swarm.ctl.get(disk)
-    if exp is None:
-        store = ReplicaStore.create(swarm.home.disk_dir(disk), disk, owner_map.size, owner_map.block_size,
-                                    owner=owner, epoch=epoch)
-        swarm.ctl.add_export(store, ExportMode.STANDBY)
-        swarm.request_publish()
-    else:
-        store = exp.store
-        if (store.size, store.block_size) != (owner_map.size, owner_map.block_size):
-            raise SyncError(f"this host's replica of {disk} has another geometry than the owner's")
-        if (store.owner, store.epoch) != (owner, epoch) and epoch >= store.epoch:
-            store.set_owner(owner, epoch)
-    candidates = [h for h in await swarm.holders_of(disk) if h != swarm.name]
-    if owner not in candidates:
-        candidates.append(owner)
-    if sources:
-        unknown = sorted(set(sources) - set(candidates))
-        if unknown:
-            raise SyncError(f"{', '.join(unknown)} hold(s) no replica of {disk}")
-        candidates = [h for h in candidates if h in sources]
-    peer_maps: dict[str, VersionMap] = {owner: owner_map} if owner in candidates else {}
-
-    async def get_map(host: str) -> None:
-        try:
-            peer_maps[host] = (await swarm.fetch_map(host, disk))[0]
-        except (PeerError, trio.TooSlowError) as e:
-            progress.peers[host] = PeerProgress(dropped=True, error=getattr(e, "message", "timed out"))
-
-    async with trio.open_nursery() as nursery:
-        for host in candidates:
-            if host not in peer_maps:
-                nursery.start_soon(get_map, host)
-    peer_maps = {h: m for h, m in peer_maps.items() if m.n_blocks == owner_map.n_blocks}
-    await Fetcher(swarm, store, owner, owner_map, peer_maps, progress, background).run()
-    swarm.request_publish()

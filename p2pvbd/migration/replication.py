@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 POLICY_FILE = "policies.json"
 # How often a replicating host checks the owner for new versions: the lag a warm replica may have
-# behind a busy owner, and the cost of an idle check (one DHT lookup, one map page header).
+# behind a busy owner, and the cost of an idle check (one change-feed request to the owner).
 CHECK_INTERVAL = 2.0
 # How often policies are looked up in the index, to learn new ones and drop ended ones.
 POLICY_REFRESH = 5.0
@@ -83,7 +83,6 @@ class Replication:
         self.path = home / POLICY_FILE
         self.policies: dict[str, Policy] = self._load()
         self.buckets: dict[str, TokenBucket] = {}
-        self.lag: dict[str, int] = {}  # disk -> blocks this host's replica lacks, at the last check
 
     def _load(self) -> dict[str, Policy]:
         try:
@@ -157,15 +156,22 @@ class Replication:
             await trio.sleep(CHECK_INTERVAL)
 
     async def _keep_warm(self, policy: Policy) -> None:
-        from p2pvbd.migration.fetcher import SyncError, SyncProgress, sync_disk
+        """Pull what the owner changed since the last pull. Idle, this is one change-feed request to the
+        owner, answered from its per-leaf newest versions; the index is asked only when the owner is not
+        known yet or has moved on."""
+        from p2pvbd.migration.fetcher import SyncError, SyncProgress
+        from p2pvbd.migration.pull import sync_disk
         from p2pvbd.peer_transport import PeerError
 
-        owner, _ = await self.swarm.owner_of(policy.disk)
-        if not owner or owner == self.swarm.name:
-            return
+        local = self.swarm.ctl.get(policy.disk)
+        if local is not None and local.store.owner == self.swarm.name:
+            return  # the owner keeps nothing warm: it is the reference
+        if policy.disk not in self.swarm.pulls.synced:
+            owner, _ = await self.swarm.owner_of(policy.disk)
+            if not owner or owner == self.swarm.name:
+                return
         progress = SyncProgress(policy.disk)
         try:
             await sync_disk(self.swarm, policy.disk, progress, background=True)
-            self.lag[policy.disk] = 0
         except (SyncError, PeerError, OSError, ValueError) as e:
             log.info("keeping %s warm failed for now: %s", policy.disk, getattr(e, "message", e))

@@ -13,7 +13,6 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import trio
 import zstandard
 
@@ -22,7 +21,10 @@ from p2pvbd.migrate import PeerForwarder, hand_over, pending_path, read_pending,
 from p2pvbd.nbd_codec import NBD_EPERM
 from p2pvbd.peer_transport import PeerError
 from p2pvbd.replica_store import HashMismatch, ReplicaStore, StaleVersion
-from p2pvbd.store.version_map import VersionMap, block_hash
+from p2pvbd.store.map_tree import same_root
+from p2pvbd.store.version_map import block_hash
+from p2pvbd.swarm import maps
+from p2pvbd.wire.map_wire import MAX_ENTRY_BLOCKS, pack_blocks
 from p2pvbd.wire.peer_wire import FrameError, unpack_block
 
 if TYPE_CHECKING:
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Blocks named in one "still missing" answer to a commit; the source ships them and asks again.
-MAX_MISSING_REPLY = 65536
+MAX_MISSING_REPLY = MAX_ENTRY_BLOCKS
 # A restarted source asks the destination of its unfinished migration this often until it answers.
 RESOLVE_RETRY_SECONDS = 2.0
 # Fault injection for tests: the destination sleeps this long between making a commit durable and
@@ -90,8 +92,11 @@ class MigrationTarget:
         ctl = self.swarm.ctl
         exp = ctl.get(disk)
         if exp is None:
-            store = ReplicaStore.create(self.swarm.home.disk_dir(disk), disk, int(body["size"]),
-                                        int(body["block_size"]), owner=peer, epoch=epoch)
+            store = await trio.to_thread.run_sync(ReplicaStore.create, self.swarm.home.disk_dir(disk), disk,
+                                                  int(body["size"]), int(body["block_size"]), peer, epoch)
+            if (exp := ctl.get(disk)) is not None:  # a sync created one meanwhile
+                await trio.to_thread.run_sync(store.abandon)
+                raise PeerError("busy", f"a replica of {disk} appeared here meanwhile; try again")
             exp = ctl.add_export(store, ExportMode.INCOMING)
         elif (exp.store.epoch > epoch or (exp.store.owner == self.swarm.name and exp.store.epoch >= epoch)
               or (exp.store.epoch == epoch and exp.store.owner not in ("", peer))):
@@ -101,7 +106,7 @@ class MigrationTarget:
             raise PeerError("geometry", f"this host's replica of {disk} has another size or block size")
         else:
             if (exp.store.owner, exp.store.epoch) != (peer, epoch):
-                exp.store.set_owner(peer, epoch)
+                await trio.to_thread.run_sync(exp.store.set_owner, peer, epoch)
             ctl.set_mode(disk, ExportMode.INCOMING)
         self.incoming[disk] = Incoming(peer, epoch)
         exp.read_through = PeerForwarder(self.swarm, peer, disk)
@@ -122,7 +127,8 @@ class MigrationTarget:
     async def _pull(self, disk: str, progress: SyncProgress) -> None:
         import time
 
-        from p2pvbd.migration.fetcher import SyncError, sync_disk
+        from p2pvbd.migration.fetcher import SyncError
+        from p2pvbd.migration.pull import sync_disk
 
         try:
             await sync_disk(self.swarm, disk, progress)
@@ -160,14 +166,20 @@ class MigrationTarget:
             except (HashMismatch, FrameError) as e:
                 raise PeerError("bad_block", f"block {index}: {e}") from e
         if body.get("flush"):
-            await trio.to_thread.run_sync(store.flush)
+            await trio.to_thread.run_sync(store.maintain)  # durable and digested before the switchover
         return {"stored": stored}
 
     def _outcome_lock(self, disk: str) -> trio.Lock:
         return self._outcome_locks.setdefault(disk, trio.Lock())
 
     async def commit(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Take the disk over if this replica's map equals the frozen source's (its root digest): then
+        durably (data flushed, owner, epoch and the source's counter persisted) before answering.
+        Otherwise answer the blocks that differ, found by a descent of both trees (cost: the difference)."""
         disk, epoch = body["disk"], int(body["epoch"])
+        digest, counter = body.get("map_digest"), body.get("counter", 0)
+        if not isinstance(digest, bytes) or not isinstance(counter, int) or counter < 0:
+            raise PeerError("bad_request", "a commit carries the source's map digest and its version counter")
         async with self._outcome_lock(disk):
             store = self._store(disk)
             if store.owner == self.swarm.name and store.epoch == epoch:
@@ -175,15 +187,13 @@ class MigrationTarget:
             inc = self._from_source(peer, disk)
             if epoch != inc.epoch + 1:
                 raise PeerError("stale", f"commit for epoch {epoch}, expected {inc.epoch + 1}")
-            mine = await trio.to_thread.run_sync(_commit_if_equal, store, body.get("map_digest"), self.swarm.name,
-                                                 epoch)
-            if mine is not None:  # the maps differ: name the blocks the source must still send
-                theirs, _ = await self.swarm.fetch_map(peer, disk)
-                differ = np.flatnonzero((theirs.versions != mine.versions)
-                                        | (theirs.hashes != mine.hashes).any(axis=1))
-                if len(differ):
-                    return {"committed": False, "missing": differ[:MAX_MISSING_REPLY].tolist()}
-                await trio.to_thread.run_sync(_commit_if_equal, store, None, self.swarm.name, epoch)
+            if not await trio.to_thread.run_sync(_commit_if_equal, store, digest, self.swarm.name, epoch, counter):
+                source = maps.RemoteMap(peer, await self.swarm.connect(peer), disk)
+                differ = await maps.diff(maps.LocalMap(self.swarm.name, store), source, store.n_blocks)
+                if differ.blocks.size:
+                    return {"committed": False, "missing": pack_blocks(differ.blocks[:MAX_MISSING_REPLY])}
+                if not await trio.to_thread.run_sync(_commit_if_equal, store, None, self.swarm.name, epoch, counter):
+                    return {"committed": False}
             self._end_incoming(disk, ExportMode.PRIMARY)
             log.info("took %s over from %s at epoch %d", disk, peer, epoch)
             if self._commit_stall:
@@ -310,16 +320,17 @@ class MigrationTarget:
             log.info("%s: the migration to %s never committed; this host owns it again", disk, dest)
 
 
-def _commit_if_equal(store: ReplicaStore, digest: bytes | None, owner: str, epoch: int) -> VersionMap | None:
-    """Take ownership if this replica's map has ``digest`` (None: already compared), durably: data
-    first, then owner and epoch. Otherwise return the map. One thread hop for the whole commit."""
+def _commit_if_equal(store: ReplicaStore, digest: bytes | None, owner: str, epoch: int, counter: int) -> bool:
+    """Take ownership if this replica's map has root ``digest`` (None: already compared), durably: data
+    first, then owner, epoch and counter. One thread hop for the whole commit; the tree digests only
+    what the last shipments changed."""
     if digest is not None:
-        mine = store.version_map()
-        if mine.digest() != digest:
-            return mine
+        store.refresh_tree()
+        if not same_root(store.map_summary()["root"], digest):
+            return False
     store.flush()
-    store.set_owner(owner, epoch)
-    return None
+    store.set_owner(owner, epoch, counter)
+    return True
 
 
 def _length(store: ReplicaStore, index: int) -> int:

@@ -203,4 +203,54 @@ def runs(idx: npt.NDArray[np.intp], gap: int = 1) -> list[tuple[int, int]]:
 
 def _words(hashes: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint64]:
     """(n, 16) uint8 hashes as (n, 2) uint64, so comparisons take two vector ops instead of 16."""
-    return hashes.view(np.uint64)
+    return np.ascontiguousarray(hashes).view(np.uint64)
+
+
+@dataclass
+class BlockEntries:
+    """Versions and hashes of some blocks of a disk, by sorted block index: the sparse form of a map.
+
+    What a sync works on: the blocks where a replica differs from the owner, never the whole map."""
+
+    block_size: int
+    size: int
+    blocks: npt.NDArray[np.int64]
+    versions: npt.NDArray[np.uint64]
+    hashes: npt.NDArray[np.uint8]
+
+    @classmethod
+    def from_records(cls, block_size: int, size: int, blocks: npt.NDArray[np.int64],
+                     records: npt.NDArray[np.void]) -> BlockEntries:
+        return cls(block_size, size, np.asarray(blocks, np.int64), records["version"].astype(np.uint64),
+                   np.ascontiguousarray(records["hash"]))
+
+    @classmethod
+    def from_map(cls, vmap: VersionMap, blocks: npt.NDArray[np.int64]) -> BlockEntries:
+        blocks = np.asarray(blocks, np.int64)
+        return cls(vmap.block_size, vmap.size, blocks, vmap.versions[blocks], vmap.hashes[blocks])
+
+    @property
+    def n_blocks(self) -> int:
+        return blocks_for(self.size, self.block_size)
+
+    def __len__(self) -> int:
+        return int(self.blocks.size)
+
+    def block_length(self, index: int) -> int:
+        return min(self.block_size, self.size - index * self.block_size)
+
+    def position(self, index: int) -> int:
+        """Where block ``index`` is among the entries; KeyError if it is not one of them."""
+        pos = int(np.searchsorted(self.blocks, index))
+        if pos == self.blocks.size or self.blocks[pos] != index:
+            raise KeyError(index)
+        return pos
+
+    def zero_mask(self) -> npt.NDArray[np.bool_]:
+        """Per entry: is the block's content all zeros (never written, trimmed, written with zeros)?"""
+        words, zero = _words(self.hashes), np.frombuffer(zero_hash(self.block_size), np.uint64)
+        mask = (self.versions == 0) | ((words[:, 0] == zero[0]) & (words[:, 1] == zero[1]))
+        last = self.n_blocks - 1
+        if self.blocks.size and self.blocks[-1] == last and (tail := self.block_length(last)) != self.block_size:
+            mask[-1] = self.versions[-1] == 0 or self.hashes[-1].tobytes() == zero_hash(tail)
+        return mask

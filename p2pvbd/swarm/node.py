@@ -1,8 +1,8 @@
 """The swarm service: this host's DHT node, peer server and join server, and swarm-wide questions.
 
 It publishes what this host knows (where it listens, which disks it holds and owns), answers peers'
-requests for version maps and blocks, and answers ``status`` and ``peers`` for the whole swarm by
-combining DHT records with version maps fetched peer to peer.
+requests for map summaries and blocks, and answers ``status`` and ``peers`` for the whole swarm by
+combining DHT records with map summaries compared peer to peer (swarm/maps.py).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import math
 import os
 import subprocess
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
-import numpy as np
 import trio
 import zstandard
 
@@ -25,11 +25,13 @@ from p2pvbd import dht, trust
 from p2pvbd.dht_records import format_hostport, holders_payload, host_payload, owner_payload
 from p2pvbd.home import Config, Home, parse_hostport
 from p2pvbd.kernel_hook_ctl import HookController
+from p2pvbd.migration.pull import PullState
 from p2pvbd.migration.replication import Replication
 from p2pvbd.migration.target import MigrationTarget
 from p2pvbd.peer_transport import JOIN_PORT_OFFSET, PeerConnection, PeerError, open_peer, serve_join, serve_peers
 from p2pvbd.replica_store import ReplicaStore
-from p2pvbd.store.version_map import HASH_SIZE, VersionMap
+from p2pvbd.store.map_tree import STALE_ROOT
+from p2pvbd.swarm import maps
 from p2pvbd.wire.peer_wire import BLOCK_ZSTD_LEVEL, ENC_RAW, MAX_FRAME_BYTES, pack_block
 
 log = logging.getLogger(__name__)
@@ -40,15 +42,12 @@ CATALOG_KEY = "disks"
 RECORD_TTL = 600.0
 # Holders records carry a block count that changes with every write; republish them this often.
 PUBLISH_INTERVAL = 15.0
-# Blocks per version-map page: 256 Ki blocks are 2 MiB of versions + 4 MiB of hashes before zstd,
-# inside the 8 MiB peer frame.
-MAP_PAGE_BLOCKS = 256 * 1024
+# Coverage results remembered: a few per disk and replica is all status needs.
+COVERAGE_CACHE_ENTRIES = 256
 # A status or peers query must answer even when a host is down: its requests give up after this.
 QUERY_TIMEOUT = 5.0
 # Blocks returned by one get_blocks reply: their bytes must fit one frame with room for headers.
 BLOCKS_REPLY_BUDGET = MAX_FRAME_BYTES - 64 * 1024
-# zstd level 3: the library's default, ~300 MB/s per core, most of the ratio of higher levels.
-ZSTD_LEVEL = 3
 WILDCARDS = ("0.0.0.0", "::", "")
 # Set to 1 in a daemon's environment to make it a lying peer (tests only; logged loudly at start).
 FAULT_CORRUPT_ENV = "P2PVBD_FAULT_CORRUPT_SERVED_BLOCKS"
@@ -90,11 +89,14 @@ class Swarm:
         self._connecting: dict[str, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
         self._publish_now = trio.Event()
-        self._map_cache: dict[str, tuple[int, VersionMap]] = {}
+        # Coverage of a replica against the owner, by (disk, host, its root, the owner's root): status
+        # repeated while nothing changes costs two summaries per replica.
+        self._coverage_cache: OrderedDict[tuple[str, str, bytes, bytes], int] = OrderedDict()
         self._block_compressor = zstandard.ZstdCompressor(level=BLOCK_ZSTD_LEVEL)
         self.record_ttl = RECORD_TTL
         # Fault injection for tests of the fetcher's defences: this host serves corrupt blocks (a liar).
         self.fault_corrupt_blocks = os.environ.get(FAULT_CORRUPT_ENV) == "1"
+        self.pulls = PullState()  # what each replica's last pull reached; one pull of a disk at a time
         self.replication = Replication(self, home.path)
         self.migration_target = MigrationTarget(self)
         self.target_ops = self.migration_target.ops()
@@ -145,10 +147,8 @@ class Swarm:
             store = exp.store
             if store.owner == self.name:
                 await self.dht.publish("owner", store.name, owner_payload(self.name, store.epoch), RECORD_TTL)
-            if store.owner == self.name:
-                current = store.n_blocks  # the owner's replica is the reference: no need to hash for it
-            else:
-                current = int(np.count_nonzero((await self._local_map(store)).versions))
+            # the owner's replica is the reference; another's best guess without a comparison is what it holds
+            current = store.n_blocks if store.owner == self.name else store.held_blocks
             await self.dht.publish("holders", store.name, holders_payload(self.name, current, store.counter),
                                    RECORD_TTL)
 
@@ -207,8 +207,14 @@ class Swarm:
 
     # ---- serving peers -------------------------------------------------------------------------
     async def handle_peer(self, peer: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
-        if op == "get_version_map":
-            return await self._serve_map(body["disk"], body["start"], body["count"])
+        if op == "map_summary":
+            return await maps.serve_summary(self._store(body["disk"])) | {"migration": self._migration(body["disk"])}
+        if op == "map_nodes":
+            return await maps.serve_nodes(self._store(body["disk"]), body)
+        if op == "map_entries":
+            return await maps.serve_entries(self._store(body["disk"]), body)
+        if op == "map_changes":
+            return await maps.serve_changes(self._store(body["disk"]), body)
         if op == "get_blocks":
             reply, nbytes = self._serve_blocks(body["disk"], body["blocks"])
             if body.get("background") is True:  # a warm-replica pull: paced to the policy's rate
@@ -225,29 +231,10 @@ class Swarm:
             raise PeerError("no_disk", f"host {self.name} holds no replica of {disk!r}")
         return exp.store
 
-    async def _local_map(self, store: ReplicaStore) -> VersionMap:
-        """The store's map, re-read only when the store changed (maps of big disks are big)."""
-        cached = self._map_cache.get(store.name)
-        if cached is not None and cached[0] == store.changes:
-            return cached[1]
-        counter = store.changes
-        vmap = await trio.to_thread.run_sync(store.version_map)
-        self._map_cache[store.name] = (counter, vmap)
-        return vmap
-
-    async def _serve_map(self, disk: str, start: int, count: int) -> dict[str, Any]:
-        store = self._store(disk)
-        vmap = await self._local_map(store)
-        if not 0 <= start <= vmap.n_blocks or count < 0:
-            raise PeerError("bad_request", "page outside the map")
-        stop = min(vmap.n_blocks, start + min(count, MAP_PAGE_BLOCKS))
-        cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    def _migration(self, disk: str) -> dict[str, Any] | None:
+        """The migration of ``disk`` this host runs as its source, while it runs."""
         migration = self.migrations.get(disk)
-        return {"size": store.size, "block_size": store.block_size, "owner": store.owner, "epoch": store.epoch,
-                "generation": store.counter, "start": start, "stop": stop,
-                "migration": migration.as_dict() if migration is not None and migration.finished is None else None,
-                "versions": cctx.compress(vmap.versions[start:stop].tobytes()),
-                "hashes": cctx.compress(vmap.hashes[start:stop].tobytes())}
+        return migration.as_dict() if migration is not None and migration.finished is None else None
 
     def _serve_blocks(self, disk: str, wanted: list[Any]) -> tuple[dict[str, Any], int]:
         store = self._store(disk)
@@ -277,37 +264,18 @@ class Swarm:
         return {"blocks": out}, BLOCKS_REPLY_BUDGET - budget
 
     # ---- swarm-wide queries --------------------------------------------------------------------
-    async def fetch_map(self, host: str, disk: str) -> tuple[VersionMap, dict[str, Any]]:
-        """``host``'s version map of ``disk`` (paged over the peer link) and its header."""
+    async def map_of(self, host: str, disk: str) -> maps.MapSource:
+        """``host``'s map of ``disk``, to compare through summaries (this host's own store when it is us)."""
         if host == self.name:
-            store = self._store(disk)
-            migration = self.migrations.get(disk)
-            return await self._local_map(store), {
-                "owner": store.owner, "epoch": store.epoch, "generation": store.counter,
-                "migration": migration.as_dict() if migration is not None and migration.finished is None else None}
-        conn = await self.connect(host)
-        dctx = zstandard.ZstdDecompressor()
-        versions: list[np.ndarray] = []
-        hashes: list[np.ndarray] = []
-        start, total, head = 0, 1, None
-        while start < total:
-            page = await conn.request("get_version_map", {"disk": disk, "start": start, "count": MAP_PAGE_BLOCKS},
-                                      timeout=QUERY_TIMEOUT)
-            if head is None:
-                head = page
-                total = -(-int(page["size"]) // int(page["block_size"]))
-            n = int(page["stop"]) - start
-            if n <= 0:
-                raise PeerError("bad_reply", f"{host} sent an empty map page")
-            versions.append(np.frombuffer(dctx.decompress(page["versions"], max_output_size=n * 8), dtype="<u8"))
-            hashes.append(np.frombuffer(dctx.decompress(page["hashes"], max_output_size=n * HASH_SIZE),
-                                        dtype=np.uint8).reshape(-1, HASH_SIZE))
-            start += n
-        assert head is not None
-        vmap = VersionMap(block_size=int(head["block_size"]), size=int(head["size"]),
-                          versions=np.concatenate(versions).astype(np.uint64), hashes=np.concatenate(hashes))
-        return vmap, {"owner": head["owner"], "epoch": head["epoch"], "generation": head["generation"],
-                      "migration": head.get("migration")}
+            return maps.LocalMap(host, self._store(disk))
+        return maps.RemoteMap(host, await self.connect(host), disk)
+
+    async def summary_of(self, host: str, disk: str) -> maps.MapSummary:
+        source = await self.map_of(host, disk)
+        summary = await source.summary()
+        if host == self.name:
+            summary = replace(summary, extra={"migration": self._migration(disk)})
+        return summary
 
     async def known_disks(self) -> list[str]:
         names = set(self.ctl.names())
@@ -332,50 +300,81 @@ class Swarm:
         return sorted(hosts)
 
     async def disk_status(self, disk: str) -> dict[str, Any]:
+        """Owner, epoch and each replica's coverage against the owner's map, from map summaries: a replica
+        whose root equals the owner's costs nothing, another a descent into where they differ."""
         owner, epoch = await self.owner_of(disk)
         local = self.ctl.get(disk)
         holders = {str(r.payload["host"]): r for r in await self.dht.lookup("holders", disk)}
         if local is not None:
             holders.setdefault(self.name, None)  # type: ignore[arg-type]
-        maps: dict[str, VersionMap] = {}
-        heads: dict[str, dict[str, Any]] = {}
+        sources: dict[str, maps.MapSource] = {}
+        summaries: dict[str, maps.MapSummary] = {}
+        current: dict[str, int] = {}
         errors: dict[str, str] = {}
 
-        async def get(host: str) -> None:
+        async def ask(host: str) -> None:
             try:
-                maps[host], heads[host] = await self.fetch_map(host, disk)
+                with trio.fail_after(QUERY_TIMEOUT):
+                    sources[host] = await self.map_of(host, disk)
+                    summaries[host] = await sources[host].summary()
             except (PeerError, trio.TooSlowError) as e:
-                errors[host] = getattr(e, "message", str(e))
+                errors[host] = getattr(e, "message", None) or "timed out"
+
+        async def compare(host: str, ref: maps.MapSummary) -> None:
+            try:
+                with trio.fail_after(QUERY_TIMEOUT):
+                    current[host] = await self._current_blocks(disk, sources[host], summaries[host],
+                                                               sources[owner], ref)
+            except (PeerError, trio.TooSlowError) as e:
+                errors[host] = getattr(e, "message", None) or "timed out"
 
         async with trio.open_nursery() as nursery:
             for host in {*holders, owner} - {""}:
-                nursery.start_soon(get, host)
-        ref = maps.get(owner)
-        size = block_size = 0
-        any_map = ref or next(iter(maps.values()), None)
-        if any_map is not None:
-            size, block_size = any_map.size, any_map.block_size
+                nursery.start_soon(ask, host)
+        ref = summaries.get(owner)
+        if ref is not None:
+            async with trio.open_nursery() as nursery:
+                for host in holders:
+                    if host == owner:
+                        current[host] = ref.n_blocks
+                    elif host in summaries and summaries[host].n_blocks == ref.n_blocks:
+                        nursery.start_soon(compare, host, ref)
+        any_summary = ref or next(iter(summaries.values()), None)
+        total = any_summary.n_blocks if any_summary is not None else 0
         replicas = []
         for host in sorted(holders):
             entry: dict[str, Any] = {"host": host}
-            if ref is not None and host in maps and maps[host].n_blocks == ref.n_blocks:
-                cov = maps[host].coverage(ref)
-                entry |= {"coverage": cov.fraction, "current_blocks": cov.current_blocks,
-                          "total_blocks": cov.total_blocks}
+            if host in current:
+                entry |= {"coverage": current[host] / total, "current_blocks": current[host], "total_blocks": total}
             else:  # the owner or this holder is unreachable: what the holder last published
                 rec = holders[host]
-                total = ref.n_blocks if ref is not None else (any_map.n_blocks if any_map is not None else 0)
-                current = int(rec.payload.get("current_blocks", 0)) if rec is not None else 0
-                entry |= {"coverage": (current / total) if total else 0.0, "current_blocks": current,
+                held = int(rec.payload.get("current_blocks", 0)) if rec is not None else 0
+                entry |= {"coverage": (held / total) if total else 0.0, "current_blocks": held,
                           "total_blocks": total, "stale": True, "error": errors.get(host) or errors.get(owner, "")}
-            replicas.append(entry)
-        for entry in replicas:
             entry["lag_blocks"] = entry["total_blocks"] - entry["current_blocks"]
+            replicas.append(entry)
         policy = self.replication.policies.get(disk)
-        migration = heads.get(owner, {}).get("migration")
-        return {"name": disk, "size": size, "block_size": block_size, "owner": owner, "epoch": epoch,
+        return {"name": disk, "size": any_summary.size if any_summary else 0,
+                "block_size": any_summary.block_size if any_summary else 0, "owner": owner, "epoch": epoch,
                 "replicas": replicas, "replicate": policy.as_payload() if policy and policy.hosts else None,
-                "migration": migration}
+                "migration": ref.extra.get("migration") if ref is not None else None}
+
+    async def _current_blocks(self, disk: str, holder: maps.MapSource, mine: maps.MapSummary,
+                              owner: maps.MapSource, ref: maps.MapSummary) -> int:
+        """Blocks of ``holder`` at the owner's version and content; remembered per pair of roots."""
+        key = (disk, holder.name, mine.root, ref.root)
+        if maps.same_root(mine.root, ref.root):
+            return ref.n_blocks
+        if key in self._coverage_cache:
+            self._coverage_cache.move_to_end(key)
+            return self._coverage_cache[key]
+        differ = await maps.diff(holder, owner, ref.n_blocks, (mine.root, ref.root))
+        value = ref.n_blocks - int(differ.blocks.size)
+        if STALE_ROOT not in (mine.root, ref.root):
+            self._coverage_cache[key] = value
+            while len(self._coverage_cache) > COVERAGE_CACHE_ENTRIES:
+                self._coverage_cache.popitem(last=False)
+        return value
 
     async def status(self, disk: str | None = None) -> dict[str, Any]:
         names = [disk] if disk else await self.known_disks()

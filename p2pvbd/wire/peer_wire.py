@@ -18,7 +18,7 @@ from typing import Any
 import msgpack
 
 # Bumped on incompatible changes; checked by the transport's built-in ``hello``.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 HEADER = struct.Struct(">I")
 # The largest payload a message carries: one replica block (the replica store's biggest block size).
@@ -74,8 +74,12 @@ class OpSpec:
 # The peer port's ops. Handlers receive bodies already checked against these.
 OPS: dict[str, OpSpec] = {
     "hello": OpSpec({"protocol": int}, "version check; answered by the transport itself"),
-    "get_version_map": OpSpec({"disk": str, "start": int, "count": int},
-                              "one page of a disk's per-block versions and hashes (zstd), with its generation"),
+    # Version maps, compared through their summaries (swarm/maps.py, wire/map_wire.py).
+    "map_summary": OpSpec({"disk": str}, "geometry, owner, epoch, generation and root digest of a disk's map"),
+    "map_nodes": OpSpec({"disk": str, "level": int, "parents": bytes}, "digests of the children of some nodes"),
+    "map_entries": OpSpec({"disk": str, "blocks": dict}, "(version, hash) records of some blocks"),
+    "map_changes": OpSpec({"disk": str, "since": int, "start_leaf": int},
+                          "the change feed: blocks whose version is above since, one page"),
     "get_blocks": OpSpec({"disk": str, "blocks": list}, "block contents by [index, version] pairs"),
     "cancel": OpSpec({"id": int}, "stop the request with that id and send no reply to either; answered by "
                                   "the transport itself"),
@@ -85,7 +89,8 @@ OPS: dict[str, OpSpec] = {
     "migrate_pull": OpSpec({"disk": str}, "start the bulk multi-peer pull; answers a job id"),
     "migrate_job": OpSpec({"job": int}, "progress of a bulk pull"),
     "put_blocks": OpSpec({"disk": str, "blocks": list}, "mirrored blocks [index, version, hash, data, enc]"),
-    "migrate_commit": OpSpec({"disk": str, "epoch": int}, "take ownership if every block matches the source"),
+    "migrate_commit": OpSpec({"disk": str, "epoch": int, "map_digest": bytes, "counter": int},
+                             "take ownership if this host's map has the frozen source's root digest"),
     "migrate_status": OpSpec({"disk": str, "epoch": int}, "was that epoch committed? (else it never will be)"),
     "migrate_abort": OpSpec({"disk": str}, "the migration is off: back to a standby replica"),
     "guest_io": OpSpec({"disk": str, "op": str}, "I/O of a guest still connected to the old owner"),

@@ -1,0 +1,201 @@
+"""Bring this host's replica of a disk to the owner's current versions: find what differs, then pull it.
+
+What differs is found at the cost of what changed, never of the disk's size:
+
+* a replica that synced before, against the same owner in the same opening of its store, asks the
+  owner's **change feed** for the blocks whose version is above the generation it reached then (an idle
+  warm replica: one small request, answered from the owner's per-leaf newest versions);
+* an empty replica asks the feed from version 0: the blocks the owner ever wrote;
+* any other replica (after a restart, a new owner, a partial copy) **descends** both map trees under
+  the nodes whose digests differ.
+
+Then each other holder is asked for its versions of just those blocks, the planner splits them among
+all peers, and the fetcher pulls them in parallel (fetcher.py). Success is reported only once what was
+fetched is durable.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+import trio
+
+from p2pvbd.migration.fetcher import Fetcher, PeerProgress, SyncError, SyncProgress
+from p2pvbd.peer_transport import PeerError
+from p2pvbd.replica_store import ReplicaStore
+from p2pvbd.store.map_tree import same_records
+from p2pvbd.store.version_map import BlockEntries
+from p2pvbd.swarm import maps
+
+if TYPE_CHECKING:
+    from p2pvbd.swarm.node import Swarm
+
+log = logging.getLogger(__name__)
+
+# Local dedup scans this replica's whole map (a few hundred ms at 1 TiB); it pays off only when the
+# blocks to pull are at least this fraction of the disk (at 1 TiB: 1 GiB, which takes 10 s even at
+# 1 Gbit/s). Smaller pulls fetch duplicates instead.
+DEDUP_MIN_FRACTION = 1 / 1024
+
+
+@dataclass(frozen=True)
+class Synced:
+    """This replica holds every block the owner had at or below ``generation`` (that opening of its store)."""
+
+    owner: str
+    epoch: int
+    boot: str
+    generation: int
+
+
+class PullState:
+    """Per disk: what the last successful pull reached, and one pull at a time."""
+
+    def __init__(self) -> None:
+        self.synced: dict[str, Synced] = {}
+        self._locks: dict[str, trio.Lock] = {}
+
+    def lock(self, disk: str) -> trio.Lock:
+        return self._locks.setdefault(disk, trio.Lock())
+
+    def forget(self, disk: str) -> None:
+        self.synced.pop(disk, None)
+
+
+async def sync_disk(swarm: Swarm, disk: str, progress: SyncProgress, sources: list[str] | None = None,
+                    background: bool = False) -> None:
+    """Make this host's replica of ``disk`` equal to the owner's current versions.
+
+    Creates the replica (a standby export) when this host has none. ``sources`` limits the peers
+    blocks may come from; by default every host holding a replica, the owner included. A
+    ``background`` sync (a replication policy's) is paced by the owner to the policy's rate and, when
+    it continues an earlier pull, asks nothing of the index: the owner's answer says if it moved on.
+    """
+    async with swarm.pulls.lock(disk):
+        await _sync(swarm, disk, progress, sources, background)
+
+
+async def _sync(swarm: Swarm, disk: str, progress: SyncProgress, sources: list[str] | None, background: bool) -> None:
+    last = swarm.pulls.synced.get(disk)
+    exp = swarm.ctl.get(disk)
+    if background and last is not None and exp is not None:
+        owner, epoch = last.owner, last.epoch
+    else:
+        owner, epoch = await swarm.owner_of(disk)
+    if not owner:
+        raise SyncError(f"no disk named {disk!r} in the swarm")
+    if owner == swarm.name:
+        raise SyncError(f"this host owns {disk}: its replica is the reference every other replica syncs to")
+    candidates = await _candidates(swarm, disk, owner, sources) if sources else None  # a bad --from fails first
+    progress.phase = "maps"
+    owner_map = await swarm.map_of(owner, disk)
+    store = await _replica(swarm, disk, owner, epoch, owner_map)
+    summary, target, wanted = await _differing(swarm, store, disk, owner_map, last)
+    if summary.owner != owner:
+        swarm.pulls.forget(disk)
+        raise SyncError(f"{owner} no longer owns {disk} (it says {summary.owner or 'nobody'}); the next sync "
+                        "asks the index")
+    if len(wanted):
+        candidates = candidates or await _candidates(swarm, disk, owner, sources)
+        peer_versions = await _peer_versions(swarm, disk, owner, wanted, candidates, progress)
+        dedup = store.live_map() if len(wanted) >= store.n_blocks * DEDUP_MIN_FRACTION else None
+        await Fetcher(swarm, store, owner, wanted, target, peer_versions, progress, background, dedup).run()
+        await trio.to_thread.run_sync(store.flush)  # reported done only once durable
+        swarm.request_publish()
+    progress.phase = "done"
+    swarm.pulls.synced[disk] = Synced(owner, max(epoch, summary.epoch), summary.boot, summary.generation)
+
+
+async def _replica(swarm: Swarm, disk: str, owner: str, epoch: int, owner_map: maps.MapSource) -> ReplicaStore:
+    """This host's replica of ``disk``, created (off the event loop) as a standby when there is none."""
+    from p2pvbd.kernel_hook_ctl import ExportMode
+
+    exp = swarm.ctl.get(disk)
+    if exp is None:
+        head = await owner_map.summary()
+        store = await trio.to_thread.run_sync(ReplicaStore.create, swarm.home.disk_dir(disk), disk, head.size,
+                                              head.block_size, owner, epoch)
+        if swarm.ctl.get(disk) is not None:  # created meanwhile (a migration's prepare): use that one
+            await trio.to_thread.run_sync(store.abandon)
+            raise SyncError(f"a replica of {disk} appeared here during the sync; sync again")
+        swarm.ctl.add_export(store, ExportMode.STANDBY)
+        swarm.request_publish()
+        return store
+    store = exp.store
+    if (store.owner, store.epoch) != (owner, epoch) and epoch >= store.epoch:
+        await trio.to_thread.run_sync(store.set_owner, owner, epoch)
+    return store
+
+
+async def _differing(swarm: Swarm, store: ReplicaStore, disk: str, owner_map: maps.MapSource, last: Synced | None
+                     ) -> tuple[maps.MapSummary, BlockEntries, BlockEntries]:
+    """The owner's summary, and this replica's and the owner's entries of the blocks where they differ."""
+    bs, size = store.block_size, store.size
+    if last is not None and last.owner == owner_map.name:
+        changes = await owner_map.changes(last.generation)
+        summary = changes.summary
+        if summary.boot == last.boot:
+            return summary, *await _versus(store, changes.blocks, changes.records)
+    if store.held_blocks == 0:
+        changes = await owner_map.changes(0)
+        summary = changes.summary
+        _check_geometry(store, summary)
+        return summary, *await _versus(store, changes.blocks, changes.records)
+    summary = await owner_map.summary()
+    _check_geometry(store, summary)
+    mine = await maps.LocalMap(swarm.name, store).summary()
+    d = await maps.diff(maps.LocalMap(swarm.name, store), owner_map, store.n_blocks, (mine.root, summary.root))
+    return (summary, BlockEntries.from_records(bs, size, d.blocks, d.a),
+            BlockEntries.from_records(bs, size, d.blocks, d.b))
+
+
+async def _versus(store: ReplicaStore, blocks: npt.NDArray[np.int64], owner_records: npt.NDArray[np.void]
+                  ) -> tuple[BlockEntries, BlockEntries]:
+    """Of the owner's changed ``blocks``, those this replica does not hold as the owner does."""
+    mine = await trio.to_thread.run_sync(store.map_entries, blocks)
+    differ = ~same_records(mine, owner_records)
+    bs, size, blocks = store.block_size, store.size, blocks[differ]
+    return (BlockEntries.from_records(bs, size, blocks, mine[differ]),
+            BlockEntries.from_records(bs, size, blocks, owner_records[differ]))
+
+
+def _check_geometry(store: ReplicaStore, summary: maps.MapSummary) -> None:
+    if (store.size, store.block_size) != (summary.size, summary.block_size):
+        raise SyncError(f"this host's replica of {store.name} has another geometry than the owner's")
+
+
+async def _candidates(swarm: Swarm, disk: str, owner: str, sources: list[str] | None) -> list[str]:
+    """The hosts blocks may come from: every holder and the owner, or those of ``sources``."""
+    candidates = [h for h in await swarm.holders_of(disk) if h != swarm.name]
+    if owner not in candidates:
+        candidates.append(owner)
+    if sources:
+        unknown = sorted(set(sources) - set(candidates))
+        if unknown:
+            raise SyncError(f"{', '.join(unknown)} hold(s) no replica of {disk}")
+        candidates = [h for h in candidates if h in sources]
+    return candidates
+
+
+async def _peer_versions(swarm: Swarm, disk: str, owner: str, wanted: BlockEntries, candidates: list[str],
+                         progress: SyncProgress) -> dict[str, npt.NDArray[np.uint64]]:
+    """Each candidate source's versions of the wanted blocks (the owner's are the wanted ones)."""
+    out: dict[str, npt.NDArray[np.uint64]] = {owner: wanted.versions} if owner in candidates else {}
+
+    async def ask(host: str) -> None:
+        try:
+            source = await swarm.map_of(host, disk)
+            records = await source.entries(wanted.blocks)
+            out[host] = records["version"].astype(np.uint64)
+        except (PeerError, trio.TooSlowError) as e:
+            progress.peers[host] = PeerProgress(dropped=True, error=getattr(e, "message", "timed out"))
+
+    async with trio.open_nursery() as nursery:
+        for host in candidates:
+            if host not in out:
+                nursery.start_soon(ask, host)
+    return out
