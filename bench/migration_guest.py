@@ -7,6 +7,9 @@ dirty one 64 KiB block, so at this pace the guest dirties far less than a 100 Mb
 migration converges without pacing it.
 
 usage: migration_guest.py URI STOPFILE OUTFILE [--block 4096] [--region 67108864] [--pause 0.002]
+                          [--run 16 --jump 1073745920]
+With ``--run N --jump J`` the guest writes N requests in sequence, then jumps J bytes ahead (modulo the
+region): a file system's pattern of short sequential runs spread over a big disk.
 Writes OUTFILE (JSON): requests, errors, latency percentiles, and every request slower than
 ``--slow-ms`` as [start (time.time()), latency s], so the caller can line stalls up with its own clock.
 """
@@ -33,6 +36,8 @@ def main() -> None:
     ap.add_argument("outfile")
     ap.add_argument("--block", type=int, default=4096)
     ap.add_argument("--region", type=int, default=64 << 20, help="bytes written over and over, from offset 0")
+    ap.add_argument("--run", type=int, default=0, help="sequential writes before each jump (0: never jump)")
+    ap.add_argument("--jump", type=int, default=0, help="bytes skipped after each run")
     ap.add_argument("--pause", type=float, default=0.002, help="seconds between requests")
     ap.add_argument("--slow-ms", type=float, default=SLOW_MS)
     args = ap.parse_args()
@@ -54,6 +59,8 @@ def main() -> None:
             else:
                 h.pwrite(buf, offset)
                 offset = (offset + args.block) % args.region
+                if args.run and seq % args.run == 0:
+                    offset = (offset + args.jump) // args.block * args.block % args.region
         except nbd.Error as e:
             errors.append(f"request {seq}: {e}")
         dt = time.perf_counter() - t0

@@ -76,7 +76,7 @@ def spying(hosts: dict[str, Host], spy_dir: Path | None, tag: str, names: tuple[
 
 def code_id() -> str:
     """HEAD plus a digest of p2pvbd/*.py as the daemons started (others may change the tree during a run)."""
-    digest = hashlib.sha1(b"".join(p.read_bytes() for p in sorted((ROOT / "p2pvbd").glob("*.py")))).hexdigest()
+    digest = hashlib.sha1(b"".join(p.read_bytes() for p in sorted((ROOT / "p2pvbd").rglob("*.py")))).hexdigest()
     return f"{git_head().split()[0]}+{digest[:8]}"
 
 

@@ -9,8 +9,9 @@ is a copy of a random file, and the same file is copied into the p2pvbd export w
 
 Tests, each run against both servers back to back (which goes first alternates between repeats):
 
-* nbdcopy of the random file into the export (nbdcopy's defaults: up to 4 connections), then of the
-  export to ``null:``;
+* nbdcopy of the random file into the export, then of the export to ``null:``, over one connection
+  on both sides (``--connections=1``): p2pvbd advertises multi-conn, qemu-nbd does so only for
+  read-only exports, so nbdcopy's default would give p2pvbd four connections and qemu-nbd one;
 * fio (``ioengine=nbd``, 512 MiB working set, fixed runtime after a ramp): 1 MiB sequential read and
   write at iodepth 8, 4 KiB random read and write at iodepth 32. Reads run before writes, so they
   read the random file's data.
@@ -70,6 +71,8 @@ STOP_SECONDS = 30.0
 FILL_CHUNK = 8 * MiB
 LOG_TAIL_LINES = 40
 TOOLS = ("fio", "nbdcopy", "qemu-io", "qemu-nbd")
+# The same number of connections to both servers: qemu-nbd advertises multi-conn only when read-only.
+NBDCOPY_CONNECTIONS = 1
 
 
 @dataclass(frozen=True)
@@ -242,7 +245,7 @@ def nbd_flush(uri: str) -> None:
 
 # ---- measurements ------------------------------------------------------------------------------------
 def run_nbdcopy(test: Test, uri: str, source: Path) -> Sample:
-    cmd = ["nbdcopy", str(source), uri] if test.writes else ["nbdcopy", uri, "null:"]
+    cmd = ["nbdcopy", f"--connections={NBDCOPY_CONNECTIONS}", *((str(source), uri) if test.writes else (uri, "null:"))]
     t = time.perf_counter()
     run(cmd)
     seconds = time.perf_counter() - t
@@ -401,7 +404,7 @@ def main() -> int:
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "config": {"disk_mib": DISK_SIZE // MiB, "fio_runtime_s": runtime, "fio_ramp_s": ramp,
                        "repeat": args.repeat, "qemu_nbd": "qemu-nbd -f raw -t -e 8 -k SOCKET FILE",
-                       "nbdcopy": "defaults (multi-conn: up to 4 connections, 64 requests of 256 KiB)"},
+                       "nbdcopy": f"--connections={NBDCOPY_CONNECTIONS}, 64 requests of 256 KiB"},
             "loadavg_start": os.getloadavg()}
     results = [Result(t) for t in TESTS]
     tmp = Path(tempfile.mkdtemp(prefix="p2pvbd-bench-", dir=args.tmpdir))

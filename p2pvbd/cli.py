@@ -192,8 +192,8 @@ def cmd_sync(args: argparse.Namespace) -> None:
     job = _ask(args, "sync", disk=args.disk, sources=sources)["job"]
     res = _follow_job(args, job, f"sync {args.disk}", quiet=args.json)
     if args.json:
-        _print_json({k: res[k] for k in ("disk", "bytes_from", "blocks_fetched", "bytes_on_wire", "duration_s",
-                                         "zero_blocks", "local_copies", "peers", "error")})
+        _print_json({k: res[k] for k in ("disk", "bytes_from", "blocks_fetched", "bytes_on_wire", "map_bytes",
+                                         "duration_s", "zero_blocks", "local_copies", "peers", "error")})
     elif not res["error"]:
         print(f"{args.disk}: {res['blocks_fetched']} blocks fetched ({format_size(res['bytes_on_wire'])} on the "
               f"wire) in {res['duration_s']:.1f} s from " + ", ".join(
@@ -210,7 +210,7 @@ def cmd_migrate(args: argparse.Namespace) -> None:
                 max_downtime_ms=args.max_downtime)["jobs"]
     results = [_follow_job(args, job, f"migrate to {args.to}", quiet=args.json) for job in jobs]
     keys = ("disk", "from", "to", "mode", "duration_s", "downtime_ms", "switchover_ms", "switchover_blocks",
-            "bytes_on_wire", "bytes_from", "epoch", "throttled", "error")
+            "bytes_on_wire", "map_bytes", "bytes_from", "epoch", "throttled", "error")
     if args.json:
         summary = [{k: r[k] for k in keys} for r in results]
         _print_json(summary[0] if len(summary) == 1 else summary)

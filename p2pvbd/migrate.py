@@ -94,6 +94,7 @@ class MigrationProgress:
     total_bytes: int = 0
     done_bytes: int = 0
     bytes_on_wire: int = 0
+    map_bytes: int = 0  # version-map data the destination's bulk pull received to find what differs
     bytes_from: dict[str, int] = field(default_factory=dict)
     peers: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-peer bytes and rate of the bulk pull
     mirror_lag_blocks: int = 0
@@ -111,7 +112,8 @@ class MigrationProgress:
         end = self.finished or time.monotonic()
         return {"disk": self.disk, "from": self.source, "to": self.dest, "mode": self.mode, "phase": self.phase,
                 "total_bytes": self.total_bytes, "done_bytes": self.done_bytes,
-                "bytes_on_wire": self.bytes_on_wire + self.mirrored_bytes, "bytes_from": self.bytes_from,
+                "bytes_on_wire": self.bytes_on_wire + self.mirrored_bytes, "map_bytes": self.map_bytes,
+                "bytes_from": self.bytes_from,
                 "mirror_lag_blocks": self.mirror_lag_blocks, "downtime_ms": self.downtime_ms,
                 "switchover_ms": self.switchover_ms, "switchover_blocks": self.switchover_blocks,
                 "epoch": self.epoch, "throttled": self.throttled, "duration_s": round(end - self.started, 3),
@@ -286,6 +288,7 @@ async def _bulk(conn: PeerConnection, disk: str, progress: MigrationProgress) ->
         res = await conn.request("migrate_job", {"job": job})
         progress.total_bytes, progress.done_bytes = res["total_bytes"], res["done_bytes"]
         progress.bytes_on_wire, progress.bytes_from = res["bytes_on_wire"], dict(res["bytes_from"])
+        progress.map_bytes = int(res.get("map_bytes", 0))
         progress.peers = dict(res["peers"])
         if res["done"]:
             if res["error"]:
@@ -400,7 +403,8 @@ async def _switchover(swarm: Swarm, conn: PeerConnection, exp: Export, shipper: 
     ctl, store, disk, dest = swarm.ctl, exp.store, exp.name, progress.dest
     progress.phase = "switchover"
     epoch = store.epoch + 1
-    write_pending(store.directory, dest, epoch)  # before the commit can exist, a restart must find it
+    # before the commit can exist, a restart must find it (an fsync: off the event loop)
+    await trio.to_thread.run_sync(write_pending, store.directory, dest, epoch)
     steps = progress.switchover_ms
     t0 = clock = trio.current_time()
 

@@ -76,6 +76,7 @@ class SyncProgress:
     zero_blocks: int = 0
     local_copies: int = 0
     bytes_on_wire: int = 0
+    map_bytes: int = 0  # version-map data received to find what differs (summaries, digests, records)
     peers: dict[str, PeerProgress] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
@@ -86,7 +87,7 @@ class SyncProgress:
         return {"disk": self.disk, "phase": self.phase, "total_bytes": self.total_bytes,
                 "done_bytes": self.done_bytes, "blocks_fetched": self.blocks_fetched,
                 "zero_blocks": self.zero_blocks, "local_copies": self.local_copies,
-                "bytes_on_wire": self.bytes_on_wire, "duration_s": round(elapsed, 3),
+                "bytes_on_wire": self.bytes_on_wire, "map_bytes": self.map_bytes, "duration_s": round(elapsed, 3),
                 "bytes_from": {p: v.bytes for p, v in self.peers.items()},
                 "peers": {p: v.as_dict(elapsed) for p, v in self.peers.items()}, "error": self.error}
 

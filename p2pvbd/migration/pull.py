@@ -95,6 +95,7 @@ async def _sync(swarm: Swarm, disk: str, progress: SyncProgress, sources: list[s
     owner_map = await swarm.map_of(owner, disk)
     store = await _replica(swarm, disk, owner, epoch, owner_map)
     summary, target, wanted = await _differing(swarm, store, disk, owner_map, last)
+    progress.map_bytes += owner_map.received
     if summary.owner != owner:
         swarm.pulls.forget(disk)
         raise SyncError(f"{owner} no longer owns {disk} (it says {summary.owner or 'nobody'}); the next sync "
@@ -190,6 +191,7 @@ async def _peer_versions(swarm: Swarm, disk: str, owner: str, wanted: BlockEntri
         try:
             source = await swarm.map_of(host, disk)
             records = await source.entries(wanted.blocks)
+            progress.map_bytes += source.received
             out[host] = records["version"].astype(np.uint64)
         except (PeerError, trio.TooSlowError) as e:
             progress.peers[host] = PeerProgress(dropped=True, error=getattr(e, "message", "timed out"))

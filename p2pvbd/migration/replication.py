@@ -32,6 +32,9 @@ POLICY_FILE = "policies.json"
 CHECK_INTERVAL = 2.0
 # How often policies are looked up in the index, to learn new ones and drop ended ones.
 POLICY_REFRESH = 5.0
+# How often this host republishes the policies it knows: well inside the records' 10-minute lifetime,
+# rare enough that an idle host spends next to nothing on it (a change is published at once).
+POLICY_REPUBLISH = 60.0
 # A token bucket holds at most this much time's worth of tokens: short bursts ride it, longer ones pace.
 BUCKET_SECONDS = 0.25
 
@@ -141,12 +144,14 @@ class Replication:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        last_refresh = -math.inf
+        last_refresh = last_publish = -math.inf
         while True:
             if trio.current_time() - last_refresh >= POLICY_REFRESH:
                 try:
                     await self.refresh()
-                    await self.publish()
+                    if trio.current_time() - last_publish >= POLICY_REPUBLISH:
+                        await self.publish()
+                        last_publish = trio.current_time()
                 except Exception:
                     log.exception("refreshing replication policies failed")
                 last_refresh = trio.current_time()

@@ -83,6 +83,7 @@ class MapSource(Protocol):
     """One host's map of one disk, asked piece by piece."""
 
     name: str
+    received: int
 
     async def summary(self) -> MapSummary: ...
     async def nodes(self, level: int, parents: npt.NDArray[np.int64]) -> npt.NDArray[np.uint8]: ...
@@ -92,6 +93,8 @@ class MapSource(Protocol):
 
 class LocalMap:
     """This host's own replica."""
+
+    received = 0  # nothing crosses a link
 
     def __init__(self, name: str, store: ReplicaStore) -> None:
         self.name, self.store = name, store
@@ -125,9 +128,13 @@ class RemoteMap:
     def __init__(self, name: str, conn: PeerConnection, disk: str) -> None:
         self.name, self.conn, self.disk = name, conn, disk
         self._summary: MapSummary | None = None
+        self.received = 0  # bytes of map data (digests, records, block lists) this source sent
 
     async def _ask(self, op: str, **body: Any) -> dict[str, Any]:
-        return await self.conn.request(op, {"disk": self.disk, **body}, timeout=MAP_TIMEOUT)
+        reply = await self.conn.request(op, {"disk": self.disk, **body}, timeout=MAP_TIMEOUT)
+        self.received += sum(len(v) for v in reply.values() if isinstance(v, bytes))
+        self.received += sum(len(v.get("deltas", b"")) for v in reply.values() if isinstance(v, dict))
+        return reply
 
     async def summary(self) -> MapSummary:
         self._summary = MapSummary.from_body(await self._ask("map_summary"))
