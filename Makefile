@@ -43,6 +43,7 @@ bench: deps venv
 	$(PY) bench/dht_lookup.py
 	$(PY) bench/multipeer_pull.py
 	$(PY) bench/migration.py
+	$(PY) bench/scale.py --json docs/scale.json
 
 # The migration fault schedules, all 200 seeds.
 soak: deps venv

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -142,8 +143,8 @@ def swarm(tmp: Path, size: int, data: int) -> Iterator[tuple[Network, dict[str, 
                         h.stop()
 
 
-def one_size(tmp: Path, size: int, data: int, migrations: int, idle_s: float, spy_dir: Path | None
-             ) -> dict[str, Any]:
+def one_size(tmp: Path, size: int, data: int, migrations: int, idle_s: float, spy_dir: Path | None,
+             logs: Path | None) -> dict[str, Any]:
     out: dict[str, Any] = {"size": size, "data": data, "migrations": [], "load": [loadavg()]}
     with swarm(tmp, size, data) as (_net, hosts):
         out["status_before"] = [timed_status(h) for h in hosts.values()]
@@ -163,7 +164,7 @@ def one_size(tmp: Path, size: int, data: int, migrations: int, idle_s: float, sp
                        "downtime_ms": s["downtime_ms"], "switchover_ms": s["switchover_ms"],
                        "guest_stall_ms": round(1000 * max(during, default=0.0), 1), "guest_errors": len(rep["errors"]),
                        "bytes_on_wire": s["bytes_on_wire"], "map_bytes": s["map_bytes"],
-                       "stale_bytes": mig["stale_bytes"], "load": mig["load"]}
+                       "stale_bytes": mig["stale_bytes"], "throttled": s["throttled"], "load": mig["load"]}
                 if i == 0:
                     moved = mig["stale_bytes"] + max(0, s["bytes_on_wire"] - sum(s["bytes_from"].values()))
                     row["bound_s"] = round(moved / (RATE_BYTES * GOODPUT), 2)
@@ -171,11 +172,16 @@ def one_size(tmp: Path, size: int, data: int, migrations: int, idle_s: float, sp
                 print(f"  {format_size(size)} #{i + 1} {owner.name} -> {other.name}: {s['duration_s']} s"
                       + (f" (bound {row['bound_s']} s)" if i == 0 else "")
                       + f", guest stall {row['guest_stall_ms']} ms, daemon {s['downtime_ms']} ms "
-                      f"{s['switchover_ms']}, map {format_size(s['map_bytes'])}, load {mig['load']}", flush=True)
+                      f"{s['switchover_ms']}, map {format_size(s['map_bytes'])}"
+                      + (", guest throttled" if s["throttled"] else "") + f", load {mig['load']}", flush=True)
                 owner, other = other, owner
         out["status_after"] = [timed_status(h) for h in hosts.values()]
         out.update(idle_warm(hosts, owner, idle_s, spy_dir, size))
         out["rss_mib"] = {name: round(peak_rss_mib(daemon_pid(h)), 1) for name, h in hosts.items()}
+        if logs is not None:
+            logs.mkdir(parents=True, exist_ok=True)
+            for name, h in hosts.items():
+                shutil.copy(h.home / "daemon.log", logs / f"{format_size(size).replace(' ', '')}-{name}.log")
     out["load"].append(loadavg())
     return out
 
@@ -250,8 +256,12 @@ def render(doc: dict[str, Any], plot: Path | None) -> None:
             ax.plot(sizes, [row[key] for row in rows], marker="o", label=f"guest stall {label}")
         ax.axhline(TARGETS["stall_p99_ms"], color="grey", linestyle=":", label="p99 target")
         ax.axhline(TARGETS["stall_p50_ms"], color="grey", linestyle="--", label="p50 target")
+        ax.plot(sizes, [row["daemon_downtime_max_ms"] for row in rows], marker="s", linestyle="-.",
+                label="daemon downtime, max")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("disk size (bytes), same 1 GiB of data")
+        ax.set_xticks(sizes, [row["size"] for row in rows])
+        ax.minorticks_off()
+        ax.set_xlabel(f"disk size, same {format_size(doc['sizes'][0]['data'])} of data")
         ax.set_ylabel("ms")
         ax.set_ylim(bottom=0)
         ax.set_title(f"Switchover stall against disk size ({doc['machine']['date']})")
@@ -271,6 +281,7 @@ def main() -> int:
     ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "scale-stall.png")
     ap.add_argument("--profile", type=Path, metavar="DIR", help="py-spy the last size's migrations and idle period")
     ap.add_argument("--report", type=Path, metavar="FILE", help="only print the table and plot of an earlier --json")
+    ap.add_argument("--logs", type=Path, metavar="DIR", help="keep every daemon's log (event-loop stall warnings)")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.report:
@@ -290,14 +301,13 @@ def main() -> int:
         for k, size in enumerate(sizes):
             spy = args.profile if args.profile and k == len(sizes) - 1 else None
             print(f"{format_size(size)} disk:", flush=True)
-            doc["sizes"].append(one_size(tmp, size, data, args.migrations, args.idle, spy))
+            doc["sizes"].append(one_size(tmp, size, data, args.migrations, args.idle, spy, args.logs))
             if args.json:
                 args.json.write_text(json.dumps(doc, indent=1))
         if args.profile:
             for raw in sorted(args.profile.glob("*.txt")):
                 doc["profiles"][raw.stem] = summarize_profile(raw)
     finally:
-        import shutil
         shutil.rmtree(tmp, ignore_errors=True)
         doc["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         if args.json:

@@ -51,8 +51,9 @@ FINAL_SHIP_SHARE = 0.5
 # Extra mirror rounds before the freeze while each still shrinks the dirty set (a guest writing at a steady
 # rate converges within 2-3; more never helped in the downtime benchmark).
 MAX_TIGHTEN_ROUNDS = 5
-# Payload of one put_blocks request. 1 MiB is 84 ms at 100 Mbit/s: a sync-mode write queued behind a
-# batch on the same connection waits at most that long (4 MiB batches made it 330 ms).
+# Guest bytes of one put_blocks request (its payload is that or less, compressed). 1 MiB is 84 ms at
+# 100 Mbit/s: a sync-mode write queued behind a batch on the same connection waits at most that long
+# (4 MiB batches made it 330 ms); counting guest bytes also bounds the CPU a batch costs either side.
 SHIP_BATCH_BYTES = 1024 * 1024
 # Batches in flight at once: one round trip of the link stays filled (one at a time got 70-87 % of a
 # 100 Mbit/s link in the migration benchmark). Order does not matter: the destination never goes back
@@ -148,8 +149,8 @@ class Shipper:
         # Guest bytes (before compression) per second, unknown until a batch has gone out: the unit of
         # the dirty set and of the guest's pacing, so a compressible guest is not paced for nothing.
         self.rate = math.inf
-        self._compressor = zstandard.ZstdCompressor(level=BLOCK_ZSTD_LEVEL)
         self._window = trio.Semaphore(SHIP_WINDOW)
+        self._batch_blocks = max(1, SHIP_BATCH_BYTES // exp.store.block_size)
 
     @property
     def rate_known(self) -> bool:
@@ -157,27 +158,18 @@ class Shipper:
 
     async def ship(self, blocks: npt.NDArray[np.int64]) -> None:
         """Send the current version of ``blocks`` (sorted, unique)."""
-        store = self.exp.store
+        blocks = np.asarray(blocks, np.int64)
         t0, shipped = trio.current_time(), 0  # guest bytes, before compression
         try:
             async with trio.open_nursery() as nursery:
-                batch: list[list[Any]] = []
-                size = 0
-                for index in np.asarray(blocks, np.int64).tolist():
-                    rec = store.read_block(index)
-                    if rec.data is None:
-                        batch.append([index, rec.version, rec.hash, None, ENC_RAW])
-                    else:
-                        encoding, payload = pack_block(rec.data, self._compressor)
-                        batch.append([index, rec.version, rec.hash, payload, encoding])
-                        size += len(payload)
-                        shipped += len(rec.data)
-                    if size >= SHIP_BATCH_BYTES:
-                        await self._window.acquire()
-                        nursery.start_soon(self._send, batch, size)
-                        batch, size = [], 0
-                if batch:
+                for k in range(0, blocks.size, self._batch_blocks):
                     await self._window.acquire()
+                    try:
+                        batch, size, raw = await trio.to_thread.run_sync(self._pack, blocks[k:k + self._batch_blocks])
+                    except BaseException:
+                        self._window.release()
+                        raise
+                    shipped += raw
                     nursery.start_soon(self._send, batch, size)
         except BaseExceptionGroup as eg:
             peer_errors, _ = eg.split(PeerError)
@@ -195,6 +187,23 @@ class Shipper:
         """Ask the destination to make every block it holds durable."""
         await self.conn.request("put_blocks", {"disk": self.exp.name, "blocks": [], "flush": True},
                                 timeout=REQUEST_TIMEOUT)
+
+    def _pack(self, blocks: npt.NDArray[np.int64]) -> tuple[list[list[Any]], int, int]:
+        """One put_blocks batch: each block read and compressed, in a worker thread (a batch of
+        compressible blocks is milliseconds of CPU the event loop must not spend). Returns the batch, its
+        payload bytes and its guest bytes."""
+        store, compressor = self.exp.store, zstandard.ZstdCompressor(level=BLOCK_ZSTD_LEVEL)
+        batch: list[list[Any]] = []
+        size = raw = 0
+        for index in blocks.tolist():
+            rec = store.read_block(index)
+            if rec.data is None:
+                batch.append([index, rec.version, rec.hash, None, ENC_RAW])
+                continue
+            encoding, payload = pack_block(rec.data, compressor)
+            batch.append([index, rec.version, rec.hash, payload, encoding])
+            size, raw = size + len(payload), raw + len(rec.data)
+        return batch, size, raw
 
     async def _send(self, batch: list[list[Any]], size: int) -> None:
         try:
@@ -422,8 +431,7 @@ async def _switchover(swarm: Swarm, conn: PeerConnection, exp: Export, shipper: 
     step("freeze")
     outcome: bool | None = False
     try:
-        dirty.upto = None
-        dirty.collect()
+        dirty.collect()  # in sync mode, writes after `upto` were shipped before their acknowledgement
         n_dirty = len(dirty)
         await shipper.ship(dirty.take())
         digest = await trio.to_thread.run_sync(_root, store)  # digests only the leaves written since the mirror's

@@ -3,7 +3,8 @@
 ``data.raw`` holds the bytes (trimmed blocks are holes); ``meta.bin`` one 24-byte record (u64 version,
 16-byte hash) per block as of the last checkpoint, loaded whole with numpy so opening never reads
 data; ``journal.log`` a redo log of 48-byte CRC-checked records since then (plus ``journal.<n>.log``
-while a checkpoint runs); ``state.json`` identity, owner, counter and clean flag, replaced atomically.
+while a checkpoint runs); ``state.bin`` identity, owner, counter and clean flag, in two slots written in
+turn.
 A :class:`MapTree` over the records answers "are two maps equal", "where do they differ" and "what
 changed since version V" at a cost that follows what changed, never the disk's size.
 
@@ -42,7 +43,6 @@ from p2pvbd.store.store_files import (
     JOURNAL_FILE,
     META_DTYPE,
     META_FILE,
-    STATE_FILE,
     pread_all,
     punch_hole,
     pwrite_all,
@@ -151,7 +151,8 @@ class ReplicaStore:
         self._lock = threading.Lock()
         self._flush_lock = threading.RLock()  # re-entered: a checkpoint settles blocks, which takes it too
         self._tree_lock = threading.Lock()
-        self._state_lock = threading.Lock()  # state.json writes in the order their snapshots were taken
+        self._state_lock = threading.Lock()  # state writes in the order their snapshots were taken
+        self._state_seq = 1  # sequence number of the last state written (0: a first-format state.json)
         self._closed = False
         self._finalizer = weakref.finalize(self, store_files.close_fds, fds)  # dropped without close() = crashed
 
@@ -184,7 +185,7 @@ class ReplicaStore:
     def open(cls, directory: Path) -> ReplicaStore:
         """Load meta.bin, replay the journals, checkpoint. Reads data.raw only for journaled blocks."""
         directory = Path(directory)
-        state = store_files.read_state(directory / STATE_FILE)
+        state, seq = store_files.read_state(directory)
         fds = _open_files(directory)
         try:
             meta = store_files.load_meta(directory / META_FILE, state["size"], state["block_size"])
@@ -194,7 +195,8 @@ class ReplicaStore:
             store_files.close_fds(fds)
             raise
         store = cls(directory, state, fds, meta)
-        store._jseq = max((seq for seq, _ in rotated), default=0) + 1
+        store._state_seq = seq
+        store._jseq = max((n for n, _ in rotated), default=0) + 1
         try:
             store._recover(journals, clean=state["clean"])
             store._checkpoint(clean=False)
@@ -261,7 +263,7 @@ class ReplicaStore:
                 self._owner, self._epoch = owner, epoch
                 self._counter = max(self._counter, counter)
                 state = self._state(clean=False)
-            store_files.write_state(self._dir, state)
+            self._write_state(state)
 
     # ---- guest I/O -----------------------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
@@ -672,12 +674,12 @@ class ReplicaStore:
         self._tree = MapTree.build(self._meta, self._bs, self._size)
 
     def _checkpoint(self, clean: bool) -> None:
-        """Fold every change into meta.bin and state.json and drop the journals, while guest I/O goes on.
+        """Fold every change into meta.bin and state.bin and drop the journals, while guest I/O goes on.
 
         Call with _flush_lock held. The active journal is rotated away first, so records appended
         meanwhile survive. Then, chunk by chunk, the changed records are copied under the lock (dirty
         ones settled first), the data is synced, and the copies are written to meta.bin: a record never
-        reaches meta.bin before the data it describes is durable. state.json is written last; only then
+        reaches meta.bin before the data it describes is durable. The state is written last; only then
         are the rotated journals deleted. Replay of journals that meta.bin already reflects is harmless."""
         with self._lock:
             self._check_open()
@@ -699,7 +701,7 @@ class ReplicaStore:
             with self._state_lock:
                 with self._lock:
                     state = self._state(clean)
-                store_files.write_state(self._dir, state)
+                self._write_state(state)
         except BaseException:
             with self._lock:
                 self._changed_leaves[leaves] = True  # the next checkpoint writes them again
@@ -718,6 +720,16 @@ class ReplicaStore:
         self._fds[1] = self._jfd = fd
         self._jlen = self._synced_jlen = 0
         return seq
+
+    def _write_state(self, state: dict[str, Any]) -> None:
+        """Make ``state`` durable (call with _state_lock held): one slot rewritten in place."""
+        if self._state_seq == 0:  # a first-format store: its state moves to state.bin
+            store_files.create_state(self._dir, state)
+            (self._dir / store_files.LEGACY_STATE_FILE).unlink(missing_ok=True)
+            self._state_seq = 1
+            return
+        store_files.write_state(self._dir, state, self._state_seq + 1)
+        self._state_seq += 1  # only once written: a failed write is retried into the same slot
 
     def _state(self, clean: bool) -> dict[str, Any]:
         return {"name": self._name, "size": self._size, "block_size": self._bs, "owner": self._owner,

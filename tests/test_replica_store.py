@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import random
 import shutil
@@ -29,6 +30,7 @@ from p2pvbd.replica_store import (
     StaleVersion,
     StoreBusy,
 )
+from p2pvbd.store import store_files
 from p2pvbd.store.map_tree import MapTree, records_of
 from p2pvbd.store.store_journal import REC_SIZE
 from p2pvbd.store.version_map import NO_HASH, VersionMap, block_hash, zero_hash
@@ -648,3 +650,36 @@ def test_refresh_and_checkpoint_run_while_a_writer_writes(tmp_path: Path, monkey
     with ReplicaStore.open(tmp_path / "d") as s:
         assert s.read(0, size) == model
         assert_consistent(s)
+
+
+@pytest.mark.parametrize("writes", [1, 2])
+def test_a_torn_state_slot_leaves_the_previous_state(tmp_path: Path, writes: int) -> None:
+    s = make(tmp_path, owner="office-pc", epoch=1)
+    for epoch, owner in list(enumerate(["car-pc", "home-pc"], start=2))[:writes]:
+        s.set_owner(owner, epoch)
+    s.abandon()
+    before = [("office-pc", 1), ("car-pc", 2)][writes - 1]
+    path = tmp_path / "d" / store_files.STATE_FILE
+    raw = bytearray(path.read_bytes())
+    _, seq = store_files.read_state(tmp_path / "d")
+    at = (seq % 2) * store_files.STATE_SLOT_BYTES + 40  # inside the newest slot's JSON
+    raw[at] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    state, older = store_files.read_state(tmp_path / "d")
+    assert (state["owner"], state["epoch"], older) == (*before, seq - 1)
+    raw[((seq - 1) % 2) * store_files.STATE_SLOT_BYTES + 40] ^= 0xFF  # both slots torn: refused, not guessed
+    path.write_bytes(bytes(raw))
+    with pytest.raises(store_files.StoreCorrupt):
+        ReplicaStore.open(tmp_path / "d")
+
+
+def test_a_first_format_state_json_is_read_and_moved(tmp_path: Path) -> None:
+    with make(tmp_path, owner="office-pc", epoch=4) as s:
+        s.write(0, b"abc")
+    d = tmp_path / "d"
+    state, _ = store_files.read_state(d)
+    (d / store_files.STATE_FILE).unlink()
+    (d / store_files.LEGACY_STATE_FILE).write_text(json.dumps(state))
+    with ReplicaStore.open(d) as s:
+        assert (s.owner, s.epoch) == ("office-pc", 4) and s.read(0, 3) == b"abc"
+    assert not (d / store_files.LEGACY_STATE_FILE).exists() and (d / store_files.STATE_FILE).exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +60,6 @@ class MigrationTarget:
         self.swarm = swarm
         self.incoming: dict[str, Incoming] = {}
         self.jobs: dict[int, SyncProgress] = {}
-        self._decompressor = zstandard.ZstdDecompressor()
         self._nursery: trio.Nursery | None = None
         # commit, status and abort of one disk never interleave: "not committed" must stay true once said
         self._outcome_locks: dict[str, trio.Lock] = {}
@@ -147,24 +147,14 @@ class MigrationTarget:
         disk = body["disk"]
         self._from_source(peer, disk)
         store = self._store(disk)
-        stored = 0
-        for item in body["blocks"]:
+        items = body["blocks"]
+        for item in items:
             if not (isinstance(item, list) and len(item) == 5 and isinstance(item[0], int)
                     and isinstance(item[1], int) and isinstance(item[2], bytes)):
                 raise PeerError("bad_request", "blocks must be [index, version, hash, payload, encoding]")
-            index, version, digest, payload, encoding = item
-            if not 0 <= index < store.n_blocks:
-                raise PeerError("bad_request", f"block {index} is outside {disk}")
-            try:
-                data = None if payload is None else unpack_block(encoding, payload, _length(store, index),
-                                                                 self._decompressor)
-                if data is not None and block_hash(data) != digest:
-                    raise HashMismatch("payload does not match its hash")
-                stored += store.put_block(index, version, data, digest)
-            except StaleVersion:
-                continue  # a newer version of this block already arrived
-            except (HashMismatch, FrameError) as e:
-                raise PeerError("bad_block", f"block {index}: {e}") from e
+            if not 0 <= item[0] < store.n_blocks:
+                raise PeerError("bad_request", f"block {item[0]} is outside {disk}")
+        stored = await trio.to_thread.run_sync(_store_blocks, store, items) if items else 0
         if body.get("flush"):
             await trio.to_thread.run_sync(store.maintain)  # durable and digested before the switchover
         return {"stored": stored}
@@ -180,6 +170,7 @@ class MigrationTarget:
         digest, counter = body.get("map_digest"), body.get("counter", 0)
         if not isinstance(digest, bytes) or not isinstance(counter, int) or counter < 0:
             raise PeerError("bad_request", "a commit carries the source's map digest and its version counter")
+        start = time.perf_counter()
         async with self._outcome_lock(disk):
             store = self._store(disk)
             if store.owner == self.swarm.name and store.epoch == epoch:
@@ -195,7 +186,8 @@ class MigrationTarget:
                 if not await trio.to_thread.run_sync(_commit_if_equal, store, None, self.swarm.name, epoch, counter):
                     return {"committed": False}
             self._end_incoming(disk, ExportMode.PRIMARY)
-            log.info("took %s over from %s at epoch %d", disk, peer, epoch)
+            log.info("took %s over from %s at epoch %d (commit %.1f ms)", disk, peer, epoch,
+                     (time.perf_counter() - start) * 1000)
             if self._commit_stall:
                 await trio.sleep(self._commit_stall)
             return {"committed": True}
@@ -331,6 +323,24 @@ def _commit_if_equal(store: ReplicaStore, digest: bytes | None, owner: str, epoc
     store.flush()
     store.set_owner(owner, epoch, counter)
     return True
+
+
+def _store_blocks(store: ReplicaStore, items: list[list[Any]]) -> int:
+    """Decode, check and store mirrored blocks, in a worker thread (decompressing and hashing a batch is
+    milliseconds of CPU the event loop must not spend). Returns how many changed the replica."""
+    decompressor = zstandard.ZstdDecompressor()
+    stored = 0
+    for index, version, digest, payload, encoding in items:
+        try:
+            data = None if payload is None else unpack_block(encoding, payload, _length(store, index), decompressor)
+            if data is not None and block_hash(data) != digest:
+                raise HashMismatch("payload does not match its hash")
+            stored += store.put_block(index, version, data, digest, verified=data is not None)
+        except StaleVersion:
+            continue  # a newer version of this block already arrived
+        except (HashMismatch, FrameError) as e:
+            raise PeerError("bad_block", f"block {index}: {e}") from e
+    return stored
 
 
 def _length(store: ReplicaStore, index: int) -> int:
