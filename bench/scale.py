@@ -117,7 +117,9 @@ def write_data(host: Host, size: int, data: int, offset: int = 0, every: int = 1
 
 
 @contextlib.contextmanager
-def swarm(tmp: Path, size: int, data: int) -> Iterator[tuple[Network, dict[str, Host]]]:
+def swarm(tmp: Path, size: int, data: int, logs: Path | None) -> Iterator[tuple[Network, dict[str, Host]]]:
+    """The three hosts, set up as the module docstring says; their logs go to ``logs`` at the end (also
+    when something failed)."""
     homes = Path(tempfile.mkdtemp(prefix="homes-", dir=tmp))
     with Network() as net:
         hosts: list[Host] = []
@@ -141,12 +143,16 @@ def swarm(tmp: Path, size: int, data: int) -> Iterator[tuple[Network, dict[str, 
                 if h.alive():
                     with contextlib.suppress(Exception):
                         h.stop()
+                if logs is not None:
+                    logs.mkdir(parents=True, exist_ok=True)
+                    with contextlib.suppress(OSError):
+                        shutil.copy(h.home / "daemon.log", logs / f"{format_size(size).replace(' ', '')}-{h.name}.log")
 
 
 def one_size(tmp: Path, size: int, data: int, migrations: int, idle_s: float, spy_dir: Path | None,
              logs: Path | None) -> dict[str, Any]:
     out: dict[str, Any] = {"size": size, "data": data, "migrations": [], "load": [loadavg()]}
-    with swarm(tmp, size, data) as (_net, hosts):
+    with swarm(tmp, size, data, logs) as (_net, hosts):
         out["status_before"] = [timed_status(h) for h in hosts.values()]
         owner, other = hosts[SRC], hosts[DST]
         with spying(hosts, spy_dir, f"scale-{format_size(size)}-migrate", (SRC, DST)):
@@ -178,10 +184,6 @@ def one_size(tmp: Path, size: int, data: int, migrations: int, idle_s: float, sp
         out["status_after"] = [timed_status(h) for h in hosts.values()]
         out.update(idle_warm(hosts, owner, idle_s, spy_dir, size))
         out["rss_mib"] = {name: round(peak_rss_mib(daemon_pid(h)), 1) for name, h in hosts.items()}
-        if logs is not None:
-            logs.mkdir(parents=True, exist_ok=True)
-            for name, h in hosts.items():
-                shutil.copy(h.home / "daemon.log", logs / f"{format_size(size).replace(' ', '')}-{name}.log")
     out["load"].append(loadavg())
     return out
 

@@ -75,3 +75,70 @@ async def test_a_stalled_peer_is_duplicated_then_cancelled_not_waited_for(tmp_pa
         assert not progress.peers["stalled"].dropped  # a peer whose work was taken over is not at fault
         assert target.version_map().versions.tolist() == owner_map.versions.tolist()
         assert target.read(0, size) == owner.read(0, size)
+
+
+class ServingPeer:
+    """Answers get_blocks as a daemon does: the owner sends what it holds now, a replica says which version
+    it holds when it lacks the one asked for."""
+
+    def __init__(self, source: ReplicaStore, owner: bool, rng: random.Random) -> None:
+        self.source, self.owner, self.rng = source, owner, rng
+
+    async def request(self, op: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        await trio.sleep(self.rng.random() * 0.004)
+        blocks = []
+        for index, version in body["blocks"]:
+            rec = self.source.read_block(index)
+            if rec.version != version and not self.owner:
+                blocks.append([index, rec.version, None, None, ENC_RAW])
+            else:
+                blocks.append([index, rec.version, rec.hash, rec.data, ENC_RAW])
+        return {"blocks": blocks}
+
+
+@pytest.mark.parametrize("seed", range(12))
+async def test_a_pull_ends_while_the_owner_rewrites_and_a_helper_is_stale(tmp_path: Path, seed: int) -> None:
+    """Every block the owner had when the pull was planned arrives, at that version or a newer one,
+    however the owner's writes and a helper's stale blocks interleave with the requests."""
+    rng = random.Random(seed)
+    n = 256
+    size = n * BS
+    owner = ReplicaStore.create(tmp_path / "owner", "vm1", size, BS, owner="owner", epoch=1)
+    helper = ReplicaStore.create(tmp_path / "helper", "vm1", size, BS)
+    target = ReplicaStore.create(tmp_path / "target", "vm1", size, BS)
+    try:
+        for b in rng.sample(range(n), n // 2):
+            owner.write(b * BS, rng.randbytes(BS) if rng.random() < 0.8 else bytes(BS))
+        for b in range(n):  # the helper copies the owner, then the owner moves on for some blocks
+            rec = owner.read_block(b)
+            if rec.version:
+                helper.put_block(b, rec.version, rec.data, rec.hash)
+        for b in rng.sample(range(n), n // 8):
+            owner.write(b * BS, rng.randbytes(BS))
+        owner_map = owner.version_map()
+        blocks = np.flatnonzero(owner_map.versions)
+        wanted = BlockEntries.from_map(owner_map, blocks)
+        mine = BlockEntries.from_map(target.version_map(), blocks)
+        helper_versions = helper.version_map().versions[blocks]
+        peers = {"owner": ServingPeer(owner, True, rng), "helper": ServingPeer(helper, False, rng)}
+        progress = SyncProgress("vm1")
+        fetcher = Fetcher(FakeSwarm(peers), target, "owner", wanted, mine,  # type: ignore[arg-type]
+                          {"owner": wanted.versions, "helper": helper_versions}, progress)
+
+        async def rewrite() -> None:
+            for _ in range(40):
+                await trio.sleep(rng.random() * 0.003)
+                b = int(rng.choice(blocks))
+                owner.write(b * BS + rng.randrange(BS // 2), rng.randbytes(BS // 4))
+
+        with trio.fail_after(120):  # bounds a broken test
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(rewrite)
+                await fetcher.run()
+        got = target.version_map()
+        assert progress.phase == "done"
+        assert (got.versions[blocks] >= wanted.versions).all()
+        assert target.verify() == []
+    finally:
+        for s in (owner, helper, target):
+            s.close()
