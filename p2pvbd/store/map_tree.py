@@ -41,6 +41,9 @@ ROOT_DIGEST_SIZE = 32
 # (see differing), so a descent always looks below it instead of trusting an outdated digest.
 STALE_DIGEST = b"\xff" * NODE_DIGEST_SIZE
 STALE_ROOT = b"\xff" * ROOT_DIGEST_SIZE
+# Leaves canonicalised and hashed from one buffer at a time: 6 MiB of records, so digesting a whole
+# 1 TiB map never holds more than that beyond the map itself.
+HASH_CHUNK_LEAVES = 4096
 # One block's record as hashed into a leaf: the replica store's meta.bin layout.
 RECORD_DTYPE = np.dtype([("version", "<u8"), ("hash", np.uint8, (HASH_SIZE,))])
 _ROOT_HEAD = struct.Struct("<4sQQQ")
@@ -182,18 +185,28 @@ class MapTree:
         return np.flatnonzero(self.stale).astype(np.int64)
 
     def hash_leaves(self, records: Records, leaves: Indexes) -> list[bytes]:
-        """Digests of ``leaves`` from ``records`` (the caller decides whether they may change meanwhile)."""
-        out = []
-        n = self.n_blocks
-        for leaf in np.asarray(leaves, np.int64).tolist():
-            a = leaf * LEAF_BLOCKS
-            out.append(_digest(canonical(records[a:min(a + LEAF_BLOCKS, n)]).tobytes()))
+        """Digests of ``leaves`` (sorted) from ``records`` (the caller decides whether they may change
+        meanwhile). Neighbouring leaves are canonicalised together, HASH_CHUNK_LEAVES at a time, and each
+        is hashed from a slice of that buffer: about a microsecond of Python per leaf."""
+        out: list[bytes] = []
+        n, width = self.n_blocks, LEAF_BLOCKS * RECORD_DTYPE.itemsize
+        leaves = np.asarray(leaves, np.int64)
+        if not leaves.size:
+            return out
+        cut = np.flatnonzero((np.diff(leaves) != 1) | (np.arange(1, leaves.size) % HASH_CHUNK_LEAVES == 0)) + 1
+        for run in np.split(leaves, cut):
+            lo, hi = int(run[0]) * LEAF_BLOCKS, min((int(run[-1]) + 1) * LEAF_BLOCKS, n)
+            buf = memoryview(np.ascontiguousarray(canonical(records[lo:hi])).view(np.uint8))
+            out.extend(_digest(buf[k:k + width]) for k in range(0, len(buf), width))
         return out
 
     def newest_of(self, records: Records, leaves: Indexes) -> npt.NDArray[np.uint64]:
         """Exact newest version of each of ``leaves``."""
-        return np.array([int(records["version"][i * LEAF_BLOCKS:(i + 1) * LEAF_BLOCKS].max())
-                         for i in np.asarray(leaves, np.int64).tolist()], np.uint64)
+        leaves = np.asarray(leaves, np.int64)
+        blocks = leaf_blocks(leaves, self.n_blocks)
+        versions = records["version"][blocks]
+        starts = np.r_[0, np.cumsum(np.minimum(LEAF_BLOCKS, self.n_blocks - leaves * LEAF_BLOCKS))[:-1]]
+        return np.maximum.reduceat(versions, starts).astype(np.uint64) if leaves.size else np.zeros(0, np.uint64)
 
     def set_leaves(self, leaves: Indexes, digests: list[bytes],
                    newest: npt.NDArray[np.uint64] | None = None, propagate: bool = True) -> None:
