@@ -263,12 +263,12 @@ def downtime_runs(tmp: Path, image: Path, modes: list[str], count: int, spy_dir:
                     time.sleep(GUEST_WARMUP_S)
                 finally:
                     rep = guest.finish()
-                during = [lat for t, lat in rep["slow"] if mig["launched"] <= t <= mig["returned"]]
-                outside = [lat for t, lat in rep["slow"] if not mig["launched"] <= t <= mig["returned"]]
+                during = [lat for t, lat, *_ in rep["slow"] if mig["launched"] <= t <= mig["returned"]]
+                outside = [lat for t, lat, *_ in rep["slow"] if not mig["launched"] <= t <= mig["returned"]]
                 mig |= {"guest_stall_ms": round(1000 * max(during, default=0.0), 1), "guest": rep | {"slow": None},
                         "guest_outside_ms": round(1000 * max(outside, default=0.0), 1),
-                        "guest_slow": [(round(t - mig["launched"], 3), round(lat * 1000, 1)) for t, lat in rep["slow"]
-                                       if lat >= 0.02]}
+                        "guest_slow": [(round(t - mig["launched"], 3), round(lat * 1000, 1))
+                                       for t, lat, *_ in rep["slow"] if lat >= 0.02]}
                 print(f"  {mode} #{i + 1} {owner.name} -> {other.name}: daemon {mig['summary']['downtime_ms']} ms, "
                       f"guest {mig['guest_stall_ms']} ms (outside {mig['guest_outside_ms']}), "
                       f"{mig['summary']['duration_s']} s, "

@@ -11,7 +11,8 @@ usage: migration_guest.py URI STOPFILE OUTFILE [--block 4096] [--region 67108864
 With ``--run N --jump J`` the guest writes N requests in sequence, then jumps J bytes ahead (modulo the
 region): a file system's pattern of short sequential runs spread over a big disk.
 Writes OUTFILE (JSON): requests, errors, latency percentiles, and every request slower than
-``--slow-ms`` as [start (time.time()), latency s], so the caller can line stalls up with its own clock.
+``--slow-ms`` as [start (time.time()), latency s, "write" or "flush"], so the caller can line stalls up
+with its own clock.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def main() -> None:
     h.connect_uri(args.uri)
     buf = os.urandom(args.block)
     latencies: list[float] = []
-    slow: list[tuple[float, float]] = []
+    slow: list[tuple[float, float, str]] = []
     errors: list[str] = []
     offset = seq = 0
     with open(args.outfile + ".ready", "w"):
@@ -66,7 +67,7 @@ def main() -> None:
         dt = time.perf_counter() - t0
         latencies.append(dt)
         if dt * 1000 >= args.slow_ms:
-            slow.append((wall, dt))
+            slow.append((wall, dt, "flush" if seq % FLUSH_EVERY == 0 else "write"))
         time.sleep(args.pause)
     h.shutdown()
     latencies.sort()
