@@ -59,6 +59,9 @@ MAX_LIES = 3
 # Dedup prefilter: a bitmap with >= 4 slots per wanted hash (~22% false positives), 2**20..2**26 slots
 # (1..64 MB): a few stale blocks filter a 16 Mi-block disk of candidate sources down to ~0.1%.
 _DEDUP_BITMAP_BITS = (20, 26)
+# Blocks of the target's map scanned per step of dedup: its hashes are gathered that many at a time
+# (16 MiB), never copied whole (256 MiB at 1 TiB).
+_DEDUP_SCAN_CHUNK = 1 << 20
 # Buckets of the helpers' rate that order a peer's queue: 4 per doubling from MIN_RATE span 2**32x.
 _HELP_LEVELS, _HELP_LEVELS_PER_DOUBLING = 128, 4
 # Queued work is re-split when some rate moved by this factor since the last split: a peer 2x off its
@@ -246,25 +249,33 @@ def _local_copies(dedup: VersionMap | None, owner: BlockEntries, want: Array[np.
     want = want & ~stable
     q = np.flatnonzero(want)
     if dedup is not None and q.size:
-        tw, ow = _words(dedup.hashes), _words(owner.hashes)
-        overwritten = blocks[~stable]
-        cand = np.flatnonzero(dedup.versions != 0)
-        cand = cand[~np.isin(cand, overwritten, assume_unique=True)]
+        ow = _words(owner.hashes)
         # Random binary searches into big arrays are the slow part: a bitmap of wanted keys first drops
-        # most candidates (a whole disk of them in an incremental sync), then only the rest is sorted.
+        # most candidates (a whole disk of them in an incremental sync), then only the rest is sorted. The
+        # target's map is scanned a chunk at a time, so no copy of its hashes is ever made.
         qk, mask = ow[q, 0], np.uint64((1 << int(np.clip(math.ceil(math.log2(4 * q.size)), *_DEDUP_BITMAP_BITS))) - 1)
         seen = np.zeros(int(mask) + 1, bool)
         seen[qk & mask] = True
-        cand = cand[seen[tw[cand, 0] & mask]]
-        cand = cand[np.argsort(tw[cand, 0])]
-        ck, qs = tw[cand, 0], np.sort(qk)
+        found: list[tuple[Array[np.intp], Array[np.uint64]]] = []
+        for a in range(0, dedup.n_blocks, _DEDUP_SCAN_CHUNK):
+            c = np.flatnonzero(dedup.versions[a:a + _DEDUP_SCAN_CHUNK] != 0) + a
+            w = _words(dedup.hashes[c])
+            hit = seen[w[:, 0] & mask]
+            found.append((c[hit], w[hit]))
+        cand = np.concatenate([c for c, _ in found])
+        tw = np.concatenate([w for _, w in found]).reshape(-1, 2)
+        alive = ~np.isin(cand, blocks[~stable], assume_unique=True)  # overwritten by this sync: no source
+        cand, tw = cand[alive], tw[alive]
+        order = np.argsort(tw[:, 0])
+        cand, tw = cand[order], tw[order]
+        ck, qs = tw[:, 0], np.sort(qk)
         keep = qs[np.minimum(np.searchsorted(qs, ck), qs.size - 1)] == ck
         keep[1:] &= ck[1:] != ck[:-1]  # one source per content
-        cand, ck = cand[keep], ck[keep]
-        if ck.size:
-            at = cand[np.minimum(np.searchsorted(ck, qk), ck.size - 1)]
-            ok = (tw[at, 0] == qk) & (tw[at, 1] == ow[q, 1])
-            dst, src = np.r_[dst, blocks[q[ok]]], np.r_[src, at[ok]]
+        cand, tw = cand[keep], tw[keep]
+        if cand.size:
+            j = np.minimum(np.searchsorted(tw[:, 0], qk), cand.size - 1)
+            ok = (tw[j, 0] == qk) & (tw[j, 1] == ow[q, 1])
+            dst, src = np.r_[dst, blocks[q[ok]]], np.r_[src, cand[j][ok]]
             want[q[ok]] = False
     order = np.argsort(dst, kind="stable")
     return list(zip(dst[order].tolist(), src[order].tolist(), strict=True)), want

@@ -12,6 +12,7 @@ import trio
 
 from p2pvbd.migration import fetcher as fetcher_mod
 from p2pvbd.migration.fetcher import Fetcher, SyncProgress
+from p2pvbd.peer_transport import PeerError
 from p2pvbd.replica_store import ReplicaStore
 from p2pvbd.store.version_map import BlockEntries
 from p2pvbd.wire.peer_wire import ENC_RAW
@@ -142,3 +143,35 @@ async def test_a_pull_ends_while_the_owner_rewrites_and_a_helper_is_stale(tmp_pa
     finally:
         for s in (owner, helper, target):
             s.close()
+
+
+class FlakyPeer(ServingPeer):
+    """Its link breaks once (as a connection reset does), then it serves again over a new one."""
+
+    def __init__(self, source: ReplicaStore, rng: random.Random) -> None:
+        super().__init__(source, True, rng)
+        self.broke = False
+
+    async def request(self, op: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        if not self.broke:
+            self.broke = True
+            raise PeerError("connection", "connection to owner lost: reset")
+        return await super().request(op, body, timeout)
+
+
+async def test_a_link_that_breaks_once_does_not_drop_the_only_holder(tmp_path: Path) -> None:
+    size = 64 * BS
+    with ReplicaStore.create(tmp_path / "owner", "vm1", size, BS) as owner, \
+            ReplicaStore.create(tmp_path / "target", "vm1", size, BS) as target:
+        owner.write(0, random.Random(2).randbytes(size))
+        owner_map = owner.version_map()
+        blocks = np.arange(owner_map.n_blocks)
+        wanted = BlockEntries.from_map(owner_map, blocks)
+        peer = FlakyPeer(owner, random.Random(3))
+        progress = SyncProgress("vm1")
+        fetcher = Fetcher(FakeSwarm({"owner": peer}), target, "owner", wanted,  # type: ignore[arg-type]
+                          BlockEntries.from_map(target.version_map(), blocks), {"owner": wanted.versions}, progress)
+        with trio.fail_after(120):
+            await fetcher.run()
+        assert peer.broke and progress.phase == "done" and not progress.peers["owner"].dropped
+        assert target.read(0, size) == owner.read(0, size)

@@ -183,7 +183,9 @@ class Fetcher:
                 log.info("sync of %s: request to %s failed: %s", self.store.name, peer, message)
                 self.scheduler.failed(peer, req, time.monotonic())
                 self._failures[peer] = failures = self._failures.get(peer, 0) + 1
-                fatal = isinstance(e, PeerError) and e.code in ("connection", "unreachable", "no_disk")
+                # a link that broke is reconnected by the next request: only a peer that cannot be reached
+                # or lacks the disk is given up at once (MAX_CONSECUTIVE_FAILURES bounds the rest)
+                fatal = isinstance(e, PeerError) and e.code in ("unreachable", "no_disk")
                 if (fatal or failures >= MAX_CONSECUTIVE_FAILURES) and not prog.dropped:
                     prog.error, prog.dropped = message, True
                     self.scheduler.drop_peer(peer)
