@@ -99,14 +99,23 @@ def swarm(tmp: Path, image: Path, dest_synced: bool) -> Iterator[tuple[Network, 
                     raise RuntimeError(f"setup sync of {h.name} failed: {res['error']}")
             names = {h.name for h in hosts} if dest_synced else {SRC, HELPER}
             wait_for(lambda: names <= holders(car, DISK), f"{DST} to see the holders {sorted(names)}")
-            for h in hosts:
-                net.shape(h.name, upload=RATE, download=RATE)
-            yield net, {h.name: h for h in hosts}
+            yield shaped(net, hosts)
         finally:
-            for h in hosts:
-                if h.alive():
-                    with contextlib.suppress(Exception):
-                        h.stop()
+            stop_all(hosts)
+
+
+def shaped(net: Network, hosts: list[Host]) -> tuple[Network, dict[str, Host]]:
+    """Every host's upload and download shaped to RATE; the swarm as the benchmarks use it."""
+    for h in hosts:
+        net.shape(h.name, upload=RATE, download=RATE)
+    return net, {h.name: h for h in hosts}
+
+
+def stop_all(hosts: list[Host]) -> None:
+    for h in hosts:
+        if h.alive():
+            with contextlib.suppress(Exception):
+                h.stop()
 
 
 # ---- one migration -------------------------------------------------------------------------------
@@ -234,10 +243,10 @@ def throughput_run(tmp: Path, image: Path, mode: str, workload: str, expect_s: f
 class Guest:
     """bench/migration_guest.py connected to a host's export until finish()."""
 
-    def __init__(self, host: Host, tmp: Path, tag: str) -> None:
+    def __init__(self, host: Host, tmp: Path, tag: str, *args: str) -> None:
         self.stop, self.out = tmp / f"stop-{tag}", tmp / f"guest-{tag}.json"
-        self.proc = subprocess.Popen([system_python(), str(GUEST), host.uri(DISK), str(self.stop), str(self.out)],
-                                     env=env_without_venv())
+        self.proc = subprocess.Popen([system_python(), str(GUEST), host.uri(DISK), str(self.stop), str(self.out),
+                                      *args], env=env_without_venv())
         wait_for(lambda: Path(f"{self.out}.ready").exists() or self.proc.poll() is not None, "the guest", 30, 0.02)
         if self.proc.poll() is not None:
             raise RuntimeError(f"the guest could not connect to {host.uri(DISK)}")

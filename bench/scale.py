@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from migration import GOODPUT, RATE, RATE_BYTES, migrate  # noqa: E402
+from migration import GOODPUT, RATE, RATE_BYTES, Guest, migrate, shaped, stop_all  # noqa: E402
 from migration_tools import git_head, loadavg, spying  # noqa: E402
 from multipeer_pull import add_host, cpu_seconds, daemon_pid, holders, machine, sees_disk, wait_for  # noqa: E402
 from py_spy_summary import summarize_profile  # noqa: E402
@@ -61,7 +61,6 @@ DISK = "vm1"
 SRC, HELPER, DST = "office-pc", "home-pc", "car-pc"
 BLOCK = 64 * 1024
 WRITER = Path(__file__).with_name("scale_writer.py")
-GUEST = Path(__file__).with_name("migration_guest.py")
 REWRITE_SHARE = 16  # office-pc rewrites 1/16 of the data after home-pc synced: 64 MiB of 1 GiB
 GUEST_RUN = 16  # 4 KiB writes per 64 KiB block before the guest jumps elsewhere
 GUEST_PAUSE_S = 0.004  # ~250 writes/s: ~16 dirty blocks/s, 1 MiB/s, well below the link
@@ -92,23 +91,11 @@ def timed_status(host: Host) -> dict[str, Any]:
             "coverage": {r["host"]: round(r["coverage"], 5) for r in view.get("replicas", [])}}
 
 
-class Guest:
+def spread_guest(host: Host, tmp: Path, tag: str, size: int) -> Guest:
     """bench/migration_guest.py writing runs spread over the whole disk of ``size`` bytes."""
-
-    def __init__(self, host: Host, tmp: Path, tag: str, size: int) -> None:
-        self.stop, self.out = tmp / f"stop-{tag}", tmp / f"guest-{tag}.json"
-        jump = size // 7 + 4096 * 13  # coprime-ish with the disk: runs land all over it
-        self.proc = subprocess.Popen([system_python(), str(GUEST), host.uri(DISK), str(self.stop), str(self.out),
-                                      "--region", str(size), "--run", str(GUEST_RUN), "--jump", str(jump),
-                                      "--pause", str(GUEST_PAUSE_S)], env=env_without_venv())
-        wait_for(lambda: Path(f"{self.out}.ready").exists() or self.proc.poll() is not None, "the guest", 30, 0.02)
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"the guest could not connect to {host.uri(DISK)}")
-
-    def finish(self) -> dict[str, Any]:
-        self.stop.touch()
-        self.proc.wait(timeout=120)
-        return json.loads(self.out.read_text())
+    jump = size // 7 + 4096 * 13  # coprime-ish with the disk: runs land all over it
+    return Guest(host, tmp, tag, "--region", str(size), "--run", str(GUEST_RUN), "--jump", str(jump),
+                 "--pause", str(GUEST_PAUSE_S))
 
 
 def write_data(host: Host, size: int, data: int, offset: int = 0, every: int = 1) -> None:
@@ -138,14 +125,10 @@ def swarm(tmp: Path, size: int, data: int, logs: Path | None) -> Iterator[tuple[
             write_data(office, size, data, every=REWRITE_SHARE)  # home-pc's replica goes partly stale
             car = add_host(net, homes, DST, hosts)
             wait_for(lambda: {SRC, HELPER} <= holders(car, DISK), f"{DST} to see both holders")
-            for h in hosts:
-                net.shape(h.name, upload=RATE, download=RATE)
-            yield net, {h.name: h for h in hosts}
+            yield shaped(net, hosts)
         finally:
+            stop_all(hosts)
             for h in hosts:
-                if h.alive():
-                    with contextlib.suppress(Exception):
-                        h.stop()
                 if logs is not None:
                     logs.mkdir(parents=True, exist_ok=True)
                     with contextlib.suppress(OSError):
@@ -160,7 +143,7 @@ def one_size(tmp: Path, size: int, data: int, migrations: int, idle_s: float, sp
         owner, other = hosts[SRC], hosts[DST]
         with spying(hosts, spy_dir, f"scale-{format_size(size)}-migrate", (SRC, DST)):
             for i in range(migrations):
-                guest = Guest(owner, tmp, f"{size}-{i}", size)
+                guest = spread_guest(owner, tmp, f"{size}-{i}", size)
                 try:
                     time.sleep(GUEST_WARMUP_S)
                     mig = migrate(owner, other.name, "async")

@@ -27,3 +27,11 @@ def make_host(tmp_path: Path) -> Iterator[Callable[..., Host]]:
 @pytest.fixture
 def host(make_host: Callable[..., Host]) -> Host:
     return make_host()
+
+
+@pytest.fixture
+def three_hosts(make_host: Callable[..., Host]) -> list[Host]:
+    """office-pc, which creates the swarm, and home-pc and car-pc, joined with its invites."""
+    office = make_host("office-pc")
+    return [office, make_host("home-pc", join=office.cli("invite").stdout.strip()),
+            make_host("car-pc", join=office.cli("invite").stdout.strip())]

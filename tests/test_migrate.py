@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import struct
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,19 +24,23 @@ def pattern(block: int, seq: int) -> bytes:
 
 
 class Guest:
-    """tests/workload.py in a subprocess: writes until stopped, then reports what was acknowledged."""
+    """tests/workload.py in a subprocess: writes until stopped (or, with ``--ops N``, until it did N
+    operations), then reports what was acknowledged. ``args`` are more of the workload's options."""
 
-    def __init__(self, uri: str, tmp: Path, seed: int = 1) -> None:
+    def __init__(self, uri: str, tmp: Path, seed: int = 1, *args: str) -> None:
+        self.stops_itself = "--ops" in args
         self.stop_file, self.log = tmp / f"stop{seed}", tmp / f"log{seed}.json"
+        blocks = () if "--blocks" in args else ("--blocks", str(BLOCKS))
         self.proc = subprocess.Popen([system_python(), str(WORKLOAD), uri, str(self.stop_file), str(self.log),
-                                      "--blocks", str(BLOCKS), "--seed", str(seed)])
+                                      *blocks, "--seed", str(seed), *args])
         wait_until(lambda: Path(str(self.log) + ".ready").exists() or self.proc.poll() is not None,
                    "the guest workload to connect")
         assert self.proc.poll() is None, "the workload could not connect"
 
-    def finish(self) -> dict[str, object]:
-        self.stop_file.touch()
-        assert self.proc.wait(timeout=120) == 0
+    def finish(self, timeout: float = 120) -> dict[str, object]:
+        if not self.stops_itself:
+            self.stop_file.touch()
+        assert self.proc.wait(timeout=timeout) == 0
         return json.loads(self.log.read_text())
 
 
@@ -50,16 +53,9 @@ def model_image(path: Path, base: bytes, acked: dict[str, int]) -> Path:
     return path
 
 
-@pytest.fixture
-def three(make_host: Callable[..., Host]) -> list[Host]:
-    office = make_host("office-pc")
-    return [office, make_host("home-pc", join=office.cli("invite").stdout.strip()),
-            make_host("car-pc", join=office.cli("invite").stdout.strip())]
-
-
 @pytest.mark.parametrize("mode", ["async", "sync"])
-def test_migration_under_a_writing_guest(three: list[Host], tmp_path: Path, mode: str) -> None:
-    office, home, car = three
+def test_migration_under_a_writing_guest(three_hosts: list[Host], tmp_path: Path, mode: str) -> None:
+    office, home, car = three_hosts
     base = bytes(range(256)) * (BLOCKS * BLOCK // 256)
     (tmp_path / "base.raw").write_bytes(base)
     office.cli("disk", "import", "vm1", str(tmp_path / "base.raw"))
@@ -93,8 +89,8 @@ def test_migration_under_a_writing_guest(three: list[Host], tmp_path: Path, mode
     assert office.json("disk", "list")[0]["mode"] == "standby"
 
 
-def test_migrate_refuses_what_it_cannot_do(three: list[Host]) -> None:
-    office, home, _ = three
+def test_migrate_refuses_what_it_cannot_do(three_hosts: list[Host]) -> None:
+    office, home, _ = three_hosts
     office.cli("disk", "create", "vm1", "--size", "1M")
     wait_until(lambda: visible(home, "vm1"), "home-pc to see vm1")
     res = home.cli("migrate", "vm1", "--to", "car-pc", check=False)
@@ -106,10 +102,10 @@ def test_migrate_refuses_what_it_cannot_do(three: list[Host]) -> None:
     assert office.json("status", "vm1")["disks"][0]["owner"] == "office-pc"  # nothing moved
 
 
-def test_a_guest_follows_its_disk_around_the_swarm(three: list[Host], tmp_path: Path) -> None:
+def test_a_guest_follows_its_disk_around_the_swarm(three_hosts: list[Host], tmp_path: Path) -> None:
     """office -> car -> home -> office with one guest connection open at office all along: its I/O is
     relayed along the chain of hand-overs, served locally again once office owns the disk, never failed."""
-    office, home, car = three
+    office, home, car = three_hosts
     base = bytes(BLOCKS * BLOCK)
     (tmp_path / "base.raw").write_bytes(base)
     office.cli("disk", "import", "vm1", str(tmp_path / "base.raw"))

@@ -10,14 +10,13 @@ Speed itself belongs to bench/scale.py.
 from __future__ import annotations
 
 import json
-import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.daemons import Host, run, system_python
+from tests.daemons import Host, run
 from tests.guest_model import apply_to_image
+from tests.test_migrate import Guest
 from tests.test_swarm import wait_until
 from tests.test_sync import coverage, qemu_io, sync, visible
 
@@ -25,7 +24,6 @@ GiB = 1 << 30
 BLOCK = 64 * 1024
 # Blocks the guest touches, spread evenly over the disk: every region of the map tree has some.
 GUEST_BLOCKS = 2048
-WORKLOAD = Path(__file__).with_name("workload.py")
 # 24 bytes of (version, hash) per block: what comparing whole maps would move.
 RECORD_BYTES = 24
 # Warm replication pulls what changed within its check interval; this bounds a broken test.
@@ -34,38 +32,21 @@ WARM_SECONDS = 120.0
 SIZES = [pytest.param(100 * GiB, id="100GiB"), pytest.param(1 << 40, id="1TiB", marks=pytest.mark.heavy)]
 
 
-class Guest:
-    """tests/workload.py writing mixed operations to GUEST_BLOCKS blocks spread over the disk."""
-
-    def __init__(self, uri: str, tmp: Path, stride: int, seed: int, ops: int = 0) -> None:
-        self.ops = ops
-        self.stop_file, self.log = tmp / f"stop{seed}", tmp / f"log{seed}.json"
-        self.proc = subprocess.Popen([system_python(), str(WORKLOAD), uri, str(self.stop_file), str(self.log),
-                                      "--blocks", str(GUEST_BLOCKS), "--stride", str(stride), "--mix",
-                                      "--seed", str(seed), "--pause", "0.001", "--ops", str(ops)])
-        wait_until(lambda: Path(str(self.log) + ".ready").exists() or self.proc.poll() is not None,
-                   "the guest workload to connect")
-        assert self.proc.poll() is None, "the workload could not connect"
-
-    def finish(self) -> dict[str, object]:
-        if not self.ops:  # else it stops by itself after that many operations
-            self.stop_file.touch()
-        assert self.proc.wait(timeout=300) == 0
-        report = json.loads(self.log.read_text())
-        assert report["errors"] == [] and report["reads_ok"], report
-        return report
+def spread_guest(uri: str, tmp: Path, stride: int, seed: int, ops: int = 0) -> Guest:
+    """The verifying guest, writing mixed operations to GUEST_BLOCKS blocks spread over the disk."""
+    return Guest(uri, tmp, seed, "--blocks", str(GUEST_BLOCKS), "--stride", str(stride), "--mix",
+                 "--pause", "0.001", *(("--ops", str(ops)) if ops else ()))
 
 
-@pytest.fixture
-def swarm3(make_host: Callable[..., Host]) -> list[Host]:
-    office = make_host("office-pc")
-    return [office, make_host("home-pc", join=office.cli("invite").stdout.strip()),
-            make_host("car-pc", join=office.cli("invite").stdout.strip())]
+def finished(guest: Guest) -> dict[str, object]:
+    report = guest.finish(timeout=300)
+    assert report["errors"] == [] and report["reads_ok"], report
+    return report
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_a_big_sparse_disk_syncs_stays_warm_and_moves(swarm3: list[Host], tmp_path: Path, size: int) -> None:
-    office, home, car = swarm3
+def test_a_big_sparse_disk_syncs_stays_warm_and_moves(three_hosts: list[Host], tmp_path: Path, size: int) -> None:
+    office, home, car = three_hosts
     n_blocks = size // BLOCK
     stride = n_blocks // GUEST_BLOCKS
     whole_map = n_blocks * RECORD_BYTES
@@ -75,7 +56,7 @@ def test_a_big_sparse_disk_syncs_stays_warm_and_moves(swarm3: list[Host], tmp_pa
         f.truncate(size)  # sparse, like the disk
 
     # Data all over the disk.
-    ops = Guest(office.uri("vm1"), tmp_path, stride, seed=1, ops=3000).finish()["ops"]
+    ops = finished(spread_guest(office.uri("vm1"), tmp_path, stride, seed=1, ops=3000))["ops"]
     apply_to_image(model, ops, BLOCK, stride)  # type: ignore[arg-type]
 
     # home-pc pulls a first replica: only what was written travels, the map exchange is the feed of it.
@@ -108,7 +89,7 @@ def test_a_big_sparse_disk_syncs_stays_warm_and_moves(swarm3: list[Host], tmp_pa
     run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(model), car.uri("vm1"))
 
     # Every host reports the same status; home-pc is one block behind.
-    views = [h.json("status", "vm1")["disks"][0] for h in swarm3]
+    views = [h.json("status", "vm1")["disks"][0] for h in three_hosts]
     for view in views:
         assert view["size"] == size and view["owner"] == "office-pc"
         cov = {r["host"]: (r["current_blocks"], r["total_blocks"]) for r in view["replicas"]}
@@ -116,11 +97,11 @@ def test_a_big_sparse_disk_syncs_stays_warm_and_moves(swarm3: list[Host], tmp_pa
                        "car-pc": (n_blocks, n_blocks)}, view
 
     # The disk moves to car-pc while a guest writes all over it; car-pc ends with exactly what was promised.
-    guest = Guest(office.uri("vm1"), tmp_path, stride, seed=2)
+    guest = spread_guest(office.uri("vm1"), tmp_path, stride, seed=2)
     summary = json.loads(office.cli("migrate", "vm1", "--to", "car-pc", "--json", timeout=900).stdout)
     assert summary["error"] == "" and summary["to"] == "car-pc" and summary["epoch"] == 2, summary
     assert summary["map_bytes"] < whole_map / 100, summary
-    ops = guest.finish()["ops"]
+    ops = finished(guest)["ops"]
     apply_to_image(model, ops, BLOCK, stride)  # type: ignore[arg-type]
     run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(model), car.uri("vm1"))
     assert coverage(car, "vm1")["car-pc"] == 1.0

@@ -6,11 +6,8 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from p2pvbd.migration.replication import CHECK_INTERVAL
 from p2pvbd.swarm.node import FAULT_CORRUPT_ENV
@@ -41,15 +38,8 @@ def coverage(host: Host, disk: str) -> dict[str, float]:
     return {r["host"]: r["coverage"] for r in host.json("status", disk)["disks"][0]["replicas"]}
 
 
-@pytest.fixture
-def trio_of_hosts(make_host: Callable[..., Host]) -> list[Host]:
-    office = make_host("office-pc")
-    return [office, make_host("home-pc", join=office.cli("invite").stdout.strip()),
-            make_host("car-pc", join=office.cli("invite").stdout.strip())]
-
-
-def test_sync_makes_an_identical_replica_from_several_peers(trio_of_hosts: list[Host], tmp_path: Path) -> None:
-    office, home, car = trio_of_hosts
+def test_sync_makes_an_identical_replica_from_several_peers(three_hosts: list[Host], tmp_path: Path) -> None:
+    office, home, car = three_hosts
     image = tmp_path / "image.raw"
     image.write_bytes(os.urandom(24 * MiB) + bytes(8 * MiB))  # random data, then a zero tail
     office.cli("disk", "import", "vm1", str(image))
@@ -83,8 +73,8 @@ def test_sync_makes_an_identical_replica_from_several_peers(trio_of_hosts: list[
     assert idle["blocks_fetched"] == 0 and idle["bytes_on_wire"] == 0
 
 
-def test_sync_errors_are_clear(trio_of_hosts: list[Host]) -> None:
-    office, home, _ = trio_of_hosts
+def test_sync_errors_are_clear(three_hosts: list[Host]) -> None:
+    office, home, _ = three_hosts
     office.cli("disk", "create", "vm1", "--size", "1M")
     res = office.cli("sync", "vm1", check=False)
     assert res.returncode == 1 and "owns vm1" in res.stderr and "Traceback" not in res.stderr
@@ -95,8 +85,8 @@ def test_sync_errors_are_clear(trio_of_hosts: list[Host]) -> None:
     assert res.returncode == 1 and "car-pc" in res.stderr
 
 
-def test_zero_and_current_blocks_cost_no_transfer(trio_of_hosts: list[Host]) -> None:
-    office, home, _ = trio_of_hosts
+def test_zero_and_current_blocks_cost_no_transfer(three_hosts: list[Host]) -> None:
+    office, home, _ = three_hosts
     office.cli("disk", "create", "vm1", "--size", "16M")
     qemu_io(office.uri("vm1"), "write -z 0 8M", "write -P 0x42 8M 1M", "flush")
     wait_until(lambda: visible(home, "vm1"), "home-pc to see vm1")
@@ -107,8 +97,8 @@ def test_zero_and_current_blocks_cost_no_transfer(trio_of_hosts: list[Host]) -> 
     run("qemu-img", "compare", "-f", "raw", "-F", "raw", office.uri("vm1"), home.uri("vm1"))
 
 
-def test_sync_survives_a_peer_killed_midway(trio_of_hosts: list[Host], tmp_path: Path) -> None:
-    office, home, car = trio_of_hosts
+def test_sync_survives_a_peer_killed_midway(three_hosts: list[Host], tmp_path: Path) -> None:
+    office, home, car = three_hosts
     image = tmp_path / "image.raw"
     image.write_bytes(os.urandom(96 * MiB))
     office.cli("disk", "import", "vm1", str(image))
@@ -128,8 +118,8 @@ def test_sync_survives_a_peer_killed_midway(trio_of_hosts: list[Host], tmp_path:
     assert car.json("verify", "vm1")["ok"]
 
 
-def test_replicate_keeps_a_replica_warm_until_turned_off(trio_of_hosts: list[Host]) -> None:
-    office, home, car = trio_of_hosts
+def test_replicate_keeps_a_replica_warm_until_turned_off(three_hosts: list[Host]) -> None:
+    office, home, car = three_hosts
     office.cli("disk", "create", "vm1", "--size", "8M")
     wait_until(lambda: visible(car, "vm1"), "car-pc to see vm1")
     policy = json.loads(car.cli("replicate", "vm1", "--on", "home-pc", "--rate", "100mbit", "--json").stdout)
@@ -154,8 +144,8 @@ def test_replicate_keeps_a_replica_warm_until_turned_off(trio_of_hosts: list[Hos
     assert coverage(office, "vm1")["home-pc"] < 1.0
 
 
-def test_a_lying_peer_is_caught_and_dropped(trio_of_hosts: list[Host], tmp_path: Path) -> None:
-    office, home, car = trio_of_hosts
+def test_a_lying_peer_is_caught_and_dropped(three_hosts: list[Host], tmp_path: Path) -> None:
+    office, home, car = three_hosts
     image = tmp_path / "image.raw"
     image.write_bytes(os.urandom(16 * MiB))
     office.cli("disk", "import", "vm1", str(image))
