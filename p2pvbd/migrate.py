@@ -3,8 +3,8 @@
 Source side (the owner): tell the destination a migration is coming, let it pull every stale block
 from all holders at once while the guest runs on, ship the blocks the guest wrote meanwhile (mirror),
 then freeze the export, ship the last dirty blocks and ask the destination to commit. The destination
-commits only when its whole version map equals the frozen source's, and persists the new owner and
-epoch before it answers. Guest connections that were open at the source are then forwarded to the new
+commits only when its map's root digest (store/map_tree.py) equals the frozen source's, and persists
+the new owner and epoch before it answers. Guest connections that were open at the source are then forwarded to the new
 owner; new ones get standby behaviour.
 
 Fencing: before asking for the commit, the source records a pending marker. If it cannot learn the
@@ -406,8 +406,8 @@ async def _switchover(swarm: Swarm, conn: PeerConnection, exp: Export, shipper: 
     """Freeze, ship the rest, commit at the destination, hand ownership over; True once committed.
 
     The guest's stall runs from the freeze to the thaw. Everything that can happen before it does:
-    the pending marker is written first, and the destination flushed its data during the mirror. Inside,
-    the destination compares a digest of the frozen source's map with its own (not the whole map).
+    the pending marker is written first, and the destination flushed and digested its data during the
+    mirror. Inside, both sides digest only the leaves written since, and the destination compares roots.
     """
     ctl, store, disk, dest = swarm.ctl, exp.store, exp.name, progress.dest
     progress.phase = "switchover"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import os
 import threading
 import weakref
@@ -177,7 +178,7 @@ class ReplicaStore:
                  "counter": 0, "clean": False}
         store_files.create_store_files(directory, state)
         fds = _open_files(directory)
-        store = cls(directory, state, fds, np.zeros(n, META_DTYPE))
+        store = cls(directory, state, fds, _zeroed_records(n))
         store._tree.reset_empty()
         return store
 
@@ -687,6 +688,9 @@ class ReplicaStore:
             leaves = np.flatnonzero(self._changed_leaves)
             self._changed_leaves[leaves] = False  # changes from now on mark their leaves again
         try:
+            # The rename and the new journal reach the disk before any flush relies on the new file (flushes
+            # wait for _flush_lock, which the caller holds); the state's in-place write would not carry them.
+            store_files.fsync_dir(self._dir)
             for start in range(0, leaves.size, CHECKPOINT_CHUNK_LEAVES):
                 chunk = leaves[start:start + CHECKPOINT_CHUNK_LEAVES]
                 blocks = leaf_blocks(chunk, self._n)
@@ -734,6 +738,15 @@ class ReplicaStore:
     def _state(self, clean: bool) -> dict[str, Any]:
         return {"name": self._name, "size": self._size, "block_size": self._bs, "owner": self._owner,
                 "epoch": self._epoch, "counter": self._counter, "clean": clean}
+
+
+def _zeroed_records(n: int) -> npt.NDArray[Any]:
+    """``n`` version-0 records in a private anonymous mapping: a page is allocated only once a record on it
+    is written (reading one maps the kernel's zero page), so a new replica's memory follows what it
+    holds. (numpy asks for transparent huge pages on big arrays, so a write anywhere would allocate 2 MiB;
+    a shared mapping would allocate every page merely read.)"""
+    mapping = mmap.mmap(-1, max(1, n * META_DTYPE.itemsize), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(mapping, META_DTYPE, count=n)
 
 
 def _open_files(directory: Path) -> list[int]:

@@ -2,8 +2,8 @@
 
 Every request is checked against the peer's name from its TLS certificate: only the host that
 prepared a migration may push blocks, commit or abort it. A commit is granted only when this host's
-whole version map equals the frozen source's, and it is made durable (data flushed, owner and epoch
-persisted) before the answer leaves.
+map has the frozen source's root digest, and it is made durable (data flushed, owner, epoch and the
+source's counter persisted) before the answer leaves.
 """
 
 from __future__ import annotations

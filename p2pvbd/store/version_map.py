@@ -76,10 +76,6 @@ class Coverage:
     fraction: float
 
 
-# A whole-map digest: 256 bits, so two different maps never compare equal by accident (collision resistance).
-MAP_DIGEST_SIZE = 32
-
-
 @dataclass
 class VersionMap:
     """``versions[i]`` (0 = never written) and ``hashes[i]`` (NO_HASH when version 0) of block i."""
@@ -110,13 +106,6 @@ class VersionMap:
     @property
     def n_blocks(self) -> int:
         return int(self.versions.shape[0])
-
-    def digest(self) -> bytes:
-        """A 256-bit digest of the whole map: two hosts compare maps by sending this instead of the map."""
-        h = hashlib.blake2b(struct.pack("<QQ", self.block_size, self.size), digest_size=MAP_DIGEST_SIZE)
-        h.update(np.ascontiguousarray(self.versions, dtype="<u8").tobytes())
-        h.update(np.ascontiguousarray(self.hashes).tobytes())
-        return h.digest()
 
     def block_length(self, index: int) -> int:
         """Bytes in block ``index``: block_size except for a partial last block."""
