@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from p2pvbd.peer_transport import PeerError
 from p2pvbd.store.map_tree import (
     FANOUT,
     LEAF_BLOCKS,
@@ -22,6 +23,7 @@ from p2pvbd.store.map_tree import (
     same_records,
     same_root,
 )
+from p2pvbd.swarm.maps import MapSummary
 
 BS = 4096
 
@@ -133,3 +135,15 @@ def test_nodes_rejects_out_of_range_questions() -> None:
         tree.nodes(0, np.array([5]))
     with pytest.raises(ValueError):
         tree.nodes(tree.top, np.array([1]))
+
+
+@pytest.mark.parametrize("change", [
+    {"size": 0}, {"size": 1 << 62}, {"block_size": 3000}, {"root": b"short"}, {"root": None}, {"epoch": "x"},
+    {"generation": None}, {"held_blocks": []},
+])
+def test_a_malformed_map_summary_is_a_clear_peer_error(change: dict[str, object]) -> None:
+    good = {"size": 1 << 30, "block_size": 65536, "owner": "office-pc", "epoch": 1, "generation": 5, "boot": "ab",
+            "held_blocks": 3, "root": bytes(32)}
+    assert MapSummary.from_body(good).n_blocks == 16384
+    with pytest.raises(PeerError, match="malformed map summary"):
+        MapSummary.from_body(good | change)

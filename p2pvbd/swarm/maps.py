@@ -21,11 +21,11 @@ import numpy as np
 import numpy.typing as npt
 import trio
 
-from p2pvbd.replica_store import OutOfRange, ReplicaStore
+from p2pvbd.replica_store import MAX_BLOCKS, OutOfRange, ReplicaStore
 from p2pvbd.store.map_tree import LEAF_BLOCKS, canonical, children, differing, leaf_blocks, level_sizes, same_records
 from p2pvbd.store.map_tree import RECORD_DTYPE as RECORD_DTYPE
 from p2pvbd.store.map_tree import same_root as same_root
-from p2pvbd.store.version_map import blocks_for
+from p2pvbd.store.version_map import blocks_for, check_block_size
 from p2pvbd.wire import map_wire
 from p2pvbd.wire.peer_wire import FrameError, PeerError
 
@@ -59,14 +59,16 @@ class MapSummary:
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> MapSummary:
+        """A peer's summary; PeerError unless every field is there, typed and within a store's limits."""
         try:
             size, bs = body["size"], body["block_size"]
-            if not (isinstance(size, int) and isinstance(bs, int) and size > 0 and bs > 0):
-                raise FrameError("bad geometry")
+            if not (isinstance(size, int) and isinstance(bs, int) and size > 0
+                    and blocks_for(size, check_block_size(bs)) <= MAX_BLOCKS):
+                raise ValueError(f"no store has {size} bytes in {bs}-byte blocks")
             return cls(size, bs, str(body["owner"]), int(body["epoch"]), int(body["generation"]), str(body["boot"]),
                        int(body["held_blocks"]), map_wire.check_root(body["root"]),
                        {k: v for k, v in body.items() if k == "migration"})
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, FrameError) as e:
             raise PeerError("bad_reply", f"malformed map summary: {e}") from e
 
 
