@@ -21,6 +21,8 @@ from p2pvbd.units import format_size, parse_size
 JOB_POLL_SECONDS = 0.2
 # Stopping flushes and checkpoints every disk; a large journal may take a while to write out.
 STOP_WAIT_SECONDS = 60.0
+# Width of tables written to a pipe or file: every column of status (nine) fits with long host names.
+PIPED_WIDTH = 160
 
 
 def _fail(message: str) -> NoReturn:
@@ -108,14 +110,22 @@ def cmd_peers(args: argparse.Namespace) -> None:
     if args.json:
         _print_json(peers)
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table("host", "addresses", "last seen", "reachable", box=None)
     for p in peers:
         reach = "yes" if p["reachable"] else f"no ({p['error']})" if p["error"] else "no"
-        table.add_row(p["name"], ", ".join(p["addresses"]), f"{p['last_seen_ago_s']:.0f} s ago", reach)
-    Console().print(table)
+        seen = "never" if p["last_seen_ago_s"] is None else f"{p['last_seen_ago_s']:.0f} s ago"
+        table.add_row(p["name"], ", ".join(p["addresses"]), seen, reach)
+    _console().print(table)
+
+
+def _console() -> Any:
+    """Rich's console; when the output is not a terminal, wide enough that no table is cut (rich would
+    assume 80 columns)."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=PIPED_WIDTH)
 
 
 def cmd_daemon(args: argparse.Namespace) -> None:
@@ -154,14 +164,13 @@ def cmd_disk_list(args: argparse.Namespace) -> None:
     if args.json:
         _print_json(disks)
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table("disk", "size", "block size", "owner", "epoch", "mode", box=None)
     for d in disks:
         table.add_row(d["name"], format_size(d["size"]), format_size(d["block_size"]), d["owner"],
                       str(d["epoch"]), d["mode"])
-    Console().print(table)
+    _console().print(table)
 
 
 def cmd_nbd_uri(args: argparse.Namespace) -> None:
@@ -173,18 +182,28 @@ def cmd_status(args: argparse.Namespace) -> None:
     if args.json:
         _print_json(status)
         return
-    from rich.console import Console
     from rich.table import Table
 
-    table = Table("disk", "size", "owner", "epoch", "replica on", "coverage", "current blocks",
+    table = Table("disk", "size", "owner", "epoch", "replica on", "coverage", "current blocks", "lag", "warm",
                   title=f"p2pvbd status (host {status['host']})", box=None)
+    notes = []
     for d in status["disks"]:
+        warm = set((d.get("replicate") or {}).get("hosts", []))
         for i, r in enumerate(d["replicas"] or [None]):
             head = [d["name"], format_size(d["size"]), d["owner"], str(d["epoch"])] if i == 0 else [""] * 4
-            tail = [r["host"], f"{r['coverage']:.1%}", f"{r['current_blocks']}/{r['total_blocks']}"] if r else [
-                "-", "-", "-"]
+            tail = [r["host"], f"{r['coverage']:.1%}" + (" (last known)" if r.get("stale") else ""),
+                    f"{r['current_blocks']}/{r['total_blocks']}", f"{r['lag_blocks']} blocks",
+                    "yes" if r["host"] in warm else ""] if r else ["-"] * 5
             table.add_row(*head, *tail)
-    Console().print(table)
+        if (m := d.get("migration")) is not None:
+            notes.append(f"{d['name']}: migrating from {m['from']} to {m['to']} ({m['mode']}): {m['phase']}, "
+                         f"{format_size(m['done_bytes'])} of {format_size(m['total_bytes'])} pulled, "
+                         f"mirror lag {m['mirror_lag_blocks']} blocks")
+        if d.get("replicate") and (rate := d["replicate"]["rate"]) > 0:
+            notes.append(f"{d['name']}: owner upload for warm replicas at most {format_size(rate)}/s")
+    _console().print(table)
+    for note in notes:
+        print(note)
 
 
 def cmd_sync(args: argparse.Namespace) -> None:
@@ -244,7 +263,6 @@ def cmd_jobs(args: argparse.Namespace) -> None:
     if args.json:
         _print_json(jobs)
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table("job", "disk", "phase", "progress", "on the wire", "time", "error", box=None)
@@ -252,7 +270,7 @@ def cmd_jobs(args: argparse.Namespace) -> None:
         share = f"{j['done_bytes'] / j['total_bytes']:.0%}" if j["total_bytes"] else "-"
         table.add_row(str(j["job"]), j["disk"], j["phase"], share, format_size(j["bytes_on_wire"]),
                       f"{j['duration_s']:.1f} s", j["error"])
-    Console().print(table)
+    _console().print(table)
 
 
 def _follow_job(args: argparse.Namespace, job: int, title: str, quiet: bool) -> dict[str, Any]:

@@ -232,7 +232,12 @@ class Daemon:
                 progress.phase = "failed"
 
     async def op_jobs(self) -> list[dict[str, Any]]:
-        return [{"job": job} | await self.op_job(job) for job in sorted(self.jobs)]
+        """This host's syncs and migrations, then the pulls it ran as the destination of a migration."""
+        mine = [{"job": job, "kind": _kind(self.jobs[job])} | await self.op_job(job) for job in sorted(self.jobs)]
+        target = self.swarm.migration_target
+        incoming = [{"job": f"in-{n}", "kind": "incoming migration pull"} | p.as_dict()
+                    | {"done": p.finished is not None} for n, p in sorted(target.jobs.items())]
+        return mine + incoming
 
     async def op_migrate(self, to: str, disks: list[str] | None = None, mode: str = "async",
                          max_downtime_ms: float = DEFAULT_MAX_DOWNTIME_MS) -> dict[str, Any]:
@@ -304,6 +309,10 @@ class Daemon:
         store = self._store(disk)
         bad = await trio.to_thread.run_sync(store.verify)
         return {"disk": disk, "blocks": store.n_blocks, "mismatched_blocks": bad, "ok": not bad}
+
+
+def _kind(progress: Any) -> str:
+    return "migration" if hasattr(progress, "dest") else "sync"
 
 
 async def _watch_event_loop() -> None:

@@ -105,6 +105,8 @@ class PeerConnection:
         self._broken: PeerError | None = None
         # Set once the connection can serve no more requests, so a pool knows to drop it.
         self.lost = trio.Event()
+        # Wall-clock time of the last bytes from the peer: when this host last heard from it.
+        self.last_received = 0.0
 
     async def request(self, op: str, body: dict[str, Any], timeout: float = DEFAULT_REQUEST_TIMEOUT) -> dict[str, Any]:
         """Send a request and wait for its reply body; PeerError for error replies, timeouts, dead links.
@@ -188,6 +190,7 @@ class PeerConnection:
                 data = await self.stream.receive_some(RECV_BYTES)
                 if not data:
                     raise PeerError(ERR_CONNECTION, f"{self.address} closed the connection")
+                self.last_received = time.time()
                 decoder.feed(data)
                 while (frame := decoder.next_frame()) is not None:
                     if is_request(frame):

@@ -81,6 +81,8 @@ def test_migration_under_a_writing_guest(three_hosts: list[Host], tmp_path: Path
     run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(model), car.uri("vm1"))
     assert coverage(car, "vm1")["car-pc"] == 1.0
     assert car.json("verify", "vm1")["ok"]
+    pulls = [j for j in car.json("jobs") if j["kind"] == "incoming migration pull"]
+    assert len(pulls) == 1 and pulls[0]["disk"] == "vm1" and pulls[0]["done"] and not pulls[0]["error"]
 
     # A new connection to the old owner: reads work, writes are refused (standby).
     qemu_io(office.uri("vm1"), "read 0 64k")

@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 # blocks to pull are at least this fraction of the disk (at 1 TiB: 1 GiB, which takes 10 s even at
 # 1 Gbit/s). Smaller pulls fetch duplicates instead.
 DEDUP_MIN_FRACTION = 1 / 1024
+# A sync of a disk the index does not know yet waits this long for its owner record: a new disk is
+# published at once and reaches every host within a second or two, a lost record within 15 s (the
+# publish interval); beyond that the name is wrong.
+INDEX_WAIT_SECONDS = 20.0
+INDEX_POLL_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -86,8 +91,13 @@ async def _sync(swarm: Swarm, disk: str, progress: SyncProgress, sources: list[s
         owner, epoch = last.owner, last.epoch
     else:
         owner, epoch = await swarm.owner_of(disk)
+        # a disk created a moment ago on another host reaches the index within a second or two
+        with trio.move_on_after(0 if background else INDEX_WAIT_SECONDS):
+            while not owner:
+                await trio.sleep(INDEX_POLL_SECONDS)
+                owner, epoch = await swarm.owner_of(disk)
     if not owner:
-        raise SyncError(f"no disk named {disk!r} in the swarm")
+        raise SyncError(f"no disk named {disk!r} in the swarm (the index has no owner for it)")
     if owner == swarm.name:
         raise SyncError(f"this host owns {disk}: its replica is the reference every other replica syncs to")
     candidates = await _candidates(swarm, disk, owner, sources) if sources else None  # a bad --from fails first

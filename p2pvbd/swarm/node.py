@@ -32,6 +32,7 @@ from p2pvbd.peer_transport import JOIN_PORT_OFFSET, PeerConnection, PeerError, o
 from p2pvbd.replica_store import ReplicaStore
 from p2pvbd.store.map_tree import STALE_ROOT
 from p2pvbd.swarm import maps
+from p2pvbd.swarm.address_book import PEERS_FILE, AddressBook
 from p2pvbd.wire.peer_wire import BLOCK_ZSTD_LEVEL, ENC_RAW, MAX_FRAME_BYTES, pack_block
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ class Swarm:
         self.dht = dht.DhtNode(host_name=self.name, signing_key=identity.key, swarm_secret=identity.swarm_secret)
         self.client_ssl = trust.client_ssl_context(identity)
         self._conns: dict[str, PeerConnection] = {}
+        self.book = AddressBook(home.path / PEERS_FILE)  # where peers were last found: a restart starts there
+        self._last_contact: dict[str, float] = {}  # peer -> wall-clock time of its last request to us
         self._connecting: dict[str, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
         self._publish_now = trio.Event()
@@ -106,7 +109,8 @@ class Swarm:
     # ---- lifecycle -----------------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         host, port = parse_hostport(self.config.listen)
-        bootstrap = [parse_hostport(b) for b in self.config.bootstrap]
+        bootstrap = list(dict.fromkeys([parse_hostport(b) for b in self.config.bootstrap] + self.book.bootstrap()))
+        log.info("joining the index through %s", ", ".join(format_hostport(h, p) for h, p in bootstrap) or "nobody")
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.dht.run, host, port, bootstrap)
@@ -132,6 +136,8 @@ class Swarm:
         while True:
             try:
                 await self.publish()
+                self.book.neighbours = [format_hostport(h, p) for h, p in self.dht.neighbours()] or self.book.neighbours
+                await trio.to_thread.run_sync(self.book.save_if_changed)
             except Exception:
                 log.exception("publishing this host's records failed")
             with trio.move_on_after(PUBLISH_INTERVAL):
@@ -198,15 +204,19 @@ class Swarm:
             log.info("connection to %s ended: %s", peer, e.message)
 
     async def _addresses(self, peer: str) -> list[str]:
+        """Where ``peer`` listens: its newest host record, else where it was last found."""
         records = await self.dht.lookup("host", peer)
         mine = [r for r in records if r.publisher == peer]
         if not mine:
-            return []
+            return list(self.book.hosts.get(peer, []))
         newest = max(mine, key=lambda r: r.ts)
-        return [str(a) for a in newest.payload.get("addresses", [])]
+        addresses = [str(a) for a in newest.payload.get("addresses", [])]
+        self.book.learn(peer, addresses)
+        return addresses
 
     # ---- serving peers -------------------------------------------------------------------------
     async def handle_peer(self, peer: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
+        self._last_contact[peer] = time.time()
         if op == "map_summary":
             return await maps.serve_summary(self._store(body["disk"])) | {"migration": self._migration(body["disk"])}
         if op == "map_nodes":
@@ -400,7 +410,8 @@ class Swarm:
                 return
             rec = max(records, key=lambda r: r.ts)
             info = PeerInfo(name, [str(a) for a in rec.payload.get("addresses", [])], str(rec.payload.get("cert")),
-                            rec.ts)
+                            0.0)
+            self.book.learn(name, info.addresses)
             try:
                 with trio.fail_after(QUERY_TIMEOUT):
                     await self.connect(name)
@@ -413,6 +424,14 @@ class Swarm:
             for name in names:
                 nursery.start_soon(probe, name)
         now = time.time()
+        for info in infos.values():
+            info.last_seen = self.last_heard_from(info.name)
         return [{"name": i.name, "addresses": i.addresses, "cert_fingerprint": i.cert,
-                 "last_seen": i.last_seen, "last_seen_ago_s": round(now - i.last_seen, 1),
+                 "last_seen": i.last_seen or None,
+                 "last_seen_ago_s": round(now - i.last_seen, 1) if i.last_seen else None,
                  "reachable": i.reachable, "error": i.error} for i in sorted(infos.values(), key=lambda i: i.name)]
+
+    def last_heard_from(self, peer: str) -> float:
+        """When ``peer`` last sent this host anything (a reply or a request); 0.0 if never."""
+        conn = self._conns.get(peer)
+        return max(conn.last_received if conn is not None else 0.0, self._last_contact.get(peer, 0.0))
