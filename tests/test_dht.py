@@ -204,9 +204,10 @@ def test_fuzzed_datagrams_never_raise(name: str, args: list, kind: bytes, noise:
     proto.connection_made(_Sink())
     body = [kind + os.urandom(20) + msgpack.packb([name, args]), noise, kind + os.urandom(20) + noise][mode]
     proto.datagram_received(seal(mac_key, body), ("127.0.0.1", 4000))
+    assert stats["bad_mac"] == 0  # sealed with the swarm's key: judged on its content (handled or malformed)
     proto.datagram_received(body, ("127.0.0.1", 4000))
+    assert stats["bad_mac"] == 1  # the same bytes without the MAC: dropped before anything parses them
     assert stats["rpc_errors"] == 0
-    assert stats["bad_mac"] + stats["malformed"] >= 1
 
 
 @settings(max_examples=300, deadline=None)
@@ -245,7 +246,7 @@ async def test_no_neighbours_keeps_record_and_retries() -> None:
         assert lone._own[("owner", "vm9")].pending
         assert [r.payload["epoch"] for r in await lone.lookup("owner", "vm9")] == [3]
         late, _ = await start(nursery, "late", [pl])
-        with trio.fail_after(5):
+        with trio.fail_after(60):  # bounds a broken test: the retry comes every 0.1 s
             while lone._own[("owner", "vm9")].pending:  # the maintenance task retried and reached `late`
                 await trio.sleep(0.05)
         assert [r.publisher for _, r in late._server.storage.records(key_digest("owner", "vm9"))] == ["lone"]
@@ -299,7 +300,7 @@ async def test_cancelled_lookups_and_stopping_mid_lookup_are_clean() -> None:
         outer.start_soon(lookup_then_record)
         await trio.sleep(0.1)
         node_scope.cancel()  # a's run() returns while that lookup waits on the dead contact
-        with trio.fail_after(2):
+        with trio.fail_after(60):  # bounds a broken test: the lookup ends as soon as the node stops
             while not got:
                 await trio.sleep(0.01)
         assert isinstance(got[0], DhtStopped)

@@ -15,7 +15,7 @@ import trio
 
 from p2pvbd import invites, trust
 from p2pvbd import peer_transport as pt
-from p2pvbd.wire.peer_wire import OPS, OpSpec, PeerError
+from p2pvbd.wire.peer_wire import OPS, OpSpec, PeerError, encode_request
 
 TEST_OPS = {**OPS, "echo": OpSpec({"n": int}), "boom": OpSpec(), "refuse": OpSpec(), "slow": OpSpec(),
             "hold": OpSpec(), "stubborn": OpSpec()}
@@ -251,9 +251,18 @@ async def test_cancelling_mid_send_never_breaks_the_framing(server: int, beta: t
         assert await conn.request("echo", {"n": 99}) == {"n": 99, "peer": "beta"}
 
 
-def test_cancel_is_a_one_way_op() -> None:
-    # Old peers answer unknown_op to it; ours answer nothing. Either way the client ignores what comes back.
+async def test_cancel_is_a_one_way_op(server: int, beta: trust.HostIdentity) -> None:
+    """A cancel frame gets no reply, whether it names a request in flight or none (old peers answer
+    unknown_op to it, which the client drops too); the connection goes on."""
     assert "cancel" in OPS and "cancel" in pt.JOIN_OPS
+    async with pt.open_peer("127.0.0.1", server, trust.client_ssl_context(beta)) as conn:
+        watched = trio.Event(), []
+        conn._pending[777] = watched  # whatever the server sends under id 777 lands here
+        await conn._send_whole(encode_request(777, "cancel", {"id": 12345}), trio.current_time() + 10)
+        for n in range(3):  # later frames are read, and answered, after the cancel
+            assert await conn.request("echo", {"n": n}) == {"n": n, "peer": "beta"}
+        assert not watched[0].is_set() and watched[1] == []
+        assert not conn.lost.is_set()
 
 
 # ---- joining over the network --------------------------------------------------------------------

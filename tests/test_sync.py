@@ -110,10 +110,13 @@ def test_sync_survives_a_peer_killed_midway(three_hosts: list[Host], tmp_path: P
     wait_until(lambda: any(j["done_bytes"] > 0 for j in car.json("jobs")), "the sync to start moving data",
                poll=0.01)
     home.kill9()
+    killed_at = time.time()
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     res = json.loads(out)
     assert res["bytes_from"]["office-pc"] > 0
+    job = next(j for j in car.json("jobs") if j["kind"] == "sync")
+    assert job["finished_at"] > killed_at, "the kill landed after the sync had ended: it tested nothing"
     run("qemu-img", "compare", "-f", "raw", image.as_posix(), car.uri("vm1"))
     assert car.json("verify", "vm1")["ok"]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,7 +79,10 @@ def test_peer_killed_mid_sync_over_slow_links(hosts: list[Host], tmp_path: Path)
     wait_until(lambda: any(j["done_bytes"] > 2 * MiB for j in car.json("jobs")), "the sync to be under way",
                poll=0.02)
     laptop.kill9()
+    killed_at = time.time()
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
+    job = next(j for j in car.json("jobs") if j["kind"] == "sync")
+    assert job["finished_at"] > killed_at, "the kill landed after the sync had ended: it tested nothing"
     run("qemu-img", "compare", "-f", "raw", image.as_posix(), car.uri("vm1"))
     assert car.json("verify", "vm1")["ok"]

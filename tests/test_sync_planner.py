@@ -438,7 +438,9 @@ def test_simulated_sync_random_faults(seed: int, npeers: int, n: int, max_reques
     # only blocks that just the failed peer or the liar hold may be stuck
     good = [p for p in s.peers if p.name not in fail and p.name not in liars]
     assert not any(holds(p, s.owner, sched.stuck).any() for p in good)
-    assert sched.done or fail or liars
+    # nothing is lost: every block is done or stuck (no live holder left), and stuck only with a fault
+    assert sched.remaining_blocks == sched.stuck.size
+    assert sched.done or (fail or liars)
 
 
 # ---- scheduler unit behaviour -----------------------------------------------------------------------------

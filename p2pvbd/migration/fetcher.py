@@ -81,10 +81,13 @@ class SyncProgress:
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     error: str = ""
+    started_at: float = field(default_factory=time.time)  # wall clock, for `jobs` and logs
 
     def as_dict(self) -> dict[str, Any]:
         elapsed = (self.finished or time.monotonic()) - self.started
         return {"disk": self.disk, "phase": self.phase, "total_bytes": self.total_bytes,
+                "started_at": self.started_at,
+                "finished_at": self.started_at + elapsed if self.finished is not None else None,
                 "done_bytes": self.done_bytes, "blocks_fetched": self.blocks_fetched,
                 "zero_blocks": self.zero_blocks, "local_copies": self.local_copies,
                 "bytes_on_wire": self.bytes_on_wire, "map_bytes": self.map_bytes, "duration_s": round(elapsed, 3),
