@@ -9,6 +9,7 @@ builds on exactly these four powers; nothing else writes guest data.
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from typing import Protocol
 
 import trio
 
-from p2pvbd.nbd_codec import NBD_EINVAL, NBD_EIO, NBD_ENOSPC, NBD_EPERM, NBD_ESHUTDOWN
+from p2pvbd.nbd_codec import NBD_EINVAL, NBD_EIO, NBD_ENOSPC, NBD_ENOTSUP, NBD_EPERM, NBD_ESHUTDOWN
 from p2pvbd.replica_store import OutOfRange, ReplicaStore, WriteResult
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ INCOMING_WRITE_HOLD_SECONDS = 30.0
 # Write events buffered per subscriber before it is marked as having overflowed (then it must
 # resynchronise from the version map). 64 Ki events is a few MiB of memory.
 SUBSCRIBER_BUFFER = 65536
+# Host errors that mean "out of space": NBD's spec asks EDQUOT and EFBIG to be reported as NBD_ENOSPC too.
+_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 class ExportMode(enum.Enum):
@@ -233,9 +236,22 @@ class HookController:
         if not await self._apply(name, fua, client, lambda s: s.write(offset, data)):
             await self._forwarder(name).write(offset, data, fua)
 
-    async def write_zeroes(self, name: str, offset: int, length: int, fua: bool = False, client: int = 0) -> None:
-        if not await self._apply(name, fua, client, lambda s: s.write_zeroes(offset, length)):
+    async def write_zeroes(self, name: str, offset: int, length: int, fua: bool = False, client: int = 0, *,
+                           no_hole: bool = False, fast: bool = False) -> None:
+        """Zero a range. ``no_hole``: keep it allocated (NBD_CMD_FLAG_NO_HOLE). ``fast``: fail at once with
+        NBD_ENOTSUP, changing nothing, unless the zeroing beats writing zeros (NBD_CMD_FLAG_FAST_ZERO)."""
+        if fast and not self.zeroes_are_fast(name, offset, length):
+            raise HookError(NBD_ENOTSUP, "zeroing a part of a block is no faster than writing zeros there")
+        if not await self._apply(name, fua, client, lambda s: s.write_zeroes(offset, length, allocate=no_hole)):
+            # The peer op carries no NO_HOLE: the new owner zeroes the range, possibly as holes.
             await self._forwarder(name).write_zeroes(offset, length, fua)
+
+    def zeroes_are_fast(self, name: str, offset: int, length: int) -> bool:
+        """Whether zeroing the range touches whole blocks only (or nothing): those become zero blocks by
+        metadata and a hole punch (plus an allocation), whatever their size; a partial block is a write of zeros."""
+        store = self._require(name).store
+        bs, end = store.block_size, offset + length
+        return length == 0 or (offset % bs == 0 and (end % bs == 0 or end == store.size))
 
     async def trim(self, name: str, offset: int, length: int, fua: bool = False, client: int = 0) -> None:
         if not await self._apply(name, fua, client, lambda s: s.trim(offset, length)):
@@ -267,7 +283,7 @@ class HookController:
             except OutOfRange as e:
                 raise HookError(NBD_ENOSPC, str(e)) from e
             except OSError as e:
-                raise HookError(NBD_EIO, f"write failed: {e}") from e
+                raise HookError(NBD_ENOSPC if e.errno in _NO_SPACE_ERRNOS else NBD_EIO, f"write failed: {e}") from e
             self._publish(name, res)
             if exp.after_write is not None:
                 await exp.after_write(res)

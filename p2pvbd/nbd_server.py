@@ -52,7 +52,11 @@ PREFERRED_BLOCK = 4096
 # The only metadata context we serve; its id is what BLOCK_STATUS replies carry.
 BASE_ALLOCATION = "base:allocation"
 BASE_ALLOCATION_ID = 1
+BASE_NAMESPACE = "base:"  # the query naming the whole base namespace (proto.md, "The base: metadata namespace")
 
+# What a writable export offers (proto.md, "Transmission flags"): the same set as qemu-nbd without DF.
+# FAST_ZERO: zeroing whole blocks is metadata and a hole punch; any other zeroing is refused with ENOTSUP
+# when asked to be fast. CACHE: accepted and checked, with no effect (the spec allows that).
 TRANSMISSION_FLAGS = (
     nbd.NBD_FLAG_HAS_FLAGS
     | nbd.NBD_FLAG_SEND_FLUSH
@@ -60,18 +64,44 @@ TRANSMISSION_FLAGS = (
     | nbd.NBD_FLAG_SEND_TRIM
     | nbd.NBD_FLAG_SEND_WRITE_ZEROES
     | nbd.NBD_FLAG_CAN_MULTI_CONN
+    | nbd.NBD_FLAG_SEND_CACHE
+    | nbd.NBD_FLAG_SEND_FAST_ZERO
 )
+# What an export that refuses writes (a standby replica) offers: READ_ONLY and no write command but FLUSH,
+# as qemu-nbd -r does. The spec ties FAST_ZERO to WRITE_ZEROES: one goes with the other.
+READ_ONLY_FLAGS = (TRANSMISSION_FLAGS | nbd.NBD_FLAG_READ_ONLY) & ~(
+    nbd.NBD_FLAG_SEND_TRIM | nbd.NBD_FLAG_SEND_WRITE_ZEROES | nbd.NBD_FLAG_SEND_FAST_ZERO)
 
-
-# Command flags each command accepts; anything else is EINVAL (proto.md, "Error values").
+# Command flags each command accepts (proto.md, "Command flags"); anything else is EINVAL ("Error values":
+# SHOULD for a flag "not explicitly documented as applicable to the given request"). FUA "is valid for
+# all commands, provided NBD_FLAG_SEND_FUA has been negotiated, in which case the server MUST accept all
+# commands with this bit set": we always offer SEND_FUA. A CACHE the server advertises MUST reject the
+# flags it does not know. FAST_ZERO counts only on a connection that was offered SEND_FAST_ZERO.
 _ALLOWED_FLAGS = {
     nbd.NBD_CMD_READ: nbd.NBD_CMD_FLAG_FUA,
     nbd.NBD_CMD_WRITE: nbd.NBD_CMD_FLAG_FUA,
     nbd.NBD_CMD_FLUSH: nbd.NBD_CMD_FLAG_FUA,
     nbd.NBD_CMD_TRIM: nbd.NBD_CMD_FLAG_FUA,
-    nbd.NBD_CMD_WRITE_ZEROES: nbd.NBD_CMD_FLAG_FUA | nbd.NBD_CMD_FLAG_NO_HOLE,
-    nbd.NBD_CMD_BLOCK_STATUS: nbd.NBD_CMD_FLAG_REQ_ONE,
+    nbd.NBD_CMD_CACHE: nbd.NBD_CMD_FLAG_FUA,
+    nbd.NBD_CMD_WRITE_ZEROES: nbd.NBD_CMD_FLAG_FUA | nbd.NBD_CMD_FLAG_NO_HOLE | nbd.NBD_CMD_FLAG_FAST_ZERO,
+    nbd.NBD_CMD_BLOCK_STATUS: nbd.NBD_CMD_FLAG_FUA | nbd.NBD_CMD_FLAG_REQ_ONE,
 }
+# Commands that write: a READ_ONLY connection answers them EPERM, and only their FUA waits for the disk.
+_WRITES = frozenset({nbd.NBD_CMD_WRITE, nbd.NBD_CMD_WRITE_ZEROES, nbd.NBD_CMD_TRIM})
+
+
+def export_flags(mode: ExportMode) -> int:
+    """Transmission flags for an export in ``mode``: a standby replica refuses writes, so it says read-only;
+    an incoming export holds writes until ownership arrives, so it does not."""
+    return READ_ONLY_FLAGS if mode is ExportMode.STANDBY else TRANSMISSION_FLAGS
+
+
+def allowed_flags(command: int, transmission_flags: int) -> int:
+    """The command flags ``command`` accepts on a connection that was offered ``transmission_flags``."""
+    allowed = _ALLOWED_FLAGS.get(command, 0)
+    if not transmission_flags & nbd.NBD_FLAG_SEND_FAST_ZERO:
+        allowed &= ~nbd.NBD_CMD_FLAG_FAST_ZERO  # spec: "SHOULD fail with NBD_EINVAL" when not offered
+    return allowed
 
 
 # A whole reply: one buffer, or a READ's header and data (sent together, never copied into one).
@@ -114,6 +144,7 @@ class NbdConnection:
         self.ctl = ctl
         self.structured = False
         self.meta_export: str | None = None  # export for which base:allocation was negotiated
+        self.transmission_flags = TRANSMISSION_FLAGS  # as sent at GO / EXPORT_NAME: they bind this connection
         self.client = 0  # this connection's id at the controller, once in transmission
         self.send_lock = trio.Lock()
         self.tasks = trio.Semaphore(MAX_TASKS_PER_CONNECTION)
@@ -165,7 +196,8 @@ class NbdConnection:
                 exp = None
             if exp is None:
                 raise _Disconnect  # the spec's only answer to an unknown EXPORT_NAME
-            await send(nbd.export_name_reply(exp.store.size, TRANSMISSION_FLAGS, no_zeroes))
+            self.transmission_flags = export_flags(exp.mode)
+            await send(nbd.export_name_reply(exp.store.size, self.transmission_flags, no_zeroes))
             return exp.name
         if opt == nbd.NBD_OPT_ABORT:
             await send(nbd.option_reply(opt, nbd.NBD_REP_ACK))
@@ -209,7 +241,8 @@ class NbdConnection:
         if exp is None:
             await self.stream.send_all(nbd.option_error(opt, nbd.NBD_REP_ERR_UNKNOWN, f"no export {req.name!r}"))
             return None
-        out = [nbd.info_export(opt, exp.store.size, TRANSMISSION_FLAGS)]
+        flags = export_flags(exp.mode)
+        out = [nbd.info_export(opt, exp.store.size, flags)]
         if nbd.NBD_INFO_NAME in req.info_types:
             out.append(nbd.info_name(opt, exp.name))
         # Always sent: it tells clients (qemu, nbdcopy) the best request sizes.
@@ -217,6 +250,7 @@ class NbdConnection:
         out.append(nbd.option_reply(opt, nbd.NBD_REP_ACK))
         await self.stream.send_all(b"".join(out))
         if opt == nbd.NBD_OPT_GO:
+            self.transmission_flags = flags
             if self.meta_export is not None and self.meta_export != exp.name:
                 self.meta_export = None
             return exp.name
@@ -224,10 +258,14 @@ class NbdConnection:
 
     async def _meta_context(self, ev: nbd.OptionRequest) -> None:
         opt = ev.option
+        if opt == nbd.NBD_OPT_SET_META_CONTEXT:
+            # SET "replaces all previously-set metadata contexts (including when this command fails)": nothing
+            # stays selected unless this one succeeds and selects.
+            self.meta_export = None
         try:
             req = nbd.parse_meta_context_request(ev.data)
         except nbd.OptionPayloadError as e:
-            await self.stream.send_all(nbd.option_error(opt, nbd.NBD_REP_ERR_INVALID, str(e)))
+            await self.stream.send_all(nbd.option_error(opt, e.reply_type, str(e)))
             return
         if opt == nbd.NBD_OPT_SET_META_CONTEXT and not self.structured:
             await self.stream.send_all(
@@ -238,15 +276,15 @@ class NbdConnection:
             await self.stream.send_all(
                 nbd.option_error(opt, nbd.NBD_REP_ERR_UNKNOWN, f"no export {req.export_name!r}"))
             return
-        queries = req.queries
-        if opt == nbd.NBD_OPT_LIST_META_CONTEXT and not queries:
-            queries = [BASE_ALLOCATION]
-        matched = any(q in (BASE_ALLOCATION, "base:") for q in queries)
         out = []
-        if matched:
+        if opt == nbd.NBD_OPT_LIST_META_CONTEXT:
+            # No query lists every context; "base:" MUST work as a wildcard for the base namespace. The ID
+            # in LIST replies "is reserved and SHOULD be set to zero".
+            if not req.queries or any(q in (BASE_ALLOCATION, BASE_NAMESPACE) for q in req.queries):
+                out.append(nbd.rep_meta_context(opt, 0, BASE_ALLOCATION))
+        elif BASE_ALLOCATION in req.queries:  # the bare "base:" MUST be ignored by SET: it selects nothing
             out.append(nbd.rep_meta_context(opt, BASE_ALLOCATION_ID, BASE_ALLOCATION))
-        if opt == nbd.NBD_OPT_SET_META_CONTEXT:
-            self.meta_export = exp.name if matched else None
+            self.meta_export = exp.name
         out.append(nbd.option_reply(opt, nbd.NBD_REP_ACK))
         await self.stream.send_all(b"".join(out))
 
@@ -303,7 +341,7 @@ class NbdConnection:
         # After NBD_CMD_DISC the nursery waited for requests in flight: every accepted one was answered.
 
     def _needs_task(self, export: str, req: nbd.Request) -> bool:
-        if req.type == nbd.NBD_CMD_FLUSH or req.flags & nbd.NBD_CMD_FLAG_FUA:
+        if req.type == nbd.NBD_CMD_FLUSH or (req.flags & nbd.NBD_CMD_FLAG_FUA and req.type in _WRITES):
             return True
         exp = self.ctl.get(export)
         if exp is None or exp.frozen or exp.forward is not None or exp.read_through is not None:
@@ -376,8 +414,12 @@ class NbdConnection:
     async def _dispatch(self, export: str, size: int, req: nbd.Request) -> _Reply:
         t, off, n, ctl = req.type, req.offset, req.length, self.ctl
         fua = bool(req.flags & nbd.NBD_CMD_FLAG_FUA)
-        if req.flags & ~_ALLOWED_FLAGS.get(t, 0):
+        if req.flags & ~allowed_flags(t, self.transmission_flags):
             return self._error(req, nbd.NBD_EINVAL, "command flag not supported for this command")
+        if t in _WRITES and self.transmission_flags & nbd.NBD_FLAG_READ_ONLY:
+            # The spec: with READ_ONLY sent "the server MUST error subsequent write operations", even if the
+            # export has become writable since; EPERM is the error it names for a read-only export.
+            return self._error(req, nbd.NBD_EPERM, "this connection was opened read-only")
         if req.oversized and t in (nbd.NBD_CMD_READ, nbd.NBD_CMD_WRITE):
             # No payload larger than the cap is ever buffered; the spec asks EINVAL for both
             # (EOVERFLOW is for structured reads the server could not split).
@@ -399,12 +441,18 @@ class NbdConnection:
                 assert req.data is not None
                 await ctl.write(export, off, req.data, fua, client=self.client)
             elif t == nbd.NBD_CMD_WRITE_ZEROES:
-                await ctl.write_zeroes(export, off, n, fua, client=self.client)
+                await ctl.write_zeroes(export, off, n, fua, client=self.client,
+                                       no_hole=bool(req.flags & nbd.NBD_CMD_FLAG_NO_HOLE),
+                                       fast=bool(req.flags & nbd.NBD_CMD_FLAG_FAST_ZERO))
             else:
                 await ctl.trim(export, off, n, fua, client=self.client)
             return nbd.simple_reply(req.cookie)
         if t == nbd.NBD_CMD_FLUSH:
             await ctl.flush(export, client=self.client)
+            return nbd.simple_reply(req.cookie)
+        if t == nbd.NBD_CMD_CACHE:  # a hint with no effect here; its range is checked like a READ's
+            if off + n > size:
+                return self._error(req, nbd.NBD_EINVAL, "cache request past the end of the disk")
             return nbd.simple_reply(req.cookie)
         if t == nbd.NBD_CMD_BLOCK_STATUS:
             if self.meta_export != export or not self.structured:

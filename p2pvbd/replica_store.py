@@ -139,6 +139,9 @@ class ReplicaStore:
         self._versions: npt.NDArray[np.uint64] = meta["version"]
         self._hashes: npt.NDArray[np.uint8] = meta["hash"]
         self._dirty: set[int] = set()  # written blocks whose hash is not known yet
+        # Blocks partly zeroed with allocate=True (NBD's NO_HOLE): settling them keeps them allocated even if
+        # they turn out to be all zeros. Entries go when the block is settled; a stale one only spares a hole.
+        self._keep_allocated: set[int] = set()
         self._tree = MapTree(self._n, self._bs, self._size)
         self._changed_leaves = np.zeros(self._tree.sizes[0], np.bool_)  # records that differ from meta.bin
         self._held = 0  # blocks at a version above 0
@@ -291,8 +294,12 @@ class ReplicaStore:
             self.flush()
         return WriteResult(first, last, v)
 
-    def write_zeroes(self, offset: int, length: int, fua: bool = False) -> WriteResult:
-        """Whole blocks become zero blocks (hole, known hash); partial edge blocks are ordinary writes."""
+    def write_zeroes(self, offset: int, length: int, fua: bool = False, allocate: bool = False) -> WriteResult:
+        """Whole blocks become zero blocks (hole, known hash); partial edge blocks are ordinary writes.
+
+        ``allocate`` keeps the range provisioned in the data file (NBD's NO_HOLE: later writes there must not
+        fail for lack of space): whole blocks are punched, then allocated again, and the partial ones are not
+        punched when settled. The metadata is the same either way: a zero block is a zero block."""
         bs = self._bs
         with self._lock:
             self._check_range(offset, length)
@@ -307,6 +314,8 @@ class ReplicaStore:
                                   + [journal_record(ZERO, a, b - a, v)] * (b > a)))
             self._set_versions(first, last, v)
             self._dirty.update(partial)
+            if allocate:
+                self._keep_allocated.update(partial)
             store_journal.set_zero_hashes(self._hashes, a, b, bs, self._tail)
             if self._dirty and b > a:
                 self._dirty = {i for i in self._dirty if not a <= i < b}
@@ -315,6 +324,8 @@ class ReplicaStore:
                     lo, hi = max(offset, i * bs), min(end, (i + 1) * bs)
                     pwrite_all(self._data_fd, self._zeros[:hi - lo], lo)
                 punch_hole(self._data_fd, a * bs, min(b * bs, self._size) - a * bs)
+                if allocate and b > a:  # punched first: allocating alone would keep the old data
+                    os.posix_fallocate(self._data_fd, a * bs, min(b * bs, self._size) - a * bs)
             except BaseException:
                 self._dirty.update(range(a, b))  # content unknown now: settling will find out
                 raise
@@ -635,7 +646,8 @@ class ReplicaStore:
     def _settle(self, indexes: Iterable[int], known: dict[int, tuple[int, bytes, bool]] | None = None,
                 only_known: bool = False) -> None:
         """Hash dirty blocks (or take still-valid _prehash results; with ``only_known`` nothing else)
-        and journal the hashes; all-zero blocks become holes, which leaves their content unchanged."""
+        and journal the hashes; all-zero blocks become holes (unless kept allocated), which leaves their content
+        unchanged."""
         order, recs = [], []
         for i in sorted(indexes):
             pre = (known or {}).get(i)
@@ -646,7 +658,7 @@ class ReplicaStore:
             else:
                 digest, is_zero = self._read_and_hash(i)
             order.append(i)
-            if is_zero:
+            if is_zero and i not in self._keep_allocated:
                 punch_hole(self._data_fd, i * self._bs, self._block_len(i))
             self._hashes[i] = np.frombuffer(digest, np.uint8)
             self._tree.touch(i, i, 0)  # the leaf's digest covers hashes too
@@ -654,6 +666,8 @@ class ReplicaStore:
             recs.append(journal_record(SETTLE, i, 1, int(self._versions[i]), digest))
         self._append(b"".join(recs))
         self._dirty.difference_update(order)
+        if self._keep_allocated:
+            self._keep_allocated.difference_update(order)
 
     def _recover(self, journals: list[bytes], clean: bool) -> None:
         """Redo the journals over meta.bin: trust what a SYNC vouches for, re-check the rest against the data.

@@ -127,6 +127,17 @@ def run(*cmd: str, check: bool = True, timeout: float = 300, **kw: Any) -> subpr
     return res
 
 
+# What qemu-io prints when a standby export refuses a write: "Permission denied" when it refuses to open an export
+# flagged NBD_FLAG_READ_ONLY read-write, "Operation not permitted" (EPERM) for a write on a connection that was
+# told the export was writable.
+WRITE_REFUSALS = ("Permission denied", "Operation not permitted")
+
+
+def write_refused(res: subprocess.CompletedProcess[str]) -> bool:
+    """Whether a qemu-io write was refused by the export (not failed for some other reason)."""
+    return res.returncode != 0 and any(r in res.stdout + res.stderr for r in WRITE_REFUSALS)
+
+
 def system_python() -> str:
     """python3-libnbd is a Debian package: it imports only under the system interpreter."""
     return "/usr/bin/python3"

@@ -43,12 +43,13 @@ def _eval_size(token: str) -> str:
     return str(total)
 
 
-def qemu_io(uri: str, *commands: str, check: bool = True) -> str:
+def qemu_io(uri: str, *commands: str, check: bool = True, read_only: bool = False) -> str:
     """Run qemu-io commands on the export; with check, fail on a non-zero exit or any failed command.
 
-    Some qemu-io versions exit 0 after "Pattern verification failed", so its output is checked too.
+    Some qemu-io versions exit 0 after "Pattern verification failed", so its output is checked too. A standby
+    export is flagged read-only, and qemu-io opens those only with ``read_only``.
     """
-    args = ["qemu-io", "-f", "raw"]
+    args = ["qemu-io", "-f", "raw"] + (["-r"] if read_only else [])
     for c in commands:
         args += ["-c", " ".join(map(_eval_size, c.split()))]
     res = run(*args, uri, check=False, timeout=HANG_GUARD)
@@ -190,7 +191,7 @@ def test_nbdinfo_json_reports_size_and_capabilities(host: Host, disk: str) -> No
     (export,) = info["exports"]
     assert export["export-name"] == disk
     assert export["export-size"] == DISK_SIZE
-    for cap in ("can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn"):
+    for cap in ("can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn", "can_cache", "can_fast_zero"):
         assert export[cap] is True, (cap, export)
     assert export["is_read_only"] is False
     assert "base:allocation" in export["contexts"]
@@ -414,7 +415,9 @@ for case in cases:
         "trim_zero_length": lambda: h.trim(0, 4096),
         "read_zero_length": lambda: h.pread(0, 4096),
         "read_flag_df_not_negotiated": lambda: h.pread(4096, 0, nbd.CMD_FLAG_DF),
-        "zero_flag_fast_zero_not_negotiated": lambda: h.zero(4096, 8192, nbd.CMD_FLAG_FAST_ZERO),
+        "trim_flag_fast_zero": lambda: h.trim(65536, 0, nbd.CMD_FLAG_FAST_ZERO),
+        "zero_flag_fast_zero_part_of_block": lambda: h.zero(8192, 4096, nbd.CMD_FLAG_FAST_ZERO),
+        "zero_flag_fast_zero_whole_blocks": lambda: h.zero(1 << 20, 1 << 20, nbd.CMD_FLAG_FAST_ZERO),
         "write_flag_req_one": lambda: h.pwrite(b"y" * 512, MiB, nbd.CMD_FLAG_REQ_ONE),
         "read_undefined_flag_bit7": lambda: h.pread(512, 0, 1 << 7),
     }[case]
@@ -482,13 +485,23 @@ def test_libnbd_zero_length_read_structured_keeps_the_connection(host: Host, dis
 
 
 def test_libnbd_unsupported_command_flags_fail_with_einval(host: Host, disk: str) -> None:
-    cases = ["read_flag_df_not_negotiated", "zero_flag_fast_zero_not_negotiated", "write_flag_req_one",
-             "read_undefined_flag_bit7"]
+    cases = ["read_flag_df_not_negotiated", "trim_flag_fast_zero", "write_flag_req_one", "read_undefined_flag_bit7"]
     r = libnbd(INVALID, host.uri(disk), "1", *cases)
     for case in cases:
         assert r[case]["after"] == "ok", (case, r[case])
     for case in cases:
         assert r[case]["error"] == "EINVAL", (case, r[case])
+
+
+def test_libnbd_fast_zero_is_refused_unless_it_covers_whole_blocks(host: Host, disk: str) -> None:
+    """Spec: with FAST_ZERO the server "MUST fail quickly with NBD_ENOTSUP unless the request can be serviced in
+    less time than a corresponding NBD_CMD_WRITE"; zeroing part of a 64 KiB block is a write of zeros."""
+    cases = ["zero_flag_fast_zero_part_of_block", "zero_flag_fast_zero_whole_blocks"]
+    r = libnbd(INVALID, host.uri(disk), "1", *cases)
+    assert r["zero_flag_fast_zero_part_of_block"]["error"] == "ENOTSUP", r
+    assert r["zero_flag_fast_zero_whole_blocks"]["error"] is None, r
+    for case in cases:
+        assert r[case]["after"] == "ok" and r[case]["untouched"] is True, (case, r[case])
 
 
 def test_libnbd_trim_past_end_fails_with_einval(host: Host, disk: str) -> None:

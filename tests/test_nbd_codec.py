@@ -145,6 +145,9 @@ def test_constants_match_spec() -> None:
     assert (nbd.NBD_CMD_FLAG_FUA, nbd.NBD_CMD_FLAG_NO_HOLE, nbd.NBD_CMD_FLAG_REQ_ONE) == (1, 2, 8)
     assert (nbd.NBD_FLAG_SEND_FLUSH, nbd.NBD_FLAG_SEND_FUA, nbd.NBD_FLAG_SEND_TRIM) == (4, 8, 32)
     assert nbd.NBD_FLAG_SEND_WRITE_ZEROES == 64
+    # What the export offers since it follows qemu-nbd: read-only standbys, CACHE and fast zeroes.
+    assert (nbd.NBD_FLAG_READ_ONLY, nbd.NBD_FLAG_SEND_CACHE, nbd.NBD_FLAG_SEND_FAST_ZERO) == (2, 1024, 2048)
+    assert (nbd.NBD_CMD_CACHE, nbd.NBD_CMD_FLAG_FAST_ZERO, nbd.NBD_REP_META_CONTEXT) == (5, 16, 4)
     errs = [nbd.NBD_EPERM, nbd.NBD_EIO, nbd.NBD_ENOMEM, nbd.NBD_EINVAL, nbd.NBD_ENOSPC]
     assert [*errs, nbd.NBD_EOVERFLOW, nbd.NBD_ENOTSUP, nbd.NBD_ESHUTDOWN] == [1, 5, 12, 22, 28, 75, 95, 108]
     assert (nbd.NBD_STATE_HOLE, nbd.NBD_STATE_ZERO) == (1, 2)

@@ -17,8 +17,9 @@ from tests.test_swarm import wait_until
 MiB = 1 << 20
 
 
-def qemu_io(uri: str, *commands: str) -> None:
-    args = ["qemu-io", "-f", "raw"]
+def qemu_io(uri: str, *commands: str, read_only: bool = False) -> None:
+    """Run qemu-io commands; a standby export is flagged read-only and opens only with ``read_only``."""
+    args = ["qemu-io", "-f", "raw"] + (["-r"] if read_only else [])
     for c in commands:
         args += ["-c", c]
     run(*args, uri)
