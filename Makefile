@@ -6,7 +6,7 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 PYTHON      ?= python3
 # Real NBD clients and kernel plumbing the tests drive (nobody here wrote them).
-DEB_PACKAGES := qemu-utils libnbd-bin python3-libnbd fio nbdkit fuse3 e2fsprogs util-linux iproute2 nftables
+DEB_PACKAGES := qemu-utils libnbd-bin python3-libnbd fio nbdkit fuse3 python3-pyfuse3 e2fsprogs util-linux iproute2 nftables
 
 .PHONY: demo test test-all soak lint bench deps venv clean
 
