@@ -112,7 +112,15 @@ def test_reused_and_bad_tokens_are_refused(make_host: Callable[..., Host], tmp_p
 def test_a_host_of_another_swarm_cannot_get_in(make_host: Callable[..., Host]) -> None:
     office = make_host("office-pc")
     office.cli("disk", "create", "secret", "--size", "1M")
-    stranger = make_host("stranger")  # its own `init`: another swarm, another CA
+    # Its own `init`: another swarm, another CA; but it bootstraps toward office-pc, exactly as a member
+    # would, so its index traffic reaches office-pc and would be answered were it accepted.
+    stranger = make_host("stranger", start=False)
+    config = stranger.home / "config.toml"
+    config.write_text(config.read_text().replace("bootstrap = []", f'bootstrap = ["127.0.0.1:{office.port}"]'))
+    stranger.start()
+    home = make_host("home-pc", join=invite(office))  # the control: a member bootstrapping the same way sees it
+    wait_until(lambda: "secret" in disk_names(home), "home-pc to see office-pc's disk")
+    assert f"joining the index through 127.0.0.1:{office.port}" in stranger.log_tail(200)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -127,6 +135,9 @@ def test_a_host_of_another_swarm_cannot_get_in(make_host: Callable[..., Host]) -
                     raise ConnectionResetError("closed")
     assert office.alive()
     assert "secret" not in disk_names(stranger)
+    res = stranger.cli("sync", "secret", check=False, timeout=120)
+    assert res.returncode != 0 and "no disk named" in res.stderr, res.stderr
+    assert "stranger" not in {p["name"] for p in office.json("peers")}
 
 
 def test_garbage_to_the_peer_and_dht_ports_does_not_stop_the_daemon(swarm: list[Host]) -> None:
