@@ -444,9 +444,18 @@ class ReplicaStore:
         blocks = np.asarray(blocks, np.int64)
         if blocks.size and (blocks[0] < 0 or blocks[-1] >= self._n or (np.diff(blocks) <= 0).any()):
             raise OutOfRange(f"block list must be sorted, unique and inside disk {self._name!r}")
+        return self._settled_records(blocks)
+
+    def _settled_records(self, blocks: npt.NDArray[np.int64]) -> npt.NDArray[Any]:
+        """The records of ``blocks`` with every hash settled. Hashing runs outside the lock first; a block
+        rewritten in between is dirty again (a new version beside the old content's hash, a pair no peer
+        could ever deliver), so the few such blocks are hashed again under the lock."""
         self._settle_blocks(blocks)
         with self._lock:
             self._check_open()
+            late = self._dirty_among(blocks)
+            if late:
+                self._settle(late)
             return canonical(self._meta[blocks])
 
     def changes_since(self, since: int, start_leaf: int = 0, max_blocks: int = 1 << 17
@@ -464,10 +473,7 @@ class ReplicaStore:
             nxt = int(leaves[per_page]) if leaves.size > per_page else None
             blocks = leaf_blocks(leaves[:per_page], self._n)
             blocks = blocks[self._versions[blocks] > np.uint64(since)]
-        self._settle_blocks(blocks)
-        with self._lock:
-            self._check_open()
-            return generation, blocks, canonical(self._meta[blocks]), nxt
+        return generation, blocks, self._settled_records(blocks), nxt
 
     def changed_blocks(self, since: int, upto: int | None = None) -> tuple[npt.NDArray[np.int64], int]:
         """Blocks whose version is in (since, upto] (upto: now), and the counter at the time of the answer."""

@@ -683,3 +683,30 @@ def test_a_first_format_state_json_is_read_and_moved(tmp_path: Path) -> None:
     with ReplicaStore.open(d) as s:
         assert (s.owner, s.epoch) == ("office-pc", 4) and s.read(0, 3) == b"abc"
     assert not (d / store_files.LEGACY_STATE_FILE).exists() and (d / store_files.STATE_FILE).exists()
+
+
+@pytest.mark.parametrize("query", ["map_entries", "changes_since"])
+def test_a_block_rewritten_while_its_record_is_read_is_never_paired_with_the_old_hash(tmp_path: Path,
+                                                                                      query: str) -> None:
+    """Records are hashed outside the lock first; a guest write landing in between must not yield the new
+    version with the old content's hash: no peer could deliver that pair, and the block would be lost to a
+    pull (every holder's copy looks wrong)."""
+    s = make(tmp_path)
+    s.write(0, b"a" * BS)  # dirty: its hash is due
+    settle = s._settle_blocks
+
+    def racing(blocks: np.ndarray) -> None:
+        settle(blocks)
+        s.write(0, b"b" * BS)  # the guest, between the hashing and the read of the records
+
+    s._settle_blocks = racing  # type: ignore[method-assign]
+    if query == "map_entries":
+        records = s.map_entries(np.array([0]))
+    else:
+        _, blocks, records, _ = s.changes_since(0)
+        assert blocks.tolist()[0] == 0
+    s._settle_blocks = settle  # type: ignore[method-assign]
+    version, digest = int(records["version"][0]), records["hash"][0].tobytes()
+    assert version == s.counter == 2
+    assert digest == block_hash(b"b" * BS) == s.read_block(0).hash
+    s.close()
