@@ -130,11 +130,15 @@ def _console() -> Any:
 
 def cmd_daemon(args: argparse.Namespace) -> None:
     from p2pvbd.daemon import run_daemon  # trio is only imported where it runs
+    from p2pvbd.failpoints import FailpointError
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         filename=args.log_file)
-    run_daemon(_home(args))
+    try:
+        run_daemon(_home(args))
+    except FailpointError as e:
+        _fail(str(e))
 
 
 def cmd_stop(args: argparse.Namespace) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from p2pvbd import invites, trust
+from p2pvbd import failpoints, invites, trust
 from p2pvbd.control import ControlError, serve_control
 from p2pvbd.home import Config, Home, HomeError, check_name, parse_hostport
 from p2pvbd.kernel_hook_ctl import ExportMode, HookController
@@ -356,8 +356,11 @@ async def _main(home: Home, config: Config) -> None:
 
 
 def run_daemon(home: Home) -> None:
-    """Foreground entry point: lock the home, serve until SIGTERM/SIGINT, close every store cleanly."""
+    """Foreground entry point: lock the home, serve until SIGTERM/SIGINT, close every store cleanly.
+
+    Raises failpoints.FailpointError before anything starts when the test hook's variable does not parse."""
     config = home.load_config()
+    failpoints.configure(os.environ)
     fd = _lock_home(home)
     try:
         trio.run(_main, home, config)

@@ -27,6 +27,7 @@ import numpy.typing as npt
 import trio
 import zstandard
 
+from p2pvbd import failpoints
 from p2pvbd.kernel_hook_ctl import Export, ExportMode, HookError
 from p2pvbd.nbd_codec import NBD_EIO
 from p2pvbd.peer_transport import PeerError
@@ -293,6 +294,7 @@ async def _bulk(conn: PeerConnection, disk: str, progress: MigrationProgress) ->
     """The destination pulls every missing or stale block from all holders at once."""
     progress.phase = "bulk"
     job = (await conn.request("migrate_pull", {"disk": disk}))["job"]
+    await failpoints.pause("migrate.bulk")
     while True:
         res = await conn.request("migrate_job", {"job": job})
         progress.total_bytes, progress.done_bytes = res["total_bytes"], res["done_bytes"]
@@ -323,6 +325,7 @@ async def _mirror(exp: Export, shipper: Shipper, dirty: DirtyBlocks, mode: str, 
     if mode == "sync":
         exp.after_write = _sync_hook(shipper, dirty)
         dirty.upto = exp.store.counter  # read after the hook is set: later writes ship themselves
+    await failpoints.pause("migrate.mirror")
 
     def fits() -> bool:
         return not len(dirty) or (shipper.rate_known and len(dirty) * bs <= shipper.rate * budget_s)
@@ -428,9 +431,10 @@ async def _switchover(swarm: Swarm, conn: PeerConnection, exp: Export, shipper: 
     # commit's outcome is known.
     ctl.set_mode(disk, ExportMode.INCOMING)
     exp.after_write = None
-    step("freeze")
     outcome: bool | None = False
     try:
+        await failpoints.pause("migrate.switchover")  # inside the try: a cancelled pause still thaws
+        step("freeze")
         dirty.collect()  # in sync mode, writes after `upto` were shipped before their acknowledgement
         n_dirty = len(dirty)
         await shipper.ship(dirty.take())

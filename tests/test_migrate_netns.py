@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from p2pvbd import failpoints
 from p2pvbd.migrate import COMMIT_TIMEOUT
-from p2pvbd.migration.target import FAULT_COMMIT_STALL_ENV
 from p2pvbd.swarm.node import FAULT_CORRUPT_ENV
 from tests import test_migrate_faults as faults
 from tests.daemons import BIN, Host, run, write_refused
@@ -40,8 +40,8 @@ R1 = (0, 8 * MiB)
 R2 = (10 * MiB, 6 * MiB)
 R3 = (2 * MiB, 2 * MiB)
 SEED = 20240601  # fixes the random disk contents, so a failure can be replayed
-# The destination sleeps this long between making a commit durable and answering it (set through
-# FAULT_COMMIT_STALL_ENV): the window in which only it knows the outcome; a few polls of `disk list` fit.
+# The destination sleeps this long between making a commit durable and answering it (its failpoint
+# migrate.commit_answer): the window in which only it knows the outcome; a few polls of `disk list` fit.
 COMMIT_STALL_SECONDS = 3
 # Partitions: one outlasts the stall, so the destination's answer is held up by the cut and arrives
 # late; the other also outlasts the source's commit timeout, so the source must ask for the outcome.
@@ -199,7 +199,7 @@ def test_partition_while_only_the_destination_knows_the_commit(lan: tuple[Networ
     wait_until(lambda: visible(home, disk), "home-pc to see the disk")
     sync(home, disk)  # a third replica, which must refuse writes throughout
     car.stop()
-    car.start(env={FAULT_COMMIT_STALL_ENV: str(COMMIT_STALL_SECONDS)})
+    car.start(env={failpoints.ENV: f"migrate.commit_answer={COMMIT_STALL_SECONDS}"})
     try:
         wait_until(lambda: visible(car, disk, holders=2), "car-pc to see both holders")
         guest = faults.LoggingGuest(office.uri(disk), tmp_path, SEED)

@@ -9,7 +9,6 @@ source's counter persisted) before the answer leaves.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 import zstandard
 
+from p2pvbd import failpoints
 from p2pvbd.kernel_hook_ctl import Export, ExportMode, HookError
 from p2pvbd.migrate import PeerForwarder, hand_over, pending_path, read_pending, record_hand_over
 from p2pvbd.nbd_codec import NBD_EPERM
@@ -38,9 +38,6 @@ log = logging.getLogger(__name__)
 MAX_MISSING_REPLY = MAX_ENTRY_BLOCKS
 # A restarted source asks the destination of its unfinished migration this often until it answers.
 RESOLVE_RETRY_SECONDS = 2.0
-# Fault injection for tests: the destination sleeps this long between making a commit durable and
-# answering it, so a test can cut the link exactly when only the destination knows the outcome.
-FAULT_COMMIT_STALL_ENV = "P2PVBD_FAULT_COMMIT_STALL"
 # Guest I/O relayed along a chain of hand-overs: a disk that moved office -> car -> home -> office has
 # 3 hops; more means two hosts point at each other and the request must fail, not loop.
 MAX_FORWARD_HOPS = 4
@@ -64,7 +61,6 @@ class MigrationTarget:
         # commit, status and abort of one disk never interleave: "not committed" must stay true once said
         self._outcome_locks: dict[str, trio.Lock] = {}
         self._resolving: set[str] = set()
-        self._commit_stall = float(os.environ.get(FAULT_COMMIT_STALL_ENV) or 0)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -188,8 +184,7 @@ class MigrationTarget:
             self._end_incoming(disk, ExportMode.PRIMARY)
             log.info("took %s over from %s at epoch %d (commit %.1f ms)", disk, peer, epoch,
                      (time.perf_counter() - start) * 1000)
-            if self._commit_stall:
-                await trio.sleep(self._commit_stall)
+            await failpoints.pause("migrate.commit_answer")  # a test hook, nothing normally
             return {"committed": True}
 
     async def status(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
