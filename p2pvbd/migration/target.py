@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 MAX_MISSING_REPLY = MAX_ENTRY_BLOCKS
 # A restarted source asks the destination of its unfinished migration this often until it answers.
 RESOLVE_RETRY_SECONDS = 2.0
+# An incoming migration asks its source this often whether it still runs it: a source that restarted
+# before its switchover, or whose abort was lost in a partition, never says it stopped. A writer held at
+# this host then waits about this long, not the whole hold (INCOMING_WRITE_HOLD_SECONDS, 30 s), before it
+# is refused; one small request per interval costs the source what a `status` does.
+SOURCE_CHECK_SECONDS = 5.0
 # Guest I/O relayed along a chain of hand-overs: a disk that moved office -> car -> home -> office has
 # 3 hops; more means two hosts point at each other and the request must fail, not loop.
 MAX_FORWARD_HOPS = 4
@@ -104,10 +109,33 @@ class MigrationTarget:
             if (exp.store.owner, exp.store.epoch) != (peer, epoch):
                 await trio.to_thread.run_sync(exp.store.set_owner, peer, epoch)
             ctl.set_mode(disk, ExportMode.INCOMING)
-        self.incoming[disk] = Incoming(peer, epoch)
+        inc = self.incoming[disk] = Incoming(peer, epoch)
         exp.read_through = PeerForwarder(self.swarm, peer, disk)
         self.swarm.request_publish()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._watch_source, disk, inc)
         return {"host": self.swarm.name}
+
+    async def _watch_source(self, disk: str, inc: Incoming) -> None:
+        """End ``inc`` once its source says it no longer migrates ``disk`` here (its map summary names the
+        migration it runs). An unreachable source may still be migrating: only its answer ends ``inc``."""
+        while True:
+            await trio.sleep(SOURCE_CHECK_SECONDS)
+            if self.incoming.get(disk) is not inc:
+                return  # committed, aborted or prepared again
+            try:
+                conn = await self.swarm.connect(inc.source)
+                reply = await conn.request("map_summary", {"disk": disk}, timeout=SOURCE_CHECK_SECONDS)
+            except PeerError:
+                continue
+            running = reply.get("migration")
+            if isinstance(running, dict) and running.get("to") == self.swarm.name:
+                continue
+            async with self._outcome_lock(disk):
+                if self.incoming.get(disk) is inc:
+                    log.info("%s: %s no longer migrates it here; dropping the incoming migration", disk, inc.source)
+                    self._abort(inc.source, disk)
+            return
 
     async def pull(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
         from p2pvbd.migration.fetcher import SyncProgress
