@@ -45,7 +45,7 @@ bench: deps venv
 	$(PY) bench/migration.py
 	$(PY) bench/scale.py --json docs/scale.json
 
-# The migration fault schedules, all 200 seeds.
+# The migration fault tests: the schedule of `make test` and 180 random runs.
 soak: deps venv
 	$(VENV)/bin/pytest -m '' tests/test_migrate_faults.py
 

@@ -1,20 +1,28 @@
 """Live migration under faults: kill -9 or a link cut of the source, the destination or a helper peer.
 
-Each seed draws a mode (async/sync), a fault, a victim and a moment (a delay after `migrate` started, or
-the moment the source's `jobs` reports a given phase), and injects the fault while a guest writes to the
-source. The fault is kill -9 then a restart or, when network namespaces can be made here (root), also a
-cut of the victim's link for 0.5-4 s: a cut resets nothing, so the hosts must ride it out on their own
-timeouts. Then the test checks:
+`make test` runs an explicit schedule: every fault (kill -9 then a restart; when network namespaces can
+be made here (root), also a cut of the victim's link for 0.5-4 s) against every victim (source,
+destination, helper) in every phase of the migration (bulk, mirror, switchover), once each, with ids
+like ``kill-source-switchover``. The source runs with a failpoint (p2pvbd/failpoints.py) that pauses
+it at the start of that case's phase, after `jobs` shows the phase: the test polls the source's jobs
+through the control socket and strikes inside the pause, and asserts the phase it saw is the one
+intended (a migration that got past it first fails the case). `make soak` adds 180 random seeds, each
+drawing a mode, a fault, a victim and a moment (a delay after `migrate` started, or the moment the
+source's `jobs` reports a phase or a later one), with no failpoint.
 
-1. exactly one owner: every host's `status` names the same owner and epoch; a write through a new
-   connection succeeds there and is refused on every other host holding a replica (a standby export is
+A cut resets nothing, so the hosts must ride it out on their own timeouts. After every fault the test
+checks:
+
+1. exactly one owner: every host's `status` names the same owner and epoch, no host is left waiting
+   for the migration (an incoming replica would hold writers); a write through a new connection
+   succeeds at the owner and is refused on every other host holding a replica (a standby export is
    flagged read-only, so qemu-io is refused at open; a connection told otherwise gets EPERM);
 2. every write the guest saw acknowledged is at the owner (a write in flight when it broke may be either);
 3. an interrupted migration leaves the source the owner, its guest's writes accepted, and `migrate`
    run again succeeds.
 
-With namespaces the hosts sit behind shaped links (the bulk copy of the 8 MiB disk then lasts 1-2 s, so
-faults land inside it); without, they share the loopback and only kills are drawn.
+With namespaces the hosts sit behind shaped links (the bulk copy of the 8 MiB disk then lasts 1-2 s);
+without, they share the loopback and only kills run.
 """
 
 from __future__ import annotations
@@ -25,11 +33,15 @@ import struct
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from p2pvbd import failpoints
+from p2pvbd.control import call
+from p2pvbd.home import CONTROL_SOCKET
 from tests.daemons import BIN, Host, run, system_python, write_refused
 from tests.netns import Network, unavailable_reason
 from tests.test_swarm import wait_until
@@ -38,13 +50,30 @@ from tests.test_sync import sync, visible
 BLOCK = 64 * 1024
 BLOCKS = 128  # an 8 MiB disk
 PHASES = ("bulk", "mirror", "switchover")
-# An 8 MiB migration takes 0.5-1.5 s on loopback and 1-2 s over the shaped links below: strike within
-# that, most of the time.
+# Every phase a migration's job reports, in order; anything else ("done", "failed") means it ended.
+JOB_PHASES = ("prepare", *PHASES)
+FAULTS = ("kill", "cut")
+# An 8 MiB migration takes 0.5-1.5 s on loopback and 1-2 s over the shaped links below: a random
+# soak seed strikes within that, most of the time.
 MAX_DELAY = {"loopback": 1.5, "netns": 2.0}
-VICTIMS = ("office-pc", "car-pc", "home-pc")  # the source, the destination, a helper peer with a replica
+VICTIMS = ("office-pc", "car-pc", "home-pc")
+ROLES = {"office-pc": "source", "car-pc": "destination", "home-pc": "helper"}  # home-pc holds a replica
 # A cut lasts long enough for TCP's retransmissions to back off (several RTOs) and short enough that no
 # request timeout of the daemons (10 s and more) has to expire for the migration to finish.
 CUT_SECONDS = (0.5, 4.0)
+# A killed host stays down up to this long before it is restarted.
+KILL_DOWN_SECONDS = 1.0
+# The source's failpoint pause at the start of a scheduled case's phase. The poll sees the phase within
+# POLL_SECONDS plus one control round trip (a millisecond or so), and the strike itself is a signal or
+# one `ip link` command (~10 ms): a second leaves a wide margin on a loaded 2-core machine, and it is paid
+# once per migration (twice when `migrate` runs again).
+PHASE_PAUSE_SECONDS = 1.0
+# The poll of the source's jobs: through the control socket, not the CLI (a process per poll costs
+# ~0.1-0.3 s, longer than a small disk's switchover).
+POLL_SECONDS = 0.005
+# How long a migration may take to reach the phase a case strikes in: a bound on a broken run (a stuck
+# migration), not a speed expectation.
+PHASE_WAIT_SECONDS = 60.0
 # The destination's download limits the bulk copy: 8 MiB of incompressible data at 40 Mbit/s is ~1.8 s
 # (less when the guest overwrites blocks first: its patterns compress to nothing).
 DEST_DOWNLOAD = "40mbit"
@@ -172,25 +201,126 @@ def write_result(host: Host, disk: str, offset: int) -> subprocess.CompletedProc
     return run("qemu-io", "-f", "raw", "-c", f"write -P 0x5a {offset} 4k", host.uri(disk), check=False, timeout=60)
 
 
-def wait_for_moment(rng: random.Random, fault: dict[str, Any], disk: str, source: Host,
-                    migrate: subprocess.Popen[str], max_delay: float) -> None:
-    """Sleep a drawn delay, or poll the source's jobs until the drawn phase (or past it)."""
+def source_phase(source: Host, disk: str) -> str | None:
+    """The phase of the source's newest migration of ``disk`` (None before there is one), asked through
+    the control socket."""
+    jobs = call(source.home / CONTROL_SOCKET, "jobs", timeout=10)
+    phases = [j["phase"] for j in jobs if j.get("kind") == "migration" and j.get("disk") == disk]
+    return phases[-1] if phases else None
+
+
+def reached(phase: str | None, want: str) -> bool:
+    """Whether a migration job in ``phase`` is at ``want`` or past it (a later phase, or ended)."""
+    if phase is None:
+        return False
+    return phase not in JOB_PHASES or JOB_PHASES.index(phase) >= JOB_PHASES.index(want)
+
+
+@dataclass
+class FaultRun:
+    """One migration under one fault: the disk, the mode, who is struck, how and when."""
+
+    disk: str
+    seed: int  # the disk's contents and the guest's writes
+    mode: str
+    fault: str  # "kill" or "cut"
+    victim: str
+    rng: random.Random  # the strike's own draws: how long a killed host stays down, how long a cut lasts
+    phase: str | None = None  # strike once the source's job reports this phase...
+    exact: bool = False  # ...and in it (a scheduled case: the source pauses there), else in it or past it
+    delay: float = 0.0  # without a phase: strike this long after `migrate` started
+    report: dict[str, Any] = field(default_factory=dict)  # what was done, for failure messages
+
+
+@dataclass(frozen=True)
+class Case:
+    """A scheduled case: one fault, one victim, one phase."""
+
+    fault: str
+    victim: str
+    phase: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.fault}-{ROLES[self.victim]}-{self.phase}"
+
+    @property
+    def mode(self) -> str:
+        """Alternating, so each (victim, phase) meets both modes: one through its kill, one through its cut."""
+        return ("async", "sync")[(FAULTS.index(self.fault) + VICTIMS.index(self.victim) + PHASES.index(self.phase)) % 2]
+
+
+# Every (fault, victim, phase) once, grouped by phase: the source is restarted with another failpoint
+# only when the phase changes.
+SCHEDULE = [Case(f, v, p) for p in PHASES for f in FAULTS for v in VICTIMS]
+
+
+def scheduled(case: Case) -> FaultRun:
+    seed = SCHEDULE.index(case)
+    return FaultRun(f"vm-{case.id}", seed, case.mode, case.fault, case.victim, random.Random(seed),
+                    phase=case.phase, exact=True)
+
+
+def drawn(seed: int, netns: bool) -> FaultRun:
+    """A soak seed's plan: mode, fault, victim and moment drawn at random."""
+    rng = random.Random(seed)
+    fault = rng.choice(FAULTS) if netns else "kill"
+    plan = FaultRun(f"vm{seed}", seed, random.Random(seed * 7919).choice(["async", "sync"]), fault,
+                    rng.choice(VICTIMS), rng)
     if rng.random() < 0.5:
-        delay = rng.uniform(0, max_delay)
-        fault["delay_s"] = round(delay, 3)
-        time.sleep(delay)
-        return
-    want = rng.choice(PHASES)
-    fault["at_phase"] = want
-    deadline = time.monotonic() + 30
-    while migrate.poll() is None and time.monotonic() < deadline:
-        res = source.cli("jobs", "--json", check=False, timeout=30)
-        if res.returncode == 0:
-            phases = [j.get("phase") for j in json.loads(res.stdout) if j.get("disk") == disk]
-            # At the phase, or already past it (done/failed): strike as soon as we can.
-            if phases and (phases[-1] not in PHASES or PHASES.index(phases[-1]) >= PHASES.index(want)):
-                return
-        time.sleep(0.01)
+        plan.delay = rng.uniform(0, MAX_DELAY["netns" if netns else "loopback"])
+    else:
+        plan.phase = rng.choice(PHASES)
+    return plan
+
+
+def await_moment(plan: FaultRun, source: Host, migrate: subprocess.Popen[str]) -> str | None:
+    """Sleep the plan's delay, or poll the source's job until it reaches the plan's phase (or ended, or
+    the hang guard ran out); returns the phase seen last (None after a delay)."""
+    if plan.phase is None:
+        time.sleep(plan.delay)
+        return None
+    deadline = time.monotonic() + PHASE_WAIT_SECONDS
+    while True:
+        phase = source_phase(source, plan.disk)
+        if reached(phase, plan.phase) or migrate.poll() is not None or time.monotonic() > deadline:
+            return phase
+        time.sleep(POLL_SECONDS)
+
+
+def inject(plan: FaultRun, cluster: Cluster, migrate: subprocess.Popen[str]) -> None:
+    """Strike the plan's victim with its fault at its moment; ``plan.report`` says what was done.
+
+    A scheduled case fails here, before striking, unless the source's job is in the intended phase."""
+    hosts = {h.name: h for h in cluster.hosts}
+    source, victim = hosts["office-pc"], hosts[plan.victim]
+    fault = plan.report
+    fault.update(fault=plan.fault, victim=plan.victim, mode=plan.mode)
+    if plan.phase is None:
+        fault["delay_s"] = round(plan.delay, 3)
+    else:
+        fault["at_phase"] = plan.phase
+    seen = await_moment(plan, source, migrate)
+    if plan.phase is None and source.alive():
+        seen = source_phase(source, plan.disk)
+    fault["phase_seen"] = seen
+    fault["migrate_exited_before_fault"] = migrate.poll() is not None
+    if plan.exact:
+        assert seen == plan.phase and not fault["migrate_exited_before_fault"], \
+            f"the strike was meant for phase {plan.phase}, the source's job was in {seen}: {fault}"
+    if plan.fault == "kill":
+        victim.kill9()
+        time.sleep(plan.rng.uniform(0, KILL_DOWN_SECONDS))
+        victim.start(env=cluster.envs.get(victim.name))
+    else:
+        assert cluster.net is not None
+        outage = plan.rng.uniform(*CUT_SECONDS)
+        fault["cut_s"] = round(outage, 3)
+        cluster.net.cut(victim.name)
+        try:
+            time.sleep(outage)
+        finally:
+            cluster.net.restore(victim.name)
 
 
 def missing_writes(owner: Host, disk: str, base: bytes, acked: dict[int, int], in_flight: dict[int, int],
@@ -210,55 +340,24 @@ def missing_writes(owner: Host, disk: str, base: bytes, acked: dict[int, int], i
     return data, bad
 
 
-def inject(seed: int, disk: str, hosts: dict[str, Host], migrate: subprocess.Popen[str],
-           net: Network | None) -> dict[str, Any]:
-    """Strike the drawn victim with the drawn fault at the drawn moment; returns what was done."""
-    rng = random.Random(seed)
-    kind = rng.choice(("kill", "cut")) if net is not None else "kill"
-    victim = hosts[rng.choice(VICTIMS)]
-    source = hosts["office-pc"]
-    fault: dict[str, Any] = {"fault": kind, "victim": victim.name}
-    wait_for_moment(rng, fault, disk, source, migrate, MAX_DELAY["netns" if net is not None else "loopback"])
-    res = source.cli("jobs", "--json", check=False, timeout=10) if source.alive() else None
-    if res is not None and res.returncode == 0:
-        phases = [j.get("phase") for j in json.loads(res.stdout) if j.get("disk") == disk]
-        fault["phase_seen"] = phases[-1] if phases else None
-    fault["migrate_exited_before_fault"] = migrate.poll() is not None
-    if kind == "kill":
-        victim.kill9()
-        time.sleep(rng.uniform(0, 1))
-        victim.start()
-    else:
-        assert net is not None
-        outage = rng.uniform(*CUT_SECONDS)
-        fault["cut_s"] = round(outage, 3)
-        net.cut(victim.name)
-        try:
-            time.sleep(outage)
-        finally:
-            net.restore(victim.name)
-    return fault
-
-
-def migrate_faults(seed: int, hosts3: list[Host], net: Network | None, tmp_path: Path) -> None:
+def migrate_faults(plan: FaultRun, cluster: Cluster, tmp_path: Path) -> None:
+    hosts3 = cluster.hosts
     office, home, car = hosts3
     hosts = {h.name: h for h in hosts3}
-    disk = f"vm{seed}"
-    rng = random.Random(seed * 7919)
-    mode = rng.choice(["async", "sync"])
-    base = rng.randbytes(BLOCKS * BLOCK)  # incompressible: the bulk copy really crosses the links
+    disk, mode = plan.disk, plan.mode
+    base = random.Random(plan.seed * 7919).randbytes(BLOCKS * BLOCK)  # incompressible: it really crosses the links
     (tmp_path / "base.raw").write_bytes(base)
     office.cli("disk", "import", disk, str(tmp_path / "base.raw"))
     wait_until(lambda: visible(home, disk), f"home-pc to see {disk}")
     sync(home, disk)  # the helper peer's replica
     wait_until(lambda: visible(car, disk, holders=2), "car-pc to see both holders")
 
-    guest = LoggingGuest(office.uri(disk), tmp_path, seed)
+    guest = LoggingGuest(office.uri(disk), tmp_path, plan.seed)
     wait_until(lambda: guest.acked() >= 5 or guest.proc.poll() is not None, "the guest to write")
     migrate = subprocess.Popen([*office.prefix, BIN, "migrate", disk, "--to", "car-pc", "--mode", mode, "--json",
                                 "--home", str(office.home)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    fault = inject(seed, disk, hosts, migrate, net)
-    fault["mode"] = mode
+    fault = plan.report
+    inject(plan, cluster, migrate)
     try:
         out, err = migrate.communicate(timeout=MIGRATE_SECONDS)
     except subprocess.TimeoutExpired:
@@ -266,7 +365,7 @@ def migrate_faults(seed: int, hosts3: list[Host], net: Network | None, tmp_path:
         out, err = migrate.communicate()
         pytest.fail(f"migrate hung after {fault}")
     fault["migrate_rc"] = migrate.returncode
-    what = f"seed {seed}: {fault}; migrate said {out.strip()[-400:]!r} {err.strip()[-300:]!r}"
+    what = f"{disk}: {fault}; migrate said {out.strip()[-400:]!r} {err.strip()[-300:]!r}"
 
     agreed: list[tuple[str, int]] = []
 
@@ -277,6 +376,9 @@ def migrate_faults(seed: int, hosts3: list[Host], net: Network | None, tmp_path:
         return s is not None
     wait_until(agree, f"the hosts to agree on the owner ({what})", timeout=SETTLE_SECONDS)
     owner_name, epoch = agreed[-1]
+    # A destination whose source stopped migrating (it restarted, or its abort was lost) drops the migration.
+    wait_until(lambda: all(disk_mode(h, disk) != "incoming" for h in hosts3),
+               f"no host to be left waiting for the migration ({what})", timeout=SETTLE_SECONDS)
     stopped = guest.finish()
     assert stopped, f"the guest hung in a write after the fault: {what}"
     acked, in_flight, errors = guest.outcome()
@@ -317,7 +419,7 @@ def migrate_faults(seed: int, hosts3: list[Host], net: Network | None, tmp_path:
 
 
 class Cluster:
-    """Three hosts shared by the seeds of a module (starting them costs more than a run); each seed
+    """Three hosts shared by the runs of a module (starting them costs more than a run); each run
     migrates its own disk. In network namespaces behind shaped links when this machine allows it, else
     on the loopback. A failed run leaves the cluster to be rebuilt for the next one."""
 
@@ -326,11 +428,14 @@ class Cluster:
         self.hosts: list[Host] = []
         self.net: Network | None = None
         self.use_netns = unavailable_reason() is None
+        self.envs: dict[str, dict[str, str]] = {}  # what each daemon was started with (a restart keeps it)
 
-    def get(self) -> list[Host]:
+    def get(self, source_env: dict[str, str]) -> list[Host]:
+        """The hosts, office-pc (the source) running with ``source_env``: restarted if it ran with another."""
         if not self.hosts:
             self.generation += 1
             base = self.root / f"gen{self.generation}"
+            self.envs = {"office-pc": source_env}
             try:
                 if self.use_netns:
                     self.net = Network()
@@ -342,10 +447,15 @@ class Cluster:
                         ns = self.net.add_host(name, upload=LINK,
                                                download=DEST_DOWNLOAD if name == "car-pc" else LINK)
                         host = Host(base / name, name, join=token, prefix=ns.exec_prefix(), address=ns.address)
-                    self.hosts.append(host.start())
+                    self.hosts.append(host.start(env=self.envs.get(name)))
             except BaseException:
                 self.drop()
                 raise
+        elif self.envs.get("office-pc") != source_env:
+            office = self.hosts[0]
+            office.stop()
+            self.envs["office-pc"] = source_env
+            office.start(env=source_env)
         return self.hosts
 
     def drop(self) -> None:
@@ -365,10 +475,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     c.drop()
 
 
-def run_seed(seed: int, cluster: Cluster, tmp_path: Path) -> None:
-    hosts = cluster.get()
+def run_faults(plan: FaultRun, cluster: Cluster, tmp_path: Path, source_env: dict[str, str]) -> None:
+    hosts = cluster.get(source_env)
     try:
-        migrate_faults(seed, hosts, cluster.net, tmp_path)
+        migrate_faults(plan, cluster, tmp_path)
     except BaseException:
         for h in hosts:
             print(f"--- {h.name} daemon.log (tail)\n{h.log_tail(60)}")
@@ -376,12 +486,17 @@ def run_seed(seed: int, cluster: Cluster, tmp_path: Path) -> None:
         raise
 
 
-@pytest.mark.parametrize("seed", range(20))
-def test_migration_survives_a_fault(seed: int, cluster: Cluster, tmp_path: Path) -> None:
-    run_seed(seed, cluster, tmp_path)
+@pytest.mark.parametrize("case", SCHEDULE, ids=[c.id for c in SCHEDULE])
+def test_migration_survives_a_fault(case: Case, cluster: Cluster, tmp_path: Path) -> None:
+    """One scheduled case: the source pauses at the start of the case's phase, and the fault strikes then."""
+    if case.fault == "cut" and not cluster.use_netns:
+        pytest.skip(f"a link cut needs network namespaces: {unavailable_reason()}")
+    run_faults(scheduled(case), cluster, tmp_path,
+               source_env={failpoints.ENV: f"migrate.{case.phase}={PHASE_PAUSE_SECONDS}"})
 
 
 @pytest.mark.heavy
 @pytest.mark.parametrize("seed", range(20, 200))
 def test_migration_survives_a_fault_soak(seed: int, cluster: Cluster, tmp_path: Path) -> None:
-    run_seed(seed, cluster, tmp_path)
+    """A random run, with no failpoint: the moment is wherever the drawn delay or phase falls."""
+    run_faults(drawn(seed, cluster.use_netns), cluster, tmp_path, source_env={})
