@@ -19,6 +19,8 @@ from typing import Any
 import msgpack
 import trio
 
+from p2pvbd.home import PRIVATE_SOCKET_MODE
+
 log = logging.getLogger(__name__)
 
 _LEN = struct.Struct(">I")
@@ -98,7 +100,7 @@ async def serve_control(path: Path, handler: Handler, *, task_status: Any = trio
     path.unlink(missing_ok=True)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     await sock.bind(os.fspath(path))
-    os.chmod(path, 0o600)
+    os.chmod(path, PRIVATE_SOCKET_MODE)
     sock.listen(MAX_CONTROL_CLIENTS)
     listener = trio.SocketListener(sock)
     limiter = trio.CapacityLimiter(MAX_CONTROL_CLIENTS)

@@ -362,6 +362,7 @@ def run_daemon(home: Home) -> None:
     config = home.load_config()
     failpoints.configure(os.environ)
     fd = _lock_home(home)
+    home.secure()  # a home made by an older version, or by hand, may be open to other users
     try:
         trio.run(_main, home, config)
     finally:

@@ -21,6 +21,10 @@ from p2pvbd.store.store_files import atomic_write
 HOME_ENV = "P2PVBD_HOME"
 CONFIG_FILE = "config.toml"
 DISKS_DIR = "disks"
+# Only the host's own user may enter HOME: it holds the private key, the disks and the NBD socket.
+PRIVATE_DIR_MODE = 0o700
+# The NBD and control sockets: only their owner may connect (plaintext NBD reads and writes every disk).
+PRIVATE_SOCKET_MODE = 0o600
 NBD_SOCKET = "nbd.sock"
 CONTROL_SOCKET = "control.sock"
 DAEMON_LOCK = "daemon.lock"
@@ -146,11 +150,18 @@ class Home:
     def init(self, name: str, listen: str | None = None, nbd_tcp: str = "",
              bootstrap: list[str] | None = None) -> Config:
         self.check_new(name, listen, nbd_tcp)
-        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.disks_dir.mkdir(exist_ok=True)
+        self.secure()
         cfg = Config(name=name, listen=listen or Config.listen, nbd_tcp=nbd_tcp, bootstrap=list(bootstrap or []))
         self.save_config(cfg)
         return cfg
+
+    def secure(self) -> None:
+        """HOME and HOME/disks exist and are 0700 whatever the umask: they hold the host's key, its disks and
+        its sockets. An explicit chmod, because mkdir's mode passes through the umask and a directory made
+        earlier as a parent (of the trust directory, by `join`) got the default mode."""
+        for d in (self.path, self.disks_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+            os.chmod(d, PRIVATE_DIR_MODE)
 
     def disk_names(self) -> list[str]:
         if not self.disks_dir.is_dir():

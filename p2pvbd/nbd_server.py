@@ -22,6 +22,7 @@ from typing import Any
 import trio
 
 from p2pvbd import nbd_codec as nbd
+from p2pvbd.home import PRIVATE_SOCKET_MODE
 from p2pvbd.kernel_hook_ctl import ExportMode, HookController, HookError
 
 log = logging.getLogger(__name__)
@@ -490,9 +491,11 @@ async def _handle(stream: trio.abc.Stream, ctl: HookController) -> None:
 
 
 async def _unix_listener(path: Path) -> trio.SocketListener:
+    """The socket is 0600 whatever the umask (its 0700 directory covers the instant before the chmod)."""
     path.unlink(missing_ok=True)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     await sock.bind(os.fspath(path))
+    os.chmod(path, PRIVATE_SOCKET_MODE)
     sock.listen(LISTEN_BACKLOG)
     return trio.SocketListener(sock)
 

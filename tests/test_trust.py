@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import ssl
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from p2pvbd import invites, trust
 from p2pvbd.invites import InviteError
 from p2pvbd.trust import TrustError
+from tests.daemons import Host
 
 NOW = 1_700_000_000.0
 
@@ -271,3 +274,17 @@ def test_peer_name() -> None:
     assert trust.peer_name(Fake({})) == ""
     with pytest.raises(TrustError):
         trust.peer_name(Fake({"subject": ()}))
+
+
+def test_homes_and_sockets_are_private_whatever_the_umask(make_host: Callable[..., Host]) -> None:
+    """Under umask 000 (a careless service manager), a founder's and a joined host's homes stay 0700 and
+    the NBD and control sockets 0600: plaintext NBD reads and writes every disk."""
+    old = os.umask(0)
+    try:
+        office = make_host("office-pc")
+        home = make_host("home-pc", join=office.cli("invite").stdout.strip())
+    finally:
+        os.umask(old)
+    for h in (office, home):
+        assert mode(h.home) == mode(h.home / "disks") == 0o700, h.name
+        assert mode(Path(h.nbd_socket)) == mode(h.home / "control.sock") == 0o600, h.name
