@@ -8,7 +8,9 @@ patching site-packages:
   wins) and a lookup unions what every one of the k closest nodes holds;
 * every datagram carries a truncated HMAC keyed from the swarm secret, so outsiders cannot talk to the
   DHT; datagrams failing the MAC or the schema are dropped and counted, never raised in the loop;
-* every record is Ed25519-signed by its publisher and verified on store and on read;
+* every record is Ed25519-signed by its publisher and verified on store and on read, and its payload
+  checked against its kind's schema (``dht_schema``): a malformed record is dropped and logged once per
+  publisher, key and reason, so nothing a lookup returns can surprise a consumer;
 * no pickle (bootstrap state is JSON); nobody answering keeps the record locally for a retry instead of
   kademlia's ValueError; republish and refresh run in a trio task that stops with the node.
 
@@ -16,7 +18,7 @@ A MAC does not stop an outsider replaying a captured datagram; harmless, because
 idempotent and a replayed record loses to the newer one or expires.
 
 The pure parts live beside it: records, their checks and the per-node store in ``dht_records``, the
-schema datagrams are checked against in ``dht_wire``.
+schema of their payloads in ``dht_schema``, the schema datagrams are checked against in ``dht_wire``.
 """
 
 from __future__ import annotations
@@ -46,9 +48,10 @@ from kademlia.routing import RoutingTable
 
 from p2pvbd.dht_records import (
     DEFAULT_TTL,
-    KINDS,
+    LOGGED_DROPS,
     MAC_BYTES,
     MAX_RECORDS_PER_KEY,
+    FirstSeen,
     Record,
     RecordError,
     RecordStore,
@@ -64,6 +67,7 @@ from p2pvbd.dht_records import (
     sign_record,
     unseal,
 )
+from p2pvbd.dht_schema import KINDS
 from p2pvbd.dht_wire import is_ip_literal, is_node_id, is_request, parse_node_list, parse_value_reply, split_pages
 
 log = logging.getLogger(__name__)
@@ -79,8 +83,8 @@ RETRY_INTERVAL = 30.0  # retry publishes that reached nobody, and bootstrap whil
 VERIFY_CACHE_SIZE = 4096  # verified records remembered: Ed25519 verify costs ~50 us and lookups repeat
 PAGE_SLACK = 128  # bytes of a request/reply left for msgpack framing, method name and ids
 
-STAT_KEYS = ("bad_mac", "malformed", "bad_signature", "expired", "future_ts", "wrong_key", "untrusted",
-             "key_full", "rpc_errors")
+STAT_KEYS = ("bad_mac", "malformed", "bad_signature", "bad_payload", "expired", "future_ts", "wrong_key",
+             "untrusted", "key_full", "rpc_errors")
 
 
 class DhtStopped(RuntimeError):
@@ -121,6 +125,7 @@ class _SwarmProtocol(KademliaProtocol):
         self._mac_key, self.stats, self._trust = mac_key, stats, trust
         self._tasks: set[asyncio.Future[Any]] = set()
         self._verified: OrderedDict[bytes, Record] = OrderedDict()
+        self._drops_logged = FirstSeen(LOGGED_DROPS)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         """Authenticate, parse, answer: synchronously, and never raising into the event loop."""
@@ -181,7 +186,8 @@ class _SwarmProtocol(KademliaProtocol):
         self._outstanding.clear()
 
     def check_records(self, raws: list[bytes], dkey: bytes | None) -> list[tuple[bytes, Record]]:
-        """The records passing every check; each failure is counted under its reason."""
+        """The records passing every check; each failure is counted under its reason. Every record a
+        node stores or a lookup returns comes through here."""
         now, good = time.time(), []
         for raw in raws:
             try:
@@ -195,7 +201,12 @@ class _SwarmProtocol(KademliaProtocol):
                 good.append((raw, rec))
             except RecordError as exc:
                 self.stats[exc.reason] += 1
-                log.debug("dropped DHT record: %s", exc)
+                if exc.origin is not None and self._drops_logged.first((*exc.origin, exc.detail)):
+                    publisher, kind, key = exc.origin
+                    log.warning("dropped a malformed %s record for %r signed by %r: %s (logged once)", kind, key,
+                                publisher, exc.detail)
+                else:
+                    log.debug("dropped DHT record: %s", exc)
         return good
 
     def _welcome(self, sender: Any, nodeid: bytes) -> Node:

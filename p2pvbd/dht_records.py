@@ -5,7 +5,8 @@ on what a node holds read apart from the kademlia and asyncio machinery that mov
 Pure: no sockets, no asyncio, no trio; ``dht`` stays the only module that runs on an event loop.
 
 A record is a msgpack map (kind, key, publisher, publisher's Ed25519 key, ts, ttl, payload) signed by
-the publisher; each (kind, key) holds one record per publisher, the newest winning.
+the publisher, its payload checked against its kind's schema (``dht_schema``) right after the signature.
+Each (kind, key) holds one record per publisher, the newest winning.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import hashlib
 import hmac
 import math
 import time
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -25,6 +27,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from kademlia.storage import IStorage
 
+from p2pvbd.dht_schema import KINDS, PayloadError, check_payload
+
 MAC_BYTES = 16  # HMAC-SHA256 cut to 128 bits: RFC 2104 §5 allows truncating to >= half the output
 MAX_RECORD_BYTES = 1024  # a host record with a few addresses is ~300 B; a reply page still holds >= 6
 MAX_NAME_BYTES = 255  # host names (RFC 1035's limit) and disk names
@@ -33,18 +37,39 @@ MAX_TTL = 604800.0  # one week: kademlia ForgetfulStorage's default maximum age
 DEFAULT_TTL = 3600.0  # the paper's tRefresh: a vanished host's records are gone within the hour
 MAX_RECORDS_PER_KEY = 64  # publishers per key: one person's machines, with headroom
 MAX_STORED_KEYS = 65536  # a swarm member cannot make us hold more keys than this
+# Malformed records remembered so each (publisher, kind, key, reason) is logged once: a few hundred bytes
+# each, so at most about 1 MiB; one forgotten and seen again is logged again.
+LOGGED_DROPS = 1024
 
-KINDS = frozenset({"host", "owner", "holders", "catalog", "policy"})
 _FIELDS = ("kind", "key", "publisher", "pubkey", "ts", "ttl", "payload", "sig")
 _SIG_DOMAIN = "p2pvbd-dht-record/1"
 
 
 class RecordError(ValueError):
-    """A record failed a check; ``reason`` names its ``stats`` counter."""
+    """A record failed a check; ``reason`` names its ``stats`` counter. ``origin`` is (publisher, kind,
+    key) of a correctly signed record whose payload failed its schema: what a drop is logged under."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: str, detail: str = "", origin: tuple[str, str, str] | None = None) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+        self.reason, self.detail, self.origin = reason, detail, origin
+
+
+class FirstSeen:
+    """A bounded memory of what was seen, least recently seen forgotten first: to log a repeat once."""
+
+    def __init__(self, size: int = LOGGED_DROPS) -> None:
+        self._size = size
+        self._seen: OrderedDict[Hashable, None] = OrderedDict()
+
+    def first(self, item: Hashable) -> bool:
+        """True the first time ``item`` is seen (or the first time since it was forgotten)."""
+        if item in self._seen:
+            self._seen.move_to_end(item)
+            return False
+        self._seen[item] = None
+        if len(self._seen) > self._size:
+            self._seen.popitem(last=False)
+        return True
 
 
 @dataclass(frozen=True)
@@ -108,7 +133,8 @@ def sign_record(signing_key: Ed25519PrivateKey, publisher: str, kind: str, key: 
 
 
 def parse_record(raw: object) -> Record:
-    """Structure and signature checks: what depends only on the bytes (so it can be cached)."""
+    """Structure, signature and payload schema checks: what depends only on the bytes (so it can be
+    cached). The Record's payload holds only the fields its kind's schema knows."""
     if not isinstance(raw, bytes) or len(raw) > MAX_RECORD_BYTES:
         raise RecordError("malformed", "not bytes or too large")
     try:
@@ -127,6 +153,10 @@ def parse_record(raw: object) -> Record:
         Ed25519PublicKey.from_public_bytes(pk).verify(m["sig"], _signed_bytes(m))
     except (InvalidSignature, ValueError) as exc:
         raise RecordError("bad_signature", f"from {m['publisher']!r}") from exc
+    try:
+        payload = check_payload(m["kind"], m["key"], m["publisher"], payload)
+    except PayloadError as exc:
+        raise RecordError("bad_payload", str(exc), (m["publisher"], m["kind"], m["key"])) from exc
     return Record(m["kind"], m["key"], m["publisher"], ts, ttl, payload, pk)
 
 

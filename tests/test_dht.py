@@ -36,6 +36,7 @@ from p2pvbd.dht_records import (
 
 SECRET = bytes(range(32))
 LOCAL = "127.0.0.1"
+CERT = "ab" * 32  # a certificate's sha256, as host records carry it
 
 
 async def start(nursery: trio.Nursery, name: str, seeds: tuple[int, ...] | list[int] = (), secret: bytes = SECRET,
@@ -114,8 +115,8 @@ async def test_forged_and_misfiled_records_are_rejected_and_counted() -> None:
         b, _ = await start(nursery, "b", [pa])
         key = Ed25519PrivateKey.generate()
         dkey = key_digest("holders", "vm1")
-        good = sign_record(key, "mallory", "holders", "vm1", holders_payload("node-a", 5, 1))
-        forged = good.replace(b"node-a", b"node-b")  # one payload byte flipped after signing
+        good = sign_record(key, "mallory", "holders", "vm1", holders_payload("mallory", 5, 1))
+        forged = good.replace(b"current_blocks\x05", b"current_blocks\x06")  # one payload byte flipped after signing
         assert forged != good and len(forged) == len(good)
         with pytest.raises(RecordError) as err:
             parse_record(forged)
@@ -123,9 +124,11 @@ async def test_forged_and_misfiled_records_are_rejected_and_counted() -> None:
         assert await rpc(pa, "store", [os.urandom(20), dkey, [forged]]) is False
         assert a.stats["bad_signature"] == 1
         # filed under another key, expired, from the far future: each refused under its own counter
-        other = sign_record(key, "mallory", "holders", "vm2", holders_payload("node-a", 5, 1))
-        old = sign_record(key, "mallory", "holders", "vm1", {}, ttl=10, ts=time.time() - 11)
-        future = sign_record(key, "mallory", "holders", "vm1", {}, ts=time.time() + 3600)
+        other = sign_record(key, "mallory", "holders", "vm2", holders_payload("mallory", 5, 1))
+        old = sign_record(key, "mallory", "holders", "vm1", holders_payload("mallory", 5, 1), ttl=10,
+                          ts=time.time() - 11)
+        future = sign_record(key, "mallory", "holders", "vm1", holders_payload("mallory", 5, 1),
+                             ts=time.time() + 3600)
         for raw in (other, old, future):
             assert await rpc(pa, "store", [os.urandom(20), dkey, [raw]]) is False
         assert (a.stats["wrong_key"], a.stats["expired"], a.stats["future_ts"]) == (1, 1, 1)
@@ -133,7 +136,7 @@ async def test_forged_and_misfiled_records_are_rejected_and_counted() -> None:
         # control: the same hand-made path with the genuine record is accepted
         assert await rpc(pa, "store", [os.urandom(20), dkey, [good]]) is True
         recs = await b.lookup("holders", "vm1")
-        assert [(r.publisher, r.payload["host"]) for r in recs] == [("mallory", "node-a")]
+        assert [(r.publisher, r.payload["host"]) for r in recs] == [("mallory", "mallory")]
         nursery.cancel_scope.cancel()
 
 
@@ -152,7 +155,7 @@ async def test_random_datagrams_are_dropped_and_node_keeps_serving() -> None:
     async with trio.open_nursery() as nursery:
         a, pa = await start(nursery, "a")
         b, _ = await start(nursery, "b", [pa])
-        await b.publish("host", "b", host_payload(["10.0.0.2:7000"], "sha256:00"))
+        await b.publish("host", "b", host_payload(["10.0.0.2:7000"], CERT))
         with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as sock:
             for i in range(600):
                 kind = i % 4
@@ -224,16 +227,16 @@ async def test_republished_host_record_newest_wins() -> None:
         a, pa = await start(nursery, "a")
         peers = [(await start(nursery, f"p{i}", [pa]))[0] for i in range(3)]
         mover, _ = await start(nursery, "mover", [pa])
-        await mover.publish("host", "mover", host_payload(["127.0.0.1:1000"], "sha256:aa"))
+        await mover.publish("host", "mover", host_payload(["127.0.0.1:1000"], CERT))
         old = [r for r in await a.lookup("host", "mover")]
-        await mover.publish("host", "mover", host_payload(["127.0.0.1:2000"], "sha256:aa"))
+        await mover.publish("host", "mover", host_payload(["127.0.0.1:2000"], CERT))
         for node in (a, *peers):
             recs = await node.lookup("host", "mover")
             assert [r.payload["addresses"] for r in recs] == [["127.0.0.1:2000"]]
             assert recs[0].ts > old[0].ts
         # a replayed older record does not roll anyone back
         stale = sign_record(Ed25519PrivateKey.generate(), "mover", "host", "mover",
-                            host_payload(["127.0.0.1:1000"], "sha256:aa"), ts=old[0].ts)
+                            host_payload(["127.0.0.1:1000"], CERT), ts=old[0].ts)
         assert await rpc(pa, "store", [os.urandom(20), key_digest("host", "mover"), [stale]]) is True
         assert [r.payload["addresses"] for r in await peers[0].lookup("host", "mover")] == [["127.0.0.1:2000"]]
         nursery.cancel_scope.cancel()

@@ -358,7 +358,7 @@ class Swarm:
                 entry |= {"coverage": current[host] / total, "current_blocks": current[host], "total_blocks": total}
             else:  # the owner or this holder is unreachable: what the holder last published
                 rec = holders[host]
-                held = int(rec.payload.get("current_blocks", 0)) if rec is not None else 0
+                held = min(rec.payload["current_blocks"], total) if rec is not None else 0
                 entry |= {"coverage": (held / total) if total else 0.0, "current_blocks": held,
                           "total_blocks": total, "stale": True, "error": errors.get(host) or errors.get(owner, "")}
             entry["lag_blocks"] = entry["total_blocks"] - entry["current_blocks"]

@@ -1,0 +1,202 @@
+"""What each kind of index record may say: the schema a record's payload passes before anyone reads it.
+
+A record's signature proves who signed it, not that what it says is well formed: every swarm member can
+sign any payload. So ``dht_records.parse_record`` checks the payload against its kind's schema right
+after the signature, and a record that fails is dropped there: counted (``bad_payload``), logged once per
+publisher, key and reason by ``dht``, never stored, forwarded or returned by a lookup. Code reading a
+``Record.payload`` may therefore index its fields and trust their types and ranges.
+
+=========  ===============  =====================================================================
+kind       key              payload
+=========  ===============  =====================================================================
+host       its publisher    ``addresses``: 1 to 16 distinct "host:port" (IPv4, [IPv6] or a DNS name;
+                            port 1 to 65535); ``cert``: the TLS certificate's sha256, 64 lowercase hex
+owner      a disk name      ``host``: the publisher; ``epoch``: int
+holders    a disk name      ``host``: the publisher; ``current_blocks``: int; ``generation``: int
+catalog    a name           ``host``: the publisher; ``disks``: up to 256 distinct disk names
+policy     a disk name      ``disk``: the key; ``hosts``: up to 64 distinct host names; ``rate``: -1
+                            (unlimited) or bytes/s in [1, 2**63]; ``set_at``: seconds in [0, 2**63)
+=========  ===============  =====================================================================
+
+Names (keys, publishers, host and disk names inside payloads) follow ``home.NAME_RE``, the rule
+``check_name`` applies to every host and disk name, matched in full. An int is an int (not a bool, not a
+float) in [0, 2**63); ``rate`` and ``set_at`` are finite ints or floats, read as floats. A host speaks for
+itself only: the ``host`` an owner, holders or catalog record names is its publisher. Fields beyond these
+are allowed, so a newer version can add some without older hosts dropping its records (the record size
+bounds them), and they are left out of the payload consumers get.
+
+Semantics are the consumers' business: a valid record may still name a host nobody knows or an epoch
+lower than one already seen. Pure: no trio, no asyncio.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+from p2pvbd.home import NAME_RE
+
+# Epochs, generations and block counts: msgpack's and numpy's int64 and the store's state hold below this.
+MAX_COUNTER = 2**63
+# Addresses in a host record: the same bound as the address book keeps per peer (swarm/address_book.py).
+MAX_HOST_ADDRESSES = 16
+# A "host:port" string: a DNS name's 253 characters (RFC 1035) plus ":65535".
+MAX_ADDRESS_CHARS = 259
+# Disks in one host's catalog: more short names than a 1 KiB record (dht_records.MAX_RECORD_BYTES) holds,
+# so the record size is the real limit; this one makes the list's bound explicit.
+MAX_CATALOG_DISKS = 256
+# Hosts a policy names: one person's machines, with headroom (as dht_records.MAX_RECORDS_PER_KEY).
+MAX_POLICY_HOSTS = 64
+# A policy's cap on the owner's upload, bytes/s; -1 means unlimited. Below a byte a second a background
+# pull's first reply would take longer than the records that started it live: no one means that.
+MIN_RATE = 1.0
+MAX_RATE = float(2**63)
+UNLIMITED_RATE = -1
+# trust.cert_fingerprint: sha256 of the DER certificate, in lowercase hex.
+_CERT_RE = re.compile(r"[0-9a-f]{64}")
+# RFC 1123 host names: dot-separated labels of letters, digits and inner hyphens, 253 characters at most.
+_DNS_RE = re.compile(r"(?=.{1,253}\.?\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+
+
+class PayloadError(ValueError):
+    """A payload does not match its kind's schema; the message names the field and what is wrong with it."""
+
+
+def is_name(x: object) -> bool:
+    """A host or disk name as ``home.check_name`` accepts it (in full: no trailing newline)."""
+    return isinstance(x, str) and NAME_RE.fullmatch(x) is not None
+
+
+def is_address(x: object) -> bool:
+    """"host:port" that both address parsers (``home.parse_hostport``, ``dht_records.parse_hostport``)
+    accept and a connect can be tried with: an IPv4 literal, a bracketed IPv6 literal or a DNS name."""
+    if not isinstance(x, str) or len(x) > MAX_ADDRESS_CHARS:
+        return False
+    host, sep, port = x.rpartition(":")
+    if not (sep and port.isascii() and port.isdigit() and len(port) <= 5 and 0 < int(port) < 65536):
+        return False
+    if host.startswith("[") and host.endswith("]"):
+        return _is_ip(host[1:-1], ipaddress.IPv6Address)
+    return _is_ip(host, ipaddress.IPv4Address) or _DNS_RE.fullmatch(host) is not None
+
+
+def _is_ip(text: str, kind: type[ipaddress.IPv4Address] | type[ipaddress.IPv6Address]) -> bool:
+    try:
+        kind(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _type_name(x: object) -> str:
+    return type(x).__name__
+
+
+def _field(p: dict[str, Any], name: str) -> Any:
+    if name not in p:
+        raise PayloadError(f"{name}: missing")
+    return p[name]
+
+
+def _counter(p: dict[str, Any], name: str) -> int:
+    x = _field(p, name)
+    if type(x) is not int:
+        raise PayloadError(f"{name}: not an int ({_type_name(x)})")
+    if not 0 <= x < MAX_COUNTER:
+        raise PayloadError(f"{name}: outside [0, 2**63)")
+    return x
+
+
+def _number(p: dict[str, Any], name: str) -> float:
+    x = _field(p, name)
+    if type(x) not in (int, float) or not math.isfinite(x):
+        raise PayloadError(f"{name}: not a finite number ({_type_name(x)})")
+    return float(x)
+
+
+def _name(p: dict[str, Any], name: str) -> str:
+    x = _field(p, name)
+    if not is_name(x):
+        raise PayloadError(f"{name}: not a name")
+    return str(x)
+
+
+def _strings(p: dict[str, Any], name: str, ok: Callable[[object], bool], what: str, limit: int,
+             least: int = 0) -> list[str]:
+    x = _field(p, name)
+    if not isinstance(x, list):
+        raise PayloadError(f"{name}: not a list ({_type_name(x)})")
+    if not least <= len(x) <= limit:
+        raise PayloadError(f"{name}: {len(x)} entries, not {least} to {limit}")
+    if not all(ok(e) for e in x):
+        raise PayloadError(f"{name}: an entry is not {what}")
+    if len(set(x)) != len(x):
+        raise PayloadError(f"{name}: duplicate entries")
+    return list(x)
+
+
+def _publisher_host(p: dict[str, Any], publisher: str) -> str:
+    host = _name(p, "host")
+    if host != publisher:
+        raise PayloadError("host: not the publisher (a host speaks for itself only)")
+    return host
+
+
+def _host(key: str, publisher: str, p: dict[str, Any]) -> dict[str, Any]:
+    if key != publisher:
+        raise PayloadError("key: not the publisher (a host publishes its own host record only)")
+    cert = _field(p, "cert")
+    if not (isinstance(cert, str) and _CERT_RE.fullmatch(cert)):
+        raise PayloadError("cert: not 64 lowercase hex digits")
+    return {"addresses": _strings(p, "addresses", is_address, "host:port", MAX_HOST_ADDRESSES, least=1),
+            "cert": cert}
+
+
+def _owner(key: str, publisher: str, p: dict[str, Any]) -> dict[str, Any]:
+    return {"host": _publisher_host(p, publisher), "epoch": _counter(p, "epoch")}
+
+
+def _holders(key: str, publisher: str, p: dict[str, Any]) -> dict[str, Any]:
+    return {"host": _publisher_host(p, publisher), "current_blocks": _counter(p, "current_blocks"),
+            "generation": _counter(p, "generation")}
+
+
+def _catalog(key: str, publisher: str, p: dict[str, Any]) -> dict[str, Any]:
+    return {"host": _publisher_host(p, publisher),
+            "disks": _strings(p, "disks", is_name, "a disk name", MAX_CATALOG_DISKS)}
+
+
+def _policy(key: str, publisher: str, p: dict[str, Any]) -> dict[str, Any]:
+    if _name(p, "disk") != key:
+        raise PayloadError("disk: not the record's key")
+    rate = _number(p, "rate")
+    if rate != UNLIMITED_RATE and not MIN_RATE <= rate <= MAX_RATE:
+        raise PayloadError("rate: neither -1 (unlimited) nor in [1, 2**63] bytes/s")
+    set_at = _number(p, "set_at")
+    if not 0 <= set_at < MAX_COUNTER:
+        raise PayloadError("set_at: outside [0, 2**63)")
+    return {"disk": key, "hosts": _strings(p, "hosts", is_name, "a host name", MAX_POLICY_HOSTS), "rate": rate,
+            "set_at": set_at}
+
+
+_SCHEMAS: dict[str, Callable[[str, str, dict[str, Any]], dict[str, Any]]] = {
+    "host": _host, "owner": _owner, "holders": _holders, "catalog": _catalog, "policy": _policy}
+KINDS = frozenset(_SCHEMAS)
+
+
+def check_payload(kind: object, key: object, publisher: object, payload: object) -> dict[str, Any]:
+    """The payload reduced to its kind's fields, every one checked; PayloadError (and nothing else) if
+    anything is wrong."""
+    if not (isinstance(kind, str) and kind in _SCHEMAS):
+        raise PayloadError("kind: unknown")
+    if not is_name(key):
+        raise PayloadError("key: not a name")
+    if not is_name(publisher):
+        raise PayloadError("publisher: not a name")
+    if not (isinstance(payload, dict) and all(isinstance(k, str) for k in payload)):
+        raise PayloadError("payload: not a map of field names")
+    return _SCHEMAS[kind](str(key), str(publisher), payload)
