@@ -84,7 +84,7 @@ VERIFY_CACHE_SIZE = 4096  # verified records remembered: Ed25519 verify costs ~5
 PAGE_SLACK = 128  # bytes of a request/reply left for msgpack framing, method name and ids
 
 STAT_KEYS = ("bad_mac", "malformed", "bad_signature", "bad_payload", "expired", "future_ts", "wrong_key",
-             "untrusted", "key_full", "rpc_errors")
+             "untrusted", "key_full", "publisher_quota", "rpc_errors")
 
 
 class DhtStopped(RuntimeError):
@@ -222,8 +222,8 @@ class _SwarmProtocol(KademliaProtocol):
     def rpc_store(self, sender: Any, nodeid: bytes, dkey: bytes, raws: list[bytes]) -> bool:
         self._welcome(sender, nodeid)
         good = self.check_records(raws, dkey)
-        if good and not self.storage.merge(dkey, good):
-            self.stats["key_full"] += 1
+        if good and (refused := self.storage.merge(dkey, good)) is not None:
+            self.stats[refused] += 1
             return False
         return len(good) == len(raws)
 

@@ -6,7 +6,10 @@ Pure: no sockets, no asyncio, no trio; ``dht`` stays the only module that runs o
 
 A record is a msgpack map (kind, key, publisher, publisher's Ed25519 key, ts, ttl, payload) signed by
 the publisher, its payload checked against its kind's schema (``dht_schema``) right after the signature.
-Each (kind, key) holds one record per publisher, the newest winning.
+Each (kind, key) holds one record per publisher, the newest winning, and at most MAX_RECORDS_PER_KEY
+publishers; a publisher holds records under at most MAX_KEYS_PER_PUBLISHER keys of a node. Without a
+binding of publisher names to keys (``DhtNode``'s ``trust``) a member can sign under many names, so these
+bound what one name costs a node, not what one member can.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ MAX_TTL = 604800.0  # one week: kademlia ForgetfulStorage's default maximum age
 DEFAULT_TTL = 3600.0  # the paper's tRefresh: a vanished host's records are gone within the hour
 MAX_RECORDS_PER_KEY = 64  # publishers per key: one person's machines, with headroom
 MAX_STORED_KEYS = 65536  # a swarm member cannot make us hold more keys than this
+# Keys one publisher holds records under on a node: a host publishes about 3 per disk (owner, holders, a
+# policy) plus its host and catalog records, so this is over 1000 disks; 16 such publishers fill a node.
+MAX_KEYS_PER_PUBLISHER = 4096
 # Malformed records remembered so each (publisher, kind, key, reason) is logged once: a few hundred bytes
 # each, so at most about 1 MiB; one forgotten and seen again is logged again.
 LOGGED_DROPS = 1024
@@ -215,32 +221,60 @@ def newest_per_publisher(pairs: Iterable[tuple[bytes, Record]]) -> list[tuple[by
 
 
 class RecordStore(IStorage):
-    """IStorage with multi-valued keys: dkey → {publisher: (raw, Record)}, every record pre-verified."""
+    """IStorage with multi-valued keys: dkey → {publisher: (raw, Record)}, every record pre-verified.
+    One record per publisher per key (the newest), MAX_RECORDS_PER_KEY per key, MAX_KEYS_PER_PUBLISHER
+    keys per publisher, MAX_STORED_KEYS keys."""
 
     def __init__(self) -> None:
         self.data: dict[bytes, dict[str, tuple[bytes, Record]]] = {}
         self.stamp: dict[bytes, float] = {}  # monotonic time a key was last stored: drives §2.5 replication
+        self._keys_of: dict[str, dict[bytes, float]] = {}  # publisher -> {dkey: its record's expiry}
 
-    def merge(self, dkey: bytes, items: list[tuple[bytes, Record]]) -> bool:
-        """Keep the newest record per publisher; False if some were refused for lack of room."""
+    def merge(self, dkey: bytes, items: list[tuple[bytes, Record]]) -> str | None:
+        """Keep the newest record per publisher; the stats reason if some were refused for lack of room
+        ("key_full": the key or the store; "publisher_quota": the publisher's keys), else None."""
         if dkey not in self.data and len(self.data) >= MAX_STORED_KEYS:
-            return False
-        slot, room = self.data.setdefault(dkey, {}), True
+            return "key_full"
+        slot, refused = self.data.setdefault(dkey, {}), None
         for raw, rec in items:
             old = slot.get(rec.publisher)
             if old is None and len(slot) >= MAX_RECORDS_PER_KEY:
-                room = False
+                refused = "key_full"
+            elif old is None and not self._has_room(rec.publisher):
+                refused = "publisher_quota"
             elif old is None or is_newer((raw, rec), old):
                 slot[rec.publisher] = (raw, rec)
+                self._keys_of.setdefault(rec.publisher, {})[dkey] = rec.expires
         self.stamp[dkey] = time.monotonic()
         self.records(dkey)  # drops the key again if nothing was kept
-        return room
+        return refused
+
+    def _has_room(self, publisher: str) -> bool:
+        """Whether ``publisher`` may hold a record under one more key, once its expired ones are gone."""
+        keys = self._keys_of.get(publisher, {})
+        if len(keys) >= MAX_KEYS_PER_PUBLISHER:
+            now = time.time()
+            for dkey in [k for k, expires in keys.items() if expires < now]:
+                self._forget(dkey, publisher)
+        return len(keys) < MAX_KEYS_PER_PUBLISHER
+
+    def _forget(self, dkey: bytes, publisher: str) -> None:
+        """Drop ``publisher``'s record of ``dkey``, and the key once nobody's record is left."""
+        slot = self.data.get(dkey, {})
+        slot.pop(publisher, None)
+        if not slot:
+            self.data.pop(dkey, None)
+            self.stamp.pop(dkey, None)
+        keys = self._keys_of.get(publisher, {})
+        keys.pop(dkey, None)
+        if not keys:
+            self._keys_of.pop(publisher, None)
 
     def records(self, dkey: bytes) -> list[tuple[bytes, Record]]:
         """Unexpired records of a key, ordered by publisher (stable for paging)."""
         slot, now = self.data.get(dkey, {}), time.time()
         for publisher in [p for p, (_, rec) in slot.items() if rec.expires < now]:
-            del slot[publisher]
+            self._forget(dkey, publisher)
         if not slot:
             self.data.pop(dkey, None)
             self.stamp.pop(dkey, None)

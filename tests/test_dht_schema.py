@@ -4,12 +4,13 @@ Any member can sign any payload; what a node keeps and a lookup returns is what 
 Properties: the schema rejects with PayloadError (a record with it: RecordError) and raises nothing else;
 what builders make round-trips exactly; and whatever signed records pass, the swarm's readers of the
 index (status, peers, owner and holders queries, the policy book, a pull) raise nothing but their own
-errors.
+errors. A per-publisher quota bounds the keys one publisher holds on a node.
 """
 
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,15 @@ from hypothesis import strategies as st
 
 from p2pvbd import trust
 from p2pvbd.dht_records import (
+    MAX_KEYS_PER_PUBLISHER,
     MAX_RECORD_BYTES,
     FirstSeen,
     Record,
     RecordError,
+    RecordStore,
     holders_payload,
     host_payload,
+    key_digest,
     owner_payload,
     parse_record,
     sign_record,
@@ -207,6 +211,31 @@ def test_log_once_memory_is_bounded() -> None:
     assert [seen.first(x) for x in "abca"] == [True, True, True, False]
     assert seen.first("d") and seen.first("b")  # b was the least recently seen: forgotten for d
     assert not seen.first("a")
+
+
+def _record(publisher: str, kind: str, key: str, payload: dict[str, Any], ts: float | None = None
+            ) -> tuple[bytes, Record]:
+    raw = sign_record(KEY, publisher, kind, key, payload, ts=ts)
+    return raw, parse_record(raw)
+
+
+def test_a_publisher_holds_records_under_a_bounded_number_of_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("p2pvbd.dht_records.MAX_KEYS_PER_PUBLISHER", 3)
+    store = RecordStore()
+    for i in range(3):
+        assert store.merge(key_digest("owner", f"d{i}"), [_record("greedy", "owner", f"d{i}", {"host": "greedy",
+                                                                                               "epoch": i})]) is None
+    dkey = key_digest("owner", "d3")
+    assert store.merge(dkey, [_record("greedy", "owner", "d3", owner_payload("greedy", 3))]) == "publisher_quota"
+    assert store.records(dkey) == []
+    assert store.merge(dkey, [_record("other", "owner", "d3", owner_payload("other", 1))]) is None  # others unaffected
+    # a newer record under a key it holds is no new key; and its expired records make room again
+    newer = _record("greedy", "owner", "d0", owner_payload("greedy", 9))
+    assert store.merge(key_digest("owner", "d0"), [newer]) is None
+    monkeypatch.setattr("time.time", lambda real=time.time: real() + 2 * 3600)  # every record expired
+    assert store.merge(dkey, [_record("greedy", "owner", "d3", owner_payload("greedy", 3))]) is None
+    assert [r.publisher for _, r in store.records(dkey)] == ["greedy"]
+    assert MAX_KEYS_PER_PUBLISHER >= 3 * 1000 + 2  # owner, holders and policy of 1000 disks, host and catalog
 
 
 # ---- the readers of the index -------------------------------------------------------------------------------
