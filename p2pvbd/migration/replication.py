@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from p2pvbd.dht_schema import check_payload
 from p2pvbd.store.store_files import atomic_write
 
 if TYPE_CHECKING:
@@ -90,12 +91,20 @@ class Replication:
     def _load(self) -> dict[str, Policy]:
         try:
             raw = json.loads(self.path.read_text())
-            return {d: Policy.from_payload(p) for d, p in raw.items()}
         except FileNotFoundError:
             return {}
-        except (ValueError, KeyError, TypeError) as e:
+        except ValueError as e:
             log.warning("ignoring unreadable %s: %s", self.path, e)
             return {}
+        policies: dict[str, Policy] = {}
+        for disk, payload in raw.items() if isinstance(raw, dict) else ():
+            # the index's schema, as for a policy record: a file written before it existed may hold one the
+            # index refuses, which no republish could then place
+            try:
+                policies[disk] = Policy.from_payload(check_payload("policy", disk, self.swarm.name, payload))
+            except ValueError as e:
+                log.warning("ignoring the policy of %r in %s: %s", disk, self.path, e)
+        return policies
 
     def _save(self) -> None:
         atomic_write(self.path, json.dumps({d: p.as_payload() for d, p in self.policies.items()}).encode())
@@ -117,13 +126,17 @@ class Replication:
         hosts += [h for h in add if h not in hosts]
         new_rate = rate if rate is not None else (known.rate if known else math.inf)
         policy = Policy(disk, tuple(hosts), new_rate, max(time.time(), (known.set_at if known else 0) + 1e-3))
+        check_payload("policy", disk, self.swarm.name, policy.as_payload())  # ValueError now, not at each republish
         self.learn(policy)
         await self.publish()
         return policy
 
     async def publish(self) -> None:
-        for policy in self.policies.values():
-            await self.swarm.dht.publish("policy", policy.disk, policy.as_payload(), self.swarm.record_ttl)
+        for policy in list(self.policies.values()):
+            try:
+                await self.swarm.dht.publish("policy", policy.disk, policy.as_payload(), self.swarm.record_ttl)
+            except ValueError as e:  # one the index refuses must not keep the others from being published
+                log.warning("cannot publish the policy of %s: %s", policy.disk, e)
 
     async def refresh(self) -> None:
         for disk in await self.swarm.known_disks():
@@ -157,7 +170,10 @@ class Replication:
                 last_refresh = trio.current_time()
             for policy in list(self.policies.values()):
                 if self.swarm.name in policy.hosts:
-                    await self._keep_warm(policy)
+                    try:
+                        await self._keep_warm(policy)
+                    except Exception:  # a background pull must never take the daemon down with it
+                        log.exception("keeping %s warm failed", policy.disk)
             await trio.sleep(CHECK_INTERVAL)
 
     async def _keep_warm(self, policy: Policy) -> None:
