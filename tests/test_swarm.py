@@ -11,7 +11,10 @@ from typing import Any
 
 import pytest
 
+from p2pvbd import trust
+from p2pvbd.dht_records import key_digest
 from tests.daemons import Host, free_port
+from tests.forge import IndexClient, forge_record
 
 # Records spread through the DHT within a publish round; this bounds waiting for it (not a speed check).
 CONVERGE_SECONDS = 60.0
@@ -155,3 +158,47 @@ def test_garbage_to_the_peer_and_dht_ports_does_not_stop_the_daemon(swarm: list[
     wait_until(lambda: "vm1" in disk_names(home), "home-pc to still see office-pc's disk")
     peers = {p["name"]: p for p in home.json("peers")}
     assert peers["office-pc"]["reachable"]
+
+
+def test_a_member_signing_malformed_index_records_stops_no_daemon(three_hosts: list[Host]) -> None:
+    """car-pc, a member, signs with its own key index records its kind's schema refuses (an owner record
+    without an epoch killed two daemons once) and stores them straight into the others' DHT nodes."""
+    office, home, car = three_hosts
+    office.cli("disk", "create", "vm1", "--size", "1M")
+    for h in three_hosts:
+        wait_until(lambda h=h: disk_names(h) == ["vm1"], f"{h.name} to see vm1")
+    member = trust.load_identity(car.home)
+    bad = [("owner", "vm1", {"host": "car-pc"}, "epoch: missing"),
+           ("owner", "vm1", {"host": "car-pc", "epoch": "7"}, "epoch: not an int (str)"),
+           ("owner", "vm1", {"host": "car-pc", "epoch": list(range(250))}, "epoch: not an int (list)"),
+           ("owner", "vm1", {"host": "office-pc", "epoch": 9}, "host: not the publisher"),
+           ("holders", "vm1", {"host": "car-pc", "current_blocks": -5, "generation": 1}, "current_blocks: outside"),
+           ("policy", "vm1", {"disk": "vm1", "hosts": ["home-pc"], "rate": 0, "set_at": time.time()}, "rate: neither"),
+           ("host", "car-pc", {"addresses": ["127.0.0.1:0"], "cert": "00" * 32}, "addresses: an entry is not"),
+           ("catalog", "disks", {"host": "car-pc", "disks": ["../vm1"]}, "disks: an entry is not")]
+    # valid but odd: an epoch below the owner's, more blocks held than the disk has, by a host holding none
+    odd = [("owner", "vm1", {"host": "car-pc", "epoch": 0}),
+           ("holders", "vm1", {"host": "car-pc", "current_blocks": 10**12, "generation": 5})]
+    client = IndexClient(member.swarm_secret)
+    try:
+        for target in (office, home):
+            for kind, key, payload, _ in bad * 2:  # each twice: logged once
+                raw = forge_record(member.key, "car-pc", kind, key, payload)
+                assert client.store(target.port, key_digest(kind, key), [raw]) is False, (kind, payload)
+            for kind, key, payload in odd:  # the control: the same path stores a valid record
+                raw = forge_record(member.key, "car-pc", kind, key, payload)
+                assert client.store(target.port, key_digest(kind, key), [raw]) is True, (kind, payload)
+    finally:
+        client.close()
+    assert all(h.alive() for h in three_hosts)
+    for h in three_hosts:
+        disk = h.json("status")["disks"][0]
+        assert (disk["name"], disk["owner"], disk["epoch"]) == ("vm1", "office-pc", 1), disk
+        assert all(0 <= r["current_blocks"] <= r["total_blocks"] == 16 for r in disk["replicas"]), disk
+        assert {p["name"] for p in h.json("peers")} == {x.name for x in three_hosts} - {h.name}
+    for target in (office, home):
+        log = (target.home / "daemon.log").read_text()
+        for kind, key, _, reason in bad:
+            line = f"dropped a malformed {kind} record for {key!r} signed by 'car-pc': {reason}"
+            assert log.count(line) == 1, (target.name, line)
+    assert all(h.alive() for h in three_hosts)
