@@ -9,9 +9,11 @@ errors. A per-publisher quota bounds the keys one publisher holds on a node.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import msgpack
@@ -41,7 +43,7 @@ from p2pvbd.home import Config, Home
 from p2pvbd.kernel_hook_ctl import HookController
 from p2pvbd.migration.fetcher import SyncError, SyncProgress
 from p2pvbd.migration.pull import sync_disk
-from p2pvbd.migration.replication import Policy
+from p2pvbd.migration.replication import POLICY_FILE, Policy, Replication
 from p2pvbd.peer_transport import PeerError
 from p2pvbd.swarm.node import CATALOG_KEY, Swarm
 from tests.forge import forge_record
@@ -301,3 +303,14 @@ def test_readers_of_the_index_take_whatever_passes_the_schema(identity: trust.Ho
         swarm.dht = FakeIndex(passed)  # type: ignore[assignment]
         swarm._hold = _unreachable  # type: ignore[method-assign]
         trio.run(_read_everything, swarm)
+
+
+def test_policy_book_keeps_the_good_policies_of_a_bad_file(tmp_path: Path) -> None:
+    good = Policy("vm1", ("home-pc",), 1e6, 1.0).as_payload()
+    path = tmp_path / POLICY_FILE
+    path.write_text(json.dumps({"vm1": good, "vm2": {**good, "disk": "vm2", "rate": 0}, "vm3": "x",
+                                "vm4": {**good, "disk": "vm4", "hosts": ["../etc"]}}))
+    swarm = SimpleNamespace(name=ME)
+    assert list(Replication(swarm, tmp_path).policies) == ["vm1"]  # type: ignore[arg-type]
+    path.write_text("[1, 2]")
+    assert Replication(swarm, tmp_path).policies == {}  # type: ignore[arg-type]
