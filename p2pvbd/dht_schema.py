@@ -9,7 +9,7 @@ publisher, key and reason by ``dht``, never stored, forwarded or returned by a l
 =========  ===============  =====================================================================
 kind       key              payload
 =========  ===============  =====================================================================
-host       its publisher    ``addresses``: 1 to 16 distinct "host:port" (IPv4, [IPv6] or a DNS name;
+host       its publisher    ``addresses``: 1 to 16 distinct "host:port" (IPv4, [IPv6] or a host name;
                             port 1 to 65535); ``cert``: the TLS certificate's sha256, 64 lowercase hex
 owner      a disk name      ``host``: the publisher; ``epoch``: int
 holders    a disk name      ``host``: the publisher; ``current_blocks``: int; ``generation``: int
@@ -57,9 +57,10 @@ MAX_RATE = float(2**63)
 UNLIMITED_RATE = -1
 # trust.cert_fingerprint: sha256 of the DER certificate, in lowercase hex.
 _CERT_RE = re.compile(r"[0-9a-f]{64}")
-# RFC 1123 host names: dot-separated labels of letters, digits and inner hyphens, 253 characters at most.
-_DNS_RE = re.compile(r"(?=.{1,253}\.?\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+# RFC 1123 host names: dot-separated labels of letters, digits and inner hyphens, 253 characters at most;
+# inner underscores too, which /etc/hosts and some resolvers accept.
+_DNS_RE = re.compile(r"(?=.{1,253}\.?\Z)[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
+                     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*\.?")
 
 
 class PayloadError(ValueError):

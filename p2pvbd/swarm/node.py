@@ -23,6 +23,7 @@ import zstandard
 
 from p2pvbd import dht, trust
 from p2pvbd.dht_records import format_hostport, holders_payload, host_payload, owner_payload
+from p2pvbd.dht_schema import MAX_HOST_ADDRESSES, is_address
 from p2pvbd.home import Config, Home, parse_hostport
 from p2pvbd.kernel_hook_ctl import HookController
 from p2pvbd.migration.pull import PullState
@@ -55,17 +56,20 @@ FAULT_CORRUPT_ENV = "P2PVBD_FAULT_CORRUPT_SERVED_BLOCKS"
 
 
 def advertised_addresses(listen: str) -> list[str]:
-    """Where peers can reach us: the listen address, or every non-loopback address for a wildcard."""
+    """Where peers can reach us: the listen address, or every non-loopback address for a wildcard; only
+    distinct, well-formed ones, as many as a host record holds (its schema refuses the record otherwise)."""
     host, port = parse_hostport(listen)
     if host not in WILDCARDS:
-        return [format_hostport(host, port)]
-    try:
-        out = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True, check=True).stdout
-        addrs = [a["local"] for ifc in json.loads(out) for a in ifc.get("addr_info", [])
-                 if a.get("scope") == "global"]
-    except (OSError, subprocess.CalledProcessError, ValueError, KeyError):
-        addrs = []
-    return [format_hostport(a, port) for a in addrs] or [format_hostport("127.0.0.1", port)]
+        addrs = [host]
+    else:
+        try:
+            out = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True, check=True).stdout
+            addrs = [a["local"] for ifc in json.loads(out) for a in ifc.get("addr_info", [])
+                     if a.get("scope") == "global"]
+        except (OSError, subprocess.CalledProcessError, ValueError, KeyError):
+            addrs = []
+    usable = [a for a in dict.fromkeys(format_hostport(str(h), port) for h in addrs) if is_address(a)]
+    return usable[:MAX_HOST_ADDRESSES] or [format_hostport("127.0.0.1", port)]
 
 
 @dataclass
