@@ -375,6 +375,42 @@ def _encode(text: str) -> bytes:
     return raw
 
 
+# --- TLS (proto.md, "TLS support") --------------------------------------------------------------------
+
+
+class TlsStep(enum.Enum):
+    """What the server does with an option, given its TLS mode, before any other handling."""
+
+    SERVE = "serve"  # handle the option as usual
+    REPLY = "reply"  # send the reply given and keep haggling
+    START = "start"  # send the reply given (an ACK), then run the TLS handshake on the same connection
+    HANG_UP = "hang_up"  # end the session at once (an option that cannot be answered with an error)
+
+
+def tls_step(option: int, data: bytes, *, forced: bool, active: bool) -> tuple[TlsStep, bytes]:
+    """The TLS rules of option haggling, for a server in FORCEDTLS mode (``forced``) or in NOTLS mode.
+
+    NOTLS answers STARTTLS with NBD_REP_ERR_POLICY: TLS exists, just not on this listener. FORCEDTLS ACKs STARTTLS
+    (NBD_REP_ERR_INVALID with data, or once TLS runs), lets ABORT through, hangs up on EXPORT_NAME (it cannot be
+    refused) and answers every other option NBD_REP_ERR_TLS_REQD until TLS runs.
+    """
+    if option == NBD_OPT_STARTTLS:
+        if not forced:
+            return TlsStep.REPLY, option_error(option, NBD_REP_ERR_POLICY,
+                                               "TLS is served on the TCP listener only")
+        if active:
+            return TlsStep.REPLY, option_error(option, NBD_REP_ERR_INVALID, "TLS is already running")
+        if data:
+            return TlsStep.REPLY, option_error(option, NBD_REP_ERR_INVALID, "STARTTLS takes no data")
+        return TlsStep.START, option_reply(option, NBD_REP_ACK)
+    if not forced or active or option == NBD_OPT_ABORT:
+        return TlsStep.SERVE, b""
+    if option == NBD_OPT_EXPORT_NAME:
+        return TlsStep.HANG_UP, b""
+    return TlsStep.REPLY, option_error(option, NBD_REP_ERR_TLS_REQD,
+                                       "this server requires TLS with a client certificate (nbds://)")
+
+
 # --- Transmission: requests --------------------------------------------------------------------------
 
 

@@ -551,3 +551,47 @@ def test_fuzz_requests(frags: list[bytes], cuts: list[int]) -> None:
             assert r.oversized == (r.length > nbd.MAX_PAYLOAD)
     except ProtocolError:
         pass
+
+
+# --- TLS modes (proto.md, "TLS support") -----------------------------------------------------------------
+
+
+def _reply_type(reply: bytes) -> int:
+    magic, _, rtype, _ = struct.unpack_from(">QIII", reply)
+    assert magic == nbd.NBD_OPTION_REPLY_MAGIC
+    return rtype
+
+
+def test_tls_reply_types_match_spec() -> None:
+    assert (nbd.NBD_REP_ERR_POLICY, nbd.NBD_REP_ERR_TLS_REQD) == (2**31 + 2, 2**31 + 5)
+
+
+def test_notls_answers_starttls_with_policy_and_serves_everything_else() -> None:
+    step, reply = nbd.tls_step(nbd.NBD_OPT_STARTTLS, b"", forced=False, active=False)
+    assert step is nbd.TlsStep.REPLY and _reply_type(reply) == nbd.NBD_REP_ERR_POLICY
+    for opt in (nbd.NBD_OPT_EXPORT_NAME, nbd.NBD_OPT_GO, nbd.NBD_OPT_LIST, 0x4242):
+        assert nbd.tls_step(opt, b"", forced=False, active=False) == (nbd.TlsStep.SERVE, b"")
+
+
+def test_forcedtls_before_tls() -> None:
+    """FORCEDTLS: STARTTLS is ACKed (INVALID with data), ABORT passes, EXPORT_NAME ends the session (it cannot
+    be refused), and every other option, INFO and GO and unknown ones included, gets NBD_REP_ERR_TLS_REQD."""
+    step, reply = nbd.tls_step(nbd.NBD_OPT_STARTTLS, b"", forced=True, active=False)
+    assert step is nbd.TlsStep.START and reply == nbd.option_reply(nbd.NBD_OPT_STARTTLS, nbd.NBD_REP_ACK)
+    step, reply = nbd.tls_step(nbd.NBD_OPT_STARTTLS, b"x", forced=True, active=False)
+    assert step is nbd.TlsStep.REPLY and _reply_type(reply) == nbd.NBD_REP_ERR_INVALID
+    assert nbd.tls_step(nbd.NBD_OPT_ABORT, b"", forced=True, active=False) == (nbd.TlsStep.SERVE, b"")
+    assert nbd.tls_step(nbd.NBD_OPT_EXPORT_NAME, b"vm1", forced=True, active=False) == (nbd.TlsStep.HANG_UP, b"")
+    for opt in (nbd.NBD_OPT_LIST, nbd.NBD_OPT_INFO, nbd.NBD_OPT_GO, nbd.NBD_OPT_STRUCTURED_REPLY,
+                nbd.NBD_OPT_LIST_META_CONTEXT, nbd.NBD_OPT_SET_META_CONTEXT, nbd.NBD_OPT_EXTENDED_HEADERS, 0x4242):
+        step, reply = nbd.tls_step(opt, b"", forced=True, active=False)
+        assert step is nbd.TlsStep.REPLY and _reply_type(reply) == nbd.NBD_REP_ERR_TLS_REQD, opt
+        assert struct.unpack_from(">I", reply, 8)[0] == opt  # the reply names the option it answers
+
+
+def test_forcedtls_once_tls_runs() -> None:
+    """A second STARTTLS gets NBD_REP_ERR_INVALID; TLS_REQD is never sent once TLS runs."""
+    step, reply = nbd.tls_step(nbd.NBD_OPT_STARTTLS, b"", forced=True, active=True)
+    assert step is nbd.TlsStep.REPLY and _reply_type(reply) == nbd.NBD_REP_ERR_INVALID
+    for opt in (nbd.NBD_OPT_EXPORT_NAME, nbd.NBD_OPT_GO, nbd.NBD_OPT_INFO, nbd.NBD_OPT_LIST, 0x4242):
+        assert nbd.tls_step(opt, b"", forced=True, active=True) == (nbd.TlsStep.SERVE, b"")
