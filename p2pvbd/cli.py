@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 from p2pvbd import __version__
 from p2pvbd.attach import AttachError, attach, detach
 from p2pvbd.control import ControlError, call
-from p2pvbd.home import Home, HomeError, resolve_home, wait_for_daemon_exit
+from p2pvbd.home import Home, HomeError, is_loopback, parse_nbd_tcp, resolve_home, wait_for_daemon_exit
 from p2pvbd.units import format_size, parse_size
 
 # How often `sync` and `migrate` redraw their progress from the daemon.
@@ -23,6 +23,8 @@ JOB_POLL_SECONDS = 0.2
 STOP_WAIT_SECONDS = 60.0
 # Width of tables written to a pipe or file: every column of status (nine) fits with long host names.
 PIPED_WIDTH = 160
+NBD_TCP_HELP = ("also serve NBD over TLS on this TCP address (an IP address or localhost; port 10809 if omitted); "
+                "clients need a certificate from 'p2pvbd nbd-client-cert'")
 
 
 def _fail(message: str) -> NoReturn:
@@ -75,6 +77,17 @@ def cmd_init(args: argparse.Namespace) -> None:
     identity = trust.create_swarm(home.path, cfg.name)
     print(f"initialised host {cfg.name} in {home.path}: a new swarm (CA {identity.ca_fingerprint[:16]}…), "
           f"peers reach it on {cfg.listen}")
+    _print_nbd_tcp(cfg.nbd_tcp)
+
+
+def _print_nbd_tcp(nbd_tcp: str) -> None:
+    """Say what --nbd-tcp opens, and to whom."""
+    if not nbd_tcp:
+        return
+    host, port = parse_nbd_tcp(nbd_tcp)
+    print(f"NBD over TLS on {host}:{port}: clients need a certificate from 'p2pvbd nbd-client-cert DIR'")
+    if not is_loopback(host):
+        print(f"note: {host}:{port} is reachable from the network, not only from this machine")
 
 
 def cmd_join(args: argparse.Namespace) -> None:
@@ -95,6 +108,7 @@ def cmd_join(args: argparse.Namespace) -> None:
     cfg = home.init(args.name, listen=args.listen, nbd_tcp=args.nbd_tcp or "", bootstrap=invite.addresses)
     print(f"host {identity.name} joined the swarm (CA {identity.ca_fingerprint[:16]}…) in {home.path}; "
           f"peers reach it on {cfg.listen}")
+    _print_nbd_tcp(cfg.nbd_tcp)
 
 
 def cmd_invite(args: argparse.Namespace) -> None:
@@ -131,14 +145,40 @@ def _console() -> Any:
 def cmd_daemon(args: argparse.Namespace) -> None:
     from p2pvbd.daemon import run_daemon  # trio is only imported where it runs
     from p2pvbd.failpoints import FailpointError
+    from p2pvbd.trust import TrustError
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         filename=args.log_file)
     try:
         run_daemon(_home(args))
-    except FailpointError as e:
+    except (FailpointError, TrustError) as e:
         _fail(str(e))
+
+
+def cmd_nbd_client_cert(args: argparse.Namespace) -> None:
+    from p2pvbd import nbd_tls
+    from p2pvbd.trust import TrustError
+
+    home = _home(args)
+    cfg = home.load_config()
+    name = args.name or nbd_tls.DEFAULT_CLIENT_NAME
+    try:
+        out = nbd_tls.write_client_credentials(home.path, cfg.name, Path(args.dir), name)
+    except TrustError as e:
+        _fail(str(e))
+    print(f"wrote NBD client credentials {name!r} to {out}: {nbd_tls.CA_CERT_FILE}, "
+          f"{nbd_tls.CLIENT_CERT_FILE}, {nbd_tls.CLIENT_KEY_FILE} (keep the key private)")
+    if not cfg.nbd_tcp:
+        print(f"host {cfg.name} serves NBD on its Unix socket only: set nbd_tcp in {home.config_path} and restart "
+              "the daemon to serve it over TCP")
+        return
+    host, port = parse_nbd_tcp(cfg.nbd_tcp)
+    host = "127.0.0.1" if host in ("0.0.0.0", "localhost") else "::1" if host == "::" else host
+    addr = f"[{host}]" if ":" in host else host
+    print(f"nbdinfo 'nbds://{addr}:{port}/DISK?tls-certificates={out}'")
+    print(f"qemu-img info --object tls-creds-x509,id=tls0,endpoint=client,dir={out} --image-opts "
+          f"driver=nbd,server.type=inet,server.host={host},server.port={port},export=DISK,tls-creds=tls0")
 
 
 def cmd_stop(args: argparse.Namespace) -> None:
@@ -344,13 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("init", cmd_init, "create this host's identity and home directory")
     sp.add_argument("name", help="this host's name in the swarm, e.g. office-pc")
     sp.add_argument("--listen", metavar="HOST:PORT", help="address peers reach this host on")
-    sp.add_argument("--nbd-tcp", metavar="HOST:PORT", help="also serve NBD on this (loopback) TCP address")
+    sp.add_argument("--nbd-tcp", metavar="ADDRESS:PORT", help=NBD_TCP_HELP)
 
     sp = add("join", cmd_join, "join the swarm of an invite (its inviter must be running)")
     sp.add_argument("token", help="the line printed by 'p2pvbd invite' on a swarm member")
     sp.add_argument("name", help="this host's name in the swarm, e.g. car-pc")
     sp.add_argument("--listen", metavar="HOST:PORT", help="address peers reach this host on")
-    sp.add_argument("--nbd-tcp", metavar="HOST:PORT", help="also serve NBD on this (loopback) TCP address")
+    sp.add_argument("--nbd-tcp", metavar="ADDRESS:PORT", help=NBD_TCP_HELP)
 
     sp = add("invite", cmd_invite, "print a one-time token with which another machine joins this swarm",
              (as_json,))
@@ -375,6 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--block-size", type=_size, default=64 * 1024, help="versioning granularity (default 64K)")
     add("list", cmd_disk_list, "list this host's disks", (as_json,), into=dsub)
 
+    sp = add("nbd-client-cert", cmd_nbd_client_cert,
+             "write a client certificate for NBD over TLS (the --nbd-tcp listener) in the layout qemu and libnbd read")
+    sp.add_argument("dir", metavar="DIR", help="where to write ca-cert.pem, client-cert.pem and client-key.pem")
+    sp.add_argument("--name", help="the client's name in its certificate and the daemon's log (default nbd-client)")
     sp = add("nbd-uri", cmd_nbd_uri, "print the NBD URI of a disk (for qemu, nbdinfo, nbdcopy, libnbd)")
     sp.add_argument("disk")
     sp = add("status", cmd_status, "disks, owners and replica coverage", (as_json,))

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from p2pvbd import failpoints, invites, trust
+from p2pvbd import failpoints, invites, nbd_tls, trust
 from p2pvbd.control import ControlError, serve_control
-from p2pvbd.home import Config, Home, HomeError, check_name, parse_hostport
+from p2pvbd.home import Config, Home, HomeError, check_name, is_loopback, parse_nbd_tcp
 from p2pvbd.kernel_hook_ctl import ExportMode, HookController
 from p2pvbd.migrate import DEFAULT_MAX_DOWNTIME_MS
-from p2pvbd.nbd_server import serve_nbd
+from p2pvbd.nbd_server import TcpEndpoint, serve_nbd
 from p2pvbd.peer_transport import PeerError
 from p2pvbd.replica_store import DEFAULT_BLOCK_SIZE, ReplicaStore
 from p2pvbd.swarm.node import Swarm, advertised_addresses
@@ -56,9 +56,22 @@ class Daemon:
         if not trust.has_identity(home.path):
             raise HomeError(f"{home.path} has no swarm identity: create it with 'p2pvbd init' or 'p2pvbd join'")
         self.identity = trust.load_identity(home.path)
+        self.nbd_tcp = self._nbd_tcp()
         self.swarm = Swarm(home, config, self.identity, self.ctl)
         self.jobs: dict[int, Any] = {}  # SyncProgress or MigrationProgress: both have as_dict()
         self._nursery: trio.Nursery | None = None
+
+    def _nbd_tcp(self) -> TcpEndpoint | None:
+        """The NBD TCP listener's address and TLS, with a fresh server certificate naming that address."""
+        if not self.config.nbd_tcp:
+            return None
+        host, port = parse_nbd_tcp(self.config.nbd_tcp)
+        ctx = nbd_tls.server_ssl_context(self.home.path, self.config.name, host)
+        log.info("NBD over TLS on %s:%d for clients with a certificate from 'p2pvbd nbd-client-cert'", host, port)
+        if not is_loopback(host):
+            log.warning("NBD on %s:%d is reachable from the network; TLS with client certificates guards it",
+                        host, port)
+        return TcpEndpoint(host, port, ctx)
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def open_disks(self) -> None:
@@ -89,8 +102,7 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 self.cancel_scope = nursery.cancel_scope
                 self._nursery = nursery
-                tcp = parse_hostport(self.config.nbd_tcp) if self.config.nbd_tcp else None
-                await nursery.start(serve_nbd, self.ctl, self.home.nbd_socket, tcp)
+                await nursery.start(serve_nbd, self.ctl, self.home.nbd_socket, self.nbd_tcp)
                 await nursery.start(self.swarm.run)
                 await nursery.start(serve_control, self.home.control_socket, self.handle)
                 nursery.start_soon(self._periodic_flush)
@@ -365,5 +377,17 @@ def run_daemon(home: Home) -> None:
     home.secure()  # a home made by an older version, or by hand, may be open to other users
     try:
         trio.run(_main, home, config)
+    except BaseExceptionGroup as group:
+        # A service that cannot start for a reason the user can fix (an NBD address in use) says so in one line.
+        errors = _leaves(group)
+        if len(errors) == 1 and isinstance(errors[0], HomeError):
+            raise errors[0] from None
+        raise
     finally:
         os.close(fd)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for e in exc.exceptions for leaf in _leaves(e)]
+    return [exc]

@@ -6,6 +6,7 @@ One directory per host makes several hosts on one machine (tests, the demo) as e
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import os
 import re
 import time
@@ -32,6 +33,8 @@ DAEMON_LOG = "daemon.log"
 # The same rule as disk names: safe in paths, URIs and DNS-like contexts.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEFAULT_PEER_PORT = 7420
+# NBD's port registered with IANA (proto.md, "Protocol phases"): what clients assume when a URI names none.
+DEFAULT_NBD_PORT = 10809
 
 
 class HomeError(Exception):
@@ -65,6 +68,28 @@ def parse_hostport(text: str, default_port: int = DEFAULT_PEER_PORT) -> tuple[st
     if not 0 <= port <= 65535:
         raise HomeError(f"port out of range in {text!r}")
     return m.group(1), port
+
+
+def parse_nbd_tcp(text: str) -> tuple[str, int]:
+    """The ``nbd_tcp`` setting: 'HOST:PORT' (port 10809 if omitted) where HOST is an IP address or 'localhost'.
+
+    Addresses only, no other names: the server's certificate must name what clients connect to, and a
+    name that resolves differently later would silently listen elsewhere."""
+    host, port = parse_hostport(text, DEFAULT_NBD_PORT)
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise HomeError(f"not an NBD TCP address: {text!r} (use an IP address or localhost, e.g. "
+                            f"127.0.0.1:{DEFAULT_NBD_PORT})") from None
+    if port == 0:
+        raise HomeError(f"the NBD TCP port must be fixed, not 0, in {text!r}: clients need to know it")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach ``host`` (an address or 'localhost')."""
+    return host == "localhost" or ipaddress.ip_address(host).is_loopback
 
 
 @dataclass
@@ -145,7 +170,7 @@ class Home:
         if listen:
             parse_hostport(listen)
         if nbd_tcp:
-            parse_hostport(nbd_tcp)
+            parse_nbd_tcp(nbd_tcp)
 
     def init(self, name: str, listen: str | None = None, nbd_tcp: str = "",
              bootstrap: list[str] | None = None) -> Config:

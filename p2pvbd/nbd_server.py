@@ -7,6 +7,10 @@ handed to one sendmsg(), so READ data is never copied in Python; receives and se
 bypass trio's scheduler, with a checkpoint every few receives), while commands
 that wait for the disk (FLUSH, FUA writes) or for a gate (frozen or incoming exports) run as their own
 tasks, so their replies may overtake or be overtaken by others (out-of-order replies, as the spec allows).
+
+The Unix socket speaks plain NBD (only its owner may connect). The TCP listener is in the spec's FORCEDTLS mode:
+nothing but STARTTLS gets an answer before a TLS handshake in which the client presents a certificate of this
+host's NBD CA (see :mod:`p2pvbd.nbd_tls`); the handshake then continues inside TLS.
 """
 
 from __future__ import annotations
@@ -14,15 +18,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import socket
+import ssl
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from p2pvbd import nbd_codec as nbd
-from p2pvbd.home import PRIVATE_SOCKET_MODE
+from p2pvbd.home import PRIVATE_SOCKET_MODE, HomeError
 from p2pvbd.kernel_hook_ctl import ExportMode, HookController, HookError
 
 log = logging.getLogger(__name__)
@@ -46,6 +53,15 @@ FAST_RECEIVES_PER_CHECKPOINT = 16
 MAX_TASKS_PER_CONNECTION = 128
 # How many connections wait in the kernel's accept queue.
 LISTEN_BACKLOG = 128
+# Time a TCP client has from connecting to a finished TLS handshake (a few round trips: milliseconds on a LAN).
+# Until then nothing says who it is, so a client that stalls, or never starts TLS, gives its slot back after this.
+TLS_SETUP_SECONDS = 10.0
+# TCP connections served at once; more are closed on arrival. qemu opens one per drive, nbdcopy up to 4 per
+# side, Linux's nbd driver one per queue: 64 leaves room for all of them, and bounds what unauthenticated
+# clients can hold (each for TLS_SETUP_SECONDS at most).
+MAX_TCP_CONNECTIONS = 64
+# Sending TLS's close_notify at the end waits at most this long for a client that stopped reading.
+TLS_CLOSE_SECONDS = 1.0
 # Advertised block size constraints (NBD_INFO_BLOCK_SIZE): any byte granularity works, 4 KiB is
 # what the store handles best, and the maximum is the request cap.
 MIN_BLOCK = 1
@@ -134,15 +150,33 @@ def _stream_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourc
 
 
 class _Disconnect(Exception):
-    """End the connection cleanly (ABORT, EXPORT_NAME of an unknown export)."""
+    """End the connection cleanly (ABORT, EXPORT_NAME of an unknown export, a failed TLS handshake)."""
+
+
+class NbdListenError(HomeError):
+    """The NBD TCP address cannot be listened on (in use, not an address of this machine)."""
+
+
+@dataclass(frozen=True)
+class TcpEndpoint:
+    """Where NBD is served over TCP, and the TLS (with client certificates) every client there goes through."""
+
+    host: str
+    port: int
+    ssl_context: ssl.SSLContext
 
 
 class NbdConnection:
-    """One client, from greeting to disconnect."""
+    """One client, from greeting to disconnect. With ``tls`` set, TLS is forced before any other option."""
 
-    def __init__(self, stream: trio.abc.Stream, ctl: HookController) -> None:
+    def __init__(self, stream: trio.abc.Stream, ctl: HookController, tls: ssl.SSLContext | None = None,
+                 peer: str = "") -> None:
         self.stream = stream
         self.ctl = ctl
+        self.tls = tls
+        self.tls_active = False
+        self.peer = peer or "on the Unix socket"
+        self._setup: trio.CancelScope | None = None  # bounds the time before TLS runs
         self.structured = False
         self.meta_export: str | None = None  # export for which base:allocation was negotiated
         self.transmission_flags = TRANSMISSION_FLAGS  # as sent at GO / EXPORT_NAME: they bind this connection
@@ -161,12 +195,18 @@ class NbdConnection:
                     stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
 
     async def run(self) -> None:
-        await self.stream.send_all(nbd.server_greeting())
-        try:
-            export, leftover = await self._handshake()
-        except _Disconnect:
+        chosen: tuple[str, bytes] | None = None
+        deadline = trio.current_time() + TLS_SETUP_SECONDS if self.tls is not None else math.inf
+        with trio.CancelScope(deadline=deadline) as self._setup:
+            await self.stream.send_all(nbd.server_greeting())
+            try:
+                chosen = await self._handshake()
+            except _Disconnect:
+                return
+        if chosen is None:
+            log.warning("NBD client %s did not complete TLS within %.0f s; closed", self.peer, TLS_SETUP_SECONDS)
             return
-        await self._transmission(export, leftover)
+        await self._transmission(*chosen)
 
     # ---- handshake -----------------------------------------------------------------------------
     async def _handshake(self) -> tuple[str, bytes]:
@@ -184,9 +224,39 @@ class NbdConnection:
                 no_zeroes = bool(ev.flags & nbd.NBD_FLAG_C_NO_ZEROES)
                 continue
             assert isinstance(ev, nbd.OptionRequest)
+            step, reply = nbd.tls_step(ev.option, ev.data, forced=self.tls is not None, active=self.tls_active)
+            if step is nbd.TlsStep.HANG_UP:
+                log.info("NBD client %s asked for an export before TLS; closed", self.peer)
+                raise _Disconnect
+            if step is nbd.TlsStep.START and parser.leftover():
+                # Bytes sent before the handshake must not count as sent inside TLS (a man in the middle could
+                # inject them): the client had to wait for the ACK.
+                raise nbd.ProtocolError("plaintext sent after NBD_OPT_STARTTLS")
+            if step is not nbd.TlsStep.SERVE:
+                await self.stream.send_all(reply)
+                if step is nbd.TlsStep.START:
+                    await self._start_tls()
+                continue
             chosen = await self._option(ev, no_zeroes)
             if chosen is not None:
                 return chosen, parser.leftover()
+
+    async def _start_tls(self) -> None:
+        """The TLS handshake after STARTTLS's ACK, on the same connection; option haggling goes on inside it."""
+        assert self.tls is not None and self._setup is not None
+        stream = trio.SSLStream(self.stream, self.tls, server_side=True)
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError as e:
+            log.warning("NBD client %s refused: TLS handshake failed: %s", self.peer, e.__cause__ or e)
+            raise _Disconnect from e
+        self.stream = stream
+        self._sock, self._fd = None, -1  # every byte now goes through TLS, never straight to the socket
+        self.tls_active = True
+        # The spec: after STARTTLS "the server MUST NOT preserve any negotiation state" from before.
+        self.structured, self.meta_export = False, None
+        self._setup.deadline = math.inf  # authenticated: no more hurry than on the Unix socket
+        log.info("NBD client %r connected over TLS from %s", _client_name(stream), self.peer)
 
     async def _option(self, ev: nbd.OptionRequest, no_zeroes: bool) -> str | None:
         opt, send = ev.option, self.stream.send_all
@@ -476,12 +546,27 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
-async def _handle(stream: trio.abc.Stream, ctl: HookController) -> None:
+def _client_name(stream: trio.SSLStream[Any]) -> str:
+    """The common name of a verified client certificate."""
+    for rdn in (stream.getpeercert() or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return ""
+
+
+async def _handle(stream: trio.abc.Stream, ctl: HookController, tls: ssl.SSLContext | None = None,
+                  peer: str = "") -> None:
     """Serve one client; whatever it does, only its own connection ends."""
-    conn = NbdConnection(stream, ctl)
+    conn = NbdConnection(stream, ctl, tls, peer)
     try:
         async with stream:
-            await conn.run()
+            try:
+                await conn.run()
+            finally:
+                if conn.stream is not stream:  # end TLS with close_notify, unless the client stopped reading
+                    with trio.move_on_after(TLS_CLOSE_SECONDS), contextlib.suppress(*_QUIET_ERRORS):
+                        await conn.stream.aclose()
     except Exception as exc:
         leaves = _leaves(exc)
         if all(isinstance(e, _QUIET_ERRORS) for e in leaves):
@@ -500,20 +585,52 @@ async def _unix_listener(path: Path) -> trio.SocketListener:
     return trio.SocketListener(sock)
 
 
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "(gone)"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _tcp_listeners(tcp: TcpEndpoint) -> list[trio.SocketListener]:
+    try:
+        return await trio.open_tcp_listeners(tcp.port, host=tcp.host, backlog=LISTEN_BACKLOG)
+    except OSError as e:
+        raise NbdListenError(f"cannot serve NBD on {tcp.host}:{tcp.port}: {e.strerror or e}") from e
+
+
 async def serve_nbd(
     ctl: HookController,
     unix_path: Path,
-    tcp: tuple[str, int] | None = None,
+    tcp: TcpEndpoint | None = None,
     *,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve every export of ``ctl`` on a Unix socket (and a TCP address) until cancelled."""
-    listeners: list[trio.SocketListener] = [await _unix_listener(unix_path)]
-    if tcp is not None:
-        listeners += await trio.open_tcp_listeners(tcp[1], host=tcp[0], backlog=LISTEN_BACKLOG)
+    """Serve every export of ``ctl`` on a Unix socket (and over TLS on a TCP address) until cancelled."""
+    tcp_listeners = await _tcp_listeners(tcp) if tcp is not None else []
+    unix_listeners = [await _unix_listener(unix_path)]
+    open_tcp = 0
+
+    async def handle_tcp(stream: trio.SocketStream) -> None:
+        nonlocal open_tcp
+        assert tcp is not None
+        peer = _peer(stream)
+        if open_tcp >= MAX_TCP_CONNECTIONS:
+            log.warning("NBD client %s refused: %d TCP connections are open already", peer, open_tcp)
+            await trio.aclose_forcefully(stream)
+            return
+        open_tcp += 1
+        try:
+            await _handle(stream, ctl, tcp.ssl_context, peer)
+        finally:
+            open_tcp -= 1
+
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(lambda: trio.serve_listeners(lambda s: _handle(s, ctl), listeners))
+            nursery.start_soon(lambda: trio.serve_listeners(lambda s: _handle(s, ctl), unix_listeners))
+            if tcp_listeners:
+                nursery.start_soon(lambda: trio.serve_listeners(handle_tcp, tcp_listeners))
             task_status.started()
     finally:
         unix_path.unlink(missing_ok=True)
