@@ -7,7 +7,6 @@ makes these tests fail where the kill -9 tests, which the page cache rescues, wo
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import struct
@@ -24,7 +23,7 @@ from p2pvbd.replica_store import ReplicaStore
 from tests import test_replica_store as store_tests
 from tests.daemons import BIN, run, system_python
 from tests.power import LazyMount, PowerHost, require_lazyfs
-from tests.test_migrate_faults import settled
+from tests.test_migrate_faults import POLL_SECONDS, settled, source_phase
 from tests.test_nbd_clients import qemu_io, verify_ok
 from tests.test_swarm import wait_until
 from tests.test_sync import coverage, sync, visible
@@ -307,14 +306,6 @@ def test_sync_returns_only_what_is_durable(power_hosts: list[PowerHost], tmp_pat
 # --- migration --------------------------------------------------------------------------------------------
 
 
-def source_phase(source: PowerHost, disk: str) -> str | None:
-    res = source.cli("jobs", "--json", check=False, timeout=30)
-    if res.returncode != 0:
-        return None
-    phases = [j.get("phase") for j in json.loads(res.stdout) if j.get("disk") == disk]
-    return phases[-1] if phases else None
-
-
 @pytest.mark.parametrize("victim", ["office-pc", "car-pc"])
 @pytest.mark.parametrize("moment", [*PHASES, "committed"])
 def test_power_cut_during_a_migration_keeps_one_owner_and_every_durable_write(
@@ -336,7 +327,7 @@ def test_power_cut_during_a_migration_keeps_one_owner_and_every_durable_write(
         assert migrate.returncode == 0, migrate.communicate()
     else:
         seen = wait_until(lambda: (source_phase(office, disk) == moment and moment) or migrate.poll() is not None,
-                          f"the migration to reach {moment}", poll=0.01)
+                          f"the migration to reach {moment}", poll=POLL_SECONDS)
     hosts[victim].power_cut()
     out, err = migrate.communicate(timeout=MIGRATE_SECONDS)
     what = f"power cut of {victim} at {moment} (seen {seen!r}); migrate exited {migrate.returncode}: {out!r} {err!r}"
