@@ -31,7 +31,7 @@ CONTROL_SOCKET = "control.sock"
 DAEMON_LOCK = "daemon.lock"
 DAEMON_LOG = "daemon.log"
 # The same rule as disk names: safe in paths, URIs and DNS-like contexts.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # use fullmatch: "$" would let a trailing newline in
 DEFAULT_PEER_PORT = 7420
 # NBD's port registered with IANA (proto.md, "Protocol phases"): what clients assume when a URI names none.
 DEFAULT_NBD_PORT = 10809
@@ -52,7 +52,7 @@ def resolve_home(arg: str | os.PathLike[str] | None) -> Path:
 
 
 def check_name(kind: str, name: str) -> str:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise HomeError(
             f"invalid {kind} name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
@@ -191,7 +191,7 @@ class Home:
     def disk_names(self) -> list[str]:
         if not self.disks_dir.is_dir():
             return []
-        return sorted(p.name for p in self.disks_dir.iterdir() if p.is_dir() and NAME_RE.match(p.name))
+        return sorted(p.name for p in self.disks_dir.iterdir() if p.is_dir() and NAME_RE.fullmatch(p.name))
 
     def nbd_uri(self, disk: str) -> str:
         return f"nbd+unix:///{disk}?socket={self.nbd_socket}"

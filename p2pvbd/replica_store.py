@@ -118,7 +118,7 @@ class BlockRecord:
 
 
 def _check_owner(owner: str, epoch: int) -> None:
-    if not isinstance(owner, str) or (owner and not NAME_RE.match(owner)):
+    if not isinstance(owner, str) or (owner and not NAME_RE.fullmatch(owner)):
         raise ValueError(f"invalid owner host name {owner!r}")
     if not isinstance(epoch, int) or epoch < 0:
         raise ValueError(f"epoch must be a non-negative integer, not {epoch!r}")
@@ -166,7 +166,7 @@ class ReplicaStore:
                owner: str = "", epoch: int = 0) -> ReplicaStore:
         """A new, empty store. Nothing of the disk's size is read or hashed: the metadata starts as
         untouched zero pages and the tree as the empty one."""
-        if not isinstance(name, str) or not NAME_RE.match(name):
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             raise ValueError(f"invalid disk name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
                              "starting with a letter or digit")
         check_block_size(block_size)

@@ -109,7 +109,7 @@ def cert_fingerprint(cert: x509.Certificate) -> str:
 
 
 def check_host_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise TrustError(f"invalid host name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
     return name
 

@@ -48,7 +48,7 @@ class AddressBook:
         hosts = raw.get("hosts")
         if isinstance(hosts, dict):
             self.hosts = {h: a for h, v in list(hosts.items())[:MAX_HOSTS]
-                          if isinstance(h, str) and NAME_RE.match(h) and (a := _addresses(v))}
+                          if isinstance(h, str) and NAME_RE.fullmatch(h) and (a := _addresses(v))}
         self._saved = self._text()
 
     def bootstrap(self) -> list[tuple[str, int]]:
