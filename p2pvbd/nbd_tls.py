@@ -18,7 +18,6 @@ import fcntl
 import ipaddress
 import json
 import os
-import secrets
 import socket
 import ssl
 import subprocess
@@ -33,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from p2pvbd.home import PRIVATE_DIR_MODE, check_name
-from p2pvbd.trust import CA_CERT_VALIDITY, CLOCK_SKEW, HOST_CERT_VALIDITY, TrustError, atomic_write_file
+from p2pvbd.trust import CLOCK_SKEW, HOST_CERT_VALIDITY, TrustError, atomic_write_file, self_signed_ca
 
 NBD_TLS_DIR = "nbd-tls"
 LOCK_FILE = ".lock"
@@ -102,27 +101,7 @@ def _locked(d: Path) -> Iterator[None]:
 
 def _new_ca(host_name: str, now: float) -> NbdCa:
     key = ec.generate_private_key(CURVE)
-    # A random suffix gives each CA a distinct subject, so a certificate of another host's NBD CA is reported
-    # as "unknown CA" instead of failing a same-named CA's signature check.
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
-                                         f"p2pvbd NBD CA of {host_name} {secrets.token_hex(8)}")])
-    start = _utc(now) - CLOCK_SKEW
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + CA_CERT_VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return NbdCa(key, cert)
+    return NbdCa(key, self_signed_ca(key, f"p2pvbd NBD CA of {host_name}", now, hashes.SHA256()))
 
 
 def load_or_create_ca(home: Path, host_name: str, *, now: float | None = None) -> NbdCa:

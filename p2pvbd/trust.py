@@ -24,8 +24,8 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from p2pvbd.home import NAME_RE
@@ -151,11 +151,18 @@ def new_host_key() -> ed25519.Ed25519PrivateKey:
 
 def _make_ca(now: float) -> tuple[ed25519.Ed25519PrivateKey, x509.Certificate]:
     key = ed25519.Ed25519PrivateKey.generate()
-    # A random suffix gives each swarm's CA a distinct subject, so OpenSSL reports a foreign host as
-    # "unable to get local issuer" instead of trying (and failing) a same-named CA's signature.
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"p2pvbd swarm {secrets.token_hex(8)}")])
+    return key, self_signed_ca(key, "p2pvbd swarm", now, None)
+
+
+def self_signed_ca(key: ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey, label: str, now: float,
+                   digest: hashes.HashAlgorithm | None) -> x509.Certificate:
+    """A CA certificate that signs certificates only (no TLS use of its own). ``digest`` is None for Ed25519.
+
+    A random suffix gives each CA a distinct subject, so OpenSSL reports a certificate of a foreign CA as
+    "unable to get local issuer" instead of trying (and failing) a same-named CA's signature."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{label} {secrets.token_hex(8)}")])
     start = _utc(now) - CLOCK_SKEW
-    cert = (
+    return (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -168,9 +175,8 @@ def _make_ca(now: float) -> tuple[ed25519.Ed25519PrivateKey, x509.Certificate]:
                                      data_encipherment=False, key_agreement=False, key_cert_sign=True,
                                      crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, None)
+        .sign(key, digest)
     )
-    return key, cert
 
 
 def issue_host_cert(ca_key: ed25519.Ed25519PrivateKey, ca_cert: x509.Certificate,
