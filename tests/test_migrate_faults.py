@@ -88,7 +88,8 @@ MIGRATE_SECONDS = 300.0
 
 # A guest that logs every write before issuing it ("W block seq") and once acknowledged ("A block seq"),
 # line by line and flushed: whatever kills its connection, the log says what it was promised.
-GUEST = r'''
+# The start of every guest program: its arguments, its log (line-buffered) and its connection.
+GUEST_HEAD = r'''
 import os, struct, sys, random, time
 import nbd
 uri, stop, logpath, blocks, seed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
@@ -97,6 +98,8 @@ rng = random.Random(seed)
 log = open(logpath, "w", buffering=1)
 h = nbd.NBD()
 h.connect_uri(uri)
+'''
+GUEST = GUEST_HEAD + r'''
 log.write("READY\n"); log.flush()
 seq = 0
 while not os.path.exists(stop):
@@ -128,12 +131,14 @@ def pattern(block: int, seq: int) -> bytes:
 
 
 class LoggingGuest:
-    def __init__(self, uri: str, tmp: Path, seed: int) -> None:
-        script = tmp / "guest.py"
-        script.write_text(GUEST)
+    """A libnbd guest (``script``, GUEST by default) writing to ``blocks`` blocks and logging each step."""
+
+    def __init__(self, uri: str, tmp: Path, seed: int, script: str = GUEST, blocks: int = BLOCKS) -> None:
+        path = tmp / "guest.py"
+        path.write_text(script)
         self.stop_file, self.log = tmp / "guest.stop", tmp / "guest.log"
-        self.proc = subprocess.Popen([system_python(), str(script), uri, str(self.stop_file), str(self.log),
-                                      str(BLOCKS), str(seed)])
+        self.proc = subprocess.Popen([system_python(), str(path), uri, str(self.stop_file), str(self.log),
+                                      str(blocks), str(seed)])
         wait_until(lambda: self.lines()[:1] == ["READY"] or self.proc.poll() is not None, "the guest to connect")
         assert self.proc.poll() is None, "the guest could not connect"
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,9 +20,9 @@ import pytest
 from p2pvbd import failpoints
 from p2pvbd.replica_store import ReplicaStore
 from tests import test_replica_store as store_tests
-from tests.daemons import BIN, run, system_python
+from tests.daemons import BIN, run
 from tests.power import LazyMount, PowerHost, require_lazyfs
-from tests.test_migrate_faults import POLL_SECONDS, settled, source_phase
+from tests.test_migrate_faults import GUEST_HEAD, POLL_SECONDS, LoggingGuest, pattern, settled, source_phase
 from tests.test_nbd_clients import qemu_io, verify_ok
 from tests.test_swarm import wait_until
 from tests.test_sync import coverage, sync, visible
@@ -165,15 +164,7 @@ def test_power_cut_keeps_flushed_and_fua_nbd_writes(power_hosts: list[PowerHost]
 
 # A guest that logs each write before it issues it ("W block seq"), once acknowledged ("A block seq fua"),
 # and each acknowledged flush ("S seq": every write acknowledged before it is durable).
-DURABLE_GUEST = r'''
-import os, struct, sys, random, time
-import nbd
-uri, stop, logpath, blocks, seed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-BS = 65536
-rng = random.Random(seed)
-log = open(logpath, "w", buffering=1)
-h = nbd.NBD()
-h.connect_uri(uri)
+DURABLE_GUEST = GUEST_HEAD + r'''
 log.write("READY\n")
 seq = 0
 try:
@@ -196,40 +187,11 @@ log.write("STOPPED\n")
 '''
 
 
-def pattern(block: int, seq: int) -> bytes:
-    head = struct.pack(">QQ", block, seq)
-    return (head * (BLOCK // len(head) + 1))[:BLOCK]
-
-
-class DurableGuest:
+class DurableGuest(LoggingGuest):
     """A libnbd guest whose log tells which of its writes the export promised to keep."""
 
     def __init__(self, uri: str, tmp: Path, seed: int) -> None:
-        script = tmp / "durable_guest.py"
-        script.write_text(DURABLE_GUEST)
-        self.stop_file, self.log = tmp / "guest.stop", tmp / "guest.log"
-        self.proc = subprocess.Popen([system_python(), str(script), uri, str(self.stop_file), str(self.log),
-                                      str(GUEST_BLOCKS), str(seed)])
-        wait_until(lambda: self.lines()[:1] == ["READY"] or self.proc.poll() is not None, "the guest to connect")
-        assert self.proc.poll() is None, "the guest could not connect"
-
-    def lines(self) -> list[str]:
-        try:
-            return self.log.read_text().splitlines()
-        except FileNotFoundError:
-            return []
-
-    def acked(self) -> int:
-        return sum(1 for ln in self.lines() if ln.startswith("A "))
-
-    def finish(self) -> None:
-        self.stop_file.touch()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError("the guest hung in a write") from None
+        super().__init__(uri, tmp, seed, script=DURABLE_GUEST, blocks=GUEST_BLOCKS)
 
     def allowed(self, base: bytes) -> dict[int, list[bytes]]:
         """Per block, what may be there after a power cut: its last durable write or any write after it
@@ -284,7 +246,7 @@ def test_power_cut_under_a_guest_keeps_every_durable_write(power_hosts: list[Pow
     guest = DurableGuest(office.uri("vm1"), tmp_path, seed=1)
     wait_until(lambda: guest.durable_blocks() >= 40 or guest.proc.poll() is not None, "the guest to write")
     office.power_cut()
-    guest.finish()
+    assert guest.finish(), "the guest hung in a write"
     assert any(ln.startswith("E ") for ln in guest.lines()), "the guest's connection outlived the power cut"
     assert lost_writes(office, "vm1", guest, base, tmp_path / "after.raw") == []
     verify_ok(office, "vm1")
@@ -339,7 +301,7 @@ def test_power_cut_during_a_migration_keeps_one_owner_and_every_durable_write(
     assert (owner, epoch) in (("office-pc", 1), ("car-pc", 2)), what
     if moment == "committed":
         assert (owner, epoch) == ("car-pc", 2), what
-    guest.finish()
+    assert guest.finish(), "the guest hung in a write"
     assert lost_writes(hosts[owner], disk, guest, base, tmp_path / "owner.raw") == [], what
     for h in power_hosts:
         verify_ok(h, disk)
