@@ -80,6 +80,10 @@ REFRESH_ROUNDS = 3
 PREHASH_ROUNDS = 3
 # NBD base:allocation flags (nbd_codec.NBD_STATE_*; repeated so the store stays protocol-free).
 STATE_HOLE, STATE_ZERO = 1, 2
+# Hosts the disk was handed to this host from, newest last (whose forwarded guest I/O this host serves).
+# A person's machines are a handful; 16 names of at most 64 characters take ~1.1 KiB of the 4 KiB
+# state slot, and a guest connection open at a host 16 hand-overs back has long been closed.
+MAX_HANDED_FROM = 16
 
 
 class OutOfRange(ValueError):
@@ -131,6 +135,7 @@ class ReplicaStore:
         self._dir = directory
         self._name, self._size, self._bs = state["name"], state["size"], state["block_size"]
         self._owner, self._epoch, self._counter = state["owner"], state["epoch"], state["counter"]
+        self._handed_from: tuple[str, ...] = tuple(state.get("handed_from", ()))
         self._changes = 0
         self._n = blocks_for(self._size, self._bs)
         self._tail = self._size - (self._n - 1) * self._bs
@@ -249,6 +254,8 @@ class ReplicaStore:
     @property
     def counter(self) -> int: return self._counter  # the last version handed out
     @property
+    def handed_from(self) -> tuple[str, ...]: return self._handed_from  # hosts that handed the disk here, newest last
+    @property
     def changes(self) -> int: return self._changes  # bumped by every mutation: cheap cache invalidation
     @property
     def held_blocks(self) -> int: return self._held  # blocks this replica holds some version of
@@ -257,15 +264,22 @@ class ReplicaStore:
     @property
     def directory(self) -> Path: return self._dir
 
-    def set_owner(self, owner: str, epoch: int, counter: int = 0) -> None:
+    def set_owner(self, owner: str, epoch: int, counter: int = 0, handed_from: str = "") -> None:
         """Record a new owner and epoch durably; ``counter`` raises the version counter too (the previous
-        owner's, handed over with the disk, so no version it gave out is ever given out again)."""
+        owner's, handed over with the disk, so no version it gave out is ever given out again).
+        ``handed_from`` names the host that handed the disk over, in the same write: that host's open
+        guest connections are forwarded here, after a restart of this host too."""
         _check_owner(owner, epoch)
+        if handed_from and not NAME_RE.fullmatch(handed_from):
+            raise ValueError(f"invalid host name {handed_from!r}")
         with self._state_lock:
             with self._lock:
                 self._check_open()
                 self._owner, self._epoch = owner, epoch
                 self._counter = max(self._counter, counter)
+                if handed_from:
+                    kept = tuple(h for h in self._handed_from if h != handed_from)
+                    self._handed_from = (*kept, handed_from)[-MAX_HANDED_FROM:]
                 state = self._state(clean=False)
             self._write_state(state)
 
@@ -757,7 +771,8 @@ class ReplicaStore:
 
     def _state(self, clean: bool) -> dict[str, Any]:
         return {"name": self._name, "size": self._size, "block_size": self._bs, "owner": self._owner,
-                "epoch": self._epoch, "counter": self._counter, "clean": clean}
+                "epoch": self._epoch, "counter": self._counter, "clean": clean,
+                "handed_from": list(self._handed_from)}
 
 
 def _zeroed_records(n: int) -> npt.NDArray[Any]:

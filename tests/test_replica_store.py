@@ -322,6 +322,27 @@ def test_owner_and_counter_persist(tmp_path: Path) -> None:
         assert s.write(0, b"y").version > counter + rs.UNCLEAN_COUNTER_GAP
 
 
+def test_hand_overs_persist_with_the_owner_bounded(tmp_path: Path) -> None:
+    """The hosts a disk came from are written with the commit's owner and epoch, newest last, a bounded list."""
+    s = make(tmp_path, owner="office-pc", epoch=1)
+    assert s.handed_from == ()
+    s.set_owner("car-pc", 2, handed_from="office-pc")
+    s.set_owner("home-pc", 3)  # handed on: the record of where it came from stays
+    with pytest.raises(ValueError):
+        s.set_owner("car-pc", 4, handed_from="bad name")
+    s.abandon()  # a crash right after the commit: already durable
+    with ReplicaStore.open(tmp_path / "d") as s:
+        assert (s.owner, s.epoch, s.handed_from) == ("home-pc", 3, ("office-pc",))
+        for k in range(rs.MAX_HANDED_FROM + 2):
+            s.set_owner("car-pc", 4 + k, handed_from=f"h{k}")
+        s.set_owner("car-pc", 99, handed_from="h5")  # again: moves to the end, once
+        assert len(s.handed_from) == rs.MAX_HANDED_FROM and s.handed_from[-1] == "h5"
+        assert s.handed_from.count("h5") == 1 and "office-pc" not in s.handed_from
+        kept = s.handed_from
+    with ReplicaStore.open(tmp_path / "d") as s:
+        assert s.handed_from == kept
+
+
 def test_dropping_an_open_store_is_a_crash(tmp_path: Path) -> None:
     s = make(tmp_path)
     s.write(0, b"abc")

@@ -234,6 +234,9 @@ def _checked_state(path: Path, payload: bytes) -> dict[str, Any]:
              "counter": int, "clean": bool}
     if not isinstance(state, dict) or any(not isinstance(state.get(k), t) for k, t in types.items()):
         raise StoreCorrupt(f"{path}: missing or mistyped fields (expected {sorted(types)})")
+    handed_from = state.get("handed_from", [])  # absent in stores written before it existed
+    if not isinstance(handed_from, list) or not all(isinstance(h, str) for h in handed_from):
+        raise StoreCorrupt(f"{path}: handed_from must be a list of host names")
     if state["format"] != STATE_FORMAT:
         raise StoreCorrupt(f"{path}: format {state['format']}, this version reads {STATE_FORMAT}")
     check_block_size(state["block_size"])
