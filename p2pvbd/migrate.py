@@ -34,7 +34,7 @@ from p2pvbd.peer_transport import PeerError
 from p2pvbd.replica_store import ReplicaStore, WriteResult
 from p2pvbd.store.store_files import atomic_write
 from p2pvbd.wire.map_wire import unpack_blocks
-from p2pvbd.wire.peer_wire import BLOCK_ZSTD_LEVEL, ENC_RAW, FrameError, pack_block
+from p2pvbd.wire.peer_wire import BLOCK_ZSTD_LEVEL, ENC_RAW, MAX_GUEST_IO_BYTES, FrameError, pack_block
 
 if TYPE_CHECKING:
     from p2pvbd.peer_transport import PeerConnection
@@ -296,7 +296,7 @@ async def _bulk(conn: PeerConnection, disk: str, progress: MigrationProgress) ->
     job = (await conn.request("migrate_pull", {"disk": disk}))["job"]
     await failpoints.pause("migrate.bulk")
     while True:
-        res = await conn.request("migrate_job", {"job": job})
+        res = await conn.request("migrate_job", {"disk": disk, "job": job})
         progress.total_bytes, progress.done_bytes = res["total_bytes"], res["done_bytes"]
         progress.bytes_on_wire, progress.bytes_from = res["bytes_on_wire"], dict(res["bytes_from"])
         progress.map_bytes = int(res.get("map_bytes", 0))
@@ -527,7 +527,8 @@ async def record_hand_over(swarm: Swarm, exp: Export, dest: str, epoch: int) -> 
 
 
 class PeerForwarder:
-    """Guest I/O of an old owner's open connections, carried out by the new owner."""
+    """Guest I/O of an old owner's open connections, carried out by the new owner (and an incoming
+    replica's reads, by its source). Requests larger than a peer request carries are split."""
 
     def __init__(self, swarm: Swarm, dest: str, disk: str) -> None:
         self.swarm, self.dest, self.disk = swarm, dest, disk
@@ -544,10 +545,18 @@ class PeerForwarder:
             raise HookError(NBD_EIO, f"forwarding to the new owner {self.dest} failed: {e.message}") from e
 
     async def read(self, offset: int, length: int) -> bytes:
-        return bytes((await self._io("read", offset=offset, length=length))["data"])
+        parts = []
+        for at in range(offset, offset + length, MAX_GUEST_IO_BYTES):
+            n = min(MAX_GUEST_IO_BYTES, offset + length - at)
+            parts.append(bytes((await self._io("read", offset=at, length=n))["data"]))
+        return b"".join(parts)
 
     async def write(self, offset: int, data: bytes, fua: bool) -> None:
-        await self._io("write", offset=offset, data=data, fua=fua)
+        if len(data) <= MAX_GUEST_IO_BYTES:
+            await self._io("write", offset=offset, data=data, fua=fua)
+            return
+        for k in range(0, len(data), MAX_GUEST_IO_BYTES):
+            await self._io("write", offset=offset + k, data=data[k:k + MAX_GUEST_IO_BYTES], fua=fua)
 
     async def write_zeroes(self, offset: int, length: int, fua: bool) -> None:
         await self._io("write_zeroes", offset=offset, length=length, fua=fua)

@@ -1,9 +1,11 @@
 """The destination's side of a live migration, and the fencing a restarted source must respect.
 
-Every request is checked against the peer's name from its TLS certificate: only the host that
-prepared a migration may push blocks, commit or abort it. A commit is granted only when this host's
-map has the frozen source's root digest, and it is made durable (data flushed, owner, epoch and the
-source's counter persisted) before the answer leaves.
+Every op is registered with who may call it (swarm/access.py), checked against the peer's name from its
+TLS certificate before the handler runs: only the disk's current owner may prepare a migration, only the
+host that prepared it may push blocks, pull, commit or abort, and only a host that handed the disk here
+may send its guests' I/O. A commit is granted only when this host's map has the frozen source's root
+digest, and it is made durable (data flushed, owner, epoch, the source's counter and the hand-over
+persisted) before the answer leaves.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -24,9 +27,10 @@ from p2pvbd.peer_transport import PeerError
 from p2pvbd.replica_store import HashMismatch, ReplicaStore, StaleVersion
 from p2pvbd.store.map_tree import same_root
 from p2pvbd.store.version_map import block_hash
-from p2pvbd.swarm import maps
+from p2pvbd.swarm import access, maps
+from p2pvbd.swarm.access import PeerOp
 from p2pvbd.wire.map_wire import MAX_ENTRY_BLOCKS, pack_blocks
-from p2pvbd.wire.peer_wire import FrameError, unpack_block
+from p2pvbd.wire.peer_wire import MAX_BLOCK_ENTRIES, MAX_GUEST_IO_BYTES, FrameError, unpack_block
 
 if TYPE_CHECKING:
     from p2pvbd.migration.fetcher import SyncProgress
@@ -46,6 +50,10 @@ SOURCE_CHECK_SECONDS = 5.0
 # Guest I/O relayed along a chain of hand-overs: a disk that moved office -> car -> home -> office has
 # 3 hops; more means two hosts point at each other and the request must fail, not loop.
 MAX_FORWARD_HOPS = 4
+# The integer fields of each guest_io op (a write also carries its data).
+GUEST_IO_FIELDS: dict[str, tuple[str, ...]] = {"read": ("offset", "length"), "write": ("offset",),
+                                                "write_zeroes": ("offset", "length"), "trim": ("offset", "length"),
+                                                "flush": ()}
 
 
 @dataclass
@@ -65,7 +73,8 @@ class MigrationTarget:
         self._nursery: trio.Nursery | None = None
         # commit, status and abort of one disk never interleave: "not committed" must stay true once said
         self._outcome_locks: dict[str, trio.Lock] = {}
-        self._resolving: set[str] = set()
+        # Disks whose switchover outcome this host, their source, is asking for, and of which host.
+        self.resolving: dict[str, str] = {}
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -77,10 +86,16 @@ class MigrationTarget:
             task_status.started()
             await trio.sleep_forever()
 
-    def ops(self) -> dict[str, Any]:
-        return {"migrate_prepare": self.prepare, "migrate_pull": self.pull, "migrate_job": self.job,
-                "put_blocks": self.put_blocks, "migrate_commit": self.commit, "migrate_status": self.status,
-                "migrate_abort": self.abort, "guest_io": self.guest_io}
+    def ops(self) -> dict[str, PeerOp]:
+        """The migration ops and who may call each (swarm/access.py)."""
+        return {"migrate_prepare": PeerOp(self.prepare, access.current_owner),
+                "migrate_pull": PeerOp(self.pull, access.migration_source),
+                "migrate_job": PeerOp(self.job, access.migration_source),
+                "put_blocks": PeerOp(self.put_blocks, access.migration_source, {"blocks": MAX_BLOCK_ENTRIES}),
+                "migrate_commit": PeerOp(self.commit, access.migration_source),
+                "migrate_status": PeerOp(self.status, access.migration_party),
+                "migrate_abort": PeerOp(self.abort, access.migration_source),
+                "guest_io": PeerOp(self.guest_io, access.handed_over)}
 
     def _from_source(self, peer: str, disk: str) -> Incoming:
         inc = self.incoming.get(disk)
@@ -89,20 +104,28 @@ class MigrationTarget:
         return inc
 
     async def prepare(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Become the incoming replica of the caller's disk (``access.current_owner`` confirmed the caller
+        owns it). A new replica takes its size and block size from the owner's own map summary, never from
+        the request, so it is no bigger than a store the owner really has."""
         disk, epoch = body["disk"], int(body["epoch"])
         ctl = self.swarm.ctl
         exp = ctl.get(disk)
         if exp is None:
-            store = await trio.to_thread.run_sync(ReplicaStore.create, self.swarm.home.disk_dir(disk), disk,
-                                                  int(body["size"]), int(body["block_size"]), peer, epoch)
+            head = await access.caller_summary(self.swarm, peer, disk)  # within a store's limits (MapSummary)
+            if (head.owner, head.epoch) != (peer, epoch):
+                raise PeerError("stale", f"{peer}'s own map of {disk} names {head.owner} at epoch {head.epoch}")
+            try:
+                store = await trio.to_thread.run_sync(ReplicaStore.create, self.swarm.home.disk_dir(disk), disk,
+                                                      head.size, head.block_size, peer, epoch)
+            except ValueError as e:
+                raise PeerError("bad_request", f"cannot hold {disk}: {e}") from e
             if (exp := ctl.get(disk)) is not None:  # a sync created one meanwhile
                 await trio.to_thread.run_sync(store.abandon)
                 raise PeerError("busy", f"a replica of {disk} appeared here meanwhile; try again")
             exp = ctl.add_export(store, ExportMode.INCOMING)
-        elif (exp.store.epoch > epoch or (exp.store.owner == self.swarm.name and exp.store.epoch >= epoch)
-              or (exp.store.epoch == epoch and exp.store.owner not in ("", peer))):
+        elif exp.store.owner == self.swarm.name or exp.store.epoch > epoch:
             raise PeerError("stale", f"{peer} is not the current owner of {disk} (here: {exp.store.owner or 'unknown'}"
-                                     f" at epoch {exp.store.epoch})")
+                                     f" at epoch {exp.store.epoch})")  # it changed while the rule was checked
         elif (exp.store.size, exp.store.block_size) != (int(body["size"]), int(body["block_size"])):
             raise PeerError("geometry", f"this host's replica of {disk} has another size or block size")
         else:
@@ -162,9 +185,10 @@ class MigrationTarget:
             progress.finished = time.monotonic()
 
     async def job(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        inc = self._from_source(peer, body["disk"])
         progress = self.jobs.get(int(body["job"]))
-        if progress is None:
-            raise PeerError("no_job", f"no job {body['job']}")
+        if progress is None or inc.job != body["job"]:
+            raise PeerError("no_job", f"no job {body['job']} of the migration of {body['disk']} here")
         return progress.as_dict() | {"done": progress.finished is not None}
 
     async def put_blocks(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -202,12 +226,15 @@ class MigrationTarget:
             inc = self._from_source(peer, disk)
             if epoch != inc.epoch + 1:
                 raise PeerError("stale", f"commit for epoch {epoch}, expected {inc.epoch + 1}")
-            if not await trio.to_thread.run_sync(_commit_if_equal, store, digest, self.swarm.name, epoch, counter):
+            attempt = partial(_commit_if_equal, store, digest, self.swarm.name, epoch, counter, peer)
+            if not await trio.to_thread.run_sync(attempt):
                 source = maps.RemoteMap(peer, await self.swarm.connect(peer), disk)
                 differ = await maps.diff(maps.LocalMap(self.swarm.name, store), source, store.n_blocks)
                 if differ.blocks.size:
                     return {"committed": False, "missing": pack_blocks(differ.blocks[:MAX_MISSING_REPLY])}
-                if not await trio.to_thread.run_sync(_commit_if_equal, store, None, self.swarm.name, epoch, counter):
+                # The descent found no difference: digest again (leaves shipped meanwhile were stale), and
+                # still commit only if the root is the one the frozen source sent.
+                if not await trio.to_thread.run_sync(attempt):
                     return {"committed": False}
             self._end_incoming(disk, ExportMode.PRIMARY)
             log.info("took %s over from %s at epoch %d (commit %.1f ms)", disk, peer, epoch,
@@ -254,7 +281,10 @@ class MigrationTarget:
         Ownership may have moved on since (a migration back, or further): then this host relays the
         request to the owner it handed over to, so the guest never sees an error however often it moves.
         """
-        disk, hops = body["disk"], int(body.get("hops", 0))
+        disk, hops = body["disk"], body.get("hops", 0)
+        if not isinstance(hops, int) or isinstance(hops, bool) or not 0 <= hops <= MAX_FORWARD_HOPS:
+            raise PeerError("bad_request", f"hops must be 0..{MAX_FORWARD_HOPS}")
+        _check_guest_io(body)
         for _ in range(2):
             exp = self.swarm.ctl.get(disk)
             if exp is None:
@@ -303,8 +333,8 @@ class MigrationTarget:
     def resolve_later(self, disk: str, dest: str, epoch: int) -> None:
         """Keep ``disk`` fenced and ask ``dest`` in the background whether it committed ``epoch``."""
         self.swarm.ctl.set_mode(disk, ExportMode.INCOMING)  # reads only, writes held
-        if disk not in self._resolving and self._nursery is not None:
-            self._resolving.add(disk)
+        if disk not in self.resolving and self._nursery is not None:
+            self.resolving[disk] = dest
             self._nursery.start_soon(self._resolve_pending, disk, dest, epoch)
 
     async def _resolve_pending(self, disk: str, dest: str, epoch: int) -> None:
@@ -312,7 +342,7 @@ class MigrationTarget:
         try:
             await self._ask_outcome(disk, dest, epoch)
         finally:
-            self._resolving.discard(disk)
+            self.resolving.pop(disk, None)
 
     async def _ask_outcome(self, disk: str, dest: str, epoch: int) -> None:
         exp = self.swarm.ctl.get(disk)
@@ -335,17 +365,33 @@ class MigrationTarget:
             log.info("%s: the migration to %s never committed; this host owns it again", disk, dest)
 
 
-def _commit_if_equal(store: ReplicaStore, digest: bytes | None, owner: str, epoch: int, counter: int) -> bool:
-    """Take ownership if this replica's map has root ``digest`` (None: already compared), durably: data
-    first, then owner, epoch and counter. One thread hop for the whole commit; the tree digests only
-    what the last shipments changed."""
-    if digest is not None:
-        store.refresh_tree()
-        if not same_root(store.map_summary()["root"], digest):
-            return False
+def _commit_if_equal(store: ReplicaStore, digest: bytes, owner: str, epoch: int, counter: int, source: str) -> bool:
+    """Take ownership if this replica's map has root ``digest``, durably: data first, then owner, epoch,
+    counter and the host it came from (whose guests' I/O is then taken here). One thread hop for the whole
+    commit; the tree digests only what the last shipments changed."""
+    store.refresh_tree()
+    if not same_root(store.map_summary()["root"], digest):
+        return False
     store.flush()
-    store.set_owner(owner, epoch, counter)
+    store.set_owner(owner, epoch, counter, handed_from=source)
     return True
+
+
+def _check_guest_io(body: dict[str, Any]) -> None:
+    """A guest_io body's fields, typed and bounded before anything is read or written."""
+    op = body["op"]
+    fields = GUEST_IO_FIELDS.get(op)
+    if fields is None:
+        raise PeerError("bad_request", f"unknown guest op {op!r}")
+    for name in fields:
+        value = body.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise PeerError("bad_request", f"guest_io {op}: {name} must be a non-negative integer")
+    if op == "write" and not isinstance(body.get("data"), bytes):
+        raise PeerError("bad_request", "guest_io write: data must be bytes")
+    size = len(body["data"]) if op == "write" else body["length"] if op == "read" else 0
+    if size > MAX_GUEST_IO_BYTES:
+        raise PeerError(access.ERR_TOO_LARGE, f"guest_io moves at most {MAX_GUEST_IO_BYTES} bytes per request")
 
 
 def _store_blocks(store: ReplicaStore, items: list[list[Any]]) -> int:

@@ -32,9 +32,17 @@ from p2pvbd.migration.target import MigrationTarget
 from p2pvbd.peer_transport import JOIN_PORT_OFFSET, PeerConnection, PeerError, open_peer, serve_join, serve_peers
 from p2pvbd.replica_store import ReplicaStore
 from p2pvbd.store.map_tree import STALE_ROOT
-from p2pvbd.swarm import maps
+from p2pvbd.swarm import access, maps
+from p2pvbd.swarm.access import PeerOp
 from p2pvbd.swarm.address_book import PEERS_FILE, AddressBook
-from p2pvbd.wire.peer_wire import BLOCK_ZSTD_LEVEL, ENC_RAW, MAX_FRAME_BYTES, pack_block
+from p2pvbd.wire.peer_wire import (
+    BLOCK_ENTRY_BYTES,
+    BLOCK_ZSTD_LEVEL,
+    BLOCKS_REPLY_BUDGET,
+    ENC_RAW,
+    MAX_BLOCK_ENTRIES,
+    pack_block,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +56,6 @@ PUBLISH_INTERVAL = 15.0
 COVERAGE_CACHE_ENTRIES = 256
 # A status or peers query must answer even when a host is down: its requests give up after this.
 QUERY_TIMEOUT = 5.0
-# Blocks returned by one get_blocks reply: their bytes must fit one frame with room for headers.
-BLOCKS_REPLY_BUDGET = MAX_FRAME_BYTES - 64 * 1024
 WILDCARDS = ("0.0.0.0", "::", "")
 # Set to 1 in a daemon's environment to make it a lying peer (tests only; logged loudly at start).
 FAULT_CORRUPT_ENV = "P2PVBD_FAULT_CORRUPT_SERVED_BLOCKS"
@@ -106,7 +112,15 @@ class Swarm:
         self.pulls = PullState()  # what each replica's last pull reached; one pull of a disk at a time
         self.replication = Replication(self, home.path)
         self.migration_target = MigrationTarget(self)
-        self.target_ops = self.migration_target.ops()
+        # Every op this host serves, with who may call it (swarm/access.py): checked before its handler runs.
+        self.peer_ops: dict[str, PeerOp] = {
+            "map_summary": PeerOp(self._serve_summary, access.member),
+            "map_nodes": PeerOp(self._serve_nodes, access.member),
+            "map_entries": PeerOp(self._serve_entries, access.member),
+            "map_changes": PeerOp(self._serve_changes, access.member),
+            "get_blocks": PeerOp(self._get_blocks, access.member, {"blocks": MAX_BLOCK_ENTRIES}),
+        } | self.migration_target.ops()
+        self.refusals = access.Refusals()
         # Migrations this host runs as their source, by disk: shown by `status` on every host.
         self.migrations: dict[str, Any] = {}
 
@@ -220,24 +234,34 @@ class Swarm:
 
     # ---- serving peers -------------------------------------------------------------------------
     async def handle_peer(self, peer: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Serve one request of ``peer`` (its certificate's name): bounds and rule first, then the handler."""
         self._last_contact[peer] = time.time()
-        if op == "map_summary":
-            return await maps.serve_summary(self._store(body["disk"])) | {"migration": self._migration(body["disk"])}
-        if op == "map_nodes":
-            return await maps.serve_nodes(self._store(body["disk"]), body)
-        if op == "map_entries":
-            return await maps.serve_entries(self._store(body["disk"]), body)
-        if op == "map_changes":
-            return await maps.serve_changes(self._store(body["disk"]), body)
-        if op == "get_blocks":
-            reply, nbytes = self._serve_blocks(body["disk"], body["blocks"])
-            if body.get("background") is True:  # a warm-replica pull: paced to the policy's rate
-                await self.replication.bucket(body["disk"]).take(nbytes)
-            return reply
-        handler = self.target_ops.get(op)
-        if handler is None:
+        spec = self.peer_ops.get(op)
+        if spec is None:
             raise PeerError("unknown_op", f"no handler for {op!r}")
-        return await handler(peer, body)
+        if (too_many := access.check_lists(op, spec, body)) is not None:
+            raise self.refusals.refuse(peer, op, body, access.ERR_TOO_LARGE, too_many)
+        if (why := await spec.rule(self, peer, body)) is not None:
+            raise self.refusals.refuse(peer, op, body, access.ERR_FORBIDDEN, why)
+        return await spec.handler(peer, body)
+
+    async def _serve_summary(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        return await maps.serve_summary(self._store(body["disk"])) | {"migration": self._migration(body["disk"])}
+
+    async def _serve_nodes(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        return await maps.serve_nodes(self._store(body["disk"]), body)
+
+    async def _serve_entries(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        return await maps.serve_entries(self._store(body["disk"]), body)
+
+    async def _serve_changes(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        return await maps.serve_changes(self._store(body["disk"]), body)
+
+    async def _get_blocks(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        reply, nbytes = self._serve_blocks(body["disk"], body["blocks"])
+        if body.get("background") is True:  # a warm-replica pull: paced to the policy's rate
+            await self.replication.bucket(body["disk"]).take(nbytes)
+        return reply
 
     def _store(self, disk: str) -> ReplicaStore:
         exp = self.ctl.get(disk)
@@ -251,6 +275,8 @@ class Swarm:
         return migration.as_dict() if migration is not None and migration.finished is None else None
 
     def _serve_blocks(self, disk: str, wanted: list[Any]) -> tuple[dict[str, Any], int]:
+        """As many of ``wanted`` as fit one reply, in order; every entry counts against the reply's budget,
+        a block's data too (``handle_peer`` already bounded how many there are)."""
         store = self._store(disk)
         out: list[list[Any]] = []
         budget = BLOCKS_REPLY_BUDGET
@@ -260,8 +286,9 @@ class Swarm:
             index, version = item
             if not 0 <= index < store.n_blocks:
                 raise PeerError("bad_request", f"block {index} is outside {disk}")
-            if budget < store.block_size:
+            if budget < BLOCK_ENTRY_BYTES + store.block_size:
                 break  # the caller asks again for the rest
+            budget -= BLOCK_ENTRY_BYTES
             rec = store.read_block(index)
             # Not that version here (any more): a replica says so; the owner sends what it has now.
             if rec.version != version and store.owner != self.name:

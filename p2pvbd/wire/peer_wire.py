@@ -18,7 +18,7 @@ from typing import Any
 import msgpack
 
 # Bumped on incompatible changes; checked by the transport's built-in ``hello``.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 HEADER = struct.Struct(">I")
 # The largest payload a message carries: one replica block (the replica store's biggest block size).
@@ -26,6 +26,22 @@ MAX_BLOCK_BYTES = 4 * 1024 * 1024
 # One block plus its envelope, hashes and version metadata; 2x leaves room for batching several smaller
 # blocks in one get_blocks reply while capping what a peer can make us buffer per frame.
 MAX_FRAME_BYTES = 2 * MAX_BLOCK_BYTES
+# Kept free in a frame for its envelope (id, op, field names) around the bytes it carries.
+FRAME_ENVELOPE_BYTES = 64 * 1024
+# The block entries of one get_blocks reply, all counted: each entry's bytes and its data's.
+BLOCKS_REPLY_BUDGET = MAX_FRAME_BYTES - FRAME_ENVELOPE_BYTES
+# One block entry [index, version, hash, data, encoding] besides its data, msgpacked: array header 1,
+# two uint64 9 each, a 16-byte bin 18, the data's bin header 5, the encoding 1 (43), rounded up.
+BLOCK_ENTRY_BYTES = 48
+# The replica store's smallest block (store/version_map.MIN_BLOCK_SIZE; repeated so the wire stays numpy-free).
+MIN_BLOCK_BYTES = 4 * 1024
+# Block entries one get_blocks or put_blocks body may name: what one reply carries at the smallest block
+# size (2008); a request for more could never be answered in one reply. The fetcher asks for 1 MiB of
+# blocks at a time and the mirror ships 1 MiB per put_blocks: 256 entries at most.
+MAX_BLOCK_ENTRIES = BLOCKS_REPLY_BUDGET // (MIN_BLOCK_BYTES + BLOCK_ENTRY_BYTES)
+# Guest bytes in one guest_io request or reply: forwarders split larger guest requests (the NBD export
+# takes up to 32 MiB) at this size, which fits a frame and, a multiple of every block size, splits no block.
+MAX_GUEST_IO_BYTES = MAX_BLOCK_BYTES
 # Names, op names, error messages: nothing legitimate is longer; a huge str is an attack or a bug.
 MAX_STR_LEN = 64 * 1024
 # A version map is one entry per block: 2**20 entries covers a 4 TiB disk at 4 MiB blocks.
@@ -87,7 +103,7 @@ OPS: dict[str, OpSpec] = {
     "migrate_prepare": OpSpec({"disk": str, "epoch": int, "size": int, "block_size": int, "mode": str},
                               "a migration of disk is coming: become its incoming replica"),
     "migrate_pull": OpSpec({"disk": str}, "start the bulk multi-peer pull; answers a job id"),
-    "migrate_job": OpSpec({"job": int}, "progress of a bulk pull"),
+    "migrate_job": OpSpec({"disk": str, "job": int}, "progress of a bulk pull"),
     "put_blocks": OpSpec({"disk": str, "blocks": list}, "mirrored blocks [index, version, hash, data, enc]"),
     "migrate_commit": OpSpec({"disk": str, "epoch": int, "map_digest": bytes, "counter": int},
                              "take ownership if this host's map has the frozen source's root digest"),

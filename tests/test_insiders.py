@@ -1,0 +1,201 @@
+"""A joined member with its own valid certificate ("mallory") tries every peer op it must not call.
+
+office-pc owns vm1 and runs a guest on it the whole time, home-pc holds a replica, car-pc none. mallory
+talks to their peer ports with its own certificate, as any member can, and asks for what only the
+disk's owner, the source of its migration or the host that handed it over may ask. Each request is
+refused with ``forbidden`` (or ``too_large``), logged once however often it is repeated, and changes
+nothing: the daemons live on, the guest keeps writing, ownership and data stay as they were. Then the
+legitimate moves (office-pc -> car-pc -> home-pc, whose replica's record of the owner is one move
+behind) still work, with the guest's connection at office-pc relayed along them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from p2pvbd import trust
+from p2pvbd.migrate import SHIP_BATCH_BYTES
+from p2pvbd.peer_transport import PeerError, open_peer
+from p2pvbd.store.version_map import MIN_BLOCK_SIZE
+from p2pvbd.swarm import access
+from p2pvbd.sync_planner import MAX_REQUEST_BYTES
+from p2pvbd.wire.peer_wire import MAX_BLOCK_ENTRIES, MIN_BLOCK_BYTES
+from tests.daemons import Host, run
+from tests.test_migrate import BLOCK, Guest, model_image
+from tests.test_swarm import invite, wait_until
+from tests.test_sync import qemu_io, sync, visible
+
+BLOCKS = 256  # a 16 MiB disk of 64 KiB blocks
+GUEST_BLOCKS = 200  # the guest writes blocks 0..199; mallory aims at the rest, which keep their base bytes
+TARGET = 250  # the block mallory tries to overwrite
+BASE_FILL = 0x11  # the base bytes of the blocks the guest leaves alone
+# One request of mallory's; a bound on a broken daemon, not a speed expectation.
+REQUEST_SECONDS = 60.0
+
+
+def as_member(member: Host, victim: Host, op: str, body: dict[str, Any]) -> dict[str, Any] | PeerError:
+    """One request to ``victim``'s peer port with ``member``'s own certificate: its reply, or the error."""
+    identity = trust.load_identity(member.home)
+
+    async def ask() -> dict[str, Any]:
+        async with open_peer("127.0.0.1", victim.port, trust.client_ssl_context(identity)) as conn:
+            return await conn.request(op, body, timeout=REQUEST_SECONDS)
+    try:
+        return trio.run(ask)
+    except PeerError as e:
+        return e
+
+
+def refusals(victim: Host, op: str, disk: str = "vm1", peer: str = "mallory") -> int:
+    return (victim.home / "daemon.log").read_text().count(f"refused {op} of {disk} from {peer}:")
+
+
+def refused(member: Host, victim: Host, op: str, body: dict[str, Any], code: str = access.ERR_FORBIDDEN,
+            says: str = "mallory") -> str:
+    """Send ``op`` twice; both must be refused with ``code`` and a message naming ``says``, logged once."""
+    messages = []
+    for _ in range(2):
+        res = as_member(member, victim, op, body)
+        assert isinstance(res, PeerError), f"{victim.name} took {op} from {member.name}: {res}"
+        assert res.code == code and says in res.message, res
+        messages.append(res.message)
+    assert refusals(victim, op) == 1, victim.log_tail()
+    return messages[0]
+
+
+def owner_everywhere(hosts: list[Host], owner: str, epoch: int) -> bool:
+    seen = {h.name: (d["owner"], d["epoch"]) for h in hosts for d in h.json("status", "vm1")["disks"]}
+    return all(v == (owner, epoch) for v in seen.values())
+
+
+def mode(host: Host, disk: str = "vm1") -> str | None:
+    return next((d["mode"] for d in host.json("disk", "list") if d["name"] == disk), None)
+
+
+@pytest.fixture
+def swarm(make_host: Callable[..., Host], tmp_path: Path) -> tuple[list[Host], bytes]:
+    """office-pc owns vm1, home-pc holds a replica of it, car-pc has none, mallory is a joined member."""
+    office = make_host("office-pc")
+    home, car, mallory = (make_host(n, join=invite(office)) for n in ("home-pc", "car-pc", "mallory"))
+    base = bytes(range(256)) * (GUEST_BLOCKS * BLOCK // 256) + bytes([BASE_FILL]) * ((BLOCKS - GUEST_BLOCKS) * BLOCK)
+    (tmp_path / "base.raw").write_bytes(base)
+    office.cli("disk", "import", "vm1", str(tmp_path / "base.raw"))
+    wait_until(lambda: visible(home, "vm1"), "home-pc to see vm1")
+    assert sync(home, "vm1")["error"] == ""
+    wait_until(lambda: all(visible(h, "vm1", holders=2) for h in (car, mallory)), "every host to see vm1's holders")
+    return [office, home, car, mallory], base
+
+
+def test_a_member_cannot_take_a_disk_or_write_into_it(swarm: tuple[list[Host], bytes], tmp_path: Path) -> None:
+    (office, home, car, mallory), base = swarm
+    honest = [office, home, car]
+    guest = Guest(office.uri("vm1"), tmp_path, 1, "--blocks", str(GUEST_BLOCKS))  # writes all along
+    at = TARGET * BLOCK
+
+    def unharmed() -> None:
+        assert all(h.alive() for h in honest), [h.log_tail() for h in honest if not h.alive()]
+        assert guest.proc.poll() is None, "the guest stopped"
+        assert owner_everywhere(honest, "office-pc", 1)
+        assert (mode(office), mode(home), mode(car)) == ("primary", "standby", None)
+        qemu_io(office.uri("vm1"), f"read -P {BASE_FILL} {at} 64k", f"write -P 0x22 {at + BLOCK} 4k",
+                f"read -P 0x22 {at + BLOCK} 4k")  # another guest reads and writes too
+        qemu_io(home.uri("vm1"), f"read -P {BASE_FILL} {at} 64k", read_only=True)
+
+    # Guest I/O into office-pc's disk, as if mallory had handed it over.
+    write = {"disk": "vm1", "op": "write", "offset": at, "data": b"\xee" * 4096, "fua": True}
+    assert "did not hand vm1 over" in refused(mallory, office, "guest_io", write)
+    unharmed()
+
+    # A migration of vm1 to its owner, and to a replica (at its epoch, and at a later one it cannot confirm).
+    prepare = {"disk": "vm1", "epoch": 1, "size": BLOCKS * BLOCK, "block_size": BLOCK, "mode": "sync"}
+    assert "office-pc owns it" in refused(mallory, office, "migrate_prepare", prepare)
+    assert "office-pc at epoch 1" in refused(mallory, home, "migrate_prepare", prepare)
+    res = as_member(mallory, home, "migrate_prepare", prepare | {"epoch": 7})
+    assert isinstance(res, PeerError) and res.code == access.ERR_FORBIDDEN and "office-pc" in res.message, res
+    assert refusals(home, "migrate_prepare") == 1
+    unharmed()
+
+    # Commits: without a digest the request is malformed; with one, mallory prepared nothing to commit.
+    res = as_member(mallory, home, "migrate_commit", {"disk": "vm1", "epoch": 2, "counter": 1 << 40})
+    assert isinstance(res, PeerError) and res.code == "bad_request" and "map_digest" in res.message, res
+    commit = {"disk": "vm1", "epoch": 2, "counter": 1 << 40, "map_digest": bytes(32)}
+    assert "not the source of a migration" in refused(mallory, home, "migrate_commit", commit)
+    assert "not the source of a migration" in refused(mallory, office, "migrate_commit", commit)
+    # Blocks pushed without a prepare; a migration's status, pull and abort asked by a stranger.
+    block = [TARGET, 1 << 40, bytes(16), b"\xee" * BLOCK, 0]
+    refused(mallory, home, "put_blocks", {"disk": "vm1", "blocks": [block]})
+    refused(mallory, home, "migrate_pull", {"disk": "vm1"})
+    refused(mallory, home, "migrate_status", {"disk": "vm1", "epoch": 1})
+    refused(mallory, home, "migrate_abort", {"disk": "vm1"})
+    unharmed()
+
+    # A read of a million stale entries is refused before any is looked at.
+    too_many = {"disk": "vm1", "blocks": [[i % BLOCKS, 1] for i in range(1_000_000)]}
+    refused(mallory, office, "get_blocks", too_many, access.ERR_TOO_LARGE, says=str(MAX_BLOCK_ENTRIES))
+    ok = as_member(mallory, office, "get_blocks", {"disk": "vm1", "blocks": [[TARGET, 0]] * MAX_BLOCK_ENTRIES})
+    assert isinstance(ok, dict) and len(ok["blocks"]) >= 1, ok  # a member still reads, within the bound
+
+    # A huge disk prepared where no replica is: nothing is created from the request's sizes.
+    huge = prepare | {"size": 1 << 50, "block_size": 4096}
+    assert "cannot read mallory's own map" in refused(mallory, car, "migrate_prepare", huge)
+    assert not (car.home / "disks" / "vm1").exists() and mode(car) is None
+    # mallory's own disk: mallory may prepare it, but the replica has the size mallory's map says.
+    mallory.cli("disk", "create", "evil", "--size", "1M")
+    wait_until(lambda: visible(car, "evil"), "car-pc to see evil")
+    assert as_member(mallory, car, "migrate_prepare", huge | {"disk": "evil"}) == {"host": "car-pc"}
+    evil = next(d for d in car.json("disk", "list") if d["name"] == "evil")
+    assert (evil["size"], evil["block_size"], evil["owner"]) == (1 << 20, BLOCK, "mallory"), evil
+    as_member(mallory, car, "migrate_abort", {"disk": "evil"})  # or car-pc dropped it already: mallory runs none
+    wait_until(lambda: mode(car, "evil") == "standby", "car-pc to drop mallory's migration")
+    unharmed()
+
+    # The legitimate moves still work: office-pc -> car-pc, then car-pc -> home-pc, whose replica still
+    # records office-pc at epoch 1 (it follows office-pc's record of the hand-over). The guest at
+    # office-pc is forwarded to car-pc, then relayed on to home-pc.
+    summary = json.loads(office.cli("migrate", "vm1", "--to", "car-pc", "--json", timeout=600).stdout)
+    assert summary["error"] == "" and summary["epoch"] == 2, summary
+    assert "did not hand vm1 over" in refused(mallory, car, "guest_io", write)
+    summary = json.loads(car.cli("migrate", "vm1", "--to", "home-pc", "--json", timeout=600).stdout)
+    assert summary["error"] == "" and summary["epoch"] == 3, summary
+    wait_until(lambda: owner_everywhere(honest, "home-pc", 3), "every host to name home-pc the owner")
+    assert "home-pc owns it" in refused(mallory, home, "migrate_prepare", prepare | {"epoch": 3})
+    assert "did not hand vm1 over" in refused(mallory, home, "guest_io", write)
+    report = guest.finish()
+    assert report["errors"] == [] and report["reads_ok"], report
+    model = bytearray(base)
+    model[at + BLOCK:at + BLOCK + 4096] = b"\x22" * 4096
+    image = model_image(tmp_path / "model.raw", bytes(model), report["acked"])  # type: ignore[arg-type]
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(image), home.uri("vm1"))
+    assert all(h.alive() for h in honest)
+
+
+def test_refusals_are_logged_once_in_bounded_memory(caplog: pytest.LogCaptureFixture) -> None:
+    log = access.Refusals(limit=2)
+    with caplog.at_level(logging.WARNING, logger=access.__name__):
+        for _ in range(3):
+            err = log.refuse("mallory", "guest_io", {"disk": "vm1"}, access.ERR_FORBIDDEN, "no")
+        assert err.code == access.ERR_FORBIDDEN and len(caplog.records) == 1
+        log.refuse("mallory", "guest_io", {"disk": "vm2"}, access.ERR_FORBIDDEN, "no")
+        log.refuse("mallory", "guest_io", {"disk": "x" * 100_000}, access.ERR_FORBIDDEN, "no")  # logged as "?"
+        assert len(caplog.records) == 3 and len(log._seen) == 2  # vm1 was forgotten: logged again next time
+        log.refuse("mallory", "guest_io", {"disk": "vm1"}, access.ERR_FORBIDDEN, "no")
+        assert len(caplog.records) == 4 and all(len(r.getMessage()) < 200 for r in caplog.records)
+
+
+def test_block_entry_bound_covers_every_legitimate_request() -> None:
+    assert MIN_BLOCK_BYTES == MIN_BLOCK_SIZE
+    assert MAX_REQUEST_BYTES // MIN_BLOCK_SIZE <= MAX_BLOCK_ENTRIES  # the fetcher's get_blocks
+    assert SHIP_BATCH_BYTES // MIN_BLOCK_SIZE <= MAX_BLOCK_ENTRIES  # the mirror's put_blocks
+    async def handler(peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        return {}
+    spec = access.PeerOp(handler, access.member, {"blocks": 2})
+
+    assert access.check_lists("get_blocks", spec, {"blocks": [[0, 1]] * 2}) is None
+    assert "3 blocks; at most 2" in (access.check_lists("get_blocks", spec, {"blocks": [[0, 1]] * 3}) or "")
