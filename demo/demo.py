@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -196,8 +197,9 @@ def story(work: Path, use_netns: bool, why: str, stack: ExitStack) -> bool:
     car.run(BIN, "status")
     coverage = holders(car, "vm1").get("car-pc", 0.0)
     verified = car.run(BIN, "verify", "vm1", check=False).endswith("match their hashes")
-    refused = "Operation not permitted" in office.run("qemu-io", "-f", "raw", "-c", "write -P 1 0 4k", uri,
-                                                      check=False)
+    # A standby export is flagged read-only: qemu-io refuses to open it for writing ("Permission denied").
+    attempt = office.run("sh", "-c", f"qemu-io -f raw -c 'write -P 1 0 4k' {shlex.quote(str(uri))} 2>&1", check=False)
+    refused = any(m in attempt for m in ("Permission denied", "Operation not permitted"))
     note(f"a new writer on office-pc is refused: {refused}")
     migrated = res.returncode == 0 and not summary.get("error")
     checks = [("migrate", f"exit code {res.returncode}", migrated),

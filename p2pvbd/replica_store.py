@@ -735,6 +735,9 @@ class ReplicaStore:
                     pieces = [(a * LEAF_BLOCKS, self._meta[a * LEAF_BLOCKS:min(b * LEAF_BLOCKS, self._n)].copy())
                               for a, b in runs(chunk)]
                 os.fdatasync(self._data_fd)
+                # That sync also made durable data written since the rotation, whose intent records sit in
+                # the new journal: they must be durable too, or a power cut leaves data no record names.
+                os.fsync(self._jfd)
                 store_files.write_meta_runs(self._dir / META_FILE, pieces)
             with self._state_lock:
                 with self._lock:
