@@ -14,7 +14,7 @@ from p2pvbd.migration import fetcher as fetcher_mod
 from p2pvbd.migration.fetcher import Fetcher, SyncProgress
 from p2pvbd.peer_transport import PeerError
 from p2pvbd.replica_store import ReplicaStore
-from p2pvbd.store.version_map import BlockEntries
+from p2pvbd.store.version_map import BlockEntries, VersionMap
 from p2pvbd.wire.peer_wire import ENC_RAW
 
 MiB, BS = 1 << 20, 64 * 1024
@@ -53,6 +53,14 @@ class FakeSwarm:
         return self.peers[name]
 
 
+def entries(owner: ReplicaStore, target: ReplicaStore, written_only: bool = False
+            ) -> tuple[VersionMap, BlockEntries, BlockEntries]:
+    """The owner's map, and the owner's and the target's entries for every block (or every written one)."""
+    owner_map = owner.version_map()
+    blocks = np.flatnonzero(owner_map.versions) if written_only else np.arange(owner_map.n_blocks)
+    return owner_map, BlockEntries.from_map(owner_map, blocks), BlockEntries.from_map(target.version_map(), blocks)
+
+
 async def test_a_stalled_peer_is_duplicated_then_cancelled_not_waited_for(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     # A stalled request would be waited for an hour: the sync ends only because it is duplicated and cancelled.
@@ -61,10 +69,7 @@ async def test_a_stalled_peer_is_duplicated_then_cancelled_not_waited_for(tmp_pa
     with ReplicaStore.create(tmp_path / "owner", "vm1", size, BS) as owner, \
             ReplicaStore.create(tmp_path / "target", "vm1", size, BS) as target:
         owner.write(0, random.Random(1).randbytes(size))
-        owner_map = owner.version_map()
-        blocks = np.arange(owner_map.n_blocks)
-        wanted = BlockEntries.from_map(owner_map, blocks)
-        mine = BlockEntries.from_map(target.version_map(), blocks)
+        owner_map, wanted, mine = entries(owner, target)
         fast, stalled = FakePeer(owner), FakePeer(owner, stalled=True)
         progress = SyncProgress("vm1")
         fetcher = Fetcher(FakeSwarm({"owner": fast, "stalled": stalled}), target, "owner", wanted,  # type: ignore[arg-type]
@@ -116,10 +121,8 @@ async def test_a_pull_ends_while_the_owner_rewrites_and_a_helper_is_stale(tmp_pa
                 helper.put_block(b, rec.version, rec.data, rec.hash)
         for b in rng.sample(range(n), n // 8):
             owner.write(b * BS, rng.randbytes(BS))
-        owner_map = owner.version_map()
-        blocks = np.flatnonzero(owner_map.versions)
-        wanted = BlockEntries.from_map(owner_map, blocks)
-        mine = BlockEntries.from_map(target.version_map(), blocks)
+        _, wanted, mine = entries(owner, target, written_only=True)
+        blocks = wanted.blocks
         helper_versions = helper.version_map().versions[blocks]
         peers = {"owner": ServingPeer(owner, True, rng), "helper": ServingPeer(helper, False, rng)}
         progress = SyncProgress("vm1")
@@ -164,13 +167,11 @@ async def test_a_link_that_breaks_once_does_not_drop_the_only_holder(tmp_path: P
     with ReplicaStore.create(tmp_path / "owner", "vm1", size, BS) as owner, \
             ReplicaStore.create(tmp_path / "target", "vm1", size, BS) as target:
         owner.write(0, random.Random(2).randbytes(size))
-        owner_map = owner.version_map()
-        blocks = np.arange(owner_map.n_blocks)
-        wanted = BlockEntries.from_map(owner_map, blocks)
+        _, wanted, mine = entries(owner, target)
         peer = FlakyPeer(owner, random.Random(3))
         progress = SyncProgress("vm1")
-        fetcher = Fetcher(FakeSwarm({"owner": peer}), target, "owner", wanted,  # type: ignore[arg-type]
-                          BlockEntries.from_map(target.version_map(), blocks), {"owner": wanted.versions}, progress)
+        fetcher = Fetcher(FakeSwarm({"owner": peer}), target, "owner", wanted, mine,  # type: ignore[arg-type]
+                          {"owner": wanted.versions}, progress)
         with trio.fail_after(120):
             await fetcher.run()
         assert peer.broke and progress.phase == "done" and not progress.peers["owner"].dropped
