@@ -4,7 +4,8 @@ The whole disk is first zeroed (one request), so every one of the 16 Mi metadata
 and meta.bin is 384 MiB on disk, not a sparse file; then a few thousand 4 KiB writes land and are
 flushed. The open is measured cold-ish (page cache of the store's files dropped with
 posix_fadvise(DONTNEED)) and must not read data.raw: /proc/self/io read_bytes during the open is
-compared with the size of the metadata files.
+compared with the size of the metadata files. Last, the same writes again and a crash: the open after it
+re-reads the activity log's areas (random writes over the whole disk keep the most areas active).
 
     .venv/bin/python bench/store_open.py [--dir DIR] [--size 1T] [--ops 5000]
 """
@@ -108,6 +109,12 @@ def main() -> None:
         _, res["verify_s"] = timed(store.verify)
         store.close()
         store, res["open_warm_s"] = timed(ReplicaStore.open, store_dir)
+        for off in offsets:  # then a crash: the activity log's areas are re-read on the next open
+            store.write(off, payload)
+        res["active_areas_at_crash"] = store.active_areas
+        store.abandon()
+        store, res["open_after_crash_s"] = timed(ReplicaStore.open, store_dir)
+        res["verify_after_crash_ok"] = store.verify() == []
         store.close()
         res["open_within_budget"] = res["open_cold_s"] < OPEN_BUDGET_SECONDS  # type: ignore[operator]
     finally:

@@ -14,6 +14,13 @@ fdatasync of the data, vouches that the records before journal offset L have the
 replay trusts those and re-checks the rest against the data. Writes never hash (NBD hot path):
 blocks go dirty and are "settled" (read, hashed, SETTLE record) when a hash is needed.
 
+Power loss breaks "the page cache holds the intent": data can reach the disk (a flush's data sync, the
+kernel's writeback) before its intent record does. An activity log, after DRBD's, covers that: before
+any data is written into an area (ACTIVE_AREA_BYTES), a durable ACTIVE record names the area; an
+unclean open re-checks every block of the areas still active. Only the first write into an area costs a
+journal fsync; the least recently written areas are retired (RETIRE, no sync needed: it follows their
+writes' records in the journal, so it is durable only if they are), keeping at most MAX_ACTIVE_AREAS.
+
 Locks: ``_lock`` guards the metadata and is held only for work proportional to a request (the event loop
 takes it for guest and peer I/O). Hashing many blocks, digesting the tree, data syncs and checkpoints run
 outside it: under ``_flush_lock`` (one flush, checkpoint, refresh or close at a time; the files stay open
@@ -48,7 +55,18 @@ from p2pvbd.store.store_files import (
     punch_hole,
     pwrite_all,
 )
-from p2pvbd.store.store_journal import DIRTY, PUT, SETTLE, SYNC, ZERO, journal_record
+from p2pvbd.store.store_journal import (
+    ACTIVE,
+    DIRTY,
+    GUEST_WRITES,
+    PEER_BLOCKS,
+    PUT,
+    RETIRE,
+    SETTLE,
+    SYNC,
+    ZERO,
+    journal_record,
+)
 from p2pvbd.store.version_map import (
     DEFAULT_BLOCK_SIZE,
     NO_HASH,
@@ -78,6 +96,17 @@ REFRESH_ROUNDS = 3
 # Passes of lock-free hashing before the blocks rewritten meanwhile are hashed under the lock: each
 # pass only sees blocks written during the previous one, so few are left for the locked pass.
 PREHASH_ROUNDS = 3
+# Activity log: the unit a durable ACTIVE record names, and how many may be active at once. An unclean
+# open re-reads at most their product (2 GiB, a few seconds of hashing); DRBD's default activity log
+# covers 4.8 GiB in 4 MiB extents. Larger areas mean fewer journal syncs for sequential writes.
+ACTIVE_AREA_BYTES = 16 * 1024 * 1024
+MAX_ACTIVE_AREAS = 128
+# Areas retired together once MAX_ACTIVE_AREAS is exceeded: their RETIRE records share the sync of the
+# activation that needed the room, so a writer spreading over the disk pays one sync per new area, not two.
+RETIRE_BATCH = 16
+# A write spanning more areas than this (a large zeroing) syncs its own intent record instead of
+# activating them all: one sync either way, and the active set stays small.
+MAX_AREAS_PER_ACTIVATION = 4
 # NBD base:allocation flags (nbd_codec.NBD_STATE_*; repeated so the store stays protocol-free).
 STATE_HOLE, STATE_ZERO = 1, 2
 # Hosts the disk was handed to this host from, newest last (whose forwarded guest I/O this host serves).
@@ -144,6 +173,10 @@ class ReplicaStore:
         self._versions: npt.NDArray[np.uint64] = meta["version"]
         self._hashes: npt.NDArray[np.uint8] = meta["hash"]
         self._dirty: set[int] = set()  # written blocks whose hash is not known yet
+        self._area_blocks = max(1, ACTIVE_AREA_BYTES // self._bs)
+        # Active areas, least recently written first -> what was written there (GUEST_WRITES | PEER_BLOCKS).
+        # Each has a durable ACTIVE record in the active journal; the set starts empty with every journal.
+        self._active: dict[int, int] = {}
         # Blocks partly zeroed with allocate=True (NBD's NO_HOLE): settling them keeps them allocated even if
         # they turn out to be all zeros. Entries go when the block is settled; a stale one only spares a hole.
         self._keep_allocated: set[int] = set()
@@ -297,7 +330,7 @@ class ReplicaStore:
                 return WriteResult(offset // self._bs, offset // self._bs - 1, 0)
             first, last = offset // self._bs, (offset + length - 1) // self._bs
             self._counter = v = self._counter + 1
-            self._append(journal_record(DIRTY, first, last - first + 1, v))  # intent first: see the module docstring
+            self._log_intent(first, last, GUEST_WRITES, journal_record(DIRTY, first, last - first + 1, v))
             self._set_versions(first, last, v)
             if first == last:
                 self._dirty.add(first)
@@ -324,8 +357,8 @@ class ReplicaStore:
             b = max(a, self._n if end == self._size else end // bs)  # [a, b): blocks covered whole
             partial = sorted({i for i in (first, last) if not a <= i < b})
             self._counter = v = self._counter + 1
-            self._append(b"".join([journal_record(DIRTY, i, 1, v) for i in partial]
-                                  + [journal_record(ZERO, a, b - a, v)] * (b > a)))
+            self._log_intent(first, last, GUEST_WRITES, b"".join([journal_record(DIRTY, i, 1, v) for i in partial]
+                                                                 + [journal_record(ZERO, a, b - a, v)] * (b > a)))
             self._set_versions(first, last, v)
             self._dirty.update(partial)
             if allocate:
@@ -542,7 +575,7 @@ class ReplicaStore:
                     self._settle([index])
                 if version == 0 or self._hashes[index].tobytes() == hash:
                     return False
-            self._append(journal_record(PUT, index, 1, version, hash))
+            self._log_intent(index, index, PEER_BLOCKS, journal_record(PUT, index, 1, version, hash))
             self._set_versions(index, index, version)
             self._hashes[index] = np.frombuffer(hash, np.uint8)
             self._dirty.discard(index)
@@ -619,6 +652,38 @@ class ReplicaStore:
             if os.write(self._jfd, buf) != len(buf):
                 raise OSError(errno.EIO, f"short write to the journal of {self._name!r}")
             self._jlen += len(buf)
+
+    def _log_intent(self, first: int, last: int, written: int, records: bytes) -> None:
+        """Append the intent records of a write to blocks first..last, which comes next: see the module
+        docstring. Their areas become active first (durably); a write spanning many areas syncs its own
+        records instead."""
+        ab = self._area_blocks
+        areas = range(first // ab, last // ab + 1)
+        if len(areas) > MAX_AREAS_PER_ACTIVATION:
+            self._append(records)
+            os.fsync(self._jfd)
+            return
+        recs = []
+        for area in areas:
+            had = self._active.pop(area, 0)
+            self._active[area] = had | written  # re-inserted: most recently written last
+            if had | written != had:
+                recs.append(journal_record(ACTIVE, area * ab, min(ab, self._n - area * ab), had | written))
+        if recs:
+            excess = len(self._active) - MAX_ACTIVE_AREAS
+            if excess > 0:
+                # The oldest areas; this write's are the newest, and RETIRE_BATCH leaves room for them.
+                for area in list(self._active)[:excess + RETIRE_BATCH]:
+                    del self._active[area]
+                    recs.insert(0, journal_record(RETIRE, area * ab, min(ab, self._n - area * ab)))
+            self._append(b"".join(recs))
+            os.fsync(self._jfd)
+        self._append(records)
+
+    @property
+    def active_areas(self) -> int:
+        """Areas an unclean open would re-check (tests, benchmarks)."""
+        return len(self._active)
 
     def _read_and_hash(self, i: int) -> tuple[bytes, bool]:
         """(hash, is_zero) of block i as it is on disk."""
@@ -698,7 +763,7 @@ class ReplicaStore:
         for a, b in runs(np.flatnonzero(verdicts == store_journal.REDO_ZERO)):  # a ZERO's content is known: redo it
             punch_hole(self._data_fd, a * self._bs, min(b * self._bs, self._size) - a * self._bs)
         self._counter, missing = store_journal.check_against_data(verdicts, self._versions, self._hashes, self._counter,
-                                                                  lambda i: self._read_and_hash(i)[0])
+                                                                  self._read_and_hash)
         for i in missing:  # a replicated block whose data did not land: to be fetched again
             punch_hole(self._data_fd, i * self._bs, self._block_len(i))
         touched = np.flatnonzero(changed)
@@ -735,9 +800,6 @@ class ReplicaStore:
                     pieces = [(a * LEAF_BLOCKS, self._meta[a * LEAF_BLOCKS:min(b * LEAF_BLOCKS, self._n)].copy())
                               for a, b in runs(chunk)]
                 os.fdatasync(self._data_fd)
-                # That sync also made durable data written since the rotation, whose intent records sit in
-                # the new journal: they must be durable too, or a power cut leaves data no record names.
-                os.fsync(self._jfd)
                 store_files.write_meta_runs(self._dir / META_FILE, pieces)
             with self._state_lock:
                 with self._lock:
@@ -760,6 +822,9 @@ class ReplicaStore:
         os.close(self._fds[1])
         self._fds[1] = self._jfd = fd
         self._jlen = self._synced_jlen = 0
+        # Writes from now on activate their areas in the new journal. Those before the rotation are covered
+        # by the old journal's ACTIVE records until the checkpoint has made them durable and deletes it.
+        self._active.clear()
         return seq
 
     def _write_state(self, state: dict[str, Any]) -> None:

@@ -7,7 +7,6 @@ makes these tests fail where the kill -9 tests, which the page cache rescues, wo
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import subprocess
@@ -247,24 +246,8 @@ class DurableGuest(LoggingGuest):
             out[b] = ok
         return out
 
-    def undurable(self, base: bytes) -> set[int]:
-        """The blocks with a write the export never promised to keep (one after the last durable one)."""
-        return {b for b, ok in self.allowed(base).items() if len(ok) > 1}
-
     def durable_blocks(self) -> int:
         return sum(1 for ln in self.lines() if ln.startswith("S ") or ln.endswith(" 1"))
-
-
-def verify_after_cut(host: PowerHost, disk: str, undurable: set[int]) -> None:
-    """`verify` after a power cut: every block's data matches its record, except possibly blocks written
-    after their last durable write. A write's intent record is made durable by the flush that follows it,
-    and a power cut that lands between that flush's data sync and its journal sync (or, on real disks,
-    after the kernel wrote such a block's data back early) leaves new data that no durable record names:
-    the data the guest was never promised. `verify` reports those blocks; no durable block may be among them."""
-    res = host.cli("verify", disk, "--json", check=False)  # exits 1 when a block does not match
-    report = json.loads(res.stdout)
-    assert res.returncode == (0 if report["ok"] else 1), res.stderr
-    assert set(report["mismatched_blocks"]) <= undurable, (host.name, report, sorted(undurable))
 
 
 def lost_writes(owner: PowerHost, disk: str, guest: DurableGuest, base: bytes, image: Path) -> list[int]:
@@ -291,7 +274,7 @@ def test_power_cut_under_a_guest_keeps_every_durable_write(power_hosts: list[Pow
     assert guest.finish(), "the guest hung in a write"
     assert any(ln.startswith("E ") for ln in guest.lines()), "the guest's connection outlived the power cut"
     assert lost_writes(office, "vm1", guest, base, tmp_path / "after.raw") == []
-    verify_after_cut(office, "vm1", guest.undurable(base))
+    verify_ok(office, "vm1")
 
 
 def test_sync_returns_only_what_is_durable(power_hosts: list[PowerHost], tmp_path: Path) -> None:
@@ -346,4 +329,4 @@ def test_power_cut_during_a_migration_keeps_one_owner_and_every_durable_write(
     assert guest.finish(), "the guest hung in a write"
     assert lost_writes(hosts[owner], disk, guest, base, tmp_path / "owner.raw") == [], what
     for h in power_hosts:
-        verify_after_cut(h, disk, guest.undurable(base) if h is not home else set())
+        verify_ok(h, disk)  # data that beat its record to the disk was re-checked

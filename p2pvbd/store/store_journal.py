@@ -20,9 +20,11 @@ from p2pvbd.store.version_map import NO_HASH, zero_hash
 # Journal record: crc32 of the rest, kind, first block (SYNC: covered offset), count, version, hash.
 _CRC, _REC_BODY = struct.Struct("<I"), struct.Struct("<B3xQQQ16s")
 REC_SIZE = _CRC.size + _REC_BODY.size  # 48
-DIRTY, ZERO, SETTLE, PUT, SYNC = 1, 2, 3, 4, 5
+DIRTY, ZERO, SETTLE, PUT, SYNC, ACTIVE, RETIRE = 1, 2, 3, 4, 5, 6, 7
+# What an ACTIVE record says is about to be written in its area (its version field, a bit mask).
+GUEST_WRITES, PEER_BLOCKS = 1, 2
 # Replay verdicts per block (0: metadata already right).
-KEEP, FRESH, CHECK_SETTLE, CHECK_PUT, REDO_ZERO = 1, 2, 3, 4, 5
+KEEP, FRESH, CHECK_SETTLE, CHECK_PUT, REDO_ZERO, CHECK_GUEST_AREA, CHECK_PEER_AREA = 1, 2, 3, 4, 5, 6, 7
 
 # A parsed record: end offset in the journal, kind, first block, count, version, hash.
 JournalRecord = tuple[int, int, int, int, int, bytes]
@@ -44,7 +46,7 @@ def parse_journal(buf: bytes, n_blocks: int) -> list[JournalRecord]:
         if kind == SYNC:
             if first > off:  # a SYNC vouches only for records before itself
                 break
-        elif kind not in (DIRTY, ZERO, SETTLE, PUT) or not 0 < count <= n_blocks - first or (
+        elif kind not in (DIRTY, ZERO, SETTLE, PUT, ACTIVE, RETIRE) or not 0 < count <= n_blocks - first or (
                 kind in (SETTLE, PUT) and count != 1):
             break
         out.append((off + REC_SIZE, kind, first, count, version, digest))
@@ -67,15 +69,28 @@ def replay(journals: list[bytes], versions: npt.NDArray[np.uint64], hashes: npt.
     Returns a verdict per block (an empty array without records) on what the data must still confirm,
     and the newest version the metadata or the journals name. Records a SYNC vouches for are trusted: a
     SYNC vouches for the records before it in its own journal and, since the data sync before it covered
-    everything written earlier, for every record of the older journals a checkpoint had rotated away."""
+    everything written earlier, for every record of the older journals a checkpoint had rotated away.
+
+    An area still active at the end (an ACTIVE record no RETIRE followed) may hold data whose own record
+    never became durable: each of its blocks no other record accounts for is re-checked against its data
+    too (CHECK_GUEST_AREA, or CHECK_PEER_AREA where only peers' blocks were written there)."""
     parsed = [parse_journal(j, len(versions)) for j in journals]
-    newest = max([int(versions.max(initial=0)), *(r[4] for recs in parsed for r in recs)])
+    newest = max([int(versions.max(initial=0)), *(r[4] for recs in parsed for r in recs if r[1] != ACTIVE)])
     verdicts = np.zeros(len(versions) if any(parsed) else 0, np.uint8)
+    still_active: list[tuple[int, int, int]] = []  # (first block, blocks, what was written there)
     for k, recs in enumerate(parsed):
+        # A RETIRE vouches only for records of its own journal: an older journal's tail may not be durable.
+        active: dict[int, tuple[int, int]] = {}
         later_sync = any(r[1] == SYNC for later in parsed[k + 1:] for r in later)
         trusted_end = float("inf") if later_sync else max((r[2] for r in recs if r[1] == SYNC), default=0)
         for end, kind, first, count, version, digest in recs:
             if kind == SYNC:
+                continue
+            if kind == ACTIVE:
+                active[first] = (count, version)
+                continue
+            if kind == RETIRE:
+                active.pop(first, None)
                 continue
             trusted, sl = end <= trusted_end, slice(first, first + count)
             versions[sl] = version
@@ -88,23 +103,35 @@ def replay(journals: list[bytes], versions: npt.NDArray[np.uint64], hashes: npt.
             else:
                 hashes[first] = np.frombuffer(digest, np.uint8)
                 verdicts[first] = 0 if trusted else CHECK_SETTLE if kind == SETTLE else CHECK_PUT
+        still_active += [(first, count, written) for first, (count, written) in active.items()]
+    for first, count, written in still_active:
+        sl = slice(first, first + count)
+        area = verdicts[sl]
+        if written & GUEST_WRITES:  # guest data wins: it is new content, where a peer's block can be fetched again
+            area[(area == 0) | (area == CHECK_PEER_AREA)] = CHECK_GUEST_AREA
+        else:
+            area[area == 0] = CHECK_PEER_AREA
+        changed[sl] = True
     return verdicts, newest
 
 
 def check_against_data(verdicts: npt.NDArray[np.uint8], versions: npt.NDArray[np.uint64],
                        hashes: npt.NDArray[np.uint8], counter: int,
-                       data_hash: Callable[[int], bytes]) -> tuple[int, list[int]]:
-    """Settle the blocks with a verdict other than REDO_ZERO against ``data_hash(i)``, the hash of their data.
+                       data_hash: Callable[[int], tuple[bytes, bool]]) -> tuple[int, list[int]]:
+    """Settle the blocks with a verdict other than REDO_ZERO against ``data_hash(i)``: the hash of their data,
+    and whether it is all zeros.
 
     Unvouched guest data is new content: it gets one new version past ``counter``. A replicated block whose
     data did not land drops to version 0, missing. Returns the counter and those missing blocks, whose data
     the caller punches out so they can be fetched again."""
     fresh, missing = 0, []
     for i in np.flatnonzero((verdicts != 0) & (verdicts != REDO_ZERO)).tolist():
-        digest = data_hash(i)
+        digest, is_zero = data_hash(i)
         if verdicts[i] == KEEP or digest == hashes[i].tobytes():
             hashes[i] = np.frombuffer(digest, np.uint8)
-        elif verdicts[i] in (FRESH, CHECK_SETTLE):  # unvouched guest data: new content, new version
+        elif verdicts[i] in (CHECK_GUEST_AREA, CHECK_PEER_AREA) and versions[i] == 0 and is_zero:
+            continue  # never written, and still zeros
+        elif verdicts[i] in (FRESH, CHECK_SETTLE, CHECK_GUEST_AREA):  # unvouched guest data: new content, new version
             counter = fresh = fresh or counter + 1
             hashes[i] = np.frombuffer(digest, np.uint8)
             versions[i] = fresh
