@@ -5,8 +5,9 @@ VENV        := .venv
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 PYTHON      ?= python3
-# Real NBD clients and kernel plumbing the tests drive (nobody here wrote them).
-DEB_PACKAGES := qemu-utils libnbd-bin python3-libnbd fio nbdkit fuse3 python3-pyfuse3 e2fsprogs util-linux iproute2 nftables
+# Real NBD clients and kernel plumbing the tests drive (nobody here wrote them), and the test VM: QEMU, a
+# guest kernel, busybox and a C compiler for its static workload.
+DEB_PACKAGES := qemu-utils libnbd-bin python3-libnbd fio nbdkit fuse3 python3-pyfuse3 e2fsprogs util-linux iproute2 nftables qemu-system-x86 linux-image-cloud-amd64 busybox-static gcc libc6-dev
 
 .PHONY: demo test test-all soak lint bench deps venv clean
 

@@ -269,9 +269,15 @@ def cmd_sync(args: argparse.Namespace) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
-    jobs = _ask(args, "migrate", to=args.to, disks=args.disks or None, mode=args.mode,
-                max_downtime_ms=args.max_downtime)["jobs"]
+    reply = _ask(args, "migrate", to=args.to, disks=args.disks or None, mode=args.mode,
+                 max_downtime_ms=args.max_downtime)
+    jobs = reply["jobs"]
     results = [_follow_job(args, job, f"migrate to {args.to}", quiet=args.json) for job in jobs]
+    if "vm" in reply:
+        from p2pvbd.cli_vm import print_vm_move
+
+        print_vm_move(args, results[0])
+        return
     keys = ("disk", "from", "to", "mode", "duration_s", "downtime_ms", "switchover_ms", "switchover_blocks",
             "bytes_on_wire", "map_bytes", "bytes_from", "epoch", "throttled", "error")
     if args.json:
@@ -429,12 +435,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--from", dest="sources", metavar="HOST,…", help="only pull from these hosts")
     sp = add("migrate", cmd_migrate, "move disks this host owns to another host while their guest runs",
              (as_json,))
-    sp.add_argument("disks", nargs="*", metavar="DISK", help="default: every disk this host owns")
+    sp.add_argument("disks", nargs="*", metavar="DISK|VM",
+                    help="disks, or one VM (moved with its memory and all its disks); default: every disk this "
+                         "host owns")
     sp.add_argument("--to", required=True, metavar="HOST", help="the new owner")
     sp.add_argument("--mode", choices=("sync", "async"), default="async",
                     help="sync: a write is acknowledged once both hosts have it; async (default): shipped after")
     sp.add_argument("--max-downtime", type=float, default=50, metavar="MS",
                     help="switch over once the rest ships within this many milliseconds (default 50)")
+    from p2pvbd import cli_vm
+
+    cli_vm.add_parsers(add, as_json)
     sp = add("replicate", cmd_replicate, "keep replicas of a disk warm on other hosts in the background",
              (as_json,))
     sp.add_argument("disk")

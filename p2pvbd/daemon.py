@@ -24,6 +24,7 @@ from p2pvbd.nbd_server import TcpEndpoint, serve_nbd
 from p2pvbd.peer_transport import PeerError
 from p2pvbd.replica_store import DEFAULT_BLOCK_SIZE, ReplicaStore
 from p2pvbd.swarm.node import Swarm, advertised_addresses
+from p2pvbd.vm.service import VmService
 
 if TYPE_CHECKING:
     from p2pvbd.migration.fetcher import SyncProgress
@@ -58,6 +59,8 @@ class Daemon:
         self.identity = trust.load_identity(home.path)
         self.nbd_tcp = self._nbd_tcp()
         self.swarm = Swarm(home, config, self.identity, self.ctl)
+        self.vms = VmService(self.swarm, home.path, home.nbd_socket)
+        self.swarm.peer_ops |= self.vms.ops()
         self.jobs: dict[int, Any] = {}  # SyncProgress or MigrationProgress: both have as_dict()
         self._nursery: trio.Nursery | None = None
 
@@ -104,6 +107,7 @@ class Daemon:
                 self._nursery = nursery
                 await nursery.start(serve_nbd, self.ctl, self.home.nbd_socket, self.nbd_tcp)
                 await nursery.start(self.swarm.run)
+                await nursery.start(self.vms.run)
                 await nursery.start(serve_control, self.home.control_socket, self.handle)
                 nursery.start_soon(self._periodic_flush)
                 nursery.start_soon(_watch_event_loop)
@@ -122,7 +126,8 @@ class Daemon:
 
     # ---- control ops ---------------------------------------------------------------------------
     async def handle(self, op: str, args: dict[str, Any]) -> Any:
-        method = getattr(self, "op_" + op.replace("-", "_"), None)
+        name = "op_" + op.replace("-", "_")
+        method = getattr(self, name, None) or getattr(self.vms, name, None)
         if method is None:
             raise ControlError(f"unknown command {op!r} (is the daemon older than this CLI?)")
         try:
@@ -261,6 +266,8 @@ class Daemon:
             raise ControlError("--mode must be sync or async")
         if max_downtime_ms <= 0:
             raise ControlError("--max-downtime must be positive")
+        if disks and len(disks) == 1 and self.vms.knows(disks[0]):
+            return await self._move_vm(disks[0], to, mode, max_downtime_ms)
         owned = [e.name for e in self.ctl.exports() if e.store.owner == self.config.name]
         disks = disks or owned
         if not disks:
@@ -281,6 +288,20 @@ class Daemon:
             self._nursery.start_soon(self._run_migration, progress, max_downtime_ms)
             jobs.append(job)
         return {"jobs": jobs}
+
+    async def _move_vm(self, name: str, to: str, mode: str, max_downtime_ms: float) -> dict[str, Any]:
+        """`migrate VM --to HOST`: the VM with all its disks, as one job."""
+        progress = self.vms.prepare_move(name, to, mode)
+        for disk in progress.disks:
+            if disk.disk in self.swarm.migrations and self.swarm.migrations[disk.disk].finished is None:
+                raise ControlError(f"{disk.disk} is already migrating")
+        job = max(self.jobs, default=0) + 1
+        self.jobs[job] = progress
+        for disk in progress.disks:
+            self.swarm.migrations[disk.disk] = disk
+        assert self._nursery is not None
+        self._nursery.start_soon(self.vms.run_move, progress, max_downtime_ms)
+        return {"jobs": [job], "vm": name}
 
     async def _run_migration(self, progress: Any, max_downtime_ms: float) -> None:
         from p2pvbd.migrate import MigrationError, migrate_disk
@@ -324,7 +345,7 @@ class Daemon:
 
 
 def _kind(progress: Any) -> str:
-    return "migration" if hasattr(progress, "dest") else "sync"
+    return "vm move" if hasattr(progress, "vm") else "migration" if hasattr(progress, "dest") else "sync"
 
 
 async def _watch_event_loop() -> None:

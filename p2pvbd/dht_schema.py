@@ -16,6 +16,8 @@ holders    a disk name      ``host``: the publisher; ``current_blocks``: int; ``
 catalog    a name           ``host``: the publisher; ``disks``: up to 256 distinct disk names
 policy     a disk name      ``disk``: the key; ``hosts``: up to 64 distinct host names; ``rate``: -1
                             (unlimited) or bytes/s in [1, 2**63]; ``set_at``: seconds in [0, 2**63)
+vm         its first disk   a VM definition as ``vm.definition.VmDefinition`` checks it (name, disks,
+                            memory, cpus, accel, kernel, initrd, append, qemu_args, set_at)
 =========  ===============  =====================================================================
 
 Names (keys, publishers, host and disk names inside payloads) follow ``home.NAME_RE``, the rule
@@ -184,8 +186,22 @@ def _policy(key: str, publisher: str, p: dict[str, Any]) -> dict[str, Any]:
             "set_at": set_at}
 
 
+def _vm(key: str, publisher: str, p: dict[str, Any]) -> dict[str, Any]:
+    from p2pvbd.vm.definition import VmDefinition  # pure, like this module
+
+    try:
+        vm = VmDefinition.from_payload(p)
+    except ValueError as e:
+        raise PayloadError(str(e)) from None
+    if vm.disks[0] != key:
+        raise PayloadError("disks: the first is not the record's key")
+    if not 0 <= vm.set_at < MAX_COUNTER:
+        raise PayloadError("set_at: outside [0, 2**63)")
+    return vm.as_payload()
+
+
 _SCHEMAS: dict[str, Callable[[str, str, dict[str, Any]], dict[str, Any]]] = {
-    "host": _host, "owner": _owner, "holders": _holders, "catalog": _catalog, "policy": _policy}
+    "host": _host, "owner": _owner, "holders": _holders, "catalog": _catalog, "policy": _policy, "vm": _vm}
 KINDS = frozenset(_SCHEMAS)
 
 

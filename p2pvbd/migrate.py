@@ -63,6 +63,9 @@ SHIP_WINDOW = 3
 # An async mirror round ships at most this many seconds' worth of dirty blocks, so that "the dirty set
 # did not shrink in NO_PROGRESS_ROUNDS rounds" is noticed within seconds even with a large dirty set.
 MIRROR_ROUND_SECONDS = 1.0
+# A converged disk held for its VM's switchover ships what the guest wrote this often: the pause then
+# finds at most this long's worth of writes to ship.
+HOLD_ROUND_SECONDS = 0.2
 # Draining requests in flight and flushing, at freeze: longer means a broken disk, not a busy guest.
 FREEZE_TIMEOUT = 10.0
 # Rounds of mirroring in which the dirty set did not shrink before the guest is paced to the link.
@@ -214,9 +217,35 @@ class Shipper:
         self.progress.mirrored_bytes += size
 
 
+class SwitchGate:
+    """Holds the disk migrations of one VM at the switchover, so that all of them switch over inside the
+    VM's pause: each says when its destination export exists and when it has converged, then keeps
+    mirroring until ``go``."""
+
+    def __init__(self, disks: int) -> None:
+        self._unprepared = self._unconverged = self._uncommitted = disks
+        self.prepared, self.converged, self.go, self.committed = trio.Event(), trio.Event(), trio.Event(), trio.Event()
+
+    def _count(self, name: str, event: trio.Event) -> None:
+        left = getattr(self, name) - 1
+        setattr(self, name, left)
+        if left == 0:
+            event.set()
+
+    def mark_prepared(self) -> None:
+        self._count("_unprepared", self.prepared)
+
+    def mark_converged(self) -> None:
+        self._count("_unconverged", self.converged)
+
+    def mark_committed(self) -> None:
+        self._count("_uncommitted", self.committed)
+
+
 async def migrate_disk(swarm: Swarm, disk: str, dest: str, mode: str, max_downtime_ms: float,
-                       progress: MigrationProgress) -> None:
-    """Move ownership of ``disk`` from this host to ``dest`` while the guest keeps running."""
+                       progress: MigrationProgress, gate: SwitchGate | None = None) -> None:
+    """Move ownership of ``disk`` from this host to ``dest`` while the guest keeps running (with a
+    ``gate``, one of a VM's disks: the switchover waits for the gate)."""
     ctl = swarm.ctl
     exp = ctl.get(disk)
     if exp is None:
@@ -239,11 +268,19 @@ async def migrate_disk(swarm: Swarm, disk: str, dest: str, mode: str, max_downti
     shipper = Shipper(conn, exp, progress)
     committed = False
     try:
+        if gate is not None:
+            gate.mark_prepared()
         dirty = DirtyBlocks(store, since=store.counter)  # what the guest writes from here on
         await _bulk(conn, disk, progress)
         progress.phase = "mirror"
         await _mirror(exp, shipper, dirty, mode, max_downtime_ms, progress)
+        if gate is not None:
+            progress.phase = "ready"
+            gate.mark_converged()
+            await _hold(exp, shipper, dirty, gate)
         committed = await _switchover(swarm, conn, exp, shipper, dirty, progress)
+        if gate is not None:
+            gate.mark_committed()
     finally:
         exp.after_write = None
         if not committed:
@@ -350,6 +387,18 @@ async def _mirror(exp: Export, shipper: Shipper, dirty: DirtyBlocks, mode: str, 
             progress.throttled = True
         await shipper.ship(_take_round(dirty, shipper, bs))
         await trio.to_thread.run_sync(exp.store.refresh_tree)
+
+
+async def _hold(exp: Export, shipper: Shipper, dirty: DirtyBlocks, gate: SwitchGate) -> None:
+    """Converged: keep shipping what the guest writes, round by round, until the gate opens (the VM's
+    memory is being copied meanwhile, and the guest still writes)."""
+    while not gate.go.is_set():
+        with trio.move_on_after(HOLD_ROUND_SECONDS):
+            await gate.go.wait()
+        dirty.collect()
+        if len(dirty) and not gate.go.is_set():
+            await shipper.ship(_take_round(dirty, shipper, exp.store.block_size))
+            await trio.to_thread.run_sync(exp.store.refresh_tree)
 
 
 def _take_round(dirty: DirtyBlocks, shipper: Shipper, block_size: int) -> npt.NDArray[np.int64]:

@@ -110,6 +110,11 @@ OPS: dict[str, OpSpec] = {
     "migrate_status": OpSpec({"disk": str, "epoch": int}, "was that epoch committed? (else it never will be)"),
     "migrate_abort": OpSpec({"disk": str}, "the migration is off: back to a standby replica"),
     "guest_io": OpSpec({"disk": str, "op": str}, "I/O of a guest still connected to the old owner"),
+    # Moving a whole VM, source -> destination (vm/move.py), once each of its disks' migrations is prepared.
+    "vm_incoming": OpSpec({"vm": dict}, "start the VM's QEMU here, waiting for its migration stream"),
+    "vm_ram": OpSpec({"vm": str, "seq": int, "data": bytes}, "the next piece of QEMU's migration stream, in order"),
+    "vm_finish": OpSpec({"vm": str}, "answer once the arrived VM runs here"),
+    "vm_abort": OpSpec({"vm": str}, "the move is off: quit the incoming QEMU"),
 }
 # The join port's ops (a joiner has no certificate yet, so these must never share the peer port's table).
 JOIN_OPS: dict[str, OpSpec] = {

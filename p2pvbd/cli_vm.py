@@ -1,0 +1,129 @@
+"""`p2pvbd vm …`: define, start, stop, list and watch VMs (thin: the daemon does the work)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from p2pvbd import cli
+from p2pvbd.units import format_size
+
+# `vm console` looks for new serial output this often: a person reading a console sees no lag.
+CONSOLE_POLL_SECONDS = 0.2
+
+
+def cmd_vm_create(args: argparse.Namespace) -> None:
+    kernel = str(Path(args.kernel).absolute()) if args.kernel else ""
+    initrd = str(Path(args.initrd).absolute()) if args.initrd else ""
+    info = cli._ask(args, "vm_create", name=args.vm, disks=args.disk, memory=args.memory, cpus=args.cpus,
+                    accel=args.accel, kernel=kernel, initrd=initrd, append=args.append or "",
+                    qemu_args=args.qemu_arg or [])
+    if args.json:
+        cli._print_json(info)
+        return
+    print(f"defined VM {info['name']}: disks {', '.join(info['disks'])}, {format_size(info['memory'])} of memory, "
+          f"{info['cpus']} CPU(s); start it with 'p2pvbd vm start {info['name']}'")
+
+
+def cmd_vm_start(args: argparse.Namespace) -> None:
+    info = cli._ask(args, "vm_start", name=args.vm)
+    if args.json:
+        cli._print_json(info)
+        return
+    print(f"VM {info['name']} {info['state']} on {info['host']} ({info['accel']}); serial log: {info['serial']}")
+
+
+def cmd_vm_stop(args: argparse.Namespace) -> None:
+    info = cli._ask(args, "vm_stop", name=args.vm, timeout=args.timeout)
+    if args.json:
+        cli._print_json(info)
+        return
+    print(f"VM {info['name']} stopped")
+
+
+def cmd_vm_list(args: argparse.Namespace) -> None:
+    vms = cli._ask(args, "vm_list")
+    if args.json:
+        cli._print_json(vms)
+        return
+    from rich.table import Table
+
+    table = Table("vm", "host", "state", "disks", "memory", "serial log", box=None)
+    for v in vms:
+        table.add_row(v["name"], v["host"] or "-", v["state"], ", ".join(v["disks"]), format_size(v["memory"]),
+                      v["serial"])
+    cli._console().print(table)
+
+
+def cmd_vm_console(args: argparse.Namespace) -> None:
+    """Print the VM's serial log and follow it, as `tail -f` would, until interrupted."""
+    vm = next((v for v in cli._ask(args, "vm_list") if v["name"] == args.vm), None)
+    if vm is None:
+        cli._fail(f"no VM named {args.vm!r} (see 'p2pvbd vm list')")
+    path = Path(vm["serial"])
+    if not path.exists():
+        cli._fail(f"VM {args.vm} has not run on this host: no serial log at {path}"
+                  + (f" (it runs on {vm['host']})" if vm["host"] else ""))
+    try:
+        with open(path, "rb") as f:
+            while True:
+                chunk = f.read(65536)
+                if chunk:
+                    sys.stdout.buffer.write(chunk)
+                    sys.stdout.flush()
+                elif not args.follow:
+                    return
+                else:
+                    time.sleep(CONSOLE_POLL_SECONDS)
+    except KeyboardInterrupt:
+        pass
+
+
+def print_vm_move(args: argparse.Namespace, r: dict[str, Any]) -> None:
+    """`migrate VM`'s outcome: the VM's pause and memory, then one line per disk."""
+    disk_keys = ("disk", "from", "to", "mode", "duration_s", "downtime_ms", "switchover_ms", "bytes_on_wire",
+                 "bytes_from", "epoch", "error")
+    if args.json:
+        cli._print_json({"vm": r["vm"], "from": r["from"], "to": r["to"], "mode": r["mode"],
+                         "duration_s": r["duration_s"], "vm_downtime_ms": r["vm_downtime_ms"],
+                         "disk_switchover_ms": r["disk_switchover_ms"], "ram_bytes": r["ram_bytes"],
+                         "error": r["error"], "disks": [{k: d[k] for k in disk_keys} for d in r["disks"]]})
+    if r["error"]:
+        print(f"p2pvbd: error: VM {r['vm']}: {r['error']}", file=sys.stderr)
+        raise SystemExit(1)
+    if not args.json:
+        print(f"VM {r['vm']} now runs on {r['to']} after {r['duration_s']:.1f} s; paused "
+              f"{r['vm_downtime_ms']:.0f} ms; {format_size(r['ram_bytes'])} of memory moved")
+        for d in r["disks"]:
+            print(f"  {d['disk']}: owned by {d['to']} (epoch {d['epoch']}), "
+                  f"{format_size(d['bytes_on_wire'])} moved")
+
+
+def add_parsers(add: Any, as_json: argparse.ArgumentParser) -> None:
+    vm = add("vm", None, "define, start, stop and list virtual machines (QEMU) on p2pvbd disks")
+    vsub = vm.add_subparsers(dest="vm_command", required=True, metavar="SUBCOMMAND")
+    sp = add("create", cmd_vm_create, "define a VM on disks this host owns; any host can then run it",
+             (as_json,), into=vsub)
+    sp.add_argument("vm")
+    sp.add_argument("--disk", required=True, metavar="DISK[,DISK…]", help="its disks, the first one booted from")
+    sp.add_argument("--memory", default="1G", help="e.g. 512M or 2G (default 1G)")
+    sp.add_argument("--cpus", type=int, default=1)
+    sp.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
+                    help="auto (default): KVM if it runs guests on the host, else TCG emulation")
+    sp.add_argument("--kernel", metavar="FILE", help="boot this kernel directly instead of the first disk")
+    sp.add_argument("--initrd", metavar="FILE")
+    sp.add_argument("--append", metavar="TEXT", help="the kernel's command line")
+    sp.add_argument("--qemu-arg", action="append", metavar="ARG", help="one more QEMU argument (repeatable)")
+    sp = add("start", cmd_vm_start, "start a VM on this host (it must own the VM's disks)", (as_json,), into=vsub)
+    sp.add_argument("vm")
+    sp = add("stop", cmd_vm_stop, "power a VM off (ACPI), quitting QEMU after --timeout", (as_json,), into=vsub)
+    sp.add_argument("vm")
+    sp.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                    help="how long the guest may take to power off (default 30; 0 quits at once)")
+    add("list", cmd_vm_list, "the VMs this host runs or knows of", (as_json,), into=vsub)
+    sp = add("console", cmd_vm_console, "print a VM's serial log on this host and follow it", into=vsub)
+    sp.add_argument("vm")
+    sp.add_argument("--no-follow", dest="follow", action="store_false", help="print what is there and exit")

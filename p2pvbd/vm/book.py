@@ -1,0 +1,136 @@
+"""VM definitions kept in the swarm: every host learns them from the index, so any host can run a VM.
+
+A definition is a ``vm`` record keyed by the VM's first disk (hosts look records up by the disks they
+know, as for replication policies) and published by the host owning that disk: a record from any other
+publisher is ignored, so a member cannot redefine a VM whose disks it does not own. Each host keeps what
+it learned in ``HOME/vms.json``; the newest ``set_at`` wins.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from p2pvbd.migration.replication import POLICY_REFRESH, POLICY_REPUBLISH
+from p2pvbd.store.store_files import atomic_write
+from p2pvbd.vm.definition import DefinitionError, VmDefinition
+
+if TYPE_CHECKING:
+    from p2pvbd.swarm.node import Swarm
+
+log = logging.getLogger(__name__)
+
+VM_FILE = "vms.json"
+
+
+class VmBook:
+    """The VM definitions this host knows, published while it owns their disks."""
+
+    def __init__(self, swarm: Swarm, home: Path) -> None:
+        self.swarm = swarm
+        self.path = home / VM_FILE
+        self.vms: dict[str, VmDefinition] = self._load()
+
+    def _load(self) -> dict[str, VmDefinition]:
+        try:
+            raw = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except ValueError as e:
+            log.warning("ignoring unreadable %s: %s", self.path, e)
+            return {}
+        vms: dict[str, VmDefinition] = {}
+        for payload in raw if isinstance(raw, list) else ():
+            try:
+                vm = VmDefinition.from_payload(payload)
+            except DefinitionError as e:
+                log.warning("ignoring a VM definition in %s: %s", self.path, e)
+                continue
+            vms[vm.name] = vm
+        return vms
+
+    def _save(self) -> None:
+        atomic_write(self.path, json.dumps([vm.as_payload() for vm in self.vms.values()]).encode())
+
+    def get(self, name: str) -> VmDefinition | None:
+        return self.vms.get(name)
+
+    def of_disk(self, disk: str) -> VmDefinition | None:
+        return next((vm for vm in self.vms.values() if disk in vm.disks), None)
+
+    def learn(self, vm: VmDefinition) -> bool:
+        """Keep ``vm`` if newer than what is known; True when it changed anything. A disk belongs to one VM:
+        an older definition that claims one of its disks is dropped."""
+        known = self.vms.get(vm.name)
+        if known is not None and known.set_at >= vm.set_at:
+            return False
+        for other in [o for o in self.vms.values() if o.name != vm.name and set(o.disks) & set(vm.disks)]:
+            if other.set_at >= vm.set_at:
+                return False
+            del self.vms[other.name]
+        self.vms[vm.name] = vm
+        self._save()
+        return True
+
+    async def define(self, vm: VmDefinition) -> VmDefinition:
+        """`vm create`: this host must own every disk, and no other VM may use them."""
+        for disk in vm.disks:
+            exp = self.swarm.ctl.get(disk)
+            if exp is None or exp.store.owner != self.swarm.name:
+                owner = exp.store.owner if exp is not None else None
+                raise DefinitionError(f"{self.swarm.name} does not own disk {disk!r}"
+                                      + (f" ({owner} does)" if owner else "")
+                                      + ": create the VM on the host that owns its disks")
+        await self.refresh()
+        for other in self.vms.values():
+            if other.name != vm.name and set(other.disks) & set(vm.disks):
+                shared = ", ".join(sorted(set(other.disks) & set(vm.disks)))
+                raise DefinitionError(f"disk {shared} already belongs to VM {other.name!r}")
+        known = self.vms.get(vm.name)
+        if known is not None and vm.set_at <= known.set_at:
+            vm = VmDefinition(**{**vm.__dict__, "set_at": known.set_at + 1e-3})
+        self.learn(vm)
+        await self.publish()
+        return vm
+
+    async def publish(self) -> None:
+        """Publish the definitions whose first disk this host owns."""
+        for vm in list(self.vms.values()):
+            exp = self.swarm.ctl.get(vm.disks[0])
+            if exp is None or exp.store.owner != self.swarm.name:
+                continue
+            try:
+                await self.swarm.dht.publish("vm", vm.disks[0], vm.as_payload(), self.swarm.record_ttl)
+            except ValueError as e:
+                log.warning("cannot publish VM %s: %s", vm.name, e)
+
+    async def refresh(self) -> None:
+        for disk in await self.swarm.known_disks():
+            records = await self.swarm.dht.lookup("vm", disk)
+            if not records:
+                continue
+            owner, _ = await self.swarm.owner_of(disk)
+            for rec in records:
+                if rec.publisher != owner:
+                    continue  # only the disk's owner defines the VM using it
+                try:
+                    self.learn(VmDefinition.from_payload(rec.payload))
+                except DefinitionError:
+                    log.info("ignoring a malformed VM definition from %s", rec.publisher)
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        last_publish = -float("inf")
+        while True:
+            try:
+                await self.refresh()
+                if trio.current_time() - last_publish >= POLICY_REPUBLISH:
+                    await self.publish()
+                    last_publish = trio.current_time()
+            except Exception:  # the index being unreachable must not take the daemon down
+                log.exception("refreshing VM definitions failed")
+            await trio.sleep(POLICY_REFRESH)

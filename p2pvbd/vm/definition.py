@@ -1,0 +1,177 @@
+"""A VM definition and the QEMU command line it becomes: pure, no processes, no sockets.
+
+A definition is what `p2pvbd vm create` records and the swarm's index spreads, so any host can run the
+VM: its disks (p2pvbd disks, attached over this host's NBD Unix socket), memory, CPUs, accelerator and,
+for a direct kernel boot, kernel, initrd and command line. The paths of the files QEMU uses at run time
+(sockets, serial log) are this host's, chosen by the runner, never part of the definition.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from p2pvbd.home import NAME_RE
+from p2pvbd.units import parse_size
+
+# Disks one VM attaches: virtio-blk PCI slots are plenty; a person's VM has a handful.
+MAX_VM_DISKS = 8
+# Memory bounds: below 16 MiB no Linux boots; above 1 TiB is no personal machine's RAM.
+MIN_MEMORY = 16 * 1024 * 1024
+MAX_MEMORY = 1 << 40
+# QEMU's x86 limit is higher; one person's desktop VM never needs more.
+MAX_CPUS = 64
+# Extra QEMU arguments and the kernel command line: enough for real use, small enough for the index.
+MAX_QEMU_ARGS = 16
+MAX_TEXT = 512
+# A definition travels as one index record of at most 1 KiB (dht_records.MAX_RECORD_BYTES), of which the
+# signature, publisher, key and timestamps take up to ~380 bytes.
+MAX_PAYLOAD_BYTES = 640
+ACCELS = ("auto", "kvm", "tcg")
+# A path names a file on every host that runs the VM (kernel, initrd): absolute, printable, bounded.
+_PATH_RE = re.compile(r"/[\x21-\x7e]{0,1023}")
+
+
+class DefinitionError(ValueError):
+    """A definition that cannot be run as given (the message says which field and why)."""
+
+
+@dataclass(frozen=True)
+class VmDefinition:
+    name: str
+    disks: tuple[str, ...]
+    memory: int = 1 << 30
+    cpus: int = 1
+    accel: str = "auto"
+    kernel: str = ""
+    initrd: str = ""
+    append: str = ""
+    qemu_args: tuple[str, ...] = ()
+    set_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        if not NAME_RE.fullmatch(self.name):
+            raise DefinitionError(f"invalid VM name {self.name!r}: letters, digits, '.', '_' and '-', at most 64")
+        if not self.disks or len(self.disks) > MAX_VM_DISKS:
+            raise DefinitionError(f"a VM needs 1 to {MAX_VM_DISKS} disks, not {len(self.disks)}")
+        for d in self.disks:
+            if not isinstance(d, str) or not NAME_RE.fullmatch(d):
+                raise DefinitionError(f"invalid disk name {d!r}")
+        if len(set(self.disks)) != len(self.disks):
+            raise DefinitionError("a disk is named twice")
+        if not MIN_MEMORY <= self.memory <= MAX_MEMORY or self.memory % (1024 * 1024):
+            raise DefinitionError(f"memory must be whole MiB between 16 MiB and 1 TiB, not {self.memory} bytes")
+        if not 1 <= self.cpus <= MAX_CPUS:
+            raise DefinitionError(f"cpus must be 1 to {MAX_CPUS}, not {self.cpus}")
+        if self.accel not in ACCELS:
+            raise DefinitionError(f"accel must be one of {', '.join(ACCELS)}, not {self.accel!r}")
+        for what, path in (("kernel", self.kernel), ("initrd", self.initrd)):
+            if path and not _PATH_RE.fullmatch(path):
+                raise DefinitionError(f"{what} must be an absolute path, not {path!r}")
+        if self.initrd and not self.kernel:
+            raise DefinitionError("--initrd needs --kernel")
+        if len(self.append) > MAX_TEXT or not self.append.isprintable():
+            raise DefinitionError(f"--append must be printable text of at most {MAX_TEXT} characters")
+        if len(self.qemu_args) > MAX_QEMU_ARGS or any(
+                not isinstance(a, str) or len(a) > MAX_TEXT or not a.isprintable() for a in self.qemu_args):
+            raise DefinitionError(f"at most {MAX_QEMU_ARGS} printable --qemu-arg values")
+        if len(msgpack.packb(self.as_payload())) > MAX_PAYLOAD_BYTES:
+            raise DefinitionError(f"the definition takes more than {MAX_PAYLOAD_BYTES} bytes: shorten --append, "
+                                  "--qemu-arg or the paths")
+
+    @classmethod
+    def from_options(cls, name: str, disks: str, memory: str = "1G", **kw: Any) -> VmDefinition:
+        """From the CLI's options: ``disks`` comma-separated, ``memory`` with a unit."""
+        try:
+            mem = parse_size(memory)
+        except ValueError as e:
+            raise DefinitionError(f"memory: {e}") from None
+        return cls(name, tuple(d for d in disks.split(",") if d), mem, **kw)
+
+    def as_payload(self) -> dict[str, Any]:
+        return {"name": self.name, "disks": list(self.disks), "memory": self.memory, "cpus": self.cpus,
+                "accel": self.accel, "kernel": self.kernel, "initrd": self.initrd, "append": self.append,
+                "qemu_args": list(self.qemu_args), "set_at": self.set_at}
+
+    @classmethod
+    def from_payload(cls, p: dict[str, Any]) -> VmDefinition:
+        """Strict about types: a payload comes from the index or a peer (``set_at`` may be an int)."""
+        types = {"name": str, "disks": list, "memory": int, "cpus": int, "accel": str, "kernel": str,
+                 "initrd": str, "append": str, "qemu_args": list, "set_at": (int, float)}
+        if not isinstance(p, dict):
+            raise DefinitionError("a VM definition must be a map")
+        for key, kind in types.items():
+            if key not in p:
+                raise DefinitionError(f"{key}: missing")
+            if not isinstance(p[key], kind) or isinstance(p[key], bool):
+                raise DefinitionError(f"{key}: wrong type ({type(p[key]).__name__})")
+        if not math.isfinite(p["set_at"]):
+            raise DefinitionError("set_at: not finite")
+        return cls(p["name"], tuple(p["disks"]), p["memory"], p["cpus"], p["accel"], p["kernel"], p["initrd"],
+                   p["append"], tuple(p["qemu_args"]), float(p["set_at"]))
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where this host's QEMU for one VM keeps its sockets and serial log (inside HOME/vms/NAME)."""
+
+    directory: Path
+
+    @property
+    def qmp(self) -> Path:
+        return self.directory / "qmp.sock"
+
+    @property
+    def serial(self) -> Path:
+        return self.directory / "serial.log"
+
+    @property
+    def incoming(self) -> Path:
+        """Where a destination QEMU listens for the migration stream, relayed here by its daemon."""
+        return self.directory / "incoming.sock"
+
+    @property
+    def outgoing(self) -> Path:
+        """Where a source QEMU sends its migration stream, which its daemon relays to the destination."""
+        return self.directory / "outgoing.sock"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.directory / "qemu.pid"
+
+
+def qemu_argv(vm: VmDefinition, paths: RunPaths, nbd_socket: Path, accel: str, *, incoming: bool = False,
+              qemu: str = "qemu-system-x86_64") -> list[str]:
+    """QEMU's command line: disks over the daemon's NBD Unix socket (virtio-blk, the first one booted
+    from without a kernel), QMP and the serial log in ``paths``; ``accel`` already resolved to kvm or tcg.
+
+    The serial log is appended to, so a VM that moved back keeps one continuous log per host. A
+    destination starts with ``-incoming`` on a Unix socket its daemon feeds from the source's stream."""
+    argv = [qemu, "-name", vm.name, "-accel", accel, "-m", f"{vm.memory // (1024 * 1024)}M",
+            "-smp", str(vm.cpus), "-nodefaults", "-display", "none", "-no-user-config",
+            "-chardev", f"file,id=serial0,path={paths.serial},append=on", "-serial", "chardev:serial0",
+            "-qmp", f"unix:{paths.qmp},server=on,wait=off", "-pidfile", str(paths.pidfile)]
+    if accel == "kvm":
+        argv += ["-cpu", "host"]
+    for i, disk in enumerate(vm.disks):
+        node = f"disk{i}"
+        blockdev = (f"driver=nbd,node-name={node},server.type=unix,server.path={nbd_socket},export={disk},"
+                    "cache.direct=off")
+        argv += ["-blockdev", blockdev, "-device",
+                 f"virtio-blk-pci,drive={node},id=vd{i}" + (",bootindex=0" if i == 0 and not vm.kernel else "")]
+    if vm.kernel:
+        argv += ["-kernel", vm.kernel]
+        if vm.initrd:
+            argv += ["-initrd", vm.initrd]
+        if vm.append:
+            argv += ["-append", vm.append]
+    argv += list(vm.qemu_args)
+    if incoming:
+        argv += ["-incoming", f"unix:{paths.incoming}"]
+    return argv

@@ -1,0 +1,309 @@
+"""Moving a running VM, memory and disks, to another host with one command.
+
+Source side (:func:`move_vm`), in order:
+
+1. every disk's migration starts (the destination prepares an incoming export for each); once all
+   exist, the destination starts QEMU with ``-incoming`` on them (``vm_incoming``);
+2. the disks converge (bulk pull from every holder, then the mirror) and are held, still mirroring;
+3. QEMU migrates the RAM with ``pause-before-switchover``; its stream goes to a Unix socket of this
+   daemon, which carries it over the swarm's TLS link (``vm_ram``) to the destination daemon, which
+   feeds its QEMU's incoming socket — no extra port, nothing in clear;
+4. at ``pre-switchover`` the guest is paused with nothing in flight: all disks switch over together,
+   then ``migrate-continue``; the destination VM resumes on its now local, owned disks, this QEMU quits.
+
+A failure before the disks commit cancels QEMU's migration: the VM runs on here, its disks unchanged.
+After a commit the VM stays here on forwarded disk I/O if QEMU's migration then fails: nothing is lost.
+
+Destination side: :class:`VmTarget`, whose peer ops only the source of every disk's migration may call.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from p2pvbd.migrate import MigrationError, MigrationProgress, SwitchGate, migrate_disk
+from p2pvbd.peer_transport import PeerError
+from p2pvbd.swarm import access
+from p2pvbd.swarm.access import PeerOp
+from p2pvbd.vm.definition import DefinitionError, VmDefinition
+from p2pvbd.vm.qmp import QmpError
+from p2pvbd.vm.runner import RunningVm, VmError, VmRunner
+
+if TYPE_CHECKING:
+    from p2pvbd.swarm.node import Swarm
+    from p2pvbd.vm.book import VmBook
+
+log = logging.getLogger(__name__)
+
+# One vm_ram request carries this much of QEMU's stream: large enough that a request's round trip is
+# small next to its transfer on a 100 Mbit/s link (1 MiB ≈ 84 ms), small next to the peer frame limit.
+RAM_CHUNK_BYTES = 1024 * 1024
+# Chunks in flight: keeps a link with 10-50 ms round trips busy; the destination writes them in order.
+RAM_WINDOW = 4
+# QEMU's migration of the RAM: the longest it may take to reach pre-switchover or to complete. A link
+# that moves less than a few MiB a minute is not one to move a VM over.
+RAM_TIMEOUT = 3600.0
+# How long the destination waits for its QEMU to run after the source said `migrate-continue`: the
+# last device state is kilobytes.
+RESUME_TIMEOUT = 60.0
+# How often QEMU's migration state is asked for while its events are awaited (a missed event costs this).
+STATUS_POLL_SECONDS = 0.05
+
+
+@dataclass
+class VmMoveProgress:
+    vm: str
+    source: str
+    dest: str
+    mode: str
+    disks: list[MigrationProgress]
+    phase: str = "prepare"
+    ram_bytes: int = 0
+    vm_downtime_ms: float | None = None
+    disk_switchover_ms: float | None = None  # from pre-switchover to migrate-continue: the disks' part
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+    error: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        end = self.finished or time.monotonic()
+        disks = [d.as_dict() for d in self.disks]
+        return {"vm": self.vm, "disk": self.vm, "from": self.source, "to": self.dest, "mode": self.mode,
+                "phase": self.phase,
+                "ram_bytes": self.ram_bytes, "vm_downtime_ms": self.vm_downtime_ms,
+                "disk_switchover_ms": self.disk_switchover_ms, "duration_s": round(end - self.started, 3),
+                "error": self.error, "disks": disks,
+                "total_bytes": sum(d["total_bytes"] for d in disks), "done_bytes": sum(d["done_bytes"] for d in disks),
+                "bytes_on_wire": sum(d["bytes_on_wire"] for d in disks) + self.ram_bytes,
+                "mirror_lag_blocks": sum(d["mirror_lag_blocks"] for d in disks), "peers": {}}
+
+
+async def move_vm(swarm: Swarm, runner: VmRunner, vm: VmDefinition, dest: str, max_downtime_ms: float,
+                  progress: VmMoveProgress) -> None:
+    rv = runner.get(vm.name)
+    if rv.incoming or rv.qmp is None:
+        raise MigrationError(f"VM {vm.name} is still arriving on this host")
+    qmp = rv.qmp
+    conn = await swarm.connect(dest)
+    gate = SwitchGate(len(vm.disks))
+    started_qemu_migration = False
+    moved = False
+    try:
+        async with trio.open_nursery() as nursery:
+            for p in progress.disks:
+                nursery.start_soon(_disk, swarm, p, max_downtime_ms, gate)
+            await gate.prepared.wait()
+            progress.phase = "disks"
+            await conn.request("vm_incoming", {"vm": vm.as_payload()}, timeout=RESUME_TIMEOUT)
+            await gate.converged.wait()
+            progress.phase = "ram"
+            await nursery.start(_relay_ram, rv, conn, vm.name, progress)
+            await qmp.command("migrate-set-capabilities", capabilities=[
+                {"capability": "pause-before-switchover", "state": True}, {"capability": "events", "state": True}])
+            await qmp.command("migrate-set-parameters", **{"downtime-limit": max(1, int(max_downtime_ms))})
+            started_qemu_migration = True
+            await qmp.command("migrate", uri=f"unix:{rv.paths.outgoing}")
+            with trio.fail_after(RAM_TIMEOUT):
+                await _migration_reaches(rv, "pre-switchover")
+            progress.phase = "switchover"
+            paused_at = trio.current_time()
+            gate.go.set()
+            await gate.committed.wait()
+            moved = True  # the disks belong to the destination now: only forward from here
+            await qmp.command("migrate-continue", state="pre-switchover")
+            progress.disk_switchover_ms = round((trio.current_time() - paused_at) * 1000, 2)
+            with trio.fail_after(RAM_TIMEOUT):
+                await _migration_reaches(rv, "completed")
+            info = await qmp.command("query-migrate")
+            # QEMU's downtime runs from stopping the guest to the end of the stream: RAM, devices and the
+            # disks' switchover inside the pause
+            progress.vm_downtime_ms = float(info.get("downtime", 0))
+            await conn.request("vm_finish", {"vm": vm.name}, timeout=RESUME_TIMEOUT + 5)
+        progress.phase = "done"
+    except BaseException:
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            if started_qemu_migration and not rv.exited.is_set():
+                try:
+                    await qmp.command("migrate_cancel")
+                except QmpError:
+                    pass
+            try:
+                await conn.request("vm_abort", {"vm": vm.name}, timeout=5)
+            except PeerError:
+                pass
+        if moved:
+            log.warning("VM %s stays on %s with its disks' I/O forwarded to %s", vm.name, swarm.name, dest)
+        raise
+    await runner.forget(rv)
+
+
+async def _disk(swarm: Swarm, progress: MigrationProgress, max_downtime_ms: float, gate: SwitchGate) -> None:
+    try:
+        await migrate_disk(swarm, progress.disk, progress.dest, progress.mode, max_downtime_ms, progress, gate)
+        progress.phase = "done"
+    except BaseException as e:
+        progress.error = getattr(e, "message", None) or str(e) or type(e).__name__
+        progress.phase = "failed"
+        raise
+    finally:
+        progress.finished = time.monotonic()
+
+
+async def _migration_reaches(rv: RunningVm, status: str) -> None:
+    """Wait until QEMU's outgoing migration is in ``status``; MigrationError if it failed or was cancelled.
+    Woken by QEMU's MIGRATION events, so the guest's pause is not lengthened by a polling interval."""
+    qmp = rv.qmp
+    assert qmp is not None
+    while True:
+        info = await qmp.command("query-migrate")
+        state = info.get("status")
+        if state == status:
+            return
+        if state in ("failed", "cancelled", "cancelling"):
+            why = info.get("error-desc", "no reason given")
+            raise MigrationError(f"QEMU's migration of {rv.vm.name} {state}: {why}")
+        if rv.exited.is_set():
+            raise MigrationError(f"QEMU of {rv.vm.name} exited during its migration")
+        with trio.move_on_after(STATUS_POLL_SECONDS):
+            await qmp.wait_event(lambda e: e.get("event") == "MIGRATION")
+
+
+async def _relay_ram(rv: RunningVm, conn: Any, vm: str, progress: VmMoveProgress, *,
+                     task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Accept QEMU's outgoing migration connection and carry its bytes, in order, to the destination."""
+    path = rv.paths.outgoing
+    path.unlink(missing_ok=True)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(str(path))
+    sock.listen(1)
+    listener = trio.SocketListener(sock)
+    task_status.started()
+    try:
+        stream = await listener.accept()
+    finally:
+        await listener.aclose()
+        path.unlink(missing_ok=True)
+    window = trio.Semaphore(RAM_WINDOW)
+
+    async def send(seq: int, data: bytes) -> None:
+        try:
+            await conn.request("vm_ram", {"vm": vm, "seq": seq, "data": data, "eof": not data})
+            progress.ram_bytes += len(data)
+        finally:
+            window.release()
+
+    async with stream, trio.open_nursery() as nursery:
+        seq = 0
+        while True:
+            data = await stream.receive_some(RAM_CHUNK_BYTES)
+            await window.acquire()
+            nursery.start_soon(send, seq, bytes(data))
+            seq += 1
+            if not data:
+                break
+
+
+@dataclass
+class IncomingVm:
+    rv: RunningVm
+    source: str
+    next_seq: int = 0
+    stream: trio.SocketStream | None = None
+    turn: trio.Event = field(default_factory=trio.Event)
+
+
+class VmTarget:
+    """The destination side of VM moves: starts the incoming QEMU, feeds it the stream, reports it running."""
+
+    def __init__(self, swarm: Swarm, runner: VmRunner, book: VmBook) -> None:
+        self.swarm, self.runner, self.book = swarm, runner, book
+        self.incoming: dict[str, IncomingVm] = {}
+
+    def ops(self) -> dict[str, PeerOp]:
+        return {"vm_incoming": PeerOp(self.start_incoming, self._source_of_every_disk),
+                "vm_ram": PeerOp(self.ram, self._vm_source),
+                "vm_finish": PeerOp(self.finish, self._vm_source),
+                "vm_abort": PeerOp(self.abort, self._vm_source)}
+
+    async def _source_of_every_disk(self, swarm: Swarm, peer: str, body: dict[str, Any]) -> str | None:
+        """vm_incoming: the source of an incoming migration of each of the VM's disks here."""
+        try:
+            vm = VmDefinition.from_payload(body.get("vm"))  # type: ignore[arg-type]
+        except DefinitionError as e:
+            return f"not a VM definition: {e}"
+        for disk in vm.disks:
+            if (why := await access.migration_source(swarm, peer, {"disk": disk})) is not None:
+                return why
+        return None
+
+    async def _vm_source(self, swarm: Swarm, peer: str, body: dict[str, Any]) -> str | None:
+        inc = self.incoming.get(body.get("vm"))  # type: ignore[arg-type]
+        if inc is None:
+            return f"no VM {body.get('vm')!r} is arriving here"
+        return None if inc.source == peer else f"{peer} is not the source of VM {inc.rv.vm.name}"
+
+    async def start_incoming(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        vm = VmDefinition.from_payload(body["vm"])
+        old = self.incoming.pop(vm.name, None)
+        if old is not None:
+            await self.runner.forget(old.rv)
+        try:
+            rv = await self.runner.start(vm, incoming=True)
+        except VmError as e:
+            raise PeerError("vm_failed", str(e)) from None
+        self.incoming[vm.name] = IncomingVm(rv, peer)
+        return {}
+
+    async def ram(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        inc = self.incoming[body["vm"]]
+        seq, data = body.get("seq"), body.get("data")
+        if type(seq) is not int or not isinstance(data, bytes) or len(data) > RAM_CHUNK_BYTES:
+            raise PeerError("bad_request", "vm_ram needs an int seq and at most 1 MiB of data")
+        if not inc.next_seq <= seq < inc.next_seq + RAM_WINDOW:
+            raise PeerError("bad_request", f"vm_ram chunk {seq} is outside the window at {inc.next_seq}")
+        while inc.next_seq != seq:
+            await inc.turn.wait()
+        try:
+            if inc.stream is None:
+                inc.stream = await trio.open_unix_socket(str(inc.rv.paths.incoming))
+            if data:
+                await inc.stream.send_all(data)
+            else:
+                await inc.stream.send_eof()
+        except (OSError, trio.BrokenResourceError) as e:
+            raise PeerError("vm_failed", f"the incoming QEMU does not take its stream: {e}") from None
+        finally:
+            inc.next_seq += 1
+            inc.turn.set()
+            inc.turn = trio.Event()
+        return {}
+
+    async def finish(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Wait for the arrived VM to run here; it is this host's VM from then on."""
+        inc = self.incoming[body["vm"]]
+        rv = inc.rv
+        with trio.move_on_after(RESUME_TIMEOUT):
+            while (status := await rv.status()) != "running":
+                if rv.exited.is_set():
+                    raise PeerError("vm_failed", f"QEMU exited: {self.runner.log_tail(rv.vm.name)}")
+                await trio.sleep(STATUS_POLL_SECONDS / 5)
+            rv.incoming = False
+            del self.incoming[body["vm"]]
+            if inc.stream is not None:
+                await inc.stream.aclose()
+            self.book.learn(rv.vm)
+            await self.book.publish()
+            return {"status": status}
+        raise PeerError("vm_failed", f"VM {rv.vm.name} did not start running here (QEMU says {status})")
+
+    async def abort(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        inc = self.incoming.pop(body["vm"], None)
+        if inc is not None:
+            await self.runner.forget(inc.rv)
+        return {}

@@ -1,0 +1,191 @@
+"""This host's QEMU processes: started, watched and stopped by the daemon, never restarted by themselves.
+
+Each VM runs as a child of the daemon with its disks on the daemon's NBD Unix socket, its QMP socket,
+serial log and QEMU's own messages (``qemu.log``) in ``HOME/vms/NAME``. The runner owns the nursery
+that waits on every QEMU; when the daemon stops, its QEMUs are told to quit (their disks go with it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from p2pvbd.home import PRIVATE_DIR_MODE
+from p2pvbd.vm import accel as accel_probe
+from p2pvbd.vm.definition import RunPaths, VmDefinition, qemu_argv
+from p2pvbd.vm.qmp import Qmp, QmpError
+
+log = logging.getLogger(__name__)
+
+VMS_DIR = "vms"
+# QEMU creates its QMP socket within a second of starting, also under TCG; after this it is stuck or
+# failed, and its own log says why.
+QMP_CONNECT_TIMEOUT = 20.0
+# After QMP `quit` QEMU exits in milliseconds; one that does not is killed.
+QUIT_TIMEOUT = 10.0
+# How much of qemu.log an error message quotes: QEMU's reason is its last line or two.
+LOG_TAIL_BYTES = 600
+QEMU_BINARY = os.environ.get("P2PVBD_QEMU", "qemu-system-x86_64")
+
+
+class VmError(Exception):
+    """A VM could not be started, stopped or found (the message is for the user)."""
+
+
+@dataclass
+class RunningVm:
+    vm: VmDefinition
+    paths: RunPaths
+    accel: str
+    process: trio.Process
+    qmp: Qmp | None = None
+    incoming: bool = False
+    started_at: float = field(default_factory=time.time)
+    exited: trio.Event = field(default_factory=trio.Event)
+    exit_status: int | None = None
+
+    async def status(self) -> str:
+        """QEMU's run state (running, paused, inmigrate, postmigrate, …) or "exited"."""
+        if self.exited.is_set() or self.qmp is None:
+            return "exited"
+        try:
+            return str((await self.qmp.command("query-status"))["status"])
+        except (QmpError, trio.TooSlowError):
+            return "unknown"
+
+
+class VmRunner:
+    def __init__(self, home: Path, nbd_socket: Path) -> None:
+        self.dir = home / VMS_DIR
+        self.nbd_socket = nbd_socket
+        self.running: dict[str, RunningVm] = {}
+        self._nursery: trio.Nursery | None = None
+        self._accel: str | None = None
+
+    def paths(self, name: str) -> RunPaths:
+        return RunPaths(self.dir / name)
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                for name in list(self.running):
+                    await self._quit(self.running[name])
+
+    async def resolve_accel(self, wanted: str) -> str:
+        """kvm or tcg. "auto" takes KVM only if it boots a guest here (probed once per daemon)."""
+        if wanted != "auto":
+            return wanted
+        if self._accel is None:
+            self._accel = "kvm" if await accel_probe.kvm_boots(QEMU_BINARY) else "tcg"
+            log.info("accelerator for VMs: %s", self._accel)
+        return self._accel
+
+    async def start(self, vm: VmDefinition, *, incoming: bool = False) -> RunningVm:
+        """Start QEMU for ``vm``; once its QMP answers, it is running (or waiting for its migration stream)."""
+        assert self._nursery is not None
+        if vm.name in self.running and not self.running[vm.name].exited.is_set():
+            raise VmError(f"VM {vm.name} is already running here")
+        accel = await self.resolve_accel(vm.accel)
+        paths = self.paths(vm.name)
+        paths.directory.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+        for sock in (paths.qmp, paths.incoming, paths.outgoing):
+            sock.unlink(missing_ok=True)
+        argv = qemu_argv(vm, paths, self.nbd_socket, accel, incoming=incoming, qemu=QEMU_BINARY)
+        log.info("starting VM %s%s: %s", vm.name, " (incoming)" if incoming else "", " ".join(argv))
+        qemu_log = paths.directory / "qemu.log"
+        with open(qemu_log, "ab") as out:
+            try:
+                proc = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+            except OSError as e:
+                raise VmError(f"cannot run {QEMU_BINARY}: {e.strerror}") from None
+        rv = RunningVm(vm, paths, accel, proc, incoming=incoming)
+        self.running[vm.name] = rv
+        self._nursery.start_soon(self._watch, rv)
+        try:
+            rv.qmp = await self._connect_qmp(rv)
+        except BaseException:
+            await self._quit(rv)
+            raise
+        return rv
+
+    async def _connect_qmp(self, rv: RunningVm) -> Qmp:
+        assert self._nursery is not None
+        with trio.move_on_after(QMP_CONNECT_TIMEOUT):
+            while not rv.exited.is_set():
+                try:
+                    return await Qmp.open(self._nursery, rv.paths.qmp)
+                except (OSError, QmpError):
+                    await trio.sleep(0.05)
+        await trio.sleep(0.1)  # let QEMU finish writing why it stopped
+        raise VmError(f"QEMU for {rv.vm.name} " + ("exited" if rv.exited.is_set() else "did not answer on QMP")
+                      + f": {self.log_tail(rv.vm.name)}")
+
+    def log_tail(self, name: str) -> str:
+        try:
+            with open(self.paths(name).directory / "qemu.log", "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - LOG_TAIL_BYTES))
+                lines = f.read().decode(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no qemu.log)"
+        return " / ".join(lines[-2:]) or "(qemu.log is empty)"
+
+    async def _watch(self, rv: RunningVm) -> None:
+        try:
+            rv.exit_status = await rv.process.wait()
+        finally:
+            rv.exited.set()
+            if rv.qmp is not None:
+                with trio.CancelScope(shield=True):
+                    await rv.qmp.aclose()
+            log.info("QEMU of VM %s exited (status %s)", rv.vm.name, rv.exit_status)
+
+    async def stop(self, name: str, timeout: float) -> None:
+        """Ask the guest to power off (ACPI), then quit QEMU after ``timeout`` seconds if it has not."""
+        rv = self.get(name)
+        if rv.qmp is not None and timeout > 0:
+            try:
+                await rv.qmp.command("system_powerdown")
+            except QmpError:
+                pass
+            with trio.move_on_after(timeout):
+                await rv.exited.wait()
+        await self._quit(rv)
+
+    async def _quit(self, rv: RunningVm) -> None:
+        if not rv.exited.is_set():
+            if rv.qmp is not None:
+                try:
+                    await rv.qmp.command("quit")
+                except (QmpError, trio.TooSlowError):
+                    pass
+            with trio.move_on_after(QUIT_TIMEOUT):
+                await rv.exited.wait()
+            if not rv.exited.is_set():
+                rv.process.kill()
+                await rv.exited.wait()
+        if self.running.get(rv.vm.name) is rv:
+            del self.running[rv.vm.name]
+
+    async def forget(self, rv: RunningVm) -> None:
+        """Quit a QEMU this host no longer runs the VM in (its source side after a move, or a failed
+        destination)."""
+        await self._quit(rv)
+
+    def get(self, name: str) -> RunningVm:
+        rv = self.running.get(name)
+        if rv is None or rv.exited.is_set():
+            raise VmError(f"VM {name} is not running on this host")
+        return rv

@@ -1,0 +1,115 @@
+"""Whole-VM moves: a real QEMU guest (TCG) writing and verifying records on its p2pvbd disk moves, memory
+and disk, from office-pc to car-pc and back with one `p2pvbd migrate VM --to HOST` each way."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.daemons import Host
+from tests.test_swarm import wait_until
+from tests.vm_guest import ERR, REC_OK, QemuGuest, build_initramfs, guest_kernel, workload_append
+
+DISK = "vm1disk"
+GUEST_WAIT = 300.0  # a hang guard only: TCG boots in seconds, a loaded CI machine is slower
+
+
+def serial(host: Host, vm: str = "vm1") -> bytes:
+    path = host.home / "vms" / vm / "serial.log"
+    return path.read_bytes() if path.exists() else b""
+
+
+def acked(host: Host) -> int:
+    found = REC_OK.findall(serial(host))
+    return int(found[-1]) if found else 0
+
+
+def vm_state(host: Host, vm: str = "vm1") -> dict[str, str]:
+    return next(v for v in host.json("vm", "list") if v["name"] == vm)
+
+
+def owner(host: Host, disk: str = DISK) -> tuple[str, int]:
+    d = next(d for d in host.json("disk", "list") if d["name"] == disk)
+    return d["owner"], d["epoch"]
+
+
+def move(source: Host, dest: str, mode: str) -> dict[str, object]:
+    res = source.cli("migrate", "vm1", "--to", dest, "--mode", mode, "--json", check=False, timeout=600)
+    assert res.returncode == 0, f"migrate exited {res.returncode}: {res.stdout}{res.stderr}\n{source.log_tail()}"
+    report = json.loads(res.stdout)
+    assert report["error"] == "" and report["vm"] == "vm1" and report["to"] == dest, report
+    return report
+
+
+@pytest.fixture(scope="module")
+def guest_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    kernel = guest_kernel()
+    return kernel, build_initramfs(tmp_path_factory.mktemp("guest"), kernel)
+
+
+def test_a_running_vm_moves_with_its_memory_and_disk_and_back(
+        three_hosts: list[Host], guest_files: tuple[Path, Path], tmp_path: Path) -> None:
+    office, home, car = three_hosts
+    kernel, initrd = guest_files
+    office.cli("disk", "create", DISK, "--size", "16M")
+    office.cli("vm", "create", "vm1", "--disk", DISK, "--memory", "128M", "--accel", "tcg",
+               "--kernel", str(kernel), "--initrd", str(initrd),
+               "--append", "console=ttyS0 quiet panic=-1 " + workload_append("write", delay_ms=5),
+               "--qemu-arg=-no-reboot")
+    office.cli("vm", "start", "vm1")
+    wait_until(lambda: acked(office) >= 30, "the guest to write at office-pc", timeout=GUEST_WAIT)
+    # home-pc holds a stale replica (the guest goes on writing after this sync); car-pc holds nothing
+    wait_until(lambda: home.cli("sync", DISK, check=False).returncode == 0, "home-pc to sync", timeout=60)
+
+    report = move(office, "car-pc", "async")
+    assert report["vm_downtime_ms"] is not None and report["ram_bytes"] > 0, report
+    assert owner(car) == ("car-pc", 2)
+    assert vm_state(car)["state"] == "running" and vm_state(car)["host"] == "car-pc"
+    assert vm_state(office)["state"] != "running"
+    at_move = acked(office)
+    wait_until(lambda: acked(car) >= at_move + 30, "the guest to go on writing at car-pc", timeout=GUEST_WAIT)
+
+    report = move(car, "office-pc", "sync")
+    assert owner(office) == ("office-pc", 3)
+    assert vm_state(office)["state"] == "running" and vm_state(car)["state"] != "running"
+    back = acked(car)
+    wait_until(lambda: acked(office) >= back + 30, "the guest to go on writing at office-pc again",
+               timeout=GUEST_WAIT)
+    office.cli("vm", "stop", "vm1", "--timeout", "0")
+    last = acked(office)
+    assert not ERR.findall(serial(office)) and not ERR.findall(serial(car)), "the guest saw a failed write"
+
+    # Every record the guest saw acknowledged, anywhere, is on the disk where it now lives.
+    checker = QemuGuest(tmp_path / "verify", kernel, initrd, Path(office.nbd_socket), DISK, workload="verify",
+                        memory_mb=128, acked=last).start()
+    try:
+        result = checker.wait_for(checker.verify_result, "the verifying guest", timeout=GUEST_WAIT)
+    finally:
+        checker.close()
+    assert result["bad"] == 0 and result["stale"] == 0 and result["maxseq"] >= last, result
+
+
+def test_vm_commands_refuse_what_cannot_work(make_host: Callable[..., Host], guest_files: tuple[Path, Path]) -> None:
+    office = make_host("office-pc")
+    kernel, initrd = guest_files
+    office.cli("disk", "create", DISK, "--size", "16M")
+    cases = [
+        (("vm", "create", "vm1", "--disk", "nosuchdisk"), "does not own disk 'nosuchdisk'"),
+        (("vm", "create", "vm1", "--disk", DISK, "--memory", "1K"), "memory must be whole MiB"),
+        (("vm", "create", "vm1", "--disk", DISK, "--kernel", "/nonexistent"), "is not a file"),
+        (("vm", "start", "vm2"), "no VM named 'vm2'"),
+        (("migrate", "vm1", "--to", "car-pc"), "does not own"),
+    ]
+    for args, message in cases:
+        res = office.cli(*args, check=False)
+        assert res.returncode != 0 and message in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
+    office.cli("vm", "create", "vm1", "--disk", DISK, "--kernel", str(kernel), "--initrd", str(initrd))
+    res = office.cli("vm", "create", "vm2", "--disk", DISK, check=False)
+    assert res.returncode != 0 and "already belongs to VM 'vm1'" in res.stderr
+    res = office.cli("migrate", "vm1", "--to", "car-pc", check=False)
+    assert res.returncode != 0 and "is not running on office-pc" in res.stderr, res.stderr
+    listed = office.json("vm", "list")
+    assert [(v["name"], v["state"], v["disks"]) for v in listed] == [("vm1", "stopped here", [DISK])]
