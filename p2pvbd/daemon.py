@@ -291,6 +291,10 @@ class Daemon:
 
     async def _move_vm(self, name: str, to: str, mode: str, max_downtime_ms: float) -> dict[str, Any]:
         """`migrate VM --to HOST`: the VM with all its disks, as one job."""
+        if to == self.config.name and not self.vms.runs_here(name):
+            job = max(self.jobs, default=0) + 1
+            self.jobs[job] = await self.vms.request_move(name, mode, max_downtime_ms)
+            return {"jobs": [job], "vm": name}
         progress = self.vms.prepare_move(name, to, mode)
         for disk in progress.disks:
             if disk.disk in self.swarm.migrations and self.swarm.migrations[disk.disk].finished is None:

@@ -27,9 +27,11 @@ log = logging.getLogger(__name__)
 # orchestrator that asked for it dies. 30 s is far beyond any sane switchover, yet short enough
 # that a guest's own I/O timeout (Linux: 30 s per request by default) is rarely hit.
 MAX_FREEZE_SECONDS = 30.0
-# Writes to an export waiting for an incoming migration are held at most this long, then fail
-# with EPERM (the hypervisor started the VM too early or the migration failed).
-INCOMING_WRITE_HOLD_SECONDS = 30.0
+# Writes to an export waiting for an incoming migration are held while the migration is alive: they fail
+# with EPERM once its source has not been heard from for this long. The source is heard at every block
+# shipment, job poll and stream piece, and at the destination's check of it every 5 s
+# (migration/target.py SOURCE_CHECK_SECONDS): silence this long means a source gone, not a slow one.
+INCOMING_SILENCE_SECONDS = 30.0
 # Write events buffered per subscriber before it is marked as having overflowed (then it must
 # resynchronise from the version map). 64 Ki events is a few MiB of memory.
 SUBSCRIBER_BUFFER = 65536
@@ -105,6 +107,8 @@ class Export:
     # While an incoming migration is under way: reads are served by the current owner, because
     # this replica may still hold stale blocks (a hypervisor may start the incoming VM early).
     read_through: Forwarder | None = None
+    # When the incoming migration's source was last heard from (trio time): held writes wait while recent.
+    incoming_heard: float = 0.0
 
     @property
     def name(self) -> str:
@@ -143,8 +147,16 @@ class HookController:
     def set_mode(self, name: str, mode: ExportMode) -> None:
         exp = self._require(name)
         exp.mode = mode
+        if mode is ExportMode.INCOMING:
+            exp.incoming_heard = trio.current_time()
         exp._mode_changed.set()
         exp._mode_changed = trio.Event()
+
+    def heard_from_source(self, name: str) -> None:
+        """The incoming migration of ``name`` is alive: writes held there keep waiting."""
+        exp = self._exports.get(name)
+        if exp is not None:
+            exp.incoming_heard = trio.current_time()
 
     def _require(self, name: str) -> Export:
         exp = self._exports.get(name)
@@ -202,11 +214,14 @@ class HookController:
             if is_write and exp.mode is not ExportMode.PRIMARY:
                 if exp.mode is ExportMode.STANDBY:
                     raise HookError(NBD_EPERM, f"{name} is a standby replica; its owner takes writes")
-                with trio.move_on_after(INCOMING_WRITE_HOLD_SECONDS):
+                with trio.move_on_at(exp.incoming_heard + INCOMING_SILENCE_SECONDS):
                     await exp._mode_changed.wait()
                     exp = self._require(name)
                     continue
-                raise HookError(NBD_EPERM, f"{name}: ownership did not arrive in time")
+                if trio.current_time() < exp.incoming_heard + INCOMING_SILENCE_SECONDS:
+                    continue  # heard from the source meanwhile
+                raise HookError(NBD_EPERM, f"{name}: its incoming migration has not been heard from for "
+                                           f"{INCOMING_SILENCE_SECONDS:.0f} s; ownership did not arrive")
             exp.inflight += 1
             return exp
 

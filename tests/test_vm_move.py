@@ -36,9 +36,9 @@ def owner(host: Host, disk: str = DISK) -> tuple[str, int]:
     return d["owner"], d["epoch"]
 
 
-def move(source: Host, dest: str, mode: str) -> dict[str, object]:
-    res = source.cli("migrate", "vm1", "--to", dest, "--mode", mode, "--json", check=False, timeout=600)
-    assert res.returncode == 0, f"migrate exited {res.returncode}: {res.stdout}{res.stderr}\n{source.log_tail()}"
+def move(on: Host, dest: str, mode: str) -> dict[str, object]:
+    res = on.cli("migrate", "vm1", "--to", dest, "--mode", mode, "--json", check=False, timeout=600)
+    assert res.returncode == 0, f"migrate exited {res.returncode}: {res.stdout}{res.stderr}\n{on.log_tail()}"
     report = json.loads(res.stdout)
     assert report["error"] == "" and report["vm"] == "vm1" and report["to"] == dest, report
     return report
@@ -72,7 +72,8 @@ def test_a_running_vm_moves_with_its_memory_and_disk_and_back(
     at_move = acked(office)
     wait_until(lambda: acked(car) >= at_move + 30, "the guest to go on writing at car-pc", timeout=GUEST_WAIT)
 
-    report = move(car, "office-pc", "sync")
+    report = move(office, "office-pc", "sync")  # asked for on the destination: the request goes to car-pc
+    assert report["from"] == "car-pc" and report["vm_downtime_ms"] is not None, report
     assert owner(office) == ("office-pc", 3)
     assert vm_state(office)["state"] == "running" and vm_state(car)["state"] != "running"
     back = acked(car)

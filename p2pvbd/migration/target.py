@@ -43,9 +43,9 @@ MAX_MISSING_REPLY = MAX_ENTRY_BLOCKS
 # A restarted source asks the destination of its unfinished migration this often until it answers.
 RESOLVE_RETRY_SECONDS = 2.0
 # An incoming migration asks its source this often whether it still runs it: a source that restarted
-# before its switchover, or whose abort was lost in a partition, never says it stopped. A writer held at
-# this host then waits about this long, not the whole hold (INCOMING_WRITE_HOLD_SECONDS, 30 s), before it
-# is refused; one small request per interval costs the source what a `status` does.
+# before its switchover, or whose abort was lost in a partition, never says it stopped. Each answer that
+# it still does keeps writes held here waiting (kernel_hook_ctl.INCOMING_SILENCE_SECONDS); one small
+# request per interval costs the source what a `status` does.
 SOURCE_CHECK_SECONDS = 5.0
 # Guest I/O relayed along a chain of hand-overs: a disk that moved office -> car -> home -> office has
 # 3 hops; more means two hosts point at each other and the request must fail, not loop.
@@ -101,6 +101,7 @@ class MigrationTarget:
         inc = self.incoming.get(disk)
         if inc is None or inc.source != peer:
             raise PeerError("no_migration", f"no migration of {disk} from {peer} is under way here")
+        self.swarm.ctl.heard_from_source(disk)
         return inc
 
     async def prepare(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -153,6 +154,7 @@ class MigrationTarget:
                 continue
             running = reply.get("migration")
             if isinstance(running, dict) and running.get("to") == self.swarm.name:
+                self.swarm.ctl.heard_from_source(disk)
                 continue
             async with self._outcome_lock(disk):
                 if self.incoming.get(disk) is inc:

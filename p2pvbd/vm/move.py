@@ -269,6 +269,8 @@ class VmTarget:
             raise PeerError("bad_request", f"vm_ram chunk {seq} is outside the window at {inc.next_seq}")
         while inc.next_seq != seq:
             await inc.turn.wait()
+        for disk in inc.rv.vm.disks:  # its disks' migrations are alive while the memory streams
+            self.swarm.ctl.heard_from_source(disk)
         try:
             if inc.stream is None:
                 inc.stream = await trio.open_unix_socket(str(inc.rv.paths.incoming))

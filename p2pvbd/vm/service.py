@@ -29,6 +29,24 @@ log = logging.getLogger(__name__)
 
 # `vm stop` waits this long for the guest to power off after the ACPI button before QEMU is told to quit.
 DEFAULT_STOP_TIMEOUT = 30.0
+# A move asked for from its destination is followed by asking the source this often.
+REMOTE_POLL_SECONDS = 0.25
+
+
+class RemoteMove:
+    """A move of a VM to this host, run by the host the VM runs on: its progress as last asked for."""
+
+    def __init__(self, vm: str, source: str, dest: str, mode: str) -> None:
+        self.vm, self.source, self.dest = vm, source, dest
+        self.state: dict[str, Any] = {"vm": vm, "disk": vm, "from": source, "to": dest, "mode": mode,
+                                      "phase": "prepare", "error": "", "disks": [], "total_bytes": 0,
+                                      "done_bytes": 0, "bytes_on_wire": 0, "mirror_lag_blocks": 0, "peers": {},
+                                      "ram_bytes": 0, "vm_downtime_ms": None, "disk_switchover_ms": None,
+                                      "duration_s": 0.0}
+        self.finished: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.state)
 
 
 class VmService:
@@ -38,12 +56,15 @@ class VmService:
         self.book = VmBook(swarm, home)
         self.target = VmTarget(swarm, self.runner, self.book)
         self.moves: dict[str, VmMoveProgress] = {}
+        self._nursery: trio.Nursery | None = None
 
     def ops(self) -> dict[str, PeerOp]:
-        return self.target.ops()
+        return self.target.ops() | {"vm_move": PeerOp(self._serve_move, _the_destination),
+                                    "vm_move_status": PeerOp(self._serve_move_status, _the_destination)}
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             await nursery.start(self.runner.run)
             await nursery.start(self.book.run)
             task_status.started()
@@ -131,6 +152,68 @@ class VmService:
         progress = self.moves[name] = VmMoveProgress(name, self.swarm.name, to, mode, disks)
         return progress
 
+    def runs_here(self, name: str) -> bool:
+        rv = self.runner.running.get(name)
+        return rv is not None and not rv.exited.is_set()
+
+    async def request_move(self, name: str, mode: str, max_downtime_ms: float) -> RemoteMove:
+        """`migrate VM --to THIS-HOST` run here: ask the host running the VM (its disks' owner) to move it."""
+        vm = self._vm(name)
+        source, _ = await self.swarm.owner_of(vm.disks[0])
+        if not source or source == self.swarm.name:
+            raise ControlError(f"VM {name} is not running anywhere this host knows of; start it with "
+                               f"'p2pvbd vm start {name}'")
+        try:
+            conn = await self.swarm.connect(source)
+            await conn.request("vm_move", {"vm": name, "to": self.swarm.name, "mode": mode,
+                                           "max_downtime_ms": float(max_downtime_ms)})
+        except PeerError as e:
+            raise ControlError(f"{source} did not start moving VM {name} here: {e.message}") from None
+        remote = RemoteMove(name, source, self.swarm.name, mode)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._follow_remote, remote)
+        return remote
+
+    async def _follow_remote(self, remote: RemoteMove) -> None:
+        try:
+            while True:
+                await trio.sleep(REMOTE_POLL_SECONDS)
+                try:
+                    conn = await self.swarm.connect(remote.source)
+                    state = await conn.request("vm_move_status", {"vm": remote.vm, "to": remote.dest})
+                except PeerError as e:
+                    if self.runs_here(remote.vm):  # it arrived; only the source cannot be asked any more
+                        remote.state.update(phase="done")
+                        return
+                    remote.state.update(phase="unknown", error=f"{remote.source} cannot be asked: {e.message}")
+                    return
+                remote.state.update(state)
+                if state.get("done"):
+                    return
+        finally:
+            remote.finished = time.monotonic()
+
+    async def _serve_move(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        """vm_move: the destination asks this host, which runs the VM, to move it there."""
+        mode, max_downtime = body.get("mode"), body.get("max_downtime_ms")
+        if mode not in ("sync", "async") or not isinstance(max_downtime, float) or not 0 < max_downtime <= 1e6:
+            raise PeerError("bad_request", "vm_move needs mode sync|async and a positive max_downtime_ms")
+        try:
+            progress = self.prepare_move(str(body["vm"]), peer, mode)
+        except ControlError as e:
+            raise PeerError("refused", str(e)) from None
+        for disk in progress.disks:
+            self.swarm.migrations[disk.disk] = disk
+        assert self._nursery is not None
+        self._nursery.start_soon(self.run_move, progress, max_downtime)
+        return {}
+
+    async def _serve_move_status(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        move = self.moves.get(body["vm"])
+        if move is None or move.dest != peer:
+            raise PeerError("no_move", f"VM {body['vm']} is not moving to {peer}")
+        return move.as_dict() | {"done": move.finished is not None}
+
     async def run_move(self, progress: VmMoveProgress, max_downtime_ms: float) -> None:
         vm = self._vm(progress.vm)
         try:
@@ -158,3 +241,10 @@ def _first_leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
     return exc
+
+
+async def _the_destination(swarm: Swarm, peer: str, body: dict[str, Any]) -> str | None:
+    """vm_move, vm_move_status: only the host a VM is to move to may ask for the move (or how it goes)."""
+    if body.get("to") != peer:
+        return f"{peer} may only ask to move a VM to itself"
+    return None

@@ -115,6 +115,9 @@ OPS: dict[str, OpSpec] = {
     "vm_ram": OpSpec({"vm": str, "seq": int, "data": bytes}, "the next piece of QEMU's migration stream, in order"),
     "vm_finish": OpSpec({"vm": str}, "answer once the arrived VM runs here"),
     "vm_abort": OpSpec({"vm": str}, "the move is off: quit the incoming QEMU"),
+    # Destination -> the host running a VM: `migrate VM --to HOST` run on HOST itself.
+    "vm_move": OpSpec({"vm": str, "to": str, "mode": str, "max_downtime_ms": float}, "move that VM to the caller"),
+    "vm_move_status": OpSpec({"vm": str, "to": str}, "progress of that move"),
 }
 # The join port's ops (a joiner has no certificate yet, so these must never share the peer port's table).
 JOIN_OPS: dict[str, OpSpec] = {
