@@ -46,6 +46,7 @@ from p2pvbd.migration.pull import sync_disk
 from p2pvbd.migration.replication import POLICY_FILE, Policy, Replication
 from p2pvbd.peer_transport import PeerError
 from p2pvbd.swarm.node import CATALOG_KEY, Swarm
+from p2pvbd.vm.definition import VmDefinition
 from tests.forge import forge_record
 
 KEY = Ed25519PrivateKey.generate()
@@ -54,7 +55,8 @@ ME = "me"
 HOSTS = (ME, "office-pc", "home-pc")
 DISKS = ("vm1", "vm2")
 FIELDS = {"host": ("addresses", "cert"), "owner": ("host", "epoch"), "holders": ("host", "current_blocks",
-          "generation"), "catalog": ("host", "disks"), "policy": ("disk", "hosts", "rate", "set_at")}
+          "generation"), "catalog": ("host", "disks"), "policy": ("disk", "hosts", "rate", "set_at"),
+          "vm": ("name", "disks", "memory", "cpus", "accel", "kernel", "initrd", "append", "qemu_args", "set_at")}
 
 # msgpack-able values: what a member can put in a payload
 _scalar = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
@@ -82,6 +84,10 @@ def valid_payload(kind: str, key: str, publisher: str) -> st.SearchStrategy[dict
         return st.builds(holders_payload, st.just(publisher), counters, counters)
     if kind == "catalog":
         return st.builds(lambda d: {"host": publisher, "disks": d}, st.lists(names, max_size=6, unique=True))
+    if kind == "vm":
+        return st.builds(lambda n, more, mib, t: VmDefinition(n, (key, *more), mib << 20, set_at=t).as_payload(),
+                         names, st.lists(names.filter(lambda d: d != key), max_size=3, unique=True),
+                         st.integers(16, 4096), st.floats(0, 2**62))
     return st.builds(lambda h, r, t: Policy(key, tuple(h), r, t).as_payload(), st.lists(names, max_size=6, unique=True),
                      st.just(float("inf")) | st.floats(1, 2**63), st.floats(0, 2**62))
 
