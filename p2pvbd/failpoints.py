@@ -33,6 +33,12 @@ POINTS = {
                           "requests are held meanwhile",
     "migrate.commit_answer": "the destination, between making a commit durable and answering it: only the "
                              "destination knows the outcome meanwhile",
+    "vm.ram": "the source of a VM move, once QEMU sends its memory, before relaying any of it (phase ram): the "
+              "guest runs on meanwhile",
+    "vm.switchover": "the source of a VM move, once QEMU paused the guest at pre-switchover, before the disks "
+                     "switch over (phase switchover)",
+    "vm.committed": "the source of a VM move, once every disk is committed to the destination, before QEMU is "
+                    "told to continue (phase committed): the guest is still paused",
 }
 # Under the freeze watchdog's 30 s (kernel_hook_ctl.MAX_FREEZE_SECONDS), so a pause at switchover never
 # thaws the guest by itself; over the source's commit timeout (10 s, migrate.COMMIT_TIMEOUT), so a pause

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemons import Host
+from tests.vm_guest import build_initramfs, guest_kernel
 
 
 @pytest.fixture
@@ -35,3 +36,10 @@ def three_hosts(make_host: Callable[..., Host]) -> list[Host]:
     office = make_host("office-pc")
     return [office, make_host("home-pc", join=office.cli("invite").stdout.strip()),
             make_host("car-pc", join=office.cli("invite").stdout.strip())]
+
+
+@pytest.fixture(scope="session")
+def guest_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The test VM's kernel and initramfs (tests/vm_guest.py), built once per run."""
+    kernel = guest_kernel()
+    return kernel, build_initramfs(tmp_path_factory.mktemp("guest"), kernel)

@@ -7,11 +7,9 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from tests.daemons import Host
 from tests.test_swarm import wait_until
-from tests.vm_guest import ERR, REC_OK, QemuGuest, build_initramfs, guest_kernel, workload_append
+from tests.vm_guest import ERR, REC_OK, QemuGuest, workload_append
 
 DISK = "vm1disk"
 GUEST_WAIT = 300.0  # a hang guard only: TCG boots in seconds, a loaded CI machine is slower
@@ -44,21 +42,20 @@ def move(on: Host, dest: str, mode: str) -> dict[str, object]:
     return report
 
 
-@pytest.fixture(scope="module")
-def guest_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    kernel = guest_kernel()
-    return kernel, build_initramfs(tmp_path_factory.mktemp("guest"), kernel)
+def define_vm(host: Host, kernel: Path, initrd: Path) -> None:
+    """vm1 on a new 16 MiB disk: the test guest writing and verifying records, 128 MiB of memory, TCG."""
+    host.cli("disk", "create", DISK, "--size", "16M")
+    host.cli("vm", "create", "vm1", "--disk", DISK, "--memory", "128M", "--accel", "tcg",
+             "--kernel", str(kernel), "--initrd", str(initrd),
+             "--append", "console=ttyS0 quiet panic=-1 " + workload_append("write", delay_ms=5),
+             "--qemu-arg=-no-reboot")
 
 
 def test_a_running_vm_moves_with_its_memory_and_disk_and_back(
         three_hosts: list[Host], guest_files: tuple[Path, Path], tmp_path: Path) -> None:
     office, home, car = three_hosts
     kernel, initrd = guest_files
-    office.cli("disk", "create", DISK, "--size", "16M")
-    office.cli("vm", "create", "vm1", "--disk", DISK, "--memory", "128M", "--accel", "tcg",
-               "--kernel", str(kernel), "--initrd", str(initrd),
-               "--append", "console=ttyS0 quiet panic=-1 " + workload_append("write", delay_ms=5),
-               "--qemu-arg=-no-reboot")
+    define_vm(office, kernel, initrd)
     office.cli("vm", "start", "vm1")
     wait_until(lambda: acked(office) >= 30, "the guest to write at office-pc", timeout=GUEST_WAIT)
     # home-pc holds a stale replica (the guest goes on writing after this sync); car-pc holds nothing

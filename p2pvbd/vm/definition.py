@@ -30,6 +30,9 @@ MAX_CPUS = 64
 # Extra QEMU arguments and the kernel command line: enough for real use, small enough for the index.
 MAX_QEMU_ARGS = 16
 MAX_TEXT = 512
+# QEMU's NBD client waits this long for the daemon to come back (a restart after a crash takes seconds)
+# before failing the guest's I/O: the VM outlives a crash of its daemon.
+NBD_RECONNECT_SECONDS = 120
 # A definition travels as one index record of at most 1 KiB (dht_records.MAX_RECORD_BYTES), of which the
 # signature, publisher, key and timestamps take up to ~380 bytes.
 MAX_PAYLOAD_BYTES = 640
@@ -145,6 +148,11 @@ class RunPaths:
     def pidfile(self) -> Path:
         return self.directory / "qemu.pid"
 
+    @property
+    def definition(self) -> Path:
+        """The definition this QEMU was started with: a restarted daemon adopts the QEMU by it."""
+        return self.directory / "definition.json"
+
 
 def qemu_argv(vm: VmDefinition, paths: RunPaths, nbd_socket: Path, accel: str, *, incoming: bool = False,
               qemu: str = "qemu-system-x86_64") -> list[str]:
@@ -162,7 +170,7 @@ def qemu_argv(vm: VmDefinition, paths: RunPaths, nbd_socket: Path, accel: str, *
     for i, disk in enumerate(vm.disks):
         node = f"disk{i}"
         blockdev = (f"driver=nbd,node-name={node},server.type=unix,server.path={nbd_socket},export={disk},"
-                    "cache.direct=off")
+                    f"reconnect-delay={NBD_RECONNECT_SECONDS}")
         argv += ["-blockdev", blockdev, "-device",
                  f"virtio-blk-pci,drive={node},id=vd{i}" + (",bootindex=0" if i == 0 and not vm.kernel else "")]
     if vm.kernel:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from p2pvbd import failpoints
 from p2pvbd.migrate import MigrationError, MigrationProgress, SwitchGate, migrate_disk
 from p2pvbd.peer_transport import PeerError
 from p2pvbd.swarm import access
@@ -52,6 +53,12 @@ RAM_TIMEOUT = 3600.0
 # How long the destination waits for its QEMU to run after the source said `migrate-continue`: the
 # last device state is kilobytes.
 RESUME_TIMEOUT = 60.0
+# Undoing a failed move (cancel, abort at the destination, resume here): each step is milliseconds.
+ABORT_SECONDS = 10.0
+# QEMU run states a source is left in by a migration that got far (QAPI RunState).
+STOPPED_BY_MIGRATION = frozenset({"postmigrate", "finish-migrate", "paused"})
+# How often a destination checks that the disk migrations an incoming VM waits on are still alive.
+WATCH_SECONDS = 2.0
 # How often QEMU's migration state is asked for while its events are awaited (a missed event costs this).
 STATUS_POLL_SECONDS = 0.05
 
@@ -113,9 +120,17 @@ async def move_vm(swarm: Swarm, runner: VmRunner, vm: VmDefinition, dest: str, m
                 await _migration_reaches(rv, "pre-switchover")
             progress.phase = "switchover"
             paused_at = trio.current_time()
+            await failpoints.pause("vm.switchover")
+            # The guest is paused: the last moment to give up without the disks' owner changing. The RAM
+            # stream is idle now, so a destination QEMU that died meanwhile would go unnoticed until after.
+            there = (await conn.request("vm_check", {"vm": vm.name}, timeout=RESUME_TIMEOUT))["status"]
+            if there != "inmigrate":
+                raise MigrationError(f"the incoming QEMU of {vm.name} on {dest} is {there}, not waiting for it")
             gate.go.set()
             await gate.committed.wait()
             moved = True  # the disks belong to the destination now: only forward from here
+            progress.phase = "committed"
+            await failpoints.pause("vm.committed")
             await qmp.command("migrate-continue", state="pre-switchover")
             progress.disk_switchover_ms = round((trio.current_time() - paused_at) * 1000, 2)
             with trio.fail_after(RAM_TIMEOUT):
@@ -127,20 +142,45 @@ async def move_vm(swarm: Swarm, runner: VmRunner, vm: VmDefinition, dest: str, m
             await conn.request("vm_finish", {"vm": vm.name}, timeout=RESUME_TIMEOUT + 5)
         progress.phase = "done"
     except BaseException:
-        with trio.CancelScope(shield=True), trio.move_on_after(10):
-            if started_qemu_migration and not rv.exited.is_set():
-                try:
-                    await qmp.command("migrate_cancel")
-                except QmpError:
-                    pass
-            try:
-                await conn.request("vm_abort", {"vm": vm.name}, timeout=5)
-            except PeerError:
-                pass
-        if moved:
+        with trio.CancelScope(shield=True), trio.move_on_after(ABORT_SECONDS):
+            await _undo(rv, conn, dest, started_qemu_migration)
+        if moved and not rv.exited.is_set():
             log.warning("VM %s stays on %s with its disks' I/O forwarded to %s", vm.name, swarm.name, dest)
         raise
     await runner.forget(rv)
+
+
+async def _undo(rv: RunningVm, conn: Any, dest: str, started_qemu_migration: bool) -> None:
+    """After a failed move: the VM runs on here, unless it already runs at the destination.
+
+    QEMU may have sent its whole stream before the destination failed (its migration then "completed"
+    and the guest is left in postmigrate): it resumes here only once the destination says its QEMU is
+    not running, so the guest never runs twice. If the destination cannot say, it stays paused."""
+    qmp = rv.qmp
+    assert qmp is not None
+    if started_qemu_migration and not rv.exited.is_set():
+        try:
+            await qmp.command("migrate_cancel")
+        except QmpError:
+            pass
+    try:
+        dest_runs: bool | None = bool((await conn.request("vm_abort", {"vm": rv.vm.name}, timeout=5))["running"])
+    except (PeerError, KeyError) as e:
+        log.warning("cannot tell whether VM %s runs on %s (%s)", rv.vm.name, dest, e)
+        dest_runs = None
+    if rv.exited.is_set() or not started_qemu_migration:
+        return
+    if dest_runs:
+        log.warning("VM %s runs on %s after all: stopping its copy here", rv.vm.name, dest)
+        with trio.move_on_after(ABORT_SECONDS):
+            await qmp.command("quit")
+        return
+    status = await rv.status()
+    if status in STOPPED_BY_MIGRATION and dest_runs is False:
+        log.warning("VM %s: its move failed after QEMU sent everything (%s); resuming it here", rv.vm.name, status)
+        await qmp.command("cont")
+    elif status in STOPPED_BY_MIGRATION:
+        log.error("VM %s stays paused here: %s cannot say whether its copy runs there", rv.vm.name, dest)
 
 
 async def _disk(swarm: Swarm, progress: MigrationProgress, max_downtime_ms: float, gate: SwitchGate) -> None:
@@ -189,6 +229,7 @@ async def _relay_ram(rv: RunningVm, conn: Any, vm: str, progress: VmMoveProgress
     finally:
         await listener.aclose()
         path.unlink(missing_ok=True)
+    await failpoints.pause("vm.ram")
     window = trio.Semaphore(RAM_WINDOW)
 
     async def send(seq: int, data: bytes) -> None:
@@ -224,10 +265,12 @@ class VmTarget:
     def __init__(self, swarm: Swarm, runner: VmRunner, book: VmBook) -> None:
         self.swarm, self.runner, self.book = swarm, runner, book
         self.incoming: dict[str, IncomingVm] = {}
+        self.nursery: trio.Nursery | None = None  # the VM service's: where incoming VMs are watched
 
     def ops(self) -> dict[str, PeerOp]:
         return {"vm_incoming": PeerOp(self.start_incoming, self._source_of_every_disk),
                 "vm_ram": PeerOp(self.ram, self._vm_source),
+                "vm_check": PeerOp(self.check, self._vm_source),
                 "vm_finish": PeerOp(self.finish, self._vm_source),
                 "vm_abort": PeerOp(self.abort, self._vm_source)}
 
@@ -252,13 +295,32 @@ class VmTarget:
         vm = VmDefinition.from_payload(body["vm"])
         old = self.incoming.pop(vm.name, None)
         if old is not None:
-            await self.runner.forget(old.rv)
+            await self.runner.forget(old.rv, graceful=False)
         try:
             rv = await self.runner.start(vm, incoming=True)
         except VmError as e:
             raise PeerError("vm_failed", str(e)) from None
-        self.incoming[vm.name] = IncomingVm(rv, peer)
+        inc = self.incoming[vm.name] = IncomingVm(rv, peer)
+        assert self.nursery is not None
+        self.nursery.start_soon(self._watch, vm.name, inc)
         return {}
+
+    async def _watch(self, name: str, inc: IncomingVm) -> None:
+        """Stop an incoming QEMU whose move is over without it: once a disk's incoming migration from the
+        same source has ended here (aborted, or given up by a source that stopped) and the disk is not ours."""
+        while self.incoming.get(name) is inc:
+            await trio.sleep(WATCH_SECONDS)
+            for disk in inc.rv.vm.disks:
+                disk_inc = self.swarm.migration_target.incoming.get(disk)
+                exp = self.swarm.ctl.get(disk)
+                owned = exp is not None and exp.store.owner == self.swarm.name
+                if not owned and (disk_inc is None or disk_inc.source != inc.source):
+                    if self.incoming.get(name) is inc:
+                        log.info("VM %s: the migration of its disk %s from %s is over; stopping its incoming QEMU",
+                                 name, disk, inc.source)
+                        del self.incoming[name]
+                        await self.runner.forget(inc.rv, graceful=False)
+                    return
 
     async def ram(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
         inc = self.incoming[body["vm"]]
@@ -286,6 +348,10 @@ class VmTarget:
             inc.turn = trio.Event()
         return {}
 
+    async def check(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The incoming QEMU's run state: "inmigrate" while it waits for the rest of the stream."""
+        return {"status": await self.incoming[body["vm"]].rv.status()}
+
     async def finish(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
         """Wait for the arrived VM to run here; it is this host's VM from then on."""
         inc = self.incoming[body["vm"]]
@@ -305,7 +371,14 @@ class VmTarget:
         raise PeerError("vm_failed", f"VM {rv.vm.name} did not start running here (QEMU says {status})")
 
     async def abort(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
-        inc = self.incoming.pop(body["vm"], None)
-        if inc is not None:
-            await self.runner.forget(inc.rv)
-        return {}
+        """The move is off: stop the incoming QEMU, unless the VM already runs here (then say so, and keep
+        it: the source must not resume its copy)."""
+        inc = self.incoming.get(body["vm"])
+        if inc is None:
+            return {"running": False}
+        if await inc.rv.status() == "running":
+            await self.finish(peer, body)
+            return {"running": True}
+        del self.incoming[body["vm"]]
+        await self.runner.forget(inc.rv, graceful=False)
+        return {"running": False}

@@ -1,8 +1,9 @@
 """A QMP client over trio: QEMU's JSON machine protocol on its Unix socket.
 
-One connection per QEMU, owned by the VM runner. Commands are sent one at a time (QMP answers in order);
-events arrive interleaved with replies and are kept, newest last, so a caller can wait for one
-(``MIGRATION`` status changes, ``RESUME``, ``SHUTDOWN``) without missing it between two commands.
+One connection per QEMU, owned by the VM runner. Each command carries an id that QEMU echoes in its
+reply, so a command whose caller was cancelled leaves no reply for the next one to take. Events arrive
+interleaved with replies and are kept, newest last, so a caller can wait for one (``MIGRATION`` status
+changes, ``RESUME``, ``SHUTDOWN``) without missing it between two commands.
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ class QmpError(Exception):
 
 class Qmp:
     """One QMP connection. A reader task (started by :meth:`open` in the caller's nursery) sorts what QEMU
-    sends into replies, handed to the one command waiting, and events, kept for :meth:`wait_event`."""
+    sends into replies, handed to the command with their id, and events, kept for :meth:`wait_event`."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self._stream = stream
         self._buf = bytearray()
-        self._lock = trio.Lock()
-        self._replies_in, self._replies = trio.open_memory_channel[dict[str, Any]](1)
+        self._send_lock = trio.Lock()
+        self._next_id = 0
+        self._waiting: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
         self.events: list[dict[str, Any]] = []
         self._changed = trio.Event()
         self.closed: str | None = None
@@ -65,18 +67,23 @@ class Qmp:
 
     async def command(self, name: str, **arguments: Any) -> Any:
         """Run one command and return its ``return`` value; QmpError with QEMU's own message if refused."""
-        msg: dict[str, Any] = {"execute": name}
+        self._next_id += 1
+        msg: dict[str, Any] = {"execute": name, "id": self._next_id}
         if arguments:
             msg["arguments"] = arguments
-        async with self._lock:
-            if self.closed:
-                raise QmpError(f"{name}: {self.closed}")
+        if self.closed:
+            raise QmpError(f"{name}: {self.closed}")
+        send, receive = trio.open_memory_channel[dict[str, Any]](1)
+        self._waiting[self._next_id] = send
+        try:
             with trio.fail_after(COMMAND_TIMEOUT):
-                try:
+                async with self._send_lock:
                     await self._stream.send_all(json.dumps(msg).encode() + b"\n")
-                    reply = await self._replies.receive()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, trio.EndOfChannel) as e:
-                    raise QmpError(f"{name}: {self.closed or 'the QMP connection is gone'}") from e
+                reply = await receive.receive()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.EndOfChannel) as e:
+            raise QmpError(f"{name}: {self.closed or 'the QMP connection is gone'}") from e
+        finally:
+            self._waiting.pop(msg["id"], None)
         if "error" in reply:
             raise QmpError(f"{name}: {reply['error'].get('desc', reply['error'])}")
         return reply.get("return")
@@ -99,15 +106,17 @@ class Qmp:
                 if "event" in msg:
                     self.events.append(msg)
                     del self.events[:-MAX_EVENTS]
-                elif "return" in msg or "error" in msg:
-                    await self._replies_in.send(msg)
+                elif (waiter := self._waiting.pop(msg.get("id"), None)) is not None:  # type: ignore[arg-type]
+                    waiter.send_nowait(msg)  # a reply nobody waits for any more (cancelled) is dropped
                 self._changed.set()
                 self._changed = trio.Event()
         except QmpError as e:
             self.closed = str(e)
         finally:
             self.closed = self.closed or "the QMP connection is closed"
-            self._replies_in.close()
+            for waiter in self._waiting.values():
+                waiter.close()
+            self._waiting.clear()
             self._changed.set()
 
     async def _read_message(self) -> dict[str, Any]:

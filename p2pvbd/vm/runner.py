@@ -3,12 +3,16 @@
 Each VM runs as a child of the daemon with its disks on the daemon's NBD Unix socket, its QMP socket,
 serial log and QEMU's own messages (``qemu.log``) in ``HOME/vms/NAME``. The runner owns the nursery
 that waits on every QEMU; when the daemon stops, its QEMUs are told to quit (their disks go with it).
+A daemon that crashed leaves its QEMUs running, their NBD clients reconnecting: the restarted daemon
+adopts them by their pid file and definition (see :meth:`VmRunner.adopt`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -44,7 +48,8 @@ class RunningVm:
     vm: VmDefinition
     paths: RunPaths
     accel: str
-    process: trio.Process
+    process: trio.Process | None  # None: adopted from a daemon that crashed (not this one's child)
+    pid: int
     qmp: Qmp | None = None
     incoming: bool = False
     started_at: float = field(default_factory=time.time)
@@ -110,7 +115,8 @@ class VmRunner:
                 proc = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
             except OSError as e:
                 raise VmError(f"cannot run {QEMU_BINARY}: {e.strerror}") from None
-        rv = RunningVm(vm, paths, accel, proc, incoming=incoming)
+        paths.definition.write_text(json.dumps(vm.as_payload() | {"accel": accel}))
+        rv = RunningVm(vm, paths, accel, proc, proc.pid, incoming=incoming)
         self.running[vm.name] = rv
         self._nursery.start_soon(self._watch, rv)
         try:
@@ -144,7 +150,14 @@ class VmRunner:
 
     async def _watch(self, rv: RunningVm) -> None:
         try:
-            rv.exit_status = await rv.process.wait()
+            if rv.process is not None:
+                rv.exit_status = await rv.process.wait()
+            else:
+                fd = os.pidfd_open(rv.pid)
+                try:
+                    await trio.lowlevel.wait_readable(fd)
+                finally:
+                    os.close(fd)
         finally:
             rv.exited.set()
             if rv.qmp is not None:
@@ -164,25 +177,58 @@ class VmRunner:
                 await rv.exited.wait()
         await self._quit(rv)
 
-    async def _quit(self, rv: RunningVm) -> None:
-        if not rv.exited.is_set():
-            if rv.qmp is not None:
-                try:
-                    await rv.qmp.command("quit")
-                except (QmpError, trio.TooSlowError):
-                    pass
+    async def _quit(self, rv: RunningVm, graceful: bool = True) -> None:
+        """QMP `quit`, then SIGKILL if QEMU has not exited after QUIT_TIMEOUT (or at once if not
+        ``graceful``): a QEMU whose NBD server is gone waits for it to come back before it exits."""
+        if not rv.exited.is_set() and graceful:
             with trio.move_on_after(QUIT_TIMEOUT):
+                if rv.qmp is not None:
+                    try:
+                        await rv.qmp.command("quit")
+                    except QmpError:
+                        pass
                 await rv.exited.wait()
-            if not rv.exited.is_set():
-                rv.process.kill()
-                await rv.exited.wait()
+        if not rv.exited.is_set():
+            try:
+                os.kill(rv.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            await rv.exited.wait()
         if self.running.get(rv.vm.name) is rv:
             del self.running[rv.vm.name]
 
-    async def forget(self, rv: RunningVm) -> None:
-        """Quit a QEMU this host no longer runs the VM in (its source side after a move, or a failed
-        destination)."""
-        await self._quit(rv)
+    async def forget(self, rv: RunningVm, graceful: bool = True) -> None:
+        """Quit a QEMU this host no longer runs the VM in: its source side after a move, or (not
+        ``graceful``: killed, it never ran the guest) an incoming one whose move failed."""
+        await self._quit(rv, graceful)
+
+    async def adopt(self) -> list[RunningVm]:
+        """Take over the QEMUs a crashed daemon left running (their pid file names a live QEMU of that VM)."""
+        assert self._nursery is not None
+        adopted = []
+        for directory in sorted(self.dir.iterdir()) if self.dir.is_dir() else ():
+            paths = RunPaths(directory)
+            try:
+                pid = int(paths.pidfile.read_text().strip())
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                vm = VmDefinition.from_payload(json.loads(paths.definition.read_text()))
+            except (OSError, ValueError):
+                continue
+            if b"-name" not in cmdline or vm.name.encode() not in cmdline or vm.name in self.running:
+                continue  # the pid was reused, or the file is not a VM's
+            rv = RunningVm(vm, paths, vm.accel, None, pid, incoming=b"-incoming" in cmdline)
+            self.running[vm.name] = rv
+            self._nursery.start_soon(self._watch, rv)
+            try:
+                rv.qmp = await Qmp.open(self._nursery, paths.qmp)
+            except (OSError, QmpError) as e:
+                log.warning("QEMU of VM %s (pid %d) left running does not answer on QMP (%s); stopping it",
+                            vm.name, pid, e)
+                await self._quit(rv)
+                continue
+            log.info("adopted VM %s (QEMU pid %d) left running by the previous daemon", vm.name, pid)
+            adopted.append(rv)
+        return adopted
 
     def get(self, name: str) -> RunningVm:
         rv = self.running.get(name)

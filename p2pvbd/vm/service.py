@@ -20,6 +20,7 @@ from p2pvbd.swarm.access import PeerOp
 from p2pvbd.vm.book import VmBook
 from p2pvbd.vm.definition import DefinitionError, VmDefinition
 from p2pvbd.vm.move import VmMoveProgress, VmTarget, move_vm
+from p2pvbd.vm.qmp import QmpError
 from p2pvbd.vm.runner import VmError, VmRunner
 
 if TYPE_CHECKING:
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 # `vm stop` waits this long for the guest to power off after the ACPI button before QEMU is told to quit.
 DEFAULT_STOP_TIMEOUT = 30.0
+# QEMU migration states of a move still under way (QAPI MigrationStatus), which a restarted daemon cancels.
+OUTGOING_UNFINISHED = frozenset({"setup", "active", "pre-switchover", "device", "wait-unplug"})
 # A move asked for from its destination is followed by asking the source this often.
 REMOTE_POLL_SECONDS = 0.25
 
@@ -64,10 +67,31 @@ class VmService:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
+            self._nursery = self.target.nursery = nursery
             await nursery.start(self.runner.run)
             await nursery.start(self.book.run)
+            nursery.start_soon(self._adopt)  # QMP answers in milliseconds, but the daemon is ready without it
             task_status.started()
+
+    async def _adopt(self) -> None:
+        """QEMUs left by a daemon that crashed: an incoming one whose move died with it is stopped; an
+        outgoing migration the crash cut off is cancelled, so the guest runs on here (QEMU resumes it)."""
+        for rv in await self.runner.adopt():
+            try:
+                status = await rv.status()
+                if status == "inmigrate":
+                    log.info("VM %s was arriving when this daemon stopped; its move is over", rv.vm.name)
+                    await self.runner.forget(rv, graceful=False)
+                    continue
+                rv.incoming = False
+                assert rv.qmp is not None
+                outgoing = (await rv.qmp.command("query-migrate")).get("status")
+                if outgoing in OUTGOING_UNFINISHED:
+                    log.warning("VM %s was leaving (QEMU migration %s) when this daemon stopped: cancelled",
+                                rv.vm.name, outgoing)
+                    await rv.qmp.command("migrate_cancel")
+            except QmpError as e:
+                log.warning("VM %s left running cannot be checked (%s)", rv.vm.name, e)
 
     # ---- control ops ---------------------------------------------------------------------------
     async def op_vm_create(self, name: str, disks: str, memory: str = "1G", cpus: int = 1, accel: str = "auto",

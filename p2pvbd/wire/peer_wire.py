@@ -113,6 +113,7 @@ OPS: dict[str, OpSpec] = {
     # Moving a whole VM, source -> destination (vm/move.py), once each of its disks' migrations is prepared.
     "vm_incoming": OpSpec({"vm": dict}, "start the VM's QEMU here, waiting for its migration stream"),
     "vm_ram": OpSpec({"vm": str, "seq": int, "data": bytes}, "the next piece of QEMU's migration stream, in order"),
+    "vm_check": OpSpec({"vm": str}, "the incoming QEMU's run state (inmigrate while it waits)"),
     "vm_finish": OpSpec({"vm": str}, "answer once the arrived VM runs here"),
     "vm_abort": OpSpec({"vm": str}, "the move is off: quit the incoming QEMU"),
     # Destination -> the host running a VM: `migrate VM --to HOST` run on HOST itself.

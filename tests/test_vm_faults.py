@@ -1,0 +1,96 @@
+"""Faults in a whole-VM move: kill -9 of the source daemon, the destination daemon or the destination QEMU
+while the memory streams, while the guest is paused before the disks switch over, and after they did.
+
+Each case: the VM keeps running on one host, every disk has exactly one owner, and the guest, which keeps
+writing and verifying records throughout, loses no record it saw acknowledged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from p2pvbd import failpoints
+from tests.daemons import BIN, Host
+from tests.test_migrate_faults import settled
+from tests.test_swarm import wait_until
+from tests.test_vm_move import DISK, GUEST_WAIT, acked, define_vm, serial, vm_state
+from tests.vm_guest import ERR, QemuGuest
+
+# Each failpoint holds its phase this long: time to see the phase and strike inside it.
+PHASE_HOLD_SECONDS = 8.0
+SETTLE_SECONDS = 120.0
+CASES = [
+    ("ram", "office-pc"), ("committed", "car-qemu"),
+    pytest.param("ram", "car-pc", marks=pytest.mark.heavy),
+    pytest.param("ram", "car-qemu", marks=pytest.mark.heavy),
+    pytest.param("switchover", "office-pc", marks=pytest.mark.heavy),
+    pytest.param("switchover", "car-pc", marks=pytest.mark.heavy),
+    pytest.param("switchover", "car-qemu", marks=pytest.mark.heavy),
+]
+
+
+def vm_phase(host: Host) -> str | None:
+    phases = [j["phase"] for j in host.json("jobs") if j.get("kind") == "vm move"]
+    return phases[-1] if phases else None
+
+
+def running_on(hosts: list[Host]) -> list[str]:
+    return [h.name for h in hosts if h.alive() and vm_state(h)["state"] == "running"]
+
+
+@pytest.mark.parametrize(("phase", "victim"), CASES)
+def test_a_fault_in_a_vm_move_keeps_the_vm_running_and_every_record(
+        make_host: Any, guest_files: tuple[Path, Path], tmp_path: Path, phase: str, victim: str) -> None:
+    env = {failpoints.ENV: f"vm.{phase}={PHASE_HOLD_SECONDS}"}
+    office = make_host("office-pc", start=False).start(env)
+    home = make_host("home-pc", join=office.cli("invite").stdout.strip())
+    car = make_host("car-pc", join=office.cli("invite").stdout.strip())
+    hosts = [office, home, car]
+    kernel, initrd = guest_files
+    define_vm(office, kernel, initrd)
+    office.cli("vm", "start", "vm1")
+    wait_until(lambda: acked(office) >= 30, "the guest to write at office-pc", timeout=GUEST_WAIT)
+
+    migrate = subprocess.Popen([BIN, "migrate", "vm1", "--to", "car-pc", "--json", "--home", str(office.home)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = wait_until(lambda: vm_phase(office) == phase or migrate.poll() is not None, f"phase {phase}",
+                      timeout=GUEST_WAIT)
+    assert seen and vm_phase(office) == phase, f"the move never reached {phase}: {migrate.communicate()}"
+    if victim == "car-qemu":
+        os.kill(int((car.home / "vms" / "vm1" / "qemu.pid").read_text()), signal.SIGKILL)
+    else:
+        victim_host = office if victim == "office-pc" else car
+        victim_host.kill9()
+        victim_host.start()  # its QEMU, if it ran one, outlived it: the new daemon adopts it
+    out, err = migrate.communicate(timeout=SETTLE_SECONDS)
+    what = f"kill of {victim} in phase {phase}; migrate exited {migrate.returncode}: {out!r} {err!r}"
+
+    owner = wait_until(lambda: settled(hosts, DISK), f"the hosts to agree on the owner ({what})",
+                       timeout=SETTLE_SECONDS)
+    expected_owner = ("car-pc", 2) if phase == "committed" else ("office-pc", 1)
+    assert owner == expected_owner, what
+    # The move was undone (or, after the commit, the VM stayed where it was on forwarded disk I/O).
+    assert wait_until(lambda: running_on(hosts) == ["office-pc"], f"the VM to run on office-pc only ({what}) {[vm_state(h) for h in hosts]}",
+                      timeout=SETTLE_SECONDS)
+    before = acked(office)
+    wait_until(lambda: acked(office) >= before + 20, f"the guest to go on writing ({what})", timeout=GUEST_WAIT)
+    office.cli("vm", "stop", "vm1", "--timeout", "0")
+    last = max(acked(office), acked(car))
+    assert not ERR.findall(serial(office)), f"the guest saw a failed write ({what})"
+
+    owner_host = car if phase == "committed" else office
+    checker = QemuGuest(tmp_path / "verify", kernel, initrd, Path(owner_host.nbd_socket), DISK, workload="verify",
+                        memory_mb=128, acked=last).start()
+    try:
+        result = checker.wait_for(checker.verify_result, "the verifying guest", timeout=GUEST_WAIT)
+    finally:
+        checker.close()
+    assert result["bad"] == 0 and result["stale"] == 0 and result["maxseq"] >= last, (result, what)
+    assert json.loads(out or "{}").get("error") != "" or migrate.returncode != 0, f"the move reported success: {what}"
