@@ -2,9 +2,12 @@
 
 office-pc, home-pc and car-pc are three machines: network namespaces with 100 Mbit links when run as
 root, loopback ports otherwise (or with --loopback). office-pc owns a disk with data; home-pc holds a
-partial, partly stale replica; a guest writes to the disk while `p2pvbd migrate --to car-pc` moves it.
-Then `status` and a summary: downtime, duration, bytes from each peer, and whether car-pc's disk equals
-exactly what the guest was promised. The exit code is non-zero when any check fails.
+partial, partly stale replica; a VM (QEMU, TCG unless KVM works here) runs on office-pc with that disk,
+its guest writing and verifying records, while `p2pvbd migrate workvm --to car-pc` moves it, memory and
+disk. Then `status` and a summary: the VM's pause, duration, bytes from each peer, and whether every
+record the guest saw written is on car-pc. Where QEMU or a guest kernel is missing, a libnbd guest
+writes to the disk instead while `p2pvbd migrate vm1 --to car-pc` moves the disk alone, and car-pc's disk
+must equal exactly what that guest was promised. The exit code is non-zero when any check fails.
 """
 
 from __future__ import annotations
@@ -59,6 +62,10 @@ WORKLOAD = REPO / "tests" / "workload.py"
 GUEST_BLOCK = 64 * 1024
 GUEST_BLOCKS = 256
 GUEST_PAUSE_S = "0.005"
+# The VM: 128 MiB of memory, the test guest (tests/vm_guest.py) writing a 4 KiB record every 5 ms.
+VM_NAME = "workvm"
+VM_APPEND = "console=ttyS0 quiet panic=-1 workload=write workload_delay_ms=5"
+VM_RECORDS_AFTER = 30  # records the guest must write on car-pc after the move
 # How often the migration's progress is printed.
 PROGRESS_SECONDS = 1.0
 # Bounds for a stuck step on a busy machine; normal runs take a fraction of these.
@@ -94,6 +101,60 @@ def holders(machine: Machine, disk: str) -> dict[str, float]:
     """Coverage of each replica of `disk` as `machine` sees it in `status --json`."""
     status = machine.query("status", disk)
     return {r["host"]: r["coverage"] for r in status["disks"][0]["replicas"]} if status else {}
+
+
+def vm_files(work: Path) -> tuple[Path, Path] | None:
+    """The test guest's kernel and initramfs, or None where a VM cannot run here (then the libnbd guest)."""
+    if shutil.which("qemu-system-x86_64") is None:
+        note("qemu-system-x86_64 is missing: the disk moves under a libnbd guest instead of a VM")
+        return None
+    sys.path.insert(0, str(REPO))
+    from tests.vm_guest import build_initramfs, guest_kernel
+
+    try:
+        kernel = guest_kernel()
+        return kernel, build_initramfs(work / "guest", kernel)
+    except (OSError, subprocess.CalledProcessError) as e:
+        note(f"no guest for a VM ({e}): the disk moves under a libnbd guest instead")
+        return None
+
+
+def records(machine: Machine) -> int:
+    """The last record the VM's guest saw written and read back, from this machine's serial log."""
+    log = machine.home / "vms" / VM_NAME / "serial.log"
+    found = [ln for ln in (log.read_bytes().splitlines() if log.exists() else []) if ln.startswith(b"REC ")]
+    return int(found[-1].split()[1]) if found else 0
+
+
+def vm_check(car: Machine, office: Machine, files: tuple[Path, Path], work: Path) -> tuple[bool, str]:
+    """After the move: the guest writes on at car-pc, with no failed write anywhere; then, with the VM
+    stopped, a second guest reads every slot back and finds each record the first one saw written."""
+    from tests.vm_guest import ERR, QemuGuest
+
+    moved_at = records(office)
+    try:
+        wait_until(lambda: records(car) >= moved_at + VM_RECORDS_AFTER, GUEST_SECONDS,
+                   "the guest to go on writing on car-pc")
+    except DemoError as e:
+        log = car.home / "vms" / VM_NAME / "serial.log"
+        tail = log.read_bytes()[-600:].decode(errors="replace") if log.exists() else "(none)"
+        raise DemoError(f"{e}; car-pc's serial log ends:\n{tail}") from None
+    car.run(BIN, "vm", "list")
+    car.run(BIN, "vm", "stop", VM_NAME, "--timeout", "0")
+    errors = sum(len(ERR.findall((m.home / "vms" / VM_NAME / "serial.log").read_bytes()))
+                 for m in (office, car) if (m.home / "vms" / VM_NAME / "serial.log").exists())
+    last = records(car)
+    checker = QemuGuest(work / "verify", *files, car.home / "nbd.sock", "vm1", workload="verify", memory_mb=128,
+                        acked=last).start()
+    try:
+        result = checker.wait_for(checker.verify_result, "the verifying guest", timeout=GUEST_SECONDS)
+    finally:
+        checker.close()
+    ok = errors == 0 and result["bad"] == 0 and result["stale"] == 0 and result["maxseq"] >= last
+    detail = (f"{last} records ({moved_at} on office-pc), {errors} failed writes; read back on car-pc: "
+              f"{result['bad']} bad, {result['stale']} stale")
+    note(f"the guest: {detail}")
+    return ok, detail
 
 
 def start_guest(office: Machine, work: Path, stack: ExitStack) -> subprocess.Popen[bytes] | None:
@@ -171,14 +232,25 @@ def story(work: Path, use_netns: bool, why: str, stack: ExitStack) -> bool:
     wait_until(lambda: len(holders(car, "vm1")) >= 2, SPREAD_SECONDS, "car-pc to see both replicas of vm1")
     car.run(BIN, "status")
 
-    say("4. A guest writes to vm1 on office-pc while vm1 moves to car-pc, pulled from office-pc and home-pc")
-    office.run("qemu-img", "convert", "-f", "raw", "-O", "raw", uri, work / "before.raw")
-    guest = start_guest(office, work, stack)
+    files = vm_files(work)
+    guest = None
+    if files is not None:
+        say(f"4. A VM, {VM_NAME}, runs on office-pc with disk vm1; it moves to car-pc, memory and disk, the disk "
+            "pulled from office-pc and home-pc")
+        office.run(BIN, "vm", "create", VM_NAME, "--disk", "vm1", "--memory", "128M", "--kernel", files[0],
+                   "--initrd", files[1], f"--append={VM_APPEND}", "--qemu-arg=-no-reboot")
+        office.run(BIN, "vm", "start", VM_NAME)
+        wait_until(lambda: records(office) >= VM_RECORDS_AFTER, GUEST_SECONDS, "the VM's guest to write")
+        office.run(BIN, "vm", "list")
+    else:
+        say("4. A guest writes to vm1 on office-pc while vm1 moves to car-pc, pulled from office-pc and home-pc")
+        office.run("qemu-img", "convert", "-f", "raw", "-O", "raw", uri, work / "before.raw")
+        guest = start_guest(office, work, stack)
     note(f"progress: `office-pc$ p2pvbd jobs --json`, every {PROGRESS_SECONDS:.0f} s")
     done = threading.Event()
     progress = threading.Thread(target=show_progress, args=(office, done), daemon=True)
     progress.start()
-    cmd = (BIN, "migrate", "vm1", "--to", "car-pc", "--json")
+    cmd = (BIN, "migrate", VM_NAME if files else "vm1", "--to", "car-pc", "--json")
     office.show(cmd)
     try:
         res = subprocess.run(office.argv(cmd), capture_output=True, text=True, env=office.env,
@@ -193,7 +265,11 @@ def story(work: Path, use_netns: bool, why: str, stack: ExitStack) -> bool:
     time.sleep(0.5)  # the guest's connection to office-pc is forwarded to car-pc now
 
     say("5. Afterwards: car-pc owns vm1, holds all of it, and has every write the guest was promised")
-    model_ok, guest_ok, guest_detail = model_check(car, guest, work)
+    if files is not None:
+        model_ok, guest_detail = vm_check(car, office, files, work) if not summary.get("error") else (False, "-")
+        guest_ok = model_ok
+    else:
+        model_ok, guest_ok, guest_detail = model_check(car, guest, work)
     car.run(BIN, "status")
     coverage = holders(car, "vm1").get("car-pc", 0.0)
     verified = car.run(BIN, "verify", "vm1", check=False).endswith("match their hashes")
@@ -205,7 +281,7 @@ def story(work: Path, use_netns: bool, why: str, stack: ExitStack) -> bool:
     checks = [("migrate", f"exit code {res.returncode}", migrated),
               ("guest", guest_detail, guest_ok),
               ("model check", "car-pc's disk = what the guest wrote" if model_ok else "car-pc's disk differs",
-               model_ok),
+               model_ok) if files is None else ("VM", "runs on car-pc, then stopped there", model_ok),
               ("coverage on car-pc", f"{coverage:.3f}", coverage == 1.0),
               ("verify on car-pc", "ok" if verified else "mismatch", verified),
               ("office-pc after", "refuses writes" if refused else "still takes writes", refused)]
@@ -216,7 +292,15 @@ def story(work: Path, use_netns: bool, why: str, stack: ExitStack) -> bool:
 def print_summary(mode: str, summary: dict[str, Any], checks: list[tuple[str, str, bool]]) -> None:
     table = Table("", "", "", title=f"vm1: office-pc → car-pc ({mode})", title_justify="left", box=None,
                   show_header=False)
-    if not summary.get("error"):
+    if not summary.get("error") and "vm" in summary:
+        table.add_row("VM paused", f"{summary['vm_downtime_ms']:.0f} ms (memory and disk switch-over)")
+        table.add_row("duration", f"{summary['duration_s']:.1f} s")
+        table.add_row("memory moved", format_size(summary["ram_bytes"]))
+        for disk in summary["disks"]:
+            for host, n in sorted(disk["bytes_from"].items()):
+                table.add_row(f"{disk['disk']} from {host}", f"{format_size(n)} ({n} bytes)")
+            table.add_row("epoch", str(disk["epoch"]))
+    elif not summary.get("error"):
         table.add_row("downtime", f"{summary['downtime_ms']:.0f} ms (the guest's writes were held)")
         table.add_row("duration", f"{summary['duration_s']:.1f} s")
         for host, n in sorted(summary["bytes_from"].items()):

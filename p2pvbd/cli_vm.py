@@ -90,13 +90,15 @@ def print_vm_move(args: argparse.Namespace, r: dict[str, Any]) -> None:
         cli._print_json({"vm": r["vm"], "from": r["from"], "to": r["to"], "mode": r["mode"],
                          "duration_s": r["duration_s"], "vm_downtime_ms": r["vm_downtime_ms"],
                          "disk_switchover_ms": r["disk_switchover_ms"], "ram_bytes": r["ram_bytes"],
+                         "ram_wire_bytes": r["ram_wire_bytes"],
                          "error": r["error"], "disks": [{k: d[k] for k in disk_keys} for d in r["disks"]]})
     if r["error"]:
         print(f"p2pvbd: error: VM {r['vm']}: {r['error']}", file=sys.stderr)
         raise SystemExit(1)
     if not args.json:
         print(f"VM {r['vm']} now runs on {r['to']} after {r['duration_s']:.1f} s; paused "
-              f"{r['vm_downtime_ms']:.0f} ms; {format_size(r['ram_bytes'])} of memory moved")
+              f"{r['vm_downtime_ms']:.0f} ms; {format_size(r['ram_bytes'])} of memory moved "
+              f"({format_size(r['ram_wire_bytes'])} on the wire)")
         for d in r["disks"]:
             print(f"  {d['disk']}: owned by {d['to']} (epoch {d['epoch']}), "
                   f"{format_size(d['bytes_on_wire'])} moved")

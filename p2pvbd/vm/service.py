@@ -44,7 +44,9 @@ class RemoteMove:
         self.state: dict[str, Any] = {"vm": vm, "disk": vm, "from": source, "to": dest, "mode": mode,
                                       "phase": "prepare", "error": "", "disks": [], "total_bytes": 0,
                                       "done_bytes": 0, "bytes_on_wire": 0, "mirror_lag_blocks": 0, "peers": {},
-                                      "ram_bytes": 0, "vm_downtime_ms": None, "disk_switchover_ms": None,
+                                      "ram_bytes": 0, "ram_wire_bytes": 0, "vm_downtime_ms": None,
+                                      "disk_switchover_ms": None,
+                                      "bytes_from": {}, "throttled": False,
                                       "duration_s": 0.0}
         self.finished: float | None = None
 
