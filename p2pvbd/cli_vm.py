@@ -96,8 +96,9 @@ def print_vm_move(args: argparse.Namespace, r: dict[str, Any]) -> None:
         print(f"p2pvbd: error: VM {r['vm']}: {r['error']}", file=sys.stderr)
         raise SystemExit(1)
     if not args.json:
-        print(f"VM {r['vm']} now runs on {r['to']} after {r['duration_s']:.1f} s; paused "
-              f"{r['vm_downtime_ms']:.0f} ms; {format_size(r['ram_bytes'])} of memory moved "
+        paused = f"{r['vm_downtime_ms']:.0f} ms" if r["vm_downtime_ms"] is not None else "(QEMU did not say how long)"
+        print(f"VM {r['vm']} now runs on {r['to']} after {r['duration_s']:.1f} s; paused {paused}; "
+              f"{format_size(r['ram_bytes'])} of memory moved "
               f"({format_size(r['ram_wire_bytes'])} on the wire)")
         for d in r["disks"]:
             print(f"  {d['disk']}: owned by {d['to']} (epoch {d['epoch']}), "

@@ -77,7 +77,7 @@ def test_a_fault_in_a_vm_move_keeps_the_vm_running_and_every_record(
     expected_owner = ("car-pc", 2) if phase == "committed" else ("office-pc", 1)
     assert owner == expected_owner, what
     # The move was undone (or, after the commit, the VM stayed where it was on forwarded disk I/O).
-    assert wait_until(lambda: running_on(hosts) == ["office-pc"], f"the VM to run on office-pc only ({what}) {[vm_state(h) for h in hosts]}",
+    assert wait_until(lambda: running_on(hosts) == ["office-pc"], f"the VM to run on office-pc only ({what})",
                       timeout=SETTLE_SECONDS)
     before = acked(office)
     wait_until(lambda: acked(office) >= before + 20, f"the guest to go on writing ({what})", timeout=GUEST_WAIT)

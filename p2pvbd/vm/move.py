@@ -144,10 +144,13 @@ async def move_vm(swarm: Swarm, runner: VmRunner, vm: VmDefinition, dest: str, m
             progress.disk_switchover_ms = round((trio.current_time() - paused_at) * 1000, 2)
             with trio.fail_after(RAM_TIMEOUT):
                 await _migration_reaches(rv, "completed")
+            seen = round((trio.current_time() - paused_at) * 1000, 2)
             info = await qmp.command("query-migrate")
             # QEMU's downtime runs from stopping the guest to the end of the stream: RAM, devices and the
-            # disks' switchover inside the pause
-            progress.vm_downtime_ms = float(info.get("downtime", 0))
+            # disks' switchover inside the pause. What this host saw of the pause bounds it from below
+            # (QEMU has been seen to report 0).
+            downtime = info.get("downtime")
+            progress.vm_downtime_ms = max(seen, float(downtime) if isinstance(downtime, (int, float)) else 0.0)
             await conn.request("vm_finish", {"vm": vm.name}, timeout=RESUME_TIMEOUT + 5)
         progress.phase = "done"
     except BaseException:
