@@ -9,6 +9,7 @@ adopts them by their pid file and definition (see :meth:`VmRunner.adopt`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -66,6 +67,16 @@ class RunningVm:
             return "unknown"
 
 
+def _alive(rv: RunningVm) -> bool:
+    if rv.process is not None:
+        return rv.process.poll() is None  # reaps our child once it exited
+    try:  # adopted: not our child, so an exited one may linger as a zombie until its parent reaps it
+        state = Path(f"/proc/{rv.pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 class VmRunner:
     def __init__(self, home: Path, nbd_socket: Path) -> None:
         self.dir = home / VMS_DIR
@@ -85,8 +96,22 @@ class VmRunner:
                 await trio.sleep_forever()
         finally:
             with trio.CancelScope(shield=True):
-                for name in list(self.running):
-                    await self._quit(self.running[name])
+                await self._terminate_all()
+
+    async def _terminate_all(self) -> None:
+        """The daemon stops: its QEMUs stop with it (their disks are gone). The nursery that watched them is
+        cancelled already, so this signals and polls: SIGTERM (QEMU exits cleanly), SIGKILL if still there."""
+        left = [rv for rv in self.running.values() if not rv.exited.is_set()]
+        for sig, wait in ((signal.SIGTERM, QUIT_TIMEOUT), (signal.SIGKILL, QUIT_TIMEOUT)):
+            for rv in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(rv.pid, sig)
+            deadline = trio.current_time() + wait
+            while (left := [rv for rv in left if _alive(rv)]) and trio.current_time() < deadline:
+                await trio.sleep(0.05)
+            if not left:
+                break
+        self.running.clear()
 
     async def resolve_accel(self, wanted: str) -> str:
         """kvm or tcg. "auto" takes KVM only if it boots a guest here (probed once per daemon)."""
