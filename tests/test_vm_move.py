@@ -68,6 +68,13 @@ def test_a_running_vm_moves_with_its_memory_and_disk_and_back(
     assert vm_state(office)["state"] != "running"
     at_move = acked(office)
     wait_until(lambda: acked(car) >= at_move + 30, "the guest to go on writing at car-pc", timeout=GUEST_WAIT)
+    # A QEMU opened on home-pc's stale standby replica cannot take it for current: the export says it is
+    # read-only (NBD_FLAG_READ_ONLY), so a read-write disk does not even open.
+    stale = QemuGuest(tmp_path / "stale", kernel, initrd, Path(home.nbd_socket), DISK, workload="verify",
+                      memory_mb=128)
+    stale.start()
+    assert stale.wait_exit() != 0 and b"Permission denied" in (stale.workdir / "qemu.stderr").read_bytes()
+    assert stale.verify_result() is None
 
     report = move(office, "office-pc", "sync")  # asked for on the destination: the request goes to car-pc
     assert report["from"] == "car-pc" and report["vm_downtime_ms"] is not None, report
