@@ -60,6 +60,9 @@ SHIP_BATCH_BYTES = 1024 * 1024
 # 100 Mbit/s link in the migration benchmark). Order does not matter: the destination never goes back
 # to an older version of a block.
 SHIP_WINDOW = 3
+# A backlog batch yields to guest-write shipments at most this long, so a guest that always has a write
+# in flight cannot starve the migration: at least one 1 MiB batch per this, like DRBD's c-min-rate.
+BACKLOG_MAX_YIELD_SECONDS = 0.5
 # An async mirror round ships at most this many seconds' worth of dirty blocks, so that "the dirty set
 # did not shrink in NO_PROGRESS_ROUNDS rounds" is noticed within seconds even with a large dirty set.
 MIRROR_ROUND_SECONDS = 1.0
@@ -145,7 +148,10 @@ class Shipper:
     """Pushes current blocks of a disk to the destination (put_blocks), measuring the rate it gets.
 
     Calls may overlap (mirror rounds and sync-mode writes): the destination keeps the newest version
-    of each block whatever order batches arrive in.
+    of each block whatever order batches arrive in. Shipments a guest write waits for (``urgent``) go
+    first, as DRBD's resync yields to application writes: they do not queue for the window, and no
+    backlog batch starts while one is on its way, so a guest write waits behind at most the backlog
+    batches already sent.
     """
 
     def __init__(self, conn: PeerConnection, exp: Export, progress: MigrationProgress) -> None:
@@ -155,26 +161,46 @@ class Shipper:
         self.rate = math.inf
         self._window = trio.Semaphore(SHIP_WINDOW)
         self._batch_blocks = max(1, SHIP_BATCH_BYTES // exp.store.block_size)
+        self._urgent = 0  # guest-write shipments on their way
+        self._urgent_done = trio.Event()
 
     @property
     def rate_known(self) -> bool:
         return not math.isinf(self.rate)
 
-    async def ship(self, blocks: npt.NDArray[np.int64]) -> None:
-        """Send the current version of ``blocks`` (sorted, unique)."""
+    async def ship(self, blocks: npt.NDArray[np.int64], urgent: bool = False) -> None:
+        """Send the current version of ``blocks`` (sorted, unique); ``urgent``: a guest write waits for it."""
         blocks = np.asarray(blocks, np.int64)
+        if urgent:
+            self._urgent += 1
+            try:
+                await self._ship(blocks, urgent=True)
+            finally:
+                self._urgent -= 1
+                if not self._urgent:
+                    self._urgent_done.set()
+                    self._urgent_done = trio.Event()
+            return
+        await self._ship(blocks)
+
+    async def _ship(self, blocks: npt.NDArray[np.int64], urgent: bool = False) -> None:
         t0, shipped = trio.current_time(), 0  # guest bytes, before compression
         try:
             async with trio.open_nursery() as nursery:
                 for k in range(0, blocks.size, self._batch_blocks):
-                    await self._window.acquire()
+                    if not urgent:
+                        if self._urgent:  # the backlog waits for the guest's writes, up to a point
+                            with trio.move_on_after(BACKLOG_MAX_YIELD_SECONDS):
+                                await self._urgent_done.wait()
+                        await self._window.acquire()
                     try:
                         batch, size, raw = await trio.to_thread.run_sync(self._pack, blocks[k:k + self._batch_blocks])
                     except BaseException:
-                        self._window.release()
+                        if not urgent:
+                            self._window.release()
                         raise
                     shipped += raw
-                    nursery.start_soon(self._send, batch, size)
+                    nursery.start_soon(self._send, batch, size, not urgent)
         except BaseExceptionGroup as eg:
             peer_errors, _ = eg.split(PeerError)
             if peer_errors is None:
@@ -209,11 +235,12 @@ class Shipper:
             size, raw = size + len(payload), raw + len(rec.data)
         return batch, size, raw
 
-    async def _send(self, batch: list[list[Any]], size: int) -> None:
+    async def _send(self, batch: list[list[Any]], size: int, windowed: bool) -> None:
         try:
             await self.conn.request("put_blocks", {"disk": self.exp.name, "blocks": batch}, timeout=REQUEST_TIMEOUT)
         finally:
-            self._window.release()
+            if windowed:
+                self._window.release()
         self.progress.mirrored_bytes += size
 
 
@@ -432,7 +459,7 @@ def _sync_hook(shipper: Shipper, dirty: DirtyBlocks) -> Any:
     async def ship_before_ack(res: WriteResult) -> None:
         blocks = np.arange(res.first_block, res.last_block + 1, dtype=np.int64)
         try:
-            await shipper.ship(blocks)
+            await shipper.ship(blocks, urgent=True)
             dirty.discard(blocks)
         except PeerError as e:
             log.warning("sync mirror to %s failed (%s); the guest goes on, the migration will fail",
