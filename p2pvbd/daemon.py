@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 FLUSH_INTERVAL_SECONDS = 5.0
 # `disk import` copies in pieces this large; zero pieces are skipped so imports stay sparse.
 IMPORT_CHUNK = 1024 * 1024
+# A stopping daemon first quits its VMs, each within runner.QUIT_TIMEOUT; past this it stops regardless.
+SHUTDOWN_VM_SECONDS = 15.0
 # `invite --ttl` default: long enough to walk to the other machine, short enough to be useless later.
 DEFAULT_INVITE_TTL = 3600
 # Disk sizes are whole 512-byte sectors: what every hypervisor and the NBD clients expect.
@@ -147,6 +149,13 @@ class Daemon:
         return {"host": self.config.name, "pid": os.getpid()}
 
     async def op_shutdown(self) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(self.shutdown)
+
+    async def shutdown(self) -> None:
+        """Stop this host's VMs while their disks are still served (QEMU then exits at once, its last
+        writes flushed), then everything else."""
+        await self.vms.runner.quit_all()
         assert self.cancel_scope is not None
         self.cancel_scope.cancel()
 
@@ -386,6 +395,8 @@ async def _main(home: Home, config: Config) -> None:
             async def stop_on_signal() -> None:
                 async for sig in signals:
                     log.info("received %s, shutting down", signal.Signals(sig).name)
+                    with trio.move_on_after(SHUTDOWN_VM_SECONDS):
+                        await daemon.shutdown()
                     nursery.cancel_scope.cancel()
                     return
 

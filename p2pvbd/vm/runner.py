@@ -98,10 +98,16 @@ class VmRunner:
             with trio.CancelScope(shield=True):
                 await self._terminate_all()
 
+    async def quit_all(self) -> None:
+        """QMP `quit` to every QEMU, at once, while the daemon still serves their disks."""
+        async with trio.open_nursery() as nursery:
+            for rv in list(self.running.values()):
+                nursery.start_soon(self._quit, rv)
+
     async def _terminate_all(self) -> None:
         """The daemon stops: its QEMUs stop with it (their disks are gone). The nursery that watched them is
         cancelled already, so this signals and polls: SIGTERM (QEMU exits cleanly), SIGKILL if still there."""
-        left = [rv for rv in self.running.values() if not rv.exited.is_set()]
+        left = [rv for rv in self.running.values() if _alive(rv)]
         for sig, wait in ((signal.SIGTERM, QUIT_TIMEOUT), (signal.SIGKILL, QUIT_TIMEOUT)):
             for rv in left:
                 with contextlib.suppress(ProcessLookupError):
@@ -111,6 +117,8 @@ class VmRunner:
                 await trio.sleep(0.05)
             if not left:
                 break
+        for rv in self.running.values():
+            log.info("QEMU of VM %s stopped with the daemon", rv.vm.name)
         self.running.clear()
 
     async def resolve_accel(self, wanted: str) -> str:
@@ -174,21 +182,20 @@ class VmRunner:
         return " / ".join(lines[-2:]) or "(qemu.log is empty)"
 
     async def _watch(self, rv: RunningVm) -> None:
-        try:
-            if rv.process is not None:
-                rv.exit_status = await rv.process.wait()
-            else:
-                fd = os.pidfd_open(rv.pid)
-                try:
-                    await trio.lowlevel.wait_readable(fd)
-                finally:
-                    os.close(fd)
-        finally:
-            rv.exited.set()
-            if rv.qmp is not None:
-                with trio.CancelScope(shield=True):
-                    await rv.qmp.aclose()
-            log.info("QEMU of VM %s exited (status %s)", rv.vm.name, rv.exit_status)
+        """Mark ``rv`` exited once QEMU has exited (a cancelled watch, at daemon stop, marks nothing: the
+        QEMU still runs until _terminate_all stops it)."""
+        if rv.process is not None:
+            rv.exit_status = await rv.process.wait()
+        else:
+            fd = os.pidfd_open(rv.pid)
+            try:
+                await trio.lowlevel.wait_readable(fd)
+            finally:
+                os.close(fd)
+        rv.exited.set()
+        log.info("QEMU of VM %s exited (status %s)", rv.vm.name, rv.exit_status)
+        if rv.qmp is not None:
+            await rv.qmp.aclose()
 
     async def stop(self, name: str, timeout: float) -> None:
         """Ask the guest to power off (ACPI), then quit QEMU after ``timeout`` seconds if it has not."""
