@@ -64,6 +64,9 @@ def reference(work: Path, kernel: Path, initrd: Path, moves: int) -> list[float]
     return downtimes
 
 
+crashes: list[int] = []  # moves after which the guest crashed (the QEMU/TCG limitation in docs/DESIGN.md)
+
+
 def p2pvbd_moves(work: Path, kernel: Path, initrd: Path, moves: int) -> list[dict[str, float]]:
     office = Host(work / "office-pc", "office-pc").start()
     car = Host(work / "car-pc", "car-pc", join=office.cli("invite").stdout.strip()).start()
@@ -80,7 +83,13 @@ def p2pvbd_moves(work: Path, kernel: Path, initrd: Path, moves: int) -> list[dic
             log = here.home / "vms" / "vm1" / "serial.log"
             start = log.read_bytes().count(b"REC ") if log.exists() else 0
             while (log.read_bytes().count(b"REC ") if log.exists() else 0) < start + RECORDS_BETWEEN:
-                time.sleep(0.1)
+                time.sleep(0.5)
+                if b"Kernel panic" in log.read_bytes()[-4096:]:  # QEMU 7.2/TCG: see docs/DESIGN.md
+                    crashes.append(n)
+                    print(f"the guest crashed after move {n}: restarting it on {here.name}", flush=True)
+                    log.write_bytes(b"")
+                    here.cli("vm", "start", "vm1")
+                    start = 0
             res = here.cli("migrate", "vm1", "--to", there.name, "--json", timeout=600)
             r = json.loads(res.stdout)
             assert not r["error"], r
@@ -117,6 +126,7 @@ def main() -> None:
         "ram_compression": round(sum(m["ram_bytes"] for m in ours) / max(1, sum(m["ram_wire_bytes"] for m in ours)),
                                  2),
     }
+    result["guest_crashed_after_moves"] = crashes
     result["met"] = all(result["p2pvbd_vm_pause_ms"][q] <= result["qemu_ram_only_ms"][q] + TARGET_EXTRA_MS
                         for q in ("p50", "p99"))
     print(json.dumps(result, indent=1))

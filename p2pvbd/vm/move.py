@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# QEMU's memory gets this share of --max-downtime (its downtime-limit: the last pages sent after the pause);
+# the disks' switchover, inside the same pause, the rest.
+RAM_DOWNTIME_SHARE = 0.5
 # One vm_ram request carries this much of QEMU's stream: large enough that a request's round trip is
 # small next to its transfer on a 100 Mbit/s link (1 MiB ≈ 84 ms), small next to the peer frame limit.
 RAM_CHUNK_BYTES = 1024 * 1024
@@ -122,7 +125,8 @@ async def move_vm(swarm: Swarm, runner: VmRunner, vm: VmDefinition, dest: str, m
             await nursery.start(_relay_ram, rv, conn, vm.name, progress)
             await qmp.command("migrate-set-capabilities", capabilities=[
                 {"capability": "pause-before-switchover", "state": True}, {"capability": "events", "state": True}])
-            await qmp.command("migrate-set-parameters", **{"downtime-limit": max(1, int(max_downtime_ms))})
+            await qmp.command("migrate-set-parameters",
+                              **{"downtime-limit": max(1, int(max_downtime_ms * RAM_DOWNTIME_SHARE))})
             started_qemu_migration = True
             await qmp.command("migrate", uri=f"unix:{rv.paths.outgoing}")
             with trio.fail_after(RAM_TIMEOUT):
