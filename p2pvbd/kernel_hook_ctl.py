@@ -248,7 +248,7 @@ class HookController:
             self._done(exp)
 
     async def write(self, name: str, offset: int, data: bytes, fua: bool = False, client: int = 0) -> None:
-        if not await self._apply(name, fua, client, lambda s: s.write(offset, data)):
+        if not await self._apply(name, fua, client, lambda s: s.write(offset, data), (offset, len(data))):
             await self._forwarder(name).write(offset, data, fua)
 
     async def write_zeroes(self, name: str, offset: int, length: int, fua: bool = False, client: int = 0, *,
@@ -257,7 +257,8 @@ class HookController:
         NBD_ENOTSUP, changing nothing, unless the zeroing beats writing zeros (NBD_CMD_FLAG_FAST_ZERO)."""
         if fast and not self.zeroes_are_fast(name, offset, length):
             raise HookError(NBD_ENOTSUP, "zeroing a part of a block is no faster than writing zeros there")
-        if not await self._apply(name, fua, client, lambda s: s.write_zeroes(offset, length, allocate=no_hole)):
+        if not await self._apply(name, fua, client, lambda s: s.write_zeroes(offset, length, allocate=no_hole),
+                                 (offset, length)):
             # The peer op carries no NO_HOLE: the new owner zeroes the range, possibly as holes.
             await self._forwarder(name).write_zeroes(offset, length, fua)
 
@@ -269,7 +270,7 @@ class HookController:
         return length == 0 or (offset % bs == 0 and (end % bs == 0 or end == store.size))
 
     async def trim(self, name: str, offset: int, length: int, fua: bool = False, client: int = 0) -> None:
-        if not await self._apply(name, fua, client, lambda s: s.trim(offset, length)):
+        if not await self._apply(name, fua, client, lambda s: s.trim(offset, length), (offset, length)):
             await self._forwarder(name).trim(offset, length, fua)
 
     async def _read_through(self, exp: Export, offset: int, length: int) -> bytes:
@@ -287,13 +288,16 @@ class HookController:
         assert fwd is not None
         return fwd
 
-    async def _apply(self, name: str, fua: bool, client: int, op: Callable[[ReplicaStore], WriteResult]) -> bool:
-        """Apply a write locally; False when it must be forwarded instead."""
+    async def _apply(self, name: str, fua: bool, client: int, op: Callable[[ReplicaStore], WriteResult],
+                     span: tuple[int, int]) -> bool:
+        """Apply a write to ``span`` (offset, length) locally; False when it must be forwarded instead."""
         exp = await self._admit(name, is_write=True, client=client)
         if exp is None:
             return False
         try:
             try:
+                if exp.store.needs_activation(*span):  # the journal sync of a new area: off the event loop
+                    await trio.to_thread.run_sync(exp.store.activate, *span)
                 res = op(exp.store)
             except OutOfRange as e:
                 raise HookError(NBD_ENOSPC, str(e)) from e

@@ -668,17 +668,63 @@ class ReplicaStore:
             had = self._active.pop(area, 0)
             self._active[area] = had | written  # re-inserted: most recently written last
             if had | written != had:
-                recs.append(journal_record(ACTIVE, area * ab, min(ab, self._n - area * ab), had | written))
+                recs.append(self._area_record(ACTIVE, area, had | written))
         if recs:
-            excess = len(self._active) - MAX_ACTIVE_AREAS
-            if excess > 0:
-                # The oldest areas; this write's are the newest, and RETIRE_BATCH leaves room for them.
-                for area in list(self._active)[:excess + RETIRE_BATCH]:
-                    del self._active[area]
-                    recs.insert(0, journal_record(RETIRE, area * ab, min(ab, self._n - area * ab)))
-            self._append(b"".join(recs))
+            self._append(b"".join(self._retire_excess() + recs))
             os.fsync(self._jfd)
         self._append(records)
+
+    def _area_record(self, kind: int, area: int, written: int = 0) -> bytes:
+        ab = self._area_blocks
+        return journal_record(kind, area * ab, min(ab, self._n - area * ab), written)
+
+    def _retire_excess(self) -> list[bytes]:
+        """RETIRE records for the oldest areas once more than MAX_ACTIVE_AREAS are active (the newest, just
+        written, are at the end; RETIRE_BATCH leaves room for them)."""
+        excess = len(self._active) - MAX_ACTIVE_AREAS
+        if excess <= 0:
+            return []
+        retired = list(self._active)[:excess + RETIRE_BATCH]
+        for area in retired:
+            del self._active[area]
+        return [self._area_record(RETIRE, area) for area in retired]
+
+    def needs_activation(self, offset: int, length: int) -> bool:
+        """Whether a guest write there would first sync the journal (a new area). Read without the lock: a
+        stale answer only moves that sync back into the write."""
+        if length <= 0 or offset < 0 or offset + length > self._size:
+            return False
+        ab = self._area_blocks * self._bs
+        areas = range(offset // ab, (offset + length - 1) // ab + 1)
+        return len(areas) <= MAX_AREAS_PER_ACTIVATION and any(
+            not self._active.get(a, 0) & GUEST_WRITES for a in areas)
+
+    def activate(self, offset: int, length: int) -> None:
+        """Make the areas of a coming guest write active, syncing the journal here (a worker thread) rather
+        than inside the write, which the event loop runs; concurrent activations share the file's sync.
+        An area counts as active only once its record is durable, and only in the journal it went to."""
+        if not self.needs_activation(offset, length):
+            return
+        ab = self._area_blocks * self._bs
+        with self._lock:
+            self._check_open()
+            areas = [a for a in range(offset // ab, (offset + length - 1) // ab + 1)
+                     if not self._active.get(a, 0) & GUEST_WRITES]
+            if not areas:
+                return
+            self._append(b"".join(self._area_record(ACTIVE, a, self._active.get(a, 0) | GUEST_WRITES)
+                                  for a in areas))
+            seq, fd = self._jseq, os.dup(self._jfd)  # a checkpoint may rotate (and close) the journal meanwhile
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with self._lock:
+            if self._jseq != seq or self._closed:
+                return  # rotated: a write activates its area again in the new journal
+            for a in areas:
+                self._active[a] = self._active.pop(a, 0) | GUEST_WRITES
+            self._append(b"".join(self._retire_excess()))
 
     @property
     def active_areas(self) -> int:

@@ -165,3 +165,25 @@ def test_a_retire_vouches_only_for_its_own_journal() -> None:
     assert _replay([active, active + retire]).tolist() == [sj.CHECK_GUEST_AREA] * 4 + [0] * 4
     peer = sj.journal_record(sj.ACTIVE, 2, 4, sj.PEER_BLOCKS)
     assert _replay([active + peer]).tolist() == [sj.CHECK_GUEST_AREA] * 4 + [sj.CHECK_PEER_AREA] * 2 + [0] * 2
+
+
+def test_activating_ahead_of_a_write_moves_its_sync_out_of_the_write(tmp_path: Path) -> None:
+    """The export activates a new area from a worker thread before the write, which then syncs nothing."""
+    s = ReplicaStore.create(tmp_path / "d", "d", 4 * AREA_BLOCKS * BS, BS)
+    offset = 2 * AREA_BLOCKS * BS + 7
+    assert s.needs_activation(offset, 100)
+    s.activate(offset, 100)
+    assert not s.needs_activation(offset, 100) and s.active_areas == 1
+    durable = journal_size(s)  # the ACTIVE record, synced by activate()
+    synced: list[int] = []
+    real_fsync = os.fsync
+    try:
+        os.fsync = lambda fd: synced.append(fd)  # type: ignore[assignment]
+        s.write(offset, b"y" * 100)
+    finally:
+        os.fsync = real_fsync  # type: ignore[assignment]
+    assert synced == [] and kinds(s.directory)[-1] == sj.DIRTY
+    directory = cut_journal(s, durable)  # the write's own record lost, its data on disk
+    s = ReplicaStore.open(directory)
+    assert s.verify() == [] and s.read(offset, 100) == b"y" * 100
+    s.close()
