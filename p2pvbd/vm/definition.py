@@ -105,8 +105,9 @@ class VmDefinition:
     @classmethod
     def from_payload(cls, p: dict[str, Any]) -> VmDefinition:
         """Strict about types: a payload comes from the index or a peer (``set_at`` may be an int)."""
-        types = {"name": str, "disks": list, "memory": int, "cpus": int, "accel": str, "kernel": str,
-                 "initrd": str, "append": str, "qemu_args": list, "set_at": (int, float)}
+        types: dict[str, type | tuple[type, ...]] = {
+            "name": str, "disks": list, "memory": int, "cpus": int, "accel": str, "kernel": str, "initrd": str,
+            "append": str, "qemu_args": list, "set_at": (int, float)}
         if not isinstance(p, dict):
             raise DefinitionError("a VM definition must be a map")
         for key, kind in types.items():
