@@ -21,7 +21,7 @@ from tests.daemons import BIN, Host
 from tests.test_migrate_faults import settled
 from tests.test_swarm import wait_until
 from tests.test_vm_move import DISK, GUEST_WAIT, acked, define_vm, serial, vm_state
-from tests.vm_guest import ERR, QemuGuest
+from tests.vm_guest import ERR, verify_records
 
 # Each failpoint holds its phase this long: time to see the phase and strike inside it.
 PHASE_HOLD_SECONDS = 8.0
@@ -86,11 +86,6 @@ def test_a_fault_in_a_vm_move_keeps_the_vm_running_and_every_record(
     assert not ERR.findall(serial(office)), f"the guest saw a failed write ({what})"
 
     owner_host = car if phase == "committed" else office
-    checker = QemuGuest(tmp_path / "verify", kernel, initrd, Path(owner_host.nbd_socket), DISK, workload="verify",
-                        memory_mb=128, acked=last).start()
-    try:
-        result = checker.wait_for(checker.verify_result, "the verifying guest", timeout=GUEST_WAIT)
-    finally:
-        checker.close()
+    result = verify_records(tmp_path / "verify", kernel, initrd, Path(owner_host.nbd_socket), DISK, last)
     assert result["bad"] == 0 and result["stale"] == 0 and result["maxseq"] >= last, (result, what)
     assert json.loads(out or "{}").get("error") != "" or migrate.returncode != 0, f"the move reported success: {what}"

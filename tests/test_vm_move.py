@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tests.daemons import Host
 from tests.test_swarm import wait_until
-from tests.vm_guest import ERR, REC_OK, QemuGuest, workload_append
+from tests.vm_guest import ERR, REC_OK, QemuGuest, verify_records, workload_append
 
 DISK = "vm1disk"
 GUEST_WAIT = 300.0  # a hang guard only: TCG boots in seconds, a loaded CI machine is slower
@@ -88,12 +88,7 @@ def test_a_running_vm_moves_with_its_memory_and_disk_and_back(
     assert not ERR.findall(serial(office)) and not ERR.findall(serial(car)), "the guest saw a failed write"
 
     # Every record the guest saw acknowledged, anywhere, is on the disk where it now lives.
-    checker = QemuGuest(tmp_path / "verify", kernel, initrd, Path(office.nbd_socket), DISK, workload="verify",
-                        memory_mb=128, acked=last).start()
-    try:
-        result = checker.wait_for(checker.verify_result, "the verifying guest", timeout=GUEST_WAIT)
-    finally:
-        checker.close()
+    result = verify_records(tmp_path / "verify", kernel, initrd, Path(office.nbd_socket), DISK, last)
     assert result["bad"] == 0 and result["stale"] == 0 and result["maxseq"] >= last, result
 
 

@@ -374,3 +374,16 @@ def qemu_nbd(image: Path, socket_path: Path, export: str, *args: str) -> subproc
             raise RuntimeError(f"qemu-nbd did not start (exit {proc.poll()})")
         time.sleep(0.05)
     return proc
+
+
+def verify_records(workdir: Path, kernel: Path, initrd: Path, nbd_socket: Path, export: str,
+                   acked: int, **options: int) -> dict[str, int]:
+    """Boot a second guest on the export (the first one stopped) that reads every slot back: its VERIFY
+    counts, with ``stale`` the slots missing a record up to ``acked`` that the first guest saw written.
+    ``options`` are the workload's (slots=, as the writing guest had them)."""
+    checker = QemuGuest(workdir, kernel, initrd, nbd_socket, export, workload="verify", memory_mb=128,
+                        acked=acked, **options).start()
+    try:
+        return checker.wait_for(checker.verify_result, "the verifying guest")
+    finally:
+        checker.kill()
