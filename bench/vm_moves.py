@@ -76,6 +76,8 @@ def p2pvbd_moves(work: Path, kernel: Path, initrd: Path, moves: int) -> list[dic
         office.cli("vm", "create", "vm1", "--disk", "vm1disk", "--memory", "128M", "--accel", "tcg",
                    "--kernel", str(kernel), "--initrd", str(initrd), "--qemu-arg=-no-reboot",
                    "--append", "console=ttyS0 quiet panic=-1 " + workload_append("write", delay_ms=5))
+        while car.cli("vm", "approve", "vm1", check=False).returncode:  # once the definition reached car-pc
+            time.sleep(0.5)
         office.cli("vm", "start", "vm1")
         out = []
         for n in range(moves):

@@ -244,6 +244,10 @@ def story(work: Path, use_netns: bool, why: str, stack: ExitStack) -> bool:
             "pulled from office-pc and home-pc")
         office.run(BIN, "vm", "create", VM_NAME, "--disk", "vm1", "--memory", "128M", "--kernel", files[0],
                    "--initrd", files[1], f"--append={VM_APPEND}", "--qemu-arg=-no-reboot")
+        # car-pc runs only what it approved of a definition made elsewhere: kernel, initrd, QEMU arguments
+        wait_until(lambda: any(v["name"] == VM_NAME for v in car.query("vm", "list") or []), SPREAD_SECONDS,
+                   f"car-pc to learn VM {VM_NAME}")
+        car.run(BIN, "vm", "approve", VM_NAME)
         office.run(BIN, "vm", "start", VM_NAME)
         wait_until(lambda: b"WRITE DONE" in (office.home / "vms" / VM_NAME / "serial.log").read_bytes(),
                    GUEST_SECONDS, f"the VM's guest to write its {VM_RECORDS} records")

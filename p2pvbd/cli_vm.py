@@ -36,6 +36,16 @@ def cmd_vm_start(args: argparse.Namespace) -> None:
     print(f"VM {info['name']} {info['state']} on {info['host']} ({info['accel']}); serial log: {info['serial']}")
 
 
+def cmd_vm_approve(args: argparse.Namespace) -> None:
+    info = cli._ask(args, "vm_approve", name=args.vm)
+    if args.json:
+        cli._print_json(info)
+        return
+    parts = {k: v for k, v in info["host_parts"].items() if v}
+    shown = "; ".join(f"{k}: {' '.join(v) if isinstance(v, list) else v}" for k, v in parts.items())
+    print(f"VM {info['name']} may run here" + (f" with {shown}" if shown else " (it uses nothing of this host)"))
+
+
 def cmd_vm_stop(args: argparse.Namespace) -> None:
     info = cli._ask(args, "vm_stop", name=args.vm, timeout=args.timeout)
     if args.json:
@@ -121,6 +131,9 @@ def add_parsers(add: Any, as_json: argparse.ArgumentParser) -> None:
     sp.add_argument("--append", metavar="TEXT", help="the kernel's command line")
     sp.add_argument("--qemu-arg", action="append", metavar="ARG", help="one more QEMU argument (repeatable)")
     sp = add("start", cmd_vm_start, "start a VM on this host (it must own the VM's disks)", (as_json,), into=vsub)
+    sp.add_argument("vm")
+    sp = add("approve", cmd_vm_approve, "let this host run a VM defined on another host, with the kernel, initrd "
+             "and QEMU arguments it names (they run as root here)", (as_json,), into=vsub)
     sp.add_argument("vm")
     sp = add("stop", cmd_vm_stop, "power a VM off (ACPI), quitting QEMU after --timeout", (as_json,), into=vsub)
     sp.add_argument("vm")

@@ -54,7 +54,7 @@ def test_a_fault_in_a_vm_move_keeps_the_vm_running_and_every_record(
     car = make_host("car-pc", join=office.cli("invite").stdout.strip())
     hosts = [office, home, car]
     kernel, initrd = guest_files
-    define_vm(office, kernel, initrd)
+    define_vm(office, kernel, initrd, approve_on=(car,))
     office.cli("vm", "start", "vm1")
     wait_until(lambda: acked(office) >= 30, "the guest to write at office-pc", timeout=GUEST_WAIT)
 

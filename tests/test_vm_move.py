@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from p2pvbd.vm.definition import VmDefinition
 from tests.daemons import Host
 from tests.test_swarm import wait_until
 from tests.vm_guest import ERR, REC_OK, QemuGuest, verify_records, workload_append
@@ -42,13 +43,22 @@ def move(on: Host, dest: str, mode: str) -> dict[str, object]:
     return report
 
 
-def define_vm(host: Host, kernel: Path, initrd: Path) -> None:
-    """vm1 on a new 16 MiB disk: the test guest writing and verifying records, 128 MiB of memory, TCG."""
+def define_vm(host: Host, kernel: Path, initrd: Path, approve_on: tuple[Host, ...] = ()) -> None:
+    """vm1 on a new 16 MiB disk: the test guest writing and verifying records, 128 MiB of memory, TCG.
+    Its kernel, initrd and QEMU argument are approved on ``approve_on`` (the hosts it may move to)."""
     host.cli("disk", "create", DISK, "--size", "16M")
     host.cli("vm", "create", "vm1", "--disk", DISK, "--memory", "128M", "--accel", "tcg",
              "--kernel", str(kernel), "--initrd", str(initrd),
              "--append", "console=ttyS0 quiet panic=-1 " + workload_append("write", delay_ms=5),
              "--qemu-arg=-no-reboot")
+    for other in approve_on:
+        approve(other)
+
+
+def approve(host: Host, vm: str = "vm1") -> None:
+    """`vm approve` on ``host``, once the definition has reached it through the index."""
+    wait_until(lambda: host.cli("vm", "approve", vm, check=False).returncode == 0,
+               f"{host.name} to learn VM {vm} and approve it", timeout=60)
 
 
 def test_a_running_vm_moves_with_its_memory_and_disk_and_back(
@@ -60,6 +70,15 @@ def test_a_running_vm_moves_with_its_memory_and_disk_and_back(
     wait_until(lambda: acked(office) >= 30, "the guest to write at office-pc", timeout=GUEST_WAIT)
     # home-pc holds a stale replica (the guest goes on writing after this sync); car-pc holds nothing
     wait_until(lambda: home.cli("sync", DISK, check=False).returncode == 0, "home-pc to sync", timeout=60)
+
+    # car-pc has not approved what vm1 runs there (its kernel, initrd and QEMU argument): the move is
+    # refused before anything changes, and the VM runs on at office-pc.
+    refused = office.cli("migrate", "vm1", "--to", "car-pc", check=False, timeout=600)
+    assert refused.returncode != 0 and "p2pvbd vm approve vm1" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert owner(office) == ("office-pc", 1) and vm_state(office)["state"] == "running"
+    approve(car)
+    assert next(v for v in car.json("vm", "list") if v["name"] == "vm1")["approved"] is True
 
     report = move(office, "car-pc", "async")
     assert report["vm_downtime_ms"] is not None and report["ram_bytes"] > 0, report
@@ -113,3 +132,21 @@ def test_vm_commands_refuse_what_cannot_work(make_host: Callable[..., Host], gue
     assert res.returncode != 0 and "is not running on office-pc" in res.stderr, res.stderr
     listed = office.json("vm", "list")
     assert [(v["name"], v["state"], v["disks"]) for v in listed] == [("vm1", "stopped here", [DISK])]
+
+
+def test_an_approval_covers_exactly_the_host_parts_it_was_given() -> None:
+    """A definition that takes nothing from the host needs no approval; any change to its kernel, initrd or
+    QEMU arguments (or a VM of another name with the same parts) needs a new one; memory or append do not."""
+    plain = VmDefinition("vm1", (DISK,))
+    assert plain.host_parts_digest() is None
+    booted = VmDefinition("vm1", (DISK,), kernel="/boot/k", initrd="/boot/i", qemu_args=("-no-reboot",))
+    digest = booted.host_parts_digest()
+    assert digest is not None
+    same = VmDefinition("vm1", (DISK,), 256 << 20, kernel="/boot/k", initrd="/boot/i", append="quiet",
+                        qemu_args=("-no-reboot",))
+    assert same.host_parts_digest() == digest
+    others = [VmDefinition("vm1", (DISK,), kernel="/boot/k", initrd="/etc/shadow", qemu_args=("-no-reboot",)),
+              VmDefinition("vm1", (DISK,), kernel="/boot/k", initrd="/boot/i",
+                           qemu_args=("-no-reboot", "-netdev", "tap,id=n,script=/tmp/x")),
+              VmDefinition("vm2", (DISK,), kernel="/boot/k", initrd="/boot/i", qemu_args=("-no-reboot",))]
+    assert len({o.host_parts_digest() for o in others} | {digest}) == 4

@@ -4,6 +4,12 @@ A definition is a ``vm`` record keyed by the VM's first disk (hosts look records
 know, as for replication policies) and published by the host owning that disk: a record from any other
 publisher is ignored, so a member cannot redefine a VM whose disks it does not own. Each host keeps what
 it learned in ``HOME/vms.json``; the newest ``set_at`` wins.
+
+The owner of a disk is one of the person's machines, and any one of them can be stolen: a definition
+decides what QEMU, run as root, opens on every host that runs the VM. So a definition's host parts
+(kernel, initrd, extra QEMU arguments) need this host's approval, kept in ``HOME/vms-approved.json``:
+``vm create`` approves its own definition where it runs, ``vm approve`` approves a peer's on this host.
+A changed definition needs approving again.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 VM_FILE = "vms.json"
+APPROVED_FILE = "vms-approved.json"
 
 
 class VmBook:
@@ -33,7 +40,9 @@ class VmBook:
     def __init__(self, swarm: Swarm, home: Path) -> None:
         self.swarm = swarm
         self.path = home / VM_FILE
+        self.approved_path = home / APPROVED_FILE
         self.vms: dict[str, VmDefinition] = self._load()
+        self.approved: set[str] = self._load_approved()
 
     def _load(self) -> dict[str, VmDefinition]:
         try:
@@ -52,6 +61,33 @@ class VmBook:
                 continue
             vms[vm.name] = vm
         return vms
+
+    def _load_approved(self) -> set[str]:
+        try:
+            raw = json.loads(self.approved_path.read_text())
+        except FileNotFoundError:
+            return set()
+        except ValueError as e:
+            log.warning("ignoring unreadable %s (no peer's VM is approved): %s", self.approved_path, e)
+            return set()
+        return {d for d in raw if isinstance(d, str)} if isinstance(raw, list) else set()
+
+    def approved_here(self, vm: VmDefinition) -> bool:
+        digest = vm.host_parts_digest()
+        return digest is None or digest in self.approved
+
+    def approve(self, vm: VmDefinition) -> None:
+        digest = vm.host_parts_digest()
+        if digest is not None and digest not in self.approved:
+            self.approved.add(digest)
+            atomic_write(self.approved_path, json.dumps(sorted(self.approved)).encode())
+
+    def check_approved(self, vm: VmDefinition) -> None:
+        """DefinitionError, saying how to approve, unless this host may run ``vm`` as defined."""
+        if not self.approved_here(vm):
+            parts = ", ".join(f"{k} {v}" for k, v in vm.host_parts.items() if v)
+            raise DefinitionError(f"VM {vm.name} was defined on another host with {parts}: run "
+                                  f"'p2pvbd vm approve {vm.name}' on {self.swarm.name} to let it run here")
 
     def _save(self) -> None:
         atomic_write(self.path, json.dumps([vm.as_payload() for vm in self.vms.values()]).encode())
@@ -94,6 +130,7 @@ class VmBook:
         if known is not None and vm.set_at <= known.set_at:
             vm = VmDefinition(**{**vm.__dict__, "set_at": known.set_at + 1e-3})
         self.learn(vm)
+        self.approve(vm)
         await self.publish()
         return vm
 

@@ -8,6 +8,7 @@ for a direct kernel boot, kernel, initrd and command line. The paths of the file
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import time
@@ -87,6 +88,20 @@ class VmDefinition:
         if len(msgpack.packb(self.as_payload())) > MAX_PAYLOAD_BYTES:
             raise DefinitionError(f"the definition takes more than {MAX_PAYLOAD_BYTES} bytes: shorten --append, "
                                   "--qemu-arg or the paths")
+
+    @property
+    def host_parts(self) -> dict[str, Any]:
+        """What the VM takes from the host that runs it, beyond its disks: files QEMU opens as root and
+        arguments that can open more (a tap device, a host file, a helper program). A host runs a
+        definition with any of these only once approved there (see :meth:`host_parts_digest`)."""
+        return {"kernel": self.kernel, "initrd": self.initrd, "qemu_args": list(self.qemu_args)}
+
+    def host_parts_digest(self) -> str | None:
+        """Names the VM and its host parts; None when it has none (nothing to approve)."""
+        parts = self.host_parts
+        if not any(parts.values()):
+            return None
+        return hashlib.sha256(msgpack.packb([self.name, parts])).hexdigest()
 
     @classmethod
     def from_options(cls, name: str, disks: str, memory: str = "1G", **kw: Any) -> VmDefinition:

@@ -314,9 +314,12 @@ class VmTarget:
 
     async def start_incoming(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
         vm = VmDefinition.from_payload(body["vm"])
-        old = self.incoming.pop(vm.name, None)
-        if old is not None:
-            await self.runner.forget(old.rv, graceful=False)
+        try:
+            self.book.check_approved(vm)
+        except DefinitionError as e:
+            raise PeerError("forbidden", str(e)) from None
+        if (old := self.incoming.get(vm.name)) is not None:
+            await self._drop(vm.name, old)
         try:
             rv = await self.runner.start(vm, incoming=True)
         except VmError as e:
@@ -325,6 +328,22 @@ class VmTarget:
         assert self.nursery is not None
         self.nursery.start_soon(self._watch, vm.name, inc)
         return {}
+
+    def _arriving(self, body: dict[str, Any]) -> IncomingVm:
+        """The incoming VM a request names; an abort or a watcher may have dropped it meanwhile."""
+        inc = self.incoming.get(body.get("vm"))  # type: ignore[arg-type]
+        if inc is None:
+            raise PeerError("not_found", f"no VM {body.get('vm')!r} is arriving here (its move was called off)")
+        return inc
+
+    async def _drop(self, name: str, inc: IncomingVm) -> None:
+        """Call off an arrival: forget it, close its stream, stop its QEMU."""
+        if self.incoming.get(name) is inc:
+            del self.incoming[name]
+        if inc.stream is not None:
+            with trio.CancelScope(shield=True):
+                await inc.stream.aclose()
+        await self.runner.forget(inc.rv, graceful=False)
 
     async def _watch(self, name: str, inc: IncomingVm) -> None:
         """Stop an incoming QEMU whose move is over without it: once a disk's incoming migration from the
@@ -339,12 +358,11 @@ class VmTarget:
                     if self.incoming.get(name) is inc:
                         log.info("VM %s: the migration of its disk %s from %s is over; stopping its incoming QEMU",
                                  name, disk, inc.source)
-                        del self.incoming[name]
-                        await self.runner.forget(inc.rv, graceful=False)
+                        await self._drop(name, inc)
                     return
 
     async def ram(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
-        inc = self.incoming[body["vm"]]
+        inc = self._arriving(body)
         seq, data = body.get("seq"), body.get("data")
         if type(seq) is not int or not isinstance(data, bytes) or len(data) > RAM_CHUNK_BYTES:
             raise PeerError("bad_request", "vm_ram needs an int seq and at most 1 MiB of data")
@@ -378,11 +396,11 @@ class VmTarget:
 
     async def check(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
         """The incoming QEMU's run state: "inmigrate" while it waits for the rest of the stream."""
-        return {"status": await self.incoming[body["vm"]].rv.status()}
+        return {"status": await self._arriving(body).rv.status()}
 
     async def finish(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
         """Wait for the arrived VM to run here; it is this host's VM from then on."""
-        inc = self.incoming[body["vm"]]
+        inc = self._arriving(body)
         rv = inc.rv
         with trio.move_on_after(RESUME_TIMEOUT):
             while (status := await rv.status()) != "running":
@@ -390,7 +408,8 @@ class VmTarget:
                     raise PeerError("vm_failed", f"QEMU exited: {self.runner.log_tail(rv.vm.name)}")
                 await trio.sleep(STATUS_POLL_SECONDS / 5)
             rv.incoming = False
-            del self.incoming[body["vm"]]
+            if self.incoming.get(rv.vm.name) is inc:
+                del self.incoming[rv.vm.name]
             if inc.stream is not None:
                 await inc.stream.aclose()
             self.book.learn(rv.vm)
@@ -407,6 +426,5 @@ class VmTarget:
         if await inc.rv.status() == "running":
             await self.finish(peer, body)
             return {"running": True}
-        del self.incoming[body["vm"]]
-        await self.runner.forget(inc.rv, graceful=False)
+        await self._drop(inc.rv.vm.name, inc)
         return {"running": False}

@@ -112,6 +112,7 @@ class VmService:
 
     async def op_vm_start(self, name: str) -> dict[str, Any]:
         vm = self._vm(name)
+        self._check_approved(vm)
         for disk in vm.disks:
             exp = self.swarm.ctl.get(disk)
             if exp is None or exp.store.owner != self.swarm.name:
@@ -123,6 +124,19 @@ class VmService:
         except VmError as e:
             raise ControlError(str(e)) from None
         return await self._info(vm)
+
+    async def op_vm_approve(self, name: str) -> dict[str, Any]:
+        """Let this host run the VM as its definition now stands (kernel, initrd, QEMU arguments)."""
+        await self.book.refresh()
+        vm = self._vm(name)
+        self.book.approve(vm)
+        return await self._info(vm)
+
+    def _check_approved(self, vm: VmDefinition) -> None:
+        try:
+            self.book.check_approved(vm)
+        except DefinitionError as e:
+            raise ControlError(str(e)) from None
 
     async def op_vm_stop(self, name: str, timeout: float = DEFAULT_STOP_TIMEOUT) -> dict[str, Any]:
         vm = self._vm(name)
@@ -154,7 +168,7 @@ class VmService:
         paths = self.runner.paths(vm.name)
         return {"name": vm.name, "host": host, "state": state, "disks": list(vm.disks), "memory": vm.memory,
                 "cpus": vm.cpus, "accel": rv.accel if rv is not None else vm.accel, "serial": str(paths.serial),
-                "qmp": str(paths.qmp)}
+                "qmp": str(paths.qmp), "host_parts": vm.host_parts, "approved": self.book.approved_here(vm)}
 
     # ---- moves ---------------------------------------------------------------------------------
     def knows(self, name: str) -> bool:
@@ -185,6 +199,7 @@ class VmService:
     async def request_move(self, name: str, mode: str, max_downtime_ms: float) -> RemoteMove:
         """`migrate VM --to THIS-HOST` run here: ask the host running the VM (its disks' owner) to move it."""
         vm = self._vm(name)
+        self._check_approved(vm)
         source, _ = await self.swarm.owner_of(vm.disks[0])
         if not source or source == self.swarm.name:
             raise ControlError(f"VM {name} is not running anywhere this host knows of; start it with "
