@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from p2pvbd.dht_schema import check_payload
-from p2pvbd.store.store_files import atomic_write
+from p2pvbd.store.store_files import atomic_write, read_json_file
 
 if TYPE_CHECKING:
     from p2pvbd.swarm.node import Swarm
@@ -89,15 +89,8 @@ class Replication:
         self.buckets: dict[str, TokenBucket] = {}
 
     def _load(self) -> dict[str, Policy]:
-        try:
-            raw = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return {}
-        except ValueError as e:
-            log.warning("ignoring unreadable %s: %s", self.path, e)
-            return {}
         policies: dict[str, Policy] = {}
-        for disk, payload in raw.items() if isinstance(raw, dict) else ():
+        for disk, payload in (read_json_file(self.path, dict, log) or {}).items():
             # the index's schema, as for a policy record: a file written before it existed may hold one the
             # index refuses, which no republish could then place
             try:

@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import errno
 import json
+import logging
 import os
 import struct
 import zlib
@@ -112,6 +113,22 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def read_json_file(path: Path, kind: type, log: logging.Logger) -> Any:
+    """A small state file written by :func:`atomic_write`, or None when missing, unreadable or not a
+    ``kind``: such a file only ever holds what can be learned again, so it is logged and ignored."""
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (ValueError, OSError) as e:
+        log.warning("ignoring unreadable %s: %s", path, e)
+        return None
+    if not isinstance(raw, kind):
+        log.warning("ignoring %s: not a JSON %s", path, "object" if kind is dict else "list")
+        return None
+    return raw
 
 
 def fsync_dir(directory: Path) -> None:

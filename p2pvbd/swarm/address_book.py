@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from p2pvbd.home import NAME_RE, HomeError, parse_hostport
-from p2pvbd.store.store_files import atomic_write
+from p2pvbd.store.store_files import atomic_write, read_json_file
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +34,8 @@ class AddressBook:
         self._load()
 
     def _load(self) -> None:
-        try:
-            raw = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return
-        except ValueError as e:
-            log.warning("ignoring unreadable %s: %s", self.path, e)
-            return
-        if not isinstance(raw, dict):
-            log.warning("ignoring %s: not a JSON object", self.path)
+        raw = read_json_file(self.path, dict, log)
+        if raw is None:
             return
         self.neighbours = _addresses(raw.get("neighbours"))
         hosts = raw.get("hosts")

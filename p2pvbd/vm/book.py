@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from p2pvbd.migration.replication import POLICY_REFRESH, POLICY_REPUBLISH
-from p2pvbd.store.store_files import atomic_write
+from p2pvbd.store.store_files import atomic_write, read_json_file
 from p2pvbd.vm.definition import DefinitionError, VmDefinition
 
 if TYPE_CHECKING:
@@ -45,15 +45,8 @@ class VmBook:
         self.approved: set[str] = self._load_approved()
 
     def _load(self) -> dict[str, VmDefinition]:
-        try:
-            raw = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return {}
-        except ValueError as e:
-            log.warning("ignoring unreadable %s: %s", self.path, e)
-            return {}
         vms: dict[str, VmDefinition] = {}
-        for payload in raw if isinstance(raw, list) else ():
+        for payload in read_json_file(self.path, list, log) or ():
             try:
                 vm = VmDefinition.from_payload(payload)
             except DefinitionError as e:
@@ -63,14 +56,7 @@ class VmBook:
         return vms
 
     def _load_approved(self) -> set[str]:
-        try:
-            raw = json.loads(self.approved_path.read_text())
-        except FileNotFoundError:
-            return set()
-        except ValueError as e:
-            log.warning("ignoring unreadable %s (no peer's VM is approved): %s", self.approved_path, e)
-            return set()
-        return {d for d in raw if isinstance(d, str)} if isinstance(raw, list) else set()
+        return {d for d in read_json_file(self.approved_path, list, log) or () if isinstance(d, str)}
 
     def approved_here(self, vm: VmDefinition) -> bool:
         digest = vm.host_parts_digest()

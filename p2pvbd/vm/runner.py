@@ -15,7 +15,6 @@ import logging
 import os
 import signal
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,6 @@ class RunningVm:
     pid: int
     qmp: Qmp | None = None
     incoming: bool = False
-    started_at: float = field(default_factory=time.time)
     exited: trio.Event = field(default_factory=trio.Event)
     exit_status: int | None = None
 
