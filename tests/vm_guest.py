@@ -62,6 +62,11 @@ echo "WORKLOAD EXIT $?"
 reboot -f
 """
 
+# Added to /init by build_initramfs(net=...): the benchmarks' guest on a bridged network (virtio-net).
+NET_SETUP = """ip link set lo up
+ip addr add {net} dev eth0 && ip link set eth0 up || echo "ERR 0 network setup"
+"""
+
 
 def guest_kernel() -> Path:
     """The newest installed Debian cloud kernel (it boots fast and has virtio as small modules)."""
@@ -155,19 +160,29 @@ class _Cpio:
         return b"".join(self.parts)
 
 
-def build_initramfs(workdir: Path, kernel: Path | None = None) -> Path:
-    """A gzip'd cpio with busybox, the virtio modules for ``kernel``, /init and the workload."""
+def build_initramfs(workdir: Path, kernel: Path | None = None, extra_modules: Sequence[str] = (),
+                    net: str | None = None) -> Path:
+    """A gzip'd cpio with busybox, the virtio modules for ``kernel``, /init and the workload.
+
+    The tests' guest takes the defaults. Benchmarks add ``extra_modules`` (e.g. ``("virtio_net",)``) and
+    ``net``, an address with prefix length (``"10.78.0.10/24"``) that /init gives eth0 before the workload."""
     kernel = kernel or guest_kernel()
     if not BUSYBOX.exists():
         raise FileNotFoundError(f"no {BUSYBOX}: install busybox-static (make deps)")
-    modules = kernel_modules(kernel)
+    modules = kernel_modules(kernel, (*GUEST_MODULES, *extra_modules))
+    init = INIT_SCRIPT
+    if net is not None:
+        if not re.fullmatch(r"[0-9.]+/[0-9]+", net):
+            raise ValueError(f"net must be an IPv4 address with prefix length, not {net!r}")
+        marker = "mode=write\n"
+        init = init.replace(marker, NET_SETUP.format(net=net) + marker, 1)
     cpio = _Cpio()
     for d in ("bin", "dev", "etc", "lib", "lib/modules", "proc", "sys", "tmp"):
         cpio.dir(d)
     cpio.chardev("dev/console", 5, 1)
     cpio.file("bin/busybox", BUSYBOX.read_bytes(), 0o755)
     cpio.file("bin/workload", build_workload().read_bytes(), 0o755)
-    cpio.file("init", INIT_SCRIPT.encode(), 0o755)
+    cpio.file("init", init.encode(), 0o755)
     for mod in modules:
         cpio.file(f"lib/modules/{_module_name(mod.name)}.ko", _module_bytes(mod))
     cpio.file("etc/modules", "".join(_module_name(m.name) + "\n" for m in modules).encode())
@@ -177,9 +192,10 @@ def build_initramfs(workdir: Path, kernel: Path | None = None) -> Path:
     return out
 
 
-def workload_append(mode: str = "write", **options: int) -> str:
+def workload_append(mode: str = "write", **options: int | str) -> str:
     """Kernel command line words selecting the workload: mode write|verify|idle, options slots=,
-    delay_ms=, count=, alive_every=, acked= (see workload.c)."""
+    delay_ms=, count=, alive_every=, acked=; for benchmarks mode stream (dst=, port=) or bench (bs=,
+    rand=, span_mb=, every_ms=, dsync=). See workload.c."""
     return " ".join([f"workload={mode}", *(f"workload_{k}={v}" for k, v in options.items())])
 
 

@@ -5,6 +5,8 @@
  *   workload write  DEV [slots=N] [delay_ms=D] [count=C] [alive_every=A]
  *   workload verify DEV [slots=N] [acked=K]
  *   workload idle
+ *   workload stream DEV dst=A.B.C.D [port=P]
+ *   workload bench  DEV [bs=B] [rand=0|1] [span_mb=M] [every_ms=E] [dsync=0|1]
  *
  * Record k (k = 1, 2, ...) is one 4096-byte block at offset (k mod slots) * 4096 holding a header
  * (magic, k, slot, slots) and 4064 bytes of a pattern computed from k, so a torn, stale or misplaced
@@ -24,17 +26,29 @@
  *   STALE <slot> have=<k> want=<k>    verify: a slot misses an acknowledged record
  *   VERIFY ok=<n> bad=<m> maxseq=<k> empty=<e> stale=<s>
  *   WRITE DONE <k>                    count reached, idling
+ *
+ * `stream` (benchmarks: a TCP flow out of the VM; DEV is not touched) connects to dst:port and sends
+ * as fast as the socket takes it, reconnecting after an error; `bench` (benchmarks: guest disk
+ * throughput) writes bs-byte blocks of fresh pseudo-random (incompressible) data with O_DIRECT (and
+ * O_DSYNC with dsync=1), at random (rand=1, default) or sequential bs-aligned offsets within the first
+ * span_mb MiB (0: the whole disk). Their lines:
+ *   STREAM CONNECTED                  stream: the connection is up
+ *   STREAM <monotonic ms> <bytes> <ms> stream: bytes sent in the last <ms>, about once a second
+ *   BENCH <monotonic ms> <bytes> <ms> bench: bytes written in the last <ms>, about every every_ms
  */
 #define _GNU_SOURCE
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <linux/fs.h>
+#include <netinet/in.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -49,6 +63,9 @@ struct header {
 };
 
 static uint64_t opt_slots = 1024, opt_delay_ms = 5, opt_count = 0, opt_alive_every = 10, opt_acked = 0;
+/* stream and bench modes */
+static uint64_t opt_port = 5001, opt_bs = 65536, opt_rand = 1, opt_span_mb = 0, opt_every_ms = 250, opt_dsync = 0;
+static struct in_addr opt_dst;
 
 static uint64_t now_ms(void)
 {
@@ -222,6 +239,94 @@ static int write_mode(int fd, unsigned char *buf, unsigned char *back)
     return 0;
 }
 
+/* A fast generator for bulk data (one xorshift step per 8 bytes): every block written is new data. */
+static void fill_random(unsigned char *buf, size_t len, uint64_t *state)
+{
+    uint64_t x = *state;
+    for (size_t i = 0; i + 8 <= len; i += 8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        memcpy(buf + i, &x, 8);
+    }
+    *state = x;
+}
+
+static void stream_mode(void)
+{
+    static unsigned char buf[65536];
+    uint64_t state = 0x2545f4914f6cdd1dULL, sent = 0, last = now_ms();
+    fill_random(buf, sizeof buf, &state);
+    printf("GUEST READY\n");
+    for (;;) {
+        struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons((uint16_t)opt_port), .sin_addr = opt_dst};
+        int s = socket(AF_INET, SOCK_STREAM, 0);
+        if (s < 0 || connect(s, (struct sockaddr *)&to, sizeof to) < 0) {
+            printf("ERR 0 connect %s\n", strerror(errno));
+            if (s >= 0)
+                close(s);
+            sleep_ms(500);
+            continue;
+        }
+        printf("STREAM CONNECTED\n");
+        for (;;) {
+            ssize_t n = send(s, buf, sizeof buf, MSG_NOSIGNAL);
+            if (n < 0) {
+                printf("ERR 0 send %s\n", strerror(errno));
+                break;
+            }
+            sent += (uint64_t)n;
+            uint64_t t = now_ms();
+            if (t - last >= 1000) {
+                printf("STREAM %" PRIu64 " %" PRIu64 " %" PRIu64 "\n", t, sent, t - last);
+                sent = 0;
+                last = t;
+            }
+        }
+        close(s);
+        sleep_ms(500);
+    }
+}
+
+static int bench_mode(const char *dev)
+{
+    int fd = open(dev, O_RDWR | O_DIRECT | (opt_dsync ? O_DSYNC : 0));
+    uint64_t size = 0;
+    if (fd < 0 || ioctl(fd, BLKGETSIZE64, &size) != 0) {
+        printf("ERR 0 open %s %s\n", dev, strerror(errno));
+        return 1;
+    }
+    uint64_t span = opt_span_mb ? opt_span_mb << 20 : size;
+    if (opt_bs < BLOCK || opt_bs % BLOCK || span > size || span < opt_bs) {
+        printf("ERR 0 bad bs=%" PRIu64 " or span of %" PRIu64 " bytes on a disk of %" PRIu64 "\n", opt_bs, span,
+               size);
+        return 2;
+    }
+    unsigned char *buf;
+    if (posix_memalign((void **)&buf, BLOCK, opt_bs)) {
+        printf("ERR 0 out of memory\n");
+        return 1;
+    }
+    uint64_t blocks = span / opt_bs, state = 0x9e3779b97f4a7c15ULL ^ now_ms(), k = 0, done = 0, last = now_ms();
+    printf("GUEST READY\n");
+    for (;; k++) {
+        uint64_t block = opt_rand ? splitmix64(state + k) % blocks : k % blocks;
+        fill_random(buf, opt_bs, &state);
+        ssize_t n = pwrite(fd, buf, opt_bs, (off_t)(block * opt_bs));
+        if (n != (ssize_t)opt_bs) {
+            printf("ERR %" PRIu64 " write %s\n", k, n < 0 ? strerror(errno) : "short");
+            sleep_ms(100);
+        } else
+            done += opt_bs;
+        uint64_t t = now_ms();
+        if (t - last >= opt_every_ms) {
+            printf("BENCH %" PRIu64 " %" PRIu64 " %" PRIu64 "\n", t, done, t - last);
+            done = 0;
+            last = t;
+        }
+    }
+}
+
 static void parse_option(const char *arg)
 {
     const char *eq = strchr(arg, '=');
@@ -239,6 +344,19 @@ static void parse_option(const char *arg)
         opt_alive_every = v;
     else if (len == 5 && !strncmp(arg, "acked", 5))
         opt_acked = v;
+    else if (len == 3 && !strncmp(arg, "dst", 3) && inet_pton(AF_INET, eq + 1, &opt_dst) == 1) {
+    } else if (len == 4 && !strncmp(arg, "port", 4) && v)
+        opt_port = v;
+    else if (len == 2 && !strncmp(arg, "bs", 2))
+        opt_bs = v;
+    else if (len == 4 && !strncmp(arg, "rand", 4))
+        opt_rand = v;
+    else if (len == 7 && !strncmp(arg, "span_mb", 7))
+        opt_span_mb = v;
+    else if (len == 8 && !strncmp(arg, "every_ms", 8) && v)
+        opt_every_ms = v;
+    else if (len == 5 && !strncmp(arg, "dsync", 5))
+        opt_dsync = v;
     else
         printf("WARN unknown option %s\n", arg);
 }
@@ -252,11 +370,17 @@ int main(int argc, char **argv)
         idle_forever(0);
     }
     if (argc < 3) {
-        printf("ERR 0 usage: workload write|verify|idle DEV [key=value...]\n");
+        printf("ERR 0 usage: workload write|verify|idle|stream|bench DEV [key=value...]\n");
         return 2;
     }
     for (int i = 3; i < argc; i++)
         parse_option(argv[i]);
+    if (!strcmp(mode, "stream")) {
+        stream_mode();
+        return 0;
+    }
+    if (!strcmp(mode, "bench"))
+        return bench_mode(argv[2]);
     int fd = open(argv[2], O_RDWR | O_DIRECT | O_SYNC);
     if (fd < 0) {
         printf("ERR 0 open %s %s\n", argv[2], strerror(errno));
