@@ -104,6 +104,9 @@ class Export:
     # owner through ``forward``, so a guest whose memory is still migrating never sees an error.
     forward: Forwarder | None = None
     forwarded_clients: frozenset[int] = frozenset()
+    # Processes whose new connections are forwarded too: a VM's QEMU that outlived its daemon after the
+    # disk was handed over reconnects to the restarted daemon as a new client, and must reach the owner.
+    forward_pids: frozenset[int] = frozenset()
     # While an incoming migration is under way: reads are served by the current owner, because
     # this replica may still hold stale blocks (a hypervisor may start the incoming VM early).
     read_through: Forwarder | None = None
@@ -189,10 +192,19 @@ class HookController:
                     sub.overflowed = True
 
     # ---- guest connections ---------------------------------------------------------------------
-    def connect(self, name: str) -> int:
-        """Register a guest connection to ``name``; its id goes with each of its requests."""
+    def forwards(self, name: str, pid: int | None) -> bool:
+        """Whether a new connection from process ``pid`` has its I/O carried out by the disk's owner."""
+        exp = self._exports.get(name)
+        return exp is not None and exp.forward is not None and pid is not None and pid in exp.forward_pids
+
+    def connect(self, name: str, pid: int | None = None) -> int:
+        """Register a guest connection to ``name`` (from process ``pid``, on the Unix socket); its id goes
+        with each of its requests."""
         self._next_client += 1
-        self._require(name).clients.add(self._next_client)
+        exp = self._require(name)
+        exp.clients.add(self._next_client)
+        if self.forwards(name, pid):
+            exp.forwarded_clients |= {self._next_client}
         return self._next_client
 
     def disconnect(self, name: str, client: int) -> None:

@@ -30,7 +30,7 @@ import zstandard
 from p2pvbd import failpoints
 from p2pvbd.kernel_hook_ctl import Export, ExportMode, HookError
 from p2pvbd.nbd_codec import NBD_EIO
-from p2pvbd.peer_transport import PeerError
+from p2pvbd.peer_transport import ERR_CONNECTION, ERR_TIMEOUT, PeerError
 from p2pvbd.replica_store import ReplicaStore, WriteResult
 from p2pvbd.store.store_files import atomic_write
 from p2pvbd.wire.map_wire import unpack_blocks
@@ -83,6 +83,11 @@ RESOLVE_SECONDS = 10.0
 # Long operations on the destination (the bulk pull) are polled this often.
 POLL_SECONDS = 0.1
 REQUEST_TIMEOUT = 60.0
+# Forwarded guest I/O waits this long for an unreachable owner: the reconnect delay the daemon gives QEMU
+# (vm/definition.py), time for a daemon to restart after a crash.
+FORWARD_PATIENCE_SECONDS = 120.0
+FORWARD_RETRY_SECONDS = 1.0
+UNREACHABLE_CODES = frozenset({ERR_CONNECTION, ERR_TIMEOUT, "unreachable"})
 # The commit is a digest comparison and a flush of the last few blocks at the destination: a few ms.
 # Past this, the link is presumed lost and the outcome is asked for (migrate_status) instead.
 COMMIT_TIMEOUT = 10.0
@@ -252,6 +257,9 @@ class SwitchGate:
     def __init__(self, disks: int) -> None:
         self._unprepared = self._unconverged = self._uncommitted = disks
         self.prepared, self.converged, self.go, self.committed = trio.Event(), trio.Event(), trio.Event(), trio.Event()
+        if disks == 0:  # a VM whose disks are all at its destination already: only its memory moves
+            for event in (self.prepared, self.converged, self.committed):
+                event.set()
 
     def _count(self, name: str, event: trio.Event) -> None:
         left = getattr(self, name) - 1
@@ -613,12 +621,20 @@ class PeerForwarder:
         return await self.relay({"disk": self.disk, "op": op, **body})
 
     async def relay(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Send a guest_io request on to the new owner; HookError (EIO) if it fails."""
-        try:
-            conn = await self.swarm.connect(self.dest)
-            return await conn.request("guest_io", body, timeout=REQUEST_TIMEOUT)
-        except PeerError as e:
-            raise HookError(NBD_EIO, f"forwarding to the new owner {self.dest} failed: {e.message}") from e
+        """Send a guest_io request on to the new owner; HookError (EIO) if it fails. While the owner cannot
+        be reached (its daemon restarting, its link down) the request waits and is sent again, for as long
+        as QEMU itself waits for a restarting daemon: a guest's I/O is held, not failed. Resending is safe:
+        the guest has no answer yet, so nothing it does depends on the first attempt."""
+        deadline = trio.current_time() + FORWARD_PATIENCE_SECONDS
+        while True:
+            try:
+                conn = await self.swarm.connect(self.dest)
+                return await conn.request("guest_io", body, timeout=REQUEST_TIMEOUT)
+            except PeerError as e:
+                if e.code not in UNREACHABLE_CODES or trio.current_time() + FORWARD_RETRY_SECONDS > deadline:
+                    raise HookError(NBD_EIO, f"forwarding to the new owner {self.dest} failed: {e.message}") from e
+                log.info("guest I/O on %s waits for its owner %s: %s", self.disk, self.dest, e.message)
+            await trio.sleep(FORWARD_RETRY_SECONDS)
 
     async def read(self, offset: int, length: int) -> bytes:
         parts = []

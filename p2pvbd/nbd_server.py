@@ -22,6 +22,7 @@ import math
 import os
 import socket
 import ssl
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,7 @@ class NbdConnection:
         self.meta_export: str | None = None  # export for which base:allocation was negotiated
         self.transmission_flags = TRANSMISSION_FLAGS  # as sent at GO / EXPORT_NAME: they bind this connection
         self.client = 0  # this connection's id at the controller, once in transmission
+        self.pid: int | None = None  # the client's process, on the Unix socket (SO_PEERCRED)
         self.send_lock = trio.Lock()
         self.tasks = trio.Semaphore(MAX_TASKS_PER_CONNECTION)
         # Replies go out with sendmsg() on the socket itself when there is one (scatter-gather).
@@ -193,6 +195,9 @@ class NbdConnection:
             if stream.socket.family == socket.AF_UNIX:
                 with contextlib.suppress(OSError):
                     stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
+                with contextlib.suppress(OSError):
+                    cred = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+                    self.pid = struct.unpack("3i", cred)[0]
 
     async def run(self) -> None:
         chosen: tuple[str, bytes] | None = None
@@ -267,7 +272,7 @@ class NbdConnection:
                 exp = None
             if exp is None:
                 raise _Disconnect  # the spec's only answer to an unknown EXPORT_NAME
-            self.transmission_flags = export_flags(exp.mode)
+            self.transmission_flags = self._flags(exp)
             await send(nbd.export_name_reply(exp.store.size, self.transmission_flags, no_zeroes))
             return exp.name
         if opt == nbd.NBD_OPT_ABORT:
@@ -295,6 +300,10 @@ class NbdConnection:
         await send(nbd.option_error(opt, nbd.NBD_REP_ERR_UNSUP, f"option {opt} is not supported"))
         return None
 
+    def _flags(self, exp: Any) -> int:
+        """A forwarded client writes through the owner, so a standby export is not read-only to it."""
+        return TRANSMISSION_FLAGS if self.ctl.forwards(exp.name, self.pid) else export_flags(exp.mode)
+
     def _lookup(self, name: str) -> Any:
         exp = self.ctl.get(name)
         if exp is None and name == "" and len(self.ctl.names()) == 1:
@@ -312,7 +321,7 @@ class NbdConnection:
         if exp is None:
             await self.stream.send_all(nbd.option_error(opt, nbd.NBD_REP_ERR_UNKNOWN, f"no export {req.name!r}"))
             return None
-        flags = export_flags(exp.mode)
+        flags = self._flags(exp)
         out = [nbd.info_export(opt, exp.store.size, flags)]
         if nbd.NBD_INFO_NAME in req.info_types:
             out.append(nbd.info_name(opt, exp.name))
@@ -365,7 +374,7 @@ class NbdConnection:
         size = self.ctl.get(export).store.size  # type: ignore[union-attr]
         if leftover:
             parser.feed(leftover)
-        self.client = self.ctl.connect(export)
+        self.client = self.ctl.connect(export, self.pid)
         try:
             await self._serve_requests(export, size, parser)
         finally:

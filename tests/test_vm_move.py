@@ -43,13 +43,14 @@ def move(on: Host, dest: str, mode: str) -> dict[str, object]:
     return report
 
 
-def define_vm(host: Host, kernel: Path, initrd: Path, approve_on: tuple[Host, ...] = ()) -> None:
-    """vm1 on a new 16 MiB disk: the test guest writing and verifying records, 128 MiB of memory, TCG.
-    Its kernel, initrd and QEMU argument are approved on ``approve_on`` (the hosts it may move to)."""
+def define_vm(host: Host, kernel: Path, initrd: Path, approve_on: tuple[Host, ...] = (), count: int = 0) -> None:
+    """vm1 on a new 16 MiB disk: the test guest writing and verifying records (``count`` of them, then
+    idling; 0: without end), 128 MiB of memory, TCG. Its kernel, initrd and QEMU argument are approved on
+    ``approve_on`` (the hosts it may move to)."""
     host.cli("disk", "create", DISK, "--size", "16M")
     host.cli("vm", "create", "vm1", "--disk", DISK, "--memory", "128M", "--accel", "tcg",
              "--kernel", str(kernel), "--initrd", str(initrd),
-             "--append", "console=ttyS0 quiet panic=-1 " + workload_append("write", delay_ms=5),
+             "--append", "console=ttyS0 quiet panic=-1 " + workload_append("write", delay_ms=5, count=count),
              "--qemu-arg=-no-reboot")
     for other in approve_on:
         approve(other)

@@ -272,7 +272,7 @@ class MigrationTarget:
         if exp is not None:
             exp.read_through = None
             if mode is ExportMode.PRIMARY:  # owner again (a migration back): nothing to forward any more
-                exp.forward, exp.forwarded_clients = None, frozenset()
+                exp.forward, exp.forwarded_clients, exp.forward_pids = None, frozenset(), frozenset()
             if mode is not None:
                 self.swarm.ctl.set_mode(disk, mode)
         self.swarm.request_publish()

@@ -66,6 +66,12 @@ ABORT_SECONDS = 10.0
 STOPPED_BY_MIGRATION = frozenset({"postmigrate", "finish-migrate", "paused"})
 # How often a destination checks that the disk migrations an incoming VM waits on are still alive.
 WATCH_SECONDS = 2.0
+# After its disks committed here, an incoming VM whose source says nothing for this long is given up: the
+# source kept the VM (it failed or restarted after the commit). A live move's source speaks every few
+# milliseconds from then on (the rest of the memory, then vm_finish).
+INCOMING_VM_SILENCE_SECONDS = 60.0
+# A source left paused by a failed move asks the destination this often whether the VM runs there.
+SETTLE_RETRY_SECONDS = 2.0
 # How often QEMU's migration state is asked for while its events are awaited (a missed event costs this).
 STATUS_POLL_SECONDS = 0.05
 
@@ -104,13 +110,14 @@ class VmMoveProgress:
 
 
 async def move_vm(swarm: Swarm, runner: VmRunner, vm: VmDefinition, dest: str, max_downtime_ms: float,
-                  progress: VmMoveProgress) -> None:
+                  progress: VmMoveProgress, later: trio.Nursery) -> None:
+    """Move ``vm`` to ``dest``; ``later`` runs what outlives a failed move (settling a paused guest)."""
     rv = runner.get(vm.name)
     if rv.incoming or rv.qmp is None:
         raise MigrationError(f"VM {vm.name} is still arriving on this host")
     qmp = rv.qmp
     conn = await swarm.connect(dest)
-    gate = SwitchGate(len(vm.disks))
+    gate = SwitchGate(len(progress.disks))  # the disks still here: those at the destination stay put
     started_qemu_migration = False
     moved = False
     try:
@@ -159,19 +166,21 @@ async def move_vm(swarm: Swarm, runner: VmRunner, vm: VmDefinition, dest: str, m
         progress.phase = "done"
     except BaseException:
         with trio.CancelScope(shield=True), trio.move_on_after(ABORT_SECONDS):
-            await _undo(rv, conn, dest, started_qemu_migration)
+            await _undo(swarm, rv, conn, dest, started_qemu_migration, later)
         if moved and not rv.exited.is_set():
             log.warning("VM %s stays on %s with its disks' I/O forwarded to %s", vm.name, swarm.name, dest)
         raise
     await runner.forget(rv)
 
 
-async def _undo(rv: RunningVm, conn: Any, dest: str, started_qemu_migration: bool) -> None:
+async def _undo(swarm: Swarm, rv: RunningVm, conn: Any, dest: str, started_qemu_migration: bool,
+                later: trio.Nursery) -> None:
     """After a failed move: the VM runs on here, unless it already runs at the destination.
 
     QEMU may have sent its whole stream before the destination failed (its migration then "completed"
     and the guest is left in postmigrate): it resumes here only once the destination says its QEMU is
-    not running, so the guest never runs twice. If the destination cannot say, it stays paused."""
+    not running, so the guest never runs twice. If the destination cannot say (its daemon is down), it
+    stays paused and the destination is asked again until it answers."""
     qmp = rv.qmp
     assert qmp is not None
     if started_qemu_migration and not rv.exited.is_set():
@@ -196,7 +205,32 @@ async def _undo(rv: RunningVm, conn: Any, dest: str, started_qemu_migration: boo
         log.warning("VM %s: its move failed after QEMU sent everything (%s); resuming it here", rv.vm.name, status)
         await qmp.command("cont")
     elif status in STOPPED_BY_MIGRATION:
-        log.error("VM %s stays paused here: %s cannot say whether its copy runs there", rv.vm.name, dest)
+        log.error("VM %s stays paused here until %s says whether its copy runs there", rv.vm.name, dest)
+        later.start_soon(_settle, swarm, rv, dest)
+
+
+async def _settle(swarm: Swarm, rv: RunningVm, dest: str) -> None:
+    """A guest paused by a move whose destination could not answer: ask until it does, then run the VM
+    where it is not already running."""
+    while not rv.exited.is_set():
+        await trio.sleep(SETTLE_RETRY_SECONDS)
+        try:
+            conn = await swarm.connect(dest)
+            runs = bool((await conn.request("vm_abort", {"vm": rv.vm.name}, timeout=10))["running"])
+        except (PeerError, KeyError) as e:
+            log.info("VM %s stays paused: %s cannot say yet whether it runs there (%s)", rv.vm.name, dest, e)
+            continue
+        assert rv.qmp is not None
+        try:
+            if runs:
+                log.warning("VM %s runs on %s: stopping its paused copy here", rv.vm.name, dest)
+                await rv.qmp.command("quit")
+            elif await rv.status() in STOPPED_BY_MIGRATION:
+                log.warning("VM %s does not run on %s: resuming it here", rv.vm.name, dest)
+                await rv.qmp.command("cont")
+        except QmpError as e:
+            log.warning("VM %s: settling its failed move: %s", rv.vm.name, e)
+        return
 
 
 async def _disk(swarm: Swarm, progress: MigrationProgress, max_downtime_ms: float, gate: SwitchGate) -> None:
@@ -278,6 +312,7 @@ class IncomingVm:
     next_seq: int = 0
     stream: trio.SocketStream | None = None
     turn: trio.Event = field(default_factory=trio.Event)
+    heard: float = field(default_factory=trio.current_time)  # the source's last request for it (trio time)
 
 
 class VmTarget:
@@ -293,16 +328,21 @@ class VmTarget:
                 "vm_ram": PeerOp(self.ram, self._vm_source),
                 "vm_check": PeerOp(self.check, self._vm_source),
                 "vm_finish": PeerOp(self.finish, self._vm_source),
-                "vm_abort": PeerOp(self.abort, self._vm_source)}
+                "vm_abort": PeerOp(self.abort, self._vm_source_or_giver)}
 
     async def _source_of_every_disk(self, swarm: Swarm, peer: str, body: dict[str, Any]) -> str | None:
-        """vm_incoming: the source of an incoming migration of each of the VM's disks here."""
+        """vm_incoming: for each of the VM's disks, the source of its incoming migration here, or the host
+        that handed it here (a VM that stayed there on forwarded disk I/O after its memory failed to follow)."""
         try:
             vm = VmDefinition.from_payload(body.get("vm"))  # type: ignore[arg-type]
         except DefinitionError as e:
             return f"not a VM definition: {e}"
         for disk in vm.disks:
-            if (why := await access.migration_source(swarm, peer, {"disk": disk})) is not None:
+            exp = swarm.ctl.get(disk)
+            if exp is not None and exp.store.owner == swarm.name and disk not in swarm.migration_target.incoming:
+                if peer not in exp.store.handed_from:
+                    return f"{peer} did not hand disk {disk} over to {swarm.name}"
+            elif (why := await access.migration_source(swarm, peer, {"disk": disk})) is not None:
                 return why
         return None
 
@@ -310,7 +350,23 @@ class VmTarget:
         inc = self.incoming.get(body.get("vm"))  # type: ignore[arg-type]
         if inc is None:
             return f"no VM {body.get('vm')!r} is arriving here"
-        return None if inc.source == peer else f"{peer} is not the source of VM {inc.rv.vm.name}"
+        if inc.source != peer:
+            return f"{peer} is not the source of VM {inc.rv.vm.name}"
+        inc.heard = trio.current_time()
+        return None
+
+    async def _vm_source_or_giver(self, swarm: Swarm, peer: str, body: dict[str, Any]) -> str | None:
+        """vm_abort: the source of the arrival; after a restart here (no arrival known), the host that handed
+        the VM's disks here, asking whether the VM runs here; anyone, when no such VM runs here."""
+        if body.get("vm") in self.incoming:
+            return await self._vm_source(swarm, peer, body)
+        rv = self.runner.running.get(body.get("vm"))  # type: ignore[arg-type]
+        if rv is None or rv.exited.is_set():
+            return None
+        for disk in rv.vm.disks:
+            if (why := await access.handed_over(swarm, peer, {"disk": disk})) is not None:
+                return why
+        return None
 
     async def start_incoming(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
         vm = VmDefinition.from_payload(body["vm"])
@@ -350,6 +406,14 @@ class VmTarget:
         same source has ended here (aborted, or given up by a source that stopped) and the disk is not ours."""
         while self.incoming.get(name) is inc:
             await trio.sleep(WATCH_SECONDS)
+            owned = all((exp := self.swarm.ctl.get(d)) is not None and exp.store.owner == self.swarm.name
+                        for d in inc.rv.vm.disks)
+            if owned and trio.current_time() - inc.heard > INCOMING_VM_SILENCE_SECONDS \
+                    and await inc.rv.status() == "inmigrate":
+                log.info("VM %s: its disks are here but %s has not sent its memory for %.0f s; stopping its "
+                         "incoming QEMU (the VM runs on there)", name, inc.source, INCOMING_VM_SILENCE_SECONDS)
+                await self._drop(name, inc)
+                return
             for disk in inc.rv.vm.disks:
                 disk_inc = self.swarm.migration_target.incoming.get(disk)
                 exp = self.swarm.ctl.get(disk)
@@ -422,9 +486,23 @@ class VmTarget:
         it: the source must not resume its copy)."""
         inc = self.incoming.get(body["vm"])
         if inc is None:
-            return {"running": False}
+            return await self._runs_after_restart(body["vm"])
         if await inc.rv.status() == "running":
             await self.finish(peer, body)
             return {"running": True}
         await self._drop(inc.rv.vm.name, inc)
         return {"running": False}
+
+    async def _runs_after_restart(self, name: str) -> dict[str, Any]:
+        """vm_abort for a VM this daemon knows no arrival of (it restarted): a QEMU it adopted that runs the
+        guest keeps it (the source must not resume its copy); one still waiting for its stream is stopped."""
+        rv = self.runner.running.get(name)
+        if rv is None or rv.exited.is_set():
+            return {"running": False}
+        if rv.qmp is None:
+            raise PeerError("busy", f"VM {name}'s QEMU is being adopted here; ask again")
+        status = await rv.status()
+        if status == "inmigrate":
+            await self.runner.forget(rv, graceful=False)
+            return {"running": False}
+        return {"running": True}

@@ -236,17 +236,10 @@ class VmRunner:
         """Take over the QEMUs a crashed daemon left running (their pid file names a live QEMU of that VM)."""
         assert self._nursery is not None
         adopted = []
-        for directory in sorted(self.dir.iterdir()) if self.dir.is_dir() else ():
-            paths = RunPaths(directory)
-            try:
-                pid = int(paths.pidfile.read_text().strip())
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                vm = VmDefinition.from_payload(json.loads(paths.definition.read_text()))
-            except (OSError, ValueError):
+        for vm, paths, pid, incoming in self.left_running():
+            if vm.name in self.running:
                 continue
-            if b"-name" not in cmdline or vm.name.encode() not in cmdline or vm.name in self.running:
-                continue  # the pid was reused, or the file is not a VM's
-            rv = RunningVm(vm, paths, vm.accel, None, pid, incoming=b"-incoming" in cmdline)
+            rv = RunningVm(vm, paths, vm.accel, None, pid, incoming=incoming)
             self.running[vm.name] = rv
             self._nursery.start_soon(self._watch, rv)
             try:
@@ -259,6 +252,23 @@ class VmRunner:
             log.info("adopted VM %s (QEMU pid %d) left running by the previous daemon", vm.name, pid)
             adopted.append(rv)
         return adopted
+
+    def left_running(self) -> list[tuple[VmDefinition, RunPaths, int, bool]]:
+        """QEMUs a previous daemon left running, from their pid files: (definition, paths, pid, incoming).
+        Reads files only, so it runs before this daemon serves its disks."""
+        found = []
+        for directory in sorted(self.dir.iterdir()) if self.dir.is_dir() else ():
+            paths = RunPaths(directory)
+            try:
+                pid = int(paths.pidfile.read_text().strip())
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                vm = VmDefinition.from_payload(json.loads(paths.definition.read_text()))
+            except (OSError, ValueError):
+                continue
+            if b"-name" not in cmdline or vm.name.encode() not in cmdline:
+                continue  # the pid was reused, or the file is not a VM's
+            found.append((vm, paths, pid, b"-incoming" in cmdline))
+        return found
 
     def get(self, name: str) -> RunningVm:
         rv = self.running.get(name)

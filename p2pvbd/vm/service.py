@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from p2pvbd.control import ControlError
-from p2pvbd.migrate import MigrationError, MigrationProgress
+from p2pvbd.migrate import MigrationError, MigrationProgress, PeerForwarder
 from p2pvbd.peer_transport import PeerError
 from p2pvbd.swarm.access import PeerOp
 from p2pvbd.vm.book import VmBook
@@ -74,6 +74,24 @@ class VmService:
             await nursery.start(self.book.run)
             nursery.start_soon(self._adopt)  # QMP answers in milliseconds, but the daemon is ready without it
             task_status.started()
+
+    def forward_left_vms(self) -> None:
+        """Before the disks are served: a QEMU left running by a crashed daemon reconnects as a new client;
+        for every disk of its that was (or, once a pending switchover resolves, is) handed over, its I/O goes
+        to the new owner, as its old connection's did. Without this the guest would find its disk read-only."""
+        for vm, _, pid, incoming in self.runner.left_running():
+            if incoming:
+                continue
+            for disk in vm.disks:
+                exp = self.swarm.ctl.get(disk)
+                if exp is None:
+                    continue
+                exp.forward_pids |= {pid}
+                owner = exp.store.owner
+                if owner and owner != self.swarm.name and exp.forward is None:
+                    exp.forward = PeerForwarder(self.swarm, owner, disk)
+                    log.info("VM %s (QEMU pid %d) left running: its disk %s is forwarded to its owner %s",
+                             vm.name, pid, disk, owner)
 
     async def _adopt(self) -> None:
         """QEMUs left by a daemon that crashed: an incoming one whose move died with it is stopped; an
@@ -184,11 +202,18 @@ class VmService:
             raise ControlError(f"VM {name} already runs on {to}")
         if (move := self.moves.get(name)) is not None and move.finished is None:
             raise ControlError(f"VM {name} is already moving to {move.dest}")
+        moving = []
         for disk in vm.disks:
             exp = self.swarm.ctl.get(disk)
-            if exp is None or exp.store.owner != self.swarm.name:
-                raise ControlError(f"{self.swarm.name} does not own disk {disk} of VM {name}")
-        disks = [MigrationProgress(d, self.swarm.name, to, mode) for d in vm.disks]
+            if exp is not None and exp.store.owner == self.swarm.name:
+                moving.append(disk)
+            elif exp is None or exp.store.owner != to or exp.forward is None:
+                owner = exp.store.owner if exp is not None else ""
+                raise ControlError(f"{self.swarm.name} does not own disk {disk} of VM {name}"
+                                   + (f" ({owner} does: the VM can move only there)" if owner else ""))
+            # else: the disk went to ``to`` in a move whose memory did not follow; the VM runs here on
+            # forwarded I/O, and only its memory (and the disks still here) move now
+        disks = [MigrationProgress(d, self.swarm.name, to, mode) for d in moving]
         progress = self.moves[name] = VmMoveProgress(name, self.swarm.name, to, mode, disks)
         return progress
 
@@ -201,9 +226,13 @@ class VmService:
         vm = self._vm(name)
         self._check_approved(vm)
         source, _ = await self.swarm.owner_of(vm.disks[0])
-        if not source or source == self.swarm.name:
+        if not source:
             raise ControlError(f"VM {name} is not running anywhere this host knows of; start it with "
                                f"'p2pvbd vm start {name}'")
+        if source == self.swarm.name:
+            raise ControlError(f"{self.swarm.name} owns the disks of VM {name} but does not run it: start it "
+                               f"with 'p2pvbd vm start {name}', or, if it runs on the host it came from on "
+                               "forwarded disk I/O, run this command there")
         try:
             conn = await self.swarm.connect(source)
             await conn.request("vm_move", {"vm": name, "to": self.swarm.name, "mode": mode,
@@ -258,7 +287,8 @@ class VmService:
     async def run_move(self, progress: VmMoveProgress, max_downtime_ms: float) -> None:
         vm = self._vm(progress.vm)
         try:
-            await move_vm(self.swarm, self.runner, vm, progress.dest, max_downtime_ms, progress)
+            assert self._nursery is not None
+            await move_vm(self.swarm, self.runner, vm, progress.dest, max_downtime_ms, progress, self._nursery)
         except (MigrationError, VmError) as e:
             progress.error = str(e)
         except PeerError as e:
