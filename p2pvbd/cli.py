@@ -119,6 +119,16 @@ def cmd_invite(args: argparse.Namespace) -> None:
         print(res["token"])
 
 
+def cmd_revoke(args: argparse.Namespace) -> None:
+    res = _ask(args, "revoke", host=args.host)
+    if args.json:
+        _print_json(res)
+        return
+    told = ", ".join(res["told"]) or "no host reachable now"
+    print(f"revoked: {', '.join(res['revoked'])} (list {res['serial']}); told {told}; the index carries it "
+          "to the others")
+
+
 def cmd_peers(args: argparse.Namespace) -> None:
     peers = _ask(args, "peers")
     if args.json:
@@ -215,6 +225,15 @@ def cmd_disk_list(args: argparse.Namespace) -> None:
         table.add_row(d["name"], format_size(d["size"]), format_size(d["block_size"]), d["owner"],
                       str(d["epoch"]), d["mode"])
     _console().print(table)
+
+
+def cmd_disk_claim(args: argparse.Namespace) -> None:
+    res = _ask(args, "disk_claim", disk=args.disk)
+    if args.json:
+        _print_json(res)
+        return
+    print(f"{res['owner']} owns {res['disk']} now (epoch {res['epoch']}), from its replica: "
+          f"{res['held_blocks']} of {res['total_blocks']} blocks held")
 
 
 def cmd_nbd_uri(args: argparse.Namespace) -> None:
@@ -402,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
              (as_json,))
     sp.add_argument("--ttl", type=_duration, default=3600, help="how long the token works (default 1h)")
     add("peers", cmd_peers, "the swarm's other hosts: addresses, last seen, reachable", (as_json,))
+    sp = add("revoke", cmd_revoke, "remove a host from the swarm for good (a stolen machine): every host refuses "
+             "its connections and index records (run on the host that created the swarm)", (as_json,))
+    sp.add_argument("host")
 
     sp = add("daemon", cmd_daemon, "run this host's daemon in the foreground")
     sp.add_argument("--log-file", metavar="FILE", help="log here instead of to stderr")
@@ -420,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("file")
     sp.add_argument("--block-size", type=_size, default=64 * 1024, help="versioning granularity (default 64K)")
     add("list", cmd_disk_list, "list this host's disks", (as_json,), into=dsub)
+    sp = add("claim", cmd_disk_claim, "take over a disk whose owner was revoked (a lost machine), from this "
+             "host's replica", (as_json,), into=dsub)
+    sp.add_argument("disk")
 
     sp = add("nbd-client-cert", cmd_nbd_client_cert,
              "write a client certificate for NBD over TLS (the --nbd-tcp listener) in the layout qemu and libnbd read")

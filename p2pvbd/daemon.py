@@ -216,6 +216,18 @@ class Daemon:
     async def op_peers(self) -> list[dict[str, Any]]:
         return await self.swarm.peers()
 
+    async def op_disk_claim(self, disk: str) -> dict[str, Any]:
+        try:
+            return await self.swarm.claim(check_name("disk", disk))
+        except PeerError as e:
+            raise ControlError(e.message) from None
+
+    async def op_revoke(self, host: str) -> dict[str, Any]:
+        try:
+            return await self.swarm.revoke(check_name("host", host))
+        except PeerError as e:
+            raise ControlError(e.message) from None
+
     async def op_invite(self, ttl: int = DEFAULT_INVITE_TTL) -> dict[str, Any]:
         if not self.identity.can_invite:
             raise ControlError(f"host {self.config.name} cannot invite: only the host that created the swarm "
@@ -225,6 +237,10 @@ class Daemon:
         now = time.time()
         token, record = invites.make_invite(self.identity, advertised_addresses(self.config.listen), ttl, now)
         invites.record_invite(self.home.path, record, now=now)
+        try:
+            await self.swarm.open_join_port()
+        except PeerError as e:
+            raise ControlError(f"the invite was made, but {e.message}") from None
         return {"token": token, "expires": record.expires}
 
     async def op_sync(self, disk: str, sources: list[str] | None = None) -> dict[str, Any]:

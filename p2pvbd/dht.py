@@ -83,6 +83,9 @@ RETRY_INTERVAL = 30.0  # retry publishes that reached nobody, and bootstrap whil
 VERIFY_CACHE_SIZE = 4096  # verified records remembered: Ed25519 verify costs ~50 us and lookups repeat
 PAGE_SLACK = 128  # bytes of a request/reply left for msgpack framing, method name and ids
 
+# Whether a record's publisher name, signing key and CA binding go together (and the publisher is not revoked).
+Trust = Callable[[str, bytes, bytes], bool]
+
 STAT_KEYS = ("bad_mac", "malformed", "bad_signature", "bad_payload", "expired", "future_ts", "wrong_key",
              "untrusted", "key_full", "publisher_quota", "rpc_errors")
 
@@ -119,7 +122,7 @@ class _SwarmProtocol(KademliaProtocol):
     a third of a lookup's CPU); the wire format inside the MAC is still rpcudp's."""
 
     def __init__(self, source_node: Node, storage: RecordStore, ksize: int, mac_key: bytes,
-                 stats: dict[str, int], trust: Callable[[str, bytes], bool] | None) -> None:
+                 stats: dict[str, int], trust: Trust | None) -> None:
         super().__init__(source_node, storage, ksize)
         self.router = _RoutingTable(self, ksize, source_node)
         self._mac_key, self.stats, self._trust = mac_key, stats, trust
@@ -185,6 +188,9 @@ class _SwarmProtocol(KademliaProtocol):
             future.cancel()
         self._outstanding.clear()
 
+    def trusts(self, rec: Record) -> bool:
+        return self._trust is None or self._trust(rec.publisher, rec.pubkey, rec.binding)
+
     def check_records(self, raws: list[bytes], dkey: bytes | None) -> list[tuple[bytes, Record]]:
         """The records passing every check; each failure is counted under its reason. Every record a
         node stores or a lookup returns comes through here."""
@@ -196,7 +202,7 @@ class _SwarmProtocol(KademliaProtocol):
                     if len(self._verified) > VERIFY_CACHE_SIZE:
                         self._verified.popitem(last=False)
                 check_record(rec, dkey, now)
-                if self._trust is not None and not self._trust(rec.publisher, rec.pubkey):
+                if not self.trusts(rec):
                     raise RecordError("untrusted", rec.publisher)
                 good.append((raw, rec))
             except RecordError as exc:
@@ -343,7 +349,7 @@ class _SwarmServer(Server):
     get = set = _refuse("keys are multi-valued: use lookup_digest / set_digest with signed records")
 
     def __init__(self, ksize: int, alpha: int, mac_key: bytes, stats: dict[str, int],
-                 trust: Callable[[str, bytes], bool] | None) -> None:
+                 trust: Trust | None) -> None:
         super().__init__(ksize=ksize, alpha=alpha, storage=RecordStore())
         self._protocol_args = (mac_key, stats, trust)
 
@@ -386,7 +392,9 @@ class _SwarmServer(Server):
     async def lookup_digest(self, dkey: bytes, trace: LookupTrace | None = None) -> list[tuple[bytes, Record]]:
         """Union of our copy and every record the k closest nodes return, newest per publisher."""
         crawler = await self.crawl(Node(dkey), values=True, trace=trace)
-        return newest_per_publisher([*self.storage.records(dkey), *self.protocol.check_records(crawler.raws, dkey)])
+        # our copies were trusted when stored; their publisher may have been revoked since
+        local = [(raw, rec) for raw, rec in self.storage.records(dkey) if self.protocol.trusts(rec)]
+        return newest_per_publisher([*local, *self.protocol.check_records(crawler.raws, dkey)])
 
     async def _refresh_table(self) -> None:
         """§2.3 refresh of idle buckets, then §2.5 replication of records nobody stored here for an hour."""
@@ -407,13 +415,15 @@ class DhtNode:
     """A swarm member's DHT node, driven from trio; asyncio stays inside run()."""
 
     def __init__(self, *, host_name: str, signing_key: Ed25519PrivateKey, swarm_secret: bytes, ksize: int = 20,
-                 alpha: int = 3, trust: Callable[[str, bytes], bool] | None = None) -> None:
-        """`trust(publisher, pubkey)`, if given, refuses records not signed by that publisher's key:
-        without it any swarm member can publish under any name (the MAC only keeps outsiders out)."""
+                 alpha: int = 3, trust: Trust | None = None, binding: bytes = b"") -> None:
+        """`trust(publisher, pubkey, binding)`, if given, refuses records not signed by that publisher's
+        key, as the CA's ``binding`` in the record says: without it any swarm member can publish under any
+        name (the MAC only keeps outsiders out). ``binding`` is this host's, carried in its records."""
         if not is_name(host_name):
             raise ValueError(f"bad host name {host_name!r}")
         self.host_name, self.ksize, self.alpha = host_name, ksize, alpha
         self._signing_key, self._mac_key, self._trust = signing_key, derive_mac_key(swarm_secret), trust
+        self._binding = binding
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
         # Tunables, read when run() starts (tests shorten them).
         self.retry_interval, self.refresh_interval, self.rpc_timeout = RETRY_INTERVAL, REFRESH_INTERVAL, RPC_TIMEOUT
@@ -490,7 +500,7 @@ class DhtNode:
         if self._own.get((kind, key)) is not own:
             return 0  # publish() replaced it while a republish round was under way
         self._last_ts = ts = max(time.time(), self._last_ts + 1e-6)  # strictly newer than our previous one
-        raw = sign_record(self._signing_key, self.host_name, kind, key, own.payload, own.ttl, ts)
+        raw = sign_record(self._signing_key, self.host_name, kind, key, own.payload, own.ttl, ts, self._binding)
         if self._server is None:
             raise DhtStopped("DHT node is not running")
         self._server.storage.merge(key_digest(kind, key), [(raw, parse_record(raw))])  # for hand-over, lookups
@@ -501,7 +511,8 @@ class DhtNode:
     async def publish(self, kind: str, key: str, payload: dict[str, Any], ttl: float = DEFAULT_TTL) -> int:
         """Sign and store on the k closest nodes, and keep republishing it. Returns how many nodes
         acknowledged: 0 means only we hold it for now; it is retried every retry_interval."""
-        sign_record(self._signing_key, self.host_name, kind, key, payload, ttl)  # ValueError now, not later
+        sign_record(self._signing_key, self.host_name, kind, key, payload, ttl,
+                    binding=self._binding)  # ValueError now, not later
         self._own[(kind, key)] = own = _Own(payload, float(ttl))
         await self._ready.wait()
         return await self._send_own(kind, key, own)

@@ -7,9 +7,9 @@ Pure: no sockets, no asyncio, no trio; ``dht`` stays the only module that runs o
 A record is a msgpack map (kind, key, publisher, publisher's Ed25519 key, ts, ttl, payload) signed by
 the publisher, its payload checked against its kind's schema (``dht_schema``) right after the signature.
 Each (kind, key) holds one record per publisher, the newest winning, and at most MAX_RECORDS_PER_KEY
-publishers; a publisher holds records under at most MAX_KEYS_PER_PUBLISHER keys of a node. Without a
-binding of publisher names to keys (``DhtNode``'s ``trust``) a member can sign under many names, so these
-bound what one name costs a node, not what one member can.
+publishers; a publisher holds records under at most MAX_KEYS_PER_PUBLISHER keys of a node. A record
+carries the swarm CA's binding of its publisher's name to its signing key, which ``DhtNode``'s ``trust``
+checks: a member can publish only under its own name, so these limits bound what one member costs a node.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ from kademlia.storage import IStorage
 from p2pvbd.dht_schema import KINDS, PayloadError, check_payload
 
 MAC_BYTES = 16  # HMAC-SHA256 cut to 128 bits: RFC 2104 §5 allows truncating to >= half the output
-MAX_RECORD_BYTES = 1024  # a host record with a few addresses is ~300 B; a reply page still holds >= 6
+# A host record with a few addresses is ~380 B with its key binding, a VM definition up to 1 KiB; a reply
+# page still holds >= 6.
+MAX_RECORD_BYTES = 1152
 MAX_NAME_BYTES = 255  # host names (RFC 1035's limit) and disk names
 MAX_CLOCK_SKEW = 300.0  # seconds a record's ts may lie in our future (hosts' clocks drift)
 MAX_TTL = 604800.0  # one week: kademlia ForgetfulStorage's default maximum age
@@ -47,7 +49,9 @@ MAX_KEYS_PER_PUBLISHER = 4096
 # each, so at most about 1 MiB; one forgotten and seen again is logged again.
 LOGGED_DROPS = 1024
 
-_FIELDS = ("kind", "key", "publisher", "pubkey", "ts", "ttl", "payload", "sig")
+_FIELDS = ("kind", "key", "publisher", "pubkey", "binding", "ts", "ttl", "payload", "sig")
+# The swarm CA's statement that ``pubkey`` is the publisher's (trust.key_binding): expiry and signature.
+BINDING_BYTES = 8 + 64
 _SIG_DOMAIN = "p2pvbd-dht-record/1"
 
 
@@ -89,6 +93,7 @@ class Record:
     ttl: float
     payload: dict[str, Any]
     pubkey: bytes = field(repr=False)
+    binding: bytes = field(repr=False, default=b"")
 
     @property
     def expires(self) -> float:
@@ -128,9 +133,11 @@ def is_name(x: object) -> bool:
 
 
 def sign_record(signing_key: Ed25519PrivateKey, publisher: str, kind: str, key: str, payload: dict[str, Any],
-                ttl: float = DEFAULT_TTL, ts: float | None = None) -> bytes:
-    """Encode and sign a record; ValueError (RecordError) if verifiers would refuse it."""
+                ttl: float = DEFAULT_TTL, ts: float | None = None, binding: bytes = b"") -> bytes:
+    """Encode and sign a record; ValueError (RecordError) if verifiers would refuse it. ``binding`` is the
+    CA's binding of ``publisher`` to the signing key, without which a swarm's members refuse the record."""
     m = {"kind": kind, "key": key, "publisher": publisher, "pubkey": signing_key.public_key().public_bytes_raw(),
+         "binding": binding,
          "ts": float(time.time() if ts is None else ts), "ttl": float(ttl),
          "payload": msgpack.unpackb(msgpack.packb(payload))}  # sign exactly what verifiers will re-encode
     raw = msgpack.packb({**m, "sig": signing_key.sign(_signed_bytes(m))})
@@ -152,6 +159,7 @@ def parse_record(raw: object) -> Record:
     pk, ts, ttl, payload = m["pubkey"], m["ts"], m["ttl"], m["payload"]
     if not (isinstance(m["kind"], str) and m["kind"] in KINDS and is_name(m["key"]) and is_name(m["publisher"])
             and isinstance(pk, bytes) and len(pk) == 32 and isinstance(m["sig"], bytes) and len(m["sig"]) == 64
+            and isinstance(m["binding"], bytes) and len(m["binding"]) in (0, BINDING_BYTES)
             and isinstance(ts, float) and math.isfinite(ts) and isinstance(ttl, float) and 0 < ttl <= MAX_TTL
             and isinstance(payload, dict) and all(isinstance(k, str) for k in payload)):
         raise RecordError("malformed", "bad field types")
@@ -163,7 +171,7 @@ def parse_record(raw: object) -> Record:
         payload = check_payload(m["kind"], m["key"], m["publisher"], payload)
     except PayloadError as exc:
         raise RecordError("bad_payload", str(exc), (m["publisher"], m["kind"], m["key"])) from exc
-    return Record(m["kind"], m["key"], m["publisher"], ts, ttl, payload, pk)
+    return Record(m["kind"], m["key"], m["publisher"], ts, ttl, payload, pk, m["binding"])
 
 
 def check_record(rec: Record, dkey: bytes | None, now: float) -> None:

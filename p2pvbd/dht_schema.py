@@ -18,6 +18,8 @@ policy     a disk name      ``disk``: the key; ``hosts``: up to 64 distinct host
                             (unlimited) or bytes/s in [1, 2**63]; ``set_at``: seconds in [0, 2**63)
 vm         its first disk   a VM definition as ``vm.definition.VmDefinition`` checks it (name, disks,
                             memory, cpus, accel, kernel, initrd, append, qemu_args, set_at)
+revoked    "swarm"          ``serial``: int >= 1; ``names``: up to 8 distinct host names, sorted; ``sig``:
+                            64 bytes (the CA's signature, checked by its readers: ``revocation``)
 =========  ===============  =====================================================================
 
 Names (keys, publishers, host and disk names inside payloads) follow ``home.NAME_RE``, the rule
@@ -47,7 +49,7 @@ MAX_COUNTER = 2**63
 MAX_HOST_ADDRESSES = 16
 # A "host:port" string: a DNS name's 253 characters (RFC 1035) plus ":65535".
 MAX_ADDRESS_CHARS = 259
-# Disks in one host's catalog: more short names than a 1 KiB record (dht_records.MAX_RECORD_BYTES) holds,
+# Disks in one host's catalog: more short names than one record (dht_records.MAX_RECORD_BYTES) holds,
 # so the record size is the real limit; this one makes the list's bound explicit.
 MAX_CATALOG_DISKS = 256
 # Hosts a policy names: one person's machines, with headroom (as dht_records.MAX_RECORDS_PER_KEY).
@@ -200,8 +202,26 @@ def _vm(key: str, publisher: str, p: dict[str, Any]) -> dict[str, Any]:
     return vm.as_payload()
 
 
+def _revoked(key: str, publisher: str, p: dict[str, Any]) -> dict[str, Any]:
+    from p2pvbd.revocation import MAX_REVOKED_HOSTS, REVOKED_KEY  # pure, like this module
+
+    if key != REVOKED_KEY:
+        raise PayloadError(f"key: not {REVOKED_KEY!r}")
+    serial = _counter(p, "serial")
+    if serial < 1:
+        raise PayloadError("serial: below 1")
+    names = _strings(p, "names", is_name, "a host name", MAX_REVOKED_HOSTS)
+    if names != sorted(names):
+        raise PayloadError("names: not sorted")
+    sig = _field(p, "sig")
+    if not (isinstance(sig, bytes) and len(sig) == 64):
+        raise PayloadError("sig: not 64 bytes")
+    return {"serial": serial, "names": names, "sig": sig}
+
+
 _SCHEMAS: dict[str, Callable[[str, str, dict[str, Any]], dict[str, Any]]] = {
-    "host": _host, "owner": _owner, "holders": _holders, "catalog": _catalog, "policy": _policy, "vm": _vm}
+    "host": _host, "owner": _owner, "holders": _holders, "catalog": _catalog, "policy": _policy, "vm": _vm,
+    "revoked": _revoked}
 KINDS = frozenset(_SCHEMAS)
 
 

@@ -37,11 +37,13 @@ from p2pvbd.trust import (
     HostIdentity,
     TrustError,
     atomic_write_file,
+    binding_for,
     cert_fingerprint,
     cert_to_pem,
     check_host_name,
     has_identity,
     issue_host_cert,
+    key_binding_valid,
     load_identity,
     public_key_raw,
     save_identity,
@@ -206,6 +208,12 @@ def lookup_invite(home: Path, invite_id: str, now: float) -> InviteRecord:
         return _check_usable(records.get(invite_id), now)
 
 
+def outstanding_invites(home: Path, now: float) -> int:
+    """Invites that can still be used: the join port listens only while there are any."""
+    with _invites_locked(home) as records:
+        return sum(1 for r in records.values() if not r.used and now <= r.expires)
+
+
 def taken_names(identity: HostIdentity) -> set[str]:
     """Host names this CA has issued: its own and every joiner's (the used invite records)."""
     with _invites_locked(identity.home) as records:
@@ -300,7 +308,8 @@ def accept_join(identity: HostIdentity, body: dict[str, Any], now: float) -> dic
         raise InviteError("join proof does not match the invite secret")
     cert = sign_host_csr(identity.ca_key, identity.ca_cert, csr, name, taken_names(identity), now=now)
     consume_invite(identity.home, invite_id, now, used_by=name)
-    return {"ca": identity.ca_pem, "cert": cert_to_pem(cert), "swarm_secret": identity.swarm_secret}
+    return {"ca": identity.ca_pem, "cert": cert_to_pem(cert), "swarm_secret": identity.swarm_secret,
+            "binding": binding_for(identity.ca_key, cert)}
 
 
 def check_ca(ca_pem: bytes, expected_fingerprint: str) -> x509.Certificate:
@@ -317,8 +326,9 @@ def check_ca(ca_pem: bytes, expected_fingerprint: str) -> x509.Certificate:
 def finish_join(home: Path, invite: Invite, key: ed25519.Ed25519PrivateKey, name: str,
                 reply: dict[str, Any], *, now: float | None = None) -> HostIdentity:
     """Check the inviter's reply against the token and our key, then store the new identity."""
-    ca_pem, cert_pem, swarm_secret = (reply.get(k) for k in ("ca", "cert", "swarm_secret"))
-    if not (isinstance(ca_pem, bytes) and isinstance(cert_pem, bytes) and isinstance(swarm_secret, bytes)):
+    ca_pem, cert_pem, swarm_secret, binding = (reply.get(k) for k in ("ca", "cert", "swarm_secret", "binding"))
+    if not (isinstance(ca_pem, bytes) and isinstance(cert_pem, bytes) and isinstance(swarm_secret, bytes)
+            and isinstance(binding, bytes)):
         raise TrustError("malformed join reply")
     if len(swarm_secret) != SWARM_SECRET_BYTES:
         raise TrustError("join reply carries a swarm secret of the wrong size")
@@ -328,7 +338,10 @@ def finish_join(home: Path, invite: Invite, key: ed25519.Ed25519PrivateKey, name
         raise TrustError("the issued certificate is for another host name")
     if public_key_raw(cert.public_key()) != public_key_raw(key.public_key()):  # type: ignore[arg-type]
         raise TrustError("the issued certificate is for another key")
+    if not key_binding_valid(ca.public_key(), name, public_key_raw(key.public_key()), binding,  # type: ignore[arg-type]
+                             time.time() if now is None else now):
+        raise TrustError("the inviter's binding of this host's name to its key does not verify")
     if has_identity(home):
         raise TrustError(f"{trust_dir(home)} already holds a host identity; refusing to overwrite it")
-    save_identity(home, key=key, cert=cert, ca_cert=ca, swarm_secret=swarm_secret, ca_key=None)
+    save_identity(home, key=key, cert=cert, ca_cert=ca, swarm_secret=swarm_secret, ca_key=None, binding=binding)
     return load_identity(home)

@@ -10,6 +10,7 @@ TCP back-pressure instead of unbounded memory.
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -60,6 +61,10 @@ RECV_BYTES = 256 * 1024
 # Invites are served on the port after the peer port: a joiner has no certificate yet, and the peer
 # port must stay strict (no certificate, no connection). Tokens carry peer addresses.
 JOIN_PORT_OFFSET = 1
+# Anyone can reach the join port: a join is two small requests, one machine joining at a time is the
+# norm, so a few connections of at most 30 s each (handshake included) are plenty.
+JOIN_MAX_CONNECTIONS = 4
+JOIN_CONNECTION_SECONDS = 30.0
 # Closing politely (TLS close_notify) must not hang on a dead peer.
 CLOSE_TIMEOUT = 1.0
 # A cancel frame is ~30 bytes; if the link cannot take it within this long the connection is stuck anyway
@@ -354,20 +359,33 @@ async def _serve_connection(tcp: trio.SocketStream, ssl_context: ssl.SSLContext,
 
 async def serve_peers(listeners: Sequence[trio.SocketListener], ssl_context: ssl.SSLContext, handler: Handler, *,
                       ops: Mapping[str, OpSpec] = OPS, max_concurrent: int = MAX_CONCURRENT_REQUESTS,
-                      handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                      handshake_timeout: float = HANDSHAKE_TIMEOUT, max_connections: int | None = None,
+                      lifetime: float = math.inf,
                       task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve peer requests on ``listeners`` (from ``trio.open_tcp_listeners``) until cancelled.
 
     ``handler(peer_name, op, body)`` sees only ops in ``ops`` with bodies that passed their schema;
-    ``hello`` is answered here. Reports the first listener's port via ``task_status.started``.
+    ``hello`` is answered here. Reports the first listener's port via ``task_status.started``. With
+    ``max_connections``, connections beyond it are closed at once; each lasts at most ``lifetime`` s.
     """
     port = listeners[0].socket.getsockname()[1]
+    open_connections = 0
 
     async def on_connection(tcp: trio.SocketStream) -> None:
+        nonlocal open_connections
+        if max_connections is not None and open_connections >= max_connections:
+            log.info("refused a connection on port %d: %d are open already", port, open_connections)
+            await trio.aclose_forcefully(tcp)
+            return
+        open_connections += 1
         try:
-            await _serve_connection(tcp, ssl_context, handler, ops, max_concurrent, handshake_timeout)
+            with trio.move_on_after(lifetime):
+                await _serve_connection(tcp, ssl_context, handler, ops, max_concurrent, handshake_timeout)
         except Exception:
             log.exception("peer connection task failed")  # one broken connection never stops the server
+        finally:
+            open_connections -= 1
+            await trio.aclose_forcefully(tcp)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(trio.serve_listeners, on_connection, list(listeners), handler_nursery=nursery))
@@ -397,9 +415,10 @@ def join_handler(identity: trust.HostIdentity, clock: Callable[[], float] = time
 async def serve_join(listeners: Sequence[trio.SocketListener], identity: trust.HostIdentity, *,
                      clock: Callable[[], float] = time.time,
                      task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """The inviter's join listener: no client certificates, and only the join ops."""
+    """The inviter's join listener: no client certificates, only the join ops, few connections, briefly."""
     await serve_peers(listeners, trust.join_server_ssl_context(identity), join_handler(identity, clock),
-                      ops=JOIN_OPS, task_status=task_status)
+                      ops=JOIN_OPS, max_connections=JOIN_MAX_CONNECTIONS, lifetime=JOIN_CONNECTION_SECONDS,
+                      task_status=task_status)
 
 
 async def join_swarm(home: Path, token: str, name: str, *,

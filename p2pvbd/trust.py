@@ -14,10 +14,12 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
+import logging
 import os
 import secrets
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,12 +32,18 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from p2pvbd.home import NAME_RE
 
+log = logging.getLogger(__name__)
+
 TRUST_DIR = "trust"
 CA_CERT_FILE = "ca.pem"
 CA_KEY_FILE = "ca.key"
 HOST_KEY_FILE = "host.key"
 HOST_CERT_FILE = "host.pem"
 SWARM_SECRET_FILE = "swarm_secret"
+HOST_BINDING_FILE = "host.binding"
+# What the CA signs to bind a host name to its key for index records: far smaller than the certificate
+# (72 bytes against ~410), so every record can carry it.
+KEY_BINDING_DOMAIN = b"p2pvbd-host-key/1\0"
 
 # Host certificates live as long as the machine is likely to: there is no rotation machinery yet.
 HOST_CERT_VALIDITY = dt.timedelta(days=3650)
@@ -65,6 +73,7 @@ class HostIdentity:
     ca_cert: x509.Certificate
     swarm_secret: bytes
     ca_key: ed25519.Ed25519PrivateKey | None = None
+    binding: bytes = b""  # the CA's binding of this name to this key, carried in every index record
 
     @property
     def trust_dir(self) -> Path:
@@ -205,9 +214,73 @@ def issue_host_cert(ca_key: ed25519.Ed25519PrivateKey, ca_cert: x509.Certificate
     )
 
 
+def _binding_message(name: str, public_key: bytes, expires: int) -> bytes:
+    return KEY_BINDING_DOMAIN + name.encode() + b"\0" + public_key + expires.to_bytes(8, "big")
+
+
+def issue_key_binding(ca_key: ed25519.Ed25519PrivateKey, name: str, public_key: bytes, expires: int) -> bytes:
+    """The CA's statement that ``public_key`` signs for host ``name`` until ``expires`` (Unix seconds)."""
+    return expires.to_bytes(8, "big") + ca_key.sign(_binding_message(name, public_key, expires))
+
+
+def key_binding_valid(ca_public: ed25519.Ed25519PublicKey, name: str, public_key: bytes, binding: bytes,
+                      now: float) -> bool:
+    if len(binding) != 72:
+        return False
+    expires = int.from_bytes(binding[:8], "big")
+    if expires < now:
+        return False
+    try:
+        ca_public.verify(binding[8:], _binding_message(name, public_key, expires))
+    except InvalidSignature:
+        return False
+    return True
+
+
+# Publisher bindings remembered as verified: one per (host, key) of the swarm, with plenty of headroom.
+BINDING_CACHE_SIZE = 1024
+
+
+class RecordTrust:
+    """Decides whether an index record's publisher name goes with its signing key: the record must carry
+    the swarm CA's binding of the two, and the publisher must not be revoked. Verified bindings are
+    remembered (an Ed25519 verify each)."""
+
+    def __init__(self, ca_public: ed25519.Ed25519PublicKey,
+                 revoked: Callable[[str], bool] = lambda name: False) -> None:
+        self._ca_public, self._revoked = ca_public, revoked
+        self._good: dict[tuple[str, bytes, bytes], None] = {}
+
+    def __call__(self, publisher: str, public_key: bytes, binding: bytes) -> bool:
+        if self._revoked(publisher):
+            return False
+        item = (publisher, public_key, binding)
+        if item in self._good:
+            return int.from_bytes(binding[:8], "big") >= time.time()
+        if not key_binding_valid(self._ca_public, publisher, public_key, binding, time.time()):
+            return False
+        self._good[item] = None
+        if len(self._good) > BINDING_CACHE_SIZE:
+            del self._good[next(iter(self._good))]
+        return True
+
+
+def binding_for(ca_key: ed25519.Ed25519PrivateKey, cert: x509.Certificate) -> bytes:
+    """The binding of a host certificate's name and key, expiring with it."""
+    return issue_key_binding(ca_key, verify_name(cert), public_key_raw(cert.public_key()),  # type: ignore[arg-type]
+                             int(cert.not_valid_after_utc.timestamp()))
+
+
+def verify_name(cert: x509.Certificate) -> str:
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1 or not isinstance(names[0].value, str):
+        raise TrustError("host certificate must have exactly one common name")
+    return check_host_name(names[0].value)
+
+
 def save_identity(home: Path, *, key: ed25519.Ed25519PrivateKey, cert: x509.Certificate,
                   ca_cert: x509.Certificate, swarm_secret: bytes,
-                  ca_key: ed25519.Ed25519PrivateKey | None) -> None:
+                  ca_key: ed25519.Ed25519PrivateKey | None, binding: bytes) -> None:
     tdir = trust_dir(home)
     tdir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(tdir, 0o700)
@@ -216,6 +289,7 @@ def save_identity(home: Path, *, key: ed25519.Ed25519PrivateKey, cert: x509.Cert
         atomic_write_file(tdir / CA_KEY_FILE, _key_pem(ca_key), 0o600)
     atomic_write_file(tdir / SWARM_SECRET_FILE, swarm_secret, 0o600)
     atomic_write_file(tdir / HOST_CERT_FILE, cert_to_pem(cert), 0o644)
+    atomic_write_file(tdir / HOST_BINDING_FILE, binding, 0o644)
     # The host key goes last: its presence is what marks the identity as complete (has_identity).
     atomic_write_file(tdir / HOST_KEY_FILE, _key_pem(key), 0o600)
 
@@ -230,7 +304,7 @@ def create_swarm(home: Path, host_name: str, *, now: float | None = None) -> Hos
     key = new_host_key()
     cert = issue_host_cert(ca_key, ca_cert, key.public_key(), host_name, now)
     save_identity(home, key=key, cert=cert, ca_cert=ca_cert, swarm_secret=secrets.token_bytes(SWARM_SECRET_BYTES),
-                   ca_key=ca_key)
+                  ca_key=ca_key, binding=binding_for(ca_key, cert))
     return load_identity(home)
 
 
@@ -252,6 +326,8 @@ def load_identity(home: Path) -> HostIdentity:
         swarm_secret = (tdir / SWARM_SECRET_FILE).read_bytes()
         ca_key_path = tdir / CA_KEY_FILE
         ca_key = _load_private_key(ca_key_path) if ca_key_path.exists() else None
+        binding_path = tdir / HOST_BINDING_FILE
+        binding = binding_path.read_bytes() if binding_path.exists() else b""
     except (OSError, ValueError) as e:
         raise TrustError(f"cannot load the host identity from {tdir}: {e}") from e
     if len(swarm_secret) != SWARM_SECRET_BYTES:
@@ -259,8 +335,15 @@ def load_identity(home: Path) -> HostIdentity:
     name = verify_host_cert(cert, ca_cert)
     if public_key_raw(cert.public_key()) != public_key_raw(key.public_key()):  # type: ignore[arg-type]
         raise TrustError(f"{tdir / HOST_CERT_FILE} does not match {tdir / HOST_KEY_FILE}")
+    if ca_key is not None and not binding:  # a founder made before bindings existed binds itself
+        binding = binding_for(ca_key, cert)
+        atomic_write_file(tdir / HOST_BINDING_FILE, binding, 0o644)
+    if not key_binding_valid(ca_cert.public_key(), name, public_key_raw(key.public_key()),  # type: ignore[arg-type]
+                             binding, time.time()):
+        log.error("%s holds no valid binding of this host's name to its key: the swarm ignores its index "
+                  "records; join the swarm again with a new invite", tdir / HOST_BINDING_FILE)
     return HostIdentity(home=Path(home), name=name, key=key, cert=cert, ca_cert=ca_cert,
-                        swarm_secret=swarm_secret, ca_key=ca_key)
+                        swarm_secret=swarm_secret, ca_key=ca_key, binding=binding)
 
 
 def verify_host_cert(cert: x509.Certificate | bytes, ca_cert: x509.Certificate, *, now: float | None = None) -> str:
@@ -283,10 +366,7 @@ def verify_host_cert(cert: x509.Certificate | bytes, ca_cert: x509.Certificate, 
             raise TrustError("a CA certificate is not a host certificate")
     except x509.ExtensionNotFound as e:
         raise TrustError("host certificate lacks basicConstraints") from e
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if len(names) != 1 or not isinstance(names[0].value, str):
-        raise TrustError("host certificate must have exactly one common name")
-    return check_host_name(names[0].value)
+    return verify_name(cert)
 
 
 # ---- TLS -----------------------------------------------------------------------------------------

@@ -21,10 +21,11 @@ REPLY_SECONDS = 30.0
 
 
 def forge_record(signing_key: Ed25519PrivateKey, publisher: Any, kind: Any, key: Any, payload: Any,
-                 ttl: float = DEFAULT_TTL) -> bytes:
-    """A record signed by ``signing_key`` with no check of what it says."""
+                 ttl: float = DEFAULT_TTL, binding: bytes = b"") -> bytes:
+    """A record signed by ``signing_key`` with no check of what it says; ``binding``: the CA's binding of
+    a name to that key, as a member holds for its own name (trust.HostIdentity.binding)."""
     m = {"kind": kind, "key": key, "publisher": publisher, "pubkey": signing_key.public_key().public_bytes_raw(),
-         "ts": time.time(), "ttl": float(ttl), "payload": msgpack.unpackb(msgpack.packb(payload))}
+         "binding": binding, "ts": time.time(), "ttl": float(ttl), "payload": msgpack.unpackb(msgpack.packb(payload))}
     return msgpack.packb({**m, "sig": signing_key.sign(_signed_bytes(m))})
 
 

@@ -213,9 +213,12 @@ def test_fuzzed_datagrams_never_raise(name: str, args: list, kind: bytes, noise:
     assert stats["rpc_errors"] == 0
 
 
+RECORD_FIELDS = ("kind", "key", "publisher", "pubkey", "binding", "ts", "ttl", "payload", "sig")
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=MAX_RECORD_BYTES + 10) | _obj.map(msgpack.packb)
-       | st.fixed_dictionaries({f: _obj for f in ("kind", "key", "publisher", "pubkey", "ts", "ttl", "payload", "sig")})
+       | st.fixed_dictionaries({f: _obj for f in RECORD_FIELDS})
        .map(msgpack.packb))
 def test_parse_record_rejects_garbage_cleanly(raw: bytes) -> None:
     with pytest.raises(RecordError):

@@ -45,6 +45,7 @@ from p2pvbd.migration.fetcher import SyncError, SyncProgress
 from p2pvbd.migration.pull import sync_disk
 from p2pvbd.migration.replication import POLICY_FILE, Policy, Replication
 from p2pvbd.peer_transport import PeerError
+from p2pvbd.revocation import MAX_REVOKED_HOSTS, REVOKED_KEY, Revocations
 from p2pvbd.swarm.node import CATALOG_KEY, Swarm
 from p2pvbd.vm.definition import VmDefinition
 from tests.forge import forge_record
@@ -56,7 +57,8 @@ HOSTS = (ME, "office-pc", "home-pc")
 DISKS = ("vm1", "vm2")
 FIELDS = {"host": ("addresses", "cert"), "owner": ("host", "epoch"), "holders": ("host", "current_blocks",
           "generation"), "catalog": ("host", "disks"), "policy": ("disk", "hosts", "rate", "set_at"),
-          "vm": ("name", "disks", "memory", "cpus", "accel", "kernel", "initrd", "append", "qemu_args", "set_at")}
+          "vm": ("name", "disks", "memory", "cpus", "accel", "kernel", "initrd", "append", "qemu_args", "set_at"),
+          "revoked": ("serial", "names", "sig")}
 
 # msgpack-able values: what a member can put in a payload
 _scalar = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
@@ -88,6 +90,9 @@ def valid_payload(kind: str, key: str, publisher: str) -> st.SearchStrategy[dict
         return st.builds(lambda n, more, mib, t: VmDefinition(n, (key, *more), mib << 20, set_at=t).as_payload(),
                          names, st.lists(names.filter(lambda d: d != key), max_size=3, unique=True),
                          st.integers(16, 4096), st.floats(0, 2**62))
+    if kind == "revoked":
+        return st.builds(lambda n, serial: Revocations(serial, tuple(sorted(n)), bytes(64)).as_payload(),
+                         st.lists(names, max_size=MAX_REVOKED_HOSTS, unique=True), st.integers(1, MAX_COUNTER - 1))
     return st.builds(lambda h, r, t: Policy(key, tuple(h), r, t).as_payload(), st.lists(names, max_size=6, unique=True),
                      st.just(float("inf")) | st.floats(1, 2**63), st.floats(0, 2**62))
 
@@ -96,7 +101,8 @@ def valid_payload(kind: str, key: str, publisher: str) -> st.SearchStrategy[dict
 def kind_key_publisher(draw: st.DrawFn) -> tuple[str, str, str]:
     kind = draw(st.sampled_from(sorted(KINDS)))
     publisher = draw(st.sampled_from(HOSTS))
-    key = publisher if kind == "host" else CATALOG_KEY if kind == "catalog" else draw(st.sampled_from(DISKS))
+    key = (publisher if kind == "host" else CATALOG_KEY if kind == "catalog" else REVOKED_KEY if kind == "revoked"
+           else draw(st.sampled_from(DISKS)))
     return kind, key, publisher
 
 

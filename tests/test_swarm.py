@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from p2pvbd import peer_transport as pt
 from p2pvbd import trust
 from p2pvbd.dht_records import key_digest
 from tests.daemons import Host, free_port
@@ -179,17 +180,29 @@ def test_a_member_signing_malformed_index_records_stops_no_daemon(three_hosts: l
     # valid but odd: an epoch below the owner's, more blocks held than the disk has, by a host holding none
     odd = [("owner", "vm1", {"host": "car-pc", "epoch": 0}),
            ("holders", "vm1", {"host": "car-pc", "current_blocks": 10**12, "generation": 5})]
+    # Under another host's name (office-pc's address in its host record, its ownership), or without the
+    # CA's binding of car-pc's name to its key, even a well-formed record is refused.
+    impostor = [("office-pc", "host", "office-pc", {"addresses": ["127.0.0.1:9"], "cert": "00" * 32}, member.binding),
+                ("office-pc", "owner", "vm1", {"host": "office-pc", "epoch": 9}, member.binding),
+                ("car-pc", "owner", "vm1", {"host": "car-pc", "epoch": 9}, b""),
+                ("car-pc", "owner", "vm1", {"host": "car-pc", "epoch": 9}, bytes(72))]
     client = IndexClient(member.swarm_secret)
     try:
         for target in (office, home):
             for kind, key, payload, _ in bad * 2:  # each twice: logged once
-                raw = forge_record(member.key, "car-pc", kind, key, payload)
+                raw = forge_record(member.key, "car-pc", kind, key, payload, binding=member.binding)
                 assert client.store(target.port, key_digest(kind, key), [raw]) is False, (kind, payload)
+            for name, kind, key, payload, binding in impostor:
+                raw = forge_record(member.key, name, kind, key, payload, binding=binding)
+                assert client.store(target.port, key_digest(kind, key), [raw]) is False, (name, kind, payload)
             for kind, key, payload in odd:  # the control: the same path stores a valid record
-                raw = forge_record(member.key, "car-pc", kind, key, payload)
+                raw = forge_record(member.key, "car-pc", kind, key, payload, binding=member.binding)
                 assert client.store(target.port, key_digest(kind, key), [raw]) is True, (kind, payload)
     finally:
         client.close()
+    for h in (home, car):
+        office_at = next(p for p in h.json("peers") if p["name"] == "office-pc")
+        assert "127.0.0.1:9" not in repr(office_at), office_at
     assert all(h.alive() for h in three_hosts)
     for h in three_hosts:
         disk = h.json("status")["disks"][0]
@@ -202,3 +215,34 @@ def test_a_member_signing_malformed_index_records_stops_no_daemon(three_hosts: l
             line = f"dropped a malformed {kind} record for {key!r} signed by 'car-pc': {reason}"
             assert log.count(line) == 1, (target.name, line)
     assert all(h.alive() for h in three_hosts)
+
+
+def _join_port_accepts(host: Host) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", host.port + 1), timeout=10).close()
+    except ConnectionRefusedError:
+        return False
+    return True
+
+
+def test_the_join_port_listens_only_for_an_outstanding_invite_and_few(make_host: Callable[..., Host]) -> None:
+    """Nobody without a certificate reaches the founder unless an invite is outstanding; then at most
+    JOIN_MAX_CONNECTIONS connections at once (40 idle ones once took 330 MB)."""
+    office = make_host("office-pc")
+    assert not _join_port_accepts(office)  # no invite yet
+    token = invite(office)
+    assert _join_port_accepts(office)  # open once `invite` returns
+    held = [socket.create_connection(("127.0.0.1", office.port + 1), timeout=10)
+            for _ in range(pt.JOIN_MAX_CONNECTIONS)]
+    try:
+        extra = socket.create_connection(("127.0.0.1", office.port + 1), timeout=10)
+        refused = f"refused a connection on port {office.port + 1}: {pt.JOIN_MAX_CONNECTIONS} are open already"
+        wait_until(lambda: refused in (office.home / "daemon.log").read_text(), "the extra connection's refusal")
+        extra.close()
+    finally:
+        for s in held:
+            s.close()
+    home = make_host("home-pc", join=token)  # the cap is for idle strangers: a real join goes through
+    assert home.alive()
+    wait_until(lambda: not _join_port_accepts(office), "the join port to close once the invite is used",
+               timeout=pt.JOIN_CONNECTION_SECONDS + 30)

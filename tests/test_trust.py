@@ -179,6 +179,27 @@ def test_join_gives_a_member_without_the_ca_key(founder: trust.HostIdentity, tmp
         invites.make_invite(beta, ["h:1"], 600, NOW)
 
 
+def test_records_trust_a_name_only_with_the_cas_binding_of_its_key(founder: trust.HostIdentity,
+                                                                     tmp_path: Path) -> None:
+    """Founder and joiner each hold the CA's binding of their name to their key; it names nobody else,
+    fits no other key, and dies with its expiry; a founder made before bindings binds itself on load."""
+    beta = invite_and_join(founder, tmp_path / "beta", "beta", now=time.time())
+    check = trust.RecordTrust(founder.ca_cert.public_key())  # type: ignore[arg-type]
+    raw = {h.name: trust.public_key_raw(h.key.public_key()) for h in (founder, beta)}
+    assert check(founder.name, raw[founder.name], founder.binding) and check("beta", raw["beta"], beta.binding)
+    assert check("beta", raw["beta"], beta.binding)  # remembered: the same answer
+    assert not check(founder.name, raw["beta"], beta.binding)  # beta's key under the founder's name
+    assert not check("beta", raw[founder.name], beta.binding)
+    assert not check("beta", raw["beta"], founder.binding)
+    assert not check("beta", raw["beta"], b"") and not check("beta", raw["beta"], bytes(72))
+    expired = trust.issue_key_binding(founder.ca_key, "beta", raw["beta"], int(time.time()) - 1)  # type: ignore[arg-type]
+    assert not check("beta", raw["beta"], expired)
+    other = trust.create_swarm(tmp_path / "other", "beta")
+    assert not check("beta", trust.public_key_raw(other.key.public_key()), other.binding)  # another swarm's CA
+    (founder.home / "trust" / trust.HOST_BINDING_FILE).unlink()
+    assert trust.load_identity(founder.home).binding and (founder.home / "trust" / trust.HOST_BINDING_FILE).exists()
+
+
 def test_name_taken(founder: trust.HostIdentity, tmp_path: Path) -> None:
     invite_and_join(founder, tmp_path / "beta", "beta", now=time.time())
     for name in ("beta", "alpha"):

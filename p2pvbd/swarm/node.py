@@ -21,20 +21,31 @@ from typing import Any
 import trio
 import zstandard
 
-from p2pvbd import dht, trust
+from p2pvbd import dht, invites, trust
 from p2pvbd.dht_records import format_hostport, holders_payload, host_payload, owner_payload
-from p2pvbd.dht_schema import MAX_HOST_ADDRESSES, is_address
+from p2pvbd.dht_schema import MAX_HOST_ADDRESSES, PayloadError, check_payload, is_address
 from p2pvbd.home import Config, Home, parse_hostport
-from p2pvbd.kernel_hook_ctl import HookController
+from p2pvbd.kernel_hook_ctl import ExportMode, HookController
+from p2pvbd.migrate import pending_path
 from p2pvbd.migration.pull import PullState
 from p2pvbd.migration.replication import Replication
 from p2pvbd.migration.target import MigrationTarget
-from p2pvbd.peer_transport import JOIN_PORT_OFFSET, PeerConnection, PeerError, open_peer, serve_join, serve_peers
+from p2pvbd.peer_transport import (
+    JOIN_CONNECTION_SECONDS,
+    JOIN_PORT_OFFSET,
+    PeerConnection,
+    PeerError,
+    open_peer,
+    serve_join,
+    serve_peers,
+)
 from p2pvbd.replica_store import ReplicaStore
+from p2pvbd.revocation import REVOKED_KEY, Revocations
 from p2pvbd.store.map_tree import STALE_ROOT
 from p2pvbd.swarm import access, maps
 from p2pvbd.swarm.access import PeerOp
 from p2pvbd.swarm.address_book import PEERS_FILE, AddressBook
+from p2pvbd.swarm.revoked import REVOKED_FILE, RevocationBook
 from p2pvbd.wire.peer_wire import (
     BLOCK_ENTRY_BYTES,
     BLOCK_ZSTD_LEVEL,
@@ -56,6 +67,16 @@ PUBLISH_INTERVAL = 15.0
 COVERAGE_CACHE_ENTRIES = 256
 # A status or peers query must answer even when a host is down: its requests give up after this.
 QUERY_TIMEOUT = 5.0
+# A claimed disk's version counter jumps this far: more versions than a lost owner hands out between a
+# replica's syncs (2**40 writes), and 2**23 claims still fit in a u64.
+CLAIM_COUNTER_GAP = 2**40
+# How often the join port checks whether invites are outstanding (an invite made here opens it at once).
+JOIN_POLL_SECONDS = 2.0
+# `invite` waits this long for the join port to open (milliseconds, unless the port is taken).
+JOIN_OPEN_SECONDS = 10.0
+# Pushing a revocation list to one host: finding its address may wait out the index's RPC timeout (5 s)
+# on a few hosts that are down, before the connection and the request themselves.
+REVOCATION_PUSH_SECONDS = 30.0
 WILDCARDS = ("0.0.0.0", "::", "")
 # Set to 1 in a daemon's environment to make it a lying peer (tests only; logged loudly at start).
 FAULT_CORRUPT_ENV = "P2PVBD_FAULT_CORRUPT_SERVED_BLOCKS"
@@ -94,7 +115,11 @@ class Swarm:
     def __init__(self, home: Home, config: Config, identity: trust.HostIdentity, ctl: HookController) -> None:
         self.home, self.config, self.identity, self.ctl = home, config, identity, ctl
         self.name = config.name
-        self.dht = dht.DhtNode(host_name=self.name, signing_key=identity.key, swarm_secret=identity.swarm_secret)
+        ca_public = identity.ca_cert.public_key()
+        self.revoked = RevocationBook(identity.trust_dir / REVOKED_FILE, ca_public)  # type: ignore[arg-type]
+        self.dht = dht.DhtNode(host_name=self.name, signing_key=identity.key, swarm_secret=identity.swarm_secret,
+                               trust=trust.RecordTrust(ca_public, self.revoked.revokes),  # type: ignore[arg-type]
+                               binding=identity.binding)
         self.client_ssl = trust.client_ssl_context(identity)
         self._conns: dict[str, PeerConnection] = {}
         self.book = AddressBook(home.path / PEERS_FILE)  # where peers were last found: a restart starts there
@@ -102,6 +127,8 @@ class Swarm:
         self._connecting: dict[str, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
         self._publish_now = trio.Event()
+        self._invited, self._join_open = trio.Event(), trio.Event()
+        self.join_error = ""  # why the join port could not open, if it could not
         # Coverage of a replica against the owner, by (disk, host, its root, the owner's root): status
         # repeated while nothing changes costs two summaries per replica.
         self._coverage_cache: OrderedDict[tuple[str, str, bytes, bytes], int] = OrderedDict()
@@ -119,6 +146,7 @@ class Swarm:
             "map_entries": PeerOp(self._serve_entries, access.member),
             "map_changes": PeerOp(self._serve_changes, access.member),
             "get_blocks": PeerOp(self._get_blocks, access.member, {"blocks": MAX_BLOCK_ENTRIES}),
+            "revocations": PeerOp(self._serve_revocations, access.member),
         } | self.migration_target.ops()
         self.refusals = access.Refusals()
         # Migrations this host runs as their source, by disk: shown by `status` on every host.
@@ -136,8 +164,7 @@ class Swarm:
             await nursery.start(partial(serve_peers, peer_listeners, trust.server_ssl_context(self.identity),
                                         self.handle_peer))
             if self.identity.can_invite:
-                join_listeners = await trio.open_tcp_listeners(port + JOIN_PORT_OFFSET, host=host or None)
-                await nursery.start(partial(serve_join, join_listeners, self.identity))
+                nursery.start_soon(self._join_port, host, port + JOIN_PORT_OFFSET)
             if self.fault_corrupt_blocks:
                 log.warning("%s=1: this daemon serves corrupt blocks to its peers (fault injection)",
                             FAULT_CORRUPT_ENV)
@@ -163,6 +190,9 @@ class Swarm:
             self._publish_now = trio.Event()
 
     async def publish(self) -> None:
+        await self._learn_revocations()
+        if self.revoked.current.serial:  # every host that knows the list carries it on
+            await self.dht.publish("revoked", REVOKED_KEY, self.revoked.current.as_payload(), RECORD_TTL)
         await self.dht.publish("host", self.name, host_payload(
             advertised_addresses(self.config.listen), self.identity.cert_fingerprint), RECORD_TTL)
         disks = self.ctl.names()
@@ -176,9 +206,133 @@ class Swarm:
             await self.dht.publish("holders", store.name, holders_payload(self.name, current, store.counter),
                                    RECORD_TTL)
 
+    # ---- the join port --------------------------------------------------------------------------
+    def _invites_outstanding(self) -> bool:
+        return invites.outstanding_invites(self.home.path, time.time()) > 0
+
+    async def _join_port(self, host: str, port: int) -> None:
+        """The founder's join port listens only while an invite is outstanding (and a connection's
+        lifetime after, so a join under way finishes): the rest of the time nobody without a certificate
+        reaches this host at all."""
+        while True:
+            while not await trio.to_thread.run_sync(self._invites_outstanding):
+                with trio.move_on_after(JOIN_POLL_SECONDS):
+                    await self._invited.wait()
+                self._invited = trio.Event()
+            try:
+                listeners = await trio.open_tcp_listeners(port, host=host or None)
+            except OSError as e:
+                self.join_error = f"cannot listen for joins on port {port}: {e.strerror or e}"
+                log.error("%s", self.join_error)
+                await trio.sleep(JOIN_POLL_SECONDS)
+                continue
+            self.join_error = ""
+            async with trio.open_nursery() as nursery:
+                await nursery.start(partial(serve_join, listeners, self.identity))
+                log.info("join port %d open: an invite is outstanding", port)
+                self._join_open.set()
+                quiet_since = math.inf
+                while trio.current_time() - quiet_since < JOIN_CONNECTION_SECONDS:
+                    await trio.sleep(JOIN_POLL_SECONDS)
+                    busy = await trio.to_thread.run_sync(self._invites_outstanding)
+                    quiet_since = math.inf if busy else min(quiet_since, trio.current_time())
+                self._join_open = trio.Event()
+                nursery.cancel_scope.cancel()
+            log.info("join port %d closed: no invite is outstanding", port)
+
+    async def open_join_port(self) -> None:
+        """After an invite is made: return once the join port listens (the token may be used at once)."""
+        self._invited.set()
+        with trio.move_on_after(JOIN_OPEN_SECONDS):
+            await self._join_open.wait()
+            return
+        raise PeerError("join_port", self.join_error or "the join port did not open")
+
+    # ---- revocation ----------------------------------------------------------------------------
+    async def _learn_revocations(self) -> None:
+        for rec in await self.dht.lookup("revoked", REVOKED_KEY):
+            self.adopt_revocations(Revocations.from_payload(rec.payload))
+
+    def adopt_revocations(self, rev: Revocations) -> bool:
+        """Keep a newer list the CA signed; close this host's links to the hosts it revokes."""
+        if not self.revoked.adopt(rev):
+            return False
+        for name in rev.names:
+            conn = self._conns.pop(name, None)
+            if conn is not None:
+                conn.lost.set()
+        self.request_publish()
+        return True
+
+    async def revoke(self, host: str) -> dict[str, Any]:
+        """`p2pvbd revoke HOST` on the founder: sign a list naming ``host`` too and push it to every host
+        reachable now (the index carries it to the others)."""
+        if self.identity.ca_key is None:
+            raise PeerError("not_founder", f"{self.name} does not hold the swarm's CA key: run this on the host "
+                                           "that created the swarm")
+        if host == self.name:
+            raise PeerError("bad_request", "a host cannot revoke itself")
+        rev = self.revoked.current
+        if not rev.revokes(host):
+            rev = rev.with_host(self.identity.ca_key, host)
+            self.adopt_revocations(rev)
+        told: list[str] = []
+
+        async def tell(peer: str) -> None:
+            try:
+                with trio.fail_after(REVOCATION_PUSH_SECONDS):
+                    await (await self.connect(peer)).request("revocations", rev.as_payload(), timeout=QUERY_TIMEOUT)
+                told.append(peer)
+            except (PeerError, trio.TooSlowError) as e:
+                log.info("revocation list not pushed to %s (%s); the index will carry it",
+                         peer, getattr(e, "message", "timed out"))
+
+        names = {str(r.payload.get("host", r.publisher)) for r in await self.dht.lookup("catalog", CATALOG_KEY)}
+        async with trio.open_nursery() as nursery:
+            for peer in sorted(names - {self.name} - set(rev.names)):
+                nursery.start_soon(tell, peer)
+        return {"revoked": list(rev.names), "serial": rev.serial, "told": sorted(told)}
+
+    async def claim(self, disk: str) -> dict[str, Any]:
+        """`p2pvbd disk claim DISK`: take over a disk whose owner the founder revoked (a stolen machine),
+        from this host's replica. Its counter jumps past any version the lost owner may have handed out
+        since this replica last heard from it, so no version means two contents."""
+        exp = self.ctl.get(disk)
+        if exp is None:
+            raise PeerError("no_disk", f"{self.name} holds no replica of {disk}: claim it on a host that does")
+        store = exp.store
+        if store.owner == self.name:
+            raise PeerError("bad_request", f"{self.name} owns {disk} already")
+        records = await self.dht.lookup("owner", disk)  # the revoked owner's records are dropped on read
+        newer = max([(int(r.payload["epoch"]), str(r.payload["host"])) for r in records
+                     if r.publisher != self.name and int(r.payload["epoch"]) > store.epoch], default=None)
+        lost = store.owner
+        if newer is not None or not self.revoked.revokes(lost):
+            owner = newer[1] if newer is not None else lost
+            raise PeerError("bad_request", f"{disk} is owned by {owner}, which is not revoked: move it with "
+                                           f"'p2pvbd migrate' there, or revoke {owner} on the swarm's founder")
+        epoch = store.epoch + 1
+        pending_path(store.directory).unlink(missing_ok=True)
+        await trio.to_thread.run_sync(partial(store.set_owner, self.name, epoch, store.counter + CLAIM_COUNTER_GAP))
+        exp.forward, exp.forwarded_clients, exp.forward_pids = None, frozenset(), frozenset()
+        self.ctl.set_mode(disk, ExportMode.PRIMARY)
+        self.request_publish()
+        log.warning("claimed %s from the revoked host %s at epoch %d", disk, lost, epoch)
+        return {"disk": disk, "owner": self.name, "epoch": epoch, "held_blocks": store.held_blocks,
+                "total_blocks": store.n_blocks}
+
+    async def _serve_revocations(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            payload = check_payload("revoked", REVOKED_KEY, peer, body)
+        except PayloadError as e:
+            raise PeerError("bad_request", f"not a revocation list: {e}") from None
+        return {"kept": self.adopt_revocations(Revocations.from_payload(payload))}
+
     # ---- connections ---------------------------------------------------------------------------
     async def connect(self, peer: str) -> PeerConnection:
         """A live connection to ``peer`` (found by name in the DHT), shared by all callers."""
+        if self.revoked.revokes(peer):
+            raise PeerError("revoked", f"host {peer} was revoked from this swarm")
         while True:
             conn = self._conns.get(peer)
             if conn is not None and not conn.lost.is_set():
@@ -235,6 +389,8 @@ class Swarm:
     # ---- serving peers -------------------------------------------------------------------------
     async def handle_peer(self, peer: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
         """Serve one request of ``peer`` (its certificate's name): bounds and rule first, then the handler."""
+        if self.revoked.revokes(peer):
+            raise self.refusals.refuse(peer, op, body, access.ERR_FORBIDDEN, f"{peer} was revoked from this swarm")
         self._last_contact[peer] = time.time()
         spec = self.peer_ops.get(op)
         if spec is None:
@@ -329,7 +485,7 @@ class Swarm:
         owners = await self.dht.lookup("owner", disk)
         local = self.ctl.get(disk)
         candidates = [(int(r.payload["epoch"]), r.ts, str(r.payload["host"])) for r in owners]
-        if local is not None and local.store.owner:
+        if local is not None and local.store.owner and not self.revoked.revokes(local.store.owner):
             candidates.append((local.store.epoch, math.inf, local.store.owner))
         epoch, _, owner = max(candidates) if candidates else (0, 0.0, "")
         return owner, epoch

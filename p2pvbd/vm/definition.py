@@ -34,8 +34,8 @@ MAX_TEXT = 512
 # QEMU's NBD client waits this long for the daemon to come back (a restart after a crash takes seconds)
 # before failing the guest's I/O: the VM outlives a crash of its daemon.
 NBD_RECONNECT_SECONDS = 120
-# A definition travels as one index record of at most 1 KiB (dht_records.MAX_RECORD_BYTES), of which the
-# signature, publisher, key and timestamps take up to ~380 bytes.
+# A definition travels as one index record of at most 1152 bytes (dht_records.MAX_RECORD_BYTES), of which
+# the signature, key binding, publisher, key and timestamps take up to ~470 bytes.
 MAX_PAYLOAD_BYTES = 640
 ACCELS = ("auto", "kvm", "tcg")
 # A path names a file on every host that runs the VM (kernel, initrd): absolute, printable, bounded.

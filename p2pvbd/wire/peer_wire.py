@@ -117,6 +117,8 @@ OPS: dict[str, OpSpec] = {
     "vm_finish": OpSpec({"vm": str}, "answer once the arrived VM runs here"),
     "vm_abort": OpSpec({"vm": str}, "the move is off: quit the incoming QEMU"),
     # Destination -> the host running a VM: `migrate VM --to HOST` run on HOST itself.
+    "revocations": OpSpec({"serial": int, "names": list, "sig": bytes},
+                          "the swarm's newest revocation list, signed by its CA (kept if newer and valid)"),
     "vm_move": OpSpec({"vm": str, "to": str, "mode": str, "max_downtime_ms": float}, "move that VM to the caller"),
     "vm_move_status": OpSpec({"vm": str, "to": str}, "progress of that move"),
 }
