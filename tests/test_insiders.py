@@ -21,6 +21,7 @@ import pytest
 import trio
 
 from p2pvbd import trust
+from p2pvbd.dht_records import key_digest
 from p2pvbd.migrate import SHIP_BATCH_BYTES
 from p2pvbd.peer_transport import PeerError, open_peer
 from p2pvbd.store.version_map import MIN_BLOCK_SIZE
@@ -28,6 +29,7 @@ from p2pvbd.swarm import access
 from p2pvbd.sync_planner import MAX_REQUEST_BYTES
 from p2pvbd.wire.peer_wire import MAX_BLOCK_ENTRIES, MIN_BLOCK_BYTES
 from tests.daemons import Host, run
+from tests.forge import IndexClient, forge_record
 from tests.test_migrate import BLOCK, Guest, model_image
 from tests.test_swarm import invite, wait_until
 from tests.test_sync import qemu_io, sync, visible
@@ -174,6 +176,42 @@ def test_a_member_cannot_take_a_disk_or_write_into_it(swarm: tuple[list[Host], b
     image = model_image(tmp_path / "model.raw", bytes(model), report["acked"])  # type: ignore[arg-type]
     run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(image), home.uri("vm1"))
     assert all(h.alive() for h in honest)
+
+
+def test_an_owner_claimed_in_the_index_is_not_followed_unconfirmed(swarm: tuple[list[Host], bytes],
+                                                                    tmp_path: Path) -> None:
+    """mallory imports a disk of its own named vm1 and publishes an owner record for it at epoch 99 (under
+    its own name: valid), so the index names it vm1's owner; it asks for vm1 to be kept warm on home-pc.
+    home-pc's replica records office-pc as the owner, and office-pc says it still owns vm1: home-pc
+    neither syncs from mallory nor takes its policy, and its data stays office-pc's."""
+    (office, home, car, mallory), base = swarm
+    (tmp_path / "fake.raw").write_bytes(b"\x66" * len(base))
+    mallory.cli("disk", "import", "vm1", str(tmp_path / "fake.raw"))
+    member = trust.load_identity(mallory.home)  # an owner record under its own name, at a high epoch
+    claim = forge_record(member.key, "mallory", "owner", "vm1", {"host": "mallory", "epoch": 99},
+                         binding=member.binding)
+    client = IndexClient(member.swarm_secret)
+    try:
+        for h in (office, home, car):
+            assert client.store(h.port, key_digest("owner", "vm1"), [claim]) is True  # a valid record
+    finally:
+        client.close()
+    wait_until(lambda: car.json("status", "vm1")["disks"][0]["owner"] == "mallory",
+               "the index to name mallory vm1's owner (a claim any member can make)")
+    res = home.cli("sync", "vm1", check=False)
+    assert res.returncode != 0 and "mallory is not the owner of vm1" in res.stderr and "office-pc" in res.stderr, \
+        res.stderr
+    office.cli("replicate", "vm1", "--on", "car-pc")  # the owner's policy: home-pc learns it
+    wait_until(lambda: (home.json("status", "vm1")["disks"][0]["replicate"] or {}).get("hosts") == ["car-pc"],
+               "home-pc to learn office-pc's policy")
+    mallory.cli("replicate", "vm1", "--on", "home-pc")  # newer, for mallory's own vm1
+    wait_until(lambda: "ignoring mallory's replication policy of vm1: its owner is office-pc"
+               in (home.home / "daemon.log").read_text(), "home-pc to see mallory's policy")
+    assert home.json("status", "vm1")["disks"][0]["replicate"]["hosts"] == ["car-pc"]
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(tmp_path / "base.raw"), home.uri("vm1"))
+    d = next(d for d in home.json("disk", "list") if d["name"] == "vm1")
+    assert (d["owner"], d["epoch"]) == ("office-pc", 1), d
+    assert all(h.alive() for h in (office, home, car))
 
 
 def test_refusals_are_logged_once_in_bounded_memory(caplog: pytest.LogCaptureFixture) -> None:

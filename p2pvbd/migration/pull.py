@@ -29,7 +29,7 @@ from p2pvbd.peer_transport import PeerError
 from p2pvbd.replica_store import ReplicaStore
 from p2pvbd.store.map_tree import same_records
 from p2pvbd.store.version_map import BlockEntries
-from p2pvbd.swarm import maps
+from p2pvbd.swarm import access, maps
 
 if TYPE_CHECKING:
     from p2pvbd.swarm.node import Swarm
@@ -100,6 +100,8 @@ async def _sync(swarm: Swarm, disk: str, progress: SyncProgress, sources: list[s
         raise SyncError(f"no disk named {disk!r} in the swarm (the index has no owner for it)")
     if owner == swarm.name:
         raise SyncError(f"this host owns {disk}: its replica is the reference every other replica syncs to")
+    if (why := await _unconfirmed_owner(swarm, exp.store if exp is not None else None, owner, epoch)):
+        raise SyncError(why)
     candidates = await _candidates(swarm, disk, owner, sources) if sources else None  # a bad --from fails first
     progress.phase = "maps"
     owner_map = await swarm.map_of(owner, disk)
@@ -119,6 +121,15 @@ async def _sync(swarm: Swarm, disk: str, progress: SyncProgress, sources: list[s
         swarm.request_publish()
     progress.phase = "done"
     swarm.pulls.synced[disk] = Synced(owner, max(epoch, summary.epoch), summary.boot, summary.generation)
+
+
+async def _unconfirmed_owner(swarm: Swarm, recorded: ReplicaStore | None, owner: str, epoch: int) -> str | None:
+    """A replica follows a new owner only as far as the owner it records confirms the hand-over (an owner
+    record in the index is any member's claim); a revoked recorded owner confirms nothing and blocks
+    nothing (its disks are claimed anew)."""
+    if recorded is None or not recorded.owner or recorded.owner == owner or swarm.revoked.revokes(recorded.owner):
+        return None
+    return await access.owner_confirmed(swarm, recorded.name, recorded.owner, recorded.epoch, owner, epoch)
 
 
 async def _replica(swarm: Swarm, disk: str, owner: str, epoch: int, owner_map: maps.MapSource) -> ReplicaStore:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from p2pvbd.dht_records import FirstSeen
 from p2pvbd.dht_schema import check_payload
 from p2pvbd.store.store_files import atomic_write, read_json_file
 
@@ -87,6 +88,7 @@ class Replication:
         self.path = home / POLICY_FILE
         self.policies: dict[str, Policy] = self._load()
         self.buckets: dict[str, TokenBucket] = {}
+        self._ignored = FirstSeen()  # (disk, publisher) of policies ignored: logged once
 
     def _load(self) -> dict[str, Policy]:
         policies: dict[str, Policy] = {}
@@ -113,6 +115,12 @@ class Replication:
         return True
 
     async def set(self, disk: str, add: list[str], remove: list[str], rate: float | None) -> Policy:
+        """`replicate` on the disk's owner: the only host whose policy other hosts follow."""
+        local = self.swarm.ctl.get(disk)
+        if local is None or local.store.owner != self.swarm.name:
+            owner = local.store.owner if local is not None else (await self.swarm.owner_of(disk))[0]
+            raise ValueError(f"only the owner of {disk} sets its replication" + (f": run this on {owner}"
+                                                                              if owner else ""))
         await self.refresh()
         known = self.policies.get(disk)
         hosts = [h for h in (known.hosts if known else ()) if h not in remove]
@@ -132,8 +140,21 @@ class Replication:
                 log.warning("cannot publish the policy of %s: %s", policy.disk, e)
 
     async def refresh(self) -> None:
+        """Learn policies from the index: a disk's policy counts only when its owner published it (the
+        owner this host's replica records, else the index's), so no other member can make a host pull."""
         for disk in await self.swarm.known_disks():
-            for rec in await self.swarm.dht.lookup("policy", disk):
+            records = await self.swarm.dht.lookup("policy", disk)
+            if not records:
+                continue
+            local = self.swarm.ctl.get(disk)
+            owner = local.store.owner if local is not None and local.store.owner else \
+                (await self.swarm.owner_of(disk))[0]
+            for rec in records:
+                if rec.publisher != owner:
+                    if self._ignored.first((disk, rec.publisher)):
+                        log.info("ignoring %s's replication policy of %s: its owner is %s", rec.publisher, disk,
+                                 owner or "unknown")
+                    continue
                 try:
                     self.learn(Policy.from_payload(rec.payload))
                 except (ValueError, KeyError, TypeError):

@@ -89,25 +89,35 @@ async def current_owner(swarm: Swarm, peer: str, body: dict[str, Any]) -> str | 
     store = exp.store
     if store.owner == swarm.name:
         return f"{peer} is not the owner of {disk}: {swarm.name} owns it (epoch {store.epoch})"
-    owner, epoch = store.owner, store.epoch
+    why = await owner_confirmed(swarm, disk, store.owner, store.epoch, peer, claimed)
+    if why is None:
+        return None
+    return (f"{why} (if that record is stale, `p2pvbd sync {disk}` on {swarm.name} brings it up to date)")
+
+
+async def owner_confirmed(swarm: Swarm, disk: str, owner: str, epoch: int, claimant: str, claimed: int) -> str | None:
+    """Whether ``claimant`` owns ``disk`` at epoch ``claimed``, as this host can confirm from the owner it
+    records (``owner`` at ``epoch``): that owner, or one reached from it through the owners' own records
+    of whom they handed the disk to (each asked for its map summary, the claimant never about itself).
+    None if confirmed, else why not. A claim in the index or in the claimant's own map proves nothing:
+    any member can make one."""
     for _ in range(MAX_OWNER_CHAIN):
-        if (owner, epoch) == (peer, claimed):
+        if (owner, epoch) == (claimant, claimed):
             return None
-        if not owner or owner in (peer, swarm.name) or epoch >= claimed:
+        if not owner or owner in (claimant, swarm.name) or epoch >= claimed:
             break
         try:
             summary = await caller_summary(swarm, owner, disk)
         except PeerError as e:
-            return (f"cannot confirm that {peer} owns {disk}: {swarm.name}'s replica records {owner} at epoch "
-                    f"{epoch}, which cannot be asked ({e.message})")
+            return (f"cannot confirm that {claimant} owns {disk}: {swarm.name}'s replica records {owner} at "
+                    f"epoch {epoch}, which cannot be asked ({e.message})")
         if summary.owner == owner or summary.epoch <= epoch:
             break  # it still owns the disk, or knows of no later owner
         owner, epoch = summary.owner, summary.epoch
-    if (owner, epoch) == (peer, claimed):
+    if (owner, epoch) == (claimant, claimed):
         return None
-    return (f"{peer} is not the owner of {disk} at epoch {claimed} as {swarm.name} knows it: the owner here is "
-            f"{owner or 'unknown'} at epoch {epoch} (if that record is stale, `p2pvbd sync {disk}` on "
-            f"{swarm.name} brings it up to date)")
+    return (f"{claimant} is not the owner of {disk} at epoch {claimed} as {swarm.name} knows it: the owner here "
+            f"is {owner or 'unknown'} at epoch {epoch}")
 
 
 async def migration_source(swarm: Swarm, peer: str, body: dict[str, Any]) -> str | None:
