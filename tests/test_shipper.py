@@ -88,3 +88,16 @@ async def test_a_busy_guest_does_not_starve_the_backlog(shipper: tuple[Shipper, 
             await ship.ship(backlog)
             done.set()
     assert sum(len(b) for b in link.sent if b != (1,)) == backlog.size
+
+
+async def test_the_backlog_ships_small_batches_while_the_guest_writes(shipper: tuple[Shipper, RecordingLink],
+                                                                      autojump_clock: trio.testing.MockClock) -> None:
+    ship, link = shipper
+    small = migrate.CONTENDED_BATCH_BYTES // BS
+    await ship.ship(np.array([1], np.int64), urgent=True)
+    await ship.ship(np.arange(BATCH_BLOCKS, BATCH_BLOCKS + 6 * small, dtype=np.int64))
+    assert [len(b) for b in link.sent[1:]] == [small] * 6  # a guest write queued now waits behind little
+    link.sent.clear()
+    await trio.sleep(migrate.CONTENDED_SECONDS)  # the guest stopped writing: full batches again
+    await ship.ship(np.arange(4 * BATCH_BLOCKS, 6 * BATCH_BLOCKS, dtype=np.int64))
+    assert [len(b) for b in link.sent] == [BATCH_BLOCKS] * 2
