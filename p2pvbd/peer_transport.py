@@ -22,6 +22,7 @@ from typing import Any
 import trio
 
 from p2pvbd import invites, trust
+from p2pvbd.dht_records import FirstSeen
 from p2pvbd.home import HomeError, parse_hostport
 from p2pvbd.wire.peer_wire import (
     ERR_CONNECTION,
@@ -72,6 +73,8 @@ CLOSE_TIMEOUT = 1.0
 CANCEL_SEND_TIMEOUT = 1.0
 
 Handler = Callable[[str, str, dict[str, Any]], Awaitable[dict[str, Any]]]
+# Refused handshakes already logged, by (address, reason): bounded memory, least recent forgotten.
+_refused_logged = FirstSeen()
 
 
 def _tls_reason(exc: BaseException) -> str:
@@ -299,7 +302,10 @@ async def _serve_connection(tcp: trio.SocketStream, ssl_context: ssl.SSLContext,
             await stream.do_handshake()
         name = trust.peer_name(stream)
     except (trio.BrokenResourceError, trio.TooSlowError, trust.TrustError) as e:
-        log.info("refused connection from %s: %s", remote, _tls_reason(e))
+        reason = _tls_reason(e)
+        host = remote[0] if isinstance(remote, tuple) else remote
+        if _refused_logged.first((host, reason)):  # a stranger retrying in a loop is one line, not a flood
+            log.info("refused connection from %s: %s (logged once per address and reason)", remote, reason)
         await trio.aclose_forcefully(stream)
         return
     log.debug("peer %r connected from %s", name, remote)
