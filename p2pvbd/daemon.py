@@ -20,6 +20,8 @@ from p2pvbd.control import ControlError, serve_control
 from p2pvbd.home import Config, Home, HomeError, check_name, is_loopback, parse_nbd_tcp
 from p2pvbd.kernel_hook_ctl import ExportMode, HookController
 from p2pvbd.migrate import DEFAULT_MAX_DOWNTIME_MS
+from p2pvbd.migration.replication import Replication
+from p2pvbd.migration.target import MigrationTarget
 from p2pvbd.nbd_server import TcpEndpoint, serve_nbd
 from p2pvbd.peer_transport import PeerError
 from p2pvbd.replica_store import DEFAULT_BLOCK_SIZE, ReplicaStore
@@ -48,6 +50,14 @@ LOOP_WATCH_INTERVAL = 0.1
 LOOP_STALL_WARNING = 0.1
 
 
+
+def attach_services(swarm: Swarm, home: Path) -> None:
+    """Compose the swarm node with the services whose state it reads and whose peer ops it dispatches:
+    the node imports none of them (their ops come with their access rules, swarm/access.py)."""
+    swarm.replication = Replication(swarm, home)
+    swarm.migration_target = MigrationTarget(swarm)
+    swarm.peer_ops |= swarm.migration_target.ops()
+
 class Daemon:
     """State shared by the daemon's services; control ops are its ``op_*`` methods."""
 
@@ -61,6 +71,7 @@ class Daemon:
         self.identity = trust.load_identity(home.path)
         self.nbd_tcp = self._nbd_tcp()
         self.swarm = Swarm(home, config, self.identity, self.ctl)
+        attach_services(self.swarm, home.path)
         self.vms = VmService(self.swarm, home.path, home.nbd_socket)
         self.swarm.peer_ops |= self.vms.ops()
         self.jobs: dict[int, Any] = {}  # SyncProgress or MigrationProgress: both have as_dict()
@@ -110,6 +121,8 @@ class Daemon:
                 self._nursery = nursery
                 await nursery.start(serve_nbd, self.ctl, self.home.nbd_socket, self.nbd_tcp)
                 await nursery.start(self.swarm.run)
+                await nursery.start(self.swarm.replication.run)
+                await nursery.start(self.swarm.migration_target.run)
                 await nursery.start(self.vms.run)
                 await nursery.start(serve_control, self.home.control_socket, self.handle)
                 nursery.start_soon(self._periodic_flush)
@@ -218,7 +231,7 @@ class Daemon:
 
     async def op_disk_claim(self, disk: str) -> dict[str, Any]:
         try:
-            return await self.swarm.claim(check_name("disk", disk))
+            return await self.swarm.migration_target.claim(check_name("disk", disk))
         except PeerError as e:
             raise ControlError(e.message) from None
 

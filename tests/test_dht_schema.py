@@ -24,6 +24,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from p2pvbd import trust
+from p2pvbd.daemon import attach_services
 from p2pvbd.dht_records import (
     MAX_KEYS_PER_PUBLISHER,
     MAX_RECORD_BYTES,
@@ -312,6 +313,7 @@ def test_readers_of_the_index_take_whatever_passes_the_schema(identity: trust.Ho
             pass
     with tempfile.TemporaryDirectory() as home:
         swarm = Swarm(Home(Path(home)), Config(name=ME, listen="127.0.0.1:7420"), identity, HookController())
+        attach_services(swarm, Path(home))
         swarm.dht = FakeIndex(passed)  # type: ignore[assignment]
         swarm._hold = _unreachable  # type: ignore[method-assign]
         trio.run(_read_everything, swarm)

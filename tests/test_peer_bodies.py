@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from p2pvbd import trust
+from p2pvbd.daemon import attach_services
 from p2pvbd.home import Config, Home
 from p2pvbd.kernel_hook_ctl import ExportMode, HookController
 from p2pvbd.migrate import _root
@@ -96,6 +97,7 @@ def _host(home: Path, identity: trust.HostIdentity) -> Swarm:
     ctl.add_export(ReplicaStore.create(home / "disks" / REPLICA, REPLICA, 1 << 20, 64 << 10, "home-pc", 3),
                    ExportMode.STANDBY)
     swarm = Swarm(Home(home), Config(name=ME, listen="127.0.0.1:7420"), identity, ctl)
+    attach_services(swarm, home)
     swarm.dht = FakeIndex([])  # type: ignore[assignment]
     swarm._hold = _unreachable  # type: ignore[method-assign]
     return swarm

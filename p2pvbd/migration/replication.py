@@ -21,6 +21,9 @@ import trio
 
 from p2pvbd.dht_records import FirstSeen
 from p2pvbd.dht_schema import check_payload
+from p2pvbd.migration.fetcher import SyncError, SyncProgress
+from p2pvbd.migration.pull import sync_disk
+from p2pvbd.peer_transport import PeerError
 from p2pvbd.store.store_files import atomic_write, read_json_file
 
 if TYPE_CHECKING:
@@ -194,10 +197,6 @@ class Replication:
         """Pull what the owner changed since the last pull. Idle, this is one change-feed request to the
         owner, answered from its per-leaf newest versions; the index is asked only when the owner is not
         known yet or has moved on."""
-        from p2pvbd.migration.fetcher import SyncError, SyncProgress
-        from p2pvbd.migration.pull import sync_disk
-        from p2pvbd.peer_transport import PeerError
-
         local = self.swarm.ctl.get(policy.disk)
         if local is not None and local.store.owner == self.swarm.name:
             return  # the owner keeps nothing warm: it is the reference

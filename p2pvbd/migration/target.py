@@ -22,6 +22,8 @@ import zstandard
 from p2pvbd import failpoints
 from p2pvbd.kernel_hook_ctl import Export, ExportMode, HookError
 from p2pvbd.migrate import PeerForwarder, hand_over, pending_path, read_pending, record_hand_over
+from p2pvbd.migration.fetcher import SyncError, SyncProgress
+from p2pvbd.migration.pull import sync_disk
 from p2pvbd.nbd_codec import NBD_EPERM
 from p2pvbd.peer_transport import PeerError
 from p2pvbd.replica_store import HashMismatch, ReplicaStore, StaleVersion
@@ -33,10 +35,13 @@ from p2pvbd.wire.map_wire import MAX_ENTRY_BLOCKS, pack_blocks
 from p2pvbd.wire.peer_wire import MAX_BLOCK_ENTRIES, MAX_GUEST_IO_BYTES, FrameError, unpack_block
 
 if TYPE_CHECKING:
-    from p2pvbd.migration.fetcher import SyncProgress
     from p2pvbd.swarm.node import Swarm
 
 log = logging.getLogger(__name__)
+
+# A claimed disk's version counter jumps this far: more versions than a lost owner hands out between a
+# replica's syncs (2**40 writes), and 2**23 claims still fit in a u64.
+CLAIM_COUNTER_GAP = 2**40
 
 # Blocks named in one "still missing" answer to a commit; the source ships them and asks again.
 MAX_MISSING_REPLY = MAX_ENTRY_BLOCKS
@@ -163,7 +168,6 @@ class MigrationTarget:
             return
 
     async def pull(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
-        from p2pvbd.migration.fetcher import SyncProgress
 
         inc = self._from_source(peer, body["disk"])
         job = max(self.jobs, default=0) + 1
@@ -176,8 +180,6 @@ class MigrationTarget:
     async def _pull(self, disk: str, progress: SyncProgress) -> None:
         import time
 
-        from p2pvbd.migration.fetcher import SyncError
-        from p2pvbd.migration.pull import sync_disk
 
         try:
             await sync_disk(self.swarm, disk, progress)
@@ -365,6 +367,35 @@ class MigrationTarget:
             pending_path(exp.store.directory).unlink(missing_ok=True)
             self.swarm.ctl.set_mode(disk, ExportMode.PRIMARY)
             log.info("%s: the migration to %s never committed; this host owns it again", disk, dest)
+
+    async def claim(self, disk: str) -> dict[str, Any]:
+        """`p2pvbd disk claim DISK`: take over a disk whose owner the founder revoked (a stolen machine),
+        from this host's replica. Its counter jumps past any version the lost owner may have handed out
+        since this replica last heard from it, so no version means two contents."""
+        exp = self.swarm.ctl.get(disk)
+        if exp is None:
+            raise PeerError("no_disk", f"{self.swarm.name} holds no replica of {disk}: claim it on a host that does")
+        store = exp.store
+        if store.owner == self.swarm.name:
+            raise PeerError("bad_request", f"{self.swarm.name} owns {disk} already")
+        records = await self.swarm.dht.lookup("owner", disk)  # the revoked owner's records are dropped on read
+        newer = max([(int(r.payload["epoch"]), str(r.payload["host"])) for r in records
+                     if r.publisher != self.swarm.name and int(r.payload["epoch"]) > store.epoch], default=None)
+        lost = store.owner
+        if newer is not None or not self.swarm.revoked.revokes(lost):
+            owner = newer[1] if newer is not None else lost
+            raise PeerError("bad_request", f"{disk} is owned by {owner}, which is not revoked: move it with "
+                                           f"'p2pvbd migrate' there, or revoke {owner} on the swarm's founder")
+        epoch = store.epoch + 1
+        pending_path(store.directory).unlink(missing_ok=True)
+        counter = store.counter + CLAIM_COUNTER_GAP
+        await trio.to_thread.run_sync(partial(store.set_owner, self.swarm.name, epoch, counter))
+        exp.forward, exp.forwarded_clients, exp.forward_pids = None, frozenset(), frozenset()
+        self.swarm.ctl.set_mode(disk, ExportMode.PRIMARY)
+        self.swarm.request_publish()
+        log.warning("claimed %s from the revoked host %s at epoch %d", disk, lost, epoch)
+        return {"disk": disk, "owner": self.swarm.name, "epoch": epoch, "held_blocks": store.held_blocks,
+                "total_blocks": store.n_blocks}
 
 
 def _commit_if_equal(store: ReplicaStore, digest: bytes, owner: str, epoch: int, counter: int, source: str) -> bool:

@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 import zstandard
@@ -25,11 +25,8 @@ from p2pvbd import dht, invites, trust
 from p2pvbd.dht_records import format_hostport, holders_payload, host_payload, owner_payload
 from p2pvbd.dht_schema import MAX_HOST_ADDRESSES, PayloadError, check_payload, is_address
 from p2pvbd.home import Config, Home, parse_hostport
-from p2pvbd.kernel_hook_ctl import ExportMode, HookController
-from p2pvbd.migrate import pending_path
+from p2pvbd.kernel_hook_ctl import HookController
 from p2pvbd.migration.pull import PullState
-from p2pvbd.migration.replication import Replication
-from p2pvbd.migration.target import MigrationTarget
 from p2pvbd.peer_transport import (
     JOIN_CONNECTION_SECONDS,
     JOIN_PORT_OFFSET,
@@ -55,6 +52,10 @@ from p2pvbd.wire.peer_wire import (
     pack_block,
 )
 
+if TYPE_CHECKING:
+    from p2pvbd.migration.replication import Replication
+    from p2pvbd.migration.target import MigrationTarget
+
 log = logging.getLogger(__name__)
 
 # Key of the swarm's catalog of disks: every host lists the disks it holds under it.
@@ -67,9 +68,6 @@ PUBLISH_INTERVAL = 15.0
 COVERAGE_CACHE_ENTRIES = 256
 # A status or peers query must answer even when a host is down: its requests give up after this.
 QUERY_TIMEOUT = 5.0
-# A claimed disk's version counter jumps this far: more versions than a lost owner hands out between a
-# replica's syncs (2**40 writes), and 2**23 claims still fit in a u64.
-CLAIM_COUNTER_GAP = 2**40
 # How often the join port checks whether invites are outstanding (an invite made here opens it at once).
 JOIN_POLL_SECONDS = 2.0
 # `invite` waits this long for the join port to open (milliseconds, unless the port is taken).
@@ -137,8 +135,10 @@ class Swarm:
         # Fault injection for tests of the fetcher's defences: this host serves corrupt blocks (a liar).
         self.fault_corrupt_blocks = os.environ.get(FAULT_CORRUPT_ENV) == "1"
         self.pulls = PullState()  # what each replica's last pull reached; one pull of a disk at a time
-        self.replication = Replication(self, home.path)
-        self.migration_target = MigrationTarget(self)
+        # Services the daemon composes onto this node (daemon.attach_services): the node reads their state
+        # (pacing, policies, incoming migrations) and dispatches their peer ops, but builds none of them.
+        self.replication: Replication
+        self.migration_target: MigrationTarget
         # Every op this host serves, with who may call it (swarm/access.py): checked before its handler runs.
         self.peer_ops: dict[str, PeerOp] = {
             "map_summary": PeerOp(self._serve_summary, access.member),
@@ -147,7 +147,7 @@ class Swarm:
             "map_changes": PeerOp(self._serve_changes, access.member),
             "get_blocks": PeerOp(self._get_blocks, access.member, {"blocks": MAX_BLOCK_ENTRIES}),
             "revocations": PeerOp(self._serve_revocations, access.member),
-        } | self.migration_target.ops()
+        }
         self.refusals = access.Refusals()
         # Migrations this host runs as their source, by disk: shown by `status` on every host.
         self.migrations: dict[str, Any] = {}
@@ -169,8 +169,6 @@ class Swarm:
                 log.warning("%s=1: this daemon serves corrupt blocks to its peers (fault injection)",
                             FAULT_CORRUPT_ENV)
             nursery.start_soon(self._publish_loop)
-            await nursery.start(self.replication.run)
-            await nursery.start(self.migration_target.run)
             task_status.started()
 
     def request_publish(self) -> None:
@@ -292,34 +290,6 @@ class Swarm:
             for peer in sorted(names - {self.name} - set(rev.names)):
                 nursery.start_soon(tell, peer)
         return {"revoked": list(rev.names), "serial": rev.serial, "told": sorted(told)}
-
-    async def claim(self, disk: str) -> dict[str, Any]:
-        """`p2pvbd disk claim DISK`: take over a disk whose owner the founder revoked (a stolen machine),
-        from this host's replica. Its counter jumps past any version the lost owner may have handed out
-        since this replica last heard from it, so no version means two contents."""
-        exp = self.ctl.get(disk)
-        if exp is None:
-            raise PeerError("no_disk", f"{self.name} holds no replica of {disk}: claim it on a host that does")
-        store = exp.store
-        if store.owner == self.name:
-            raise PeerError("bad_request", f"{self.name} owns {disk} already")
-        records = await self.dht.lookup("owner", disk)  # the revoked owner's records are dropped on read
-        newer = max([(int(r.payload["epoch"]), str(r.payload["host"])) for r in records
-                     if r.publisher != self.name and int(r.payload["epoch"]) > store.epoch], default=None)
-        lost = store.owner
-        if newer is not None or not self.revoked.revokes(lost):
-            owner = newer[1] if newer is not None else lost
-            raise PeerError("bad_request", f"{disk} is owned by {owner}, which is not revoked: move it with "
-                                           f"'p2pvbd migrate' there, or revoke {owner} on the swarm's founder")
-        epoch = store.epoch + 1
-        pending_path(store.directory).unlink(missing_ok=True)
-        await trio.to_thread.run_sync(partial(store.set_owner, self.name, epoch, store.counter + CLAIM_COUNTER_GAP))
-        exp.forward, exp.forwarded_clients, exp.forward_pids = None, frozenset(), frozenset()
-        self.ctl.set_mode(disk, ExportMode.PRIMARY)
-        self.request_publish()
-        log.warning("claimed %s from the revoked host %s at epoch %d", disk, lost, epoch)
-        return {"disk": disk, "owner": self.name, "epoch": epoch, "held_blocks": store.held_blocks,
-                "total_blocks": store.n_blocks}
 
     async def _serve_revocations(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
