@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 BIN = str(Path(sys.executable).parent / "p2pvbd")
+REPO = Path(__file__).resolve().parent.parent  # where `python -m tests.lying_peer` finds the tests package
 # Starting a daemon is quick; this bounds a broken start, it is not a speed assertion.
 READY_SECONDS = 30.0
 
@@ -70,11 +71,13 @@ class Host:
     def json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--json").stdout)
 
-    def start(self, env: dict[str, str] | None = None) -> Host:
+    def start(self, env: dict[str, str] | None = None, liar: bool = False) -> Host:
+        """Start the daemon; ``liar``: as tests/lying_peer.py, which corrupts every block it serves."""
         assert self.proc is None or self.proc.poll() is not None
         log = open(self.home / "daemon.log", "ab")  # noqa: SIM115 - owned by the child
-        self.proc = subprocess.Popen([*self.prefix, BIN, "daemon", "--home", str(self.home), "-v"],
-                                     stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+        program = [sys.executable, "-m", "tests.lying_peer"] if liar else [BIN]
+        self.proc = subprocess.Popen([*self.prefix, *program, "daemon", "--home", str(self.home), "-v"],
+                                     stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=REPO,
                                      env={**os.environ, **(env or {})})
         log.close()
         deadline = time.monotonic() + READY_SECONDS

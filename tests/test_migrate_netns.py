@@ -18,7 +18,6 @@ import pytest
 
 from p2pvbd import failpoints
 from p2pvbd.migrate import COMMIT_TIMEOUT
-from p2pvbd.swarm.node import FAULT_CORRUPT_ENV
 from tests import test_migrate_faults as faults
 from tests.daemons import BIN, Host, run, write_refused
 from tests.netns import Network, require_root
@@ -66,7 +65,7 @@ def lan(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Network, lis
                     ns = net.add_host(name, upload=UPLOAD)
                 token = made[0].cli("invite").stdout.strip() if made else None
                 h = Host(root / name, name, join=token, prefix=ns.exec_prefix(), address=ns.address)
-                made.append(h.start(env={FAULT_CORRUPT_ENV: "1"} if name == "laptop" else None))
+                made.append(h.start(liar=name == "laptop"))
             yield net, made
         finally:
             for h in made:

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from p2pvbd.migration.replication import CHECK_INTERVAL
-from p2pvbd.swarm.node import FAULT_CORRUPT_ENV
 from tests.daemons import BIN, Host, run
 from tests.test_swarm import wait_until
 
@@ -158,7 +157,7 @@ def test_a_lying_peer_is_caught_and_dropped(three_hosts: list[Host], tmp_path: P
     wait_until(lambda: visible(home, "vm1"), "home-pc to see vm1")
     sync(home, "vm1")
     home.stop()
-    home.start(env={FAULT_CORRUPT_ENV: "1"})  # home-pc now flips a byte in every block it serves
+    home.start(liar=True)  # home-pc now flips a byte in every block it serves (tests/lying_peer.py)
     wait_until(lambda: visible(car, "vm1", holders=2), "car-pc to see both holders")
     res = sync(car, "vm1")
     assert res["error"] == ""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import subprocess
 import time
 from collections import OrderedDict
@@ -76,8 +75,6 @@ JOIN_OPEN_SECONDS = 10.0
 # on a few hosts that are down, before the connection and the request themselves.
 REVOCATION_PUSH_SECONDS = 30.0
 WILDCARDS = ("0.0.0.0", "::", "")
-# Set to 1 in a daemon's environment to make it a lying peer (tests only; logged loudly at start).
-FAULT_CORRUPT_ENV = "P2PVBD_FAULT_CORRUPT_SERVED_BLOCKS"
 
 
 def advertised_addresses(listen: str) -> list[str]:
@@ -132,8 +129,6 @@ class Swarm:
         self._coverage_cache: OrderedDict[tuple[str, str, bytes, bytes], int] = OrderedDict()
         self._block_compressor = zstandard.ZstdCompressor(level=BLOCK_ZSTD_LEVEL)
         self.record_ttl = RECORD_TTL
-        # Fault injection for tests of the fetcher's defences: this host serves corrupt blocks (a liar).
-        self.fault_corrupt_blocks = os.environ.get(FAULT_CORRUPT_ENV) == "1"
         self.pulls = PullState()  # what each replica's last pull reached; one pull of a disk at a time
         # Services the daemon composes onto this node (daemon.attach_services): the node reads their state
         # (pacing, policies, incoming migrations) and dispatches their peer ops, but builds none of them.
@@ -165,9 +160,6 @@ class Swarm:
                                         self.handle_peer))
             if self.identity.can_invite:
                 nursery.start_soon(self._join_port, host, port + JOIN_PORT_OFFSET)
-            if self.fault_corrupt_blocks:
-                log.warning("%s=1: this daemon serves corrupt blocks to its peers (fault injection)",
-                            FAULT_CORRUPT_ENV)
             nursery.start_soon(self._publish_loop)
             task_status.started()
 
@@ -424,8 +416,6 @@ class Swarm:
                 out.append([index, rec.version, rec.hash, None, ENC_RAW])
                 continue
             encoding, payload = pack_block(rec.data, self._block_compressor)
-            if self.fault_corrupt_blocks:
-                payload = bytes([payload[0] ^ 0xFF]) + payload[1:]
             out.append([index, rec.version, rec.hash, payload, encoding])
             budget -= len(payload)
         return {"blocks": out}, BLOCKS_REPLY_BUDGET - budget

@@ -1,0 +1,30 @@
+"""A lying swarm member for tests: the shipped daemon, except that every block it serves to a peer has its
+first byte flipped (after compression, so the receiver's decoding or hash check must catch it).
+
+Run as ``python -m tests.lying_peer daemon --home HOME`` (what ``tests.daemons.Host.start(liar=True)``
+does): the same command line as ``p2pvbd``, with one method of the swarm node replaced in this process.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from p2pvbd import cli
+from p2pvbd.swarm.node import Swarm
+
+_honest_serve_blocks = Swarm._serve_blocks
+
+
+def _lying_serve_blocks(self: Swarm, disk: str, wanted: list[Any]) -> tuple[dict[str, Any], int]:
+    reply, size = _honest_serve_blocks(self, disk, wanted)
+    for entry in reply["blocks"]:  # [index, version, hash, payload, encoding]
+        if entry[3]:
+            entry[3] = bytes([entry[3][0] ^ 0xFF]) + entry[3][1:]
+    return reply, size
+
+
+if __name__ == "__main__":
+    Swarm._serve_blocks = _lying_serve_blocks  # type: ignore[method-assign]
+    logging.getLogger("p2pvbd").warning("this daemon is a lying peer: it corrupts every block it serves")
+    cli.main()
