@@ -406,24 +406,24 @@ class VmTarget:
         same source has ended here (aborted, or given up by a source that stopped) and the disk is not ours."""
         while self.incoming.get(name) is inc:
             await trio.sleep(WATCH_SECONDS)
-            owned = all((exp := self.swarm.ctl.get(d)) is not None and exp.store.owner == self.swarm.name
-                        for d in inc.rv.vm.disks)
-            if owned and trio.current_time() - inc.heard > INCOMING_VM_SILENCE_SECONDS \
-                    and await inc.rv.status() == "inmigrate":
+            silent = trio.current_time() - inc.heard > INCOMING_VM_SILENCE_SECONDS
+            if silent and all(self._owned_here(d) for d in inc.rv.vm.disks) and await inc.rv.status() == "inmigrate":
                 log.info("VM %s: its disks are here but %s has not sent its memory for %.0f s; stopping its "
                          "incoming QEMU (the VM runs on there)", name, inc.source, INCOMING_VM_SILENCE_SECONDS)
                 await self._drop(name, inc)
                 return
             for disk in inc.rv.vm.disks:
                 disk_inc = self.swarm.migration_target.incoming.get(disk)
-                exp = self.swarm.ctl.get(disk)
-                owned = exp is not None and exp.store.owner == self.swarm.name
-                if not owned and (disk_inc is None or disk_inc.source != inc.source):
+                if not self._owned_here(disk) and (disk_inc is None or disk_inc.source != inc.source):
                     if self.incoming.get(name) is inc:
                         log.info("VM %s: the migration of its disk %s from %s is over; stopping its incoming QEMU",
                                  name, disk, inc.source)
                         await self._drop(name, inc)
                     return
+
+    def _owned_here(self, disk: str) -> bool:
+        exp = self.swarm.ctl.get(disk)
+        return exp is not None and exp.store.owner == self.swarm.name
 
     async def ram(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
         inc = self._arriving(body)
