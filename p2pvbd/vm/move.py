@@ -129,7 +129,8 @@ async def move_vm(swarm: Swarm, runner: VmRunner, vm: VmDefinition, dest: str, m
             await conn.request("vm_incoming", {"vm": vm.as_payload()}, timeout=RESUME_TIMEOUT)
             await gate.converged.wait()
             progress.phase = "ram"
-            await nursery.start(_relay_ram, rv, conn, vm.name, progress)
+            relayed = trio.Event()
+            await nursery.start(_relay_ram, rv, conn, vm.name, progress, relayed)
             await qmp.command("migrate-set-capabilities", capabilities=[
                 {"capability": "pause-before-switchover", "state": True}, {"capability": "events", "state": True}])
             await qmp.command("migrate-set-parameters",
@@ -162,6 +163,7 @@ async def move_vm(swarm: Swarm, runner: VmRunner, vm: VmDefinition, dest: str, m
             # (QEMU has been seen to report 0).
             downtime = info.get("downtime")
             progress.vm_downtime_ms = max(seen, float(downtime) if isinstance(downtime, (int, float)) else 0.0)
+            await relayed.wait()  # QEMU's "completed" means its stream reached the relay, not the destination
             await conn.request("vm_finish", {"vm": vm.name}, timeout=RESUME_TIMEOUT + 5)
         progress.phase = "done"
     except BaseException:
@@ -264,9 +266,10 @@ async def _migration_reaches(rv: RunningVm, status: str) -> None:
             await qmp.wait_event(lambda e: e.get("event") == "MIGRATION")
 
 
-async def _relay_ram(rv: RunningVm, conn: Any, vm: str, progress: VmMoveProgress, *,
+async def _relay_ram(rv: RunningVm, conn: Any, vm: str, progress: VmMoveProgress, relayed: trio.Event, *,
                      task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Accept QEMU's outgoing migration connection and carry its bytes, in order, to the destination."""
+    """Accept QEMU's outgoing migration connection and carry its bytes, in order, to the destination;
+    ``relayed`` is set once every piece, the end included, has been taken there."""
     path = rv.paths.outgoing
     path.unlink(missing_ok=True)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -303,6 +306,7 @@ async def _relay_ram(rv: RunningVm, conn: Any, vm: str, progress: VmMoveProgress
             seq += 1
             if not data:
                 break
+    relayed.set()
 
 
 @dataclass
