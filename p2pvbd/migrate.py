@@ -313,8 +313,11 @@ async def migrate_disk(swarm: Swarm, disk: str, dest: str, mode: str, max_downti
         raise MigrationError(f"{disk} is already on {dest}")
     try:
         conn = await swarm.connect(dest)
+        chain = await trio.to_thread.run_sync(swarm.ownership.local, store)
+        assert chain is not None  # owned here: ownership.local starts a chain if there is none
         await conn.request("migrate_prepare", {"disk": disk, "epoch": store.epoch, "size": store.size,
-                                               "block_size": store.block_size, "mode": mode})
+                                               "block_size": store.block_size, "mode": mode,
+                                               "deeds": chain.raws()})
     except PeerError as e:
         raise MigrationError(f"cannot start the migration on {dest}: {e.message}") from e
     shipper = Shipper(conn, exp, progress)
@@ -518,6 +521,9 @@ async def _switchover(swarm: Swarm, conn: PeerConnection, exp: Export, shipper: 
     epoch = store.epoch + 1
     # before the commit can exist, a restart must find it (an fsync: off the event loop)
     await trio.to_thread.run_sync(write_pending, store.directory, dest, epoch)
+    chain = await trio.to_thread.run_sync(swarm.ownership.local, store)
+    assert chain is not None  # owned here
+    deed = swarm.ownership.hand_link(chain, dest, epoch)  # signed before the pause, sent with the commit
     steps = progress.switchover_ms
     t0 = clock = trio.current_time()
 
@@ -543,7 +549,7 @@ async def _switchover(swarm: Swarm, conn: PeerConnection, exp: Export, shipper: 
         step("ship")
         progress.switchover_blocks = n_dirty
         outcome = None  # from the moment the commit is sent, only the destination knows
-        outcome = await _commit(conn, disk, epoch, digest, store.counter, shipper)
+        outcome = await _commit(conn, disk, epoch, digest, store.counter, deed, shipper)
         step("commit")
         if outcome is None:
             outcome = await _resolve(swarm, disk, dest, epoch)
@@ -569,16 +575,16 @@ def _root(store: ReplicaStore) -> bytes:
     return store.map_summary()["root"]
 
 
-async def _commit(conn: PeerConnection, disk: str, epoch: int, digest: bytes, counter: int,
+async def _commit(conn: PeerConnection, disk: str, epoch: int, digest: bytes, counter: int, deed: bytes,
                   shipper: Shipper) -> bool | None:
     """True when committed, False when refused; None when the outcome is unknown (link lost).
 
     ``counter`` (this host's version counter) goes with the disk: the new owner never hands out a version
-    this host already gave out."""
+    this host already gave out. ``deed`` is the signed hand-over that proves the new owner's ownership."""
     try:
         for _ in range(MAX_COMMIT_ROUNDS):
             reply = await conn.request("migrate_commit", {"disk": disk, "epoch": epoch, "map_digest": digest,
-                                                          "counter": counter}, timeout=COMMIT_TIMEOUT)
+                                                          "counter": counter, "deed": deed}, timeout=COMMIT_TIMEOUT)
             if reply["committed"]:
                 return True
             missing = reply.get("missing")
@@ -622,7 +628,8 @@ def hand_over(swarm: Swarm, exp: Export, dest: str) -> None:
 
 
 async def record_hand_over(swarm: Swarm, exp: Export, dest: str, epoch: int) -> None:
-    await trio.to_thread.run_sync(exp.store.set_owner, dest, epoch)
+    """This host handed ``exp``'s disk to ``dest`` at ``epoch``: the signed hand-over, then the new owner."""
+    await trio.to_thread.run_sync(swarm.ownership.handed, exp.store, dest, epoch)
     pending_path(exp.store.directory).unlink(missing_ok=True)
     swarm.request_publish()
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import trio
 
-from p2pvbd import trust
+from p2pvbd import deeds, trust
 from p2pvbd.dht_records import key_digest
 from p2pvbd.migrate import SHIP_BATCH_BYTES
 from p2pvbd.peer_transport import PeerError, open_peer
@@ -115,19 +115,31 @@ def test_a_member_cannot_take_a_disk_or_write_into_it(swarm: tuple[list[Host], b
     assert "did not hand vm1 over" in refused(mallory, office, "guest_io", write)
     unharmed()
 
-    # A migration of vm1 to its owner, and to a replica (at its epoch, and at a later one it cannot confirm).
-    prepare = {"disk": "vm1", "epoch": 1, "size": BLOCKS * BLOCK, "block_size": BLOCK, "mode": "sync"}
-    assert "office-pc owns it" in refused(mallory, office, "migrate_prepare", prepare)
-    assert "office-pc at epoch 1" in refused(mallory, home, "migrate_prepare", prepare)
-    res = as_member(mallory, home, "migrate_prepare", prepare | {"epoch": 7})
-    assert isinstance(res, PeerError) and res.code == access.ERR_FORBIDDEN and "office-pc" in res.message, res
+    # A migration of vm1 to its owner, and to a replica, with every proof of ownership mallory can make:
+    # office-pc's real chain (any member may read it), that chain with a hand-over to mallory that
+    # mallory signed itself, and a vm1 history of mallory's own making.
+    real = as_member(mallory, office, "deeds", {"disk": "vm1"})
+    assert isinstance(real, dict), real
+    me = trust.load_identity(mallory.home)
+    head = deeds.parse(real["links"][-1])
+    handed = [*real["links"], deeds.sign(deeds.HAND, "vm1", 7, "mallory", head.digest, "mallory", me.key, me.binding)]
+    created = deeds.sign(deeds.CREATE, "vm1", 1, "mallory", b"", "mallory", me.key, me.binding)
+    invented = [created, deeds.sign(deeds.HAND, "vm1", 7, "mallory", deeds.parse(created).digest, "mallory",
+                                    me.key, me.binding)]
+    prepare = {"disk": "vm1", "epoch": 1, "size": BLOCKS * BLOCK, "block_size": BLOCK, "mode": "sync",
+               "deeds": real["links"]}
+    assert "office-pc owns it" in refused(mallory, office, "migrate_prepare", prepare | {"deeds": invented})
+    assert "its deeds end at office-pc, epoch 1" in refused(mallory, home, "migrate_prepare", prepare)
+    for forged, says in ((handed, "not by office-pc"), (invented, "another history"), ([], "1 to")):
+        res = as_member(mallory, home, "migrate_prepare", prepare | {"epoch": 7, "deeds": forged})
+        assert isinstance(res, PeerError) and res.code == access.ERR_FORBIDDEN and says in res.message, res
     assert refusals(home, "migrate_prepare") == 1
     unharmed()
 
     # Commits: without a digest the request is malformed; with one, mallory prepared nothing to commit.
     res = as_member(mallory, home, "migrate_commit", {"disk": "vm1", "epoch": 2, "counter": 1 << 40})
     assert isinstance(res, PeerError) and res.code == "bad_request" and "map_digest" in res.message, res
-    commit = {"disk": "vm1", "epoch": 2, "counter": 1 << 40, "map_digest": bytes(32)}
+    commit = {"disk": "vm1", "epoch": 2, "counter": 1 << 40, "map_digest": bytes(32), "deed": handed[-1]}
     assert "not the source of a migration" in refused(mallory, home, "migrate_commit", commit)
     assert "not the source of a migration" in refused(mallory, office, "migrate_commit", commit)
     # Blocks pushed without a prepare; a migration's status, pull and abort asked by a stranger.
@@ -144,14 +156,19 @@ def test_a_member_cannot_take_a_disk_or_write_into_it(swarm: tuple[list[Host], b
     ok = as_member(mallory, office, "get_blocks", {"disk": "vm1", "blocks": [[TARGET, 0]] * MAX_BLOCK_ENTRIES})
     assert isinstance(ok, dict) and len(ok["blocks"]) >= 1, ok  # a member still reads, within the bound
 
-    # A huge disk prepared where no replica is: nothing is created from the request's sizes.
+    # A huge disk prepared where no replica is: nothing is created from the request's sizes. (car-pc holds
+    # no chain of vm1 to pin, so mallory's invented one proves its ownership there: the sizes do not.)
     huge = prepare | {"size": 1 << 50, "block_size": 4096}
-    assert "cannot read mallory's own map" in refused(mallory, car, "migrate_prepare", huge)
+    res = as_member(mallory, car, "migrate_prepare", huge | {"epoch": 7, "deeds": invented})
+    assert isinstance(res, PeerError) and "mallory" in res.message, res
     assert not (car.home / "disks" / "vm1").exists() and mode(car) is None
     # mallory's own disk: mallory may prepare it, but the replica has the size mallory's map says.
     mallory.cli("disk", "create", "evil", "--size", "1M")
     wait_until(lambda: visible(car, "evil"), "car-pc to see evil")
-    assert as_member(mallory, car, "migrate_prepare", huge | {"disk": "evil"}) == {"host": "car-pc"}
+    evil_deeds = as_member(mallory, mallory, "deeds", {"disk": "evil"})
+    assert isinstance(evil_deeds, dict), evil_deeds
+    assert as_member(mallory, car, "migrate_prepare", huge | {"disk": "evil", "deeds": evil_deeds["links"]}) \
+        == {"host": "car-pc"}
     evil = next(d for d in car.json("disk", "list") if d["name"] == "evil")
     assert (evil["size"], evil["block_size"], evil["owner"]) == (1 << 20, BLOCK, "mallory"), evil
     as_member(mallory, car, "migrate_abort", {"disk": "evil"})  # or car-pc dropped it already: mallory runs none
@@ -178,12 +195,12 @@ def test_a_member_cannot_take_a_disk_or_write_into_it(swarm: tuple[list[Host], b
     assert all(h.alive() for h in honest)
 
 
-def test_an_owner_claimed_in_the_index_is_not_followed_unconfirmed(swarm: tuple[list[Host], bytes],
+def test_an_owner_claimed_in_the_index_is_not_followed_unproven(swarm: tuple[list[Host], bytes],
                                                                     tmp_path: Path) -> None:
     """mallory imports a disk of its own named vm1 and publishes an owner record for it at epoch 99 (under
     its own name: valid), so the index names it vm1's owner; it asks for vm1 to be kept warm on home-pc.
-    home-pc's replica records office-pc as the owner, and office-pc says it still owns vm1: home-pc
-    neither syncs from mallory nor takes its policy, and its data stays office-pc's."""
+    home-pc's replica holds office-pc's chain of deeds for vm1, and mallory's chain is another history:
+    home-pc neither syncs from mallory nor takes its policy, and its data stays office-pc's."""
     (office, home, car, mallory), base = swarm
     (tmp_path / "fake.raw").write_bytes(b"\x66" * len(base))
     mallory.cli("disk", "import", "vm1", str(tmp_path / "fake.raw"))
@@ -199,7 +216,7 @@ def test_an_owner_claimed_in_the_index_is_not_followed_unconfirmed(swarm: tuple[
     wait_until(lambda: car.json("status", "vm1")["disks"][0]["owner"] == "mallory",
                "the index to name mallory vm1's owner (a claim any member can make)")
     res = home.cli("sync", "vm1", check=False)
-    assert res.returncode != 0 and "mallory is not the owner of vm1" in res.stderr and "office-pc" in res.stderr, \
+    assert res.returncode != 0 and "mallory does not prove it owns vm1" in res.stderr and "office-pc" in res.stderr, \
         res.stderr
     office.cli("replicate", "vm1", "--on", "car-pc")  # the owner's policy: home-pc learns it
     wait_until(lambda: (home.json("status", "vm1")["disks"][0]["replicate"] or {}).get("hosts") == ["car-pc"],

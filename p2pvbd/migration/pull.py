@@ -29,9 +29,10 @@ from p2pvbd.peer_transport import PeerError
 from p2pvbd.replica_store import ReplicaStore
 from p2pvbd.store.map_tree import same_records
 from p2pvbd.store.version_map import BlockEntries
-from p2pvbd.swarm import access, maps
+from p2pvbd.swarm import maps
 
 if TYPE_CHECKING:
+    from p2pvbd.deeds import Chain
     from p2pvbd.swarm.node import Swarm
 
 log = logging.getLogger(__name__)
@@ -100,12 +101,13 @@ async def _sync(swarm: Swarm, disk: str, progress: SyncProgress, sources: list[s
         raise SyncError(f"no disk named {disk!r} in the swarm (the index has no owner for it)")
     if owner == swarm.name:
         raise SyncError(f"this host owns {disk}: its replica is the reference every other replica syncs to")
-    if (why := await _unconfirmed_owner(swarm, exp.store if exp is not None else None, owner, epoch)):
-        raise SyncError(why)
+    chain = await _proven_owner(swarm, disk, exp.store if exp is not None else None, owner, epoch)
+    if chain is not None:
+        epoch = chain.epoch
     candidates = await _candidates(swarm, disk, owner, sources) if sources else None  # a bad --from fails first
     progress.phase = "maps"
     owner_map = await swarm.map_of(owner, disk)
-    store = await _replica(swarm, disk, owner, epoch, owner_map)
+    store = await _replica(swarm, disk, owner, epoch, owner_map, chain)
     summary, target, wanted = await _differing(swarm, store, disk, owner_map, last)
     progress.map_bytes += owner_map.received
     if summary.owner != owner:
@@ -123,17 +125,24 @@ async def _sync(swarm: Swarm, disk: str, progress: SyncProgress, sources: list[s
     swarm.pulls.synced[disk] = Synced(owner, max(epoch, summary.epoch), summary.boot, summary.generation)
 
 
-async def _unconfirmed_owner(swarm: Swarm, recorded: ReplicaStore | None, owner: str, epoch: int) -> str | None:
-    """A replica follows a new owner only as far as the owner it records confirms the hand-over (an owner
-    record in the index is any member's claim); a revoked recorded owner confirms nothing and blocks
-    nothing (its disks are claimed anew)."""
-    if recorded is None or not recorded.owner or recorded.owner == owner or swarm.revoked.revokes(recorded.owner):
+async def _proven_owner(swarm: Swarm, disk: str, recorded: ReplicaStore | None, owner: str, epoch: int
+                        ) -> Chain | None:
+    """The owner's chain of deeds when it is not the owner this replica records (None when it is): a
+    replica follows a new owner only through a chain that contains the hand-over it holds (an owner
+    record in the index is any member's claim)."""
+    if recorded is not None and (recorded.owner, recorded.epoch) == (owner, epoch):
         return None
-    return await access.owner_confirmed(swarm, recorded.name, recorded.owner, recorded.epoch, owner, epoch)
+    try:
+        return await swarm.ownership.prove(swarm, owner, disk, recorded)
+    except PeerError as e:
+        here = f" (this replica's owner is {recorded.owner} at epoch {recorded.epoch})" if recorded is not None else ""
+        raise SyncError(f"cannot follow {owner} as the owner of {disk}: {e.message}{here}") from None
 
 
-async def _replica(swarm: Swarm, disk: str, owner: str, epoch: int, owner_map: maps.MapSource) -> ReplicaStore:
-    """This host's replica of ``disk``, created (off the event loop) as a standby when there is none."""
+async def _replica(swarm: Swarm, disk: str, owner: str, epoch: int, owner_map: maps.MapSource, chain: Chain | None
+                   ) -> ReplicaStore:
+    """This host's replica of ``disk``, created (off the event loop) as a standby when there is none,
+    recording the owner ``chain`` proves (if any: the chain first, then the owner)."""
     from p2pvbd.kernel_hook_ctl import ExportMode
 
     exp = swarm.ctl.get(disk)
@@ -144,12 +153,14 @@ async def _replica(swarm: Swarm, disk: str, owner: str, epoch: int, owner_map: m
         if swarm.ctl.get(disk) is not None:  # created meanwhile (a migration's prepare): use that one
             await trio.to_thread.run_sync(store.abandon)
             raise SyncError(f"a replica of {disk} appeared here during the sync; sync again")
+        if chain is not None:
+            await trio.to_thread.run_sync(swarm.ownership.adopt, store, chain)
         swarm.ctl.add_export(store, ExportMode.STANDBY)
         swarm.request_publish()
         return store
     store = exp.store
-    if (store.owner, store.epoch) != (owner, epoch) and epoch >= store.epoch:
-        await trio.to_thread.run_sync(store.set_owner, owner, epoch)
+    if chain is not None and chain.epoch >= store.epoch:
+        await trio.to_thread.run_sync(swarm.ownership.adopt, store, chain)
     return store
 
 

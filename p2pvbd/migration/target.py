@@ -20,6 +20,7 @@ import trio
 import zstandard
 
 from p2pvbd import failpoints
+from p2pvbd.deeds import HAND, MAX_CHAIN_LINKS, Chain, DeedError
 from p2pvbd.kernel_hook_ctl import Export, ExportMode, HookError
 from p2pvbd.migrate import PeerForwarder, hand_over, pending_path, read_pending, record_hand_over
 from p2pvbd.migration.fetcher import SyncError, SyncProgress
@@ -31,6 +32,7 @@ from p2pvbd.store.map_tree import same_root
 from p2pvbd.store.version_map import block_hash
 from p2pvbd.swarm import access, maps
 from p2pvbd.swarm.access import PeerOp
+from p2pvbd.swarm.ownership import ERR_UNPROVEN, save_links
 from p2pvbd.wire.map_wire import MAX_ENTRY_BLOCKS, pack_blocks
 from p2pvbd.wire.peer_wire import MAX_BLOCK_ENTRIES, MAX_GUEST_IO_BYTES, FrameError, unpack_block
 
@@ -65,6 +67,7 @@ GUEST_IO_FIELDS: dict[str, tuple[str, ...]] = {"read": ("offset", "length"), "wr
 class Incoming:
     source: str
     epoch: int
+    chain: Chain  # the source's proof that it owns the disk at epoch, which its commit's hand-over extends
     job: int | None = None
 
 
@@ -93,7 +96,7 @@ class MigrationTarget:
 
     def ops(self) -> dict[str, PeerOp]:
         """The migration ops and who may call each (swarm/access.py)."""
-        return {"migrate_prepare": PeerOp(self.prepare, access.current_owner),
+        return {"migrate_prepare": PeerOp(self.prepare, access.current_owner, {"deeds": MAX_CHAIN_LINKS}),
                 "migrate_pull": PeerOp(self.pull, access.migration_source),
                 "migrate_job": PeerOp(self.job, access.migration_source),
                 "put_blocks": PeerOp(self.put_blocks, access.migration_source, {"blocks": MAX_BLOCK_ENTRIES}),
@@ -110,12 +113,19 @@ class MigrationTarget:
         return inc
 
     async def prepare(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
-        """Become the incoming replica of the caller's disk (``access.current_owner`` confirmed the caller
-        owns it). A new replica takes its size and block size from the owner's own map summary, never from
-        the request, so it is no bigger than a store the owner really has."""
+        """Become the incoming replica of the caller's disk (``access.current_owner`` checked its deeds). A
+        new replica takes its size and block size from the owner's own map summary, never from the
+        request, so it is no bigger than a store the owner really has."""
         disk, epoch = body["disk"], int(body["epoch"])
-        ctl = self.swarm.ctl
+        ctl, ownership = self.swarm.ctl, self.swarm.ownership
         exp = ctl.get(disk)
+        try:  # checked by the rule: again here for the chain itself (its signatures are remembered)
+            chain = await trio.to_thread.run_sync(ownership.check_offer, body["deeds"], disk,
+                                                  exp.store if exp is not None else None)
+        except DeedError as e:
+            raise PeerError(ERR_UNPROVEN, f"{peer} does not prove it owns {disk}: {e}") from None
+        if (chain.owner, chain.epoch) != (peer, epoch):
+            raise PeerError(ERR_UNPROVEN, f"{peer}'s deeds for {disk} end at {chain.owner}, epoch {chain.epoch}")
         if exp is None:
             head = await access.caller_summary(self.swarm, peer, disk)  # within a store's limits (MapSummary)
             if (head.owner, head.epoch) != (peer, epoch):
@@ -128,6 +138,7 @@ class MigrationTarget:
             if (exp := ctl.get(disk)) is not None:  # a sync created one meanwhile
                 await trio.to_thread.run_sync(store.abandon)
                 raise PeerError("busy", f"a replica of {disk} appeared here meanwhile; try again")
+            await trio.to_thread.run_sync(ownership.adopt, store, chain)
             exp = ctl.add_export(store, ExportMode.INCOMING)
         elif exp.store.owner == self.swarm.name or exp.store.epoch > epoch:
             raise PeerError("stale", f"{peer} is not the current owner of {disk} (here: {exp.store.owner or 'unknown'}"
@@ -135,10 +146,9 @@ class MigrationTarget:
         elif (exp.store.size, exp.store.block_size) != (int(body["size"]), int(body["block_size"])):
             raise PeerError("geometry", f"this host's replica of {disk} has another size or block size")
         else:
-            if (exp.store.owner, exp.store.epoch) != (peer, epoch):
-                await trio.to_thread.run_sync(exp.store.set_owner, peer, epoch)
+            await trio.to_thread.run_sync(ownership.adopt, exp.store, chain)
             ctl.set_mode(disk, ExportMode.INCOMING)
-        inc = self.incoming[disk] = Incoming(peer, epoch)
+        inc = self.incoming[disk] = Incoming(peer, epoch, chain)
         exp.read_through = PeerForwarder(self.swarm, peer, disk)
         self.swarm.request_publish()
         assert self._nursery is not None
@@ -230,7 +240,8 @@ class MigrationTarget:
             inc = self._from_source(peer, disk)
             if epoch != inc.epoch + 1:
                 raise PeerError("stale", f"commit for epoch {epoch}, expected {inc.epoch + 1}")
-            attempt = partial(_commit_if_equal, store, digest, self.swarm.name, epoch, counter, peer)
+            chain = self._handed_chain(inc, body.get("deed"), epoch)
+            attempt = partial(_commit_if_equal, store, digest, self.swarm.name, epoch, counter, peer, chain)
             if not await trio.to_thread.run_sync(attempt):
                 source = maps.RemoteMap(peer, await self.swarm.connect(peer), disk)
                 differ = await maps.diff(maps.LocalMap(self.swarm.name, store), source, store.n_blocks)
@@ -245,6 +256,18 @@ class MigrationTarget:
                      (time.perf_counter() - start) * 1000)
             await failpoints.pause("migrate.commit_answer")  # a test hook, nothing normally
             return {"committed": True}
+
+    def _handed_chain(self, inc: Incoming, deed: object, epoch: int) -> Chain:
+        """The source's chain with its hand-over of the disk to this host at ``epoch`` (``deed``), which
+        becomes this host's proof of owning it; PeerError if the deed is not that hand-over."""
+        try:
+            chain = self.swarm.ownership.checker.extend(inc.chain, deed, HAND)
+        except DeedError as e:
+            raise PeerError(ERR_UNPROVEN, f"the commit's hand-over is not valid: {e}") from None
+        if (chain.owner, chain.epoch) != (self.swarm.name, epoch):
+            raise PeerError(ERR_UNPROVEN, f"the commit's hand-over gives the disk to {chain.owner} at epoch "
+                                          f"{chain.epoch}, not to {self.swarm.name} at epoch {epoch}")
+        return chain
 
     async def status(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
         """Did this host commit ``epoch``? If not, it never will: the incoming migration is dropped."""
@@ -389,7 +412,7 @@ class MigrationTarget:
         epoch = store.epoch + 1
         pending_path(store.directory).unlink(missing_ok=True)
         counter = store.counter + CLAIM_COUNTER_GAP
-        await trio.to_thread.run_sync(partial(store.set_owner, self.swarm.name, epoch, counter))
+        await trio.to_thread.run_sync(self.swarm.ownership.claimed, store, epoch, counter)
         exp.forward, exp.forwarded_clients, exp.forward_pids = None, frozenset(), frozenset()
         self.swarm.ctl.set_mode(disk, ExportMode.PRIMARY)
         self.swarm.request_publish()
@@ -398,14 +421,16 @@ class MigrationTarget:
                 "total_blocks": store.n_blocks}
 
 
-def _commit_if_equal(store: ReplicaStore, digest: bytes, owner: str, epoch: int, counter: int, source: str) -> bool:
-    """Take ownership if this replica's map has root ``digest``, durably: data first, then owner, epoch,
-    counter and the host it came from (whose guests' I/O is then taken here). One thread hop for the whole
-    commit; the tree digests only what the last shipments changed."""
+def _commit_if_equal(store: ReplicaStore, digest: bytes, owner: str, epoch: int, counter: int, source: str,
+                     chain: Chain) -> bool:
+    """Take ownership if this replica's map has root ``digest``, durably: data first, then the deeds
+    proving it, then owner, epoch, counter and the host it came from (whose guests' I/O is then taken
+    here). One thread hop for the whole commit; the tree digests only what the last shipments changed."""
     store.refresh_tree()
     if not same_root(store.map_summary()["root"], digest):
         return False
     store.flush()
+    save_links(store.directory, chain)
     store.set_owner(owner, epoch, counter, handed_from=source)
     return True
 

@@ -7,8 +7,8 @@ blocks and commits, and a guest's forwarded I/O comes only from a host that hand
 ``Swarm.handle_peer`` checks an op's bounds and rule in one place; a refusal is a ``forbidden`` (or
 ``too_large``) error for the caller and one log line per (peer, op, disk).
 
-What cannot be checked without signed hand-over records: a host holding no replica of a disk has no
-record of its owner, so it takes the caller's own map summary for it (see ``current_owner``).
+Ownership itself is proven by a chain of signed deeds back to the disk's creation (deeds.py,
+swarm/ownership.py), never by the caller's word or an index record.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from p2pvbd.deeds import DeedError
 from p2pvbd.home import NAME_RE
 from p2pvbd.peer_transport import PeerError
 from p2pvbd.swarm import maps
@@ -35,10 +36,6 @@ ERR_TOO_LARGE = "too_large"
 # Refusals remembered so that each (peer, op, disk) is logged once: a member that varies the disk name
 # costs a log line per new name and ~0.3 KiB per entry, at most this many; a forgotten one is logged again.
 MAX_REMEMBERED_REFUSALS = 1024
-# Hand-overs followed from the owner this replica records to the caller of migrate_prepare, one map summary
-# each: a disk that moved this often since this host last synced is better synced first (which records
-# the owner anew). A person's machines are a handful, so 8 moves is more than a day's worth.
-MAX_OWNER_CHAIN = 8
 # One map summary on the way: a host that answers none within this is presumed unreachable.
 SUMMARY_TIMEOUT = 5.0
 
@@ -63,61 +60,24 @@ async def member(swarm: Swarm, peer: str, body: dict[str, Any]) -> str | None:
 
 
 async def current_owner(swarm: Swarm, peer: str, body: dict[str, Any]) -> str | None:
-    """migrate_prepare: the disk's current owner at the body's epoch, as this host can confirm it.
-
-    A host that owns the disk refuses: its own disk never becomes another host's incoming replica. With a
-    replica here, the caller must be the owner it records at that epoch, or be reached from it through
-    the owners' own records of whom they handed the disk to (each asked for its map summary; the caller
-    is never asked about itself). A stale record that cannot be followed there is refused: syncing the
-    replica records the owner anew. With no replica here there is no record to check: the caller's own
-    map summary must name it the owner at that epoch (which a member running modified code can fake;
-    only signed hand-over records would close that).
-    """
+    """migrate_prepare: the disk's current owner at the body's epoch, proven by its chain of deeds
+    (``body["deeds"]``, deeds.py) and pinned by the chain this host holds if it has a replica. A host that
+    owns the disk refuses: its own disk never becomes another host's incoming replica."""
     disk, claimed = body["disk"], body["epoch"]
     if (bad := _bad_disk(disk)) is not None:
         return bad
     exp = swarm.ctl.get(disk)
-    if exp is None:
-        try:
-            summary = await caller_summary(swarm, peer, disk)
-        except PeerError as e:
-            return f"cannot read {peer}'s own map of {disk}: {e.message}"
-        if (summary.owner, summary.epoch) != (peer, claimed):
-            return (f"{peer} is not the owner of {disk}: its own map names {summary.owner or 'no owner'} "
-                    f"at epoch {summary.epoch}, not {peer} at epoch {claimed}")
-        return None
-    store = exp.store
-    if store.owner == swarm.name:
+    store = exp.store if exp is not None else None
+    if store is not None and store.owner == swarm.name:
         return f"{peer} is not the owner of {disk}: {swarm.name} owns it (epoch {store.epoch})"
-    why = await owner_confirmed(swarm, disk, store.owner, store.epoch, peer, claimed)
-    if why is None:
-        return None
-    return (f"{why} (if that record is stale, `p2pvbd sync {disk}` on {swarm.name} brings it up to date)")
-
-
-async def owner_confirmed(swarm: Swarm, disk: str, owner: str, epoch: int, claimant: str, claimed: int) -> str | None:
-    """Whether ``claimant`` owns ``disk`` at epoch ``claimed``, as this host can confirm from the owner it
-    records (``owner`` at ``epoch``): that owner, or one reached from it through the owners' own records
-    of whom they handed the disk to (each asked for its map summary, the claimant never about itself).
-    None if confirmed, else why not. A claim in the index or in the claimant's own map proves nothing:
-    any member can make one."""
-    for _ in range(MAX_OWNER_CHAIN):
-        if (owner, epoch) == (claimant, claimed):
-            return None
-        if not owner or owner in (claimant, swarm.name) or epoch >= claimed:
-            break
-        try:
-            summary = await caller_summary(swarm, owner, disk)
-        except PeerError as e:
-            return (f"cannot confirm that {claimant} owns {disk}: {swarm.name}'s replica records {owner} at "
-                    f"epoch {epoch}, which cannot be asked ({e.message})")
-        if summary.owner == owner or summary.epoch <= epoch:
-            break  # it still owns the disk, or knows of no later owner
-        owner, epoch = summary.owner, summary.epoch
-    if (owner, epoch) == (claimant, claimed):
-        return None
-    return (f"{claimant} is not the owner of {disk} at epoch {claimed} as {swarm.name} knows it: the owner here "
-            f"is {owner or 'unknown'} at epoch {epoch}")
+    try:
+        chain = await trio.to_thread.run_sync(swarm.ownership.check_offer, body["deeds"], disk, store)
+    except DeedError as e:
+        return f"{peer} does not prove it owns {disk}: {e}"
+    if (chain.owner, chain.epoch) != (peer, claimed):
+        return (f"{peer} is not the owner of {disk} at epoch {claimed}: its deeds end at {chain.owner}, "
+                f"epoch {chain.epoch}")
+    return None
 
 
 async def migration_source(swarm: Swarm, peer: str, body: dict[str, Any]) -> str | None:

@@ -21,6 +21,7 @@ import trio
 import zstandard
 
 from p2pvbd import dht, invites, trust
+from p2pvbd.deeds import DeedChecker
 from p2pvbd.dht_records import format_hostport, holders_payload, host_payload, owner_payload
 from p2pvbd.dht_schema import MAX_HOST_ADDRESSES, PayloadError, check_payload, is_address
 from p2pvbd.home import Config, Home, parse_hostport
@@ -41,6 +42,7 @@ from p2pvbd.store.map_tree import STALE_ROOT
 from p2pvbd.swarm import access, maps
 from p2pvbd.swarm.access import PeerOp
 from p2pvbd.swarm.address_book import PEERS_FILE, AddressBook
+from p2pvbd.swarm.ownership import Ownership
 from p2pvbd.swarm.revoked import REVOKED_FILE, RevocationBook
 from p2pvbd.wire.peer_wire import (
     BLOCK_ENTRY_BYTES,
@@ -115,6 +117,8 @@ class Swarm:
         self.dht = dht.DhtNode(host_name=self.name, signing_key=identity.key, swarm_secret=identity.swarm_secret,
                                trust=trust.RecordTrust(ca_public, self.revoked.revokes),  # type: ignore[arg-type]
                                binding=identity.binding)
+        # Who owns each disk, as proven by its chain of deeds (deeds.py), not by index records.
+        self.ownership = Ownership(identity, DeedChecker(ca_public, self.revoked.revokes))  # type: ignore[arg-type]
         self.client_ssl = trust.client_ssl_context(identity)
         self._conns: dict[str, PeerConnection] = {}
         self.book = AddressBook(home.path / PEERS_FILE)  # where peers were last found: a restart starts there
@@ -142,6 +146,7 @@ class Swarm:
             "map_changes": PeerOp(self._serve_changes, access.member),
             "get_blocks": PeerOp(self._get_blocks, access.member, {"blocks": MAX_BLOCK_ENTRIES}),
             "revocations": PeerOp(self._serve_revocations, access.member),
+            "deeds": PeerOp(self._serve_deeds, access.member),
         }
         self.refusals = access.Refusals()
         # Migrations this host runs as their source, by disk: shown by `status` on every host.
@@ -289,6 +294,16 @@ class Swarm:
         except PayloadError as e:
             raise PeerError("bad_request", f"not a revocation list: {e}") from None
         return {"kept": self.adopt_revocations(Revocations.from_payload(payload))}
+
+    async def _serve_deeds(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The chain of deeds this host holds for a disk (members may read it, as they read maps)."""
+        exp = self.ctl.get(body["disk"])
+        if exp is None:
+            raise PeerError("no_disk", f"{self.name} holds no replica of {body['disk']}")
+        chain = await trio.to_thread.run_sync(self.ownership.local, exp.store)
+        if chain is None:
+            raise PeerError("no_deeds", f"{self.name} holds no proof of who owns {body['disk']}")
+        return {"links": chain.raws()}
 
     # ---- connections ---------------------------------------------------------------------------
     async def connect(self, peer: str) -> PeerConnection:

@@ -100,13 +100,17 @@ OPS: dict[str, OpSpec] = {
     "cancel": OpSpec({"id": int}, "stop the request with that id and send no reply to either; answered by "
                                   "the transport itself"),
     # Live migration, source -> destination (see migrate.py / migrate_target.py).
-    "migrate_prepare": OpSpec({"disk": str, "epoch": int, "size": int, "block_size": int, "mode": str},
-                              "a migration of disk is coming: become its incoming replica"),
+    "deeds": OpSpec({"disk": str}, "the chain of signed deeds proving who owns a disk (deeds.py)"),
+    "migrate_prepare": OpSpec({"disk": str, "epoch": int, "size": int, "block_size": int, "mode": str,
+                               "deeds": list},
+                              "a migration of disk is coming: become its incoming replica (deeds: the "
+                              "caller's proof that it owns disk at epoch)"),
     "migrate_pull": OpSpec({"disk": str}, "start the bulk multi-peer pull; answers a job id"),
     "migrate_job": OpSpec({"disk": str, "job": int}, "progress of a bulk pull"),
     "put_blocks": OpSpec({"disk": str, "blocks": list}, "mirrored blocks [index, version, hash, data, enc]"),
-    "migrate_commit": OpSpec({"disk": str, "epoch": int, "map_digest": bytes, "counter": int},
-                             "take ownership if this host's map has the frozen source's root digest"),
+    "migrate_commit": OpSpec({"disk": str, "epoch": int, "map_digest": bytes, "counter": int, "deed": bytes},
+                             "take ownership if this host's map has the frozen source's root digest (deed: "
+                             "the source's signed hand-over to this host)"),
     "migrate_status": OpSpec({"disk": str, "epoch": int}, "was that epoch committed? (else it never will be)"),
     "migrate_abort": OpSpec({"disk": str}, "the migration is off: back to a standby replica"),
     "guest_io": OpSpec({"disk": str, "op": str}, "I/O of a guest still connected to the old owner"),
