@@ -8,6 +8,10 @@ patching site-packages:
   wins) and a lookup unions what every one of the k closest nodes holds;
 * every datagram carries a truncated HMAC keyed from the swarm secret, so outsiders cannot talk to the
   DHT; datagrams failing the MAC or the schema are dropped and counted, never raised in the loop;
+* every datagram is also signed by its sender, with the CA's binding of its name to its key
+  (``dht_wire.sign_datagram``): a revoked host is not heard even though it knows the secret, and a node's
+  id is its name's (``node_id_for``), checked on every request and on every reply to a request sent to
+  that id, so a member cannot fill routing tables with made-up identities;
 * every record is Ed25519-signed by its publisher and verified on store and on read, and its payload
   checked against its kind's schema (``dht_schema``): a malformed record is dropped and logged once per
   publisher, key and reason, so nothing a lookup returns can surprise a consumer;
@@ -68,7 +72,19 @@ from p2pvbd.dht_records import (
     unseal,
 )
 from p2pvbd.dht_schema import KINDS
-from p2pvbd.dht_wire import is_ip_literal, is_node_id, is_request, parse_node_list, parse_value_reply, split_pages
+from p2pvbd.dht_wire import (
+    Sender,
+    is_ip_literal,
+    is_node_id,
+    is_request,
+    node_id_for,
+    open_datagram,
+    parse_node_list,
+    parse_value_reply,
+    sign_datagram,
+    split_pages,
+)
+from p2pvbd.trust import public_key_raw
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +102,8 @@ PAGE_SLACK = 128  # bytes of a request/reply left for msgpack framing, method na
 # Whether a record's publisher name, signing key and CA binding go together (and the publisher is not revoked).
 Trust = Callable[[str, bytes, bytes], bool]
 
-STAT_KEYS = ("bad_mac", "malformed", "bad_signature", "bad_payload", "expired", "future_ts", "wrong_key",
+STAT_KEYS = ("bad_mac", "malformed", "bad_sender", "wrong_node_id",
+             "bad_signature", "bad_payload", "expired", "future_ts", "wrong_key",
              "untrusted", "key_full", "publisher_quota", "rpc_errors")
 
 
@@ -122,20 +139,42 @@ class _SwarmProtocol(KademliaProtocol):
     a third of a lookup's CPU); the wire format inside the MAC is still rpcudp's."""
 
     def __init__(self, source_node: Node, storage: RecordStore, ksize: int, mac_key: bytes,
-                 stats: dict[str, int], trust: Trust | None) -> None:
+                 stats: dict[str, int], trust: Trust | None, me: _Me) -> None:
         super().__init__(source_node, storage, ksize)
         self.router = _RoutingTable(self, ksize, source_node)
-        self._mac_key, self.stats, self._trust = mac_key, stats, trust
+        self._mac_key, self.stats, self._trust, self._me = mac_key, stats, trust, me
+        self._expect: dict[bytes, bytes] = {}  # request id -> the node id whose signature must answer it
         self._tasks: set[asyncio.Future[Any]] = set()
         self._verified: OrderedDict[bytes, Record] = OrderedDict()
         self._drops_logged = FirstSeen(LOGGED_DROPS)
 
+    def _seal(self, body: bytes) -> bytes:
+        me = self._me
+        return seal(self._mac_key, sign_datagram(body, me.name, me.key, me.pubkey, me.binding))
+
+    def _sender(self, signed: bytes) -> tuple[Sender, bytes] | None:
+        """The verified sender and the body of a MAC'd datagram, or None (counted): every datagram is
+        signed by a member whose key the CA bound to its name (when ``trust`` is set), not revoked."""
+        opened = open_datagram(signed)
+        if opened is None:
+            self.stats["malformed"] += 1
+            return None
+        sender, body = opened
+        if (self._trust is not None and not self._trust(sender.name, sender.pubkey, sender.binding)) \
+                or not sender.signed(body):
+            self.stats["bad_sender"] += 1
+            return None
+        return sender, body
+
     def datagram_received(self, data: bytes, addr: Any) -> None:
         """Authenticate, parse, answer: synchronously, and never raising into the event loop."""
-        body = unseal(self._mac_key, data) if len(data) <= MAX_DATAGRAM_BYTES else None
-        if body is None:
+        signed = unseal(self._mac_key, data) if len(data) <= MAX_DATAGRAM_BYTES else None
+        if signed is None:
             self.stats["bad_mac" if len(data) <= MAX_DATAGRAM_BYTES else "malformed"] += 1
             return
+        if (opened := self._sender(signed)) is None:
+            return
+        sender, body = opened
         try:
             msg = msgpack.unpackb(body[RPC_HEADER_BYTES:])
         except Exception:  # garbage raises many types
@@ -144,37 +183,50 @@ class _SwarmProtocol(KademliaProtocol):
         msg_id = body[1:RPC_HEADER_BYTES]
         try:
             if body[:1] == b"\x01" and len(msg_id) == 20:
-                self._accept_response(msg_id, msg, addr)
+                self._accept_response(msg_id, msg, addr, sender.node_id)
             elif body[:1] == b"\x00" and len(msg_id) == 20 and is_request(msg):
+                if msg[1][0] != sender.node_id:  # a node speaks under the one id its name gives it
+                    self.stats["wrong_node_id"] += 1
+                    return
                 response = getattr(self, f"rpc_{msg[0]}")(addr, *msg[1])  # kademlia's handlers are all sync
-                self.transport.sendto(seal(self._mac_key, b"\x01" + msg_id + msgpack.packb(response)), addr)
+                self.transport.sendto(self._seal(b"\x01" + msg_id + msgpack.packb(response)), addr)
             else:
                 self.stats["malformed"] += 1
         except Exception:
             log.exception("DHT datagram from %s failed", addr)
             self.stats["rpc_errors"] += 1
 
-    def request(self, address: tuple[str, int], name: str, *args: Any) -> asyncio.Future[tuple[bool, Any]]:
-        """rpcudp's remote-call closure: a future of (answered, reply)."""
+    def request(self, address: tuple[str, int], name: str, *args: Any,
+                expect: bytes | None = None) -> asyncio.Future[tuple[bool, Any]]:
+        """rpcudp's remote-call closure: a future of (answered, reply). With ``expect``, only a reply
+        signed by the node with that id counts (another's is no reply)."""
         data = msgpack.packb([name, args])
         if len(data) > MAX_RPC_BYTES:
             raise ValueError(f"{name} request of {len(data)} bytes exceeds {MAX_RPC_BYTES}")
         msg_id = os.urandom(20)
-        self.transport.sendto(seal(self._mac_key, b"\x00" + msg_id + data), address)
+        self.transport.sendto(self._seal(b"\x00" + msg_id + data), address)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._outstanding[msg_id] = (future, loop.call_later(self._wait_timeout, self._timeout, msg_id))
+        if expect is not None:
+            self._expect[msg_id] = expect
         return future
 
-    def _accept_response(self, msg_id: bytes, data: Any, address: Any) -> None:
+    def _accept_response(self, msg_id: bytes, data: Any, address: Any, signer: bytes) -> None:
         # rpcudp's raises InvalidStateError when the waiter was cancelled (by a cancelled lookup).
         future, timer = self._outstanding.pop(msg_id, (None, None))
+        expected = self._expect.pop(msg_id, None)
         if future is not None and timer is not None:
             timer.cancel()
-            if not future.done():
+            if expected is not None and expected != signer:
+                self.stats["wrong_node_id"] += 1
+                if not future.done():
+                    future.set_result((False, None))
+            elif not future.done():
                 future.set_result((True, data))
 
     def _timeout(self, msg_id: bytes) -> None:
+        self._expect.pop(msg_id, None)
         future, _ = self._outstanding.pop(msg_id, (None, None))
         if future is not None and not future.done():
             future.set_result((False, None))
@@ -187,6 +239,7 @@ class _SwarmProtocol(KademliaProtocol):
             timer.cancel()
             future.cancel()
         self._outstanding.clear()
+        self._expect.clear()
 
     def trusts(self, rec: Record) -> bool:
         return self._trust is None or self._trust(rec.publisher, rec.pubkey, rec.binding)
@@ -247,7 +300,7 @@ class _SwarmProtocol(KademliaProtocol):
 
     async def _rpc(self, node: Node, name: str, check: Callable[[Any], object], *args: Any) -> tuple[bool, Any]:
         """One request; a reply failing `check` counts as no reply (and kademlia drops the peer)."""
-        ok, reply = await self.request((node.ip, node.port), name, self.source_node.id, *args)
+        ok, reply = await self.request((node.ip, node.port), name, self.source_node.id, *args, expect=node.id)
         if ok and (reply := check(reply)) is None:
             self.stats["malformed"] += 1
             ok = False
@@ -349,9 +402,9 @@ class _SwarmServer(Server):
     get = set = _refuse("keys are multi-valued: use lookup_digest / set_digest with signed records")
 
     def __init__(self, ksize: int, alpha: int, mac_key: bytes, stats: dict[str, int],
-                 trust: Trust | None) -> None:
-        super().__init__(ksize=ksize, alpha=alpha, storage=RecordStore())
-        self._protocol_args = (mac_key, stats, trust)
+                 trust: Trust | None, me: _Me) -> None:
+        super().__init__(ksize=ksize, alpha=alpha, node_id=node_id_for(me.name), storage=RecordStore())
+        self._protocol_args = (mac_key, stats, trust, me)
 
     def _create_protocol(self) -> _SwarmProtocol:
         return _SwarmProtocol(self.node, self.storage, self.ksize, *self._protocol_args)
@@ -368,6 +421,7 @@ class _SwarmServer(Server):
             self.protocol.shutdown()
 
     async def bootstrap_node(self, addr: tuple[str, int]) -> Node | None:
+        """The node at ``addr`` (its id is checked against its signature by the crawl that follows)."""
         ok, nodeid = await self.protocol.request(addr, "ping", self.node.id)
         return Node(nodeid, addr[0], addr[1]) if ok and is_node_id(nodeid) and nodeid != self.node.id else None
 
@@ -401,6 +455,16 @@ class _SwarmServer(Server):
         await asyncio.gather(*(self.crawl(Node(i), values=False) for i in self.protocol.get_refresh_ids()))
         for dkey, raws in self.storage.iter_older_than(REPLICATE_INTERVAL):
             await self.set_digest(dkey, raws)
+
+
+@dataclass(frozen=True)
+class _Me:
+    """What this node signs its datagrams with."""
+
+    name: str
+    key: Ed25519PrivateKey
+    pubkey: bytes
+    binding: bytes
 
 
 @dataclass
@@ -448,7 +512,8 @@ class DhtNode:
             await self._serve(loop, listen_host, port, bootstrap, task_status)
 
     async def _serve(self, loop: Any, host: str, port: int, seeds: list[tuple[str, int]], task_status: Any) -> None:
-        server = _SwarmServer(self.ksize, self.alpha, self._mac_key, self.stats, self._trust)
+        me = _Me(self.host_name, self._signing_key, public_key_raw(self._signing_key.public_key()), self._binding)
+        server = _SwarmServer(self.ksize, self.alpha, self._mac_key, self.stats, self._trust, me)
         try:
             bound = await trio_asyncio.aio_as_trio(server.listen, loop=loop)(port, host)
             server.protocol._wait_timeout = self.rpc_timeout

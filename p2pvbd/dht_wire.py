@@ -7,14 +7,74 @@ address literals, no asyncio, no trio. Whatever fails these checks is dropped an
 
 from __future__ import annotations
 
+import hashlib
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import msgpack
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from kademlia.node import Node
 
-from p2pvbd.dht_records import MAX_RECORDS_PER_KEY
+from p2pvbd.dht_records import BINDING_BYTES, MAX_NAME_BYTES, MAX_RECORDS_PER_KEY, is_name
 
 MAX_NODES_IN_REPLY = 64  # bounds the work a reply causes; peers send ksize (the paper's k = 20)
+_NODE_ID_DOMAIN = b"p2pvbd-node/1\0"
+_DATAGRAM_DOMAIN = b"p2pvbd-datagram/1\0"
+# A sender block: a name, a 32-byte key, the CA's binding and a 64-byte signature, with msgpack framing.
+MAX_SENDER_BYTES = MAX_NAME_BYTES + 32 + BINDING_BYTES + 64 + 16
+_SENDER_LEN_BYTES = 2  # the block's length, big-endian, before it
+
+
+def node_id_for(name: str) -> bytes:
+    """A host's DHT node id: derived from its name, so a member has exactly one (the name its
+    certificate and key binding carry) and cannot fill routing tables with made-up identities."""
+    return hashlib.sha1(_NODE_ID_DOMAIN + name.encode()).digest()
+
+
+@dataclass(frozen=True)
+class Sender:
+    """Who signed a datagram: its name, key, the CA's binding of the two, and its signature of the body."""
+
+    name: str
+    pubkey: bytes
+    binding: bytes
+    sig: bytes
+
+    @property
+    def node_id(self) -> bytes:
+        return node_id_for(self.name)
+
+    def signed(self, body: bytes) -> bool:
+        try:
+            Ed25519PublicKey.from_public_bytes(self.pubkey).verify(self.sig, _DATAGRAM_DOMAIN + body)
+        except (InvalidSignature, ValueError):
+            return False
+        return True
+
+
+def sign_datagram(body: bytes, name: str, key: Ed25519PrivateKey, pubkey: bytes, binding: bytes) -> bytes:
+    """``body`` (rpcudp's framing) behind a sender block signed by ``name``'s key; the MAC goes around both."""
+    block = msgpack.packb([name, pubkey, binding, key.sign(_DATAGRAM_DOMAIN + body)])
+    return len(block).to_bytes(_SENDER_LEN_BYTES, "big") + block + body
+
+
+def open_datagram(data: bytes) -> tuple[Sender, bytes] | None:
+    """The sender block (parsed, not verified) and the body, or None if the datagram has no valid block."""
+    n = int.from_bytes(data[:_SENDER_LEN_BYTES], "big")
+    if len(data) < _SENDER_LEN_BYTES + n or n > MAX_SENDER_BYTES:
+        return None
+    try:
+        block = msgpack.unpackb(data[_SENDER_LEN_BYTES:_SENDER_LEN_BYTES + n], max_str_len=MAX_NAME_BYTES,
+                                max_bin_len=BINDING_BYTES, max_array_len=4, max_map_len=0, max_ext_len=0)
+    except Exception:  # garbage raises many types
+        return None
+    if not (isinstance(block, list) and len(block) == 4 and is_name(block[0])
+            and all(isinstance(x, bytes) for x in block[1:]) and len(block[1]) == 32 and len(block[3]) == 64
+            and len(block[2]) in (0, BINDING_BYTES)):
+        return None
+    return Sender(*block), data[_SENDER_LEN_BYTES + n:]
 
 
 def is_ip_literal(text: str) -> bool:

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kademlia.node import Node
 
-from p2pvbd.dht import STAT_KEYS, DhtNode, DhtStopped, LookupTrace, _SwarmProtocol, _SwarmServer
+from p2pvbd.dht import STAT_KEYS, DhtNode, DhtStopped, LookupTrace, _Me, _SwarmProtocol, _SwarmServer
 from p2pvbd.dht_records import (
     MAX_RECORD_BYTES,
     MAX_RECORDS_PER_KEY,
@@ -33,8 +33,11 @@ from p2pvbd.dht_records import (
     sign_record,
     unseal,
 )
+from p2pvbd.dht_wire import node_id_for, open_datagram, sign_datagram
 
 SECRET = bytes(range(32))
+_ME_KEY = Ed25519PrivateKey.generate()
+ME = _Me("me", _ME_KEY, _ME_KEY.public_key().public_bytes_raw(), b"")
 LOCAL = "127.0.0.1"
 CERT = "ab" * 32  # a certificate's sha256, as host records carry it
 
@@ -50,16 +53,27 @@ async def start(nursery: trio.Nursery, name: str, seeds: tuple[int, ...] | list[
     return node, port
 
 
+# A hand-made client's identity: nodes without a CA (trust=None) take any key, but still bind the node id
+# to the name the datagram is signed under.
+TESTER_KEY = Ed25519PrivateKey.generate()
+TESTER_ID = node_id_for("tester")
+
+
+def signed(body: bytes, name: str = "tester", key: Ed25519PrivateKey = TESTER_KEY) -> bytes:
+    return sign_datagram(body, name, key, key.public_key().public_bytes_raw(), b"")
+
+
 async def rpc(port: int, name: str, args: list, secret: bytes = SECRET, sealed: bool = True) -> object:
-    """One hand-made rpcudp request (MAC'd with `secret`); the decoded reply, or None on silence."""
+    """One hand-made rpcudp request (signed as "tester", MAC'd with `secret`); the decoded reply, or None
+    on silence."""
     msg_id = os.urandom(20)
-    body = b"\x00" + msg_id + msgpack.packb([name, args])
+    body = signed(b"\x00" + msg_id + msgpack.packb([name, args]))
     reply = await send_raw(port, seal(derive_mac_key(secret), body) if sealed else body)
     if reply is None:
         return None
-    body = unseal(derive_mac_key(secret), reply)  # replies are MAC'd too
-    assert body is not None and body[:1] == b"\x01" and body[1:21] == msg_id
-    return msgpack.unpackb(body[21:])
+    opened = open_datagram(unseal(derive_mac_key(secret), reply) or b"")  # replies are MAC'd and signed too
+    assert opened is not None and opened[1][:1] == b"\x01" and opened[1][1:21] == msg_id
+    return msgpack.unpackb(opened[1][21:])
 
 
 async def send_raw(port: int, datagram: bytes, wait: float = 0.5) -> bytes | None:
@@ -102,8 +116,8 @@ async def test_outsider_with_other_secret_is_ignored() -> None:
         # a raw store from outside, MAC'd with the wrong secret, gets no reply and stores nothing
         raw = sign_record(Ed25519PrivateKey.generate(), "evil", "owner", "vm1", owner_payload("evil", 99))
         before = a.stats["bad_mac"]
-        assert await rpc(pa, "store", [os.urandom(20), key_digest("owner", "vm1"), [raw]], secret=bytes(32)) is None
-        assert await rpc(pa, "ping", [os.urandom(20)], sealed=False) is None
+        assert await rpc(pa, "store", [TESTER_ID, key_digest("owner", "vm1"), [raw]], secret=bytes(32)) is None
+        assert await rpc(pa, "ping", [TESTER_ID], sealed=False) is None
         assert a.stats["bad_mac"] == before + 2
         assert [r.publisher for r in await b.lookup("owner", "vm1")] == ["a"]
         nursery.cancel_scope.cancel()
@@ -121,7 +135,7 @@ async def test_forged_and_misfiled_records_are_rejected_and_counted() -> None:
         with pytest.raises(RecordError) as err:
             parse_record(forged)
         assert err.value.reason == "bad_signature"
-        assert await rpc(pa, "store", [os.urandom(20), dkey, [forged]]) is False
+        assert await rpc(pa, "store", [TESTER_ID, dkey, [forged]]) is False
         assert a.stats["bad_signature"] == 1
         # filed under another key, expired, from the far future: each refused under its own counter
         other = sign_record(key, "mallory", "holders", "vm2", holders_payload("mallory", 5, 1))
@@ -130,11 +144,11 @@ async def test_forged_and_misfiled_records_are_rejected_and_counted() -> None:
         future = sign_record(key, "mallory", "holders", "vm1", holders_payload("mallory", 5, 1),
                              ts=time.time() + 3600)
         for raw in (other, old, future):
-            assert await rpc(pa, "store", [os.urandom(20), dkey, [raw]]) is False
+            assert await rpc(pa, "store", [TESTER_ID, dkey, [raw]]) is False
         assert (a.stats["wrong_key"], a.stats["expired"], a.stats["future_ts"]) == (1, 1, 1)
         assert await b.lookup("holders", "vm1") == []
         # control: the same hand-made path with the genuine record is accepted
-        assert await rpc(pa, "store", [os.urandom(20), dkey, [good]]) is True
+        assert await rpc(pa, "store", [TESTER_ID, dkey, [good]]) is True
         recs = await b.lookup("holders", "vm1")
         assert [(r.publisher, r.payload["host"]) for r in recs] == [("mallory", "mallory")]
         nursery.cancel_scope.cancel()
@@ -166,10 +180,10 @@ async def test_random_datagrams_are_dropped_and_node_keeps_serving() -> None:
                 elif kind == 2:  # valid MAC and framing, garbage msgpack structure
                     dgram = seal(mac_key, rng.choice([b"\x00", b"\x01", b"\x02"]) + os.urandom(20)
                                  + msgpack.packb(_garbage(rng)))
-                else:  # valid MAC, a known RPC name, wrongly typed arguments
+                else:  # valid MAC and signature, a known RPC name, wrongly typed arguments
                     name = rng.choice(["ping", "store", "find_node", "find_value", "stun", "__init__"])
                     args = [_garbage(rng) for _ in range(rng.randint(0, 4))]
-                    dgram = seal(mac_key, b"\x00" + os.urandom(20) + msgpack.packb([name, args]))
+                    dgram = seal(mac_key, signed(b"\x00" + os.urandom(20) + msgpack.packb([name, args])))
                 await sock.sendto(dgram, (LOCAL, pa))
                 if i % 50 == 0:
                     await trio.sleep(0.01)  # let the node drain its socket buffer
@@ -203,9 +217,10 @@ def test_fuzzed_datagrams_never_raise(name: str, args: list, kind: bytes, noise:
     """Parsing and dispatch run inside asyncio callbacks: they must drop, never raise."""
     stats = dict.fromkeys(STAT_KEYS, 0)
     mac_key = derive_mac_key(SECRET)
-    proto = _SwarmProtocol(Node(os.urandom(20)), RecordStore(), 20, mac_key, stats, None)
+    proto = _SwarmProtocol(Node(os.urandom(20)), RecordStore(), 20, mac_key, stats, None, ME)
     proto.connection_made(_Sink())
     body = [kind + os.urandom(20) + msgpack.packb([name, args]), noise, kind + os.urandom(20) + noise][mode]
+    body = signed(body) if mode != 1 else body
     proto.datagram_received(seal(mac_key, body), ("127.0.0.1", 4000))
     assert stats["bad_mac"] == 0  # sealed with the swarm's key: judged on its content (handled or malformed)
     proto.datagram_received(body, ("127.0.0.1", 4000))
@@ -240,7 +255,7 @@ async def test_republished_host_record_newest_wins() -> None:
         # a replayed older record does not roll anyone back
         stale = sign_record(Ed25519PrivateKey.generate(), "mover", "host", "mover",
                             host_payload(["127.0.0.1:1000"], CERT), ts=old[0].ts)
-        assert await rpc(pa, "store", [os.urandom(20), key_digest("host", "mover"), [stale]]) is True
+        assert await rpc(pa, "store", [TESTER_ID, key_digest("host", "mover"), [stale]]) is True
         assert [r.payload["addresses"] for r in await peers[0].lookup("host", "mover")] == [["127.0.0.1:2000"]]
         nursery.cancel_scope.cancel()
 
@@ -269,8 +284,8 @@ async def test_large_value_is_paged_and_capped() -> None:
                             holders_payload(f"host-{i:02d}", i, 1) | {"pad": "x" * 200}) for i in range(65)]
         assert sum(map(len, raws[:MAX_RECORDS_PER_KEY])) > 3 * 8192  # needs several reply pages
         for i in range(0, MAX_RECORDS_PER_KEY, 16):
-            assert await rpc(pa, "store", [os.urandom(20), dkey, raws[i:i + 16]]) is True
-        assert await rpc(pa, "store", [os.urandom(20), dkey, raws[64:]]) is False
+            assert await rpc(pa, "store", [TESTER_ID, dkey, raws[i:i + 16]]) is True
+        assert await rpc(pa, "store", [TESTER_ID, dkey, raws[64:]]) is False
         assert a.stats["key_full"] == 1
         recs = await b.lookup("holders", "big")
         assert len(recs) == MAX_RECORDS_PER_KEY
@@ -291,7 +306,7 @@ async def test_cancelled_lookups_and_stopping_mid_lookup_are_clean() -> None:
         pa = await outer.start(run_a)
         b, _ = await start(outer, "b", [pa])
         await b.publish("owner", "vm1", owner_payload("b", 1))
-        assert await rpc(pa, "ping", [os.urandom(20)]) is not None  # leaves a dead contact: lookups now wait on it
+        assert await rpc(pa, "ping", [TESTER_ID]) is not None  # leaves a dead contact: lookups now wait on it
         for _ in range(3):
             with trio.move_on_after(0.05):
                 await a.lookup("owner", "vm1")  # cancelled while waiting: late replies must be ignored
@@ -380,3 +395,51 @@ async def test_swarm_of_200() -> None:
 @pytest.mark.heavy
 async def test_swarm_of_1000() -> None:
     await _swarm(1000, keys=50, lookups=300)
+
+
+async def test_node_ids_are_bound_to_signed_names() -> None:
+    """A member has one node id, its name's: requests under any other id are dropped, so 300 made-up
+    identities from one member add nothing to a routing table; an untrusted signer is not heard at all."""
+    async with trio.open_nursery() as nursery:
+        a, pa = await start(nursery, "a")
+        await start(nursery, "b", [pa])
+        mac_key = derive_mac_key(SECRET)
+        with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as sock:
+            for i in range(300):
+                body = b"\x00" + os.urandom(20) + msgpack.packb(["ping", [os.urandom(20)]])
+                await sock.sendto(seal(mac_key, signed(body)), (LOCAL, pa))
+                if i % 50 == 0:
+                    await trio.sleep(0.01)  # let the node drain its socket buffer
+            assert await rpc(pa, "ping", [os.urandom(20)]) is None  # no answer, as none of the 300 got one
+        assert a.stats["wrong_node_id"] == 301
+        assert await rpc(pa, "ping", [TESTER_ID]) == node_id_for("a")  # under its own id: heard, answered
+        router = a._server.protocol.router  # type: ignore[union-attr]
+        known = {n.id for n in router.find_neighbors(Node(os.urandom(20)), k=1000)}
+        assert known == {node_id_for("b"), TESTER_ID}
+        # with a CA, a signer whose key it did not bind is dropped before anything is parsed
+        strict = DhtNode(host_name="c", signing_key=Ed25519PrivateKey.generate(), swarm_secret=SECRET,
+                         trust=lambda name, pubkey, binding: name != "tester")
+        pc = await nursery.start(strict.run, LOCAL, 0, [])
+        assert await rpc(pc, "ping", [TESTER_ID]) is None and strict.stats["bad_sender"] == 1
+        nursery.cancel_scope.cancel()
+
+
+def test_a_reply_signed_by_another_node_is_no_reply() -> None:
+    """A crawl asks node X; an answer signed by anyone else (a member answering for identities it made up)
+    counts as silence, so X is not added to the routing table on its word."""
+    import asyncio
+
+    async def main() -> tuple[bool, object]:
+        stats = dict.fromkeys(STAT_KEYS, 0)
+        proto = _SwarmProtocol(Node(node_id_for("me")), RecordStore(), 20, derive_mac_key(SECRET), stats, None, ME)
+        sink = _Sink()
+        proto.connection_made(sink)
+        future = proto.request(("127.0.0.1", 4000), "ping", node_id_for("me"), expect=node_id_for("x"))
+        opened = open_datagram(unseal(derive_mac_key(SECRET), sink.sent[0]) or b"")
+        assert opened is not None
+        reply = b"\x01" + opened[1][1:21] + msgpack.packb(node_id_for("x"))
+        proto.datagram_received(seal(derive_mac_key(SECRET), signed(reply, "mallory")), ("127.0.0.1", 4000))
+        assert stats["wrong_node_id"] == 1
+        return await future
+
+    assert asyncio.run(main()) == (False, None)

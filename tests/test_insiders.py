@@ -207,7 +207,7 @@ def test_an_owner_claimed_in_the_index_is_not_followed_unproven(swarm: tuple[lis
     member = trust.load_identity(mallory.home)  # an owner record under its own name, at a high epoch
     claim = forge_record(member.key, "mallory", "owner", "vm1", {"host": "mallory", "epoch": 99},
                          binding=member.binding)
-    client = IndexClient(member.swarm_secret)
+    client = IndexClient(member)
     try:
         for h in (office, home, car):
             assert client.store(h.port, key_digest("owner", "vm1"), [claim]) is True  # a valid record

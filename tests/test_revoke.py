@@ -10,15 +10,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2pvbd import trust
+from p2pvbd.dht_records import key_digest
 from p2pvbd.peer_transport import PeerError
 from p2pvbd.revocation import Revocations
 from tests.daemons import Host
+from tests.forge import IndexClient, forge_record
 from tests.test_insiders import as_member
 from tests.test_swarm import invite, wait_until
 from tests.test_sync import sync, visible
+
+# How long a revoked host's datagram goes unanswered before the test calls it dropped (loopback answers
+# in milliseconds).
+SILENCE_SECONDS = 3.0
 
 
 def refuses(victim: Host, member: Host) -> bool:
@@ -57,6 +64,17 @@ def test_a_revoked_host_is_refused_everywhere_for_good(make_host: Callable[..., 
     assert not isinstance(as_member(mallory, office, "revocations", forged.as_payload()), dict)
     wait_until(lambda: "mallory" not in peer_names(home), "home-pc to drop mallory's index records")
     assert office.json("status", "vm1")["disks"][0]["owner"] == "office-pc"
+    # its index datagrams too: each is signed under its name, so knowing the swarm secret is not enough
+    member = trust.load_identity(mallory.home)
+    client = IndexClient(member)
+    client.sock.settimeout(SILENCE_SECONDS)
+    try:
+        raw = forge_record(member.key, "mallory", "owner", "vm1", {"host": "mallory", "epoch": 99},
+                           binding=member.binding)
+        with pytest.raises(TimeoutError):
+            client.store(office.port, key_digest("owner", "vm1"), [raw])
+    finally:
+        client.close()
 
     # The lost machine's disk: claimed from a replica, by a host that holds one
     claimed = home.json("disk", "claim", "lap1")
@@ -66,11 +84,17 @@ def test_a_revoked_host_is_refused_everywhere_for_good(make_host: Callable[..., 
 
     car.start()
     wait_until(lambda: refuses(car, mallory), "car-pc to learn the list from the index", timeout=120)
+    # car-pc, holding no replica of lap1, follows home-pc through its deeds: mallory's creation, then
+    # home-pc's claim, which car-pc checks against the revocation list
+    assert sync(car, "lap1")["error"] == ""
+    assert next(d for d in car.json("disk", "list") if d["name"] == "lap1")["owner"] == "home-pc"
     home.stop()
     home.start()
     assert refuses(home, mallory)  # kept on disk
     listed = trust.load_identity(home.home).trust_dir / "revoked.json"
     assert listed.exists() and "mallory" in listed.read_text()
     assert office.cli("revoke", "office-pc", check=False).returncode != 0
-    res = car.cli("disk", "claim", "lap1", check=False)
+    res = office.cli("disk", "claim", "lap1", check=False)
     assert res.returncode != 0 and "no replica" in res.stderr, res.stderr
+    res = car.cli("disk", "claim", "lap1", check=False)  # claimed once: home-pc owns it, not revoked
+    assert res.returncode != 0 and "home-pc, which is not revoked" in res.stderr, res.stderr

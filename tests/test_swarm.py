@@ -186,7 +186,7 @@ def test_a_member_signing_malformed_index_records_stops_no_daemon(three_hosts: l
                 ("office-pc", "owner", "vm1", {"host": "office-pc", "epoch": 9}, member.binding),
                 ("car-pc", "owner", "vm1", {"host": "car-pc", "epoch": 9}, b""),
                 ("car-pc", "owner", "vm1", {"host": "car-pc", "epoch": 9}, bytes(72))]
-    client = IndexClient(member.swarm_secret)
+    client = IndexClient(member)
     try:
         for target in (office, home):
             for kind, key, payload, _ in bad * 2:  # each twice: logged once
