@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -66,6 +67,15 @@ JOIN_PORT_OFFSET = 1
 # norm, so a few connections of at most 30 s each (handshake included) are plenty.
 JOIN_MAX_CONNECTIONS = 4
 JOIN_CONNECTION_SECONDS = 30.0
+# A dead link (a host that changed network, a cut cable) is noticed by the kernel, both ways: an idle
+# connection sends TCP keepalive probes after 10 s and every 5 s, and gives up after 3 unanswered; data
+# left unacknowledged for 30 s ends it too (TCP_USER_TIMEOUT, RFC 5482), so a request on a link that died
+# fails in well under its own timeout (DEFAULT_REQUEST_TIMEOUT) and the connection is made anew. A busy
+# but slow peer still acknowledges what it receives, so slowness alone ends nothing.
+KEEPALIVE_IDLE_SECONDS = 10
+KEEPALIVE_INTERVAL_SECONDS = 5
+KEEPALIVE_PROBES = 3
+UNACKED_DATA_SECONDS = 30
 # Closing politely (TLS close_notify) must not hang on a dead peer.
 CLOSE_TIMEOUT = 1.0
 # A cancel frame is ~30 bytes; if the link cannot take it within this long the connection is stuck anyway
@@ -84,6 +94,18 @@ def _tls_reason(exc: BaseException) -> str:
             return cause.reason or str(cause)
         cause = cause.__cause__ or cause.__context__
     return str(exc) or type(exc).__name__
+
+
+def watch_liveness(tcp: trio.SocketStream) -> None:
+    """Have the kernel end ``tcp`` once the peer goes silent (see KEEPALIVE_IDLE_SECONDS)."""
+    try:
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_SECONDS)
+        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_SECONDS)
+        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, UNACKED_DATA_SECONDS * 1000)
+    except OSError as e:  # not a TCP socket (a test's socketpair): nothing to watch
+        log.debug("no TCP keepalive on this stream: %s", e)
 
 
 async def _close(stream: trio.abc.AsyncResource) -> None:
@@ -179,6 +201,20 @@ class PeerConnection:
             except (PeerError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the connection is gone or marked broken: nothing left to cancel
 
+    async def alive(self, timeout: float) -> bool:
+        """Whether the peer answers a ``hello`` within ``timeout``; a connection that does not is ended
+        (so a pool makes a new one, to wherever the peer is now). While a frame is being sent the link is
+        in use, and the kernel's own timeout (UNACKED_DATA_SECONDS) judges it: a hello queued behind a
+        large frame on a slow uplink would misjudge it."""
+        if self._send_lock.locked():
+            return True
+        try:
+            await self.request("hello", {"protocol": PROTOCOL_VERSION}, timeout=timeout)
+        except PeerError as e:
+            self._fail(PeerError(ERR_CONNECTION, f"{self.address} stopped answering ({e.message})"))
+            return False
+        return True
+
     def _dead(self) -> PeerError:
         # A fresh exception per caller: one shared instance would pile up every task's traceback.
         assert self._broken is not None
@@ -229,6 +265,7 @@ async def open_peer(host: str, port: int, ssl_context: ssl.SSLContext, *,
             tcp = await trio.open_tcp_stream(host, port)
     except (OSError, trio.TooSlowError) as e:
         raise PeerError(ERR_CONNECTION, f"cannot connect to {address}: {e or 'timed out'}") from e
+    watch_liveness(tcp)
     stream = trio.SSLStream(tcp, ssl_context, server_side=False)
     try:
         try:
@@ -384,6 +421,7 @@ async def serve_peers(listeners: Sequence[trio.SocketListener], ssl_context: ssl
             await trio.aclose_forcefully(tcp)
             return
         open_connections += 1
+        watch_liveness(tcp)
         try:
             with trio.move_on_after(lifetime):
                 await _serve_connection(tcp, ssl_context, handler, ops, max_concurrent, handshake_timeout)

@@ -31,6 +31,7 @@ Usage::
         a.run("curl", f"http://{b.address}:8000/")
         net.shape(a, upload="10mbit")   # live change
         net.cut(b); net.restore(b)
+        net.readdress(b)                # b moves to another address
         net.loss(a, 5)                  # 5 % drop each direction
 
 Namespaces are named ``p2pv-<pid>-…``. They are removed by :meth:`Network.close` (also on an
@@ -415,6 +416,20 @@ class Network:
         if download is not ...:
             _set_tbf(self.ns, h.bridge_dev, download)
             h.download = None if download is None else parse_rate(download)
+
+    def readdress(self, host: NsHost | str) -> str:
+        """Move the host to the subnet's next free address (as a laptop that joined another network),
+        dropping the old one; established connections to the old address go silent. Returns the new one."""
+        h = self._host(host)
+        try:
+            address = str(next(self._addresses))
+        except StopIteration:
+            raise NetnsError(f"subnet {self.subnet} is full") from None
+        # Old one first: deleting a primary address also deletes the secondaries of its subnet.
+        self._ip("addr", "del", f"{h.address}/{self.subnet.prefixlen}", "dev", h.dev, ns=h.ns)
+        self._ip("addr", "add", f"{address}/{self.subnet.prefixlen}", "dev", h.dev, ns=h.ns)
+        h.address = address
+        return address
 
     def cut(self, host: NsHost | str) -> None:
         """Unplug the host: its bridge port goes down (``eth0`` loses carrier)."""

@@ -69,6 +69,11 @@ PUBLISH_INTERVAL = 15.0
 COVERAGE_CACHE_ENTRIES = 256
 # A status or peers query must answer even when a host is down: its requests give up after this.
 QUERY_TIMEOUT = 5.0
+# A connection silent this long is asked a hello before it is handed out again (peer_transport's
+# keepalives notice a dead link within ~25 s; a request should not wait that out), and declared dead
+# if the answer takes longer than LIVENESS_TIMEOUT: a round trip is under a second even on mobile links.
+QUIET_LINK_SECONDS = 5.0
+LIVENESS_TIMEOUT = 3.0
 # How often the join port checks whether invites are outstanding (an invite made here opens it at once).
 JOIN_POLL_SECONDS = 2.0
 # `invite` waits this long for the join port to open (milliseconds, unless the port is taken).
@@ -313,7 +318,12 @@ class Swarm:
         while True:
             conn = self._conns.get(peer)
             if conn is not None and not conn.lost.is_set():
-                return conn
+                # Quiet for a while: the link may have died (the peer changed network) before the kernel
+                # noticed; a quick hello tells, and a dead one is replaced at the peer's current address.
+                if time.time() - conn.last_received < QUIET_LINK_SECONDS or await conn.alive(LIVENESS_TIMEOUT):
+                    return conn
+                log.info("connection to %s at %s is dead; connecting anew", peer, conn.address)
+                continue
             pending = self._connecting.get(peer)
             if pending is None:
                 break
