@@ -126,6 +126,9 @@ class PeerConnection:
     def __init__(self, stream: trio.SSLStream[trio.SocketStream], address: str) -> None:
         self.stream = stream
         self.address = address
+        # Serves the requests the peer sends on this link, if this end serves any (a link carries requests
+        # both ways: a host behind NAT is reached over the link it opened); set by whoever owns the link.
+        self.responder: _Responder | None = None
         # The peer's host name from its verified certificate; '' on a join connection (unverified).
         self.peer_name = trust.peer_name(stream)
         self.peer_cert_der: bytes = stream.getpeercert(binary_form=True) or b""
@@ -227,6 +230,13 @@ class PeerConnection:
         for event, _ in self._pending.values():
             event.set()
 
+    def deliver(self, frame: dict[str, Any]) -> None:
+        """Hand a reply to the request waiting for it (none if its caller timed out and left)."""
+        waiter = self._pending.get(frame["id"])
+        if waiter is not None:
+            waiter[1].append(frame)
+            waiter[0].set()
+
     async def _read_replies(self) -> None:
         decoder = FrameDecoder()
         try:
@@ -238,11 +248,11 @@ class PeerConnection:
                 decoder.feed(data)
                 while (frame := decoder.next_frame()) is not None:
                     if is_request(frame):
-                        raise FrameError("server sent a request")
-                    waiter = self._pending.get(frame["id"])
-                    if waiter is not None:  # else: its caller timed out and left
-                        waiter[1].append(frame)
-                        waiter[0].set()
+                        if self.responder is None:
+                            raise FrameError("the peer sent a request on a link that serves none")
+                        await self.responder.take(frame)
+                    else:
+                        self.deliver(frame)
         except PeerError as e:
             self._fail(e)
         except FrameError as e:
@@ -253,8 +263,10 @@ class PeerConnection:
 
 @asynccontextmanager
 async def open_peer(host: str, port: int, ssl_context: ssl.SSLContext, *,
-                    connect_timeout: float = CONNECT_TIMEOUT) -> AsyncIterator[PeerConnection]:
+                    connect_timeout: float = CONNECT_TIMEOUT, handler: Handler | None = None,
+                    ops: Mapping[str, OpSpec] = OPS) -> AsyncIterator[PeerConnection]:
     """Connect, complete TLS and a ``hello`` round trip, then yield the connection; closed on exit.
+    With ``handler``, requests the peer sends on this link are served too (as ``serve_peers`` serves them).
 
     The hello is what makes a wrong swarm fail here: in TLS 1.3 the client finishes its handshake before
     the server has judged the client certificate, so only a reply proves the server accepted us.
@@ -277,6 +289,8 @@ async def open_peer(host: str, port: int, ssl_context: ssl.SSLContext, *,
         conn = PeerConnection(stream, address)
         try:
             async with trio.open_nursery() as nursery:
+                if handler is not None:
+                    conn.responder = _Responder(conn, handler, ops, MAX_CONCURRENT_REQUESTS, nursery)
                 nursery.start_soon(conn._read_replies)
                 try:
                     reply = await conn.request("hello", {"protocol": PROTOCOL_VERSION}, timeout=connect_timeout)
@@ -328,7 +342,8 @@ async def _answer(handler: Handler, name: str, frame: dict[str, Any], ops: Mappi
 
 
 async def _serve_connection(tcp: trio.SocketStream, ssl_context: ssl.SSLContext, handler: Handler,
-                            ops: Mapping[str, OpSpec], max_concurrent: int, handshake_timeout: float) -> None:
+                            ops: Mapping[str, OpSpec], max_concurrent: int, handshake_timeout: float,
+                            on_link: Callable[[PeerConnection], None] | None) -> None:
     stream = trio.SSLStream(tcp, ssl_context, server_side=True)
     try:
         remote = tcp.socket.getpeername()
@@ -346,70 +361,89 @@ async def _serve_connection(tcp: trio.SocketStream, ssl_context: ssl.SSLContext,
         await trio.aclose_forcefully(stream)
         return
     log.debug("peer %r connected from %s", name, remote)
-    send_lock = trio.Lock()
-    limit = trio.Semaphore(max_concurrent)
-
-    # Requests being worked on or waiting to send their reply, by id, so a ``cancel`` can stop one
-    # until its reply starts going out (a reply is never cut: that would break the framing).
-    running: dict[int, trio.CancelScope] = {}
-
-    async def run_one(frame: dict[str, Any], scope: trio.CancelScope) -> None:
-        request_id, sending = frame["id"], False
-        try:
-            with scope:
-                out = await _answer(handler, name, frame, ops)
-                await send_lock.acquire()  # replies queue here behind each other: cancellable while they wait
-                sending = True
-            if sending:
-                try:
-                    await stream.send_all(out)
-                finally:
-                    send_lock.release()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            nursery.cancel_scope.cancel()  # the peer is gone: stop its other requests too
-        finally:
-            if running.get(request_id) is scope:
-                del running[request_id]
-            limit.release()
-
+    # The same link carries this host's requests to the peer (``on_link``): a peer behind NAT is
+    # reached over the connection it opened.
+    conn = PeerConnection(stream, f"{remote[0]}:{remote[1]}" if isinstance(remote, tuple) else str(remote))
     decoder = FrameDecoder()
     try:
         async with trio.open_nursery() as nursery:
+            conn.responder = responder = _Responder(conn, handler, ops, max_concurrent, nursery)
+            if on_link is not None:
+                on_link(conn)
             while True:
                 data = await stream.receive_some(RECV_BYTES)
                 if not data:
                     break
+                conn.last_received = time.time()
                 decoder.feed(data)
                 while (frame := decoder.next_frame()) is not None:
-                    if not is_request(frame):
-                        raise FrameError("client sent a reply")
-                    if frame["op"] == "cancel" and "cancel" in ops:
-                        target = frame["body"].get("id")  # one-way: no reply, whatever it names
-                        if isinstance(target, int) and target in running:
-                            running[target].cancel()
-                        continue
-                    await limit.acquire()  # back-pressure: stop reading while the peer has too much in flight
-                    scope = running.setdefault(frame["id"], trio.CancelScope())  # before it starts: cancellable at once
-                    nursery.start_soon(run_one, frame, scope)
+                    if is_request(frame):
+                        await responder.take(frame)
+                    else:
+                        conn.deliver(frame)
             nursery.cancel_scope.cancel()
     except* FrameError as eg:
         log.info("dropping %r (%s): %s", name, remote, eg.exceptions[0])
     except* (trio.BrokenResourceError, trio.ClosedResourceError):
         log.debug("peer %r (%s) disconnected", name, remote)
     finally:
+        conn._fail(PeerError(ERR_CONNECTION, f"{name} ({remote}) disconnected"))
         await _close(stream)
+
+
+class _Responder:
+    """Serves the requests arriving on one link, at either end: each as its own task, at most
+    ``max_concurrent`` at once (the reader waits meanwhile: TCP back-pressure instead of unbounded
+    memory), replies sent whole under the link's send lock; a ``cancel`` frame stops a request until its
+    reply starts going out (a reply is never cut: that would break the framing)."""
+
+    def __init__(self, conn: PeerConnection, handler: Handler, ops: Mapping[str, OpSpec], max_concurrent: int,
+                 nursery: trio.Nursery) -> None:
+        self.conn, self.handler, self.ops, self.nursery = conn, handler, ops, nursery
+        self.limit = trio.Semaphore(max_concurrent)
+        self.running: dict[int, trio.CancelScope] = {}
+
+    async def take(self, frame: dict[str, Any]) -> None:
+        if frame["op"] == "cancel" and "cancel" in self.ops:
+            target = frame["body"].get("id")  # one-way: no reply, whatever it names
+            if isinstance(target, int) and target in self.running:
+                self.running[target].cancel()
+            return
+        await self.limit.acquire()  # back-pressure: stop reading while the peer has too much in flight
+        scope = self.running.setdefault(frame["id"], trio.CancelScope())  # before it starts: cancellable at once
+        self.nursery.start_soon(self._run_one, frame, scope)
+
+    async def _run_one(self, frame: dict[str, Any], scope: trio.CancelScope) -> None:
+        request_id, sending, lock = frame["id"], False, self.conn._send_lock
+        try:
+            with scope:
+                out = await _answer(self.handler, self.conn.peer_name, frame, self.ops)
+                await lock.acquire()  # replies queue here behind each other: cancellable while they wait
+                sending = True
+            if sending:
+                try:
+                    await self.conn.stream.send_all(out)
+                finally:
+                    lock.release()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.nursery.cancel_scope.cancel()  # the peer is gone: stop its other requests too
+        finally:
+            if self.running.get(request_id) is scope:
+                del self.running[request_id]
+            self.limit.release()
 
 
 async def serve_peers(listeners: Sequence[trio.SocketListener], ssl_context: ssl.SSLContext, handler: Handler, *,
                       ops: Mapping[str, OpSpec] = OPS, max_concurrent: int = MAX_CONCURRENT_REQUESTS,
                       handshake_timeout: float = HANDSHAKE_TIMEOUT, max_connections: int | None = None,
-                      lifetime: float = math.inf,
+                      lifetime: float = math.inf, on_link: Callable[[PeerConnection], None] | None = None,
                       task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve peer requests on ``listeners`` (from ``trio.open_tcp_listeners``) until cancelled.
 
     ``handler(peer_name, op, body)`` sees only ops in ``ops`` with bodies that passed their schema;
     ``hello`` is answered here. Reports the first listener's port via ``task_status.started``. With
     ``max_connections``, connections beyond it are closed at once; each lasts at most ``lifetime`` s.
+    ``on_link(conn)`` gets each authenticated connection, over which requests can go back to its peer.
     """
     port = listeners[0].socket.getsockname()[1]
     open_connections = 0
@@ -424,7 +458,7 @@ async def serve_peers(listeners: Sequence[trio.SocketListener], ssl_context: ssl
         watch_liveness(tcp)
         try:
             with trio.move_on_after(lifetime):
-                await _serve_connection(tcp, ssl_context, handler, ops, max_concurrent, handshake_timeout)
+                await _serve_connection(tcp, ssl_context, handler, ops, max_concurrent, handshake_timeout, on_link)
         except Exception:
             log.exception("peer connection task failed")  # one broken connection never stops the server
         finally:

@@ -417,6 +417,33 @@ class Network:
             _set_tbf(self.ns, h.bridge_dev, download)
             h.download = None if download is None else parse_rate(download)
 
+    def add_nat_host(self, name: str, lan: str) -> NsHost:
+        """A host behind its own NAT router, as a home PC behind a DSL router or a car PC behind carrier
+        NAT: the router (host ``<name>-nat`` on this network) masquerades the host's private subnet
+        ``lan`` (nftables), so the host reaches every other host while none can connect to it. The
+        host's ``address`` is its private one (what it sees and would advertise)."""
+        subnet = ipaddress.ip_network(lan)
+        if not subnet.is_private:
+            raise ValueError(f"subnet {lan} is not private")
+        router = self.add_host(f"{name}-nat")
+        gateway, address = (str(a) for a in itertools.islice(subnet.hosts(), 2))
+        host = NsHost(self, name, self.prefix + name, address, next(self._index))
+        host.bridge_dev = ""  # not on the bridge: shape(), cut() and loss() do not apply
+        _cmd("ip", "netns", "add", host.ns)
+        self.hosts[name] = host
+        self._ip("link", "add", "lan0", "type", "veth", "peer", "name", host.dev, "netns", host.ns, ns=router.ns)
+        self._ip("addr", "add", f"{gateway}/{subnet.prefixlen}", "dev", "lan0", ns=router.ns)
+        self._ip("link", "set", "lan0", "up", ns=router.ns)
+        self._ip("link", "set", "lo", "up", ns=host.ns)
+        self._ip("addr", "add", f"{address}/{subnet.prefixlen}", "dev", host.dev, ns=host.ns)
+        self._ip("link", "set", host.dev, "up", ns=host.ns)
+        self._ip("route", "add", "default", "via", gateway, ns=host.ns)
+        _cmd(*router.exec_prefix(), "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        script = ("table ip p2pv_nat {\n  chain post { type nat hook postrouting priority 100; policy accept;\n"
+                  f'    oifname "{router.dev}" masquerade\n  }}\n}}\n')
+        _cmd(*router.exec_prefix(), "nft", "-f", "-", input=script)
+        return host
+
     def readdress(self, host: NsHost | str) -> str:
         """Move the host to the subnet's next free address (as a laptop that joined another network),
         dropping the old one; established connections to the old address go silent. Returns the new one."""

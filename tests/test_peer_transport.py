@@ -330,3 +330,39 @@ async def test_join_port_serves_no_peer_ops(join_server: int) -> None:
         with pytest.raises(PeerError) as e:
             await conn.request("get_version_map", {"disk": "d"})
         assert e.value.code == "unknown_op"
+
+
+async def test_a_link_carries_requests_both_ways(alpha: trust.HostIdentity, beta: trust.HostIdentity,
+                                                 nursery: trio.Nursery) -> None:
+    """The server asks its client over the link the client opened (how a host behind NAT is reached),
+    concurrently with the client's own requests; a client that serves nothing drops a link that asks."""
+    links: list[pt.PeerConnection] = []
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = await nursery.start(lambda task_status: pt.serve_peers(
+        listeners, trust.server_ssl_context(alpha), handler, ops=TEST_OPS, on_link=links.append,
+        task_status=task_status))
+    async with pt.open_peer("127.0.0.1", port, trust.client_ssl_context(beta), handler=handler,
+                            ops=TEST_OPS) as conn:
+        (back,) = links
+        assert back.peer_name == "beta"
+        mine: dict[int, Any] = {}
+        theirs: dict[int, Any] = {}
+
+        async def ask(into: dict[int, Any], link: pt.PeerConnection, n: int) -> None:
+            into[n] = await link.request("echo", {"n": n})
+
+        async with trio.open_nursery() as n:
+            for i in range(50):
+                n.start_soon(ask, mine, conn, i)
+                n.start_soon(ask, theirs, back, i)
+        assert mine == {i: {"n": i, "peer": "beta"} for i in range(50)}
+        assert theirs == {i: {"n": i, "peer": "alpha"} for i in range(50)}
+        with pytest.raises(PeerError, match="no such thing"):
+            await back.request("refuse", {})
+    await back.lost.wait()  # the client closed its link: the server's side of it is gone too
+
+    async with pt.open_peer("127.0.0.1", port, trust.client_ssl_context(beta)) as plain:
+        back = links[-1]
+        with pytest.raises(PeerError):
+            await back.request("echo", {"n": 1}, timeout=5)
+        await plain.lost.wait()  # it broke the protocol: the link is dropped

@@ -7,6 +7,7 @@ combining DHT records with map summaries compared peer to peer (swarm/maps.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -73,6 +74,11 @@ QUERY_TIMEOUT = 5.0
 # keepalives notice a dead link within ~25 s; a request should not wait that out), and declared dead
 # if the answer takes longer than LIVENESS_TIMEOUT: a round trip is under a second even on mobile links.
 QUIET_LINK_SECONDS = 5.0
+# After a peer could not be connected to, its own link to this host is used this long before trying again
+# (a connect to an unreachable private address can take QUERY_TIMEOUT); a standing-links round (15 s) at most.
+DIRECT_RETRY_SECONDS = 15.0
+# Links held open to peers (_keep_links): one person's machines, with headroom (as MAX_POLICY_HOSTS).
+MAX_STANDING_LINKS = 64
 LIVENESS_TIMEOUT = 3.0
 # How often the join port checks whether invites are outstanding (an invite made here opens it at once).
 JOIN_POLL_SECONDS = 2.0
@@ -109,6 +115,7 @@ class PeerInfo:
     last_seen: float
     reachable: bool | None = None
     error: str = ""
+    path: str = ""  # "outbound": over a link this host opened; "inbound": over one the peer opened (NAT)
 
 
 class Swarm:
@@ -125,7 +132,11 @@ class Swarm:
         # Who owns each disk, as proven by its chain of deeds (deeds.py), not by index records.
         self.ownership = Ownership(identity, DeedChecker(ca_public, self.revoked.revokes))  # type: ignore[arg-type]
         self.client_ssl = trust.client_ssl_context(identity)
-        self._conns: dict[str, PeerConnection] = {}
+        self._conns: dict[str, PeerConnection] = {}  # links this host opened, by peer
+        # Links peers opened to this host, by peer: requests go back over them to a peer this host cannot
+        # connect to (one behind NAT keeps a link open to every host it reaches: _keep_links).
+        self._inbound: dict[str, PeerConnection] = {}
+        self._direct_failed: dict[str, float] = {}  # peer -> monotonic time of the last failed connect
         self.book = AddressBook(home.path / PEERS_FILE)  # where peers were last found: a restart starts there
         self._last_contact: dict[str, float] = {}  # peer -> wall-clock time of its last request to us
         self._connecting: dict[str, trio.Event] = {}
@@ -167,7 +178,7 @@ class Swarm:
             await nursery.start(self.dht.run, host, port, bootstrap)
             peer_listeners = await trio.open_tcp_listeners(port, host=host or None)
             await nursery.start(partial(serve_peers, peer_listeners, trust.server_ssl_context(self.identity),
-                                        self.handle_peer))
+                                        self.handle_peer, on_link=self._inbound_link))
             if self.identity.can_invite:
                 nursery.start_soon(self._join_port, host, port + JOIN_PORT_OFFSET)
             nursery.start_soon(self._publish_loop)
@@ -185,9 +196,35 @@ class Swarm:
                 await trio.to_thread.run_sync(self.book.save_if_changed)
             except Exception:
                 log.exception("publishing this host's records failed")
+            assert self._nursery is not None
+            self._nursery.start_soon(self._keep_links)
             with trio.move_on_after(PUBLISH_INTERVAL):
                 await self._publish_now.wait()
             self._publish_now = trio.Event()
+
+    async def _keep_links(self) -> None:
+        """Hold a link open to every peer this host can reach (the first MAX_STANDING_LINKS by name): a
+        peer that cannot connect to this host (it is behind NAT) reaches it back over them. A link already
+        open costs a hello at most (``connect``), which also keeps a NAT's mapping of it alive."""
+        try:
+            records = await self.dht.lookup("catalog", CATALOG_KEY)
+        except Exception as e:  # the index is not up yet: next round
+            log.debug("no standing links this round: %s", e)
+            return
+        names = sorted({str(r.payload["host"]) for r in records} - {self.name})[:MAX_STANDING_LINKS]
+
+        async def keep(peer: str) -> None:
+            with contextlib.suppress(PeerError), trio.move_on_after(QUERY_TIMEOUT * 2):
+                await self.connect(peer)
+
+        async with trio.open_nursery() as nursery:
+            for peer in names:
+                nursery.start_soon(keep, peer)
+
+    def _inbound_link(self, conn: PeerConnection) -> None:
+        """A peer connected to this host: keep its link for requests back to it (see ``connect``)."""
+        if conn.peer_name and not self.revoked.revokes(conn.peer_name):
+            self._inbound[conn.peer_name] = conn
 
     async def publish(self) -> None:
         await self._learn_revocations()
@@ -312,46 +349,67 @@ class Swarm:
 
     # ---- connections ---------------------------------------------------------------------------
     async def connect(self, peer: str) -> PeerConnection:
-        """A live connection to ``peer`` (found by name in the DHT), shared by all callers."""
+        """A live connection to ``peer`` (found by name in the DHT), shared by all callers: a link this host
+        opened; else a new one; else, for a peer this host cannot connect to (behind NAT), the link the
+        peer opened to this host. After a failed attempt the peer's own link is used for a while without
+        trying again (DIRECT_RETRY_SECONDS), so each request does not wait on an unreachable address."""
         if self.revoked.revokes(peer):
             raise PeerError("revoked", f"host {peer} was revoked from this swarm")
         while True:
-            conn = self._conns.get(peer)
-            if conn is not None and not conn.lost.is_set():
-                # Quiet for a while: the link may have died (the peer changed network) before the kernel
-                # noticed; a quick hello tells, and a dead one is replaced at the peer's current address.
-                if time.time() - conn.last_received < QUIET_LINK_SECONDS or await conn.alive(LIVENESS_TIMEOUT):
-                    return conn
-                log.info("connection to %s at %s is dead; connecting anew", peer, conn.address)
-                continue
+            if (conn := await self._live(self._conns.get(peer))) is not None:
+                return conn
+            if time.monotonic() < self._direct_failed.get(peer, -math.inf) + DIRECT_RETRY_SECONDS \
+                    and (conn := await self._live(self._inbound.get(peer))) is not None:
+                return conn
             pending = self._connecting.get(peer)
             if pending is None:
                 break
             await pending.wait()
         self._connecting[peer] = done = trio.Event()
         try:
-            assert self._nursery is not None
-            errors = []
-            for address in await self._addresses(peer):
-                host, port = parse_hostport(address)
-                try:
-                    conn = await self._nursery.start(self._hold, peer, host, port)
-                except PeerError as e:
-                    errors.append(f"{address}: {e.message}")
-                    continue
-                self._conns[peer] = conn
-                return conn
-            raise PeerError("unreachable", f"host {peer} is unreachable" + (f" ({'; '.join(errors)})"
-                                                                            if errors else " (no address known)"))
+            try:
+                conn = await self._connect_direct(peer)
+            except PeerError:
+                self._direct_failed[peer] = time.monotonic()
+                if (back := await self._live(self._inbound.get(peer))) is not None:
+                    return back
+                raise
+            self._direct_failed.pop(peer, None)
+            self._conns[peer] = conn
+            return conn
         finally:
             del self._connecting[peer]
             done.set()
+
+    async def _live(self, conn: PeerConnection | None) -> PeerConnection | None:
+        """``conn`` if it still works. One quiet for a while may have died (the peer changed network)
+        before the kernel noticed: a quick hello tells, and a dead one is ended."""
+        if conn is None or conn.lost.is_set():
+            return None
+        if time.time() - conn.last_received < QUIET_LINK_SECONDS or await conn.alive(LIVENESS_TIMEOUT):
+            return conn
+        log.info("connection to %s at %s is dead; connecting anew", conn.peer_name, conn.address)
+        return None
+
+    async def _connect_direct(self, peer: str) -> PeerConnection:
+        """A new link to ``peer`` at the first of its advertised addresses that answers."""
+        assert self._nursery is not None
+        errors = []
+        for address in await self._addresses(peer):
+            host, port = parse_hostport(address)
+            try:
+                return await self._nursery.start(self._hold, peer, host, port)
+            except PeerError as e:
+                errors.append(f"{address}: {e.message}")
+        raise PeerError("unreachable", f"host {peer} is unreachable" + (f" ({'; '.join(errors)})"
+                                                                        if errors else " (no address known)"))
 
     async def _hold(self, peer: str, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Keep one connection open until it breaks; failures before it is handed out go to the caller."""
         started = False
         try:
-            async with open_peer(host, port, self.client_ssl, connect_timeout=QUERY_TIMEOUT) as conn:
+            async with open_peer(host, port, self.client_ssl, connect_timeout=QUERY_TIMEOUT,
+                                 handler=self.handle_peer) as conn:
                 if conn.peer_name != peer:
                     raise PeerError("wrong_host", f"{host}:{port} is {conn.peer_name!r}, not {peer!r}")
                 task_status.started(conn)
@@ -586,8 +644,9 @@ class Swarm:
             self.book.learn(name, info.addresses)
             try:
                 with trio.fail_after(QUERY_TIMEOUT):
-                    await self.connect(name)
+                    conn = await self.connect(name)
                 info.reachable = True
+                info.path = "inbound" if conn is self._inbound.get(name) else "outbound"
             except (PeerError, trio.TooSlowError) as e:
                 info.reachable, info.error = False, getattr(e, "message", "timed out")
             infos[name] = info
@@ -601,7 +660,8 @@ class Swarm:
         return [{"name": i.name, "addresses": i.addresses, "cert_fingerprint": i.cert,
                  "last_seen": i.last_seen or None,
                  "last_seen_ago_s": round(now - i.last_seen, 1) if i.last_seen else None,
-                 "reachable": i.reachable, "error": i.error} for i in sorted(infos.values(), key=lambda i: i.name)]
+                 "reachable": i.reachable, "path": i.path, "error": i.error}
+                for i in sorted(infos.values(), key=lambda i: i.name)]
 
     def last_heard_from(self, peer: str) -> float:
         """When ``peer`` last sent this host anything (a reply or a request); 0.0 if never."""

@@ -1,0 +1,89 @@
+"""A host behind NAT: nobody can connect to it, yet every operation reaches it over the links it opens.
+
+office-pc and home-pc sit on one network; car-pc behind its own NAT router (nftables masquerade), as on a
+mobile network: it connects out to both, neither can connect in (its advertised address is private). It
+holds a link open to every host it reaches, and the others send their requests back over those links.
+With a guest writing throughout: office-pc migrates vm1 to car-pc, home-pc syncs from car-pc (a NATed
+holder), and car-pc migrates vm1 back.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.daemons import PEER_PORT_IN_NAMESPACE, Host, run
+from tests.netns import Network, require_nft, require_root
+from tests.test_migrate import BLOCK, BLOCKS, Guest, model_image
+from tests.test_swarm import wait_until
+from tests.test_sync import sync, visible
+
+pytestmark = pytest.mark.root
+
+CAR_LAN = "10.88.2.0/24"  # car-pc's side of its NAT router
+# car-pc opens its standing links within a publish round (swarm/node.PUBLISH_INTERVAL, 15 s); this
+# bounds a broken daemon, not a speed.
+LINK_SECONDS = 120.0
+
+
+@pytest.fixture
+def natted(tmp_path: Path) -> Iterator[tuple[Network, Host, Host, Host]]:
+    require_root()
+    require_nft()
+    with Network() as net:
+        made: list[Host] = []
+        try:
+            ns = net.add_host("office-pc")
+            office = Host(tmp_path / "office-pc", "office-pc", prefix=ns.exec_prefix(), address=ns.address).start()
+            made.append(office)
+            ns = net.add_host("home-pc")
+            made.append(Host(tmp_path / "home-pc", "home-pc", join=office.cli("invite").stdout.strip(),
+                             prefix=ns.exec_prefix(), address=ns.address).start())
+            ns = net.add_nat_host("car-pc", CAR_LAN)
+            made.append(Host(tmp_path / "car-pc", "car-pc", "--listen", f"0.0.0.0:{PEER_PORT_IN_NAMESPACE}",
+                             join=office.cli("invite").stdout.strip(), prefix=ns.exec_prefix(),
+                             address=ns.address).start())
+            yield net, *made  # type: ignore[misc]
+        finally:
+            for h in made:
+                if h.alive():
+                    h.stop()
+
+
+def path_to(host: Host, peer: str) -> str | None:
+    info = next((p for p in host.json("peers") if p["name"] == peer), None)
+    return info["path"] if info is not None and info["reachable"] else None
+
+
+def test_a_host_behind_nat_is_reached_over_its_own_links(natted: tuple[Network, Host, Host, Host],
+                                                          tmp_path: Path) -> None:
+    net, office, home, car = natted
+    base = bytes(range(256)) * (BLOCKS * BLOCK // 256)
+    (tmp_path / "base.raw").write_bytes(base)
+    office.cli("disk", "import", "vm1", str(tmp_path / "base.raw"))
+    wait_until(lambda: visible(car, "vm1") and visible(home, "vm1"), "car-pc and home-pc to see vm1")
+    # nobody can connect to car-pc: its address is private, behind the router
+    blocked = net["office-pc"].run("python3", "-c", "import socket, sys; socket.create_connection("
+                                   f"(sys.argv[1], {PEER_PORT_IN_NAMESPACE}), timeout=3)", net["car-pc"].address,
+                                   capture_output=True, text=True)
+    assert blocked.returncode != 0, blocked
+    for h in (office, home):
+        wait_until(lambda h=h: path_to(h, "car-pc") == "inbound", f"{h.name} to reach car-pc over car-pc's link",
+                   timeout=LINK_SECONDS)
+    assert path_to(car, "office-pc") == "outbound"
+
+    guest = Guest(office.uri("vm1"), tmp_path)
+    summary = json.loads(office.cli("migrate", "vm1", "--to", "car-pc", "--json", timeout=600).stdout)
+    assert summary["error"] == "" and summary["epoch"] == 2, summary
+    wait_until(lambda: visible(home, "vm1", holders=2), "home-pc to see car-pc hold vm1")
+    pulled = sync(home, "vm1")
+    assert pulled["error"] == "" and pulled["bytes_from"].get("car-pc", 0) > 0, pulled
+    summary = json.loads(car.cli("migrate", "vm1", "--to", "office-pc", "--json", timeout=600).stdout)
+    assert summary["error"] == "" and summary["epoch"] == 3, summary
+    report = guest.finish()
+    assert report["errors"] == [] and report["reads_ok"], report
+    model = model_image(tmp_path / "model.raw", base, report["acked"])  # type: ignore[arg-type]
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(model), office.uri("vm1"))
