@@ -44,8 +44,8 @@ from p2pvbd.wire.peer_wire import (
     validate_body,
 )
 
-__all__ = ["Handler", "PeerConnection", "PeerError", "join_handler", "join_swarm", "open_peer", "serve_join",
-           "serve_peers"]
+__all__ = ["Handler", "PeerConnection", "PeerError", "join_handler", "join_swarm", "open_peer", "open_peer_over",
+           "serve_join", "serve_link", "serve_peers"]
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +123,13 @@ async def _close(stream: trio.abc.AsyncResource) -> None:
 class PeerConnection:
     """One TLS connection to a peer. Use through ``open_peer``; ``request`` may be called from many tasks."""
 
-    def __init__(self, stream: trio.SSLStream[trio.SocketStream], address: str) -> None:
+    def __init__(self, stream: trio.SSLStream[Any], address: str) -> None:
         self.stream = stream
         self.address = address
         # Serves the requests the peer sends on this link, if this end serves any (a link carries requests
         # both ways: a host behind NAT is reached over the link it opened); set by whoever owns the link.
         self.responder: _Responder | None = None
+        self.via = ""  # the relay carrying this link, if one does (swarm/relay.py)
         # The peer's host name from its verified certificate; '' on a join connection (unverified).
         self.peer_name = trust.peer_name(stream)
         self.peer_cert_der: bytes = stream.getpeercert(binary_form=True) or b""
@@ -278,7 +279,18 @@ async def open_peer(host: str, port: int, ssl_context: ssl.SSLContext, *,
     except (OSError, trio.TooSlowError) as e:
         raise PeerError(ERR_CONNECTION, f"cannot connect to {address}: {e or 'timed out'}") from e
     watch_liveness(tcp)
-    stream = trio.SSLStream(tcp, ssl_context, server_side=False)
+    async with open_peer_over(tcp, address, ssl_context, connect_timeout=connect_timeout, handler=handler,
+                              ops=ops) as conn:
+        yield conn
+
+
+@asynccontextmanager
+async def open_peer_over(transport: trio.abc.Stream, address: str, ssl_context: ssl.SSLContext, *,
+                         connect_timeout: float = CONNECT_TIMEOUT, handler: Handler | None = None,
+                         ops: Mapping[str, OpSpec] = OPS) -> AsyncIterator[PeerConnection]:
+    """``open_peer`` over a byte stream already connected to the peer (a TCP connection, or a relayed
+    one: the TLS inside is end to end, so whatever carries the bytes reads and alters nothing)."""
+    stream = trio.SSLStream(transport, ssl_context, server_side=False)
     try:
         try:
             with trio.fail_after(connect_timeout):
@@ -344,11 +356,21 @@ async def _answer(handler: Handler, name: str, frame: dict[str, Any], ops: Mappi
 async def _serve_connection(tcp: trio.SocketStream, ssl_context: ssl.SSLContext, handler: Handler,
                             ops: Mapping[str, OpSpec], max_concurrent: int, handshake_timeout: float,
                             on_link: Callable[[PeerConnection], None] | None) -> None:
-    stream = trio.SSLStream(tcp, ssl_context, server_side=True)
     try:
-        remote = tcp.socket.getpeername()
+        remote: Any = tcp.socket.getpeername()
     except OSError:
         remote = "?"
+    await serve_link(tcp, remote, ssl_context, handler, ops=ops, max_concurrent=max_concurrent,
+                     handshake_timeout=handshake_timeout, on_link=on_link)
+
+
+async def serve_link(transport: trio.abc.Stream, remote: Any, ssl_context: ssl.SSLContext, handler: Handler, *,
+                     ops: Mapping[str, OpSpec] = OPS, max_concurrent: int = MAX_CONCURRENT_REQUESTS,
+                     handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                     on_link: Callable[[PeerConnection], None] | None = None) -> None:
+    """Serve one peer over ``transport`` (a TCP connection, or a relayed stream): TLS server side, then
+    its requests until it leaves; ``remote`` names where it came from in logs."""
+    stream = trio.SSLStream(transport, ssl_context, server_side=True)
     try:
         with trio.fail_after(handshake_timeout):
             await stream.do_handshake()

@@ -24,6 +24,7 @@ from tests.test_sync import sync, visible
 pytestmark = pytest.mark.root
 
 CAR_LAN = "10.88.2.0/24"  # car-pc's side of its NAT router
+OFFICE_LAN = "10.88.1.0/24"
 # car-pc opens its standing links within a publish round (swarm/node.PUBLISH_INTERVAL, 15 s); this
 # bounds a broken daemon, not a speed.
 LINK_SECONDS = 120.0
@@ -78,6 +79,61 @@ def test_a_host_behind_nat_is_reached_over_its_own_links(natted: tuple[Network, 
     guest = Guest(office.uri("vm1"), tmp_path)
     summary = json.loads(office.cli("migrate", "vm1", "--to", "car-pc", "--json", timeout=600).stdout)
     assert summary["error"] == "" and summary["epoch"] == 2, summary
+    wait_until(lambda: visible(home, "vm1", holders=2), "home-pc to see car-pc hold vm1")
+    pulled = sync(home, "vm1")
+    assert pulled["error"] == "" and pulled["bytes_from"].get("car-pc", 0) > 0, pulled
+    summary = json.loads(car.cli("migrate", "vm1", "--to", "office-pc", "--json", timeout=600).stdout)
+    assert summary["error"] == "" and summary["epoch"] == 3, summary
+    report = guest.finish()
+    assert report["errors"] == [] and report["reads_ok"], report
+    model = model_image(tmp_path / "model.raw", base, report["acked"])  # type: ignore[arg-type]
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(model), office.uri("vm1"))
+
+
+@pytest.fixture
+def both_natted(tmp_path: Path) -> Iterator[tuple[Network, Host, Host, Host]]:
+    """home-pc reachable (it founded the swarm: joiners must reach the inviter), office-pc and car-pc each
+    behind their own NAT: neither can connect to the other, both reach home-pc."""
+    require_root()
+    require_nft()
+    with Network() as net:
+        made: list[Host] = []
+        try:
+            ns = net.add_host("home-pc")
+            home = Host(tmp_path / "home-pc", "home-pc", prefix=ns.exec_prefix(), address=ns.address).start()
+            made.append(home)
+            for name, lan in (("office-pc", OFFICE_LAN), ("car-pc", CAR_LAN)):
+                ns = net.add_nat_host(name, lan)
+                made.append(Host(tmp_path / name, name, "--listen", f"0.0.0.0:{PEER_PORT_IN_NAMESPACE}",
+                                 join=home.cli("invite").stdout.strip(), prefix=ns.exec_prefix(),
+                                 address=ns.address).start())
+            yield net, *made  # type: ignore[misc]
+        finally:
+            for h in made:
+                if h.alive():
+                    h.stop()
+
+
+def test_two_hosts_behind_nat_talk_through_a_relay(both_natted: tuple[Network, Host, Host, Host],
+                                                   tmp_path: Path) -> None:
+    """office-pc and car-pc reach each other only through home-pc, which carries their end-to-end TLS
+    session (it sees ciphertext only: tests/test_peer_transport.py checks what a carrier can read and
+    alter). A guest writes throughout; vm1 moves office-pc -> car-pc -> office-pc, and home-pc syncs
+    from car-pc."""
+    _, home, office, car = both_natted
+    base = bytes(range(256)) * (BLOCKS * BLOCK // 256)
+    (tmp_path / "base.raw").write_bytes(base)
+    office.cli("disk", "import", "vm1", str(tmp_path / "base.raw"))
+    wait_until(lambda: visible(car, "vm1") and visible(home, "vm1"), "car-pc and home-pc to see vm1")
+    wait_until(lambda: path_to(home, "car-pc") == "inbound" and path_to(home, "office-pc") == "inbound",
+               "home-pc to reach both over their links", timeout=LINK_SECONDS)
+    assert path_to(office, "car-pc") == "relayed via home-pc", office.json("peers")
+
+    guest = Guest(office.uri("vm1"), tmp_path)
+    summary = json.loads(office.cli("migrate", "vm1", "--to", "car-pc", "--json", timeout=600).stdout)
+    assert summary["error"] == "" and summary["epoch"] == 2, summary
+    assert "relaying office-pc <-> car-pc" in home.log_tail(5000) or \
+        "relaying car-pc <-> office-pc" in home.log_tail(5000)
     wait_until(lambda: visible(home, "vm1", holders=2), "home-pc to see car-pc hold vm1")
     pulled = sync(home, "vm1")
     assert pulled["error"] == "" and pulled["bytes_from"].get("car-pc", 0) > 0, pulled

@@ -7,11 +7,13 @@ import random
 import ssl
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from p2pvbd import invites, trust
 from p2pvbd import peer_transport as pt
@@ -366,3 +368,60 @@ async def test_a_link_carries_requests_both_ways(alpha: trust.HostIdentity, beta
         with pytest.raises(PeerError):
             await back.request("echo", {"n": 1}, timeout=5)
         await plain.lost.wait()  # it broke the protocol: the link is dropped
+
+
+class _Carrier(trio.abc.Stream):
+    """Whatever carries a relayed link's bytes (swarm/relay.py), as the relay host sees them: it records
+    every byte, and may flip one."""
+
+    def __init__(self, inner: trio.abc.Stream, seen: bytearray, flip_at: int | None) -> None:
+        self.inner, self.seen, self.flip_at = inner, seen, flip_at
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        out = bytearray(data)
+        if self.flip_at is not None and len(self.seen) <= self.flip_at < len(self.seen) + len(out):
+            out[self.flip_at - len(self.seen)] ^= 0x01
+        self.seen += data
+        await self.inner.send_all(bytes(out))
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data = await self.inner.receive_some(max_bytes)
+        self.seen += data
+        return data
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.parametrize("flip", [False, True])
+async def test_a_carrier_of_a_link_can_neither_read_nor_alter_it(alpha: trust.HostIdentity, beta: trust.HostIdentity,
+                                                                 flip: bool) -> None:
+    """The ends' own TLS runs inside a relayed link: the carrier sees no plaintext, and a byte it alters
+    ends the link instead of reaching the other end."""
+    secret = b"the guest's plaintext block" * 100
+    a, b = trio.testing.memory_stream_pair()
+    seen = bytearray()
+    got: list[dict[str, Any]] = []
+
+    async def echo(peer: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
+        got.append(body)
+        return {"n": body["n"]}
+
+    ops = {**OPS, "echo": OpSpec({"n": int, "data": bytes})}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(pt.serve_link, b, "carried", trust.server_ssl_context(alpha), echo, ops=ops))
+        carrier = _Carrier(a, seen, flip_at=6000 if flip else None)  # inside the request carrying `secret`
+        try:
+            async with pt.open_peer_over(carrier, "alpha via carrier", trust.client_ssl_context(beta)) as conn:
+                assert conn.peer_name == "alpha"
+                reply = await conn.request("echo", {"n": 7, "data": secret}, timeout=5)
+                assert not flip, "an altered link delivered a reply"
+                assert reply == {"n": 7} and got == [{"n": 7, "data": secret}]
+        except PeerError:
+            assert flip
+            assert got == []  # nothing altered reached the handler
+        assert len(seen) > len(secret) and b"plaintext" not in seen
+        nursery.cancel_scope.cancel()

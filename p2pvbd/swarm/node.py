@@ -14,6 +14,7 @@ import math
 import subprocess
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -34,7 +35,9 @@ from p2pvbd.peer_transport import (
     PeerConnection,
     PeerError,
     open_peer,
+    open_peer_over,
     serve_join,
+    serve_link,
     serve_peers,
 )
 from p2pvbd.replica_store import ReplicaStore
@@ -44,6 +47,7 @@ from p2pvbd.swarm import access, maps
 from p2pvbd.swarm.access import PeerOp
 from p2pvbd.swarm.address_book import PEERS_FILE, AddressBook
 from p2pvbd.swarm.ownership import Ownership
+from p2pvbd.swarm.relay import Relays
 from p2pvbd.swarm.revoked import REVOKED_FILE, RevocationBook
 from p2pvbd.wire.peer_wire import (
     BLOCK_ENTRY_BYTES,
@@ -74,9 +78,10 @@ QUERY_TIMEOUT = 5.0
 # keepalives notice a dead link within ~25 s; a request should not wait that out), and declared dead
 # if the answer takes longer than LIVENESS_TIMEOUT: a round trip is under a second even on mobile links.
 QUIET_LINK_SECONDS = 5.0
-# After a peer could not be connected to, its own link to this host is used this long before trying again
-# (a connect to an unreachable private address can take QUERY_TIMEOUT); a standing-links round (15 s) at most.
-DIRECT_RETRY_SECONDS = 15.0
+# After a peer could not be connected to, it is not tried again for this long (its own link to this host,
+# or a relay, is used): a connect to an unreachable private address can take QUERY_TIMEOUT, which no
+# request should wait each time. A host that became reachable is connected to directly within a minute.
+DIRECT_RETRY_SECONDS = 60.0
 # Links held open to peers (_keep_links): one person's machines, with headroom (as MAX_POLICY_HOSTS).
 MAX_STANDING_LINKS = 64
 LIVENESS_TIMEOUT = 3.0
@@ -115,7 +120,9 @@ class PeerInfo:
     last_seen: float
     reachable: bool | None = None
     error: str = ""
-    path: str = ""  # "outbound": over a link this host opened; "inbound": over one the peer opened (NAT)
+    # "outbound": over a link this host opened; "inbound": over one the peer opened (it is behind NAT);
+    # "relayed via HOST": through a member both reach (both are behind NAT)
+    path: str = ""
 
 
 class Swarm:
@@ -154,6 +161,7 @@ class Swarm:
         # (pacing, policies, incoming migrations) and dispatches their peer ops, but builds none of them.
         self.replication: Replication
         self.migration_target: MigrationTarget
+        self.relays = Relays(self)
         # Every op this host serves, with who may call it (swarm/access.py): checked before its handler runs.
         self.peer_ops: dict[str, PeerOp] = {
             "map_summary": PeerOp(self._serve_summary, access.member),
@@ -164,6 +172,7 @@ class Swarm:
             "revocations": PeerOp(self._serve_revocations, access.member),
             "deeds": PeerOp(self._serve_deeds, access.member),
         }
+        self.peer_ops |= self.relays.ops()
         self.refusals = access.Refusals()
         # Migrations this host runs as their source, by disk: shown by `status` on every host.
         self.migrations: dict[str, Any] = {}
@@ -215,7 +224,7 @@ class Swarm:
 
         async def keep(peer: str) -> None:
             with contextlib.suppress(PeerError), trio.move_on_after(QUERY_TIMEOUT * 2):
-                await self.connect(peer)
+                await self.connect(peer, relay=False)
 
         async with trio.open_nursery() as nursery:
             for peer in names:
@@ -348,18 +357,19 @@ class Swarm:
         return {"links": chain.raws()}
 
     # ---- connections ---------------------------------------------------------------------------
-    async def connect(self, peer: str) -> PeerConnection:
+    async def connect(self, peer: str, *, relay: bool = True) -> PeerConnection:
         """A live connection to ``peer`` (found by name in the DHT), shared by all callers: a link this host
         opened; else a new one; else, for a peer this host cannot connect to (behind NAT), the link the
         peer opened to this host. After a failed attempt the peer's own link is used for a while without
-        trying again (DIRECT_RETRY_SECONDS), so each request does not wait on an unreachable address."""
+        trying again (DIRECT_RETRY_SECONDS), so each request does not wait on an unreachable address; else,
+        with ``relay``, a link through a member both can reach (swarm/relay.py)."""
         if self.revoked.revokes(peer):
             raise PeerError("revoked", f"host {peer} was revoked from this swarm")
         while True:
             if (conn := await self._live(self._conns.get(peer))) is not None:
                 return conn
-            if time.monotonic() < self._direct_failed.get(peer, -math.inf) + DIRECT_RETRY_SECONDS \
-                    and (conn := await self._live(self._inbound.get(peer))) is not None:
+            recently_failed = time.monotonic() < self._direct_failed.get(peer, -math.inf) + DIRECT_RETRY_SECONDS
+            if recently_failed and (conn := await self._live(self._inbound.get(peer))) is not None:
                 return conn
             pending = self._connecting.get(peer)
             if pending is None:
@@ -367,19 +377,82 @@ class Swarm:
             await pending.wait()
         self._connecting[peer] = done = trio.Event()
         try:
-            try:
-                conn = await self._connect_direct(peer)
-            except PeerError:
-                self._direct_failed[peer] = time.monotonic()
-                if (back := await self._live(self._inbound.get(peer))) is not None:
-                    return back
-                raise
-            self._direct_failed.pop(peer, None)
-            self._conns[peer] = conn
+            if recently_failed:
+                error = PeerError("unreachable", f"host {peer} could not be connected to in the last "
+                                                 f"{DIRECT_RETRY_SECONDS:.0f} s")
+            else:
+                try:
+                    conn = await self._connect_direct(peer)
+                except PeerError as e:
+                    self._direct_failed[peer], error = time.monotonic(), e
+                else:
+                    self._direct_failed.pop(peer, None)
+                    self._conns[peer] = conn
+                    return conn
+            if (back := await self._live(self._inbound.get(peer))) is not None:
+                return back
+            if not relay:
+                raise error
+            conn = self._conns[peer] = await self._connect_relayed(peer, error)
             return conn
         finally:
             del self._connecting[peer]
             done.set()
+
+    async def _connect_relayed(self, peer: str, direct: PeerError) -> PeerConnection:
+        """A link to ``peer`` through one of the members this host holds a link to, the first that
+        carries it; ``direct``'s error if none does."""
+        assert self._nursery is not None
+        links = {**self._inbound, **self._conns}
+        errors = [direct.message]
+        for relay in sorted(name for name, c in links.items() if name != peer and not c.lost.is_set() and not c.via):
+            try:
+                conn = await self._nursery.start(self._hold_relayed, peer, relay)
+            except PeerError as e:
+                errors.append(f"through {relay}: {e.message}")
+                continue
+            log.info("reaching %s through %s", peer, relay)
+            return conn
+        raise PeerError("unreachable", "; ".join(errors))
+
+    async def _hold_relayed(self, peer: str, relay: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep one link to ``peer`` through ``relay`` open until it breaks (as ``_hold``)."""
+        started = False
+        try:
+            stream = await self.relays.open_end(relay, peer)
+            try:
+                async with open_peer_over(stream, f"{peer} via {relay}", self.client_ssl,
+                                          connect_timeout=QUERY_TIMEOUT * 2, handler=self.handle_peer) as conn:
+                    if conn.peer_name != peer:
+                        raise PeerError("wrong_host", f"{relay} connected this host to {conn.peer_name!r}, "
+                                                      f"not {peer!r}")
+                    conn.via = relay
+                    task_status.started(conn)
+                    started = True
+                    await conn.lost.wait()
+            finally:
+                self.relays.forget(relay, stream.pipe)
+        except PeerError as e:
+            if not started:
+                raise
+            log.info("relayed link to %s ended: %s", peer, e.message)
+
+    def serve_relayed(self, stream: Any, source: str, relay: str, on_end: Callable[[], object]) -> None:
+        """Serve ``source``'s TLS session that ``relay`` carries on ``stream`` (the other end of
+        ``_hold_relayed``), in the background; its link carries this host's requests back too."""
+        def on_link(conn: PeerConnection) -> None:
+            conn.via = relay
+            self._inbound_link(conn)
+
+        async def serve() -> None:
+            try:
+                await serve_link(stream, f"{source} via {relay}", trust.server_ssl_context(self.identity),
+                                 self.handle_peer, on_link=on_link)
+            finally:
+                on_end()
+
+        assert self._nursery is not None
+        self._nursery.start_soon(serve)
 
     async def _live(self, conn: PeerConnection | None) -> PeerConnection | None:
         """``conn`` if it still works. One quiet for a while may have died (the peer changed network)
@@ -643,10 +716,11 @@ class Swarm:
                             0.0)
             self.book.learn(name, info.addresses)
             try:
-                with trio.fail_after(QUERY_TIMEOUT):
+                with trio.fail_after(QUERY_TIMEOUT * 2):  # a direct attempt, then a relayed one
                     conn = await self.connect(name)
                 info.reachable = True
-                info.path = "inbound" if conn is self._inbound.get(name) else "outbound"
+                info.path = (f"relayed via {conn.via}" if conn.via else
+                             "inbound" if conn is self._inbound.get(name) else "outbound")
             except (PeerError, trio.TooSlowError) as e:
                 info.reachable, info.error = False, getattr(e, "message", "timed out")
             infos[name] = info

@@ -1,0 +1,212 @@
+"""Relayed links: two members that cannot connect to each other (both behind NAT) talk through a third
+that both reach, as Syncthing's relays and Tailscale's DERP do, and the relay can neither read nor act.
+
+A relay only carries bytes. The two ends run the ordinary peer protocol over them, inside their own TLS
+1.3 session with their own certificates (``peer_transport.open_peer_over`` / ``serve_link``), so the
+relay sees ciphertext, cannot alter a byte unnoticed, and cannot speak for either end. Ops:
+
+* ``relay_open {to}`` (end A -> relay R): R asks ``to`` (B) over its own link to accept; answers an id.
+* ``relay_accept {from, id}`` (R -> B): B opens its end and serves A's TLS session on it.
+* ``relay_send {id, data}`` (an end -> R) and ``relay_deliver {id, data}`` (R -> the other end): one
+  chunk each way, acknowledged only once delivered, so a slow end slows the sender (no buffering at R
+  beyond one chunk per pipe); empty ``data`` ends the pipe.
+
+R carries at most MAX_PIPES pipes, paced by one token bucket at its owner's ``relay_rate`` (config.toml).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from p2pvbd.home import NAME_RE, HomeError
+from p2pvbd.migration.replication import TokenBucket
+from p2pvbd.peer_transport import PeerConnection, PeerError
+from p2pvbd.swarm.access import PeerOp, member
+from p2pvbd.units import parse_size
+
+if TYPE_CHECKING:
+    from p2pvbd.swarm.node import Swarm
+
+log = logging.getLogger(__name__)
+
+# One relay_send carries at most this: a TLS record is 16 KiB, so a chunk holds 16 of them and one
+# request's framing is noise; small enough that a chunk crosses a DSL uplink (1 Mbit/s) in 2 s.
+CHUNK_BYTES = 256 * 1024
+# Chunks queued at an end before its reader takes them (back-pressure beyond that: the relay's
+# relay_deliver waits, and with it the sender's relay_send).
+QUEUED_CHUNKS = 16
+# Pipes one relay carries: each is a pair of one person's machines, with headroom.
+MAX_PIPES = 64
+# A chunk's round trip through the relay, both links; a slow DSL link with a full chunk takes seconds.
+CHUNK_TIMEOUT = 60.0
+# The relay's upload for others, bytes/s, unless its owner sets ``relay_rate`` in config.toml ("12M":
+# 12 MiB/s, about a 100 Mbit/s link; "0": relay nothing).
+DEFAULT_RELAY_RATE = "12M"
+
+
+class RelayStream(trio.abc.Stream):
+    """One end of a relayed pipe, as a byte stream for TLS: sends go to the relay as ``relay_send``
+    requests over ``link``; what the relay delivers is read here."""
+
+    def __init__(self, link: PeerConnection, pipe: int) -> None:
+        self.link, self.pipe = link, pipe
+        self._in, self._out = trio.open_memory_channel[bytes](QUEUED_CHUNKS)
+        self._pending = b""
+        self._send_lock = trio.Lock()
+        self._closed = False
+
+    async def deliver(self, data: bytes) -> None:
+        """What the relay brought (empty: the other end closed)."""
+        if not data:
+            self._in.close()
+            return
+        try:
+            await self._in.send(data)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # this end closed: nobody reads it
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("relayed stream closed")
+        async with self._send_lock:
+            view = memoryview(data)
+            for at in range(0, len(view), CHUNK_BYTES):
+                try:
+                    await self.link.request("relay_send", {"id": self.pipe, "data": bytes(view[at:at + CHUNK_BYTES])},
+                                            timeout=CHUNK_TIMEOUT)
+                except PeerError as e:
+                    raise trio.BrokenResourceError(f"relay: {e.message}") from e
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if not self._pending:
+            try:
+                self._pending = await self._out.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                return b""
+        n = len(self._pending) if max_bytes is None else max_bytes
+        data, self._pending = self._pending[:n], self._pending[n:]
+        return data
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._out.close()
+        with trio.move_on_after(1.0) as scope:
+            scope.shield = True
+            try:
+                await self.link.request("relay_send", {"id": self.pipe, "data": b""}, timeout=1.0)
+            except PeerError:
+                pass
+
+
+@dataclass
+class _Pipe:
+    a: str  # the end that opened it
+    b: str
+
+
+class Relays:
+    """This host as a relay for others, and as an end of relayed links."""
+
+    def __init__(self, swarm: Swarm) -> None:
+        self.swarm = swarm
+        self.pipes: dict[int, _Pipe] = {}
+        self.ends: dict[tuple[str, int], RelayStream] = {}
+        self._ids = itertools.count(1)
+        setting = str(swarm.config.extra.get("relay_rate", DEFAULT_RELAY_RATE))
+        try:
+            self.rate = float(parse_size(setting))
+        except ValueError as e:
+            raise HomeError(f"relay_rate in config.toml: {e} (bytes per second, e.g. 12M)") from None
+        self._bucket: TokenBucket | None = None  # made on first use: it reads trio's clock
+
+    @property
+    def bucket(self) -> TokenBucket:
+        if self._bucket is None:
+            self._bucket = TokenBucket(self.rate if self.rate > 0 else math.inf)
+        return self._bucket
+
+    def ops(self) -> dict[str, PeerOp]:
+        return {"relay_open": PeerOp(self._open, member), "relay_accept": PeerOp(self._accept, member),
+                "relay_send": PeerOp(self._send, member), "relay_deliver": PeerOp(self._deliver, member)}
+
+    # ---- as the relay ---------------------------------------------------------------------------------
+    async def _open(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        to = body["to"]
+        if not (isinstance(to, str) and NAME_RE.fullmatch(to)) or to in (peer, self.swarm.name):
+            raise PeerError("bad_request", "relay_open names another host")
+        if self.rate <= 0:
+            raise PeerError("no_relay", f"{self.swarm.name} relays nothing (relay_rate = 0)")
+        if len(self.pipes) >= MAX_PIPES:
+            raise PeerError("busy", f"{self.swarm.name} relays {MAX_PIPES} pipes already")
+        link = await self.swarm.connect(to, relay=False)
+        pipe = next(self._ids)
+        self.pipes[pipe] = _Pipe(peer, to)
+        try:
+            await link.request("relay_accept", {"from": peer, "id": pipe}, timeout=CHUNK_TIMEOUT)
+        except PeerError:
+            del self.pipes[pipe]
+            raise
+        log.info("relaying %s <-> %s (pipe %d)", peer, to, pipe)
+        return {"id": pipe}
+
+    async def _send(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        pipe_id, data = body["id"], body["data"]
+        pipe = self.pipes.get(pipe_id) if isinstance(pipe_id, int) else None
+        if pipe is None or peer not in (pipe.a, pipe.b) or not isinstance(data, bytes) or len(data) > CHUNK_BYTES:
+            raise PeerError("no_pipe", f"{self.swarm.name} relays no such pipe for {peer}")
+        other = pipe.b if peer == pipe.a else pipe.a
+        await self.bucket.take(len(data))
+        try:
+            link = await self.swarm.connect(other, relay=False)
+            await link.request("relay_deliver", {"id": pipe_id, "data": data}, timeout=CHUNK_TIMEOUT)
+        except PeerError:
+            self.pipes.pop(pipe_id, None)
+            raise
+        if not data:
+            self.pipes.pop(pipe_id, None)
+        return {}
+
+    # ---- as an end ------------------------------------------------------------------------------------
+    async def _accept(self, relay: str, body: dict[str, Any]) -> dict[str, Any]:
+        """B's side: serve the TLS session of ``from`` that ``relay`` carries (its certificate, checked in
+        the handshake, must name ``from``: the relay cannot introduce anyone else)."""
+        source, pipe = body["from"], body["id"]
+        if not (isinstance(source, str) and NAME_RE.fullmatch(source) and isinstance(pipe, int)):
+            raise PeerError("bad_request", "relay_accept names a host and a pipe id")
+        if self.swarm.revoked.revokes(source):
+            raise PeerError("revoked", f"{source} was revoked from this swarm")
+        stream = RelayStream(await self.swarm.connect(relay, relay=False), pipe)
+        self.ends[(relay, pipe)] = stream
+        self.swarm.serve_relayed(stream, source, relay, lambda: self.ends.pop((relay, pipe), None))
+        return {}
+
+    async def _deliver(self, relay: str, body: dict[str, Any]) -> dict[str, Any]:
+        stream = self.ends.get((relay, body["id"])) if isinstance(body["id"], int) else None
+        if stream is None or not isinstance(body["data"], bytes):
+            raise PeerError("no_pipe", f"{self.swarm.name} holds no end of that pipe from {relay}")
+        await stream.deliver(body["data"])
+        return {}
+
+    async def open_end(self, relay: str, to: str) -> RelayStream:
+        """A's side: a pipe to ``to`` through ``relay``."""
+        link = await self.swarm.connect(relay, relay=False)
+        reply = await link.request("relay_open", {"to": to}, timeout=CHUNK_TIMEOUT)
+        pipe = reply.get("id")
+        if not isinstance(pipe, int):
+            raise PeerError("bad_reply", f"{relay} answered relay_open without a pipe id")
+        stream = self.ends[(relay, pipe)] = RelayStream(link, pipe)
+        return stream
+
+    def forget(self, relay: str, pipe: int) -> None:
+        self.ends.pop((relay, pipe), None)
