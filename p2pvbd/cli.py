@@ -139,7 +139,8 @@ def cmd_peers(args: argparse.Namespace) -> None:
     table = Table("host", "addresses", "last seen", "reachable", box=None)
     paths = {"outbound": "yes", "inbound": "yes, over its link to here"}
     for p in peers:
-        reach = paths.get(p["path"], "yes") if p["reachable"] else f"no ({p['error']})" if p["error"] else "no"
+        path = paths.get(p["path"], f"yes, {p['path']}" if p["path"] else "yes")
+        reach = path if p["reachable"] else f"no ({p['error']})" if p["error"] else "no"
         seen = "never" if p["last_seen_ago_s"] is None else f"{p['last_seen_ago_s']:.0f} s ago"
         table.add_row(p["name"], ", ".join(p["addresses"]), seen, reach)
     _console().print(table)
