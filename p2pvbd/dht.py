@@ -31,6 +31,7 @@ import asyncio
 import heapq
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -92,6 +93,11 @@ RPC_HEADER_BYTES = 21  # rpcudp framing: 1 type byte (0 request, 1 response) + 2
 MAX_RPC_BYTES = 8192  # rpcudp refuses request bodies above 8 KiB; we hold responses to it too
 MAX_DATAGRAM_BYTES = MAC_BYTES + RPC_HEADER_BYTES + MAX_RPC_BYTES
 RPC_TIMEOUT = 5.0  # rpcudp's default wait_timeout
+# A node that did not answer is not asked again for this long, unless it speaks to us first: a host behind
+# a NAT that filters us (it never sent us anything) is learnt of from others over and over, and every
+# lookup would otherwise wait RPC_TIMEOUT on it. A minute: a restarted host speaks to us sooner.
+SILENT_SECONDS = 60.0
+MAX_SILENT_NODES = 4096  # ids remembered as silent: far more than a swarm has
 REPUBLISH_FRACTION = 0.5  # republish our records halfway through their TTL: one lost round is survivable
 REFRESH_INTERVAL = 3600.0  # paper §2.3 tRefresh (kademlia's refresh_table default)
 REPLICATE_INTERVAL = 3600.0  # paper §2.5 tReplicate (kademlia's iter_older_than(3600))
@@ -144,6 +150,8 @@ class _SwarmProtocol(KademliaProtocol):
         self.router = _RoutingTable(self, ksize, source_node)
         self._mac_key, self.stats, self._trust, self._me = mac_key, stats, trust, me
         self._expect: dict[bytes, bytes] = {}  # request id -> the node id whose signature must answer it
+        # Nodes that did not answer, until when they are not asked again (SILENT_SECONDS), by id
+        self._silent: OrderedDict[bytes, float] = OrderedDict()
         self._tasks: set[asyncio.Future[Any]] = set()
         self._verified: OrderedDict[bytes, Record] = OrderedDict()
         self._drops_logged = FirstSeen(LOGGED_DROPS)
@@ -175,6 +183,7 @@ class _SwarmProtocol(KademliaProtocol):
         if (opened := self._sender(signed)) is None:
             return
         sender, body = opened
+        self._silent.pop(sender.node_id, None)  # it speaks: ask it again
         try:
             msg = msgpack.unpackb(body[RPC_HEADER_BYTES:])
         except Exception:  # garbage raises many types
@@ -299,8 +308,16 @@ class _SwarmProtocol(KademliaProtocol):
         return {"value": page, "more": skip + len(page) < len(raws), "nodes": nodes}
 
     async def _rpc(self, node: Node, name: str, check: Callable[[Any], object], *args: Any) -> tuple[bool, Any]:
-        """One request; a reply failing `check` counts as no reply (and kademlia drops the peer)."""
+        """One request; a reply failing `check` counts as no reply (and kademlia drops the peer). A node
+        that did not answer lately is not asked (SILENT_SECONDS): a lookup would wait RPC_TIMEOUT on it."""
+        if self._silent.get(node.id, -math.inf) > time.monotonic():
+            return False, None
         ok, reply = await self.request((node.ip, node.port), name, self.source_node.id, *args, expect=node.id)
+        if not ok:
+            self._silent[node.id] = time.monotonic() + SILENT_SECONDS
+            self._silent.move_to_end(node.id)
+            while len(self._silent) > MAX_SILENT_NODES:
+                self._silent.popitem(last=False)
         if ok and (reply := check(reply)) is None:
             self.stats["malformed"] += 1
             ok = False

@@ -421,15 +421,18 @@ class Swarm:
         try:
             stream = await self.relays.open_end(relay, peer)
             try:
-                async with open_peer_over(stream, f"{peer} via {relay}", self.client_ssl,
-                                          connect_timeout=QUERY_TIMEOUT * 2, handler=self.handle_peer) as conn:
-                    if conn.peer_name != peer:
-                        raise PeerError("wrong_host", f"{relay} connected this host to {conn.peer_name!r}, "
-                                                      f"not {peer!r}")
-                    conn.via = relay
-                    task_status.started(conn)
-                    started = True
-                    await conn.lost.wait()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(stream.pump)
+                    async with open_peer_over(stream, f"{peer} via {relay}", self.client_ssl,
+                                              connect_timeout=QUERY_TIMEOUT * 2, handler=self.handle_peer) as conn:
+                        if conn.peer_name != peer:
+                            raise PeerError("wrong_host", f"{relay} connected this host to {conn.peer_name!r}, "
+                                                          f"not {peer!r}")
+                        conn.via = relay
+                        task_status.started(conn)
+                        started = True
+                        await conn.lost.wait()
+                    nursery.cancel_scope.cancel()
             finally:
                 self.relays.forget(relay, stream.pipe)
         except PeerError as e:
@@ -446,8 +449,11 @@ class Swarm:
 
         async def serve() -> None:
             try:
-                await serve_link(stream, f"{source} via {relay}", trust.server_ssl_context(self.identity),
-                                 self.handle_peer, on_link=on_link)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(stream.pump)
+                    await serve_link(stream, f"{source} via {relay}", trust.server_ssl_context(self.identity),
+                                     self.handle_peer, on_link=on_link)
+                    nursery.cancel_scope.cancel()
             finally:
                 on_end()
 

@@ -7,9 +7,10 @@ relay sees ciphertext, cannot alter a byte unnoticed, and cannot speak for eithe
 
 * ``relay_open {to}`` (end A -> relay R): R asks ``to`` (B) over its own link to accept; answers an id.
 * ``relay_accept {from, id}`` (R -> B): B opens its end and serves A's TLS session on it.
-* ``relay_send {id, data}`` (an end -> R) and ``relay_deliver {id, data}`` (R -> the other end): one
-  chunk each way, acknowledged only once delivered, so a slow end slows the sender (no buffering at R
-  beyond one chunk per pipe); empty ``data`` ends the pipe.
+* ``relay_send {id, seq, data}`` (an end -> R) and ``relay_deliver {id, seq, data}`` (R -> the other
+  end): one chunk each, acknowledged only once delivered, so a slow end slows the sender; up to
+  WINDOW_CHUNKS travel at once (R passes them on concurrently; the receiving end puts them back in
+  ``seq`` order); empty ``data`` ends the pipe.
 
 R carries at most MAX_PIPES pipes, paced by one token bucket at its owner's ``relay_rate`` (config.toml).
 """
@@ -41,6 +42,12 @@ CHUNK_BYTES = 256 * 1024
 # Chunks queued at an end before its reader takes them (back-pressure beyond that: the relay's
 # relay_deliver waits, and with it the sender's relay_send).
 QUEUED_CHUNKS = 16
+# Chunks in flight at once per direction: a chunk's round trip crosses two links twice, so one at a time
+# carries a chunk per round trip (a third of a 100 Mbit/s link: bench/paths.py); 8 x 256 KiB keeps
+# 2 MiB in flight, a 100 Mbit/s link's worth for 160 ms. Within a relay's per-link request bound (16).
+WINDOW_CHUNKS = 8
+# Chunks that may arrive ahead of the next one in order (the window of the sender, with room).
+MAX_EARLY_CHUNKS = 2 * WINDOW_CHUNKS
 # Pipes one relay carries: each is a pair of one person's machines, with headroom.
 MAX_PIPES = 64
 # A chunk's round trip through the relay, both links; a slow DSL link with a full chunk takes seconds.
@@ -60,16 +67,50 @@ class RelayStream(trio.abc.Stream):
         self._pending = b""
         self._send_lock = trio.Lock()
         self._closed = False
+        self._next_send = 0  # seq of the next chunk sent
+        self._next_in = 0  # seq of the next chunk to hand to the reader
+        self._early: dict[int, bytes] = {}  # chunks that arrived before one sent earlier
+        self._in_order = trio.Lock()
+        self._queue_out, self._queue_in = trio.open_memory_channel[tuple[int, bytes]](WINDOW_CHUNKS)
+        self._broken = ""
 
-    async def deliver(self, data: bytes) -> None:
-        """What the relay brought (empty: the other end closed)."""
-        if not data:
-            self._in.close()
-            return
-        try:
-            await self._in.send(data)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass  # this end closed: nobody reads it
+    async def deliver(self, seq: int, data: bytes) -> None:
+        """A chunk the relay brought, put back in order (empty data: the other end closed)."""
+        if not self._next_in <= seq < self._next_in + MAX_EARLY_CHUNKS or seq in self._early:
+            raise PeerError("bad_request", f"chunk {seq} is outside the window at {self._next_in}")
+        self._early[seq] = data
+        async with self._in_order:
+            while (chunk := self._early.pop(self._next_in, None)) is not None:
+                self._next_in += 1
+                if not chunk:
+                    self._in.close()
+                    return
+                try:
+                    await self._in.send(chunk)
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    return  # this end closed: nobody reads it
+
+    async def pump(self) -> None:
+        """Send what ``send_all`` queued, up to WINDOW_CHUNKS chunks in flight, until the stream closes:
+        run by whoever holds the link (a write returns once queued, so consecutive small writes, one per
+        reply, still fill the window). A chunk the relay refuses breaks the stream."""
+        window = trio.Semaphore(WINDOW_CHUNKS)
+
+        async def one(seq: int, chunk: bytes) -> None:
+            try:
+                await self.link.request("relay_send", {"id": self.pipe, "seq": seq, "data": chunk},
+                                        timeout=CHUNK_TIMEOUT)
+            except PeerError as e:
+                self._broken = f"relay: {e.message}"
+                self._in.close()
+                self._queue_out.close()
+            finally:
+                window.release()
+
+        async with trio.open_nursery() as nursery:
+            async for seq, chunk in self._queue_in:
+                await window.acquire()
+                nursery.start_soon(one, seq, chunk)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed:
@@ -78,10 +119,10 @@ class RelayStream(trio.abc.Stream):
             view = memoryview(data)
             for at in range(0, len(view), CHUNK_BYTES):
                 try:
-                    await self.link.request("relay_send", {"id": self.pipe, "data": bytes(view[at:at + CHUNK_BYTES])},
-                                            timeout=CHUNK_TIMEOUT)
-                except PeerError as e:
-                    raise trio.BrokenResourceError(f"relay: {e.message}") from e
+                    await self._queue_out.send((self._next_send, bytes(view[at:at + CHUNK_BYTES])))
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    raise trio.BrokenResourceError(self._broken or "relayed stream closed") from None
+                self._next_send += 1
 
     async def wait_send_all_might_not_block(self) -> None:
         await trio.lowlevel.checkpoint()
@@ -101,10 +142,12 @@ class RelayStream(trio.abc.Stream):
             return
         self._closed = True
         self._out.close()
+        self._queue_out.close()
         with trio.move_on_after(1.0) as scope:
             scope.shield = True
             try:
-                await self.link.request("relay_send", {"id": self.pipe, "data": b""}, timeout=1.0)
+                await self.link.request("relay_send", {"id": self.pipe, "seq": self._next_send, "data": b""},
+                                        timeout=1.0)
             except PeerError:
                 pass
 
@@ -161,7 +204,7 @@ class Relays:
         return {"id": pipe}
 
     async def _send(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
-        pipe_id, data = body["id"], body["data"]
+        pipe_id, data, seq = body["id"], body["data"], body["seq"]
         pipe = self.pipes.get(pipe_id) if isinstance(pipe_id, int) else None
         if pipe is None or peer not in (pipe.a, pipe.b) or not isinstance(data, bytes) or len(data) > CHUNK_BYTES:
             raise PeerError("no_pipe", f"{self.swarm.name} relays no such pipe for {peer}")
@@ -169,7 +212,7 @@ class Relays:
         await self.bucket.take(len(data))
         try:
             link = await self.swarm.connect(other, relay=False)
-            await link.request("relay_deliver", {"id": pipe_id, "data": data}, timeout=CHUNK_TIMEOUT)
+            await link.request("relay_deliver", {"id": pipe_id, "seq": seq, "data": data}, timeout=CHUNK_TIMEOUT)
         except PeerError:
             self.pipes.pop(pipe_id, None)
             raise
@@ -192,10 +235,10 @@ class Relays:
         return {}
 
     async def _deliver(self, relay: str, body: dict[str, Any]) -> dict[str, Any]:
-        stream = self.ends.get((relay, body["id"])) if isinstance(body["id"], int) else None
-        if stream is None or not isinstance(body["data"], bytes):
+        stream = self.ends.get((relay, body["id"]))
+        if stream is None:
             raise PeerError("no_pipe", f"{self.swarm.name} holds no end of that pipe from {relay}")
-        await stream.deliver(body["data"])
+        await stream.deliver(body["seq"], body["data"])
         return {}
 
     async def open_end(self, relay: str, to: str) -> RelayStream:

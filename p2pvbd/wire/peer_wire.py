@@ -127,8 +127,10 @@ OPS: dict[str, OpSpec] = {
     # Relayed links between members that cannot connect to each other (swarm/relay.py).
     "relay_open": OpSpec({"to": str}, "carry a pipe from the caller to that host; answers the pipe's id"),
     "relay_accept": OpSpec({"from": str, "id": int}, "the relay asks: serve that host's TLS session on this pipe"),
-    "relay_send": OpSpec({"id": int, "data": bytes}, "an end's next bytes for the other end (empty: it closed)"),
-    "relay_deliver": OpSpec({"id": int, "data": bytes}, "the other end's next bytes (empty: it closed)"),
+    "relay_send": OpSpec({"id": int, "seq": int, "data": bytes},
+                         "an end's chunk number seq for the other end (empty: it closed)"),
+    "relay_deliver": OpSpec({"id": int, "seq": int, "data": bytes},
+                            "the other end's chunk number seq (empty: it closed)"),
     "vm_move_status": OpSpec({"vm": str, "to": str}, "progress of that move"),
 }
 # The join port's ops (a joiner has no certificate yet, so these must never share the peer port's table).
