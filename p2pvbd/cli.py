@@ -136,13 +136,14 @@ def cmd_peers(args: argparse.Namespace) -> None:
         return
     from rich.table import Table
 
-    table = Table("host", "addresses", "last seen", "reachable", box=None)
+    table = Table("host", "addresses", "last seen", "reachable", "last pull rate", box=None)
     paths = {"outbound": "yes", "inbound": "yes, over its link to here"}
     for p in peers:
         path = paths.get(p["path"], f"yes, {p['path']}" if p["path"] else "yes")
         reach = path if p["reachable"] else f"no ({p['error']})" if p["error"] else "no"
         seen = "never" if p["last_seen_ago_s"] is None else f"{p['last_seen_ago_s']:.0f} s ago"
-        table.add_row(p["name"], ", ".join(p["addresses"]), seen, reach)
+        rate = "" if p.get("pull_rate") is None else f"{format_size(p['pull_rate'])}/s"
+        table.add_row(p["name"], ", ".join(p["addresses"]), seen, reach, rate)
     _console().print(table)
 
 

@@ -10,11 +10,13 @@ holder), and car-pc migrates vm1 back.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from p2pvbd.migration.pull import MIN_RATE_SAMPLE_BYTES
 from tests.daemons import PEER_PORT_IN_NAMESPACE, Host, run
 from tests.netns import Network, require_nft, require_root
 from tests.test_migrate import BLOCK, BLOCKS, Guest, model_image
@@ -25,6 +27,7 @@ pytestmark = pytest.mark.root
 
 CAR_LAN = "10.88.2.0/24"  # car-pc's side of its NAT router
 OFFICE_LAN = "10.88.1.0/24"
+SEED = 1301  # the disk's random contents, so a failure can be replayed
 # car-pc opens its standing links within a publish round (swarm/node.PUBLISH_INTERVAL, 15 s); this
 # bounds a broken daemon, not a speed.
 LINK_SECONDS = 120.0
@@ -62,7 +65,7 @@ def path_to(host: Host, peer: str) -> str | None:
 def test_a_host_behind_nat_is_reached_over_its_own_links(natted: tuple[Network, Host, Host, Host],
                                                           tmp_path: Path) -> None:
     net, office, home, car = natted
-    base = bytes(range(256)) * (BLOCKS * BLOCK // 256)
+    base = random.Random(SEED).randbytes(BLOCKS * BLOCK)  # incompressible: what travels is what the rate measures
     (tmp_path / "base.raw").write_bytes(base)
     office.cli("disk", "import", "vm1", str(tmp_path / "base.raw"))
     wait_until(lambda: visible(car, "vm1") and visible(home, "vm1"), "car-pc and home-pc to see vm1")
@@ -80,8 +83,10 @@ def test_a_host_behind_nat_is_reached_over_its_own_links(natted: tuple[Network, 
     summary = json.loads(office.cli("migrate", "vm1", "--to", "car-pc", "--json", timeout=600).stdout)
     assert summary["error"] == "" and summary["epoch"] == 2, summary
     wait_until(lambda: visible(home, "vm1", holders=2), "home-pc to see car-pc hold vm1")
-    pulled = sync(home, "vm1")
-    assert pulled["error"] == "" and pulled["bytes_from"].get("car-pc", 0) > 0, pulled
+    pulled = sync(home, "vm1", "--from", "car-pc")  # all of it over car-pc's link: the rate is that path's
+    assert pulled["error"] == "" and pulled["bytes_from"]["car-pc"] >= MIN_RATE_SAMPLE_BYTES, pulled
+    car_info = next(p for p in home.json("peers") if p["name"] == "car-pc")
+    assert car_info["path"] == "inbound" and car_info["pull_rate"] > 0, car_info
     summary = json.loads(car.cli("migrate", "vm1", "--to", "office-pc", "--json", timeout=600).stdout)
     assert summary["error"] == "" and summary["epoch"] == 3, summary
     report = guest.finish()
@@ -121,7 +126,7 @@ def test_two_hosts_behind_nat_talk_through_a_relay(both_natted: tuple[Network, H
     alter). A guest writes throughout; vm1 moves office-pc -> car-pc -> office-pc, and home-pc syncs
     from car-pc."""
     _, home, office, car = both_natted
-    base = bytes(range(256)) * (BLOCKS * BLOCK // 256)
+    base = random.Random(SEED).randbytes(BLOCKS * BLOCK)  # incompressible: what travels is what the rate measures
     (tmp_path / "base.raw").write_bytes(base)
     office.cli("disk", "import", "vm1", str(tmp_path / "base.raw"))
     wait_until(lambda: visible(car, "vm1") and visible(home, "vm1"), "car-pc and home-pc to see vm1")

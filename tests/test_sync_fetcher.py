@@ -12,6 +12,7 @@ import trio
 
 from p2pvbd.migration import fetcher as fetcher_mod
 from p2pvbd.migration.fetcher import Fetcher, SyncProgress
+from p2pvbd.migration.pull import PullState
 from p2pvbd.peer_transport import PeerError
 from p2pvbd.replica_store import ReplicaStore
 from p2pvbd.store.version_map import BlockEntries, VersionMap
@@ -48,6 +49,7 @@ class FakePeer:
 class FakeSwarm:
     def __init__(self, peers: dict[str, FakePeer]) -> None:
         self.peers = peers
+        self.pulls = PullState()  # rates measured in earlier pulls: none
 
     async def connect(self, name: str) -> FakePeer:
         return self.peers[name]

@@ -116,7 +116,9 @@ class Fetcher:
         self._inflight: dict[FetchRequest, trio.CancelScope] = {}
 
     async def run(self) -> None:
-        infos = [PeerInfo(name, v, INITIAL_RATE, INFLIGHT_PER_PEER) for name, v in self.peer_versions.items()]
+        rates = self.swarm.pulls.rates  # what each peer delivered last time, over its current path
+        infos = [PeerInfo(name, v, rates.get(name, INITIAL_RATE), INFLIGHT_PER_PEER)
+                 for name, v in self.peer_versions.items()]
         request_bytes = request_bytes_for(self.owner_map.block_size)
         plan = await trio.to_thread.run_sync(partial(plan_sync, self.target, self.owner_map, infos,
                                                      max_request_bytes=request_bytes, dedup=self.dedup))

@@ -17,6 +17,7 @@ fetched is durable.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -58,12 +59,26 @@ class Synced:
     generation: int
 
 
+# A rate measured on less than this says more about the request's latency than about the path's speed:
+# one request's worth (sync_planner.MAX_REQUEST_BYTES).
+MIN_RATE_SAMPLE_BYTES = 1 << 20
+
+
 class PullState:
     """Per disk: what the last successful pull reached, and one pull at a time."""
 
     def __init__(self) -> None:
         self.synced: dict[str, Synced] = {}
         self._locks: dict[str, trio.Lock] = {}
+        # Each peer's delivery rate in the last pull it served much of (bytes/s, over whatever path it is
+        # reached by: direct, reversed or relayed): the next pull's planner starts from it, `peers` shows it.
+        self.rates: dict[str, float] = {}
+
+    def measured(self, progress: SyncProgress, seconds: float) -> None:
+        """Remember the rates ``progress``'s peers delivered at over a pull that took ``seconds``."""
+        for name, peer in progress.peers.items():
+            if peer.bytes >= MIN_RATE_SAMPLE_BYTES and seconds > 0 and not peer.dropped:
+                self.rates[name] = peer.bytes / seconds
 
     def lock(self, disk: str) -> trio.Lock:
         return self._locks.setdefault(disk, trio.Lock())
@@ -118,7 +133,9 @@ async def _sync(swarm: Swarm, disk: str, progress: SyncProgress, sources: list[s
         candidates = candidates or await _candidates(swarm, disk, owner, sources)
         peer_versions = await _peer_versions(swarm, disk, owner, wanted, candidates, progress)
         dedup = store.live_map() if len(wanted) >= store.n_blocks * DEDUP_MIN_FRACTION else None
+        pulling = time.monotonic()
         await Fetcher(swarm, store, owner, wanted, target, peer_versions, progress, background, dedup).run()
+        swarm.pulls.measured(progress, time.monotonic() - pulling)
         await trio.to_thread.run_sync(store.flush)  # reported done only once durable
         swarm.request_publish()
     progress.phase = "done"

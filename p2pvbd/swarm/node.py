@@ -740,7 +740,8 @@ class Swarm:
         return [{"name": i.name, "addresses": i.addresses, "cert_fingerprint": i.cert,
                  "last_seen": i.last_seen or None,
                  "last_seen_ago_s": round(now - i.last_seen, 1) if i.last_seen else None,
-                 "reachable": i.reachable, "path": i.path, "error": i.error}
+                 "reachable": i.reachable, "path": i.path, "pull_rate": self.pulls.rates.get(i.name),
+                 "error": i.error}
                 for i in sorted(infos.values(), key=lambda i: i.name)]
 
     def last_heard_from(self, peer: str) -> float:
