@@ -229,6 +229,10 @@ class Relays:
             raise PeerError("bad_request", "relay_accept names a host and a pipe id")
         if self.swarm.revoked.revokes(source):
             raise PeerError("revoked", f"{source} was revoked from this swarm")
+        # Any member may ask this (as a relay would): each end costs a task until its handshake times out,
+        # so they are bounded like a relay's pipes, and one pipe id of a relay names one end.
+        if len(self.ends) >= MAX_PIPES or (relay, pipe) in self.ends:
+            raise PeerError("busy", f"{self.swarm.name} holds {len(self.ends)} relayed ends, or that one already")
         stream = RelayStream(await self.swarm.connect(relay, relay=False), pipe)
         self.ends[(relay, pipe)] = stream
         self.swarm.serve_relayed(stream, source, relay, lambda: self.ends.pop((relay, pipe), None))
