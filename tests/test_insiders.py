@@ -15,6 +15,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -25,7 +26,7 @@ from p2pvbd.dht_records import key_digest
 from p2pvbd.migrate import SHIP_BATCH_BYTES
 from p2pvbd.peer_transport import PeerError, open_peer
 from p2pvbd.store.version_map import MIN_BLOCK_SIZE
-from p2pvbd.swarm import access
+from p2pvbd.swarm import access, relay
 from p2pvbd.sync_planner import MAX_REQUEST_BYTES
 from p2pvbd.wire.peer_wire import MAX_BLOCK_ENTRIES, MIN_BLOCK_BYTES
 from tests.daemons import Host, run
@@ -229,6 +230,37 @@ def test_an_owner_claimed_in_the_index_is_not_followed_unproven(swarm: tuple[lis
     d = next(d for d in home.json("disk", "list") if d["name"] == "vm1")
     assert (d["owner"], d["epoch"]) == ("office-pc", 1), d
     assert all(h.alive() for h in (office, home, car))
+
+
+def test_a_member_holds_a_bounded_share_of_a_relay(make_host: Callable[..., Host]) -> None:
+    """mallory opens relayed pipes through office-pc to home-pc and never uses them: office-pc carries
+    MAX_PIPES_PER_HOST of them and refuses more, and car-pc still gets a pipe of its own."""
+    office = make_host("office-pc")
+    home, car, mallory = (make_host(n, join=invite(office)) for n in ("home-pc", "car-pc", "mallory"))
+    wait_until(lambda: {p["name"] for p in office.json("peers") if p["reachable"]} == {"home-pc", "car-pc", "mallory"},
+               "office-pc to reach every member")
+    for _ in range(relay.MAX_PIPES_PER_HOST):
+        res = as_member(mallory, office, "relay_open", {"to": "home-pc"})
+        assert isinstance(res, dict) and isinstance(res["id"], int), res
+    res = as_member(mallory, office, "relay_open", {"to": "home-pc"})
+    assert isinstance(res, PeerError) and res.code == "busy" and "mallory" in res.message, res
+    assert isinstance(as_member(car, office, "relay_open", {"to": "home-pc"}), dict)
+    assert all(h.alive() for h in (office, home, car))
+
+
+def test_an_idle_pipe_makes_room_for_a_new_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pipes whose ends vanished without a word are dropped once idle, when their room is needed."""
+    clock = [1000.0]
+    monkeypatch.setattr(relay.time, "monotonic", lambda: clock[0])
+    relays = relay.Relays(SimpleNamespace(name="office-pc", config=SimpleNamespace(extra={})))  # type: ignore[arg-type]
+    for i in range(relay.MAX_PIPES):
+        relays._room_for(f"host{i % 16}")
+        relays.pipes[i] = relay._Pipe(f"host{i % 16}", "home-pc", clock[0])
+    with pytest.raises(PeerError, match="64 pipes already"):
+        relays._room_for("car-pc")
+    relays.pipes[5].used = clock[0] = 1000.0 + relay.PIPE_IDLE_SECONDS + 1  # one carried a chunk just now
+    relays._room_for("car-pc")
+    assert list(relays.pipes) == [5]
 
 
 def test_refusals_are_logged_once_in_bounded_memory(caplog: pytest.LogCaptureFixture) -> None:

@@ -12,7 +12,10 @@ relay sees ciphertext, cannot alter a byte unnoticed, and cannot speak for eithe
   WINDOW_CHUNKS travel at once (R passes them on concurrently; the receiving end puts them back in
   ``seq`` order); empty ``data`` ends the pipe.
 
-R carries at most MAX_PIPES pipes, paced by one token bucket at its owner's ``relay_rate`` (config.toml).
+R carries at most MAX_PIPES pipes, MAX_PIPES_PER_HOST of them with any one member at an end (a stolen
+machine cannot take the relay from the rest), paced by one token bucket at its owner's ``relay_rate``
+(config.toml). A pipe whose ends vanished silently is dropped once it has carried nothing for
+PIPE_IDLE_SECONDS and its room is needed; an end still there finds out at its next chunk and reconnects.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +54,13 @@ WINDOW_CHUNKS = 8
 MAX_EARLY_CHUNKS = 2 * WINDOW_CHUNKS
 # Pipes one relay carries: each is a pair of one person's machines, with headroom.
 MAX_PIPES = 64
+# Pipes with one member at an end: one per other machine it cannot reach directly (a person has a
+# handful), with room for a reconnect while the old pipe is not yet known dead.
+MAX_PIPES_PER_HOST = 8
+# A pipe that carried nothing this long may be dropped for a new one: a link's liveness hello
+# (swarm/node.QUIET_LINK_SECONDS) crosses it whenever it is used after 5 s of quiet, so a pipe silent
+# for a minute is one nobody used for a minute (or whose ends are gone).
+PIPE_IDLE_SECONDS = 60.0
 # A chunk's round trip through the relay, both links; a slow DSL link with a full chunk takes seconds.
 CHUNK_TIMEOUT = 60.0
 # The relay's upload for others, bytes/s, unless its owner sets ``relay_rate`` in config.toml ("12M":
@@ -156,6 +167,10 @@ class RelayStream(trio.abc.Stream):
 class _Pipe:
     a: str  # the end that opened it
     b: str
+    used: float  # monotonic time of its last chunk
+
+    def idle(self, now: float) -> bool:
+        return now - self.used > PIPE_IDLE_SECONDS
 
 
 class Relays:
@@ -190,11 +205,10 @@ class Relays:
             raise PeerError("bad_request", "relay_open names another host")
         if self.rate <= 0:
             raise PeerError("no_relay", f"{self.swarm.name} relays nothing (relay_rate = 0)")
-        if len(self.pipes) >= MAX_PIPES:
-            raise PeerError("busy", f"{self.swarm.name} relays {MAX_PIPES} pipes already")
+        self._room_for(peer)
         link = await self.swarm.connect(to, relay=False)
         pipe = next(self._ids)
-        self.pipes[pipe] = _Pipe(peer, to)
+        self.pipes[pipe] = _Pipe(peer, to, time.monotonic())
         try:
             await link.request("relay_accept", {"from": peer, "id": pipe}, timeout=CHUNK_TIMEOUT)
         except PeerError:
@@ -203,12 +217,29 @@ class Relays:
         log.info("relaying %s <-> %s (pipe %d)", peer, to, pipe)
         return {"id": pipe}
 
+    def _room_for(self, peer: str) -> None:
+        """Make room for a pipe of ``peer``'s, dropping idle pipes if full; PeerError busy if none is."""
+        now = time.monotonic()
+        def held() -> int:
+            return sum(peer in (p.a, p.b) for p in self.pipes.values())
+        if len(self.pipes) < MAX_PIPES and held() < MAX_PIPES_PER_HOST:
+            return
+        for pipe_id, p in list(self.pipes.items()):
+            if p.idle(now):
+                log.info("dropping relayed pipe %d (%s <-> %s): idle", pipe_id, p.a, p.b)
+                del self.pipes[pipe_id]
+        if len(self.pipes) >= MAX_PIPES:
+            raise PeerError("busy", f"{self.swarm.name} relays {MAX_PIPES} pipes already")
+        if held() >= MAX_PIPES_PER_HOST:
+            raise PeerError("busy", f"{self.swarm.name} relays {MAX_PIPES_PER_HOST} pipes of {peer}'s already")
+
     async def _send(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
         pipe_id, data, seq = body["id"], body["data"], body["seq"]
         pipe = self.pipes.get(pipe_id) if isinstance(pipe_id, int) else None
         if pipe is None or peer not in (pipe.a, pipe.b) or not isinstance(data, bytes) or len(data) > CHUNK_BYTES:
             raise PeerError("no_pipe", f"{self.swarm.name} relays no such pipe for {peer}")
         other = pipe.b if peer == pipe.a else pipe.a
+        pipe.used = time.monotonic()
         await self.bucket.take(len(data))
         try:
             link = await self.swarm.connect(other, relay=False)
