@@ -1,4 +1,4 @@
-"""Pull and migration time through each kind of path (direct, reversed, relayed), against direct.
+"""Pull and migration time through each kind of path (direct, reversed, punched, relayed), against direct.
 
 Usage: .venv/bin/python bench/paths.py [--mib 128] [--rate 100mbit] [--json FILE]
 
@@ -8,7 +8,9 @@ host's router ports are shaped: its only way out):
 
 * ``direct``: ``src`` and ``dst`` reach each other;
 * ``inbound``: ``src`` is behind NAT: ``dst`` reaches it over the link ``src`` holds open to it;
-* ``relayed``: both behind their own NAT; ``rel``, which both reach, carries their TLS session.
+* ``punched``: both behind their own NAT, which keeps ports: a link punched through both (swarm/punch.py);
+* ``relayed``: both behind their own NAT, which picks a new port per connection (punching fails); ``rel``,
+  which both reach, carries their TLS session.
 
 ``src`` imports ``--mib`` MiB of random data as ``vm1`` and ``vm2``; ``dst`` runs ``sync vm1`` (the timed
 pull: its ``duration_s``), then ``src`` runs ``migrate vm2 --to dst`` (its ``duration_s``: the bulk pull,
@@ -68,12 +70,12 @@ def run_case(kind: str, mib: int, rate: str, tmp: Path) -> dict[str, Any]:
     with Network() as net:
         hosts: list[Host] = []
         try:
-            def add(name: str, nat: str | None, join: Host | None) -> Host:
+            def add(name: str, nat: str | None, join: Host | None, ports: str = "kept") -> Host:
                 if nat is None:
                     ns = net.add_host(name, upload=rate, download=rate)
                     extra: list[str] = []
                 else:
-                    ns = net.add_nat_host(name, nat)
+                    ns = net.add_nat_host(name, nat, ports=ports)
                     net.shape(f"{name}-nat", upload=rate, download=rate)
                     extra = WILDCARD
                 token = join.cli("invite").stdout.strip() if join else None
@@ -90,19 +92,22 @@ def run_case(kind: str, mib: int, rate: str, tmp: Path) -> dict[str, Any]:
                 src = add("src", "10.88.1.0/24", dst)
                 rel = None
             else:
+                ports = "kept" if kind == "punched" else "random"
                 rel = add("rel", None, None)
-                src = add("src", "10.88.1.0/24", rel)
-                dst = add("dst", "10.88.2.0/24", rel)
+                src = add("src", "10.88.1.0/24", rel, ports)
+                dst = add("dst", "10.88.2.0/24", rel, ports)
             image = tmp / f"{kind}.raw"
             image.write_bytes(os.urandom(mib * MiB))
             for disk in ("vm1", "vm2"):
                 src.cli("disk", "import", disk, str(image))
             wait(lambda: visible(dst, "vm1") and visible(dst, "vm2"), "dst to see the disks")
-            expected = {"direct": "outbound", "inbound": "inbound", "relayed": "relayed via rel"}[kind]
+            expected = {"direct": "outbound", "inbound": "inbound", "punched": "punched",
+                        "relayed": "relayed via rel"}[kind]
             wait(lambda: path_to(dst, "src") == expected, f"dst to reach src {expected}")
-            relay_cpu0 = cpu_seconds(rel.proc.pid) if rel is not None and rel.proc else 0.0
+            relayed = kind == "relayed" and rel is not None and rel.proc is not None
+            relay_cpu0 = cpu_seconds(rel.proc.pid) if relayed else 0.0  # type: ignore[union-attr]
             pull = json.loads(dst.cli("sync", "vm1", "--json", timeout=3600).stdout)
-            relay_cpu = (cpu_seconds(rel.proc.pid) - relay_cpu0) if rel is not None and rel.proc else None
+            relay_cpu = (cpu_seconds(rel.proc.pid) - relay_cpu0) if relayed else None  # type: ignore[union-attr]
             if pull["error"]:
                 raise SystemExit(f"{kind}: sync failed: {pull['error']}")
             moved = json.loads(src.cli("migrate", "vm2", "--to", "dst", "--json", timeout=3600).stdout)
@@ -127,7 +132,7 @@ def main() -> None:
         raise SystemExit(f"cannot run: {reason}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="p2pvbd-paths-") as tmp:
-        for kind in ("direct", "inbound", "relayed"):
+        for kind in ("direct", "inbound", "punched", "relayed"):
             rows.append(run_case(kind, args.mib, args.rate, Path(tmp)))
             print(json.dumps(rows[-1]), flush=True)
     base = rows[0]

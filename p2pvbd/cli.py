@@ -137,13 +137,16 @@ def cmd_peers(args: argparse.Namespace) -> None:
     from rich.table import Table
 
     table = Table("host", "addresses", "last seen", "reachable", "last pull rate", box=None)
-    paths = {"outbound": "yes", "inbound": "yes, over its link to here"}
+    paths = {"outbound": "yes", "inbound": "yes, over its link to here", "punched": "yes, punched through NAT"}
     for p in peers:
         path = paths.get(p["path"], f"yes, {p['path']}" if p["path"] else "yes")
         reach = path if p["reachable"] else f"no ({p['error']})" if p["error"] else "no"
         seen = "never" if p["last_seen_ago_s"] is None else f"{p['last_seen_ago_s']:.0f} s ago"
         rate = "" if p.get("pull_rate") is None else f"{format_size(p['pull_rate'])}/s"
-        table.add_row(p["name"], ", ".join(p["addresses"]), seen, reach, rate)
+        where = ", ".join(p["addresses"])
+        if p.get("reach") == "nat":
+            where += f" (behind NAT, seen as {', '.join(p['seen_as'])})"
+        table.add_row(p["name"], where, seen, reach, rate)
     _console().print(table)
 
 

@@ -184,11 +184,15 @@ def check_record(rec: Record, dkey: bytes | None, now: float) -> None:
         raise RecordError("expired")
 
 
-def host_payload(addresses: list[str], cert_fingerprint: str) -> dict[str, Any]:
-    """`host` kind, keyed by host name: where it listens and which TLS certificate it presents."""
+def host_payload(addresses: list[str], cert_fingerprint: str, reach: str = "unknown", seen_as: list[str] | None = None,
+                 links: list[str] | None = None) -> dict[str, Any]:
+    """`host` kind, keyed by host name: where it listens, which TLS certificate it presents, and how it
+    can be reached (``reach``: "direct", "nat" or "unknown"; ``seen_as``: behind NAT, the addresses peers
+    saw it at; ``links``: the members it holds a direct link to, which can relay to it)."""
     for a in addresses:
         parse_hostport(a)
-    return {"addresses": list(addresses), "cert": cert_fingerprint}
+    return {"addresses": list(addresses), "cert": cert_fingerprint, "reach": reach, "seen_as": list(seen_as or []),
+            "links": list(links or [])}
 
 
 def owner_payload(host: str, epoch: int) -> dict[str, Any]:

@@ -10,7 +10,10 @@ publisher, key and reason by ``dht``, never stored, forwarded or returned by a l
 kind       key              payload
 =========  ===============  =====================================================================
 host       its publisher    ``addresses``: 1 to 16 distinct "host:port" (IPv4, [IPv6] or a host name;
-                            port 1 to 65535); ``cert``: the TLS certificate's sha256, 64 lowercase hex
+                            port 1 to 65535); ``cert``: the TLS certificate's sha256, 64 lowercase hex;
+                            optional (defaults "unknown", [], []): ``reach``: "direct", "nat" or
+                            "unknown"; ``seen_as``: up to 4 distinct IP addresses; ``links``: up to 64
+                            distinct host names
 owner      a disk name      ``host``: the publisher; ``epoch``: int
 holders    a disk name      ``host``: the publisher; ``current_blocks``: int; ``generation``: int
 catalog    a name           ``host``: the publisher; ``disks``: up to 256 distinct disk names
@@ -49,6 +52,13 @@ MAX_COUNTER = 2**63
 MAX_HOST_ADDRESSES = 16
 # A "host:port" string: a DNS name's 253 characters (RFC 1035) plus ":65535".
 MAX_ADDRESS_CHARS = 259
+# How a host record says the host can be reached (swarm/node.Swarm.reach).
+REACH_KINDS = ("direct", "nat", "unknown")
+# Public addresses a host behind NAT lists: peers on different networks may see it behind different
+# NATs (a carrier's, a home router's), a few at most.
+MAX_SEEN_AS = 4
+# Members a host lists as holding a direct link to it: its standing links (swarm/node.MAX_STANDING_LINKS).
+MAX_LINKS_LISTED = 64
 # Disks in one host's catalog: more short names than one record (dht_records.MAX_RECORD_BYTES) holds,
 # so the record size is the real limit; this one makes the list's bound explicit.
 MAX_CATALOG_DISKS = 256
@@ -87,6 +97,12 @@ def is_address(x: object) -> bool:
     if host.startswith("[") and host.endswith("]"):
         return _is_ip(host[1:-1], ipaddress.IPv6Address)
     return _is_ip(host, ipaddress.IPv4Address) or _DNS_RE.fullmatch(host) is not None
+
+
+def is_ip(x: object) -> bool:
+    """An IPv4 or IPv6 literal (no brackets, no port)."""
+    return isinstance(x, str) and len(x) <= MAX_ADDRESS_CHARS and (
+        _is_ip(x, ipaddress.IPv4Address) or _is_ip(x, ipaddress.IPv6Address))
 
 
 def _is_ip(text: str, kind: type[ipaddress.IPv4Address] | type[ipaddress.IPv6Address]) -> bool:
@@ -157,8 +173,13 @@ def _host(key: str, publisher: str, p: dict[str, Any]) -> dict[str, Any]:
     cert = _field(p, "cert")
     if not (isinstance(cert, str) and _CERT_RE.fullmatch(cert)):
         raise PayloadError("cert: not 64 lowercase hex digits")
+    reach = p.get("reach", "unknown")
+    if reach not in REACH_KINDS:
+        raise PayloadError(f"reach: not one of {', '.join(REACH_KINDS)}")
     return {"addresses": _strings(p, "addresses", is_address, "host:port", MAX_HOST_ADDRESSES, least=1),
-            "cert": cert}
+            "cert": cert, "reach": reach,
+            "seen_as": _strings(p, "seen_as", is_ip, "an IP address", MAX_SEEN_AS) if "seen_as" in p else [],
+            "links": _strings(p, "links", is_name, "a host name", MAX_LINKS_LISTED) if "links" in p else []}
 
 
 def _owner(key: str, publisher: str, p: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ TCP back-pressure instead of unbounded memory.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import socket
@@ -23,7 +24,7 @@ from typing import Any
 import trio
 
 from p2pvbd import invites, trust
-from p2pvbd.dht_records import FirstSeen
+from p2pvbd.dht_records import FirstSeen, format_hostport
 from p2pvbd.home import HomeError, parse_hostport
 from p2pvbd.wire.peer_wire import (
     ERR_CONNECTION,
@@ -81,6 +82,8 @@ CLOSE_TIMEOUT = 1.0
 # A cancel frame is ~30 bytes; if the link cannot take it within this long the connection is stuck anyway
 # (and is marked broken), like CLOSE_TIMEOUT: long enough for a busy link, short enough not to hold a caller.
 CANCEL_SEND_TIMEOUT = 1.0
+# The address a hello reply reports: "[IPv6]:port" at most (47 characters), with room.
+MAX_OBSERVED_CHARS = 64
 
 Handler = Callable[[str, str, dict[str, Any]], Awaitable[dict[str, Any]]]
 # Refused handshakes already logged, by (address, reason): bounded memory, least recent forgotten.
@@ -130,6 +133,13 @@ class PeerConnection:
         # both ways: a host behind NAT is reached over the link it opened); set by whoever owns the link.
         self.responder: _Responder | None = None
         self.via = ""  # the relay carrying this link, if one does (swarm/relay.py)
+        # How the link came to be: "outbound" (this host connected), "inbound" (the peer did), "punched"
+        # (both at once, through their NATs: swarm/punch.py); with ``via``, relayed.
+        self.kind = "outbound"
+        # This end's address as the peer saw it (its hello reply): behind NAT, the NAT's public one; and
+        # as this end's socket has it (TCP links this host opened).
+        self.observed = ""
+        self.local = ""
         # The peer's host name from its verified certificate; '' on a join connection (unverified).
         self.peer_name = trust.peer_name(stream)
         self.peer_cert_der: bytes = stream.getpeercert(binary_form=True) or b""
@@ -219,6 +229,11 @@ class PeerConnection:
             return False
         return True
 
+    @property
+    def path(self) -> str:
+        """How this link reaches the peer, as ``peers`` shows it."""
+        return f"relayed via {self.via}" if self.via else self.kind
+
     def _dead(self) -> PeerError:
         # A fresh exception per caller: one shared instance would pile up every task's traceback.
         assert self._broken is not None
@@ -299,6 +314,9 @@ async def open_peer_over(transport: trio.abc.Stream, address: str, ssl_context: 
             raise PeerError(ERR_CONNECTION, f"TLS handshake with {address} failed: {_tls_reason(e)} "
                                             "(is it a host of another swarm?)") from e
         conn = PeerConnection(stream, address)
+        if isinstance(transport, trio.SocketStream):
+            with contextlib.suppress(OSError):
+                conn.local = format_hostport(*transport.socket.getsockname()[:2])
         try:
             async with trio.open_nursery() as nursery:
                 if handler is not None:
@@ -313,6 +331,9 @@ async def open_peer_over(transport: trio.abc.Stream, address: str, ssl_context: 
                     raise
                 if reply.get("protocol") != PROTOCOL_VERSION:
                     raise PeerError(ERR_PROTOCOL, f"{address} speaks protocol {reply.get('protocol')!r}")
+                observed = reply.get("observed")
+                if isinstance(observed, str) and len(observed) <= MAX_OBSERVED_CHARS:
+                    conn.observed = observed
                 try:
                     yield conn
                 finally:
@@ -332,15 +353,19 @@ async def open_peer_over(transport: trio.abc.Stream, address: str, ssl_context: 
 # ---- server --------------------------------------------------------------------------------------
 
 
-async def _answer(handler: Handler, name: str, frame: dict[str, Any], ops: Mapping[str, OpSpec]) -> bytes:
-    """The reply frame for one request (an error reply if it fails)."""
-    request_id, op, body = frame["id"], frame["op"], frame["body"]
+async def _answer(handler: Handler, conn: PeerConnection, frame: dict[str, Any], ops: Mapping[str, OpSpec]) -> bytes:
+    """The reply frame for one request (an error reply if it fails). A hello on a link the peer opened
+    also tells it where its bytes came from (as libp2p's identify and STUN do): behind NAT, that is the
+    NAT's public address and port, which the peer needs to be reached through it (swarm/punch.py)."""
+    request_id, op, body, name = frame["id"], frame["op"], frame["body"], conn.peer_name
     try:
         validate_body(op, body, ops)
         if op == "hello":
             if body["protocol"] != PROTOCOL_VERSION:
                 raise PeerError(ERR_PROTOCOL, f"this host speaks protocol {PROTOCOL_VERSION}, not {body['protocol']}")
-            result = {"protocol": PROTOCOL_VERSION}
+            result: dict[str, Any] = {"protocol": PROTOCOL_VERSION}
+            if conn.kind == "inbound" and not conn.via:
+                result["observed"] = conn.address
         else:
             result = await handler(name, op, body)
             if not isinstance(result, dict):
@@ -385,7 +410,8 @@ async def serve_link(transport: trio.abc.Stream, remote: Any, ssl_context: ssl.S
     log.debug("peer %r connected from %s", name, remote)
     # The same link carries this host's requests to the peer (``on_link``): a peer behind NAT is
     # reached over the connection it opened.
-    conn = PeerConnection(stream, f"{remote[0]}:{remote[1]}" if isinstance(remote, tuple) else str(remote))
+    conn = PeerConnection(stream, format_hostport(*remote[:2]) if isinstance(remote, tuple) else str(remote))
+    conn.kind = "inbound"
     decoder = FrameDecoder()
     try:
         async with trio.open_nursery() as nursery:
@@ -439,7 +465,7 @@ class _Responder:
         request_id, sending, lock = frame["id"], False, self.conn._send_lock
         try:
             with scope:
-                out = await _answer(self.handler, self.conn.peer_name, frame, self.ops)
+                out = await _answer(self.handler, self.conn, frame, self.ops)
                 await lock.acquire()  # replies queue here behind each other: cancellable while they wait
                 sending = True
             if sending:

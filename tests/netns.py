@@ -417,11 +417,18 @@ class Network:
             _set_tbf(self.ns, h.bridge_dev, download)
             h.download = None if download is None else parse_rate(download)
 
-    def add_nat_host(self, name: str, lan: str) -> NsHost:
+    def add_nat_host(self, name: str, lan: str, ports: str = "kept") -> NsHost:
         """A host behind its own NAT router, as a home PC behind a DSL router or a car PC behind carrier
         NAT: the router (host ``<name>-nat`` on this network) masquerades the host's private subnet
-        ``lan`` (nftables), so the host reaches every other host while none can connect to it. The
-        host's ``address`` is its private one (what it sees and would advertise)."""
+        ``lan`` (nftables), so the host reaches every other host while none can connect to it: like a
+        home router's firewall, it drops what arrives unasked rather than answering it. The host's
+        ``address`` is its private one (what it sees and would advertise).
+
+        ``ports``: "kept", a connection's public port is its local one where free (Linux's masquerade;
+        most home routers: hole punching works); "random", a new random one per connection (a
+        symmetric NAT, as some carriers run: punching fails)."""
+        if ports not in ("kept", "random"):
+            raise ValueError(f"ports must be 'kept' or 'random', not {ports!r}")
         subnet = ipaddress.ip_network(lan)
         if not subnet.is_private:
             raise ValueError(f"subnet {lan} is not private")
@@ -439,8 +446,14 @@ class Network:
         self._ip("link", "set", host.dev, "up", ns=host.ns)
         self._ip("route", "add", "default", "via", gateway, ns=host.ns)
         _cmd(*router.exec_prefix(), "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        script = ("table ip p2pv_nat {\n  chain post { type nat hook postrouting priority 100; policy accept;\n"
-                  f'    oifname "{router.dev}" masquerade\n  }}\n}}\n')
+        wan = router.dev
+        unasked = f'iifname "{wan}" ct state established,related accept; iifname "{wan}" drop;'
+        script = ("table ip p2pv_nat {\n"
+                  "  chain post { type nat hook postrouting priority 100; policy accept;\n"
+                  f'    oifname "{wan}" masquerade{" random" if ports == "random" else ""}\n  }}\n'
+                  f"  chain wan_in {{ type filter hook input priority 0; policy accept; {unasked} }}\n"
+                  f"  chain wan_fwd {{ type filter hook forward priority 0; policy accept; {unasked} }}\n"
+                  "}\n")
         _cmd(*router.exec_prefix(), "nft", "-f", "-", input=script)
         return host
 

@@ -39,7 +39,15 @@ from p2pvbd.dht_records import (
     parse_record,
     sign_record,
 )
-from p2pvbd.dht_schema import KINDS, MAX_COUNTER, PayloadError, check_payload
+from p2pvbd.dht_schema import (
+    KINDS,
+    MAX_COUNTER,
+    MAX_LINKS_LISTED,
+    MAX_SEEN_AS,
+    REACH_KINDS,
+    PayloadError,
+    check_payload,
+)
 from p2pvbd.home import Config, Home
 from p2pvbd.kernel_hook_ctl import HookController
 from p2pvbd.migration.fetcher import SyncError, SyncProgress
@@ -56,8 +64,9 @@ CERT = "0f" * 32
 ME = "me"
 HOSTS = (ME, "office-pc", "home-pc")
 DISKS = ("vm1", "vm2")
-FIELDS = {"host": ("addresses", "cert"), "owner": ("host", "epoch"), "holders": ("host", "current_blocks",
-          "generation"), "catalog": ("host", "disks"), "policy": ("disk", "hosts", "rate", "set_at"),
+FIELDS = {"host": ("addresses", "cert", "reach", "seen_as", "links"), "owner": ("host", "epoch"),
+          "holders": ("host", "current_blocks", "generation"), "catalog": ("host", "disks"),
+          "policy": ("disk", "hosts", "rate", "set_at"),
           "vm": ("name", "disks", "memory", "cpus", "accel", "kernel", "initrd", "append", "qemu_args", "set_at"),
           "revoked": ("serial", "names", "sig")}
 
@@ -80,7 +89,10 @@ counters = st.integers(0, MAX_COUNTER - 1)
 def valid_payload(kind: str, key: str, publisher: str) -> st.SearchStrategy[dict[str, Any]]:
     """Payloads the swarm's own code publishes (small enough for one record)."""
     if kind == "host":
-        return st.builds(host_payload, st.lists(addresses, min_size=1, max_size=4, unique=True), st.just(CERT))
+        return st.builds(host_payload, st.lists(addresses, min_size=1, max_size=4, unique=True), st.just(CERT),
+                         st.sampled_from(REACH_KINDS),
+                         st.lists(st.ip_addresses().map(str), max_size=MAX_SEEN_AS, unique=True),
+                         st.lists(names, max_size=6, unique=True))
     if kind == "owner":
         return st.builds(owner_payload, st.just(publisher), counters)
     if kind == "holders":
@@ -219,6 +231,17 @@ def test_addresses_are_ones_both_parsers_take() -> None:
         assert checked("host", "h", "h", {"addresses": [a], "cert": CERT}) is None, a
     for cert in ("0F" * 32, "0f" * 31, "sha256:" + "0f" * 32, b"\x0f" * 32):
         assert checked("host", "h", "h", {"addresses": ok[:1], "cert": cert}) is None
+
+
+def test_a_host_record_says_how_the_host_is_reached() -> None:
+    base = {"addresses": ["10.0.0.1:7420"], "cert": CERT}
+    assert checked("host", "h", "h", base) == base | {"reach": "unknown", "seen_as": [], "links": []}  # an older host's
+    ok = base | {"reach": "nat", "seen_as": ["192.0.2.7", "2001:db8::1"], "links": ["home-pc"]}
+    assert checked("host", "h", "h", ok) == ok
+    for bad in ({"reach": "punched"}, {"reach": None}, {"seen_as": ["192.0.2.7:80"]}, {"seen_as": ["x"]},
+                {"seen_as": ["192.0.2.7"] * 2}, {"seen_as": [f"192.0.2.{i}" for i in range(MAX_SEEN_AS + 1)]},
+                {"links": ["home-pc\n"]}, {"links": [f"h{i}" for i in range(MAX_LINKS_LISTED + 1)]}):
+        assert checked("host", "h", "h", ok | bad) is None, bad
 
 
 def test_log_once_memory_is_bounded() -> None:

@@ -62,6 +62,12 @@ def path_to(host: Host, peer: str) -> str | None:
     return info["path"] if info is not None and info["reachable"] else None
 
 
+def reach_of(host: Host, peer: str) -> tuple[str, list[str]] | None:
+    """How ``peer``'s host record, as ``host`` reads it, says it can be reached."""
+    info = next((p for p in host.json("peers") if p["name"] == peer), None)
+    return (info["reach"], info["seen_as"]) if info is not None else None
+
+
 def test_a_host_behind_nat_is_reached_over_its_own_links(natted: tuple[Network, Host, Host, Host],
                                                           tmp_path: Path) -> None:
     net, office, home, car = natted
@@ -95,10 +101,10 @@ def test_a_host_behind_nat_is_reached_over_its_own_links(natted: tuple[Network, 
     run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(model), office.uri("vm1"))
 
 
-@pytest.fixture
-def both_natted(tmp_path: Path) -> Iterator[tuple[Network, Host, Host, Host]]:
+def both_natted(tmp_path: Path, ports: str) -> Iterator[tuple[Network, Host, Host, Host]]:
     """home-pc reachable (it founded the swarm: joiners must reach the inviter), office-pc and car-pc each
-    behind their own NAT: neither can connect to the other, both reach home-pc."""
+    behind their own NAT (``ports``: see ``Network.add_nat_host``): neither can connect to the other,
+    both reach home-pc."""
     require_root()
     require_nft()
     with Network() as net:
@@ -108,7 +114,7 @@ def both_natted(tmp_path: Path) -> Iterator[tuple[Network, Host, Host, Host]]:
             home = Host(tmp_path / "home-pc", "home-pc", prefix=ns.exec_prefix(), address=ns.address).start()
             made.append(home)
             for name, lan in (("office-pc", OFFICE_LAN), ("car-pc", CAR_LAN)):
-                ns = net.add_nat_host(name, lan)
+                ns = net.add_nat_host(name, lan, ports=ports)
                 made.append(Host(tmp_path / name, name, "--listen", f"0.0.0.0:{PEER_PORT_IN_NAMESPACE}",
                                  join=home.cli("invite").stdout.strip(), prefix=ns.exec_prefix(),
                                  address=ns.address).start())
@@ -119,26 +125,24 @@ def both_natted(tmp_path: Path) -> Iterator[tuple[Network, Host, Host, Host]]:
                     h.stop()
 
 
-def test_two_hosts_behind_nat_talk_through_a_relay(both_natted: tuple[Network, Host, Host, Host],
-                                                   tmp_path: Path) -> None:
-    """office-pc and car-pc reach each other only through home-pc, which carries their end-to-end TLS
-    session (it sees ciphertext only: tests/test_peer_transport.py checks what a carrier can read and
-    alter). A guest writes throughout; vm1 moves office-pc -> car-pc -> office-pc, and home-pc syncs
-    from car-pc."""
-    _, home, office, car = both_natted
-    base = random.Random(SEED).randbytes(BLOCKS * BLOCK)  # incompressible: what travels is what the rate measures
-    (tmp_path / "base.raw").write_bytes(base)
-    office.cli("disk", "import", "vm1", str(tmp_path / "base.raw"))
-    wait_until(lambda: visible(car, "vm1") and visible(home, "vm1"), "car-pc and home-pc to see vm1")
-    wait_until(lambda: path_to(home, "car-pc") == "inbound" and path_to(home, "office-pc") == "inbound",
-               "home-pc to reach both over their links", timeout=LINK_SECONDS)
-    assert path_to(office, "car-pc") == "relayed via home-pc", office.json("peers")
+@pytest.fixture
+def punchable(tmp_path: Path) -> Iterator[tuple[Network, Host, Host, Host]]:
+    yield from both_natted(tmp_path, "kept")
 
+
+@pytest.fixture
+def symmetric(tmp_path: Path) -> Iterator[tuple[Network, Host, Host, Host]]:
+    yield from both_natted(tmp_path, "random")
+
+
+def move_there_and_back(office: Host, home: Host, car: Host, tmp_path: Path) -> None:
+    """With a guest writing at office-pc throughout: vm1 moves office-pc -> car-pc, home-pc syncs (from
+    car-pc among others), vm1 moves back; every acknowledged write is there."""
+    base = random.Random(SEED).randbytes(BLOCKS * BLOCK)
+    (tmp_path / "base.raw").write_bytes(base)
     guest = Guest(office.uri("vm1"), tmp_path)
     summary = json.loads(office.cli("migrate", "vm1", "--to", "car-pc", "--json", timeout=600).stdout)
     assert summary["error"] == "" and summary["epoch"] == 2, summary
-    assert "relaying office-pc <-> car-pc" in home.log_tail(5000) or \
-        "relaying car-pc <-> office-pc" in home.log_tail(5000)
     wait_until(lambda: visible(home, "vm1", holders=2), "home-pc to see car-pc hold vm1")
     pulled = sync(home, "vm1")
     assert pulled["error"] == "" and pulled["bytes_from"].get("car-pc", 0) > 0, pulled
@@ -148,3 +152,52 @@ def test_two_hosts_behind_nat_talk_through_a_relay(both_natted: tuple[Network, H
     assert report["errors"] == [] and report["reads_ok"], report
     model = model_image(tmp_path / "model.raw", base, report["acked"])  # type: ignore[arg-type]
     run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(model), office.uri("vm1"))
+
+
+def import_vm1(office: Host, others: tuple[Host, ...], tmp_path: Path) -> None:
+    (tmp_path / "base.raw").write_bytes(random.Random(SEED).randbytes(BLOCKS * BLOCK))  # incompressible
+    office.cli("disk", "import", "vm1", str(tmp_path / "base.raw"))
+    wait_until(lambda: all(visible(h, "vm1") for h in others), "every host to see vm1")
+
+
+def test_two_hosts_behind_nat_punch_a_direct_link(punchable: tuple[Network, Host, Host, Host],
+                                                  tmp_path: Path) -> None:
+    """office-pc and car-pc, each behind a NAT that keeps ports and drops what arrives unasked, first
+    talk through home-pc, then punch a direct link through both NATs (coordinated over the relayed
+    one), which every later request uses: the relay carries nothing more."""
+    net, home, office, car = punchable
+    import_vm1(office, (home, car), tmp_path)
+    wait_until(lambda: path_to(home, "car-pc") == "inbound" and path_to(home, "office-pc") == "inbound",
+               "home-pc to reach both over their links", timeout=LINK_SECONDS)
+    assert path_to(office, "car-pc") in ("relayed via home-pc", "punched")  # the first request: relayed
+    wait_until(lambda: path_to(office, "car-pc") == "punched", "office-pc to punch a link to car-pc",
+               timeout=LINK_SECONDS)
+    assert path_to(car, "office-pc") == "punched"
+    wait_until(lambda: reach_of(car, "office-pc") == ("nat", [net["office-pc-nat"].address]),
+               "office-pc's host record to say it is behind its NAT", timeout=LINK_SECONDS)
+    wait_until(lambda: reach_of(office, "home-pc") == ("direct", []), "home-pc's record to say it is reachable",
+               timeout=LINK_SECONDS)
+    relayed_before = home.log_tail(100_000).count("relaying ")
+
+    move_there_and_back(office, home, car, tmp_path)
+    assert home.log_tail(100_000).count("relaying ") == relayed_before  # no new pipe through home-pc
+    assert path_to(office, "car-pc") == "punched"
+
+
+def test_two_hosts_behind_symmetric_nat_talk_through_a_relay(symmetric: tuple[Network, Host, Host, Host],
+                                                             tmp_path: Path) -> None:
+    """office-pc and car-pc behind NATs that pick a new port per connection: punching fails, so they
+    reach each other only through home-pc, which carries their end-to-end TLS session (it sees
+    ciphertext only: tests/test_peer_transport.py checks what a carrier can read and alter)."""
+    _, home, office, car = symmetric
+    import_vm1(office, (home, car), tmp_path)
+    wait_until(lambda: path_to(home, "car-pc") == "inbound" and path_to(home, "office-pc") == "inbound",
+               "home-pc to reach both over their links", timeout=LINK_SECONDS)
+    assert path_to(office, "car-pc") == "relayed via home-pc", office.json("peers")
+    wait_until(lambda: any("punching through NAT failed" in h.log_tail(100_000) for h in (office, car)),
+               "a punch between them to fail", timeout=LINK_SECONDS)
+
+    move_there_and_back(office, home, car, tmp_path)
+    assert "relaying office-pc <-> car-pc" in home.log_tail(100_000) or \
+        "relaying car-pc <-> office-pc" in home.log_tail(100_000)
+    assert path_to(office, "car-pc") == "relayed via home-pc"

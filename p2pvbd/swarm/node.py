@@ -15,7 +15,7 @@ import subprocess
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +25,16 @@ import zstandard
 from p2pvbd import dht, invites, trust
 from p2pvbd.deeds import DeedChecker
 from p2pvbd.dht_records import format_hostport, holders_payload, host_payload, owner_payload
-from p2pvbd.dht_schema import MAX_HOST_ADDRESSES, PayloadError, check_payload, is_address
-from p2pvbd.home import Config, Home, parse_hostport
+from p2pvbd.dht_schema import (
+    MAX_HOST_ADDRESSES,
+    MAX_LINKS_LISTED,
+    MAX_SEEN_AS,
+    PayloadError,
+    check_payload,
+    is_address,
+    is_ip,
+)
+from p2pvbd.home import Config, Home, HomeError, parse_hostport
 from p2pvbd.kernel_hook_ctl import HookController
 from p2pvbd.migration.pull import PullState
 from p2pvbd.peer_transport import (
@@ -47,6 +55,7 @@ from p2pvbd.swarm import access, maps
 from p2pvbd.swarm.access import PeerOp
 from p2pvbd.swarm.address_book import PEERS_FILE, AddressBook
 from p2pvbd.swarm.ownership import Ownership
+from p2pvbd.swarm.punch import RELAYED_GRACE_SECONDS, Puncher
 from p2pvbd.swarm.relay import Relays
 from p2pvbd.swarm.revoked import REVOKED_FILE, RevocationBook
 from p2pvbd.wire.peer_wire import (
@@ -84,6 +93,9 @@ QUIET_LINK_SECONDS = 5.0
 DIRECT_RETRY_SECONDS = 60.0
 # Links held open to peers (_keep_links): one person's machines, with headroom (as MAX_POLICY_HOSTS).
 MAX_STANDING_LINKS = 64
+# Links one peer opened to this host that are kept: its standing link, a replacement after it changed
+# network, a short one asking where it is seen from (swarm/punch.py), with room.
+MAX_INBOUND_PER_PEER = 4
 LIVENESS_TIMEOUT = 3.0
 # How often the join port checks whether invites are outstanding (an invite made here opens it at once).
 JOIN_POLL_SECONDS = 2.0
@@ -112,6 +124,15 @@ def advertised_addresses(listen: str) -> list[str]:
     return usable[:MAX_HOST_ADDRESSES] or [format_hostport("127.0.0.1", port)]
 
 
+def _ip_of(address: str) -> str:
+    """The IP address of an "ip:port" ('' if it is not one)."""
+    try:
+        host = parse_hostport(address)[0]
+    except (ValueError, HomeError):
+        return ""
+    return host if is_ip(host) else ""
+
+
 @dataclass
 class PeerInfo:
     name: str
@@ -121,8 +142,10 @@ class PeerInfo:
     reachable: bool | None = None
     error: str = ""
     # "outbound": over a link this host opened; "inbound": over one the peer opened (it is behind NAT);
-    # "relayed via HOST": through a member both reach (both are behind NAT)
+    # "punched": a direct link through both NATs; "relayed via HOST": through a member both reach
     path: str = ""
+    reach: str = "unknown"  # as its host record says: "direct", "nat" or "unknown"
+    seen_as: list[str] = field(default_factory=list)  # behind NAT: the public addresses peers saw
 
 
 class Swarm:
@@ -142,7 +165,10 @@ class Swarm:
         self._conns: dict[str, PeerConnection] = {}  # links this host opened, by peer
         # Links peers opened to this host, by peer: requests go back over them to a peer this host cannot
         # connect to (one behind NAT keeps a link open to every host it reaches: _keep_links).
-        self._inbound: dict[str, PeerConnection] = {}
+        # Oldest first: a short connection (a peer asking where it is seen from: swarm/punch.py) does not
+        # take the place of the standing link.
+        self._inbound: dict[str, list[PeerConnection]] = {}
+        self._relay_holds: dict[PeerConnection, trio.CancelScope] = {}  # relayed links, to close when replaced
         self._direct_failed: dict[str, float] = {}  # peer -> monotonic time of the last failed connect
         self.book = AddressBook(home.path / PEERS_FILE)  # where peers were last found: a restart starts there
         self._last_contact: dict[str, float] = {}  # peer -> wall-clock time of its last request to us
@@ -162,6 +188,7 @@ class Swarm:
         self.replication: Replication
         self.migration_target: MigrationTarget
         self.relays = Relays(self)
+        self.puncher = Puncher(self)
         # Every op this host serves, with who may call it (swarm/access.py): checked before its handler runs.
         self.peer_ops: dict[str, PeerOp] = {
             "map_summary": PeerOp(self._serve_summary, access.member),
@@ -172,7 +199,7 @@ class Swarm:
             "revocations": PeerOp(self._serve_revocations, access.member),
             "deeds": PeerOp(self._serve_deeds, access.member),
         }
-        self.peer_ops |= self.relays.ops()
+        self.peer_ops |= self.relays.ops() | self.puncher.ops()
         self.refusals = access.Refusals()
         # Migrations this host runs as their source, by disk: shown by `status` on every host.
         self.migrations: dict[str, Any] = {}
@@ -230,17 +257,61 @@ class Swarm:
             for peer in names:
                 nursery.start_soon(keep, peer)
 
+    @property
+    def nursery(self) -> trio.Nursery | None:
+        """Where this node's links live (None before ``run``)."""
+        return self._nursery
+
     def _inbound_link(self, conn: PeerConnection) -> None:
         """A peer connected to this host: keep its link for requests back to it (see ``connect``)."""
         if conn.peer_name and not self.revoked.revokes(conn.peer_name):
-            self._inbound[conn.peer_name] = conn
+            kept = [c for c in self._inbound.get(conn.peer_name, []) if not c.lost.is_set()]
+            if len(kept) >= MAX_INBOUND_PER_PEER:  # the oldest stays (the standing link): the next one goes
+                del kept[1]
+            self._inbound[conn.peer_name] = [*kept, conn]
+
+    async def _inbound_live(self, peer: str) -> PeerConnection | None:
+        """The oldest link ``peer`` opened to this host that still works: its standing link, not a short
+        one opened since (a dead one is found out and passed over by ``_live``)."""
+        for conn in self._inbound.get(peer, []):
+            if (live := await self._live(conn)) is not None:
+                return live
+        return None
+
+    def _link(self, peer: str) -> PeerConnection | None:
+        """A link with ``peer`` not known dead, this host's own first (no liveness check)."""
+        own = self._conns.get(peer)
+        if own is not None and not own.lost.is_set():
+            return own
+        return next((c for c in reversed(self._inbound.get(peer, [])) if not c.lost.is_set()), None)
+
+    def adopt_link(self, peer: str, conn: PeerConnection) -> None:
+        """``conn`` (a punched link) is the one to use with ``peer`` from now on; a relayed link it
+        replaces closes after RELAYED_GRACE_SECONDS, once requests started on it had their time."""
+        old = self._conns.get(peer)
+        self._conns[peer] = conn
+        self._direct_failed.pop(peer, None)
+        if old is not None and old.via and (scope := self._relay_holds.get(old)) is not None:
+            scope.deadline = min(scope.deadline, trio.current_time() + RELAYED_GRACE_SECONDS)
+
+    def relayed_by(self, peer: str) -> str:
+        """The relay of this host's link with ``peer``, if that link is relayed ('' if not, or none)."""
+        conn = self._link(peer)
+        return conn.via if conn is not None else ""
+
+    async def direct_addresses(self, peer: str) -> list[str]:
+        """Where to connect to ``peer``: the address of this host's open link to it first."""
+        own = self._conns.get(peer)
+        first = [own.address] if own is not None and own.kind == "outbound" and not own.via else []
+        return list(dict.fromkeys(first + await self._addresses(peer)))
 
     async def publish(self) -> None:
         await self._learn_revocations()
         if self.revoked.current.serial:  # every host that knows the list carries it on
             await self.dht.publish("revoked", REVOKED_KEY, self.revoked.current.as_payload(), RECORD_TTL)
         await self.dht.publish("host", self.name, host_payload(
-            advertised_addresses(self.config.listen), self.identity.cert_fingerprint), RECORD_TTL)
+            advertised_addresses(self.config.listen), self.identity.cert_fingerprint, **self.reach()),
+            RECORD_TTL)
         disks = self.ctl.names()
         await self.dht.publish("catalog", CATALOG_KEY, {"host": self.name, "disks": disks}, RECORD_TTL)
         for exp in self.ctl.exports():
@@ -367,9 +438,11 @@ class Swarm:
             raise PeerError("revoked", f"host {peer} was revoked from this swarm")
         while True:
             if (conn := await self._live(self._conns.get(peer))) is not None:
+                if conn.via:
+                    self._punch_later(peer, conn)
                 return conn
             recently_failed = time.monotonic() < self._direct_failed.get(peer, -math.inf) + DIRECT_RETRY_SECONDS
-            if recently_failed and (conn := await self._live(self._inbound.get(peer))) is not None:
+            if recently_failed and (conn := await self._inbound_live(peer)) is not None:
                 return conn
             pending = self._connecting.get(peer)
             if pending is None:
@@ -389,23 +462,35 @@ class Swarm:
                     self._direct_failed.pop(peer, None)
                     self._conns[peer] = conn
                     return conn
-            if (back := await self._live(self._inbound.get(peer))) is not None:
+            if (back := await self._inbound_live(peer)) is not None:
                 return back
             if not relay:
                 raise error
             conn = self._conns[peer] = await self._connect_relayed(peer, error)
+            self._punch_later(peer, conn)
             return conn
         finally:
             del self._connecting[peer]
             done.set()
 
+    def _punch_later(self, peer: str, relayed: PeerConnection) -> None:
+        """Try, in the background, to replace a relayed link by a punched one (swarm/punch.py)."""
+        if self._nursery is not None and self.puncher.due(peer):
+            self._nursery.start_soon(self.puncher.upgrade, peer, relayed)
+
     async def _connect_relayed(self, peer: str, direct: PeerError) -> PeerConnection:
         """A link to ``peer`` through one of the members this host holds a link to, the first that
-        carries it; ``direct``'s error if none does."""
+        carries it (those ``peer``'s host record names as linked to it first); ``direct``'s error if
+        none does."""
         assert self._nursery is not None
-        links = {**self._inbound, **self._conns}
+        theirs = set((await self._host_record(peer)).get("links", []))
+        candidates = []
+        for name in set(self._conns) | set(self._inbound):
+            link = self._link(name)
+            if name != peer and link is not None and not link.via:
+                candidates.append(name)
         errors = [direct.message]
-        for relay in sorted(name for name, c in links.items() if name != peer and not c.lost.is_set() and not c.via):
+        for relay in sorted(candidates, key=lambda name: (name not in theirs, name)):
             try:
                 conn = await self._nursery.start(self._hold_relayed, peer, relay)
             except PeerError as e:
@@ -429,9 +514,14 @@ class Swarm:
                             raise PeerError("wrong_host", f"{relay} connected this host to {conn.peer_name!r}, "
                                                           f"not {peer!r}")
                         conn.via = relay
-                        task_status.started(conn)
-                        started = True
-                        await conn.lost.wait()
+                        with trio.CancelScope() as hold:
+                            self._relay_holds[conn] = hold
+                            try:
+                                task_status.started(conn)
+                                started = True
+                                await conn.lost.wait()
+                            finally:
+                                del self._relay_holds[conn]
                     nursery.cancel_scope.cancel()
             finally:
                 self.relays.forget(relay, stream.pipe)
@@ -499,14 +589,32 @@ class Swarm:
                 raise
             log.info("connection to %s ended: %s", peer, e.message)
 
+    def reach(self) -> dict[str, Any]:
+        """How this host can be reached, for its host record: "nat" (with the addresses they saw instead)
+        if peers it connected to saw another address than its own; else "direct" if they saw its own or
+        peers connected to it; "unknown" before either; and the members it holds a direct link to, which
+        can relay to it."""
+        told = [(_ip_of(c.observed), _ip_of(c.local)) for c in self._conns.values() if not c.lost.is_set()]
+        told = [(seen_at, mine) for seen_at, mine in told if seen_at and mine]
+        seen = {seen_at for seen_at, mine in told if seen_at != mine}
+        linked = sorted(name for name in set(self._conns) | set(self._inbound)
+                        if (link := self._link(name)) is not None and not link.via)
+        reached = any(c.kind == "inbound" and not c.via and not c.lost.is_set()
+                      for links in self._inbound.values() for c in links)
+        return {"reach": "nat" if seen else "direct" if told or reached else "unknown",
+                "seen_as": sorted(seen)[:MAX_SEEN_AS], "links": linked[:MAX_LINKS_LISTED]}
+
+    async def _host_record(self, peer: str) -> dict[str, Any]:
+        """``peer``'s newest host record's payload; {} if the index has none."""
+        mine = [r for r in await self.dht.lookup("host", peer) if r.publisher == peer]
+        return max(mine, key=lambda r: r.ts).payload if mine else {}
+
     async def _addresses(self, peer: str) -> list[str]:
         """Where ``peer`` listens: its newest host record, else where it was last found."""
-        records = await self.dht.lookup("host", peer)
-        mine = [r for r in records if r.publisher == peer]
-        if not mine:
+        record = await self._host_record(peer)
+        if not record:
             return list(self.book.hosts.get(peer, []))
-        newest = max(mine, key=lambda r: r.ts)
-        addresses = [str(a) for a in newest.payload.get("addresses", [])]
+        addresses = [str(a) for a in record.get("addresses", [])]
         self.book.learn(peer, addresses)
         return addresses
 
@@ -719,14 +827,12 @@ class Swarm:
                 return
             rec = max(records, key=lambda r: r.ts)
             info = PeerInfo(name, [str(a) for a in rec.payload.get("addresses", [])], str(rec.payload.get("cert")),
-                            0.0)
+                            0.0, reach=rec.payload["reach"], seen_as=rec.payload["seen_as"])
             self.book.learn(name, info.addresses)
             try:
                 with trio.fail_after(QUERY_TIMEOUT * 2):  # a direct attempt, then a relayed one
                     conn = await self.connect(name)
-                info.reachable = True
-                info.path = (f"relayed via {conn.via}" if conn.via else
-                             "inbound" if conn is self._inbound.get(name) else "outbound")
+                info.reachable, info.path = True, conn.path
             except (PeerError, trio.TooSlowError) as e:
                 info.reachable, info.error = False, getattr(e, "message", "timed out")
             infos[name] = info
@@ -740,6 +846,7 @@ class Swarm:
         return [{"name": i.name, "addresses": i.addresses, "cert_fingerprint": i.cert,
                  "last_seen": i.last_seen or None,
                  "last_seen_ago_s": round(now - i.last_seen, 1) if i.last_seen else None,
+                 "reach": i.reach, "seen_as": i.seen_as,
                  "reachable": i.reachable, "path": i.path, "pull_rate": self.pulls.rates.get(i.name),
                  "error": i.error}
                 for i in sorted(infos.values(), key=lambda i: i.name)]

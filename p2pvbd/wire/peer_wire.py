@@ -131,6 +131,8 @@ OPS: dict[str, OpSpec] = {
                          "an end's chunk number seq for the other end (empty: it closed)"),
     "relay_deliver": OpSpec({"id": int, "seq": int, "data": bytes},
                             "the other end's chunk number seq (empty: it closed)"),
+    # Hole punching between members talking through a relay (swarm/punch.py).
+    "punch": OpSpec({"at": str}, "dial the caller at that public ip:port; answers where this host dials from"),
     "vm_move_status": OpSpec({"vm": str, "to": str}, "progress of that move"),
 }
 # The join port's ops (a joiner has no certificate yet, so these must never share the peer port's table).
