@@ -22,6 +22,8 @@ from tests.netns import Network, require_nft, require_root
 from tests.test_migrate import BLOCK, BLOCKS, Guest, model_image
 from tests.test_swarm import wait_until
 from tests.test_sync import sync, visible
+from tests.test_vm_move import DISK, GUEST_WAIT, acked, approve, define_vm, move, serial, vm_state
+from tests.vm_guest import ERR, verify_records
 
 pytestmark = pytest.mark.root
 
@@ -201,3 +203,34 @@ def test_two_hosts_behind_symmetric_nat_talk_through_a_relay(symmetric: tuple[Ne
     assert "relaying office-pc <-> car-pc" in home.log_tail(100_000) or \
         "relaying car-pc <-> office-pc" in home.log_tail(100_000)
     assert path_to(office, "car-pc") == "relayed via home-pc"
+
+
+def test_a_running_vm_moves_between_hosts_behind_nat(symmetric: tuple[Network, Host, Host, Host],
+                                                     guest_files: tuple[Path, Path]) -> None:
+    """A real QEMU guest writing and verifying records moves, memory and disk, from office-pc to car-pc
+    and back, both behind NATs that defeat punching: every byte of the disk and of the RAM stream goes
+    through home-pc's relay, inside the two ends' own TLS."""
+    _, home, office, car = symmetric
+    kernel, initrd = guest_files
+    define_vm(office, kernel, initrd)
+    approve(car)
+    office.cli("vm", "start", "vm1")
+    wait_until(lambda: acked(office) >= 30, "the guest to write at office-pc", timeout=GUEST_WAIT)
+    wait_until(lambda: path_to(office, "car-pc") == "relayed via home-pc", "office-pc to reach car-pc relayed",
+               timeout=LINK_SECONDS)
+
+    report = move(office, "car-pc", "async")
+    assert report["ram_bytes"] > 0 and vm_state(car)["state"] == "running", report
+    at_move = acked(office)
+    wait_until(lambda: acked(car) >= at_move + 30, "the guest to go on writing at car-pc", timeout=GUEST_WAIT)
+    report = move(car, "office-pc", "sync")
+    assert vm_state(office)["state"] == "running" and vm_state(car)["state"] != "running", report
+    back = acked(car)
+    wait_until(lambda: acked(office) >= back + 30, "the guest to go on writing at office-pc again",
+               timeout=GUEST_WAIT)
+    office.cli("vm", "stop", "vm1", "--timeout", "0")
+    assert not ERR.findall(serial(office)) and not ERR.findall(serial(car)), "the guest saw a failed write"
+    assert path_to(office, "car-pc") == "relayed via home-pc" and "relaying " in home.log_tail(100_000)
+    last = acked(office)
+    result = verify_records(office.home / "verify", kernel, initrd, Path(office.nbd_socket), DISK, last)
+    assert result["bad"] == 0 and result["stale"] == 0 and result["maxseq"] >= last, result
