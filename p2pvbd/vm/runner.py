@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,9 @@ class VmRunner:
         self.dir = home / VMS_DIR
         self.nbd_socket = nbd_socket
         self.running: dict[str, RunningVm] = {}
+        # When each VM last began to run here as this host's (started, or arrived by a move): a move away
+        # older than that no longer says where it is.
+        self.ran_here_since: dict[str, float] = {}
         self._nursery: trio.Nursery | None = None
         self._accel: str | None = None
 
@@ -149,6 +153,8 @@ class VmRunner:
         paths.definition.write_text(json.dumps(vm.as_payload() | {"accel": accel}))
         rv = RunningVm(vm, paths, accel, proc, proc.pid, incoming=incoming)
         self.running[vm.name] = rv
+        if not incoming:
+            self.runs_here(rv)
         self._nursery.start_soon(self._watch, rv)
         try:
             rv.qmp = await self._connect_qmp(rv)
@@ -178,6 +184,11 @@ class VmRunner:
         except OSError:
             return "(no qemu.log)"
         return " / ".join(lines[-2:]) or "(qemu.log is empty)"
+
+    def runs_here(self, rv: RunningVm) -> None:
+        """``rv`` runs this host's VM now (it was started here, or its move here finished)."""
+        rv.incoming = False
+        self.ran_here_since[rv.vm.name] = time.monotonic()
 
     async def _watch(self, rv: RunningVm) -> None:
         """Mark ``rv`` exited once QEMU has exited (a cancelled watch, at daemon stop, marks nothing: the

@@ -7,6 +7,7 @@ Composes the runner (processes), the book (definitions in the index) and the mov
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -103,7 +104,7 @@ class VmService:
                     log.info("VM %s was arriving when this daemon stopped; its move is over", rv.vm.name)
                     await self.runner.forget(rv, graceful=False)
                     continue
-                rv.incoming = False
+                self.runner.runs_here(rv)
                 assert rv.qmp is not None
                 outgoing = (await rv.qmp.command("query-migrate")).get("status")
                 if outgoing in OUTGOING_UNFINISHED:
@@ -181,7 +182,8 @@ class VmService:
         else:
             host, state = "", "stopped here"
             move = self.moves.get(vm.name)
-            if move is not None and move.finished is not None and not move.error:
+            if (move is not None and move.finished is not None and not move.error
+                    and self.runner.ran_here_since.get(vm.name, -math.inf) < move.started):
                 host, state = move.dest, "moved away"
         paths = self.runner.paths(vm.name)
         return {"name": vm.name, "host": host, "state": state, "disks": list(vm.disks), "memory": vm.memory,
