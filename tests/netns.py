@@ -57,6 +57,8 @@ from typing import Any
 
 PREFIX = "p2pv-"
 NETNS_DIR = "/run/netns"
+# The routing table of a second link's source rule (plug_beside_nat): any free id below 253 (local, main).
+SOURCE_TABLE = "100"
 
 # Host names become part of namespace names (files in /run/netns).
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
@@ -456,6 +458,28 @@ class Network:
                   "}\n")
         _cmd(*router.exec_prefix(), "nft", "-f", "-", input=script)
         return host
+
+    def plug_beside_nat(self, host: NsHost | str) -> str:
+        """Give a host behind its NAT router (``add_nat_host``) a second link straight onto the network,
+        as a laptop plugged into the office LAN while its mobile link stays up: connections it opens still
+        leave through its NAT (the default route stays), and what arrives at the new address is answered
+        from it (a source rule). Its open connections live on. Returns the new address."""
+        h = self._host(host)
+        if h.bridge_dev:
+            raise ValueError(f"{h.name} is not behind NAT")
+        try:
+            address = str(next(self._addresses))
+        except StopIteration:
+            raise NetnsError(f"subnet {self.subnet} is full") from None
+        dev, bridge_dev = "eth1", f"h{next(self._index)}"
+        self._ip("link", "add", bridge_dev, "type", "veth", "peer", "name", dev, "netns", h.ns)
+        self._ip("link", "set", bridge_dev, "master", "br0", "up")
+        # noprefixroute: the network's own route would pull every connection off the NAT
+        self._ip("addr", "add", f"{address}/{self.subnet.prefixlen}", "dev", dev, "noprefixroute", ns=h.ns)
+        self._ip("link", "set", dev, "up", ns=h.ns)
+        self._ip("route", "add", str(self.subnet), "dev", dev, "table", SOURCE_TABLE, ns=h.ns)
+        self._ip("rule", "add", "from", address, "table", SOURCE_TABLE, ns=h.ns)
+        return address
 
     def readdress(self, host: NsHost | str) -> str:
         """Move the host to the subnet's next free address (as a laptop that joined another network),

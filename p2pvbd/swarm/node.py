@@ -170,6 +170,7 @@ class Swarm:
         self._inbound: dict[str, list[PeerConnection]] = {}
         self._relay_holds: dict[PeerConnection, trio.CancelScope] = {}  # relayed links, to close when replaced
         self._direct_failed: dict[str, float] = {}  # peer -> monotonic time of the last failed connect
+        self._seeking: set[str] = set()  # peers a relayed link to which is being replaced (_better_path)
         self.book = AddressBook(home.path / PEERS_FILE)  # where peers were last found: a restart starts there
         self._last_contact: dict[str, float] = {}  # peer -> wall-clock time of its last request to us
         self._connecting: dict[str, trio.Event] = {}
@@ -270,10 +271,13 @@ class Swarm:
                 del kept[1]
             self._inbound[conn.peer_name] = [*kept, conn]
 
-    async def _inbound_live(self, peer: str) -> PeerConnection | None:
-        """The oldest link ``peer`` opened to this host that still works: its standing link, not a short
-        one opened since (a dead one is found out and passed over by ``_live``)."""
-        for conn in self._inbound.get(peer, []):
+    async def _inbound_live(self, peer: str, *, direct_only: bool = False) -> PeerConnection | None:
+        """The oldest link ``peer`` opened to this host that still works, a direct one before a relayed
+        one: its standing link, not a short one opened since (a dead one is found out and passed over by
+        ``_live``)."""
+        for conn in sorted(self._inbound.get(peer, []), key=lambda c: bool(c.via)):  # stable: oldest first
+            if direct_only and conn.via:
+                break
             if (live := await self._live(conn)) is not None:
                 return live
         return None
@@ -286,13 +290,21 @@ class Swarm:
         return next((c for c in reversed(self._inbound.get(peer, [])) if not c.lost.is_set()), None)
 
     def adopt_link(self, peer: str, conn: PeerConnection) -> None:
-        """``conn`` (a punched link) is the one to use with ``peer`` from now on; a relayed link it
-        replaces closes after RELAYED_GRACE_SECONDS, once requests started on it had their time."""
+        """``conn`` (a punched or new direct link) is the one to use with ``peer`` from now on; a relayed
+        link it replaces closes after RELAYED_GRACE_SECONDS, once requests started on it had their time."""
         old = self._conns.get(peer)
         self._conns[peer] = conn
         self._direct_failed.pop(peer, None)
-        if old is not None and old.via and (scope := self._relay_holds.get(old)) is not None:
-            scope.deadline = min(scope.deadline, trio.current_time() + RELAYED_GRACE_SECONDS)
+        if old is not None:
+            self._retire_relayed(old)
+
+    def _retire_relayed(self, conn: PeerConnection) -> None:
+        """Close ``conn``, if it is a relayed link this host holds, once RELAYED_GRACE_SECONDS have passed:
+        a better path replaced it, and requests already started on it finish there."""
+        if conn.via and (scope := self._relay_holds.get(conn)) is not None and scope.deadline == math.inf:
+            scope.deadline = trio.current_time() + RELAYED_GRACE_SECONDS
+            log.info("the link to %s through %s closes in %.0f s: a better path replaced it", conn.peer_name,
+                     conn.via, RELAYED_GRACE_SECONDS)
 
     def relayed_by(self, peer: str) -> str:
         """The relay of this host's link with ``peer``, if that link is relayed ('' if not, or none)."""
@@ -438,10 +450,14 @@ class Swarm:
             raise PeerError("revoked", f"host {peer} was revoked from this swarm")
         while True:
             if (conn := await self._live(self._conns.get(peer))) is not None:
-                if conn.via:
-                    self._punch_later(peer, conn)
+                if not conn.via:
+                    return conn
+                if (back := await self._inbound_live(peer, direct_only=True)) is not None:
+                    self._retire_relayed(conn)  # the peer reached this host since: no need for a relay
+                    return back
+                self._better_path_later(peer, conn)
                 return conn
-            recently_failed = time.monotonic() < self._direct_failed.get(peer, -math.inf) + DIRECT_RETRY_SECONDS
+            recently_failed = not self._direct_due(peer)
             if recently_failed and (conn := await self._inbound_live(peer)) is not None:
                 return conn
             pending = self._connecting.get(peer)
@@ -467,16 +483,44 @@ class Swarm:
             if not relay:
                 raise error
             conn = self._conns[peer] = await self._connect_relayed(peer, error)
-            self._punch_later(peer, conn)
+            self._better_path_later(peer, conn)
             return conn
         finally:
             del self._connecting[peer]
             done.set()
 
-    def _punch_later(self, peer: str, relayed: PeerConnection) -> None:
-        """Try, in the background, to replace a relayed link by a punched one (swarm/punch.py)."""
-        if self._nursery is not None and self.puncher.due(peer):
-            self._nursery.start_soon(self.puncher.upgrade, peer, relayed)
+    def _better_path_later(self, peer: str, relayed: PeerConnection) -> None:
+        """Look, in the background, for a path to ``peer`` that needs no relay: either host may have
+        changed network since the relayed link was opened."""
+        if self._nursery is not None and peer not in self._seeking and (self._direct_due(peer)
+                                                                         or self.puncher.due(peer)):
+            self._seeking.add(peer)
+            self._nursery.start_soon(self._better_path, peer, relayed)
+
+    def _direct_due(self, peer: str) -> bool:
+        return time.monotonic() >= self._direct_failed.get(peer, -math.inf) + DIRECT_RETRY_SECONDS
+
+    async def _better_path(self, peer: str, relayed: PeerConnection) -> None:
+        """Replace the relayed link ``relayed`` by a direct one if ``peer`` can be connected to now (at
+        most every DIRECT_RETRY_SECONDS: an unreachable address can cost QUERY_TIMEOUT), else by a
+        punched one (swarm/punch.py, at most every PUNCH_RETRY_SECONDS)."""
+        try:
+            if self._direct_due(peer):
+                try:
+                    conn = await self._connect_direct(peer)
+                except PeerError:
+                    self._direct_failed[peer] = time.monotonic()
+                else:
+                    if self._conns.get(peer) is relayed:
+                        self.adopt_link(peer, conn)
+                        log.info("reached %s directly; the link through %s closes", peer, relayed.via)
+                    else:  # replaced meanwhile (punched): the new link is not needed
+                        conn.lost.set()
+                    return
+            if self.puncher.due(peer):
+                await self.puncher.upgrade(peer, relayed)
+        finally:
+            self._seeking.discard(peer)
 
     async def _connect_relayed(self, peer: str, direct: PeerError) -> PeerConnection:
         """A link to ``peer`` through one of the members this host holds a link to, the first that
