@@ -640,9 +640,17 @@ class PeerForwarder:
 
     def __init__(self, swarm: Swarm, dest: str, disk: str) -> None:
         self.swarm, self.dest, self.disk = swarm, dest, disk
+        # Per owner, its run that acknowledged the first write not yet flushed: a flush that same owner
+        # answers from another run (it restarted: a crash or a power cut) cannot vouch for those writes.
+        self._unflushed: dict[str, str] = {}
 
     async def _io(self, op: str, **body: Any) -> dict[str, Any]:
-        return await self.relay({"disk": self.disk, "op": op, **body})
+        reply = await self.relay({"disk": self.disk, "op": op, **body})
+        owner, run = reply.get("owner"), reply.get("run")
+        if op in ("write", "write_zeroes", "trim") and not body.get("fua") and isinstance(owner, str) \
+                and isinstance(run, str):
+            self._unflushed.setdefault(owner, run)
+        return reply
 
     async def relay(self, body: dict[str, Any]) -> dict[str, Any]:
         """Send a guest_io request on to the new owner; HookError (EIO) if it fails. While the owner cannot
@@ -681,4 +689,18 @@ class PeerForwarder:
         await self._io("trim", offset=offset, length=length, fua=fua)
 
     async def flush(self) -> None:
-        await self._io("flush")
+        """Make every write acknowledged so far durable at the owner; EIO if the owner that answers
+        restarted since it acknowledged some of them: they may be gone, and the guest must know (as
+        after an NBD server's disconnect). A flush covers writes acknowledged before it was sent."""
+        pending, self._unflushed = self._unflushed, {}
+        try:
+            reply = await self._io("flush")
+        except BaseException:
+            self._unflushed = self._unflushed | pending  # the older run stays, for the next flush to see
+            raise
+        owner, run = reply.get("owner"), reply.get("run")
+        if isinstance(owner, str) and pending.get(owner, run) != run:
+            log.warning("%s restarted after acknowledging writes to %s that were not yet flushed: the guest's "
+                        "flush fails, they may be lost", owner, self.disk)
+            raise HookError(NBD_EIO, f"the owner {owner} of {self.disk} restarted before writes it had "
+                                     "acknowledged were flushed: they may be lost")

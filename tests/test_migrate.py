@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemons import Host, run, system_python, write_refused
+from tests.daemons import Host, env_without_venv, run, system_python, write_refused
 from tests.test_swarm import wait_until
 from tests.test_sync import coverage, qemu_io, sync, visible
 
@@ -124,3 +124,62 @@ def test_a_guest_follows_its_disk_around_the_swarm(three_hosts: list[Host], tmp_
     assert office.json("disk", "list")[0]["mode"] == "primary"
     model = model_image(tmp_path / "model.raw", base, report["acked"])  # type: ignore[arg-type]
     run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(model), office.uri("vm1"))
+
+
+# A client that keeps one connection open and runs the commands it reads, a line each ("write N",
+# "flush"), answering "ok" or "error <message>" for each.
+STEPPED_CLIENT = r'''
+import sys
+import nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+print("ready", flush=True)
+for line in sys.stdin:
+    cmd, *arg = line.split()
+    try:
+        if cmd == "write":
+            h.pwrite(bytes([int(arg[0])]) * 65536, 0)
+        else:
+            h.flush()
+        print("ok", flush=True)
+    except nbd.Error as e:
+        print("error", e, flush=True)
+'''
+
+
+def test_a_flush_fails_when_the_owner_restarted_since_it_acknowledged_writes(three_hosts: list[Host],
+                                                                             tmp_path: Path) -> None:
+    """A guest still connected to office-pc after its disk moved to car-pc writes (car-pc acknowledges
+    it, not yet durably), car-pc restarts (a crash or a power cut, which may have lost that write), then
+    the guest flushes: the flush must fail rather than vouch for a write car-pc's new run never saw.
+    Later writes and flushes succeed."""
+    office, _, car = three_hosts
+    (tmp_path / "base.raw").write_bytes(bytes(BLOCKS * BLOCK))
+    office.cli("disk", "import", "vm1", str(tmp_path / "base.raw"))
+    wait_until(lambda: visible(car, "vm1"), "car-pc to see vm1")
+    client = subprocess.Popen([system_python(), "-c", STEPPED_CLIENT, office.uri("vm1")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env_without_venv())
+    assert client.stdin is not None and client.stdout is not None
+
+    def step(command: str) -> str:
+        client.stdin.write(command + "\n")  # type: ignore[union-attr]
+        client.stdin.flush()  # type: ignore[union-attr]
+        return client.stdout.readline().strip()  # type: ignore[union-attr]
+
+    try:
+        assert client.stdout.readline().strip() == "ready"
+        summary = json.loads(office.cli("migrate", "vm1", "--to", "car-pc", "--json", timeout=600).stdout)
+        assert summary["error"] == "" and summary["epoch"] == 2, summary
+        assert step("write 1") == "ok" and step("flush") == "ok"  # forwarded to car-pc, durable there
+        assert step("write 2") == "ok"
+        car.kill9()
+        car.start()
+        answer = step("flush")
+        assert answer.startswith("error"), answer
+        assert "restarted after acknowledging writes" in office.log_tail(200)
+        assert step("write 3") == "ok" and step("flush") == "ok"
+    finally:
+        client.kill()
+        client.wait()
+    run("qemu-img", "convert", "-f", "raw", "-O", "raw", car.uri("vm1"), str(tmp_path / "after.raw"))
+    assert (tmp_path / "after.raw").read_bytes()[:65536] == bytes([3]) * 65536

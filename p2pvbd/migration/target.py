@@ -349,7 +349,8 @@ class MigrationTarget:
             await ctl.flush(disk)
         else:
             raise PeerError("bad_request", f"unknown guest op {op!r}")
-        return {}
+        # who acknowledged it: a forwarder learns from a new run that writes not yet flushed may be lost
+        return {"owner": self.swarm.name, "run": self.swarm.run_id}
 
     def _store(self, disk: str) -> ReplicaStore:
         exp = self.swarm.ctl.get(disk)

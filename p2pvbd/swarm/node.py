@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import secrets
 import subprocess
 import time
 from collections import OrderedDict
@@ -154,6 +155,9 @@ class Swarm:
     def __init__(self, home: Home, config: Config, identity: trust.HostIdentity, ctl: HookController) -> None:
         self.home, self.config, self.identity, self.ctl = home, config, identity, ctl
         self.name = config.name
+        # This daemon's run: a host that answers with another one restarted, and lost what it had
+        # acknowledged but not yet made durable (migrate.PeerForwarder).
+        self.run_id = secrets.token_hex(8)
         ca_public = identity.ca_cert.public_key()
         self.revoked = RevocationBook(identity.trust_dir / REVOKED_FILE, ca_public)  # type: ignore[arg-type]
         self.dht = dht.DhtNode(host_name=self.name, signing_key=identity.key, swarm_secret=identity.swarm_secret,
