@@ -398,8 +398,11 @@ class ReplicaStore:
                     return
             os.fdatasync(self._data_fd)
             with self._lock:
+                # Records appended while the data synced describe writes that sync may have missed: the
+                # journal's end counts as synced only when there were none, so the next flush syncs them.
+                quiet = self._jlen == covered
                 self._append(journal_record(SYNC, covered, 0))
-                self._synced_jlen = self._jlen
+                self._synced_jlen = self._jlen if quiet else covered
             os.fsync(self._jfd)
             if self._jlen >= JOURNAL_CHECKPOINT_BYTES:
                 self._checkpoint(clean=False)

@@ -224,6 +224,33 @@ def test_flush_in_a_thread_while_writing(tmp_path: Path) -> None:
         assert_consistent(s)
 
 
+def test_a_write_settled_during_a_flush_is_synced_by_the_next(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write whose records land while a flush syncs the data is not covered by that flush: the next flush
+    must sync again even when nothing was appended since (here its block was settled meanwhile, by a peer
+    delivering the same version), or the guest is told a write is durable that a power cut loses."""
+    syncs: list[int] = []
+    real_fdatasync = os.fdatasync
+    with make(tmp_path) as s:
+        s.write(0, payload(1, BS))
+        data = payload(2, BS)
+
+        def fdatasync(fd: int) -> None:
+            syncs.append(fd)
+            if len(syncs) == 1:  # inside the first flush's data sync, after it chose what it covers
+                v = s.write(BS, data).version
+                s.put_block(1, v, data, block_hash(data))  # same version and content: settles block 1
+            real_fdatasync(fd)
+
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+        s.flush()
+        assert len(syncs) == 1
+        s.flush()  # the write to block 1 was acknowledged before this flush: it must reach the disk now
+        assert len(syncs) == 2, "a flush vouched for a write no data sync covered"
+        s.flush()  # and once synced, an idle flush costs nothing
+        assert len(syncs) == 2
+
+
 # ---- replication ----------------------------------------------------------------------------------
 def test_put_block_rules(tmp_path: Path) -> None:
     with make(tmp_path) as s:
