@@ -24,7 +24,7 @@ import trio_asyncio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2pvbd.dht import DhtNode, LookupTrace
-from p2pvbd.dht_records import holders_payload
+from p2pvbd.wire.dht_records import holders_payload
 
 JOIN_SEEDS = 3  # a new host knows a few peers (saved bootstrap list or the swarm invitation)
 JOIN_BATCH = 10  # joins in flight at once: fast to build, still a mostly sequential-growth network

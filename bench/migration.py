@@ -53,8 +53,8 @@ from migration_tools import code_id, detach, git_head, loadavg, make_image, spyi
 from multipeer_pull import add_host, holders, machine, sees_disk, wait_for  # noqa: E402
 from py_spy_summary import summarize_profile  # noqa: E402
 
-from p2pvbd.control import ControlError, call  # noqa: E402
-from p2pvbd.home import Home  # noqa: E402
+from p2pvbd.base.control import ControlError, call  # noqa: E402
+from p2pvbd.base.home import Home  # noqa: E402
 from tests.daemons import BIN, Host, env_without_venv, system_python  # noqa: E402
 from tests.netns import Network, unavailable_reason  # noqa: E402
 

@@ -71,8 +71,8 @@ if str(ROOT) not in sys.path:
 
 from py_spy_summary import stop_spies, summarize_profile  # noqa: E402
 
-from p2pvbd.control import ControlError, call  # noqa: E402
-from p2pvbd.home import Home  # noqa: E402
+from p2pvbd.base.control import ControlError, call  # noqa: E402
+from p2pvbd.base.home import Home  # noqa: E402
 from tests.daemons import Host  # noqa: E402
 from tests.netns import Network, NsHost, qdiscs, unavailable_reason  # noqa: E402
 

@@ -53,7 +53,7 @@ from migration_tools import git_head, loadavg, spying  # noqa: E402
 from multipeer_pull import add_host, cpu_seconds, daemon_pid, holders, machine, sees_disk, wait_for  # noqa: E402
 from py_spy_summary import summarize_profile  # noqa: E402
 
-from p2pvbd.units import format_size, parse_size  # noqa: E402
+from p2pvbd.base.units import format_size, parse_size  # noqa: E402
 from tests.daemons import Host, env_without_venv, system_python  # noqa: E402
 from tests.netns import Network, unavailable_reason  # noqa: E402
 

@@ -25,9 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from p2pvbd.base.units import parse_size
 from p2pvbd.replica_store import ReplicaStore
 from p2pvbd.store.store_files import DATA_FILE, JOURNAL_FILE, META_FILE, STATE_FILE
-from p2pvbd.units import parse_size
 
 IO_SIZE = 4096  # the qemu-nbd comparison's request size
 OPEN_BUDGET_SECONDS = 2.0  # the requirement for a 1 TiB disk

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from p2pvbd.control import ControlError, call  # noqa: E402
-from p2pvbd.home import Home  # noqa: E402
+from p2pvbd.base.control import ControlError, call  # noqa: E402
+from p2pvbd.base.home import Home  # noqa: E402
 from tests.netns import Network, NsHost, _cmd  # noqa: E402
 from tests.vm_guest import QemuGuest, qemu_nbd  # noqa: E402
 

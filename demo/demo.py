@@ -45,7 +45,7 @@ from machines import (
 from rich.console import Console
 from rich.table import Table
 
-from p2pvbd.units import format_size
+from p2pvbd.base.units import format_size
 
 MiB = 1 << 20
 # The disk: 96 MiB, the first 64 MiB random (incompressible, so it costs its size on the wire) and the

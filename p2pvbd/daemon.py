@@ -15,17 +15,19 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from p2pvbd import failpoints, invites, nbd_tls, trust
-from p2pvbd.control import ControlError, serve_control
-from p2pvbd.home import Config, Home, HomeError, check_name, is_loopback, parse_nbd_tcp
+from p2pvbd.base.control import ControlError, serve_control
+from p2pvbd.base.home import Config, Home, HomeError, check_name, is_loopback, parse_nbd_tcp
 from p2pvbd.kernel_hook_ctl import ExportMode, HookController
 from p2pvbd.migrate import DEFAULT_MAX_DOWNTIME_MS
+from p2pvbd.migration import failpoints
 from p2pvbd.migration.replication import Replication
 from p2pvbd.migration.target import MigrationTarget
-from p2pvbd.nbd_server import TcpEndpoint, serve_nbd
-from p2pvbd.peer_transport import PeerError
+from p2pvbd.nbd import tls as nbd_tls
+from p2pvbd.nbd.server import TcpEndpoint, serve_nbd
 from p2pvbd.replica_store import DEFAULT_BLOCK_SIZE, ReplicaStore
+from p2pvbd.swarm import invites, trust
 from p2pvbd.swarm.node import Swarm, advertised_addresses
+from p2pvbd.swarm.peer_transport import PeerError
 from p2pvbd.vm.service import VmService
 
 if TYPE_CHECKING:

@@ -51,7 +51,8 @@ from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 from kademlia.routing import RoutingTable
 
-from p2pvbd.dht_records import (
+from p2pvbd.swarm.trust import public_key_raw
+from p2pvbd.wire.dht_records import (
     DEFAULT_TTL,
     LOGGED_DROPS,
     MAC_BYTES,
@@ -72,8 +73,8 @@ from p2pvbd.dht_records import (
     sign_record,
     unseal,
 )
-from p2pvbd.dht_schema import KINDS
-from p2pvbd.dht_wire import (
+from p2pvbd.wire.dht_schema import KINDS
+from p2pvbd.wire.dht_wire import (
     Sender,
     is_ip_literal,
     is_node_id,
@@ -85,7 +86,6 @@ from p2pvbd.dht_wire import (
     sign_datagram,
     split_pages,
 )
-from p2pvbd.trust import public_key_raw
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from typing import Protocol
 
 import trio
 
-from p2pvbd.nbd_codec import NBD_EINVAL, NBD_EIO, NBD_ENOSPC, NBD_ENOTSUP, NBD_EPERM, NBD_ESHUTDOWN
 from p2pvbd.replica_store import OutOfRange, ReplicaStore, WriteResult
+from p2pvbd.wire.nbd_codec import NBD_EINVAL, NBD_EIO, NBD_ENOSPC, NBD_ENOTSUP, NBD_EPERM, NBD_ESHUTDOWN
 
 log = logging.getLogger(__name__)
 

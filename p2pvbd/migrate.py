@@ -27,18 +27,18 @@ import numpy.typing as npt
 import trio
 import zstandard
 
-from p2pvbd import failpoints
 from p2pvbd.kernel_hook_ctl import Export, ExportMode, HookError
-from p2pvbd.nbd_codec import NBD_EIO
-from p2pvbd.peer_transport import ERR_CONNECTION, ERR_TIMEOUT, PeerError
+from p2pvbd.migration import failpoints
 from p2pvbd.replica_store import ReplicaStore, WriteResult
 from p2pvbd.store.store_files import atomic_write
+from p2pvbd.swarm.peer_transport import ERR_CONNECTION, ERR_TIMEOUT, PeerError
 from p2pvbd.wire.map_wire import unpack_blocks
+from p2pvbd.wire.nbd_codec import NBD_EIO
 from p2pvbd.wire.peer_wire import BLOCK_ZSTD_LEVEL, ENC_RAW, MAX_GUEST_IO_BYTES, FrameError, pack_block
 
 if TYPE_CHECKING:
-    from p2pvbd.peer_transport import PeerConnection
     from p2pvbd.swarm.node import Swarm
+    from p2pvbd.swarm.peer_transport import PeerConnection
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from p2pvbd.home import NAME_RE
+from p2pvbd.base.home import NAME_RE
 from p2pvbd.store import store_files, store_journal
 from p2pvbd.store.map_tree import LEAF_BLOCKS, MapTree, canonical, leaf_blocks
 from p2pvbd.store.store_files import (

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import numpy.typing as npt
 
+from p2pvbd.plan.sync_split import BINCOUNT_PEERS as _BINCOUNT_PEERS
+from p2pvbd.plan.sync_split import discretise as _discretise
+from p2pvbd.plan.sync_split import fluid_balance as _fluid_balance
+from p2pvbd.plan.sync_split import holder_groups as _holder_groups
 from p2pvbd.store.version_map import BlockEntries, VersionMap
-from p2pvbd.sync_split import BINCOUNT_PEERS as _BINCOUNT_PEERS
-from p2pvbd.sync_split import discretise as _discretise
-from p2pvbd.sync_split import fluid_balance as _fluid_balance
-from p2pvbd.sync_split import holder_groups as _holder_groups
 from p2pvbd.wire.peer_wire import MAX_FRAME_BYTES
 
 # Block data per get_blocks request. Every request in flight is work that cannot move to another peer,

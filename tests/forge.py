@@ -15,9 +15,9 @@ from typing import Any
 import msgpack
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from p2pvbd.dht_records import DEFAULT_TTL, _signed_bytes, derive_mac_key, seal, unseal
-from p2pvbd.dht_wire import node_id_for, open_datagram, sign_datagram
-from p2pvbd.trust import HostIdentity
+from p2pvbd.swarm.trust import HostIdentity
+from p2pvbd.wire.dht_records import DEFAULT_TTL, _signed_bytes, derive_mac_key, seal, unseal
+from p2pvbd.wire.dht_wire import node_id_for, open_datagram, sign_datagram
 
 # Bounds waiting for a daemon's reply to one datagram on loopback (it answers in well under a second).
 REPLY_SECONDS = 30.0

@@ -1,4 +1,4 @@
-"""Ownership deeds (p2pvbd/deeds.py): what a chain proves, and what no forged or malformed one does."""
+"""Ownership deeds (p2pvbd/swarm/deeds.py): what a chain proves, and what no forged or malformed one does."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pvbd import deeds
-from p2pvbd.deeds import CLAIM, CREATE, HAND, DeedChecker, DeedError
-from p2pvbd.trust import issue_key_binding, public_key_raw
+from p2pvbd.swarm import deeds
+from p2pvbd.swarm.deeds import CLAIM, CREATE, HAND, DeedChecker, DeedError
+from p2pvbd.swarm.trust import issue_key_binding, public_key_raw
 
 CA = ed25519.Ed25519PrivateKey.generate()
 EXPIRES = int(time.time()) + 3600

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from kademlia.node import Node
 
 from p2pvbd.dht import STAT_KEYS, DhtNode, DhtStopped, LookupTrace, _Me, _SwarmProtocol, _SwarmServer
-from p2pvbd.dht_records import (
+from p2pvbd.wire.dht_records import (
     MAX_RECORD_BYTES,
     MAX_RECORDS_PER_KEY,
     RecordError,
@@ -33,7 +33,7 @@ from p2pvbd.dht_records import (
     sign_record,
     unseal,
 )
-from p2pvbd.dht_wire import node_id_for, open_datagram, sign_datagram
+from p2pvbd.wire.dht_wire import node_id_for, open_datagram, sign_datagram
 
 SECRET = bytes(range(32))
 _ME_KEY = Ed25519PrivateKey.generate()

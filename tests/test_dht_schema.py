@@ -23,9 +23,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from p2pvbd import trust
+from p2pvbd.base.home import Config, Home
 from p2pvbd.daemon import attach_services
-from p2pvbd.dht_records import (
+from p2pvbd.kernel_hook_ctl import HookController
+from p2pvbd.migration.fetcher import SyncError, SyncProgress
+from p2pvbd.migration.pull import sync_disk
+from p2pvbd.migration.replication import POLICY_FILE, Policy, Replication
+from p2pvbd.swarm import trust
+from p2pvbd.swarm.node import CATALOG_KEY, Swarm
+from p2pvbd.swarm.peer_transport import PeerError
+from p2pvbd.vm.definition import VmDefinition
+from p2pvbd.wire.dht_records import (
     MAX_KEYS_PER_PUBLISHER,
     MAX_RECORD_BYTES,
     FirstSeen,
@@ -39,7 +47,7 @@ from p2pvbd.dht_records import (
     parse_record,
     sign_record,
 )
-from p2pvbd.dht_schema import (
+from p2pvbd.wire.dht_schema import (
     KINDS,
     MAX_COUNTER,
     MAX_LINKS_LISTED,
@@ -48,15 +56,7 @@ from p2pvbd.dht_schema import (
     PayloadError,
     check_payload,
 )
-from p2pvbd.home import Config, Home
-from p2pvbd.kernel_hook_ctl import HookController
-from p2pvbd.migration.fetcher import SyncError, SyncProgress
-from p2pvbd.migration.pull import sync_disk
-from p2pvbd.migration.replication import POLICY_FILE, Policy, Replication
-from p2pvbd.peer_transport import PeerError
-from p2pvbd.revocation import MAX_REVOKED_HOSTS, REVOKED_KEY, Revocations
-from p2pvbd.swarm.node import CATALOG_KEY, Swarm
-from p2pvbd.vm.definition import VmDefinition
+from p2pvbd.wire.revocation import MAX_REVOKED_HOSTS, REVOKED_KEY, Revocations
 from tests.forge import forge_record
 
 KEY = Ed25519PrivateKey.generate()
@@ -258,7 +258,7 @@ def _record(publisher: str, kind: str, key: str, payload: dict[str, Any], ts: fl
 
 
 def test_a_publisher_holds_records_under_a_bounded_number_of_keys(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("p2pvbd.dht_records.MAX_KEYS_PER_PUBLISHER", 3)
+    monkeypatch.setattr("p2pvbd.wire.dht_records.MAX_KEYS_PER_PUBLISHER", 3)
     store = RecordStore()
     for i in range(3):
         assert store.merge(key_digest("owner", f"d{i}"), [_record("greedy", "owner", f"d{i}", {"host": "greedy",

@@ -10,8 +10,8 @@ import pytest
 import trio
 import trio.testing
 
-from p2pvbd import failpoints
-from p2pvbd.failpoints import ENV, MAX_PAUSE_SECONDS, FailpointError, configure, parse
+from p2pvbd.migration import failpoints
+from p2pvbd.migration.failpoints import ENV, MAX_PAUSE_SECONDS, FailpointError, configure, parse
 from tests.daemons import BIN, Host
 
 

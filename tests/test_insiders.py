@@ -21,13 +21,12 @@ from typing import Any
 import pytest
 import trio
 
-from p2pvbd import deeds, trust
-from p2pvbd.dht_records import key_digest
 from p2pvbd.migrate import SHIP_BATCH_BYTES
-from p2pvbd.peer_transport import PeerError, open_peer
 from p2pvbd.store.version_map import MIN_BLOCK_SIZE
-from p2pvbd.swarm import access, relay
+from p2pvbd.swarm import access, deeds, relay, trust
+from p2pvbd.swarm.peer_transport import PeerError, open_peer
 from p2pvbd.sync_planner import MAX_REQUEST_BYTES
+from p2pvbd.wire.dht_records import key_digest
 from p2pvbd.wire.peer_wire import MAX_BLOCK_ENTRIES, MIN_BLOCK_BYTES
 from tests.daemons import Host, run
 from tests.forge import IndexClient, forge_record

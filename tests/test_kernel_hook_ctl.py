@@ -11,8 +11,8 @@ import trio.testing
 
 from p2pvbd import kernel_hook_ctl as khc
 from p2pvbd.kernel_hook_ctl import ExportMode, HookController, HookError, WriteEvent
-from p2pvbd.nbd_codec import NBD_EPERM
 from p2pvbd.replica_store import ReplicaStore
+from p2pvbd.wire.nbd_codec import NBD_EPERM
 
 KiB = 1024
 

@@ -7,7 +7,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pvbd.peer_transport import PeerError
 from p2pvbd.store.map_tree import (
     FANOUT,
     LEAF_BLOCKS,
@@ -24,6 +23,7 @@ from p2pvbd.store.map_tree import (
     same_root,
 )
 from p2pvbd.swarm.maps import MapSummary
+from p2pvbd.swarm.peer_transport import PeerError
 
 BS = 4096
 

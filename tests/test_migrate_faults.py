@@ -3,7 +3,7 @@
 `make test` runs an explicit schedule: every fault (kill -9 then a restart; when network namespaces can
 be made here (root), also a cut of the victim's link for 0.5-4 s) against every victim (source,
 destination, helper) in every phase of the migration (bulk, mirror, switchover), once each, with ids
-like ``kill-source-switchover``. The source runs with a failpoint (p2pvbd/failpoints.py) that pauses
+like ``kill-source-switchover``. The source runs with a failpoint (p2pvbd/migration/failpoints.py) that pauses
 it at the start of that case's phase, after `jobs` shows the phase: the test polls the source's jobs
 through the control socket and strikes inside the pause, and asserts the phase it saw is the one
 intended (a migration that got past it first fails the case). `make soak` adds 180 random seeds, each
@@ -39,9 +39,9 @@ from typing import Any
 
 import pytest
 
-from p2pvbd import failpoints
-from p2pvbd.control import call
-from p2pvbd.home import CONTROL_SOCKET
+from p2pvbd.base.control import call
+from p2pvbd.base.home import CONTROL_SOCKET
+from p2pvbd.migration import failpoints
 from tests.daemons import BIN, Host, run, system_python, write_refused
 from tests.netns import Network, unavailable_reason
 from tests.test_swarm import wait_until

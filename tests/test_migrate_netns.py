@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from p2pvbd import failpoints
 from p2pvbd.migrate import COMMIT_TIMEOUT
+from p2pvbd.migration import failpoints
 from tests import test_migrate_faults as faults
 from tests.daemons import BIN, Host, run, write_refused
 from tests.netns import Network, require_root

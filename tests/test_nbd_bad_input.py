@@ -2,7 +2,7 @@
 
 Each case sends one kind of bad input, checks the server's answer (an error reply that keeps the
 connection, or a disconnect), and then checks that a second, well-behaved client (qemu-io) is still
-served and the daemon is alive.  Frames are built from the constants of ``p2pvbd.nbd_codec``.
+served and the daemon is alive.  Frames are built from the constants of ``p2pvbd.wire.nbd_codec``.
 Socket timeouts are hang guards, never speed assertions.
 """
 
@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from p2pvbd import nbd_codec as nbd
+from p2pvbd.wire import nbd_codec as nbd
 from tests.daemons import Host, run
 
 MiB = 1 << 20
@@ -192,7 +192,7 @@ def assert_served(host: Host) -> None:
     assert host.alive(), host.log_tail()
     # Bad input is a client's problem: the NBD server logs no error (no "NBD connection failed" traceback).
     log = (host.home / "daemon.log").read_text()
-    assert "ERROR p2pvbd.nbd_server" not in log, host.log_tail()
+    assert "ERROR p2pvbd.nbd.server" not in log, host.log_tail()
 
 
 def connect(host: Host) -> RawClient:

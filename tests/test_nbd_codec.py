@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2pvbd import nbd_codec as nbd
-from p2pvbd.nbd_codec import (
+from p2pvbd.wire import nbd_codec as nbd
+from p2pvbd.wire.nbd_codec import (
     ClientFlags,
     HandshakeParser,
     InfoRequest,

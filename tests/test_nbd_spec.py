@@ -25,11 +25,11 @@ from typing import Any
 import pytest
 import trio
 
-from p2pvbd import nbd_codec as nbd
 from p2pvbd.kernel_hook_ctl import ExportMode, HookController
-from p2pvbd.nbd_server import READ_ONLY_FLAGS, TRANSMISSION_FLAGS, export_flags, serve_nbd
+from p2pvbd.nbd.server import READ_ONLY_FLAGS, TRANSMISSION_FLAGS, export_flags, serve_nbd
 from p2pvbd.replica_store import ReplicaStore
 from p2pvbd.store.store_files import DATA_FILE
+from p2pvbd.wire import nbd_codec as nbd
 from tests.daemons import Host, env_without_venv, run, system_python
 from tests.test_nbd_bad_input import RawClient
 from tests.test_swarm import wait_until
@@ -136,7 +136,7 @@ def rw_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Serve
             yield daemon_server(host), reference
         assert host.alive(), host.log_tail()
         log = (host.home / "daemon.log").read_text()
-        assert "ERROR p2pvbd.nbd_server" not in log, host.log_tail()  # no probe broke the server
+        assert "ERROR p2pvbd.nbd.server" not in log, host.log_tail()  # no probe broke the server
     finally:
         host.stop()
 

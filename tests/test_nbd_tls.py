@@ -24,10 +24,10 @@ import pytest
 import trio
 import trio.testing
 
-from p2pvbd import nbd_codec as nbd
-from p2pvbd import nbd_tls
 from p2pvbd.kernel_hook_ctl import HookController
-from p2pvbd.nbd_server import MAX_TCP_CONNECTIONS, TLS_SETUP_SECONDS, _handle
+from p2pvbd.nbd import tls as nbd_tls
+from p2pvbd.nbd.server import MAX_TCP_CONNECTIONS, TLS_SETUP_SECONDS, _handle
+from p2pvbd.wire import nbd_codec as nbd
 from tests.daemons import BIN, Host, env_without_venv, free_port, run, system_python
 from tests.test_nbd_bad_input import RawClient, ServerClosed
 
@@ -91,7 +91,7 @@ def assert_served(t: TlsHost) -> None:
     """The daemon is alive, serves a client with this host's certificate, and logged no error."""
     assert libnbd(LIBNBD_CONNECT, t.uri()) == {"error": None, "tls": True}
     assert t.host.alive(), t.host.log_tail()
-    assert "ERROR p2pvbd.nbd_server" not in (t.host.home / "daemon.log").read_text(), t.host.log_tail()
+    assert "ERROR p2pvbd.nbd.server" not in (t.host.home / "daemon.log").read_text(), t.host.log_tail()
 
 
 # --- real clients with credentials ---------------------------------------------------------------------------

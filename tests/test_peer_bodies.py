@@ -18,14 +18,14 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2pvbd import trust
+from p2pvbd.base.home import Config, Home
 from p2pvbd.daemon import attach_services
-from p2pvbd.home import Config, Home
 from p2pvbd.kernel_hook_ctl import ExportMode, HookController
 from p2pvbd.migrate import _root
-from p2pvbd.peer_transport import PeerError
 from p2pvbd.replica_store import ReplicaStore
+from p2pvbd.swarm import trust
 from p2pvbd.swarm.node import Swarm
+from p2pvbd.swarm.peer_transport import PeerError
 from p2pvbd.wire.peer_wire import OPS, validate_body
 from tests.test_dht_schema import FakeIndex
 

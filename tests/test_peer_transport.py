@@ -15,9 +15,9 @@ import pytest
 import trio
 import trio.testing
 
-from p2pvbd import invites, trust
-from p2pvbd import peer_transport as pt
-from p2pvbd.dht_records import FirstSeen
+from p2pvbd.swarm import invites, trust
+from p2pvbd.swarm import peer_transport as pt
+from p2pvbd.wire.dht_records import FirstSeen
 from p2pvbd.wire.peer_wire import OPS, OpSpec, PeerError, encode_request
 
 TEST_OPS = {**OPS, "echo": OpSpec({"n": int}), "boom": OpSpec(), "refuse": OpSpec(), "slow": OpSpec(),
@@ -144,7 +144,7 @@ async def test_other_swarm_is_refused_both_ways(server: int, gamma: trust.HostId
 async def test_client_without_certificate_is_refused(server: int, alpha: trust.HostIdentity, beta: trust.HostIdentity,
                                                      caplog: pytest.LogCaptureFixture,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    caplog.set_level(logging.INFO, logger="p2pvbd.peer_transport")
+    caplog.set_level(logging.INFO, logger="p2pvbd.swarm.peer_transport")
     monkeypatch.setattr(pt, "_refused_logged", FirstSeen())  # what earlier tests' refusals logged
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False

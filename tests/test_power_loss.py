@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from p2pvbd import failpoints
+from p2pvbd.migration import failpoints
 from p2pvbd.replica_store import ReplicaStore
 from tests import test_replica_store as store_tests
 from tests.daemons import BIN, run

@@ -13,10 +13,10 @@ from collections.abc import Callable
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from p2pvbd import trust
-from p2pvbd.dht_records import key_digest
-from p2pvbd.peer_transport import PeerError
-from p2pvbd.revocation import Revocations
+from p2pvbd.swarm import trust
+from p2pvbd.swarm.peer_transport import PeerError
+from p2pvbd.wire.dht_records import key_digest
+from p2pvbd.wire.revocation import Revocations
 from tests.daemons import Host
 from tests.forge import IndexClient, forge_record
 from tests.test_insiders import as_member

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from p2pvbd import peer_transport as pt
-from p2pvbd import trust
-from p2pvbd.dht_records import key_digest
+from p2pvbd.swarm import peer_transport as pt
+from p2pvbd.swarm import trust
+from p2pvbd.wire.dht_records import key_digest
 from tests.daemons import Host, free_port
 from tests.forge import IndexClient, forge_record
 

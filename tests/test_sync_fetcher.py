@@ -13,9 +13,9 @@ import trio
 from p2pvbd.migration import fetcher as fetcher_mod
 from p2pvbd.migration.fetcher import Fetcher, SyncProgress
 from p2pvbd.migration.pull import PullState
-from p2pvbd.peer_transport import PeerError
 from p2pvbd.replica_store import ReplicaStore
 from p2pvbd.store.version_map import BlockEntries, VersionMap
+from p2pvbd.swarm.peer_transport import PeerError
 from p2pvbd.wire.peer_wire import ENC_RAW
 
 MiB, BS = 1 << 20, 64 * 1024

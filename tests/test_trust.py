@@ -14,9 +14,9 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from p2pvbd import invites, trust
-from p2pvbd.invites import InviteError
-from p2pvbd.trust import TrustError
+from p2pvbd.swarm import invites, trust
+from p2pvbd.swarm.invites import InviteError
+from p2pvbd.swarm.trust import TrustError
 from tests.daemons import Host
 
 NOW = 1_700_000_000.0

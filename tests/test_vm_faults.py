@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from p2pvbd import failpoints
+from p2pvbd.migration import failpoints
 from tests.daemons import BIN, Host
 from tests.test_migrate_faults import settled
 from tests.test_swarm import wait_until

@@ -21,9 +21,9 @@ import numpy.typing as npt
 import trio
 import zstandard
 
-from p2pvbd.peer_transport import PeerError
 from p2pvbd.replica_store import HashMismatch, ReplicaStore, StaleVersion
 from p2pvbd.store.version_map import BlockEntries, VersionMap, block_hash
+from p2pvbd.swarm.peer_transport import PeerError
 from p2pvbd.sync_planner import FetchRequest, PeerInfo, SyncScheduler, plan_sync, request_bytes_for
 from p2pvbd.wire.peer_wire import FrameError, unpack_block
 

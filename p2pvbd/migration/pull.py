@@ -26,14 +26,14 @@ import numpy.typing as npt
 import trio
 
 from p2pvbd.migration.fetcher import Fetcher, PeerProgress, SyncError, SyncProgress
-from p2pvbd.peer_transport import PeerError
 from p2pvbd.replica_store import ReplicaStore
 from p2pvbd.store.map_tree import same_records
 from p2pvbd.store.version_map import BlockEntries
 from p2pvbd.swarm import maps
+from p2pvbd.swarm.peer_transport import PeerError
 
 if TYPE_CHECKING:
-    from p2pvbd.deeds import Chain
+    from p2pvbd.swarm.deeds import Chain
     from p2pvbd.swarm.node import Swarm
 
 log = logging.getLogger(__name__)

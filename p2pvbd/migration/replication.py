@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from p2pvbd.dht_records import FirstSeen
-from p2pvbd.dht_schema import check_payload
 from p2pvbd.migration.fetcher import SyncError, SyncProgress
 from p2pvbd.migration.pull import sync_disk
-from p2pvbd.peer_transport import PeerError
 from p2pvbd.store.store_files import atomic_write, read_json_file
+from p2pvbd.swarm.peer_transport import PeerError
+from p2pvbd.wire.dht_records import FirstSeen
+from p2pvbd.wire.dht_schema import check_payload
 
 if TYPE_CHECKING:
     from p2pvbd.swarm.node import Swarm

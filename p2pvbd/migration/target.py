@@ -19,21 +19,21 @@ from typing import TYPE_CHECKING, Any
 import trio
 import zstandard
 
-from p2pvbd import failpoints
-from p2pvbd.deeds import HAND, MAX_CHAIN_LINKS, Chain, DeedError
 from p2pvbd.kernel_hook_ctl import Export, ExportMode, HookError
 from p2pvbd.migrate import PeerForwarder, hand_over, pending_path, read_pending, record_hand_over
+from p2pvbd.migration import failpoints
 from p2pvbd.migration.fetcher import SyncError, SyncProgress
 from p2pvbd.migration.pull import sync_disk
-from p2pvbd.nbd_codec import NBD_EPERM
-from p2pvbd.peer_transport import PeerError
 from p2pvbd.replica_store import HashMismatch, ReplicaStore, StaleVersion
 from p2pvbd.store.map_tree import same_root
 from p2pvbd.store.version_map import block_hash
 from p2pvbd.swarm import access, maps
 from p2pvbd.swarm.access import PeerOp
+from p2pvbd.swarm.deeds import HAND, MAX_CHAIN_LINKS, Chain, DeedError
 from p2pvbd.swarm.ownership import ERR_UNPROVEN, save_links
+from p2pvbd.swarm.peer_transport import PeerError
 from p2pvbd.wire.map_wire import MAX_ENTRY_BLOCKS, pack_blocks
+from p2pvbd.wire.nbd_codec import NBD_EPERM
 from p2pvbd.wire.peer_wire import MAX_BLOCK_ENTRIES, MAX_GUEST_IO_BYTES, FrameError, unpack_block
 
 if TYPE_CHECKING:

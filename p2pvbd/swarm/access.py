@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from p2pvbd.deeds import DeedError
-from p2pvbd.home import NAME_RE
-from p2pvbd.peer_transport import PeerError
+from p2pvbd.base.home import NAME_RE
 from p2pvbd.swarm import maps
+from p2pvbd.swarm.deeds import DeedError
+from p2pvbd.swarm.peer_transport import PeerError
 
 if TYPE_CHECKING:
     from p2pvbd.swarm.node import Swarm

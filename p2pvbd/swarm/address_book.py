@@ -12,7 +12,7 @@ import json
 import logging
 from pathlib import Path
 
-from p2pvbd.home import NAME_RE, HomeError, parse_hostport
+from p2pvbd.base.home import NAME_RE, HomeError, parse_hostport
 from p2pvbd.store.store_files import atomic_write, read_json_file
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from p2pvbd.wire import map_wire
 from p2pvbd.wire.peer_wire import FrameError, PeerError
 
 if TYPE_CHECKING:
-    from p2pvbd.peer_transport import PeerConnection
+    from p2pvbd.swarm.peer_transport import PeerConnection
 
 # A summary, node or entry request waits this long: they are small, a lost peer is what takes longer.
 MAP_TIMEOUT = 30.0

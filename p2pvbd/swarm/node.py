@@ -23,22 +23,18 @@ from typing import TYPE_CHECKING, Any
 import trio
 import zstandard
 
-from p2pvbd import dht, invites, trust
-from p2pvbd.deeds import DeedChecker
-from p2pvbd.dht_records import format_hostport, holders_payload, host_payload, owner_payload
-from p2pvbd.dht_schema import (
-    MAX_HOST_ADDRESSES,
-    MAX_LINKS_LISTED,
-    MAX_SEEN_AS,
-    PayloadError,
-    check_payload,
-    is_address,
-    is_ip,
-)
-from p2pvbd.home import Config, Home, HomeError, parse_hostport
+from p2pvbd import dht
+from p2pvbd.base.home import Config, Home, HomeError, parse_hostport
 from p2pvbd.kernel_hook_ctl import HookController
 from p2pvbd.migration.pull import PullState
-from p2pvbd.peer_transport import (
+from p2pvbd.replica_store import ReplicaStore
+from p2pvbd.store.map_tree import STALE_ROOT
+from p2pvbd.swarm import access, invites, maps, trust
+from p2pvbd.swarm.access import PeerOp
+from p2pvbd.swarm.address_book import PEERS_FILE, AddressBook
+from p2pvbd.swarm.deeds import DeedChecker
+from p2pvbd.swarm.ownership import Ownership
+from p2pvbd.swarm.peer_transport import (
     JOIN_CONNECTION_SECONDS,
     JOIN_PORT_OFFSET,
     PeerConnection,
@@ -49,16 +45,19 @@ from p2pvbd.peer_transport import (
     serve_link,
     serve_peers,
 )
-from p2pvbd.replica_store import ReplicaStore
-from p2pvbd.revocation import REVOKED_KEY, Revocations
-from p2pvbd.store.map_tree import STALE_ROOT
-from p2pvbd.swarm import access, maps
-from p2pvbd.swarm.access import PeerOp
-from p2pvbd.swarm.address_book import PEERS_FILE, AddressBook
-from p2pvbd.swarm.ownership import Ownership
 from p2pvbd.swarm.punch import RELAYED_GRACE_SECONDS, Puncher
 from p2pvbd.swarm.relay import Relays
 from p2pvbd.swarm.revoked import REVOKED_FILE, RevocationBook
+from p2pvbd.wire.dht_records import format_hostport, holders_payload, host_payload, owner_payload
+from p2pvbd.wire.dht_schema import (
+    MAX_HOST_ADDRESSES,
+    MAX_LINKS_LISTED,
+    MAX_SEEN_AS,
+    PayloadError,
+    check_payload,
+    is_address,
+    is_ip,
+)
 from p2pvbd.wire.peer_wire import (
     BLOCK_ENTRY_BYTES,
     BLOCK_ZSTD_LEVEL,
@@ -67,6 +66,7 @@ from p2pvbd.wire.peer_wire import (
     MAX_BLOCK_ENTRIES,
     pack_block,
 )
+from p2pvbd.wire.revocation import REVOKED_KEY, Revocations
 
 if TYPE_CHECKING:
     from p2pvbd.migration.replication import Replication

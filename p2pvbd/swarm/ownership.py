@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING
 import msgpack
 import trio
 
-from p2pvbd import deeds
-from p2pvbd.deeds import Chain, DeedChecker, DeedError
-from p2pvbd.peer_transport import PeerError
 from p2pvbd.store.store_files import atomic_write
-from p2pvbd.trust import HostIdentity
+from p2pvbd.swarm import deeds
+from p2pvbd.swarm.deeds import Chain, DeedChecker, DeedError
+from p2pvbd.swarm.peer_transport import PeerError
+from p2pvbd.swarm.trust import HostIdentity
 
 if TYPE_CHECKING:
     from p2pvbd.replica_store import ReplicaStore

@@ -30,11 +30,18 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from p2pvbd import trust
-from p2pvbd.dht_records import format_hostport
-from p2pvbd.home import HomeError, parse_hostport
-from p2pvbd.peer_transport import CONNECT_TIMEOUT, PeerConnection, PeerError, open_peer_over, serve_link, watch_liveness
+from p2pvbd.base.home import HomeError, parse_hostport
+from p2pvbd.swarm import trust
 from p2pvbd.swarm.access import PeerOp, member
+from p2pvbd.swarm.peer_transport import (
+    CONNECT_TIMEOUT,
+    PeerConnection,
+    PeerError,
+    open_peer_over,
+    serve_link,
+    watch_liveness,
+)
+from p2pvbd.wire.dht_records import format_hostport
 
 if TYPE_CHECKING:
     from p2pvbd.swarm.node import Swarm

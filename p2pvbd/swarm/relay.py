@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from p2pvbd.home import NAME_RE, HomeError
+from p2pvbd.base.home import NAME_RE, HomeError
+from p2pvbd.base.units import parse_size
 from p2pvbd.migration.replication import TokenBucket
-from p2pvbd.peer_transport import PeerConnection, PeerError
 from p2pvbd.swarm.access import PeerOp, member
-from p2pvbd.units import parse_size
+from p2pvbd.swarm.peer_transport import PeerConnection, PeerError
 
 if TYPE_CHECKING:
     from p2pvbd.swarm.node import Swarm

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from p2pvbd.revocation import RevocationError, Revocations
 from p2pvbd.store.store_files import atomic_write, read_json_file
+from p2pvbd.wire.revocation import RevocationError, Revocations
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import msgpack
 
-from p2pvbd.home import NAME_RE
-from p2pvbd.units import parse_size
+from p2pvbd.base.home import NAME_RE
+from p2pvbd.base.units import parse_size
 
 # Disks one VM attaches: virtio-blk PCI slots are plenty; a person's VM has a handful.
 MAX_VM_DISKS = 8

@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any
 import trio
 import zstandard
 
-from p2pvbd import failpoints
 from p2pvbd.migrate import MigrationError, MigrationProgress, SwitchGate, migrate_disk
-from p2pvbd.peer_transport import PeerError
+from p2pvbd.migration import failpoints
 from p2pvbd.swarm import access
 from p2pvbd.swarm.access import PeerOp
+from p2pvbd.swarm.peer_transport import PeerError
 from p2pvbd.vm.definition import DefinitionError, VmDefinition
 from p2pvbd.vm.qmp import QmpError
 from p2pvbd.vm.runner import RunningVm, VmError, VmRunner

@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from p2pvbd.home import PRIVATE_DIR_MODE
+from p2pvbd.base.home import PRIVATE_DIR_MODE
 from p2pvbd.vm import accel as accel_probe
 from p2pvbd.vm.definition import RunPaths, VmDefinition, qemu_argv
 from p2pvbd.vm.qmp import Qmp, QmpError

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from p2pvbd.control import ControlError
+from p2pvbd.base.control import ControlError
 from p2pvbd.migrate import MigrationError, MigrationProgress, PeerForwarder
-from p2pvbd.peer_transport import PeerError
 from p2pvbd.swarm.access import PeerOp
+from p2pvbd.swarm.peer_transport import PeerError
 from p2pvbd.vm.book import VmBook
 from p2pvbd.vm.definition import DefinitionError, VmDefinition
 from p2pvbd.vm.move import VmMoveProgress, VmTarget, move_vm

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
 
-from p2pvbd.trust import (
+from p2pvbd.swarm.trust import (
     SWARM_SECRET_BYTES,
     HostIdentity,
     TrustError,

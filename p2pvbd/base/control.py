@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 import trio
 
-from p2pvbd.home import PRIVATE_SOCKET_MODE
+from p2pvbd.base.home import PRIVATE_SOCKET_MODE
 
 log = logging.getLogger(__name__)
 

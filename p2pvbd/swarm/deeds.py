@@ -31,8 +31,8 @@ import msgpack
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from p2pvbd.dht_schema import MAX_COUNTER, is_name
-from p2pvbd.trust import key_binding_valid
+from p2pvbd.swarm.trust import key_binding_valid
+from p2pvbd.wire.dht_schema import MAX_COUNTER, is_name
 
 CREATE, HAND, CLAIM = "create", "hand", "claim"
 KINDS = (CREATE, HAND, CLAIM)
@@ -79,7 +79,7 @@ def sign(kind: str, disk: str, epoch: int, owner: str, prev: bytes, signer: str,
          key: ed25519.Ed25519PrivateKey, binding: bytes) -> bytes:
     """One encoded link, signed by ``signer``'s host key. Ed25519 is deterministic, so signing the same
     link again gives the same bytes (a source re-makes its hand-over after a restart)."""
-    from p2pvbd.trust import public_key_raw
+    from p2pvbd.swarm.trust import public_key_raw
 
     pubkey = public_key_raw(key.public_key())
     sig = key.sign(_signed_bytes(kind, disk, epoch, owner, prev, signer, pubkey))

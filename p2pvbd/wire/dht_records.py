@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from kademlia.storage import IStorage
 
-from p2pvbd.dht_schema import KINDS, PayloadError, check_payload
+from p2pvbd.wire.dht_schema import KINDS, PayloadError, check_payload
 
 MAC_BYTES = 16  # HMAC-SHA256 cut to 128 bits: RFC 2104 §5 allows truncating to >= half the output
 # A host record with a few addresses is ~380 B with its key binding, a VM definition up to 1 KiB; a reply

@@ -44,7 +44,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from p2pvbd.home import NAME_RE
+from p2pvbd.base.home import NAME_RE
 
 # Epochs, generations and block counts: msgpack's and numpy's int64 and the store's state hold below this.
 MAX_COUNTER = 2**63
@@ -224,7 +224,7 @@ def _vm(key: str, publisher: str, p: dict[str, Any]) -> dict[str, Any]:
 
 
 def _revoked(key: str, publisher: str, p: dict[str, Any]) -> dict[str, Any]:
-    from p2pvbd.revocation import MAX_REVOKED_HOSTS, REVOKED_KEY  # pure, like this module
+    from p2pvbd.wire.revocation import MAX_REVOKED_HOSTS, REVOKED_KEY  # pure, like this module
 
     if key != REVOKED_KEY:
         raise PayloadError(f"key: not {REVOKED_KEY!r}")

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from p2pvbd import __version__
-from p2pvbd.attach import AttachError, attach, detach
-from p2pvbd.control import ControlError, call
-from p2pvbd.home import Home, HomeError, is_loopback, parse_nbd_tcp, resolve_home, wait_for_daemon_exit
-from p2pvbd.units import format_size, parse_size
+from p2pvbd.base.control import ControlError, call
+from p2pvbd.base.home import Home, HomeError, is_loopback, parse_nbd_tcp, resolve_home, wait_for_daemon_exit
+from p2pvbd.base.units import format_size, parse_size
+from p2pvbd.cli.attach import AttachError, attach, detach
 
 # How often `sync` and `migrate` redraw their progress from the daemon.
 JOB_POLL_SECONDS = 0.2
@@ -70,7 +70,7 @@ def _print_json(obj: Any) -> None:
 
 # ---- commands --------------------------------------------------------------------------------------
 def cmd_init(args: argparse.Namespace) -> None:
-    from p2pvbd import trust
+    from p2pvbd.swarm import trust
 
     home = _home(args)
     cfg = home.init(args.name, listen=args.listen, nbd_tcp=args.nbd_tcp or "")
@@ -93,8 +93,8 @@ def _print_nbd_tcp(nbd_tcp: str) -> None:
 def cmd_join(args: argparse.Namespace) -> None:
     import trio
 
-    from p2pvbd import invites, trust
-    from p2pvbd.peer_transport import join_swarm
+    from p2pvbd.swarm import invites, trust
+    from p2pvbd.swarm.peer_transport import join_swarm
 
     home = _home(args)
     if home.is_initialised():
@@ -160,8 +160,8 @@ def _console() -> Any:
 
 def cmd_daemon(args: argparse.Namespace) -> None:
     from p2pvbd.daemon import run_daemon  # trio is only imported where it runs
-    from p2pvbd.failpoints import FailpointError
-    from p2pvbd.trust import TrustError
+    from p2pvbd.migration.failpoints import FailpointError
+    from p2pvbd.swarm.trust import TrustError
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -173,8 +173,8 @@ def cmd_daemon(args: argparse.Namespace) -> None:
 
 
 def cmd_nbd_client_cert(args: argparse.Namespace) -> None:
-    from p2pvbd import nbd_tls
-    from p2pvbd.trust import TrustError
+    from p2pvbd.nbd import tls as nbd_tls
+    from p2pvbd.swarm.trust import TrustError
 
     home = _home(args)
     cfg = home.load_config()
@@ -299,7 +299,7 @@ def cmd_migrate(args: argparse.Namespace) -> None:
     jobs = reply["jobs"]
     results = [_follow_job(args, job, f"migrate to {args.to}", quiet=args.json) for job in jobs]
     if "vm" in reply:
-        from p2pvbd.cli_vm import print_vm_move
+        from p2pvbd.cli.vm import print_vm_move
 
         print_vm_move(args, results[0])
         return
@@ -474,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sync: a write is acknowledged once both hosts have it; async (default): shipped after")
     sp.add_argument("--max-downtime", type=float, default=50, metavar="MS",
                     help="switch over once the rest ships within this many milliseconds (default 50)")
-    from p2pvbd import cli_vm
+    from p2pvbd.cli import vm as cli_vm
 
     cli_vm.add_parsers(add, as_json)
     sp = add("replicate", cmd_replicate, "keep replicas of a disk warm on other hosts in the background",

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from p2pvbd.home import NAME_RE
+from p2pvbd.base.home import NAME_RE
 
 log = logging.getLogger(__name__)
 

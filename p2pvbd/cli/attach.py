@@ -14,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from p2pvbd.home import Home
+from p2pvbd.base.home import Home
 
 ATTACH_DIR = "attach"
 # nbdfuse writes its pid file once the FUSE mount serves; connecting is local, so seconds suffice.

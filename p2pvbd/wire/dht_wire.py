@@ -17,7 +17,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from kademlia.node import Node
 
-from p2pvbd.dht_records import BINDING_BYTES, MAX_NAME_BYTES, MAX_RECORDS_PER_KEY, is_name
+from p2pvbd.wire.dht_records import BINDING_BYTES, MAX_NAME_BYTES, MAX_RECORDS_PER_KEY, is_name
 
 MAX_NODES_IN_REPLY = 64  # bounds the work a reply causes; peers send ksize (the paper's k = 20)
 _NODE_ID_DOMAIN = b"p2pvbd-node/1\0"

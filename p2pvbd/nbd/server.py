@@ -1,6 +1,6 @@
 """The host's NBD server: the guest-facing side of the write-interception hook.
 
-Speaks the protocol through the pure codec in :mod:`p2pvbd.nbd_codec` and applies every command
+Speaks the protocol through the pure codec in :mod:`p2pvbd.wire.nbd_codec` and applies every command
 through :class:`~p2pvbd.kernel_hook_ctl.HookController`. One task per connection reads and parses
 requests; cheap commands are applied inline and their replies batched into one send (a list of buffers
 handed to one sendmsg(), so READ data is never copied in Python; receives and sends that need no waiting
@@ -10,7 +10,7 @@ tasks, so their replies may overtake or be overtaken by others (out-of-order rep
 
 The Unix socket speaks plain NBD (only its owner may connect). The TCP listener is in the spec's FORCEDTLS mode:
 nothing but STARTTLS gets an answer before a TLS handshake in which the client presents a certificate of this
-host's NBD CA (see :mod:`p2pvbd.nbd_tls`); the handshake then continues inside TLS.
+host's NBD CA (see :mod:`p2pvbd.nbd.tls`); the handshake then continues inside TLS.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from typing import Any
 
 import trio
 
-from p2pvbd import nbd_codec as nbd
-from p2pvbd.home import PRIVATE_SOCKET_MODE, HomeError
+from p2pvbd.base.home import PRIVATE_SOCKET_MODE, HomeError
 from p2pvbd.kernel_hook_ctl import ExportMode, HookController, HookError
+from p2pvbd.wire import nbd_codec as nbd
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from p2pvbd import cli
-from p2pvbd.units import format_size
+from p2pvbd.base.units import format_size
+from p2pvbd.cli import app as cli
 
 # `vm console` looks for new serial output this often: a person reading a console sees no lag.
 CONSOLE_POLL_SECONDS = 0.2

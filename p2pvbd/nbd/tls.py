@@ -31,8 +31,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from p2pvbd.home import PRIVATE_DIR_MODE, check_name
-from p2pvbd.trust import CLOCK_SKEW, HOST_CERT_VALIDITY, TrustError, atomic_write_file, self_signed_ca
+from p2pvbd.base.home import PRIVATE_DIR_MODE, check_name
+from p2pvbd.swarm.trust import CLOCK_SKEW, HOST_CERT_VALIDITY, TrustError, atomic_write_file, self_signed_ca
 
 NBD_TLS_DIR = "nbd-tls"
 LOCK_FILE = ".lock"

@@ -1,0 +1,1 @@
+"""The guest-facing NBD server over wire/nbd_codec, and its TLS."""

@@ -1,0 +1,1 @@
+"""Pure planning algorithms behind sync_planner: no I/O."""
