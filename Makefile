@@ -31,6 +31,7 @@ demo: deps venv
 
 test: deps venv
 	$(VENV)/bin/ruff check p2pvbd tests bench demo
+	$(PY) -m tests.layers
 	$(VENV)/bin/pytest
 
 # Everything, including the cases marked heavy.
@@ -52,6 +53,7 @@ soak: deps venv
 
 lint: venv
 	$(VENV)/bin/ruff check p2pvbd tests bench demo
+	$(PY) -m tests.layers
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from p2pvbd.base.home import Config, Home, HomeError, check_name, is_loopback, p
 from p2pvbd.kernel_hook_ctl import ExportMode, HookController
 from p2pvbd.migrate import DEFAULT_MAX_DOWNTIME_MS
 from p2pvbd.migration import failpoints
+from p2pvbd.migration.pull import PullState
 from p2pvbd.migration.replication import Replication
 from p2pvbd.migration.target import MigrationTarget
 from p2pvbd.nbd import tls as nbd_tls
@@ -53,12 +55,27 @@ LOOP_STALL_WARNING = 0.1
 
 
 
-def attach_services(swarm: Swarm, home: Path) -> None:
-    """Compose the swarm node with the services whose state it reads and whose peer ops it dispatches:
-    the node imports none of them (their ops come with their access rules, swarm/access.py)."""
-    swarm.replication = Replication(swarm, home)
-    swarm.migration_target = MigrationTarget(swarm)
-    swarm.peer_ops |= swarm.migration_target.ops()
+@dataclass(frozen=True)
+class Services:
+    """The services composed onto one swarm node."""
+
+    pulls: PullState  # what each replica's last pull reached; one pull of a disk at a time
+    replication: Replication
+    target: MigrationTarget
+
+
+def attach_services(swarm: Swarm, home: Path) -> Services:
+    """Compose the swarm node with the services whose peer ops it dispatches, handing it what it shows of
+    them through narrow hooks (swarm/ops.py): the node imports none of them."""
+    pulls = PullState()
+    services = Services(pulls, Replication(swarm, home, pulls), MigrationTarget(swarm, pulls))
+    swarm.hooks.pace_background = services.replication.pace
+    swarm.hooks.replication_policy = services.replication.policy_payload
+    swarm.hooks.pull_rate = pulls.rates.get
+    swarm.migration_target = services.target
+    swarm.peer_ops |= services.target.ops()
+    return services
+
 
 class Daemon:
     """State shared by the daemon's services; control ops are its ``op_*`` methods."""
@@ -73,7 +90,7 @@ class Daemon:
         self.identity = trust.load_identity(home.path)
         self.nbd_tcp = self._nbd_tcp()
         self.swarm = Swarm(home, config, self.identity, self.ctl)
-        attach_services(self.swarm, home.path)
+        self.services = attach_services(self.swarm, home.path)
         self.vms = VmService(self.swarm, home.path, home.nbd_socket)
         self.swarm.peer_ops |= self.vms.ops()
         self.jobs: dict[int, Any] = {}  # SyncProgress or MigrationProgress: both have as_dict()
@@ -123,8 +140,8 @@ class Daemon:
                 self._nursery = nursery
                 await nursery.start(serve_nbd, self.ctl, self.home.nbd_socket, self.nbd_tcp)
                 await nursery.start(self.swarm.run)
-                await nursery.start(self.swarm.replication.run)
-                await nursery.start(self.swarm.migration_target.run)
+                await nursery.start(self.services.replication.run)
+                await nursery.start(self.services.target.run)
                 await nursery.start(self.vms.run)
                 await nursery.start(serve_control, self.home.control_socket, self.handle)
                 nursery.start_soon(self._periodic_flush)
@@ -233,7 +250,7 @@ class Daemon:
 
     async def op_disk_claim(self, disk: str) -> dict[str, Any]:
         try:
-            return await self.swarm.migration_target.claim(check_name("disk", disk))
+            return await self.services.target.claim(check_name("disk", disk))
         except PeerError as e:
             raise ControlError(e.message) from None
 
@@ -276,7 +293,7 @@ class Daemon:
         from p2pvbd.migration.pull import sync_disk
 
         try:
-            await sync_disk(self.swarm, disk, progress, sources)
+            await sync_disk(self.swarm, self.services.pulls, disk, progress, sources)
         except (SyncError, ValueError, OSError) as e:
             progress.error = str(e)
         except PeerError as e:
@@ -292,7 +309,7 @@ class Daemon:
     async def op_jobs(self) -> list[dict[str, Any]]:
         """This host's syncs and migrations, then the pulls it ran as the destination of a migration."""
         mine = [{"job": job, "kind": _kind(self.jobs[job])} | await self.op_job(job) for job in sorted(self.jobs)]
-        target = self.swarm.migration_target
+        target = self.services.target
         incoming = [{"job": f"in-{n}", "kind": "incoming migration pull"} | p.as_dict()
                     | {"done": p.finished is not None} for n, p in sorted(target.jobs.items())]
         return mine + incoming
@@ -374,7 +391,7 @@ class Daemon:
             check_name("host", host)
         if rate is not None and rate <= 0:
             raise ControlError("--rate must be positive")
-        policy = await self.swarm.replication.set(disk, on, off, rate)
+        policy = await self.services.replication.set(disk, on, off, rate)
         return policy.as_payload()
 
     async def op_job(self, job: int) -> dict[str, Any]:

@@ -51,7 +51,6 @@ from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 from kademlia.routing import RoutingTable
 
-from p2pvbd.swarm.trust import public_key_raw
 from p2pvbd.wire.dht_records import (
     DEFAULT_TTL,
     LOGGED_DROPS,
@@ -529,7 +528,7 @@ class DhtNode:
             await self._serve(loop, listen_host, port, bootstrap, task_status)
 
     async def _serve(self, loop: Any, host: str, port: int, seeds: list[tuple[str, int]], task_status: Any) -> None:
-        me = _Me(self.host_name, self._signing_key, public_key_raw(self._signing_key.public_key()), self._binding)
+        me = _Me(self.host_name, self._signing_key, self._signing_key.public_key().public_bytes_raw(), self._binding)
         server = _SwarmServer(self.ksize, self.alpha, self._mac_key, self.stats, self._trust, me)
         try:
             bound = await trio_asyncio.aio_as_trio(server.listen, loop=loop)(port, host)

@@ -27,10 +27,10 @@ import numpy.typing as npt
 import trio
 import zstandard
 
+from p2pvbd.base.files import atomic_write
 from p2pvbd.kernel_hook_ctl import Export, ExportMode, HookError
 from p2pvbd.migration import failpoints
 from p2pvbd.replica_store import ReplicaStore, WriteResult
-from p2pvbd.store.store_files import atomic_write
 from p2pvbd.swarm.peer_transport import ERR_CONNECTION, ERR_TIMEOUT, PeerError
 from p2pvbd.wire.map_wire import unpack_blocks
 from p2pvbd.wire.nbd_codec import NBD_EIO
@@ -499,7 +499,7 @@ def _sync_hook(shipper: Shipper, dirty: DirtyBlocks) -> Any:
 
 
 def _throttle_hook(shipper: Shipper, block_size: int) -> Any:
-    from p2pvbd.migration.replication import TokenBucket
+    from p2pvbd.base.pacing import TokenBucket
 
     bucket = TokenBucket(max(shipper.rate * THROTTLE_FRACTION, block_size))
 

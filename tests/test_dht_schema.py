@@ -24,15 +24,14 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from p2pvbd.base.home import Config, Home
-from p2pvbd.daemon import attach_services
+from p2pvbd.daemon import Services, attach_services
 from p2pvbd.kernel_hook_ctl import HookController
 from p2pvbd.migration.fetcher import SyncError, SyncProgress
-from p2pvbd.migration.pull import sync_disk
+from p2pvbd.migration.pull import PullState, sync_disk
 from p2pvbd.migration.replication import POLICY_FILE, Policy, Replication
 from p2pvbd.swarm import trust
 from p2pvbd.swarm.node import CATALOG_KEY, Swarm
 from p2pvbd.swarm.peer_transport import PeerError
-from p2pvbd.vm.definition import VmDefinition
 from p2pvbd.wire.dht_records import (
     MAX_KEYS_PER_PUBLISHER,
     MAX_RECORD_BYTES,
@@ -57,6 +56,7 @@ from p2pvbd.wire.dht_schema import (
     check_payload,
 )
 from p2pvbd.wire.revocation import MAX_REVOKED_HOSTS, REVOKED_KEY, Revocations
+from p2pvbd.wire.vm_definition import VmDefinition
 from tests.forge import forge_record
 
 KEY = Ed25519PrivateKey.generate()
@@ -304,7 +304,7 @@ async def _unreachable(peer: str, host: str, port: int, **_: Any) -> None:
     raise PeerError("connection", f"{peer} at {host}:{port} is not there (test)")
 
 
-async def _read_everything(swarm: Swarm) -> None:
+async def _read_everything(swarm: Swarm, services: Services) -> None:
     """Every entry point through which the swarm acts on index records."""
     async with trio.open_nursery() as nursery:
         swarm._nursery = nursery
@@ -317,10 +317,10 @@ async def _read_everything(swarm: Swarm) -> None:
         assert [d["name"] for d in status["disks"]] == disks
         msgpack.packb(status)  # what the control socket sends back
         msgpack.packb(await swarm.peers())
-        await swarm.replication.refresh()
+        await services.replication.refresh()
         for disk in DISKS:
             with pytest.raises((SyncError, PeerError)):
-                await sync_disk(swarm, disk, SyncProgress(disk), background=True)
+                await sync_disk(swarm, services.pulls, disk, SyncProgress(disk), background=True)
         nursery.cancel_scope.cancel()
 
 
@@ -336,10 +336,10 @@ def test_readers_of_the_index_take_whatever_passes_the_schema(identity: trust.Ho
             pass
     with tempfile.TemporaryDirectory() as home:
         swarm = Swarm(Home(Path(home)), Config(name=ME, listen="127.0.0.1:7420"), identity, HookController())
-        attach_services(swarm, Path(home))
+        services = attach_services(swarm, Path(home))
         swarm.dht = FakeIndex(passed)  # type: ignore[assignment]
         swarm._hold = _unreachable  # type: ignore[method-assign]
-        trio.run(_read_everything, swarm)
+        trio.run(_read_everything, swarm, services)
 
 
 def test_policy_book_keeps_the_good_policies_of_a_bad_file(tmp_path: Path) -> None:
@@ -348,6 +348,6 @@ def test_policy_book_keeps_the_good_policies_of_a_bad_file(tmp_path: Path) -> No
     path.write_text(json.dumps({"vm1": good, "vm2": {**good, "disk": "vm2", "rate": 0}, "vm3": "x",
                                 "vm4": {**good, "disk": "vm4", "hosts": ["../etc"]}}))
     swarm = SimpleNamespace(name=ME)
-    assert list(Replication(swarm, tmp_path).policies) == ["vm1"]  # type: ignore[arg-type]
+    assert list(Replication(swarm, tmp_path, PullState()).policies) == ["vm1"]  # type: ignore[arg-type]
     path.write_text("[1, 2]")
-    assert Replication(swarm, tmp_path).policies == {}  # type: ignore[arg-type]
+    assert Replication(swarm, tmp_path, PullState()).policies == {}  # type: ignore[arg-type]

@@ -116,7 +116,7 @@ def test_any_body_gets_an_answer_or_a_refusal(identity: trust.HostIdentity,
         async def main() -> None:
             async with trio.open_nursery() as nursery:
                 swarm._nursery = nursery
-                await nursery.start(swarm.migration_target.run)
+                await nursery.start(swarm.migration_target.run)  # type: ignore[attr-defined]
                 for peer, op, body in batch:
                     if op not in swarm.peer_ops:
                         continue  # served by the daemon's VM service, not the swarm

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from p2pvbd.vm.definition import VmDefinition
+from p2pvbd.wire.vm_definition import VmDefinition
 from tests.daemons import Host
 from tests.test_swarm import wait_until
 from tests.vm_guest import ERR, REC_OK, QemuGuest, verify_records, workload_append

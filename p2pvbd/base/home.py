@@ -17,7 +17,7 @@ from pathlib import Path
 import platformdirs
 import tomli_w
 
-from p2pvbd.store.store_files import atomic_write
+from p2pvbd.base.files import atomic_write
 
 HOME_ENV = "P2PVBD_HOME"
 CONFIG_FILE = "config.toml"

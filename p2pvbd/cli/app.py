@@ -3,33 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from p2pvbd import __version__
-from p2pvbd.base.control import ControlError, call
-from p2pvbd.base.home import Home, HomeError, is_loopback, parse_nbd_tcp, resolve_home, wait_for_daemon_exit
+from p2pvbd.base.control import ControlError
+from p2pvbd.base.home import HomeError, is_loopback, parse_nbd_tcp, wait_for_daemon_exit
 from p2pvbd.base.units import format_size, parse_size
 from p2pvbd.cli.attach import AttachError, attach, detach
+from p2pvbd.cli.common import ask, console, fail, home_of, print_json
 
 # How often `sync` and `migrate` redraw their progress from the daemon.
 JOB_POLL_SECONDS = 0.2
 # Stopping flushes and checkpoints every disk; a large journal may take a while to write out.
 STOP_WAIT_SECONDS = 60.0
-# Width of tables written to a pipe or file: every column of status (nine) fits with long host names.
-PIPED_WIDTH = 160
 NBD_TCP_HELP = ("also serve NBD over TLS on this TCP address (an IP address or localhost; port 10809 if omitted); "
                 "clients need a certificate from 'p2pvbd nbd-client-cert'")
-
-
-def _fail(message: str) -> NoReturn:
-    print(f"p2pvbd: error: {message}", file=sys.stderr)
-    raise SystemExit(1)
 
 
 def _size(text: str) -> int:
@@ -54,25 +47,11 @@ def _rate(text: str) -> float:
     return float(_size(text.removesuffix("/s")))
 
 
-def _home(args: argparse.Namespace) -> Home:
-    return Home(resolve_home(args.home))
-
-
-def _ask(args: argparse.Namespace, op: str, **kwargs: Any) -> Any:
-    home = _home(args)
-    home.load_config()  # a clear message when the home was never initialised
-    return call(home.control_socket, op, kwargs)
-
-
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True))
-
-
 # ---- commands --------------------------------------------------------------------------------------
 def cmd_init(args: argparse.Namespace) -> None:
     from p2pvbd.swarm import trust
 
-    home = _home(args)
+    home = home_of(args)
     cfg = home.init(args.name, listen=args.listen, nbd_tcp=args.nbd_tcp or "")
     identity = trust.create_swarm(home.path, cfg.name)
     print(f"initialised host {cfg.name} in {home.path}: a new swarm (CA {identity.ca_fingerprint[:16]}…), "
@@ -96,15 +75,15 @@ def cmd_join(args: argparse.Namespace) -> None:
     from p2pvbd.swarm import invites, trust
     from p2pvbd.swarm.peer_transport import join_swarm
 
-    home = _home(args)
+    home = home_of(args)
     if home.is_initialised():
-        _fail(f"{home.path} is already initialised as host {home.load_config().name!r}")
+        fail(f"{home.path} is already initialised as host {home.load_config().name!r}")
     try:
         invite = invites.parse_invite(args.token)
         home.check_new(args.name, listen=args.listen, nbd_tcp=args.nbd_tcp or "")
         identity = trio.run(partial(join_swarm, home.path, args.token, args.name))
     except trust.TrustError as e:
-        _fail(str(e))
+        fail(str(e))
     cfg = home.init(args.name, listen=args.listen, nbd_tcp=args.nbd_tcp or "", bootstrap=invite.addresses)
     print(f"host {identity.name} joined the swarm (CA {identity.ca_fingerprint[:16]}…) in {home.path}; "
           f"peers reach it on {cfg.listen}")
@@ -112,17 +91,17 @@ def cmd_join(args: argparse.Namespace) -> None:
 
 
 def cmd_invite(args: argparse.Namespace) -> None:
-    res = _ask(args, "invite", ttl=args.ttl)
+    res = ask(args, "invite", ttl=args.ttl)
     if args.json:
-        _print_json(res)
+        print_json(res)
     else:
         print(res["token"])
 
 
 def cmd_revoke(args: argparse.Namespace) -> None:
-    res = _ask(args, "revoke", host=args.host)
+    res = ask(args, "revoke", host=args.host)
     if args.json:
-        _print_json(res)
+        print_json(res)
         return
     told = ", ".join(res["told"]) or "no host reachable now"
     print(f"revoked: {', '.join(res['revoked'])} (list {res['serial']}); told {told}; the index carries it "
@@ -130,9 +109,9 @@ def cmd_revoke(args: argparse.Namespace) -> None:
 
 
 def cmd_peers(args: argparse.Namespace) -> None:
-    peers = _ask(args, "peers")
+    peers = ask(args, "peers")
     if args.json:
-        _print_json(peers)
+        print_json(peers)
         return
     from rich.table import Table
 
@@ -147,15 +126,7 @@ def cmd_peers(args: argparse.Namespace) -> None:
         if p.get("reach") == "nat":
             where += f" (behind NAT, seen as {', '.join(p['seen_as'])})"
         table.add_row(p["name"], where, seen, reach, rate)
-    _console().print(table)
-
-
-def _console() -> Any:
-    """Rich's console; when the output is not a terminal, wide enough that no table is cut (rich would
-    assume 80 columns)."""
-    from rich.console import Console
-
-    return Console() if sys.stdout.isatty() else Console(width=PIPED_WIDTH)
+    console().print(table)
 
 
 def cmd_daemon(args: argparse.Namespace) -> None:
@@ -167,22 +138,22 @@ def cmd_daemon(args: argparse.Namespace) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         filename=args.log_file)
     try:
-        run_daemon(_home(args))
+        run_daemon(home_of(args))
     except (FailpointError, TrustError) as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 def cmd_nbd_client_cert(args: argparse.Namespace) -> None:
     from p2pvbd.nbd import tls as nbd_tls
     from p2pvbd.swarm.trust import TrustError
 
-    home = _home(args)
+    home = home_of(args)
     cfg = home.load_config()
     name = args.name or nbd_tls.DEFAULT_CLIENT_NAME
     try:
         out = nbd_tls.write_client_credentials(home.path, cfg.name, Path(args.dir), name)
     except TrustError as e:
-        _fail(str(e))
+        fail(str(e))
     print(f"wrote NBD client credentials {name!r} to {out}: {nbd_tls.CA_CERT_FILE}, "
           f"{nbd_tls.CLIENT_CERT_FILE}, {nbd_tls.CLIENT_KEY_FILE} (keep the key private)")
     if not cfg.nbd_tcp:
@@ -198,31 +169,31 @@ def cmd_nbd_client_cert(args: argparse.Namespace) -> None:
 
 
 def cmd_stop(args: argparse.Namespace) -> None:
-    _ask(args, "shutdown")
-    home = _home(args)
+    ask(args, "shutdown")
+    home = home_of(args)
     if not wait_for_daemon_exit(home, STOP_WAIT_SECONDS):
-        _fail(f"the daemon of {home.path} did not stop within {STOP_WAIT_SECONDS:.0f} s")
+        fail(f"the daemon of {home.path} did not stop within {STOP_WAIT_SECONDS:.0f} s")
     print("daemon stopped")
 
 
 def cmd_disk_create(args: argparse.Namespace) -> None:
-    info = _ask(args, "disk_create", name=args.disk, size=args.size, block_size=args.block_size)
+    info = ask(args, "disk_create", name=args.disk, size=args.size, block_size=args.block_size)
     print(f"created disk {info['name']}: {format_size(info['size'])}, blocks of {format_size(info['block_size'])}")
 
 
 def cmd_disk_import(args: argparse.Namespace) -> None:
     path = Path(args.file).absolute()
     if not path.is_file():
-        _fail(f"{args.file} is not a file")
-    info = _ask(args, "disk_import", name=args.disk, path=str(path), block_size=args.block_size)
+        fail(f"{args.file} is not a file")
+    info = ask(args, "disk_import", name=args.disk, path=str(path), block_size=args.block_size)
     print(f"imported {args.file} as disk {info['name']}: {format_size(info['size'])}, "
           f"{format_size(info['bytes_written'])} of data")
 
 
 def cmd_disk_list(args: argparse.Namespace) -> None:
-    disks = _ask(args, "disk_list")
+    disks = ask(args, "disk_list")
     if args.json:
-        _print_json(disks)
+        print_json(disks)
         return
     from rich.table import Table
 
@@ -230,26 +201,26 @@ def cmd_disk_list(args: argparse.Namespace) -> None:
     for d in disks:
         table.add_row(d["name"], format_size(d["size"]), format_size(d["block_size"]), d["owner"],
                       str(d["epoch"]), d["mode"])
-    _console().print(table)
+    console().print(table)
 
 
 def cmd_disk_claim(args: argparse.Namespace) -> None:
-    res = _ask(args, "disk_claim", disk=args.disk)
+    res = ask(args, "disk_claim", disk=args.disk)
     if args.json:
-        _print_json(res)
+        print_json(res)
         return
     print(f"{res['owner']} owns {res['disk']} now (epoch {res['epoch']}), from its replica: "
           f"{res['held_blocks']} of {res['total_blocks']} blocks held")
 
 
 def cmd_nbd_uri(args: argparse.Namespace) -> None:
-    print(_ask(args, "nbd_uri", disk=args.disk))
+    print(ask(args, "nbd_uri", disk=args.disk))
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    status = _ask(args, "status", disk=args.disk)
+    status = ask(args, "status", disk=args.disk)
     if args.json:
-        _print_json(status)
+        print_json(status)
         return
     from rich.table import Table
 
@@ -270,17 +241,17 @@ def cmd_status(args: argparse.Namespace) -> None:
                          f"mirror lag {m['mirror_lag_blocks']} blocks")
         if d.get("replicate") and (rate := d["replicate"]["rate"]) > 0:
             notes.append(f"{d['name']}: owner upload for warm replicas at most {format_size(rate)}/s")
-    _console().print(table)
+    console().print(table)
     for note in notes:
         print(note)
 
 
 def cmd_sync(args: argparse.Namespace) -> None:
     sources = [h for h in (args.sources or "").split(",") if h] or None
-    job = _ask(args, "sync", disk=args.disk, sources=sources)["job"]
+    job = ask(args, "sync", disk=args.disk, sources=sources)["job"]
     res = _follow_job(args, job, f"sync {args.disk}", quiet=args.json)
     if args.json:
-        _print_json({k: res[k] for k in ("disk", "bytes_from", "blocks_fetched", "bytes_on_wire", "map_bytes",
+        print_json({k: res[k] for k in ("disk", "bytes_from", "blocks_fetched", "bytes_on_wire", "map_bytes",
                                          "duration_s", "zero_blocks", "local_copies", "peers", "error")})
     elif not res["error"]:
         print(f"{args.disk}: {res['blocks_fetched']} blocks fetched ({format_size(res['bytes_on_wire'])} on the "
@@ -290,11 +261,11 @@ def cmd_sync(args: argparse.Namespace) -> None:
             if p["dropped"] or p["bad_blocks"]:
                 print(f"  {host}: {p['bad_blocks']} bad block(s){', dropped: ' + p['error'] if p['dropped'] else ''}")
     if res["error"]:
-        _fail(res["error"])
+        fail(res["error"])
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
-    reply = _ask(args, "migrate", to=args.to, disks=args.disks or None, mode=args.mode,
+    reply = ask(args, "migrate", to=args.to, disks=args.disks or None, mode=args.mode,
                  max_downtime_ms=args.max_downtime)
     jobs = reply["jobs"]
     results = [_follow_job(args, job, f"migrate to {args.to}", quiet=args.json) for job in jobs]
@@ -307,7 +278,7 @@ def cmd_migrate(args: argparse.Namespace) -> None:
             "bytes_on_wire", "map_bytes", "bytes_from", "epoch", "throttled", "error")
     if args.json:
         summary = [{k: r[k] for k in keys} for r in results]
-        _print_json(summary[0] if len(summary) == 1 else summary)
+        print_json(summary[0] if len(summary) == 1 else summary)
     for r in results:
         if r["error"]:
             print(f"p2pvbd: error: {r['disk']}: {r['error']}", file=sys.stderr)
@@ -323,10 +294,10 @@ def cmd_replicate(args: argparse.Namespace) -> None:
     on = [h for h in (args.on or "").split(",") if h]
     off = [h for h in (args.off or "").split(",") if h]
     if not on and not off and args.rate is None:
-        _fail("say which hosts: --on HOST[,HOST…] or --off HOST[,HOST…]")
-    policy = _ask(args, "replicate", disk=args.disk, on=on, off=off, rate=args.rate)
+        fail("say which hosts: --on HOST[,HOST…] or --off HOST[,HOST…]")
+    policy = ask(args, "replicate", disk=args.disk, on=on, off=off, rate=args.rate)
     if args.json:
-        _print_json(policy)
+        print_json(policy)
         return
     limit = "unlimited" if policy["rate"] < 0 else f"{format_size(policy['rate'])}/s"
     hosts = ", ".join(policy["hosts"]) or "no host"
@@ -334,9 +305,9 @@ def cmd_replicate(args: argparse.Namespace) -> None:
 
 
 def cmd_jobs(args: argparse.Namespace) -> None:
-    jobs = _ask(args, "jobs")
+    jobs = ask(args, "jobs")
     if args.json:
-        _print_json(jobs)
+        print_json(jobs)
         return
     from rich.table import Table
 
@@ -345,7 +316,7 @@ def cmd_jobs(args: argparse.Namespace) -> None:
         share = f"{j['done_bytes'] / j['total_bytes']:.0%}" if j["total_bytes"] else "-"
         table.add_row(str(j["job"]), j["disk"], j["phase"], share, format_size(j["bytes_on_wire"]),
                       f"{j['duration_s']:.1f} s", j["error"])
-    _console().print(table)
+    console().print(table)
 
 
 def _follow_job(args: argparse.Namespace, job: int, title: str, quiet: bool) -> dict[str, Any]:
@@ -359,7 +330,7 @@ def _follow_job(args: argparse.Namespace, job: int, title: str, quiet: bool) -> 
     with Progress(*columns, disable=quiet or not sys.stderr.isatty(), console=None, transient=True) as bar:
         task = bar.add_task(title, total=None, peers="")
         while True:
-            res = _ask(args, "job", job=job)
+            res = ask(args, "job", job=job)
             rates = ", ".join(f"{h} {format_size(p['rate'])}/s" for h, p in sorted(res["peers"].items()))
             description = f"{title} ({res['phase']})" if "phase" in res else title
             if res.get("mirror_lag_blocks"):
@@ -372,9 +343,9 @@ def _follow_job(args: argparse.Namespace, job: int, title: str, quiet: bool) -> 
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
-    res = _ask(args, "verify", disk=args.disk)
+    res = ask(args, "verify", disk=args.disk)
     if args.json:
-        _print_json(res)
+        print_json(res)
     elif res["ok"]:
         print(f"{res['disk']}: all {res['blocks']} blocks match their hashes")
     else:
@@ -385,12 +356,12 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
 
 def cmd_attach(args: argparse.Namespace) -> None:
-    _ask(args, "nbd_uri", disk=args.disk)  # fails clearly unless the daemon serves this export
-    print(attach(_home(args), args.disk, args.device))
+    ask(args, "nbd_uri", disk=args.disk)  # fails clearly unless the daemon serves this export
+    print(attach(home_of(args), args.disk, args.device))
 
 
 def cmd_detach(args: argparse.Namespace) -> None:
-    print(f"detached {detach(_home(args), args.disk)}")
+    print(f"detached {detach(home_of(args), args.disk)}")
 
 
 # ---- parser ----------------------------------------------------------------------------------------
@@ -501,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except (ControlError, HomeError, AttachError) as e:
-        _fail(str(e))
+        fail(str(e))
     except KeyboardInterrupt:
         raise SystemExit(130) from None
 

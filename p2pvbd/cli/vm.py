@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pvbd.base.units import format_size
-from p2pvbd.cli import app as cli
+from p2pvbd.cli.common import ask, console, fail, print_json
 
 # `vm console` looks for new serial output this often: a person reading a console sees no lag.
 CONSOLE_POLL_SECONDS = 0.2
@@ -18,28 +18,28 @@ CONSOLE_POLL_SECONDS = 0.2
 def cmd_vm_create(args: argparse.Namespace) -> None:
     kernel = str(Path(args.kernel).absolute()) if args.kernel else ""
     initrd = str(Path(args.initrd).absolute()) if args.initrd else ""
-    info = cli._ask(args, "vm_create", name=args.vm, disks=args.disk, memory=args.memory, cpus=args.cpus,
+    info = ask(args, "vm_create", name=args.vm, disks=args.disk, memory=args.memory, cpus=args.cpus,
                     accel=args.accel, kernel=kernel, initrd=initrd, append=args.append or "",
                     qemu_args=args.qemu_arg or [])
     if args.json:
-        cli._print_json(info)
+        print_json(info)
         return
     print(f"defined VM {info['name']}: disks {', '.join(info['disks'])}, {format_size(info['memory'])} of memory, "
           f"{info['cpus']} CPU(s); start it with 'p2pvbd vm start {info['name']}'")
 
 
 def cmd_vm_start(args: argparse.Namespace) -> None:
-    info = cli._ask(args, "vm_start", name=args.vm)
+    info = ask(args, "vm_start", name=args.vm)
     if args.json:
-        cli._print_json(info)
+        print_json(info)
         return
     print(f"VM {info['name']} {info['state']} on {info['host']} ({info['accel']}); serial log: {info['serial']}")
 
 
 def cmd_vm_approve(args: argparse.Namespace) -> None:
-    info = cli._ask(args, "vm_approve", name=args.vm)
+    info = ask(args, "vm_approve", name=args.vm)
     if args.json:
-        cli._print_json(info)
+        print_json(info)
         return
     parts = {k: v for k, v in info["host_parts"].items() if v}
     shown = "; ".join(f"{k}: {' '.join(v) if isinstance(v, list) else v}" for k, v in parts.items())
@@ -47,17 +47,17 @@ def cmd_vm_approve(args: argparse.Namespace) -> None:
 
 
 def cmd_vm_stop(args: argparse.Namespace) -> None:
-    info = cli._ask(args, "vm_stop", name=args.vm, timeout=args.timeout)
+    info = ask(args, "vm_stop", name=args.vm, timeout=args.timeout)
     if args.json:
-        cli._print_json(info)
+        print_json(info)
         return
     print(f"VM {info['name']} stopped")
 
 
 def cmd_vm_list(args: argparse.Namespace) -> None:
-    vms = cli._ask(args, "vm_list")
+    vms = ask(args, "vm_list")
     if args.json:
-        cli._print_json(vms)
+        print_json(vms)
         return
     from rich.table import Table
 
@@ -65,17 +65,17 @@ def cmd_vm_list(args: argparse.Namespace) -> None:
     for v in vms:
         table.add_row(v["name"], v["host"] or "-", v["state"], ", ".join(v["disks"]), format_size(v["memory"]),
                       v["serial"])
-    cli._console().print(table)
+    console().print(table)
 
 
 def cmd_vm_console(args: argparse.Namespace) -> None:
     """Print the VM's serial log and follow it, as `tail -f` would, until interrupted."""
-    vm = next((v for v in cli._ask(args, "vm_list") if v["name"] == args.vm), None)
+    vm = next((v for v in ask(args, "vm_list") if v["name"] == args.vm), None)
     if vm is None:
-        cli._fail(f"no VM named {args.vm!r} (see 'p2pvbd vm list')")
+        fail(f"no VM named {args.vm!r} (see 'p2pvbd vm list')")
     path = Path(vm["serial"])
     if not path.exists():
-        cli._fail(f"VM {args.vm} has not run on this host: no serial log at {path}"
+        fail(f"VM {args.vm} has not run on this host: no serial log at {path}"
                   + (f" (it runs on {vm['host']})" if vm["host"] else ""))
     try:
         with open(path, "rb") as f:
@@ -97,7 +97,7 @@ def print_vm_move(args: argparse.Namespace, r: dict[str, Any]) -> None:
     disk_keys = ("disk", "from", "to", "mode", "duration_s", "downtime_ms", "switchover_ms", "bytes_on_wire",
                  "bytes_from", "epoch", "error")
     if args.json:
-        cli._print_json({"vm": r["vm"], "from": r["from"], "to": r["to"], "mode": r["mode"],
+        print_json({"vm": r["vm"], "from": r["from"], "to": r["to"], "mode": r["mode"],
                          "duration_s": r["duration_s"], "vm_downtime_ms": r["vm_downtime_ms"],
                          "disk_switchover_ms": r["disk_switchover_ms"], "ram_bytes": r["ram_bytes"],
                          "ram_wire_bytes": r["ram_wire_bytes"],

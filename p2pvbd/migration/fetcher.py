@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -104,9 +105,11 @@ class Fetcher:
 
     def __init__(self, swarm: Swarm, store: ReplicaStore, owner_name: str, owner: BlockEntries, target: BlockEntries,
                  peer_versions: dict[str, npt.NDArray[np.uint64]], progress: SyncProgress, background: bool = False,
-                 dedup: VersionMap | None = None) -> None:
+                 dedup: VersionMap | None = None, rates: Mapping[str, float] | None = None) -> None:
         self.swarm, self.store, self.owner_map, self.target, self.progress = swarm, store, owner, target, progress
         self.owner = owner_name
+        # What each peer delivered in earlier pulls, over its current path: the plan starts from it.
+        self.rates = rates or {}
         self._failures: dict[str, int] = {}
         self.background = background
         self.peer_versions = peer_versions
@@ -116,7 +119,7 @@ class Fetcher:
         self._inflight: dict[FetchRequest, trio.CancelScope] = {}
 
     async def run(self) -> None:
-        rates = self.swarm.pulls.rates  # what each peer delivered last time, over its current path
+        rates = self.rates
         infos = [PeerInfo(name, v, rates.get(name, INITIAL_RATE), INFLIGHT_PER_PEER)
                  for name, v in self.peer_versions.items()]
         request_bytes = request_bytes_for(self.owner_map.block_size)

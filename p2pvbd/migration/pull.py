@@ -87,8 +87,8 @@ class PullState:
         self.synced.pop(disk, None)
 
 
-async def sync_disk(swarm: Swarm, disk: str, progress: SyncProgress, sources: list[str] | None = None,
-                    background: bool = False) -> None:
+async def sync_disk(swarm: Swarm, pulls: PullState, disk: str, progress: SyncProgress,
+                    sources: list[str] | None = None, background: bool = False) -> None:
     """Make this host's replica of ``disk`` equal to the owner's current versions.
 
     Creates the replica (a standby export) when this host has none. ``sources`` limits the peers
@@ -96,12 +96,13 @@ async def sync_disk(swarm: Swarm, disk: str, progress: SyncProgress, sources: li
     ``background`` sync (a replication policy's) is paced by the owner to the policy's rate and, when
     it continues an earlier pull, asks nothing of the index: the owner's answer says if it moved on.
     """
-    async with swarm.pulls.lock(disk):
-        await _sync(swarm, disk, progress, sources, background)
+    async with pulls.lock(disk):
+        await _sync(swarm, pulls, disk, progress, sources, background)
 
 
-async def _sync(swarm: Swarm, disk: str, progress: SyncProgress, sources: list[str] | None, background: bool) -> None:
-    last = swarm.pulls.synced.get(disk)
+async def _sync(swarm: Swarm, pulls: PullState, disk: str, progress: SyncProgress, sources: list[str] | None,
+                background: bool) -> None:
+    last = pulls.synced.get(disk)
     exp = swarm.ctl.get(disk)
     if background and last is not None and exp is not None:
         owner, epoch = last.owner, last.epoch
@@ -126,7 +127,7 @@ async def _sync(swarm: Swarm, disk: str, progress: SyncProgress, sources: list[s
     summary, target, wanted = await _differing(swarm, store, disk, owner_map, last)
     progress.map_bytes += owner_map.received
     if summary.owner != owner:
-        swarm.pulls.forget(disk)
+        pulls.forget(disk)
         raise SyncError(f"{owner} no longer owns {disk} (it says {summary.owner or 'nobody'}); the next sync "
                         "asks the index")
     if len(wanted):
@@ -134,12 +135,13 @@ async def _sync(swarm: Swarm, disk: str, progress: SyncProgress, sources: list[s
         peer_versions = await _peer_versions(swarm, disk, owner, wanted, candidates, progress)
         dedup = store.live_map() if len(wanted) >= store.n_blocks * DEDUP_MIN_FRACTION else None
         pulling = time.monotonic()
-        await Fetcher(swarm, store, owner, wanted, target, peer_versions, progress, background, dedup).run()
-        swarm.pulls.measured(progress, time.monotonic() - pulling)
+        await Fetcher(swarm, store, owner, wanted, target, peer_versions, progress, background, dedup,
+                      rates=pulls.rates).run()
+        pulls.measured(progress, time.monotonic() - pulling)
         await trio.to_thread.run_sync(store.flush)  # reported done only once durable
         swarm.request_publish()
     progress.phase = "done"
-    swarm.pulls.synced[disk] = Synced(owner, max(epoch, summary.epoch), summary.boot, summary.generation)
+    pulls.synced[disk] = Synced(owner, max(epoch, summary.epoch), summary.boot, summary.generation)
 
 
 async def _proven_owner(swarm: Swarm, disk: str, recorded: ReplicaStore | None, owner: str, epoch: int

@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from p2pvbd.base.files import atomic_write, read_json_file
+from p2pvbd.base.pacing import TokenBucket
 from p2pvbd.migration.fetcher import SyncError, SyncProgress
-from p2pvbd.migration.pull import sync_disk
-from p2pvbd.store.store_files import atomic_write, read_json_file
+from p2pvbd.migration.pull import PullState, sync_disk
 from p2pvbd.swarm.peer_transport import PeerError
 from p2pvbd.wire.dht_records import FirstSeen
 from p2pvbd.wire.dht_schema import check_payload
@@ -40,8 +41,6 @@ POLICY_REFRESH = 5.0
 # How often this host republishes the policies it knows: well inside the records' 10-minute lifetime,
 # rare enough that an idle host spends next to nothing on it (a change is published at once).
 POLICY_REPUBLISH = 60.0
-# A token bucket holds at most this much time's worth of tokens: short bursts ride it, longer ones pace.
-BUCKET_SECONDS = 0.25
 
 
 @dataclass(frozen=True)
@@ -64,30 +63,11 @@ class Policy:
         return cls(str(p["disk"]), tuple(hosts), math.inf if rate < 0 else rate, float(p["set_at"]))
 
 
-class TokenBucket:
-    """Paces bytes to ``rate``/s: ``take(n)`` sleeps as long as the debt needs."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self._tokens = rate * BUCKET_SECONDS
-        self._stamp = trio.current_time()
-
-    async def take(self, n: int) -> None:
-        if math.isinf(self.rate):
-            return
-        now = trio.current_time()
-        self._tokens = min(self.rate * BUCKET_SECONDS, self._tokens + (now - self._stamp) * self.rate)
-        self._stamp = now
-        self._tokens -= n
-        if self._tokens < 0:
-            await trio.sleep(-self._tokens / self.rate)
-
-
 class Replication:
     """The policy book of one host and the background pulls it owes."""
 
-    def __init__(self, swarm: Swarm, home: Path) -> None:
-        self.swarm = swarm
+    def __init__(self, swarm: Swarm, home: Path, pulls: PullState) -> None:
+        self.swarm, self.pulls = swarm, pulls
         self.path = home / POLICY_FILE
         self.policies: dict[str, Policy] = self._load()
         self.buckets: dict[str, TokenBucket] = {}
@@ -163,6 +143,15 @@ class Replication:
                 except (ValueError, KeyError, TypeError):
                     log.info("ignoring a malformed policy record from %s", rec.publisher)
 
+    async def pace(self, disk: str, nbytes: int) -> None:
+        """Hold a background reply of ``nbytes`` of ``disk`` as long as its policy's rate needs."""
+        await self.bucket(disk).take(nbytes)
+
+    def policy_payload(self, disk: str) -> dict[str, Any] | None:
+        """The policy of ``disk`` as ``status`` shows it, or None when no host is named."""
+        policy = self.policies.get(disk)
+        return policy.as_payload() if policy and policy.hosts else None
+
     def bucket(self, disk: str) -> TokenBucket:
         """The owner's pacing of background pulls of ``disk`` (one bucket shared by every puller)."""
         policy = self.policies.get(disk)
@@ -200,12 +189,12 @@ class Replication:
         local = self.swarm.ctl.get(policy.disk)
         if local is not None and local.store.owner == self.swarm.name:
             return  # the owner keeps nothing warm: it is the reference
-        if policy.disk not in self.swarm.pulls.synced:
+        if policy.disk not in self.pulls.synced:
             owner, _ = await self.swarm.owner_of(policy.disk)
             if not owner or owner == self.swarm.name:
                 return
         progress = SyncProgress(policy.disk)
         try:
-            await sync_disk(self.swarm, policy.disk, progress, background=True)
+            await sync_disk(self.swarm, self.pulls, policy.disk, progress, background=True)
         except (SyncError, PeerError, OSError, ValueError) as e:
             log.info("keeping %s warm failed for now: %s", policy.disk, getattr(e, "message", e))

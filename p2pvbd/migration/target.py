@@ -23,7 +23,7 @@ from p2pvbd.kernel_hook_ctl import Export, ExportMode, HookError
 from p2pvbd.migrate import PeerForwarder, hand_over, pending_path, read_pending, record_hand_over
 from p2pvbd.migration import failpoints
 from p2pvbd.migration.fetcher import SyncError, SyncProgress
-from p2pvbd.migration.pull import sync_disk
+from p2pvbd.migration.pull import PullState, sync_disk
 from p2pvbd.replica_store import HashMismatch, ReplicaStore, StaleVersion
 from p2pvbd.store.map_tree import same_root
 from p2pvbd.store.version_map import block_hash
@@ -74,8 +74,8 @@ class Incoming:
 class MigrationTarget:
     """Peer ops of the destination; registered with the swarm's peer server."""
 
-    def __init__(self, swarm: Swarm) -> None:
-        self.swarm = swarm
+    def __init__(self, swarm: Swarm, pulls: PullState) -> None:
+        self.swarm, self.pulls = swarm, pulls
         self.incoming: dict[str, Incoming] = {}
         self.jobs: dict[int, SyncProgress] = {}
         self._nursery: trio.Nursery | None = None
@@ -192,7 +192,7 @@ class MigrationTarget:
 
 
         try:
-            await sync_disk(self.swarm, disk, progress)
+            await sync_disk(self.swarm, self.pulls, disk, progress)
         except (SyncError, PeerError, OSError, ValueError) as e:
             progress.error = getattr(e, "message", None) or str(e)
         finally:

@@ -31,8 +31,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from p2pvbd.base.files import atomic_write
 from p2pvbd.base.home import PRIVATE_DIR_MODE, check_name
-from p2pvbd.swarm.trust import CLOCK_SKEW, HOST_CERT_VALIDITY, TrustError, atomic_write_file, self_signed_ca
+from p2pvbd.swarm.trust import CLOCK_SKEW, HOST_CERT_VALIDITY, TrustError, self_signed_ca
 
 NBD_TLS_DIR = "nbd-tls"
 LOCK_FILE = ".lock"
@@ -111,8 +112,8 @@ def load_or_create_ca(home: Path, host_name: str, *, now: float | None = None) -
         key_path, cert_path = d / CA_KEY_FILE, d / CA_CERT_FILE
         if not key_path.exists():
             ca = _new_ca(host_name, time.time() if now is None else now)
-            atomic_write_file(cert_path, ca.pem, PUBLIC_FILE_MODE)
-            atomic_write_file(key_path, _key_pem(ca.key), KEY_FILE_MODE)  # last: its presence marks the CA whole
+            atomic_write(cert_path, ca.pem, PUBLIC_FILE_MODE)
+            atomic_write(key_path, _key_pem(ca.key), KEY_FILE_MODE)  # last: its presence marks the CA whole
             return ca
         try:
             key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
@@ -188,8 +189,8 @@ def issue_server_cert(home: Path, host_name: str, listen_host: str, *, now: floa
     cert = _leaf(ca, key, host_name, ExtendedKeyUsageOID.SERVER_AUTH, server_names(listen_host),
                  SERVER_CERT_VALIDITY, now)
     with _locked(d):
-        atomic_write_file(d / SERVER_KEY_FILE, _key_pem(key), KEY_FILE_MODE)
-        atomic_write_file(d / SERVER_CERT_FILE, _cert_pem(cert), PUBLIC_FILE_MODE)
+        atomic_write(d / SERVER_KEY_FILE, _key_pem(key), KEY_FILE_MODE)
+        atomic_write(d / SERVER_CERT_FILE, _cert_pem(cert), PUBLIC_FILE_MODE)
     return d / SERVER_CERT_FILE, d / SERVER_KEY_FILE
 
 
@@ -225,9 +226,9 @@ def write_client_credentials(home: Path, host_name: str, out: Path, client_name:
     cert = _leaf(ca, key, client_name, ExtendedKeyUsageOID.CLIENT_AUTH, [], CLIENT_CERT_VALIDITY, now)
     try:
         out.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
-        atomic_write_file(out / CLIENT_KEY_FILE, _key_pem(key), KEY_FILE_MODE)
-        atomic_write_file(out / CLIENT_CERT_FILE, _cert_pem(cert), PUBLIC_FILE_MODE)
-        atomic_write_file(out / CA_CERT_FILE, ca.pem, PUBLIC_FILE_MODE)
+        atomic_write(out / CLIENT_KEY_FILE, _key_pem(key), KEY_FILE_MODE)
+        atomic_write(out / CLIENT_CERT_FILE, _cert_pem(cert), PUBLIC_FILE_MODE)
+        atomic_write(out / CA_CERT_FILE, ca.pem, PUBLIC_FILE_MODE)
     except OSError as e:
         raise TrustError(f"cannot write client credentials to {out}: {e.strerror or e}") from e
     return out

@@ -12,7 +12,6 @@ import contextlib
 import ctypes
 import errno
 import json
-import logging
 import os
 import struct
 import zlib
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from p2pvbd.base.files import fsync_dir
 from p2pvbd.store.version_map import HASH_SIZE, blocks_for, check_block_size
 
 DATA_FILE, META_FILE, JOURNAL_FILE, STATE_FILE = "data.raw", "meta.bin", "journal.log", "state.bin"
@@ -100,44 +100,6 @@ def allocated_blocks(fd: int, size: int, block_size: int) -> npt.NDArray[np.bool
         off = min(os.lseek(fd, start, os.SEEK_HOLE), size)
         mask[start // block_size:-(-off // block_size)] = True
     return mask
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Temp file, fsync, rename, fsync the directory: a crash leaves the old or the new file whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        pwrite_all(fd, data, 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def read_json_file(path: Path, kind: type, log: logging.Logger) -> Any:
-    """A small state file written by :func:`atomic_write`, or None when missing, unreadable or not a
-    ``kind``: such a file only ever holds what can be learned again, so it is logged and ignored."""
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (ValueError, OSError) as e:
-        log.warning("ignoring unreadable %s: %s", path, e)
-        return None
-    if not isinstance(raw, kind):
-        log.warning("ignoring %s: not a JSON %s", path, "object" if kind is dict else "list")
-        return None
-    return raw
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make renames, creations and deletions in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rotated_journals(directory: Path) -> list[tuple[int, Path]]:

@@ -17,7 +17,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -27,7 +27,21 @@ from p2pvbd.swarm.deeds import DeedError
 from p2pvbd.swarm.peer_transport import PeerError
 
 if TYPE_CHECKING:
-    from p2pvbd.swarm.node import Swarm
+    from p2pvbd.kernel_hook_ctl import HookController
+    from p2pvbd.swarm.ops import IncomingMigrations, OutgoingMigration
+    from p2pvbd.swarm.ownership import Ownership
+
+
+class RuleHost(Protocol):
+    """What the rules here read of the node: who this host is, its disks, who owns them, migrations."""
+
+    name: str
+    ctl: HookController
+    ownership: Ownership
+    migration_target: IncomingMigrations
+    migrations: Mapping[str, OutgoingMigration]
+
+    async def map_of(self, host: str, disk: str) -> maps.MapSource: ...
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +55,8 @@ SUMMARY_TIMEOUT = 5.0
 
 Handler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 # A rule answers None to let the caller in, else why not (the refusal's message).
-Rule = Callable[["Swarm", str, dict[str, Any]], Awaitable[str | None]]
+# Its first argument is the node (swarm/node.Swarm); the rules here need only a RuleHost of it.
+Rule = Callable[[Any, str, dict[str, Any]], Awaitable[str | None]]
 
 
 @dataclass(frozen=True)
@@ -54,12 +69,12 @@ class PeerOp:
 
 
 # ---- rules ------------------------------------------------------------------------------------------------
-async def member(swarm: Swarm, peer: str, body: dict[str, Any]) -> str | None:
+async def member(swarm: RuleHost, peer: str, body: dict[str, Any]) -> str | None:
     """Any member: its certificate from the swarm's CA was checked in the TLS handshake (map and block reads)."""
     return None
 
 
-async def current_owner(swarm: Swarm, peer: str, body: dict[str, Any]) -> str | None:
+async def current_owner(swarm: RuleHost, peer: str, body: dict[str, Any]) -> str | None:
     """migrate_prepare: the disk's current owner at the body's epoch, proven by its chain of deeds
     (``body["deeds"]``, deeds.py) and pinned by the chain this host holds if it has a replica. A host that
     owns the disk refuses: its own disk never becomes another host's incoming replica."""
@@ -80,7 +95,7 @@ async def current_owner(swarm: Swarm, peer: str, body: dict[str, Any]) -> str | 
     return None
 
 
-async def migration_source(swarm: Swarm, peer: str, body: dict[str, Any]) -> str | None:
+async def migration_source(swarm: RuleHost, peer: str, body: dict[str, Any]) -> str | None:
     """put_blocks, migrate_pull, migrate_job, migrate_commit, migrate_abort: the host that prepared the
     incoming migration of the disk here (itself confirmed as the owner by ``current_owner``)."""
     disk = body["disk"]
@@ -93,7 +108,7 @@ async def migration_source(swarm: Swarm, peer: str, body: dict[str, Any]) -> str
             + (f"({inc.source} is)" if inc is not None else "(none is under way)"))
 
 
-async def migration_party(swarm: Swarm, peer: str, body: dict[str, Any]) -> str | None:
+async def migration_party(swarm: RuleHost, peer: str, body: dict[str, Any]) -> str | None:
     """migrate_status: the source of the disk's migration here, also after this host committed (the host
     it records the disk came from) or restarted (the owner its replica records since the prepare). With no
     replica here there is nothing to guard: the answer is "not committed"."""
@@ -109,7 +124,7 @@ async def migration_party(swarm: Swarm, peer: str, body: dict[str, Any]) -> str 
     return f"{peer} is not the source of a migration of {disk} here"
 
 
-async def handed_over(swarm: Swarm, peer: str, body: dict[str, Any]) -> str | None:
+async def handed_over(swarm: RuleHost, peer: str, body: dict[str, Any]) -> str | None:
     """guest_io: a host that handed the disk to this host (this host's durable record of it), whose open
     guest connections are forwarded here and relayed on along later hand-overs; the source of the incoming
     migration; and, for reads only, the destination of this host's own migration of the disk (an incoming
@@ -137,7 +152,7 @@ def _bad_disk(disk: str) -> str | None:
     return None if NAME_RE.fullmatch(disk) else "not a disk name"
 
 
-async def caller_summary(swarm: Swarm, host: str, disk: str) -> maps.MapSummary:
+async def caller_summary(swarm: RuleHost, host: str, disk: str) -> maps.MapSummary:
     """``host``'s own map summary of ``disk`` over this host's link to it (its certificate names it);
     PeerError when it cannot be had."""
     try:

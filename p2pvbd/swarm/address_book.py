@@ -12,8 +12,8 @@ import json
 import logging
 from pathlib import Path
 
+from p2pvbd.base.files import atomic_write, read_json_file
 from p2pvbd.base.home import NAME_RE, HomeError, parse_hostport
-from p2pvbd.store.store_files import atomic_write, read_json_file
 
 log = logging.getLogger(__name__)
 

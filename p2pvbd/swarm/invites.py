@@ -32,11 +32,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
 
+from p2pvbd.base.files import atomic_write
 from p2pvbd.swarm.trust import (
     SWARM_SECRET_BYTES,
     HostIdentity,
     TrustError,
-    atomic_write_file,
     binding_for,
     cert_fingerprint,
     cert_to_pem,
@@ -178,7 +178,7 @@ def _invites_locked(home: Path) -> Iterator[dict[str, InviteRecord]]:
         yield records
         if {k: asdict(v) for k, v in records.items()} != before:
             data = json.dumps([asdict(r) for r in records.values()], indent=1).encode()
-            atomic_write_file(path, data, 0o600)
+            atomic_write(path, data, 0o600)
     finally:
         os.close(fd)  # closing releases the flock
 

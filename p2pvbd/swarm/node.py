@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 import zstandard
@@ -26,13 +26,13 @@ import zstandard
 from p2pvbd import dht
 from p2pvbd.base.home import Config, Home, HomeError, parse_hostport
 from p2pvbd.kernel_hook_ctl import HookController
-from p2pvbd.migration.pull import PullState
 from p2pvbd.replica_store import ReplicaStore
 from p2pvbd.store.map_tree import STALE_ROOT
 from p2pvbd.swarm import access, invites, maps, trust
 from p2pvbd.swarm.access import PeerOp
 from p2pvbd.swarm.address_book import PEERS_FILE, AddressBook
 from p2pvbd.swarm.deeds import DeedChecker
+from p2pvbd.swarm.ops import IncomingMigrations, OutgoingMigration, ServiceHooks
 from p2pvbd.swarm.ownership import Ownership
 from p2pvbd.swarm.peer_transport import (
     JOIN_CONNECTION_SECONDS,
@@ -67,10 +67,6 @@ from p2pvbd.wire.peer_wire import (
     pack_block,
 )
 from p2pvbd.wire.revocation import REVOKED_KEY, Revocations
-
-if TYPE_CHECKING:
-    from p2pvbd.migration.replication import Replication
-    from p2pvbd.migration.target import MigrationTarget
 
 log = logging.getLogger(__name__)
 
@@ -187,11 +183,10 @@ class Swarm:
         self._coverage_cache: OrderedDict[tuple[str, str, bytes, bytes], int] = OrderedDict()
         self._block_compressor = zstandard.ZstdCompressor(level=BLOCK_ZSTD_LEVEL)
         self.record_ttl = RECORD_TTL
-        self.pulls = PullState()  # what each replica's last pull reached; one pull of a disk at a time
-        # Services the daemon composes onto this node (daemon.attach_services): the node reads their state
-        # (pacing, policies, incoming migrations) and dispatches their peer ops, but builds none of them.
-        self.replication: Replication
-        self.migration_target: MigrationTarget
+        # What the services the daemon composes onto this node (daemon.attach_services) tell it: pacing,
+        # policies, pull rates (swarm/ops.py). The node dispatches their peer ops but imports none of them.
+        self.hooks = ServiceHooks()
+        self.migration_target: IncomingMigrations
         self.relays = Relays(self)
         self.puncher = Puncher(self)
         # Every op this host serves, with who may call it (swarm/access.py): checked before its handler runs.
@@ -207,7 +202,7 @@ class Swarm:
         self.peer_ops |= self.relays.ops() | self.puncher.ops()
         self.refusals = access.Refusals()
         # Migrations this host runs as their source, by disk: shown by `status` on every host.
-        self.migrations: dict[str, Any] = {}
+        self.migrations: dict[str, OutgoingMigration] = {}
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -696,7 +691,7 @@ class Swarm:
     async def _get_blocks(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
         reply, nbytes = self._serve_blocks(body["disk"], body["blocks"])
         if body.get("background") is True:  # a warm-replica pull: paced to the policy's rate
-            await self.replication.bucket(body["disk"]).take(nbytes)
+            await self.hooks.pace_background(body["disk"], nbytes)
         return reply
 
     def _store(self, disk: str) -> ReplicaStore:
@@ -828,10 +823,9 @@ class Swarm:
                           "total_blocks": total, "stale": True, "error": errors.get(host) or errors.get(owner, "")}
             entry["lag_blocks"] = entry["total_blocks"] - entry["current_blocks"]
             replicas.append(entry)
-        policy = self.replication.policies.get(disk)
         return {"name": disk, "size": any_summary.size if any_summary else 0,
                 "block_size": any_summary.block_size if any_summary else 0, "owner": owner, "epoch": epoch,
-                "replicas": replicas, "replicate": policy.as_payload() if policy and policy.hosts else None,
+                "replicas": replicas, "replicate": self.hooks.replication_policy(disk),
                 "migration": ref.extra.get("migration") if ref is not None else None}
 
     async def _current_blocks(self, disk: str, holder: maps.MapSource, mine: maps.MapSummary,
@@ -895,7 +889,7 @@ class Swarm:
                  "last_seen": i.last_seen or None,
                  "last_seen_ago_s": round(now - i.last_seen, 1) if i.last_seen else None,
                  "reach": i.reach, "seen_as": i.seen_as,
-                 "reachable": i.reachable, "path": i.path, "pull_rate": self.pulls.rates.get(i.name),
+                 "reachable": i.reachable, "path": i.path, "pull_rate": self.hooks.pull_rate(i.name),
                  "error": i.error}
                 for i in sorted(infos.values(), key=lambda i: i.name)]
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import msgpack
 import trio
 
-from p2pvbd.store.store_files import atomic_write
+from p2pvbd.base.files import atomic_write
 from p2pvbd.swarm import deeds
 from p2pvbd.swarm.deeds import Chain, DeedChecker, DeedError
 from p2pvbd.swarm.peer_transport import PeerError
@@ -28,7 +28,13 @@ from p2pvbd.swarm.trust import HostIdentity
 
 if TYPE_CHECKING:
     from p2pvbd.replica_store import ReplicaStore
-    from p2pvbd.swarm.node import Swarm
+    from p2pvbd.swarm.peer_transport import PeerConnection
+
+
+class Connects(Protocol):
+    """What proving ownership needs of the node: a link to a host."""
+
+    async def connect(self, peer: str, *, relay: bool = True) -> PeerConnection: ...
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +129,7 @@ class Ownership:
         return self.checker.check(links, disk, pin=pin.head.digest if pin is not None else None)
 
     # ---- proofs from other hosts ------------------------------------------------------------------
-    async def prove(self, swarm: Swarm, host: str, disk: str, store: ReplicaStore | None) -> Chain:
+    async def prove(self, swarm: Connects, host: str, disk: str, store: ReplicaStore | None) -> Chain:
         """``host``'s proof that it owns ``disk`` (at the epoch its chain ends at), checked against what this
         host holds; PeerError (``unproven``) if there is none."""
         try:

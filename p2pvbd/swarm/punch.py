@@ -26,7 +26,7 @@ import ipaddress
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -44,7 +44,26 @@ from p2pvbd.swarm.peer_transport import (
 from p2pvbd.wire.dht_records import format_hostport
 
 if TYPE_CHECKING:
-    from p2pvbd.swarm.node import Swarm
+    import ssl
+
+
+class PunchHost(Protocol):
+    """What hole punching needs of the node: who this host is, its links, and serving a punched link."""
+
+    name: str
+    identity: trust.HostIdentity
+    client_ssl: ssl.SSLContext
+
+    @property
+    def nursery(self) -> trio.Nursery | None: ...
+
+    async def direct_addresses(self, peer: str) -> list[str]: ...
+
+    def relayed_by(self, peer: str) -> str: ...
+
+    def adopt_link(self, peer: str, conn: PeerConnection) -> None: ...
+
+    async def handle_peer(self, peer: str, op: str, body: dict[str, Any]) -> dict[str, Any]: ...
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +127,7 @@ def public_address(text: object) -> tuple[str, int]:
 class Puncher:
     """Upgrades this host's relayed links to punched ones, and answers the other end's punches."""
 
-    def __init__(self, swarm: Swarm) -> None:
+    def __init__(self, swarm: PunchHost) -> None:
         self.swarm = swarm
         self._failed: dict[str, float] = {}  # peer -> monotonic time of its last failed punch
         self._trying: set[str] = set()

@@ -24,19 +24,33 @@ import itertools
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
 from p2pvbd.base.home import NAME_RE, HomeError
+from p2pvbd.base.pacing import TokenBucket
 from p2pvbd.base.units import parse_size
-from p2pvbd.migration.replication import TokenBucket
 from p2pvbd.swarm.access import PeerOp, member
 from p2pvbd.swarm.peer_transport import PeerConnection, PeerError
 
 if TYPE_CHECKING:
-    from p2pvbd.swarm.node import Swarm
+    from p2pvbd.base.home import Config
+    from p2pvbd.swarm.revoked import RevocationBook
+
+
+class RelayHost(Protocol):
+    """What relaying needs of the node: its name and settings, links to hosts, and serving a relayed session."""
+
+    name: str
+    config: Config
+    revoked: RevocationBook
+
+    async def connect(self, peer: str, *, relay: bool = True) -> PeerConnection: ...
+
+    def serve_relayed(self, stream: Any, source: str, relay: str, on_end: Callable[[], object]) -> None: ...
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +190,7 @@ class _Pipe:
 class Relays:
     """This host as a relay for others, and as an end of relayed links."""
 
-    def __init__(self, swarm: Swarm) -> None:
+    def __init__(self, swarm: RelayHost) -> None:
         self.swarm = swarm
         self.pipes: dict[int, _Pipe] = {}
         self.ends: dict[tuple[str, int], RelayStream] = {}

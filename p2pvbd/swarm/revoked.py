@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from p2pvbd.store.store_files import atomic_write, read_json_file
+from p2pvbd.base.files import atomic_write, read_json_file
 from p2pvbd.wire.revocation import RevocationError, Revocations
 
 log = logging.getLogger(__name__)

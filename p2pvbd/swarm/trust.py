@@ -11,7 +11,6 @@ Everything here is pure (bytes, paths, clocks passed in); the sockets live in ``
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import logging
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from p2pvbd.base.files import atomic_write
 from p2pvbd.base.home import NAME_RE
 
 log = logging.getLogger(__name__)
@@ -121,20 +121,6 @@ def check_host_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise TrustError(f"invalid host name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
     return name
-
-
-def atomic_write_file(path: Path, data: bytes, mode: int) -> None:
-    """Write via a temp file created with its final mode, so a key is never briefly world-readable."""
-    tmp = path.with_name(path.name + ".tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def _key_pem(key: ed25519.Ed25519PrivateKey) -> bytes:
@@ -284,14 +270,14 @@ def save_identity(home: Path, *, key: ed25519.Ed25519PrivateKey, cert: x509.Cert
     tdir = trust_dir(home)
     tdir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(tdir, 0o700)
-    atomic_write_file(tdir / CA_CERT_FILE, cert_to_pem(ca_cert), 0o644)
+    atomic_write(tdir / CA_CERT_FILE, cert_to_pem(ca_cert), 0o644)
     if ca_key is not None:
-        atomic_write_file(tdir / CA_KEY_FILE, _key_pem(ca_key), 0o600)
-    atomic_write_file(tdir / SWARM_SECRET_FILE, swarm_secret, 0o600)
-    atomic_write_file(tdir / HOST_CERT_FILE, cert_to_pem(cert), 0o644)
-    atomic_write_file(tdir / HOST_BINDING_FILE, binding, 0o644)
+        atomic_write(tdir / CA_KEY_FILE, _key_pem(ca_key), 0o600)
+    atomic_write(tdir / SWARM_SECRET_FILE, swarm_secret, 0o600)
+    atomic_write(tdir / HOST_CERT_FILE, cert_to_pem(cert), 0o644)
+    atomic_write(tdir / HOST_BINDING_FILE, binding, 0o644)
     # The host key goes last: its presence is what marks the identity as complete (has_identity).
-    atomic_write_file(tdir / HOST_KEY_FILE, _key_pem(key), 0o600)
+    atomic_write(tdir / HOST_KEY_FILE, _key_pem(key), 0o600)
 
 
 def create_swarm(home: Path, host_name: str, *, now: float | None = None) -> HostIdentity:
@@ -337,7 +323,7 @@ def load_identity(home: Path) -> HostIdentity:
         raise TrustError(f"{tdir / HOST_CERT_FILE} does not match {tdir / HOST_KEY_FILE}")
     if ca_key is not None and not binding:  # a founder made before bindings existed binds itself
         binding = binding_for(ca_key, cert)
-        atomic_write_file(tdir / HOST_BINDING_FILE, binding, 0o644)
+        atomic_write(tdir / HOST_BINDING_FILE, binding, 0o644)
     if not key_binding_valid(ca_cert.public_key(), name, public_key_raw(key.public_key()),  # type: ignore[arg-type]
                              binding, time.time()):
         log.error("%s holds no valid binding of this host's name to its key: the swarm ignores its index "

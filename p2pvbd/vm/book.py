@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from p2pvbd.base.files import atomic_write, read_json_file
 from p2pvbd.migration.replication import POLICY_REFRESH, POLICY_REPUBLISH
-from p2pvbd.store.store_files import atomic_write, read_json_file
-from p2pvbd.vm.definition import DefinitionError, VmDefinition
+from p2pvbd.wire.vm_definition import DefinitionError, VmDefinition
 
 if TYPE_CHECKING:
     from p2pvbd.swarm.node import Swarm

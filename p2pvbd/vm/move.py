@@ -33,9 +33,9 @@ from p2pvbd.migration import failpoints
 from p2pvbd.swarm import access
 from p2pvbd.swarm.access import PeerOp
 from p2pvbd.swarm.peer_transport import PeerError
-from p2pvbd.vm.definition import DefinitionError, VmDefinition
 from p2pvbd.vm.qmp import QmpError
 from p2pvbd.vm.runner import RunningVm, VmError, VmRunner
+from p2pvbd.wire.vm_definition import DefinitionError, VmDefinition
 
 if TYPE_CHECKING:
     from p2pvbd.swarm.node import Swarm

@@ -24,8 +24,9 @@ import trio
 
 from p2pvbd.base.home import PRIVATE_DIR_MODE
 from p2pvbd.vm import accel as accel_probe
-from p2pvbd.vm.definition import RunPaths, VmDefinition, qemu_argv
+from p2pvbd.vm.definition import RunPaths, qemu_argv
 from p2pvbd.vm.qmp import Qmp, QmpError
+from p2pvbd.wire.vm_definition import VmDefinition
 
 log = logging.getLogger(__name__)
 

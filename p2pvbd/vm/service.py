@@ -19,10 +19,10 @@ from p2pvbd.migrate import MigrationError, MigrationProgress, PeerForwarder
 from p2pvbd.swarm.access import PeerOp
 from p2pvbd.swarm.peer_transport import PeerError
 from p2pvbd.vm.book import VmBook
-from p2pvbd.vm.definition import DefinitionError, VmDefinition
 from p2pvbd.vm.move import VmMoveProgress, VmTarget, move_vm
 from p2pvbd.vm.qmp import QmpError
 from p2pvbd.vm.runner import VmError, VmRunner
+from p2pvbd.wire.vm_definition import DefinitionError, VmDefinition
 
 if TYPE_CHECKING:
     from p2pvbd.swarm.node import Swarm

@@ -19,7 +19,7 @@ holders    a disk name      ``host``: the publisher; ``current_blocks``: int; ``
 catalog    a name           ``host``: the publisher; ``disks``: up to 256 distinct disk names
 policy     a disk name      ``disk``: the key; ``hosts``: up to 64 distinct host names; ``rate``: -1
                             (unlimited) or bytes/s in [1, 2**63]; ``set_at``: seconds in [0, 2**63)
-vm         its first disk   a VM definition as ``vm.definition.VmDefinition`` checks it (name, disks,
+vm         its first disk   a VM definition as ``wire.vm_definition.VmDefinition`` checks it (name, disks,
                             memory, cpus, accel, kernel, initrd, append, qemu_args, set_at)
 revoked    "swarm"          ``serial``: int >= 1; ``names``: up to 8 distinct host names, sorted; ``sig``:
                             64 bytes (the CA's signature, checked by its readers: ``revocation``)
@@ -45,6 +45,8 @@ from collections.abc import Callable
 from typing import Any
 
 from p2pvbd.base.home import NAME_RE
+from p2pvbd.wire.revocation import MAX_REVOKED_HOSTS, REVOKED_KEY
+from p2pvbd.wire.vm_definition import VmDefinition
 
 # Epochs, generations and block counts: msgpack's and numpy's int64 and the store's state hold below this.
 MAX_COUNTER = 2**63
@@ -210,8 +212,6 @@ def _policy(key: str, publisher: str, p: dict[str, Any]) -> dict[str, Any]:
 
 
 def _vm(key: str, publisher: str, p: dict[str, Any]) -> dict[str, Any]:
-    from p2pvbd.vm.definition import VmDefinition  # pure, like this module
-
     try:
         vm = VmDefinition.from_payload(p)
     except ValueError as e:
@@ -224,8 +224,6 @@ def _vm(key: str, publisher: str, p: dict[str, Any]) -> dict[str, Any]:
 
 
 def _revoked(key: str, publisher: str, p: dict[str, Any]) -> dict[str, Any]:
-    from p2pvbd.wire.revocation import MAX_REVOKED_HOSTS, REVOKED_KEY  # pure, like this module
-
     if key != REVOKED_KEY:
         raise PayloadError(f"key: not {REVOKED_KEY!r}")
     serial = _counter(p, "serial")

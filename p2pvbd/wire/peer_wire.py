@@ -99,7 +99,7 @@ OPS: dict[str, OpSpec] = {
     "get_blocks": OpSpec({"disk": str, "blocks": list}, "block contents by [index, version] pairs"),
     "cancel": OpSpec({"id": int}, "stop the request with that id and send no reply to either; answered by "
                                   "the transport itself"),
-    # Live migration, source -> destination (see migrate.py / migrate_target.py).
+    # Live migration, source -> destination (see migrate.py / migration/target.py).
     "deeds": OpSpec({"disk": str}, "the chain of signed deeds proving who owns a disk (deeds.py)"),
     "migrate_prepare": OpSpec({"disk": str, "epoch": int, "size": int, "block_size": int, "mode": str,
                                "deeds": list},
