@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from p2pvbd import failpoints, invites, nbd_tls, trust
+from p2pvbd import admission, failpoints, invites, nbd_tls, trust
 from p2pvbd.control import ControlError, serve_control
 from p2pvbd.home import Config, Home, HomeError, check_name, is_loopback, parse_nbd_tcp
 from p2pvbd.kernel_hook_ctl import ExportMode, HookController
@@ -439,6 +439,8 @@ def run_daemon(home: Home) -> None:
     Raises failpoints.FailpointError before anything starts when the test hook's variable does not parse."""
     config = home.load_config()
     failpoints.configure(os.environ)
+    before, after = admission.raise_descriptor_limit()
+    log.info("open-descriptor limit %d%s", after, f" (raised from {before})" if after != before else "")
     fd = _lock_home(home)
     home.secure()  # a home made by an older version, or by hand, may be open to other users
     try:
