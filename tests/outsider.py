@@ -123,6 +123,16 @@ def send_raw(host: str, port: int, data: bytes, wait: float = 0.5) -> bytes:
         return _drain(s, wait)
 
 
+def send_unix(path: str, data: bytes, wait: float = 0.5) -> bytes:
+    """Send ``data`` to a Unix socket (the control socket: only its owner can reach it) and return the answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(CONNECT_SECONDS)
+        s.connect(path)
+        with contextlib.suppress(OSError):
+            s.sendall(data)
+        return _drain(s, wait)
+
+
 def _drain(s: socket.socket, wait: float) -> bytes:
     out = bytearray()
     deadline = time.monotonic() + wait

@@ -315,6 +315,11 @@ def decode_payload(payload: bytes | memoryview, limits: FrameLimits = PEER_LIMIT
     """One frame's payload decoded within ``limits`` and checked as an envelope; FrameError otherwise.
 
     Keeps no state between calls, so it may run in a worker thread."""
+    return validate_envelope(unpack_bounded(payload, limits))
+
+
+def unpack_bounded(payload: bytes | memoryview, limits: FrameLimits) -> Any:
+    """One msgpack value (str keys, no ext types) decoded within ``limits``, or FrameError."""
     budget = _Budget(limits)
     try:
         obj = msgpack.unpackb(
@@ -331,7 +336,7 @@ def decode_payload(payload: bytes | memoryview, limits: FrameLimits = PEER_LIMIT
         # msgpack raises a zoo of types (OutOfData, FormatError, StackError, ValueError on limits,
         # UnicodeDecodeError, TypeError on unhashable keys...); all mean the same thing here.
         raise FrameError(f"undecodable frame: {type(e).__name__}: {e}") from e
-    return validate_envelope(obj)
+    return obj
 
 
 def peek_op(head: bytes) -> str | None:
