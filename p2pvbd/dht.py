@@ -74,7 +74,9 @@ from p2pvbd.wire.dht_records import (
 )
 from p2pvbd.wire.dht_schema import KINDS
 from p2pvbd.wire.dht_wire import (
+    RPC_LIMITS,
     Sender,
+    decode_rpc,
     is_ip_literal,
     is_node_id,
     is_request,
@@ -91,6 +93,7 @@ log = logging.getLogger(__name__)
 RPC_HEADER_BYTES = 21  # rpcudp framing: 1 type byte (0 request, 1 response) + 20-byte message id
 MAX_RPC_BYTES = 8192  # rpcudp refuses request bodies above 8 KiB; we hold responses to it too
 MAX_DATAGRAM_BYTES = MAC_BYTES + RPC_HEADER_BYTES + MAX_RPC_BYTES
+assert RPC_LIMITS.frame_bytes == MAX_RPC_BYTES
 RPC_TIMEOUT = 5.0  # rpcudp's default wait_timeout
 # A node that did not answer is not asked again for this long, unless it speaks to us first: a host behind
 # a NAT that filters us (it never sent us anything) is learnt of from others over and over, and every
@@ -183,9 +186,8 @@ class _SwarmProtocol(KademliaProtocol):
             return
         sender, body = opened
         self._silent.pop(sender.node_id, None)  # it speaks: ask it again
-        try:
-            msg = msgpack.unpackb(body[RPC_HEADER_BYTES:])
-        except Exception:  # garbage raises many types
+        msg = decode_rpc(body[RPC_HEADER_BYTES:])
+        if msg is None:
             self.stats["malformed"] += 1
             return
         msg_id = body[1:RPC_HEADER_BYTES]

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import resource
 import signal
 import socket
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -71,14 +73,16 @@ class Host:
     def json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--json").stdout)
 
-    def start(self, env: dict[str, str] | None = None, liar: bool = False) -> Host:
-        """Start the daemon; ``liar``: as tests/lying_peer.py, which corrupts every block it serves."""
+    def start(self, env: dict[str, str] | None = None, liar: bool = False, nofile: int | None = None) -> Host:
+        """Start the daemon; ``liar``: as tests/lying_peer.py, which corrupts every block it serves;
+        ``nofile``: its soft and hard limit on open descriptors (a service manager's limits)."""
         assert self.proc is None or self.proc.poll() is not None
         log = open(self.home / "daemon.log", "ab")  # noqa: SIM115 - owned by the child
         program = [sys.executable, "-m", "tests.lying_peer"] if liar else [BIN]
         self.proc = subprocess.Popen([*self.prefix, *program, "daemon", "--home", str(self.home), "-v"],
                                      stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=REPO,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **(env or {})},
+                                     preexec_fn=None if nofile is None else partial(_limit_descriptors, nofile))
         log.close()
         deadline = time.monotonic() + READY_SECONDS
         while time.monotonic() < deadline:
@@ -120,6 +124,10 @@ class Host:
 
     def uri(self, disk: str) -> str:
         return f"nbd+unix:///{disk}?socket={self.nbd_socket}"
+
+
+def _limit_descriptors(n: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
 
 
 def run(*cmd: str, check: bool = True, timeout: float = 300, **kw: Any) -> subprocess.CompletedProcess[str]:

@@ -18,10 +18,11 @@ import trio.testing
 from p2pvbd.swarm import invites, trust
 from p2pvbd.swarm import peer_transport as pt
 from p2pvbd.wire.dht_records import FirstSeen
-from p2pvbd.wire.peer_wire import OPS, OpSpec, PeerError, encode_request
+from p2pvbd.wire.peer_wire import MAX_FRAME_BYTES, OPS, OpSpec, PeerError, encode_request
 
-TEST_OPS = {**OPS, "echo": OpSpec({"n": int}), "boom": OpSpec(), "refuse": OpSpec(), "slow": OpSpec(),
-            "hold": OpSpec(), "stubborn": OpSpec()}
+# echo may carry padding as big as a block (an op must say so: frames above 64 KiB are refused otherwise).
+TEST_OPS = {**OPS, "echo": OpSpec({"n": int}, max_frame=MAX_FRAME_BYTES), "boom": OpSpec(), "refuse": OpSpec(),
+            "slow": OpSpec(), "hold": OpSpec(), "stubborn": OpSpec()}
 # What the "hold" handler saw: started, and stopped by a cancel (not finished).
 HOLD: dict[str, trio.Event] = {}
 

@@ -73,10 +73,10 @@ def test_encode_refuses_oversized_frames() -> None:
         w.encode_reply(True, {})  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("obj", [
-    {"id": 1, "op": "x", "body": {"s": "a" * (w.MAX_STR_LEN + 1)}},
-    {"id": 1, "op": "x", "body": {"a": [0] * (w.MAX_ARRAY_LEN + 1)}},
-    {"id": 1, "op": "x", "body": {str(i): 0 for i in range(w.MAX_MAP_LEN + 1)}},
+@pytest.mark.parametrize("obj", [  # put_blocks: an op whose frames may be large, so the decoder reads them
+    {"id": 1, "op": "put_blocks", "body": {"s": "a" * (w.MAX_STR_LEN + 1)}},
+    {"id": 1, "op": "put_blocks", "body": {"a": [0] * (w.MAX_ARRAY_LEN + 1)}},
+    {"id": 1, "op": "put_blocks", "body": {str(i): 0 for i in range(w.MAX_MAP_LEN + 1)}},
     {"id": 1, "op": "x", "body": {"e": msgpack.ExtType(5, b"abc")}},
     {"id": 1, "op": "x", "body": {1: 2}},  # non-string map key
 ])

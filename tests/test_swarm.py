@@ -14,6 +14,7 @@ import pytest
 from p2pvbd.swarm import peer_transport as pt
 from p2pvbd.swarm import trust
 from p2pvbd.wire.dht_records import key_digest
+from tests import outsider
 from tests.daemons import Host, free_port
 from tests.forge import IndexClient, forge_record
 
@@ -227,16 +228,17 @@ def _join_port_accepts(host: Host) -> bool:
 
 def test_the_join_port_listens_only_for_an_outstanding_invite_and_few(make_host: Callable[..., Host]) -> None:
     """Nobody without a certificate reaches the founder unless an invite is outstanding; then at most
-    JOIN_MAX_CONNECTIONS connections at once (40 idle ones once took 330 MB)."""
+    JOIN_MAX_CONNECTIONS connections at once, from different addresses (40 idle ones once took 330 MB)."""
     office = make_host("office-pc")
     assert not _join_port_accepts(office)  # no invite yet
     token = invite(office)
     assert _join_port_accepts(office)  # open once `invite` returns
-    held = [socket.create_connection(("127.0.0.1", office.port + 1), timeout=10)
-            for _ in range(pt.JOIN_MAX_CONNECTIONS)]
+    held = [outsider.tcp("127.0.0.1", office.port + 1, source=f"127.0.0.{2 + i}")
+            for i in range(pt.JOIN_MAX_CONNECTIONS)]
     try:
-        extra = socket.create_connection(("127.0.0.1", office.port + 1), timeout=10)
-        refused = f"refused a connection on port {office.port + 1}: {pt.JOIN_MAX_CONNECTIONS} are open already"
+        extra = outsider.tcp("127.0.0.1", office.port + 1, source="127.0.0.99")
+        refused = (f"refused a connection on port {office.port + 1} from 127.0.0.99: "
+                   f"{pt.JOIN_MAX_CONNECTIONS} connections are still in their handshake")
         wait_until(lambda: refused in (office.home / "daemon.log").read_text(), "the extra connection's refusal")
         extra.close()
     finally:

@@ -20,12 +20,19 @@ import msgpack
 import trio
 
 from p2pvbd.base.home import PRIVATE_SOCKET_MODE
+from p2pvbd.base.msgpack_bounds import MAX_FRAME_DEPTH, FrameLimits, unpack_bounded
 
 log = logging.getLogger(__name__)
 
 _LEN = struct.Struct(">I")
 # Status of every disk in a large swarm stays far below this; anything bigger is a bug or an attack.
 MAX_CONTROL_FRAME = 16 * 1024 * 1024
+# A command's request is an op and a few arguments (names, sizes, paths, a VM definition): 1 MiB is far more.
+MAX_CONTROL_REQUEST = 1024 * 1024
+# What a request may decode to (peer_wire.FrameLimits): a VM definition is the largest, a few dozen values.
+CONTROL_LIMITS = FrameLimits(frame_bytes=MAX_CONTROL_REQUEST, str_len=MAX_CONTROL_REQUEST,
+                             bin_len=MAX_CONTROL_REQUEST, array_len=4096, map_len=1024, containers=4096,
+                             elements=16384, depth=MAX_FRAME_DEPTH)
 # How many commands (each a short-lived CLI process) may be served at once.
 MAX_CONTROL_CLIENTS = 64
 # Bound on sending one reply, which is shielded from cancellation so `stop` gets its answer.
@@ -70,13 +77,13 @@ async def _serve_one(stream: trio.SocketStream, handler: Handler, limiter: trio.
             if head is None:
                 return
             (n,) = _LEN.unpack(head)
-            if n > MAX_CONTROL_FRAME:
+            if n > MAX_CONTROL_REQUEST:
                 return
             body = await _recv_exactly(stream, n)
             if body is None:
                 return
             try:
-                req = _unpack(body)
+                req = unpack_bounded(body, CONTROL_LIMITS)
                 op, args = req["op"], req.get("args") or {}
                 if not isinstance(op, str) or not isinstance(args, dict):
                     raise ValueError("bad request shape")

@@ -335,15 +335,21 @@ class Swarm:
                                    RECORD_TTL)
 
     # ---- the join port --------------------------------------------------------------------------
-    def _invites_outstanding(self) -> bool:
-        return invites.outstanding_invites(self.home.path, time.time()) > 0
+    def _invites_outstanding(self, unknown: bool) -> bool:
+        """Whether an invite can still be used; ``unknown`` when the invites cannot be read just now (out of
+        descriptors, say): a periodic check must never end the daemon."""
+        try:
+            return invites.outstanding_invites(self.home.path, time.time()) > 0
+        except (OSError, trust.TrustError) as e:
+            log.warning("cannot read this host's invites (trying again in %.0f s): %s", JOIN_POLL_SECONDS, e)
+            return unknown
 
     async def _join_port(self, host: str, port: int) -> None:
         """The founder's join port listens only while an invite is outstanding (and a connection's
         lifetime after, so a join under way finishes): the rest of the time nobody without a certificate
         reaches this host at all."""
         while True:
-            while not await trio.to_thread.run_sync(self._invites_outstanding):
+            while not await trio.to_thread.run_sync(self._invites_outstanding, False):
                 with trio.move_on_after(JOIN_POLL_SECONDS):
                     await self._invited.wait()
                 self._invited = trio.Event()
@@ -362,7 +368,7 @@ class Swarm:
                 quiet_since = math.inf
                 while trio.current_time() - quiet_since < JOIN_CONNECTION_SECONDS:
                     await trio.sleep(JOIN_POLL_SECONDS)
-                    busy = await trio.to_thread.run_sync(self._invites_outstanding)
+                    busy = await trio.to_thread.run_sync(self._invites_outstanding, True)
                     quiet_since = math.inf if busy else min(quiet_since, trio.current_time())
                 self._join_open = trio.Event()
                 nursery.cancel_scope.cancel()

@@ -23,6 +23,7 @@ from typing import Any
 
 import trio
 
+from p2pvbd.base import admission
 from p2pvbd.base.home import HomeError, parse_hostport
 from p2pvbd.swarm import invites, trust
 from p2pvbd.wire.dht_records import FirstSeen, format_hostport
@@ -31,11 +32,15 @@ from p2pvbd.wire.peer_wire import (
     ERR_INTERNAL,
     ERR_PROTOCOL,
     ERR_TIMEOUT,
+    JOIN_LIMITS,
     JOIN_OPS,
     OPS,
+    PEER_LIMITS,
     PROTOCOL_VERSION,
+    SMALL_FRAME_BYTES,
     FrameDecoder,
     FrameError,
+    FrameLimits,
     OpSpec,
     PeerError,
     encode_error,
@@ -65,8 +70,10 @@ RECV_BYTES = 256 * 1024
 # port must stay strict (no certificate, no connection). Tokens carry peer addresses.
 JOIN_PORT_OFFSET = 1
 # Anyone can reach the join port: a join is two small requests, one machine joining at a time is the
-# norm, so a few connections of at most 30 s each (handshake included) are plenty.
+# norm, so a few connections of at most 30 s each (handshake included) are plenty; two from one address
+# (a joiner retrying), so a stranger holding some cannot keep a joiner from elsewhere out (admission.py).
 JOIN_MAX_CONNECTIONS = 4
+JOIN_MAX_PER_SOURCE = 2
 JOIN_CONNECTION_SECONDS = 30.0
 # A dead link (a host that changed network, a cut cable) is noticed by the kernel, both ways: an idle
 # connection sends TCP keepalive probes after 10 s and every 5 s, and gives up after 3 unanswered; data
@@ -151,6 +158,9 @@ class PeerConnection:
         self.lost = trio.Event()
         # Wall-clock time of the last bytes from the peer: when this host last heard from it.
         self.last_received = 0.0
+        # What a frame from this peer may hold (JOIN_LIMITS until the peer is known), and the ops it may ask.
+        self.limits = PEER_LIMITS
+        self.ops: Mapping[str, OpSpec] = OPS
 
     async def request(self, op: str, body: dict[str, Any], timeout: float = DEFAULT_REQUEST_TIMEOUT) -> dict[str, Any]:
         """Send a request and wait for its reply body; PeerError for error replies, timeouts, dead links.
@@ -254,7 +264,7 @@ class PeerConnection:
             waiter[0].set()
 
     async def _read_replies(self) -> None:
-        decoder = FrameDecoder()
+        decoder = FrameDecoder(self.limits, self.ops)
         try:
             while True:
                 data = await self.stream.receive_some(RECV_BYTES)
@@ -262,7 +272,7 @@ class PeerConnection:
                     raise PeerError(ERR_CONNECTION, f"{self.address} closed the connection")
                 self.last_received = time.time()
                 decoder.feed(data)
-                while (frame := decoder.next_frame()) is not None:
+                while (frame := await _next_frame(decoder)) is not None:
                     if is_request(frame):
                         if self.responder is None:
                             raise FrameError("the peer sent a request on a link that serves none")
@@ -280,7 +290,8 @@ class PeerConnection:
 @asynccontextmanager
 async def open_peer(host: str, port: int, ssl_context: ssl.SSLContext, *,
                     connect_timeout: float = CONNECT_TIMEOUT, handler: Handler | None = None,
-                    ops: Mapping[str, OpSpec] = OPS) -> AsyncIterator[PeerConnection]:
+                    ops: Mapping[str, OpSpec] = OPS, limits: FrameLimits = PEER_LIMITS
+                    ) -> AsyncIterator[PeerConnection]:
     """Connect, complete TLS and a ``hello`` round trip, then yield the connection; closed on exit.
     With ``handler``, requests the peer sends on this link are served too (as ``serve_peers`` serves them).
 
@@ -295,14 +306,15 @@ async def open_peer(host: str, port: int, ssl_context: ssl.SSLContext, *,
         raise PeerError(ERR_CONNECTION, f"cannot connect to {address}: {e or 'timed out'}") from e
     watch_liveness(tcp)
     async with open_peer_over(tcp, address, ssl_context, connect_timeout=connect_timeout, handler=handler,
-                              ops=ops) as conn:
+                              ops=ops, limits=limits) as conn:
         yield conn
 
 
 @asynccontextmanager
 async def open_peer_over(transport: trio.abc.Stream, address: str, ssl_context: ssl.SSLContext, *,
                          connect_timeout: float = CONNECT_TIMEOUT, handler: Handler | None = None,
-                         ops: Mapping[str, OpSpec] = OPS) -> AsyncIterator[PeerConnection]:
+                         ops: Mapping[str, OpSpec] = OPS, limits: FrameLimits = PEER_LIMITS
+                         ) -> AsyncIterator[PeerConnection]:
     """``open_peer`` over a byte stream already connected to the peer (a TCP connection, or a relayed
     one: the TLS inside is end to end, so whatever carries the bytes reads and alters nothing)."""
     stream = trio.SSLStream(transport, ssl_context, server_side=False)
@@ -314,6 +326,7 @@ async def open_peer_over(transport: trio.abc.Stream, address: str, ssl_context: 
             raise PeerError(ERR_CONNECTION, f"TLS handshake with {address} failed: {_tls_reason(e)} "
                                             "(is it a host of another swarm?)") from e
         conn = PeerConnection(stream, address)
+        conn.limits, conn.ops = limits, ops
         if isinstance(transport, trio.SocketStream):
             with contextlib.suppress(OSError):
                 conn.local = format_hostport(*transport.socket.getsockname()[:2])
@@ -378,23 +391,25 @@ async def _answer(handler: Handler, conn: PeerConnection, frame: dict[str, Any],
         return encode_error(request_id, ERR_INTERNAL, f"internal error handling {op}")
 
 
-async def _serve_connection(tcp: trio.SocketStream, ssl_context: ssl.SSLContext, handler: Handler,
-                            ops: Mapping[str, OpSpec], max_concurrent: int, handshake_timeout: float,
-                            on_link: Callable[[PeerConnection], None] | None) -> None:
-    try:
-        remote: Any = tcp.socket.getpeername()
-    except OSError:
-        remote = "?"
-    await serve_link(tcp, remote, ssl_context, handler, ops=ops, max_concurrent=max_concurrent,
-                     handshake_timeout=handshake_timeout, on_link=on_link)
+async def _next_frame(decoder: FrameDecoder) -> dict[str, Any] | None:
+    """The next whole frame, or None. One above SMALL_FRAME_BYTES (only a member's: JOIN_LIMITS keep an
+    outsider's small) is decoded in a worker thread, so guests' I/O goes on meanwhile."""
+    size = decoder.pending()
+    if size is None:
+        return None
+    if size <= SMALL_FRAME_BYTES:
+        return decoder.decode_pending()
+    return await trio.to_thread.run_sync(decoder.decode_pending)
 
 
 async def serve_link(transport: trio.abc.Stream, remote: Any, ssl_context: ssl.SSLContext, handler: Handler, *,
                      ops: Mapping[str, OpSpec] = OPS, max_concurrent: int = MAX_CONCURRENT_REQUESTS,
-                     handshake_timeout: float = HANDSHAKE_TIMEOUT,
-                     on_link: Callable[[PeerConnection], None] | None = None) -> None:
+                     handshake_timeout: float = HANDSHAKE_TIMEOUT, limits: FrameLimits = PEER_LIMITS,
+                     on_link: Callable[[PeerConnection], None] | None = None,
+                     authenticated: Callable[[], None] | None = None) -> None:
     """Serve one peer over ``transport`` (a TCP connection, or a relayed stream): TLS server side, then
-    its requests until it leaves; ``remote`` names where it came from in logs."""
+    its requests until it leaves; ``remote`` names where it came from in logs. ``authenticated`` is called
+    once the handshake is done (the peer's certificate, if asked for, verified)."""
     stream = trio.SSLStream(transport, ssl_context, server_side=True)
     try:
         with trio.fail_after(handshake_timeout):
@@ -408,11 +423,13 @@ async def serve_link(transport: trio.abc.Stream, remote: Any, ssl_context: ssl.S
         await trio.aclose_forcefully(stream)
         return
     log.debug("peer %r connected from %s", name, remote)
+    if authenticated is not None:
+        authenticated()
     # The same link carries this host's requests to the peer (``on_link``): a peer behind NAT is
     # reached over the connection it opened.
     conn = PeerConnection(stream, format_hostport(*remote[:2]) if isinstance(remote, tuple) else str(remote))
     conn.kind = "inbound"
-    decoder = FrameDecoder()
+    decoder = FrameDecoder(limits, ops)
     try:
         async with trio.open_nursery() as nursery:
             conn.responder = responder = _Responder(conn, handler, ops, max_concurrent, nursery)
@@ -424,7 +441,7 @@ async def serve_link(transport: trio.abc.Stream, remote: Any, ssl_context: ssl.S
                     break
                 conn.last_received = time.time()
                 decoder.feed(data)
-                while (frame := decoder.next_frame()) is not None:
+                while (frame := await _next_frame(decoder)) is not None:
                     if is_request(frame):
                         await responder.take(frame)
                     else:
@@ -483,34 +500,47 @@ class _Responder:
 
 async def serve_peers(listeners: Sequence[trio.SocketListener], ssl_context: ssl.SSLContext, handler: Handler, *,
                       ops: Mapping[str, OpSpec] = OPS, max_concurrent: int = MAX_CONCURRENT_REQUESTS,
-                      handshake_timeout: float = HANDSHAKE_TIMEOUT, max_connections: int | None = None,
+                      handshake_timeout: float = HANDSHAKE_TIMEOUT, gate: admission.Gate | None = None,
+                      gate_whole_connection: bool = False, limits: FrameLimits = PEER_LIMITS,
                       lifetime: float = math.inf, on_link: Callable[[PeerConnection], None] | None = None,
                       task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve peer requests on ``listeners`` (from ``trio.open_tcp_listeners``) until cancelled.
 
     ``handler(peer_name, op, body)`` sees only ops in ``ops`` with bodies that passed their schema;
-    ``hello`` is answered here. Reports the first listener's port via ``task_status.started``. With
-    ``max_connections``, connections beyond it are closed at once; each lasts at most ``lifetime`` s.
-    ``on_link(conn)`` gets each authenticated connection, over which requests can go back to its peer.
+    ``hello`` is answered here. Reports the first listener's port via ``task_status.started``. A
+    connection is admitted by ``gate`` (admission.py; by default the peer port's bounds and descriptor
+    reserve) and counts there until its TLS handshake is done, or, with ``gate_whole_connection``, until it
+    ends. Each lasts at most ``lifetime`` s. ``on_link(conn)`` gets each authenticated connection, over which
+    requests can go back to its peer.
     """
     port = listeners[0].socket.getsockname()[1]
-    open_connections = 0
+    gate = gate or admission.Gate(descriptors=admission.Descriptors())
 
     async def on_connection(tcp: trio.SocketStream) -> None:
-        nonlocal open_connections
-        if max_connections is not None and open_connections >= max_connections:
-            log.info("refused a connection on port %d: %d are open already", port, open_connections)
+        try:
+            remote: Any = tcp.socket.getpeername()
+        except OSError:
+            remote = ("?", 0)
+        scope = trio.CancelScope()
+        try:
+            ticket = gate.admit(remote[0], scope.cancel)
+        except admission.Refused as e:
+            if _refused_logged.first((remote[0], "gate")):
+                log.warning("refused a connection on port %d from %s: %s (logged once per address)", port,
+                            remote[0], e)
             await trio.aclose_forcefully(tcp)
             return
-        open_connections += 1
         watch_liveness(tcp)
         try:
-            with trio.move_on_after(lifetime):
-                await _serve_connection(tcp, ssl_context, handler, ops, max_concurrent, handshake_timeout, on_link)
+            with scope, trio.move_on_after(lifetime):
+                await serve_link(tcp, remote, ssl_context, handler, ops=ops, max_concurrent=max_concurrent,
+                                 handshake_timeout=gate.handshake_timeout(handshake_timeout), limits=limits,
+                                 on_link=on_link,
+                                 authenticated=None if gate_whole_connection else partial(gate.release, ticket))
         except Exception:
             log.exception("peer connection task failed")  # one broken connection never stops the server
         finally:
-            open_connections -= 1
+            gate.release(ticket)
             await trio.aclose_forcefully(tcp)
 
     async with trio.open_nursery() as nursery:
@@ -542,9 +572,10 @@ async def serve_join(listeners: Sequence[trio.SocketListener], identity: trust.H
                      clock: Callable[[], float] = time.time,
                      task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """The inviter's join listener: no client certificates, only the join ops, few connections, briefly."""
+    gate = admission.Gate(JOIN_MAX_CONNECTIONS, JOIN_MAX_PER_SOURCE, admission.Descriptors())
     await serve_peers(listeners, trust.join_server_ssl_context(identity), join_handler(identity, clock),
-                      ops=JOIN_OPS, max_connections=JOIN_MAX_CONNECTIONS, lifetime=JOIN_CONNECTION_SECONDS,
-                      task_status=task_status)
+                      ops=JOIN_OPS, gate=gate, gate_whole_connection=True, limits=JOIN_LIMITS,
+                      lifetime=JOIN_CONNECTION_SECONDS, task_status=task_status)
 
 
 async def join_swarm(home: Path, token: str, name: str, *,
@@ -564,7 +595,7 @@ async def join_swarm(home: Path, token: str, name: str, *,
         try:
             host, port = parse_hostport(address)
             async with open_peer(host, port + JOIN_PORT_OFFSET, trust.join_client_ssl_context(),
-                                 connect_timeout=connect_timeout) as conn:
+                                 connect_timeout=connect_timeout, ops=JOIN_OPS, limits=JOIN_LIMITS) as conn:
                 ca = invites.check_ca((await conn.request("join_ca", {}, connect_timeout))["ca"], invite.ca_fingerprint)
                 trust.verify_host_cert(conn.peer_cert_der, ca)
                 reply = await conn.request("join", request, connect_timeout)

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from kademlia.node import Node
 
 from p2pvbd.wire.dht_records import BINDING_BYTES, MAX_NAME_BYTES, MAX_RECORDS_PER_KEY, is_name
+from p2pvbd.wire.peer_wire import FrameError, FrameLimits, unpack_bounded
 
 MAX_NODES_IN_REPLY = 64  # bounds the work a reply causes; peers send ksize (the paper's k = 20)
 _NODE_ID_DOMAIN = b"p2pvbd-node/1\0"
@@ -75,6 +76,23 @@ def open_datagram(data: bytes) -> tuple[Sender, bytes] | None:
             and len(block[2]) in (0, BINDING_BYTES)):
         return None
     return Sender(*block), data[_SENDER_LEN_BYTES + n:]
+
+
+# What an RPC (a request or a reply, at most dht.MAX_RPC_BYTES) may decode to: the largest is a find_value
+# reply, {value: up to 64 records, more, nodes: up to 64 [id, ip, port]}; strings are RPC names and IP literals.
+RPC_LIMITS = FrameLimits(frame_bytes=8192, str_len=64, bin_len=8192, array_len=max(MAX_NODES_IN_REPLY,
+                         MAX_RECORDS_PER_KEY), map_len=4, containers=2 * MAX_NODES_IN_REPLY,
+                         elements=8 * MAX_NODES_IN_REPLY, depth=4)
+
+
+def decode_rpc(data: bytes) -> object | None:
+    """An RPC's msgpack value within RPC_LIMITS, or None."""
+    if len(data) > RPC_LIMITS.frame_bytes:
+        return None
+    try:
+        return unpack_bounded(data, RPC_LIMITS)
+    except FrameError:
+        return None
 
 
 def is_ip_literal(text: str) -> bool:

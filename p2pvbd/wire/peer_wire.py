@@ -17,6 +17,11 @@ from typing import Any
 
 import msgpack
 
+from p2pvbd.base.msgpack_bounds import MAX_FRAME_DEPTH as MAX_FRAME_DEPTH
+from p2pvbd.base.msgpack_bounds import FrameError as FrameError
+from p2pvbd.base.msgpack_bounds import FrameLimits as FrameLimits
+from p2pvbd.base.msgpack_bounds import unpack_bounded as unpack_bounded
+
 # Bumped on incompatible changes; checked by the transport's built-in ``hello``.
 PROTOCOL_VERSION = 3
 
@@ -44,10 +49,23 @@ MAX_BLOCK_ENTRIES = BLOCKS_REPLY_BUDGET // (MIN_BLOCK_BYTES + BLOCK_ENTRY_BYTES)
 MAX_GUEST_IO_BYTES = MAX_BLOCK_BYTES
 # Names, op names, error messages: nothing legitimate is longer; a huge str is an attack or a bug.
 MAX_STR_LEN = 64 * 1024
-# A version map is one entry per block: 2**20 entries covers a 4 TiB disk at 4 MiB blocks.
-MAX_ARRAY_LEN = 1 << 20
-# Maps are envelopes and small bodies; per-block data travels as arrays or bin.
-MAX_MAP_LEN = 1 << 16
+# What one frame may decode to. A msgpack byte can become a 64-byte dict or list (the nested-maps bomb: 7 MiB
+# grew a daemon by 500 MB and held its event loop 1.3 s), so a frame's elements and containers are counted as
+# they are decoded, not only its bytes. The longest list any op sends is a deed chain (deeds.MAX_CHAIN_LINKS,
+# 16384 bins); 2x that. Version maps travel as bin (wire/map_wire.py), never as one element per block.
+MAX_FRAME_ELEMENTS = 1 << 15
+# Lists and maps in one frame: a get_blocks reply or put_blocks request is one list per block entry
+# (MAX_BLOCK_ENTRIES, 2008) plus the envelope's few; 2x that, rounded up.
+MAX_FRAME_CONTAINERS = 4096
+# No single list or map can hold more than a frame's whole element budget.
+MAX_ARRAY_LEN = MAX_FRAME_ELEMENTS
+MAX_MAP_LEN = MAX_FRAME_ELEMENTS // 2
+# Most requests are a name and a few numbers; only ops that carry block or VM data may send bigger frames
+# (OpSpec.max_frame). Frames up to this size are also cheap enough to decode on the event loop (well under
+# a millisecond); bigger ones are decoded in a worker thread by the transport.
+SMALL_FRAME_BYTES = 64 * 1024
+# Enough of a frame's head to read its id and op (an op name is a short identifier).
+PEEK_BYTES = 256
 # Request ids are msgpack unsigned 64-bit ints (the envelope's "id").
 MAX_REQUEST_ID = (1 << 64) - 1
 # Error codes are short identifiers; messages are human text, truncated on encode.
@@ -63,8 +81,7 @@ ERR_TIMEOUT = "timeout"  # raised locally, never sent
 ERR_CONNECTION = "connection"  # raised locally, never sent
 
 
-class FrameError(Exception):
-    """The byte stream is not our protocol; the connection cannot continue."""
+
 
 
 class PeerError(Exception):
@@ -81,10 +98,26 @@ class PeerError(Exception):
 
 @dataclass(frozen=True)
 class OpSpec:
-    """An op's request body: required fields and their msgpack types. Extra fields are allowed (newer peers)."""
+    """An op's request body: required fields and their msgpack types. Extra fields are allowed (newer peers).
+    ``max_frame``: the largest request frame of this op (bigger ones end the connection before decoding)."""
 
     fields: Mapping[str, type | tuple[type, ...]] = field(default_factory=dict)
     doc: str = ""
+    max_frame: int = SMALL_FRAME_BYTES
+
+
+
+
+
+# A member's frames (after TLS proved its certificate): a block reply at most.
+PEER_LIMITS = FrameLimits(frame_bytes=MAX_FRAME_BYTES, str_len=MAX_STR_LEN, bin_len=MAX_FRAME_BYTES,
+                          array_len=MAX_ARRAY_LEN, map_len=MAX_MAP_LEN, containers=MAX_FRAME_CONTAINERS,
+                          elements=MAX_FRAME_ELEMENTS, depth=MAX_FRAME_DEPTH)
+# Anyone's frames, on the join port: a join is a hello, join_ca and join, each a flat map of a few names and a
+# PEM (a CSR or certificate is under 1 KiB), and their replies; an error message is at most 2000 characters.
+# 16 KiB is 8x the largest, and decodes to well under 100 KB whatever it holds.
+JOIN_LIMITS = FrameLimits(frame_bytes=16 * 1024, str_len=4096, bin_len=8 * 1024, array_len=16, map_len=16,
+                          containers=16, elements=64, depth=4)
 
 
 # The peer port's ops. Handlers receive bodies already checked against these.
@@ -93,7 +126,8 @@ OPS: dict[str, OpSpec] = {
     # Version maps, compared through their summaries (swarm/maps.py, wire/map_wire.py).
     "map_summary": OpSpec({"disk": str}, "geometry, owner, epoch, generation and root digest of a disk's map"),
     "map_nodes": OpSpec({"disk": str, "level": int, "parents": bytes}, "digests of the children of some nodes"),
-    "map_entries": OpSpec({"disk": str, "blocks": dict}, "(version, hash) records of some blocks"),
+    "map_entries": OpSpec({"disk": str, "blocks": dict}, "(version, hash) records of some blocks",
+                          MAX_FRAME_BYTES),
     "map_changes": OpSpec({"disk": str, "since": int, "start_leaf": int},
                           "the change feed: blocks whose version is above since, one page"),
     "get_blocks": OpSpec({"disk": str, "blocks": list}, "block contents by [index, version] pairs"),
@@ -104,19 +138,22 @@ OPS: dict[str, OpSpec] = {
     "migrate_prepare": OpSpec({"disk": str, "epoch": int, "size": int, "block_size": int, "mode": str,
                                "deeds": list},
                               "a migration of disk is coming: become its incoming replica (deeds: the "
-                              "caller's proof that it owns disk at epoch)"),
+                              "caller's proof that it owns disk at epoch)", MAX_FRAME_BYTES),
     "migrate_pull": OpSpec({"disk": str}, "start the bulk multi-peer pull; answers a job id"),
     "migrate_job": OpSpec({"disk": str, "job": int}, "progress of a bulk pull"),
-    "put_blocks": OpSpec({"disk": str, "blocks": list}, "mirrored blocks [index, version, hash, data, enc]"),
+    "put_blocks": OpSpec({"disk": str, "blocks": list}, "mirrored blocks [index, version, hash, data, enc]",
+                         MAX_FRAME_BYTES),
     "migrate_commit": OpSpec({"disk": str, "epoch": int, "map_digest": bytes, "counter": int, "deed": bytes},
                              "take ownership if this host's map has the frozen source's root digest (deed: "
                              "the source's signed hand-over to this host)"),
     "migrate_status": OpSpec({"disk": str, "epoch": int}, "was that epoch committed? (else it never will be)"),
     "migrate_abort": OpSpec({"disk": str}, "the migration is off: back to a standby replica"),
-    "guest_io": OpSpec({"disk": str, "op": str}, "I/O of a guest still connected to the old owner"),
+    "guest_io": OpSpec({"disk": str, "op": str}, "I/O of a guest still connected to the old owner", MAX_FRAME_BYTES),
     # Moving a whole VM, source -> destination (vm/move.py), once each of its disks' migrations is prepared.
-    "vm_incoming": OpSpec({"vm": dict}, "start the VM's QEMU here, waiting for its migration stream"),
-    "vm_ram": OpSpec({"vm": str, "seq": int, "data": bytes}, "the next piece of QEMU's migration stream, in order"),
+    "vm_incoming": OpSpec({"vm": dict}, "start the VM's QEMU here, waiting for its migration stream",
+                          MAX_FRAME_BYTES),
+    "vm_ram": OpSpec({"vm": str, "seq": int, "data": bytes}, "the next piece of QEMU's migration stream, in order",
+                     MAX_FRAME_BYTES),
     "vm_check": OpSpec({"vm": str}, "the incoming QEMU's run state (inmigrate while it waits)"),
     "vm_finish": OpSpec({"vm": str}, "answer once the arrived VM runs here"),
     "vm_abort": OpSpec({"vm": str}, "the move is off: quit the incoming QEMU"),
@@ -128,9 +165,9 @@ OPS: dict[str, OpSpec] = {
     "relay_open": OpSpec({"to": str}, "carry a pipe from the caller to that host; answers the pipe's id"),
     "relay_accept": OpSpec({"from": str, "id": int}, "the relay asks: serve that host's TLS session on this pipe"),
     "relay_send": OpSpec({"id": int, "seq": int, "data": bytes},
-                         "an end's chunk number seq for the other end (empty: it closed)"),
+                         "an end's chunk number seq for the other end (empty: it closed)", MAX_FRAME_BYTES),
     "relay_deliver": OpSpec({"id": int, "seq": int, "data": bytes},
-                            "the other end's chunk number seq (empty: it closed)"),
+                            "the other end's chunk number seq (empty: it closed)", MAX_FRAME_BYTES),
     # Hole punching between members talking through a relay (swarm/punch.py).
     "punch": OpSpec({"at": str}, "dial the caller at that public ip:port; answers where this host dials from"),
     "vm_move_status": OpSpec({"vm": str, "to": str}, "progress of that move"),
@@ -220,16 +257,62 @@ def validate_envelope(obj: Any) -> dict[str, Any]:
     return obj
 
 
+
+
+
+def decode_payload(payload: bytes | memoryview, limits: FrameLimits = PEER_LIMITS) -> dict[str, Any]:
+    """One frame's payload decoded within ``limits`` and checked as an envelope; FrameError otherwise.
+
+    Keeps no state between calls, so it may run in a worker thread."""
+    return validate_envelope(unpack_bounded(payload, limits))
+
+
+
+
+
+def peek_op(head: bytes) -> str | None:
+    """The op of a request frame from its first bytes, read before its body (this protocol's encoder writes
+    id, op, body in that order); None for a reply. FrameError if neither can be told, msgpack.OutOfData if
+    ``head`` ends before it can be."""
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=PEEK_BYTES, max_str_len=PEEK_BYTES, max_bin_len=0,
+                                max_array_len=0, max_map_len=0, max_ext_len=0)
+    unpacker.feed(head[:PEEK_BYTES])
+    try:
+        for _ in range(unpacker.read_map_header()):
+            key = unpacker.unpack()
+            if key == "op":
+                op = unpacker.unpack()
+                if isinstance(op, str):
+                    return op
+                break
+            if key in ("ok", "error"):
+                return None
+            if key != "id":
+                break
+            unpacker.skip()
+    except msgpack.OutOfData:
+        raise
+    except Exception as e:  # not msgpack
+        raise FrameError(f"a large frame whose op cannot be read first: {type(e).__name__}") from None
+    raise FrameError("a large frame must name its op before its body")
+
+
 class FrameDecoder:
     """Incremental decoder: ``feed`` bytes as they arrive, then drain ``next_frame`` until it returns None.
 
-    After a FrameError the stream is out of sync for good, so the decoder keeps raising it.
+    ``limits`` bound every frame; with ``ops``, a request frame above SMALL_FRAME_BYTES must be of an op
+    whose ``max_frame`` allows its size, which is checked from its first bytes before it is buffered whole.
+    The transport splits ``next_frame`` in two: ``pending`` (the size of the next whole frame, checked) and
+    ``decode_pending`` (which it runs in a worker thread for big frames). After a FrameError the stream is
+    out of sync for good, so the decoder keeps raising it.
     """
 
-    def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+    def __init__(self, limits: FrameLimits = PEER_LIMITS, ops: Mapping[str, OpSpec] | None = OPS) -> None:
         self._buf = bytearray()
-        self._max = max_frame_bytes
+        self.limits = limits
+        self._ops = ops
         self._error: FrameError | None = None
+        self._checked = -1  # the length of the frame at the buffer's head, once its op was checked
 
     def feed(self, data: bytes) -> None:
         if self._error:
@@ -241,44 +324,64 @@ class FrameDecoder:
         return len(self._buf)
 
     def next_frame(self) -> dict[str, Any] | None:
+        return None if self.pending() is None else self.decode_pending()
+
+    def pending(self) -> int | None:
+        """The payload size of the next frame once it is buffered whole (None until then)."""
         if self._error:
             raise self._error
         try:
-            return self._next()
+            return self._pending()
         except FrameError as e:
-            self._error = e
-            self._buf.clear()
+            self._fail(e)
             raise
 
-    def _next(self) -> dict[str, Any] | None:
+    def decode_pending(self) -> dict[str, Any]:
+        """Decode the frame ``pending`` reported and drop it from the buffer. Touches only this decoder, so it
+        may run in a worker thread while nothing is fed."""
+        if self._error:
+            raise self._error
+        (length,) = HEADER.unpack_from(self._buf)
+        end = HEADER.size + length
+        try:
+            # msgpack reads the frame in place: no copy of a multi-MiB reply before it is decoded. The views
+            # must be released before the buffer shrinks (a bytearray with live exports cannot be resized).
+            with memoryview(self._buf) as whole, whole[HEADER.size:end] as payload:
+                frame = decode_payload(payload, self.limits)
+        except FrameError as e:
+            self._fail(e)
+            raise
+        del self._buf[:end]  # O(1): CPython drops a bytearray's head by moving its start
+        self._checked = -1
+        return frame
+
+    def _fail(self, e: FrameError) -> None:
+        self._error = e
+        self._buf.clear()
+
+    def _pending(self) -> int | None:
         if len(self._buf) < HEADER.size:
             return None
         (length,) = HEADER.unpack_from(self._buf)
-        if length > self._max:
-            raise FrameError(f"frame length {length} exceeds the {self._max}-byte limit")
-        end = HEADER.size + length
-        if len(self._buf) < end:
+        if length > self.limits.frame_bytes:
+            raise FrameError(f"frame length {length} exceeds the {self.limits.frame_bytes}-byte limit")
+        if length > SMALL_FRAME_BYTES and self._ops is not None and self._checked != length:
+            head = bytes(self._buf[HEADER.size:HEADER.size + PEEK_BYTES])
+            try:
+                op = peek_op(head)
+            except msgpack.OutOfData:
+                if len(head) < PEEK_BYTES:
+                    return None  # more of the head is on its way
+                raise FrameError("a large frame whose op cannot be read from its head") from None
+            if op is not None:
+                spec = self._ops.get(op)
+                if spec is None or length > spec.max_frame:
+                    limit = 0 if spec is None else spec.max_frame
+                    raise FrameError(f"a {op!r} request of {length} bytes exceeds its {limit}-byte limit")
+            self._checked = length
+        if len(self._buf) < HEADER.size + length:
             return None
-        # msgpack reads the frame in place: no copy of a multi-MiB reply before it is decoded. The views
-        # must be released before the buffer shrinks (a bytearray with live exports cannot be resized).
-        with memoryview(self._buf) as whole, whole[HEADER.size:end] as payload:
-            obj = self._decode(payload)
-        del self._buf[:end]  # O(1): CPython drops a bytearray's head by moving its start
-        return validate_envelope(obj)
-
-    def _decode(self, payload: memoryview) -> Any:
-        try:
-            return msgpack.unpackb(
-                payload, raw=False, strict_map_key=True, max_str_len=MAX_STR_LEN, max_bin_len=self._max,
-                max_array_len=MAX_ARRAY_LEN, max_map_len=MAX_MAP_LEN,
-                max_ext_len=0,  # no ext types in this protocol
-            )
-        except msgpack.ExtraData:
-            raise FrameError("trailing bytes after the frame's message") from None
-        except Exception as e:
-            # msgpack raises a zoo of types (OutOfData, FormatError, StackError, ValueError on limits,
-            # UnicodeDecodeError, TypeError on unhashable keys...); all mean the same thing here.
-            raise FrameError(f"undecodable frame: {type(e).__name__}: {e}") from e
+        return length
 
 
 # ---- block payloads --------------------------------------------------------------------------------
