@@ -51,8 +51,12 @@ for arg in $(cat /proc/cmdline); do
   case "$arg" in
     workload=*) mode="${arg#workload=}" ;;
     workload_*=*) opts="$opts ${arg#workload_}" ;;
+    pingflood=*) pingflood="${arg#pingflood=}" ;;
   esac
 done
+if [ -n "$pingflood" ]; then  # network load: pings as fast as replies come; PING <replies> every 2 s
+  (while :; do echo "PING $(ping -A -q -w 2 "$pingflood" | awk '/packets received/ {print $4}')"; done) &
+fi
 if [ "$mode" != idle ]; then
   i=0
   while [ ! -b /dev/vda ] && [ "$i" -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
@@ -194,8 +198,10 @@ def build_initramfs(workdir: Path, kernel: Path | None = None, extra_modules: Se
 
 def workload_append(mode: str = "write", **options: int | str) -> str:
     """Kernel command line words selecting the workload: mode write|verify|idle, options slots=,
-    delay_ms=, count=, alive_every=, acked=; for benchmarks mode stream (dst=, port=) or bench (bs=,
-    rand=, span_mb=, every_ms=, dsync=). See workload.c."""
+    delay_ms=, count=, alive_every=, acked=, mem_mb=, mem_churn=; for benchmarks mode stream (dst=, port=)
+    or bench (bs=, rand=, span_mb=, every_ms=, dsync=). See workload.c. A guest built with ``net`` (see
+    build_initramfs) also takes ``pingflood=ADDR`` on its command line: it pings ADDR as fast as replies
+    come and prints ``PING <replies>`` every 2 s."""
     return " ".join([f"workload={mode}", *(f"workload_{k}={v}" for k, v in options.items())])
 
 
@@ -275,6 +281,7 @@ class Qmp:
 REC_OK = re.compile(rb"^REC (\d+) OK\r?$", re.M)
 VERIFY = re.compile(rb"^VERIFY ((?:\w+=\d+ ?)+)\r?$", re.M)
 ALIVE = re.compile(rb"^ALIVE (\d+) (\d+)\r?$", re.M)
+PING = re.compile(rb"^PING (\d*)\r?$", re.M)
 ERR = re.compile(rb"^ERR .*$", re.M)
 
 
