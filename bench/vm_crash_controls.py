@@ -80,7 +80,8 @@ def watch(log: Path, seconds: float, alive: Callable[[], bool]) -> str:
 # ---- QEMU to QEMU -----------------------------------------------------------------------------------------
 def qemu_moves(work: Path, kernel: Path, initrd: Path, moves: int, watch_s: float, bandwidth: float,
                pbs: bool = True, reconnect: bool = False, disk: str = "qemu-nbd",
-               p2pvbd_argv: bool = False, downtime_ms: int = 25, accel: str = "tcg", memory: str = "") -> list[str]:
+               p2pvbd_argv: bool = False, downtime_ms: int = 25, accel: str = "tcg",
+               memory: str = f"{MEMORY_MB}M") -> list[str]:
     """Moves QEMU to QEMU over a Unix socket; the outcome of each."""
     work.mkdir(parents=True)
     outcomes: list[str] = []
@@ -145,7 +146,7 @@ def start_qemu(work: Path, n: int, kernel: Path, initrd: Path, nbd_sock: Path, e
             g.command += ["-incoming", incoming]
         g.qmp_socket = paths.qmp
     g.command[g.command.index("-accel") + 1] = accel
-    if memory:
+    if not p2pvbd_argv:  # QemuGuest pads the RAM as p2pvbd does: the controls say how much themselves
         g.command[g.command.index("-m") + 1] = memory
     return g.start()
 

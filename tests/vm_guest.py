@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from p2pvbd.vm.definition import TCG_RAM_PAD
+
 WORKLOAD_SRC = Path(__file__).with_name("guest") / "workload.c"
 CACHE_DIR = Path(tempfile.gettempdir()) / "p2pvbd-vm-guest"
 BUSYBOX = Path("/bin/busybox")
@@ -208,7 +210,8 @@ def workload_append(mode: str = "write", **options: int | str) -> str:
 def qemu_command(kernel: Path, initrd: Path, nbd_socket: Path, export: str, serial_log: Path, qmp_socket: Path,
                  memory_mb: int = 256, append_extra: str = "", incoming: str | None = None,
                  reconnect_delay: int | None = None, extra_args: Sequence[str] = ()) -> list[str]:
-    """qemu-system-x86_64 under TCG (KVM hangs here) with the NBD export as its virtio disk /dev/vda.
+    """qemu-system-x86_64 under TCG (KVM hangs here) with the NBD export as its virtio disk /dev/vda, and
+    ``memory_mb`` of RAM plus TCG_RAM_PAD, as p2pvbd runs a TCG guest (docs/DESIGN.md, "Guests under TCG").
 
     ``incoming`` is a migration URI (``-incoming``); ``reconnect_delay`` is QEMU's NBD client
     reconnect-delay in seconds (default: none, so a lost server is an I/O error at once)."""
@@ -217,7 +220,7 @@ def qemu_command(kernel: Path, initrd: Path, nbd_socket: Path, export: str, seri
         nbd += f",reconnect-delay={reconnect_delay}"
     cmd = [
         "qemu-system-x86_64", "-accel", "tcg", "-nodefaults", "-nographic", "-display", "none",
-        "-m", str(memory_mb), "-smp", "1", "-no-reboot",
+        "-m", f"{(memory_mb << 10) + (TCG_RAM_PAD >> 10)}K", "-smp", "1", "-no-reboot",
         "-serial", f"file:{serial_log}",
         "-qmp", f"unix:{qmp_socket},server=on,wait=off",
         "-blockdev", nbd, "-device", "virtio-blk-pci,drive=disk0,id=vda",
