@@ -47,9 +47,11 @@ bench: deps venv
 	$(PY) bench/migration.py
 	$(PY) bench/scale.py --json docs/scale.json
 
-# The migration fault tests: the schedule of `make test` and 180 random runs.
+# The migration fault tests (the schedule of `make test` and 180 random runs), and 50 moves of a VM under
+# disk, network and memory load that must neither crash it nor change its memory or disk.
 soak: deps venv
 	$(VENV)/bin/pytest -m '' tests/test_migrate_faults.py
+	$(VENV)/bin/pytest -m '' -k 'survives_every_move' tests/test_vm_move.py
 
 lint: venv
 	$(VENV)/bin/ruff check p2pvbd tests bench demo

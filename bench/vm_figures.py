@@ -29,7 +29,7 @@ pause: --moves moves back and forth of the test guest writing a 4 KiB record eve
     downtime for the same guest QEMU to QEMU, over TCP on the same shaped link and (bench/vm_moves.py's
     reference) over a local Unix socket.
 
-A guest that crashes after a move (the QEMU 7.2/TCG limitation in docs/DESIGN.md) is recorded, restarted
+A guest that crashes after a move (QEMU's lost TCG stores, docs/DESIGN.md "Guests under TCG") is recorded, restarted
 where needed, and counted. Namespaces, daemons and QEMUs are removed on exit, also on errors and SIGTERM.
 """
 

@@ -66,8 +66,8 @@ def reference(work: Path, kernel: Path, initrd: Path, moves: int) -> list[float]
 
 def p2pvbd_moves(work: Path, kernel: Path, initrd: Path, moves: int,
                  crashes: list[int] | None = None) -> list[dict[str, float]]:
-    """``crashes`` collects the moves after which the guest crashed (the QEMU/TCG limitation in
-    docs/DESIGN.md); the guest is then restarted where it is."""
+    """``crashes`` collects the moves after which the guest crashed (none expected since p2pvbd pads a TCG
+    guest's RAM: docs/DESIGN.md, "Guests under TCG"); the guest is then restarted where it is."""
     office = Host(work / "office-pc", "office-pc").start()
     car = Host(work / "car-pc", "car-pc", join=office.cli("invite").stdout.strip()).start()
     hosts = [office, car]
@@ -86,7 +86,7 @@ def p2pvbd_moves(work: Path, kernel: Path, initrd: Path, moves: int,
             start = log.read_bytes().count(b"REC ") if log.exists() else 0
             while (log.read_bytes().count(b"REC ") if log.exists() else 0) < start + RECORDS_BETWEEN:
                 time.sleep(0.5)
-                if b"Kernel panic" in log.read_bytes()[-4096:]:  # QEMU 7.2/TCG: see docs/DESIGN.md
+                if b"Kernel panic" in log.read_bytes()[-4096:]:  # see docs/DESIGN.md, "Guests under TCG"
                     if crashes is not None:
                         crashes.append(n)
                     print(f"the guest crashed after move {n}: restarting it on {here.name}", flush=True)

@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from p2pvbd.vm.definition import TCG_RAM_PAD
+
 WORKLOAD_SRC = Path(__file__).with_name("guest") / "workload.c"
 CACHE_DIR = Path(tempfile.gettempdir()) / "p2pvbd-vm-guest"
 BUSYBOX = Path("/bin/busybox")
@@ -51,8 +53,12 @@ for arg in $(cat /proc/cmdline); do
   case "$arg" in
     workload=*) mode="${arg#workload=}" ;;
     workload_*=*) opts="$opts ${arg#workload_}" ;;
+    pingflood=*) pingflood="${arg#pingflood=}" ;;
   esac
 done
+if [ -n "$pingflood" ]; then  # network load: pings as fast as replies come; PING <replies> every 2 s
+  (while :; do echo "PING $(ping -A -q -w 2 "$pingflood" | awk '/packets received/ {print $4}')"; done) &
+fi
 if [ "$mode" != idle ]; then
   i=0
   while [ ! -b /dev/vda ] && [ "$i" -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
@@ -194,15 +200,18 @@ def build_initramfs(workdir: Path, kernel: Path | None = None, extra_modules: Se
 
 def workload_append(mode: str = "write", **options: int | str) -> str:
     """Kernel command line words selecting the workload: mode write|verify|idle, options slots=,
-    delay_ms=, count=, alive_every=, acked=; for benchmarks mode stream (dst=, port=) or bench (bs=,
-    rand=, span_mb=, every_ms=, dsync=). See workload.c."""
+    delay_ms=, count=, alive_every=, acked=, mem_mb=, mem_churn=; for benchmarks mode stream (dst=, port=)
+    or bench (bs=, rand=, span_mb=, every_ms=, dsync=). See workload.c. A guest built with ``net`` (see
+    build_initramfs) also takes ``pingflood=ADDR`` on its command line: it pings ADDR as fast as replies
+    come and prints ``PING <replies>`` every 2 s."""
     return " ".join([f"workload={mode}", *(f"workload_{k}={v}" for k, v in options.items())])
 
 
 def qemu_command(kernel: Path, initrd: Path, nbd_socket: Path, export: str, serial_log: Path, qmp_socket: Path,
                  memory_mb: int = 256, append_extra: str = "", incoming: str | None = None,
                  reconnect_delay: int | None = None, extra_args: Sequence[str] = ()) -> list[str]:
-    """qemu-system-x86_64 under TCG (KVM hangs here) with the NBD export as its virtio disk /dev/vda.
+    """qemu-system-x86_64 under TCG (KVM hangs here) with the NBD export as its virtio disk /dev/vda, and
+    ``memory_mb`` of RAM plus TCG_RAM_PAD, as p2pvbd runs a TCG guest (docs/DESIGN.md, "Guests under TCG").
 
     ``incoming`` is a migration URI (``-incoming``); ``reconnect_delay`` is QEMU's NBD client
     reconnect-delay in seconds (default: none, so a lost server is an I/O error at once)."""
@@ -211,7 +220,7 @@ def qemu_command(kernel: Path, initrd: Path, nbd_socket: Path, export: str, seri
         nbd += f",reconnect-delay={reconnect_delay}"
     cmd = [
         "qemu-system-x86_64", "-accel", "tcg", "-nodefaults", "-nographic", "-display", "none",
-        "-m", str(memory_mb), "-smp", "1", "-no-reboot",
+        "-m", f"{(memory_mb << 10) + (TCG_RAM_PAD >> 10)}K", "-smp", "1", "-no-reboot",
         "-serial", f"file:{serial_log}",
         "-qmp", f"unix:{qmp_socket},server=on,wait=off",
         "-blockdev", nbd, "-device", "virtio-blk-pci,drive=disk0,id=vda",
@@ -275,6 +284,7 @@ class Qmp:
 REC_OK = re.compile(rb"^REC (\d+) OK\r?$", re.M)
 VERIFY = re.compile(rb"^VERIFY ((?:\w+=\d+ ?)+)\r?$", re.M)
 ALIVE = re.compile(rb"^ALIVE (\d+) (\d+)\r?$", re.M)
+PING = re.compile(rb"^PING (\d*)\r?$", re.M)
 ERR = re.compile(rb"^ERR .*$", re.M)
 
 

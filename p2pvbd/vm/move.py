@@ -19,6 +19,7 @@ Destination side: :class:`VmTarget`, whose peer ops only the source of every dis
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
 import time
@@ -297,15 +298,19 @@ async def _relay_ram(rv: RunningVm, conn: Any, vm: str, progress: VmMoveProgress
         finally:
             window.release()
 
+    digest = hashlib.sha256()  # of the stream as QEMU wrote it; the destination logs its own to compare
     async with stream, trio.open_nursery() as nursery:
         seq = 0
         while True:
             data = await stream.receive_some(RAM_CHUNK_BYTES)
+            digest.update(data)
             await window.acquire()
             nursery.start_soon(send, seq, bytes(data))
             seq += 1
             if not data:
                 break
+    log.info("VM %s: relayed QEMU's migration stream, %d bytes, sha256 %s", vm, progress.ram_bytes,
+             digest.hexdigest())
     relayed.set()
 
 
@@ -315,6 +320,8 @@ class IncomingVm:
     source: str
     next_seq: int = 0
     stream: trio.SocketStream | None = None
+    fed: int = 0  # bytes of the stream given to the incoming QEMU
+    digest: Any = field(default_factory=hashlib.sha256)
     turn: trio.Event = field(default_factory=trio.Event)
     heard: float = field(default_factory=trio.current_time)  # the source's last request for it (trio time)
 
@@ -452,8 +459,12 @@ class VmTarget:
                 inc.stream = await trio.open_unix_socket(str(inc.rv.paths.incoming))
             if data:
                 await inc.stream.send_all(data)
+                inc.digest.update(data)
+                inc.fed += len(data)
             else:
                 await inc.stream.send_eof()
+                log.info("VM %s: fed the migration stream to QEMU, %d bytes, sha256 %s", inc.rv.vm.name, inc.fed,
+                         inc.digest.hexdigest())
         except (OSError, trio.BrokenResourceError) as e:
             raise PeerError("vm_failed", f"the incoming QEMU does not take its stream: {e}") from None
         finally:

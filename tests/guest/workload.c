@@ -2,7 +2,7 @@
  * Guest workload for p2pvbd's VM tests: writes numbered, self-checking records to a virtio disk so
  * the host can prove, after a migration, that every write the guest saw acknowledged is still there.
  *
- *   workload write  DEV [slots=N] [delay_ms=D] [count=C] [alive_every=A]
+ *   workload write  DEV [slots=N] [delay_ms=D] [count=C] [alive_every=A] [mem_mb=M] [mem_churn=P]
  *   workload verify DEV [slots=N] [acked=K]
  *   workload idle
  *   workload stream DEV dst=A.B.C.D [port=P]
@@ -26,6 +26,14 @@
  *   STALE <slot> have=<k> want=<k>    verify: a slot misses an acknowledged record
  *   VERIFY ok=<n> bad=<m> maxseq=<k> empty=<e> stale=<s>
  *   WRITE DONE <k>                    count reached, idling
+ *   MEM OK <checks>                   mem_mb: the memory checks found nothing wrong so far (once a second)
+ *   ERR 0 memory <what>               mem_mb: guest memory lost a store or changed under the guest
+ *
+ * With mem_mb=M (write mode) the guest also checks its own memory, so a VM move that corrupts memory
+ * without crashing the kernel is caught: M/2 MiB are filled once and compared against their checksum
+ * about once a second; the other M/2 MiB are rewritten P pages (mem_churn,
+ * default 32) after every record, each page stamped with its pass number, and every stamp is checked
+ * before it is overwritten: a store the move lost shows as a page one pass behind.
  *
  * `stream` (benchmarks: a TCP flow out of the VM; DEV is not touched) connects to dst:port and sends
  * as fast as the socket takes it, reconnecting after an error; `bench` (benchmarks: guest disk
@@ -64,6 +72,7 @@ struct header {
 
 static uint64_t opt_slots = 1024, opt_delay_ms = 5, opt_count = 0, opt_alive_every = 10, opt_acked = 0;
 /* stream and bench modes */
+static uint64_t opt_mem_mb = 0, opt_mem_churn = 32;
 static uint64_t opt_port = 5001, opt_bs = 65536, opt_rand = 1, opt_span_mb = 0, opt_every_ms = 250, opt_dsync = 0;
 static struct in_addr opt_dst;
 
@@ -187,11 +196,88 @@ static uint64_t scan(int fd, unsigned char *buf, unsigned char *scratch, int rep
     return maxseq;
 }
 
+#define PAGE 4096
+#define STAMP_MAGIC 0x5032505642444d45ULL /* "P2PVBDME" */
+
+/* The memory checks of mem_mb: a static half and a churned half, see the top of this file. */
+static struct {
+    uint64_t *fixed, *churn;
+    uint64_t fixed_words, churn_pages, sum, pass, next, checks, errors;
+} mem;
+
+static uint64_t fixed_sum(void)
+{
+    uint64_t sum = 0;
+    for (uint64_t i = 0; i < mem.fixed_words; i++)
+        sum = (sum ^ mem.fixed[i]) * 0x100000001b3ULL;
+    return sum;
+}
+
+static void mem_error(const char *what, uint64_t page, uint64_t have, uint64_t want)
+{
+    if (mem.errors++ < 20)
+        printf("ERR 0 memory %s page=%" PRIu64 " have=%" PRIu64 " want=%" PRIu64 "\n", what, page, have, want);
+}
+
+static void mem_init(void)
+{
+    if (!opt_mem_mb)
+        return;
+    uint64_t half = opt_mem_mb << 19;
+    if (posix_memalign((void **)&mem.fixed, PAGE, half) || posix_memalign((void **)&mem.churn, PAGE, half)) {
+        printf("ERR 0 memory cannot allocate %" PRIu64 " MiB\n", opt_mem_mb);
+        exit(1);
+    }
+    mem.fixed_words = half / 8;
+    mem.churn_pages = half / PAGE;
+    for (uint64_t i = 0; i < mem.fixed_words; i++)
+        mem.fixed[i] = splitmix64(i);
+    mem.sum = fixed_sum();
+    for (uint64_t p = 0; p < mem.churn_pages; p++) {
+        memset(mem.churn + p * (PAGE / 8), 0, PAGE);
+        mem.churn[p * (PAGE / 8)] = STAMP_MAGIC ^ p;
+    }
+}
+
+/* Stamp the next mem_churn pages with this pass, checking that each holds the previous one. */
+static void mem_churn(void)
+{
+    for (uint64_t n = 0; n < opt_mem_churn && mem.churn_pages; n++) {
+        uint64_t *w = mem.churn + mem.next * (PAGE / 8);
+        if (w[0] != (STAMP_MAGIC ^ mem.next))
+            mem_error("stamp", mem.next, w[0], STAMP_MAGIC ^ mem.next);
+        else if (w[1] != mem.pass)
+            mem_error("pass", mem.next, w[1], mem.pass);
+        w[1] = mem.pass + 1;
+        w[2 + (mem.pass % (PAGE / 8 - 2))] = mem.pass; /* a second store, elsewhere in the page */
+        if (++mem.next == mem.churn_pages) {
+            mem.next = 0;
+            mem.pass++;
+        }
+    }
+}
+
+static void mem_check(void)
+{
+    if (!opt_mem_mb)
+        return;
+    uint64_t sum = fixed_sum();
+    if (sum != mem.sum)
+        mem_error("checksum", 0, sum, mem.sum);
+    mem.checks++;
+    if (!mem.errors)
+        printf("MEM OK %" PRIu64 "\n", mem.checks);
+}
+
 static void idle_forever(uint64_t k)
 {
     for (;;) {
         printf("ALIVE %" PRIu64 " %" PRIu64 "\n", k, now_ms());
-        sleep_ms(1000);
+        mem_check();
+        for (int i = 0; i < 100; i++) {
+            mem_churn();
+            sleep_ms(10);
+        }
     }
 }
 
@@ -215,7 +301,7 @@ static const char *put_record(int fd, unsigned char *buf, unsigned char *back, u
 
 static int write_mode(int fd, unsigned char *buf, unsigned char *back)
 {
-    uint64_t k = scan(fd, buf, back, 0) + 1, written = 0, last_alive = now_ms();
+    uint64_t k = scan(fd, buf, back, 0) + 1, written = 0, last_alive = now_ms(), last_check = now_ms();
     printf("RESUME from=%" PRIu64 "\n", k);
     while (opt_count == 0 || written < opt_count) {
         const char *err = put_record(fd, buf, back, k);
@@ -226,9 +312,14 @@ static int write_mode(int fd, unsigned char *buf, unsigned char *back)
         }
         printf("REC %" PRIu64 " OK\n", k);
         written++;
+        mem_churn();
         if (written % opt_alive_every == 0 || now_ms() - last_alive >= 1000) {
             last_alive = now_ms();
             printf("ALIVE %" PRIu64 " %" PRIu64 "\n", k, last_alive);
+        }
+        if (now_ms() - last_check >= 1000) {
+            last_check = now_ms();
+            mem_check();
         }
         k++;
         if (opt_delay_ms)
@@ -357,6 +448,10 @@ static void parse_option(const char *arg)
         opt_every_ms = v;
     else if (len == 5 && !strncmp(arg, "dsync", 5))
         opt_dsync = v;
+    else if (len == 6 && !strncmp(arg, "mem_mb", 6))
+        opt_mem_mb = v;
+    else if (len == 9 && !strncmp(arg, "mem_churn", 9))
+        opt_mem_churn = v;
     else
         printf("WARN unknown option %s\n", arg);
 }
@@ -401,8 +496,10 @@ int main(int argc, char **argv)
         scan(fd, buf, back, 1);
         return 0;
     }
-    if (!strcmp(mode, "write"))
+    if (!strcmp(mode, "write")) {
+        mem_init();
         return write_mode(fd, buf, back);
+    }
     printf("ERR 0 unknown mode %s\n", mode);
     return 2;
 }
