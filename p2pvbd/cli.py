@@ -340,10 +340,13 @@ def cmd_jobs(args: argparse.Namespace) -> None:
         return
     from rich.table import Table
 
-    table = Table("job", "disk", "phase", "progress", "on the wire", "time", "error", box=None)
+    # A VM move's memory: QEMU's stream, then what crossed the link for it (also in "on the wire").
+    table = Table("job", "disk", "phase", "progress", "on the wire", "memory stream", "time", "error", box=None)
     for j in jobs:
         share = f"{j['done_bytes'] / j['total_bytes']:.0%}" if j["total_bytes"] else "-"
-        table.add_row(str(j["job"]), j["disk"], j["phase"], share, format_size(j["bytes_on_wire"]),
+        memory = (f"{format_size(j['ram_bytes'])} ({format_size(j['ram_wire_bytes'])} sent)"
+                  if "ram_bytes" in j else "-")
+        table.add_row(str(j["job"]), j["disk"], j["phase"], share, format_size(j["bytes_on_wire"]), memory,
                       f"{j['duration_s']:.1f} s", j["error"])
     _console().print(table)
 

@@ -51,8 +51,17 @@ for arg in $(cat /proc/cmdline); do
   case "$arg" in
     workload=*) mode="${arg#workload=}" ;;
     workload_*=*) opts="$opts ${arg#workload_}" ;;
+    memfill_mb=*) memfill="${arg#memfill_mb=}" ;;
   esac
 done
+if [ -n "$memfill" ]; then
+  # memory no compressor shrinks, checked every few seconds: MEMCHECK <n> OK|BAD
+  head -c $((memfill * 1048576)) /dev/urandom > /tmp/memfill
+  sum=$(md5sum /tmp/memfill | cut -c1-32)
+  (n=0; while sleep 3; do n=$((n + 1))
+     if [ "$(md5sum /tmp/memfill | cut -c1-32)" = "$sum" ]; then echo "MEMCHECK $n OK"; else echo "MEMCHECK $n BAD"; fi
+   done) &
+fi
 if [ "$mode" != idle ]; then
   i=0
   while [ ! -b /dev/vda ] && [ "$i" -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
@@ -276,6 +285,8 @@ REC_OK = re.compile(rb"^REC (\d+) OK\r?$", re.M)
 VERIFY = re.compile(rb"^VERIFY ((?:\w+=\d+ ?)+)\r?$", re.M)
 ALIVE = re.compile(rb"^ALIVE (\d+) (\d+)\r?$", re.M)
 ERR = re.compile(rb"^ERR .*$", re.M)
+# memfill_mb=N on the kernel command line: the guest holds N MiB of random data and checks it (INIT_SCRIPT).
+MEMCHECK = re.compile(rb"^MEMCHECK (\d+) (OK|BAD)\r?$", re.M)
 
 
 class QemuGuest:

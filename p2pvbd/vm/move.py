@@ -102,7 +102,7 @@ class VmMoveProgress:
                 "disk_switchover_ms": self.disk_switchover_ms, "duration_s": round(end - self.started, 3),
                 "error": self.error, "disks": disks,
                 "total_bytes": sum(d["total_bytes"] for d in disks), "done_bytes": sum(d["done_bytes"] for d in disks),
-                "bytes_on_wire": sum(d["bytes_on_wire"] for d in disks) + self.ram_bytes,
+                "bytes_on_wire": sum(d["bytes_on_wire"] for d in disks) + self.ram_wire_bytes,
                 "mirror_lag_blocks": sum(d["mirror_lag_blocks"] for d in disks), "peers": {},
                 "bytes_from": {h: sum(d["bytes_from"].get(h, 0) for d in disks)
                                for h in sorted({h for d in disks for h in d["bytes_from"]})},
@@ -291,7 +291,10 @@ async def _relay_ram(rv: RunningVm, conn: Any, vm: str, progress: VmMoveProgress
     async def send(seq: int, data: bytes) -> None:
         try:
             packed = await trio.to_thread.run_sync(pack, data) if data else b""
-            await conn.request("vm_ram", {"vm": vm, "seq": seq, "data": packed, "zstd": True, "eof": not data})
+            # Incompressible memory (random or encrypted data) packs larger than it is: send it as it is.
+            packed_ok = len(packed) < len(data)
+            packed = packed if packed_ok else data
+            await conn.request("vm_ram", {"vm": vm, "seq": seq, "data": packed, "zstd": packed_ok, "eof": not data})
             progress.ram_bytes += len(data)
             progress.ram_wire_bytes += len(packed)
         finally:
@@ -438,7 +441,8 @@ class VmTarget:
             try:  # bounded: a piece never unpacks to more than one chunk
                 if not 0 <= zstandard.frame_content_size(data) <= RAM_CHUNK_BYTES:
                     raise zstandard.ZstdError("a piece must say its size, at most 1 MiB")
-                data = zstandard.ZstdDecompressor().decompress(data)
+                # off the event loop: every guest this daemon serves would wait for it
+                data = await trio.to_thread.run_sync(zstandard.ZstdDecompressor().decompress, data)
             except zstandard.ZstdError as e:
                 raise PeerError("bad_request", f"vm_ram: {e}") from None
         if not inc.next_seq <= seq < inc.next_seq + RAM_WINDOW:
