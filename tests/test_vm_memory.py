@@ -75,8 +75,30 @@ def test_incompressible_memory_moves_there_and_back(
     assert job["bytes_on_wire"] == disks_sent + job["ram_wire_bytes"] and job["ram_bytes"] > 0, job
 
     office_log, seen = log_size(office), len(memchecks(office))
-    report = move(office, "office-pc", "async")
-    assert report["from"] == "car-pc" and report["ram_bytes"] > MEMFILL_MB << 20, report
+    back = move(office, "office-pc", "async")
+    assert back["from"] == "car-pc" and back["ram_bytes"] > MEMFILL_MB << 20, back
     assert STALL not in new_log(office, office_log), new_log(office, office_log)
     memory_checked_on(office, "the guest to check its random data back at office-pc", seen)
     assert vm_state(office)["state"] == "running"
+    # office-pc kept the memory the VM left there: the return move sends what changed since, the rest
+    # (its random data among it) by reference
+    assert back["ram_by_ref"].get("previous", 0) * 4096 > MEMFILL_MB << 20, back
+    assert back["ram_wire_bytes"] < report["ram_wire_bytes"] / 4, (back, report)
+    image = office.home / "vms" / "vm1" / "ram.img"
+    assert image.stat().st_mode & 0o777 == 0o600
+
+    # car-pc's image of the VM is damaged before the VM goes there again: the pages it no longer holds
+    # are sent in full, and the guest's memory is intact
+    damage(car.home / "vms" / "vm1" / "ram.img")
+    seen = len(memchecks(car))
+    again = move(car, "car-pc", "async")
+    assert again["ram_missed_pages"] > 0 and again["ram_by_ref"].get("previous", 0) > 0, again
+    memory_checked_on(car, "the guest to check its random data at car-pc again", seen)
+
+
+def damage(image: Path) -> None:
+    """Overwrite every other MiB of a kept memory image with other bytes."""
+    with image.open("r+b") as f:
+        for at in range(0, image.stat().st_size, 2 << 20):
+            f.seek(at)
+            f.write(b"\xa5" * (1 << 20))
