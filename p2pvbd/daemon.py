@@ -279,7 +279,8 @@ class Daemon:
     async def op_sync(self, disk: str, sources: list[str] | None = None) -> dict[str, Any]:
         """Start pulling ``disk`` up to the owner's versions; `job` reports progress."""
         check_name("disk", disk)
-        if any(p.disk == disk and p.finished is None for p in self.jobs.values()):
+        # a VM move's job names a VM, not a disk: only syncs and disk migrations count here
+        if any(getattr(p, "disk", None) == disk and p.finished is None for p in self.jobs.values()):
             raise ControlError(f"a sync of {disk} is already running")
         job = max(self.jobs, default=0) + 1
         from p2pvbd.migration.fetcher import SyncProgress

@@ -54,10 +54,19 @@ for arg in $(cat /proc/cmdline); do
     workload=*) mode="${arg#workload=}" ;;
     workload_*=*) opts="$opts ${arg#workload_}" ;;
     pingflood=*) pingflood="${arg#pingflood=}" ;;
+    memfill_mb=*) memfill="${arg#memfill_mb=}" ;;
   esac
 done
 if [ -n "$pingflood" ]; then  # network load: pings as fast as replies come; PING <replies> every 2 s
   (while :; do echo "PING $(ping -A -q -w 2 "$pingflood" | awk '/packets received/ {print $4}')"; done) &
+fi
+if [ -n "$memfill" ]; then
+  # memory no compressor shrinks, checked every few seconds: MEMCHECK <n> OK|BAD
+  head -c $((memfill * 1048576)) /dev/urandom > /tmp/memfill
+  sum=$(md5sum /tmp/memfill | cut -c1-32)
+  (n=0; while sleep 3; do n=$((n + 1))
+     if [ "$(md5sum /tmp/memfill | cut -c1-32)" = "$sum" ]; then echo "MEMCHECK $n OK"; else echo "MEMCHECK $n BAD"; fi
+   done) &
 fi
 if [ "$mode" != idle ]; then
   i=0
@@ -286,6 +295,8 @@ VERIFY = re.compile(rb"^VERIFY ((?:\w+=\d+ ?)+)\r?$", re.M)
 ALIVE = re.compile(rb"^ALIVE (\d+) (\d+)\r?$", re.M)
 PING = re.compile(rb"^PING (\d*)\r?$", re.M)
 ERR = re.compile(rb"^ERR .*$", re.M)
+# memfill_mb=N on the kernel command line: the guest holds N MiB of random data and checks it (INIT_SCRIPT).
+MEMCHECK = re.compile(rb"^MEMCHECK (\d+) (OK|BAD)\r?$", re.M)
 
 
 class QemuGuest:

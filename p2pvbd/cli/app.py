@@ -311,10 +311,13 @@ def cmd_jobs(args: argparse.Namespace) -> None:
         return
     from rich.table import Table
 
-    table = Table("job", "disk", "phase", "progress", "on the wire", "time", "error", box=None)
+    # A VM move's memory: QEMU's stream, then what crossed the link for it (also in "on the wire").
+    table = Table("job", "disk", "phase", "progress", "on the wire", "memory stream", "time", "error", box=None)
     for j in jobs:
         share = f"{j['done_bytes'] / j['total_bytes']:.0%}" if j["total_bytes"] else "-"
-        table.add_row(str(j["job"]), j["disk"], j["phase"], share, format_size(j["bytes_on_wire"]),
+        memory = (f"{format_size(j['ram_bytes'])} ({format_size(j['ram_wire_bytes'])} sent)"
+                  if "ram_bytes" in j else "-")
+        table.add_row(str(j["job"]), j["disk"], j["phase"], share, format_size(j["bytes_on_wire"]), memory,
                       f"{j['duration_s']:.1f} s", j["error"])
     console().print(table)
 
@@ -445,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sync: a write is acknowledged once both hosts have it; async (default): shipped after")
     sp.add_argument("--max-downtime", type=float, default=50, metavar="MS",
                     help="switch over once the rest ships within this many milliseconds (default 50)")
-    from p2pvbd.cli import vm as cli_vm
+    from p2pvbd.cli.app import vm as cli_vm
 
     cli_vm.add_parsers(add, as_json)
     sp = add("replicate", cmd_replicate, "keep replicas of a disk warm on other hosts in the background",

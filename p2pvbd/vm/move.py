@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import trio
-import zstandard
 
 from p2pvbd.migrate import MigrationError, MigrationProgress, SwitchGate, migrate_disk
 from p2pvbd.migration import failpoints
@@ -35,6 +34,17 @@ from p2pvbd.swarm import access
 from p2pvbd.swarm.access import PeerOp
 from p2pvbd.swarm.peer_transport import PeerError
 from p2pvbd.vm.qmp import QmpError
+from p2pvbd.vm.ram_image import ImageWriter, RamImage, page_digest, split_prefixes
+from p2pvbd.vm.ram_refs import (
+    PAGE_BYTES,
+    RAM_READ_BYTES,
+    REF_DISK,
+    SOURCE_PREVIOUS,
+    RamPieceError,
+    RamSender,
+    missing_digests,
+    rebuild,
+)
 from p2pvbd.vm.runner import RunningVm, VmError, VmRunner
 from p2pvbd.wire.vm_definition import DefinitionError, VmDefinition
 
@@ -47,12 +57,9 @@ log = logging.getLogger(__name__)
 # QEMU's memory gets this share of --max-downtime (its downtime-limit: the last pages sent after the pause);
 # the disks' switchover, inside the same pause, the rest.
 RAM_DOWNTIME_SHARE = 0.5
-# One vm_ram request carries this much of QEMU's stream: large enough that a request's round trip is
-# small next to its transfer on a 100 Mbit/s link (1 MiB ≈ 84 ms), small next to the peer frame limit.
-RAM_CHUNK_BYTES = 1024 * 1024
-# QEMU's stream compresses well (zero-filled and code pages; QEMU sends only a flag for an all-zero page):
-# the lowest zstd level packs ~1 GB/s on one core, more than any link a person's machines share.
-RAM_ZSTD_LEVEL = 1
+# The destination announces at most this many digest prefixes of the pages it holds (4 bytes each, well
+# inside a peer frame): a 4 GiB guest's pages.
+MAX_HELD_PREFIXES = 1 << 20
 # Chunks in flight: keeps a link with 10-50 ms round trips busy; the destination writes them in order.
 RAM_WINDOW = 4
 # QEMU's migration of the RAM: the longest it may take to reach pre-switchover or to complete. A link
@@ -85,8 +92,11 @@ class VmMoveProgress:
     mode: str
     disks: list[MigrationProgress]
     phase: str = "prepare"
-    ram_bytes: int = 0
-    ram_wire_bytes: int = 0  # after compression
+    ram_bytes: int = 0  # QEMU's stream
+    ram_wire_bytes: int = 0  # what crossed for it: compressed, pages the destination holds by reference
+    ram_pages: int = 0  # pages in QEMU's stream (zero pages are a flag in it, not counted)
+    ram_by_ref: dict[str, int] = field(default_factory=dict)  # pages sent by reference, per place found
+    ram_missed_pages: int = 0  # references the destination could not resolve: sent again in full
     vm_downtime_ms: float | None = None
     disk_switchover_ms: float | None = None  # from pre-switchover to migrate-continue: the disks' part
     started: float = field(default_factory=time.monotonic)
@@ -98,12 +108,13 @@ class VmMoveProgress:
         disks = [d.as_dict() for d in self.disks]
         return {"vm": self.vm, "disk": self.vm, "from": self.source, "to": self.dest, "mode": self.mode,
                 "phase": self.phase,
-                "ram_bytes": self.ram_bytes, "ram_wire_bytes": self.ram_wire_bytes,
+                "ram_bytes": self.ram_bytes, "ram_wire_bytes": self.ram_wire_bytes, "ram_pages": self.ram_pages,
+                "ram_by_ref": dict(self.ram_by_ref), "ram_missed_pages": self.ram_missed_pages,
                 "vm_downtime_ms": self.vm_downtime_ms,
                 "disk_switchover_ms": self.disk_switchover_ms, "duration_s": round(end - self.started, 3),
                 "error": self.error, "disks": disks,
                 "total_bytes": sum(d["total_bytes"] for d in disks), "done_bytes": sum(d["done_bytes"] for d in disks),
-                "bytes_on_wire": sum(d["bytes_on_wire"] for d in disks) + self.ram_bytes,
+                "bytes_on_wire": sum(d["bytes_on_wire"] for d in disks) + self.ram_wire_bytes,
                 "mirror_lag_blocks": sum(d["mirror_lag_blocks"] for d in disks), "peers": {},
                 "bytes_from": {h: sum(d["bytes_from"].get(h, 0) for d in disks)
                                for h in sorted({h for d in disks for h in d["bytes_from"]})},
@@ -121,17 +132,21 @@ async def move_vm(swarm: Swarm, runner: VmRunner, vm: VmDefinition, dest: str, m
     gate = SwitchGate(len(progress.disks))  # the disks still here: those at the destination stay put
     started_qemu_migration = False
     moved = False
+    image = ImageWriter(rv.paths.directory)  # the memory the VM leaves here: its next arrival sends less
     try:
         async with trio.open_nursery() as nursery:
             for p in progress.disks:
                 nursery.start_soon(_disk, swarm, p, max_downtime_ms, gate)
             await gate.prepared.wait()
             progress.phase = "disks"
-            await conn.request("vm_incoming", {"vm": vm.as_payload()}, timeout=RESUME_TIMEOUT)
+            reply = await conn.request("vm_incoming", {"vm": vm.as_payload()}, timeout=RESUME_TIMEOUT)
+            held = reply.get("ram_held")
+            sender = RamSender({SOURCE_PREVIOUS: split_prefixes(held)} if isinstance(held, bytes) else {},
+                               image=image)
             await gate.converged.wait()
             progress.phase = "ram"
             relayed = trio.Event()
-            await nursery.start(_relay_ram, rv, conn, vm.name, progress, relayed)
+            await nursery.start(_relay_ram, rv, conn, vm.name, progress, relayed, sender)
             await qmp.command("migrate-set-capabilities", capabilities=[
                 {"capability": "pause-before-switchover", "state": True}, {"capability": "events", "state": True}])
             await qmp.command("migrate-set-parameters",
@@ -167,7 +182,10 @@ async def move_vm(swarm: Swarm, runner: VmRunner, vm: VmDefinition, dest: str, m
             await relayed.wait()  # QEMU's "completed" means its stream reached the relay, not the destination
             await conn.request("vm_finish", {"vm": vm.name}, timeout=RESUME_TIMEOUT + 5)
         progress.phase = "done"
+        await trio.to_thread.run_sync(image.commit)
     except BaseException:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(image.discard)
         with trio.CancelScope(shield=True), trio.move_on_after(ABORT_SECONDS):
             await _undo(swarm, rv, conn, dest, started_qemu_migration, later)
         if moved and not rv.exited.is_set():
@@ -267,10 +285,11 @@ async def _migration_reaches(rv: RunningVm, status: str) -> None:
             await qmp.wait_event(lambda e: e.get("event") == "MIGRATION")
 
 
-async def _relay_ram(rv: RunningVm, conn: Any, vm: str, progress: VmMoveProgress, relayed: trio.Event, *,
-                     task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Accept QEMU's outgoing migration connection and carry its bytes, in order, to the destination;
-    ``relayed`` is set once every piece, the end included, has been taken there."""
+async def _relay_ram(rv: RunningVm, conn: Any, vm: str, progress: VmMoveProgress, relayed: trio.Event,
+                     sender: RamSender, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Accept QEMU's outgoing migration connection and carry its bytes, in order, to the destination, each
+    page it holds as a reference (vm/ram_refs.py); ``relayed`` is set once every piece, the end included,
+    has been taken there."""
     path = rv.paths.outgoing
     path.unlink(missing_ok=True)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -286,15 +305,22 @@ async def _relay_ram(rv: RunningVm, conn: Any, vm: str, progress: VmMoveProgress
     await failpoints.pause("vm.ram")
     window = trio.Semaphore(RAM_WINDOW)
 
-    def pack(data: bytes) -> bytes:  # a compressor per piece: pieces are packed in several threads at once
-        return zstandard.ZstdCompressor(level=RAM_ZSTD_LEVEL).compress(data)
-
-    async def send(seq: int, data: bytes) -> None:
+    async def send(seq: int, piece: Any, eof: bool) -> None:
         try:
-            packed = await trio.to_thread.run_sync(pack, data) if data else b""
-            await conn.request("vm_ram", {"vm": vm, "seq": seq, "data": packed, "zstd": True, "eof": not data})
-            progress.ram_bytes += len(data)
-            progress.ram_wire_bytes += len(packed)
+            exclude: frozenset[bytes] = frozenset()
+            while True:  # a page the destination misses is sent in full in the piece's next try
+                body, stats = await trio.to_thread.run_sync(sender.pack, piece, exclude)
+                reply = await conn.request("vm_ram", {"vm": vm, "seq": seq, "eof": eof, **body})
+                progress.ram_wire_bytes += stats.wire_bytes
+                missing = missing_digests(reply.get("missing") or b"") - exclude
+                if not missing:
+                    break
+                progress.ram_missed_pages += len(missing)
+                exclude |= missing
+            progress.ram_bytes += stats.stream_bytes
+            progress.ram_pages += stats.pages
+            for source, n in stats.by_ref.items():
+                progress.ram_by_ref[source] = progress.ram_by_ref.get(source, 0) + n
         finally:
             window.release()
 
@@ -302,10 +328,13 @@ async def _relay_ram(rv: RunningVm, conn: Any, vm: str, progress: VmMoveProgress
     async with stream, trio.open_nursery() as nursery:
         seq = 0
         while True:
-            data = await stream.receive_some(RAM_CHUNK_BYTES)
+            data = await stream.receive_some(RAM_READ_BYTES)
             digest.update(data)
+            # reading QEMU's stream (pages hashed, and kept in this host's image) is memory-sized work: a
+            # worker thread's, in order, as the reader's state runs from piece to piece
+            piece = await trio.to_thread.run_sync(sender.read, bytes(data), not data)
             await window.acquire()
-            nursery.start_soon(send, seq, bytes(data))
+            nursery.start_soon(send, seq, piece, not data)
             seq += 1
             if not data:
                 break
@@ -324,6 +353,7 @@ class IncomingVm:
     digest: Any = field(default_factory=hashlib.sha256)
     turn: trio.Event = field(default_factory=trio.Event)
     heard: float = field(default_factory=trio.current_time)  # the source's last request for it (trio time)
+    image: RamImage | None = None  # the memory this VM left here when it last ran here
 
 
 class VmTarget:
@@ -394,7 +424,11 @@ class VmTarget:
         inc = self.incoming[vm.name] = IncomingVm(rv, peer)
         assert self.nursery is not None
         self.nursery.start_soon(self._watch, vm.name, inc)
-        return {}
+        inc.image = await trio.to_thread.run_sync(RamImage.open, rv.paths.directory)
+        if inc.image is None:
+            return {}
+        # which pages the source may send by reference: a prefix of each one's digest
+        return {"ram_held": await trio.to_thread.run_sync(inc.image.prefixes, MAX_HELD_PREFIXES)}
 
     def _arriving(self, body: dict[str, Any]) -> IncomingVm:
         """The incoming VM a request names; an abort or a watcher may have dropped it meanwhile."""
@@ -407,6 +441,7 @@ class VmTarget:
         """Call off an arrival: forget it, close its stream, stop its QEMU."""
         if self.incoming.get(name) is inc:
             del self.incoming[name]
+        _close_image(inc)
         if inc.stream is not None:
             with trio.CancelScope(shield=True):
                 await inc.stream.aclose()
@@ -438,18 +473,30 @@ class VmTarget:
 
     async def ram(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
         inc = self._arriving(body)
-        seq, data = body.get("seq"), body.get("data")
-        if type(seq) is not int or not isinstance(data, bytes) or len(data) > RAM_CHUNK_BYTES:
-            raise PeerError("bad_request", "vm_ram needs an int seq and at most 1 MiB of data")
-        if body.get("zstd") is True and data:
-            try:  # bounded: a piece never unpacks to more than one chunk
-                if not 0 <= zstandard.frame_content_size(data) <= RAM_CHUNK_BYTES:
-                    raise zstandard.ZstdError("a piece must say its size, at most 1 MiB")
-                data = zstandard.ZstdDecompressor().decompress(data)
-            except zstandard.ZstdError as e:
-                raise PeerError("bad_request", f"vm_ram: {e}") from None
+        seq = body.get("seq")
+        if type(seq) is not int:
+            raise PeerError("bad_request", "vm_ram needs an int seq")
         if not inc.next_seq <= seq < inc.next_seq + RAM_WINDOW:
             raise PeerError("bad_request", f"vm_ram chunk {seq} is outside the window at {inc.next_seq}")
+        stores = [e.store if (e := self.swarm.ctl.get(d)) is not None else None for d in inc.rv.vm.disks]
+
+        def find(kind: int, digest: bytes, disk: int, offset: int) -> bytes | None:
+            """A page by reference, checked against its digest (a worker thread's)."""
+            if kind != REF_DISK:
+                return inc.image.get(digest) if inc.image is not None else None
+            store = stores[disk] if disk < len(stores) else None
+            if store is None or offset % PAGE_BYTES or offset + PAGE_BYTES > store.size:
+                return None
+            page = store.read(offset, PAGE_BYTES)
+            return page if page_digest(page) == digest else None
+
+        try:  # unpacking and finding pages is memory-sized work: off the event loop
+            data, missing = await trio.to_thread.run_sync(rebuild, body, find)
+        except RamPieceError as e:
+            raise PeerError("bad_request", str(e)) from None
+        if missing:
+            return {"missing": b"".join(missing)}
+        eof = body.get("eof") is True or not data
         while inc.next_seq != seq:
             await inc.turn.wait()
         for disk in inc.rv.vm.disks:  # its disks' migrations are alive while the memory streams
@@ -461,7 +508,7 @@ class VmTarget:
                 await inc.stream.send_all(data)
                 inc.digest.update(data)
                 inc.fed += len(data)
-            else:
+            if eof:
                 await inc.stream.send_eof()
                 log.info("VM %s: fed the migration stream to QEMU, %d bytes, sha256 %s", inc.rv.vm.name, inc.fed,
                          inc.digest.hexdigest())
@@ -489,6 +536,7 @@ class VmTarget:
             self.runner.runs_here(rv)
             if self.incoming.get(rv.vm.name) is inc:
                 del self.incoming[rv.vm.name]
+            _close_image(inc)
             if inc.stream is not None:
                 await inc.stream.aclose()
             self.book.learn(rv.vm)
@@ -521,3 +569,9 @@ class VmTarget:
             await self.runner.forget(rv, graceful=False)
             return {"running": False}
         return {"running": True}
+
+
+def _close_image(inc: IncomingVm) -> None:
+    if inc.image is not None:
+        inc.image.close()
+        inc.image = None

@@ -45,7 +45,8 @@ class RemoteMove:
         self.state: dict[str, Any] = {"vm": vm, "disk": vm, "from": source, "to": dest, "mode": mode,
                                       "phase": "prepare", "error": "", "disks": [], "total_bytes": 0,
                                       "done_bytes": 0, "bytes_on_wire": 0, "mirror_lag_blocks": 0, "peers": {},
-                                      "ram_bytes": 0, "ram_wire_bytes": 0, "vm_downtime_ms": None,
+                                      "ram_bytes": 0, "ram_wire_bytes": 0, "ram_pages": 0, "ram_by_ref": {},
+                                      "ram_missed_pages": 0, "vm_downtime_ms": None,
                                       "disk_switchover_ms": None,
                                       "bytes_from": {}, "throttled": False,
                                       "duration_s": 0.0}
