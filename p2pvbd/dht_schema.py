@@ -20,7 +20,7 @@ catalog    a name           ``host``: the publisher; ``disks``: up to 256 distin
 policy     a disk name      ``disk``: the key; ``hosts``: up to 64 distinct host names; ``rate``: -1
                             (unlimited) or bytes/s in [1, 2**63]; ``set_at``: seconds in [0, 2**63)
 vm         its first disk   a VM definition as ``vm.definition.VmDefinition`` checks it (name, disks,
-                            memory, cpus, accel, kernel, initrd, append, qemu_args, set_at)
+                            memory, cpus, accel, kernel, initrd, append, qemu_args, set_at, allow)
 revoked    "swarm"          ``serial``: int >= 1; ``names``: up to 8 distinct host names, sorted; ``sig``:
                             64 bytes (the CA's signature, checked by its readers: ``revocation``)
 =========  ===============  =====================================================================

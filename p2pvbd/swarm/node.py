@@ -56,6 +56,7 @@ from p2pvbd.swarm import access, maps
 from p2pvbd.swarm.access import PeerOp
 from p2pvbd.swarm.address_book import PEERS_FILE, AddressBook
 from p2pvbd.swarm.ownership import Ownership
+from p2pvbd.swarm.proven import ProvenOwners
 from p2pvbd.swarm.punch import RELAYED_GRACE_SECONDS, Puncher
 from p2pvbd.swarm.relay import Relays
 from p2pvbd.swarm.revoked import REVOKED_FILE, RevocationBook
@@ -165,6 +166,7 @@ class Swarm:
                                binding=identity.binding)
         # Who owns each disk, as proven by its chain of deeds (deeds.py), not by index records.
         self.ownership = Ownership(identity, DeedChecker(ca_public, self.revoked.revokes))  # type: ignore[arg-type]
+        self.proven = ProvenOwners(self)  # the owner each disk's deeds prove, with the claims they refute
         self.client_ssl = trust.client_ssl_context(identity)
         self._conns: dict[str, PeerConnection] = {}  # links this host opened, by peer
         # Links peers opened to this host, by peer: requests go back over them to a peer this host cannot
@@ -759,14 +761,10 @@ class Swarm:
         return sorted(names)
 
     async def owner_of(self, disk: str) -> tuple[str, int]:
-        """(owning host, epoch): the highest epoch any owner record or this host's store knows."""
-        owners = await self.dht.lookup("owner", disk)
-        local = self.ctl.get(disk)
-        candidates = [(int(r.payload["epoch"]), r.ts, str(r.payload["host"])) for r in owners]
-        if local is not None and local.store.owner and not self.revoked.revokes(local.store.owner):
-            candidates.append((local.store.epoch, math.inf, local.store.owner))
-        epoch, _, owner = max(candidates) if candidates else (0, 0.0, "")
-        return owner, epoch
+        """(owning host, epoch) as the disk's chain of deeds proves it (swarm/proven.py): an owner record in
+        the index is only a claim."""
+        proven = await self.proven.of(disk)
+        return proven.owner, proven.epoch
 
     async def holders_of(self, disk: str) -> list[str]:
         hosts = {str(r.payload["host"]) for r in await self.dht.lookup("holders", disk)}
@@ -777,7 +775,8 @@ class Swarm:
     async def disk_status(self, disk: str) -> dict[str, Any]:
         """Owner, epoch and each replica's coverage against the owner's map, from map summaries: a replica
         whose root equals the owner's costs nothing, another a descent into where they differ."""
-        owner, epoch = await self.owner_of(disk)
+        proven = await self.proven.of(disk)
+        owner, epoch = proven.owner, proven.epoch
         local = self.ctl.get(disk)
         holders = {str(r.payload["host"]): r for r in await self.dht.lookup("holders", disk)}
         if local is not None:
@@ -832,6 +831,7 @@ class Swarm:
         return {"name": disk, "size": any_summary.size if any_summary else 0,
                 "block_size": any_summary.block_size if any_summary else 0, "owner": owner, "epoch": epoch,
                 "replicas": replicas, "replicate": policy.as_payload() if policy and policy.hosts else None,
+                "conflicts": [c.as_dict() for c in proven.conflicts],
                 "migration": ref.extra.get("migration") if ref is not None else None}
 
     async def _current_blocks(self, disk: str, holder: maps.MapSource, mine: maps.MapSummary,
