@@ -1,26 +1,38 @@
 """A joined member ("mallory") asks for what only an owner may decide, with the stock CLI or its own
-certificate: to have a running VM moved to it, to redefine another host's VM, to be named a disk's owner.
+certificate: to have a running VM moved to it, to redefine another host's VM, to be named a disk's owner;
+and it spends what it shares with the others: a host's relayed ends, a relay's rate, other hosts' dials
+(its host record may name any address), a punch's dial (an address that is loopback in disguise).
 
 office-pc owns vm1 (home-pc holds a replica, car-pc none; the fixture of test_insiders). Each request is
-refused, or each claim shown as a conflict and never followed, and the owner's choices still work.
+refused, or each claim shown as a conflict and never followed, each share bounded, and the owner's
+choices still work.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import trio
+from trio.testing import MockClock
 
 from p2pvbd import trust
 from p2pvbd.dht_records import key_digest
-from p2pvbd.peer_transport import PeerError
+from p2pvbd.peer_transport import PeerError, open_peer
 from p2pvbd.replica_store import ReplicaStore
-from p2pvbd.swarm import access
+from p2pvbd.swarm import access, relay
+from p2pvbd.swarm.dial_backoff import FIRST_BACKOFF_SECONDS, MAX_BACKOFF_SECONDS, DialBackoff
+from p2pvbd.swarm.punch import public_address
 from p2pvbd.vm.definition import MAX_CLOCK_AHEAD_SECONDS, VmDefinition
 from tests.daemons import Host, run
 from tests.forge import IndexClient, forge_record
 from tests.test_insiders import as_member, swarm  # noqa: F401 - the fixture
-from tests.test_swarm import wait_until
+from tests.test_swarm import invite, wait_until
 
 VM = "workvm"
 # The mallory epoch of test 5: as if it had edited its own store's files.
@@ -152,3 +164,85 @@ def test_a_definition_stamped_far_ahead_is_not_learned(swarm: tuple[list[Host], 
     wait_until(lambda: (vm_info(home) or {}).get("allow") == ["home-pc"], "home-pc to learn the later change")
     assert vm_info(home)["memory"] == 64 << 20  # type: ignore[index]
 
+
+
+def test_a_member_posing_as_a_relay_holds_a_bounded_share_of_an_ends_room(make_host: Callable[..., Host]) -> None:
+    """mallory, as if it relayed pipes to home-pc, asks home-pc to accept 64 of them (the body's ``from``
+    is any name it likes): home-pc takes MAX_ENDS_PER_RELAY of mallory's, and a pipe office-pc relays for
+    car-pc is still accepted at once."""
+    office = make_host("office-pc")
+    home, car, mallory = (make_host(n, join=invite(office)) for n in ("home-pc", "car-pc", "mallory"))
+    wait_until(lambda: {p["name"] for p in office.json("peers") if p["reachable"]} == {"home-pc", "car-pc", "mallory"},
+               "office-pc to reach every member")
+    identity = trust.load_identity(mallory.home)
+
+    async def flood() -> list[dict[str, Any] | PeerError]:
+        answers: list[dict[str, Any] | PeerError] = []
+        async with open_peer("127.0.0.1", home.port, trust.client_ssl_context(identity)) as conn:
+            for pipe in range(relay.MAX_PIPES):
+                try:
+                    answers.append(await conn.request("relay_accept", {"from": f"host{pipe}", "id": pipe + 1},
+                                                      timeout=30))
+                except PeerError as e:
+                    answers.append(e)
+        return answers
+
+    answers = trio.run(flood)
+    taken = [a for a in answers if isinstance(a, dict)]
+    refused = [a for a in answers if isinstance(a, PeerError)]
+    assert len(taken) == relay.MAX_ENDS_PER_RELAY < relay.MAX_PIPES, answers[:relay.MAX_ENDS_PER_RELAY + 1]
+    assert all(e.code == "busy" and "mallory" in e.message for e in refused), refused[:1]
+    res = as_member(car, office, "relay_open", {"to": "home-pc"})
+    assert isinstance(res, dict) and isinstance(res["id"], int), res
+    assert all(h.alive() for h in (office, home, car))
+
+
+def test_a_members_relayed_chunks_take_turns_with_the_others() -> None:
+    """mallory sends 32 chunks through the relay at once, car-pc one a moment later: car-pc's waits for a
+    round of the senders' chunks, not mallory's whole backlog (trio's mock clock: no real time passes)."""
+    relays = relay.Relays(SimpleNamespace(name="office-pc", config=SimpleNamespace(extra={"relay_rate": "1M"})))  # type: ignore[arg-type]
+    done: list[str] = []
+
+    async def main() -> None:
+        async def send(who: str) -> None:
+            await relays._pace(who, relay.CHUNK_BYTES)
+            done.append(who)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(32):
+                nursery.start_soon(send, "mallory")
+            await trio.sleep(0.01)
+            nursery.start_soon(send, "car-pc")
+    trio.run(main, clock=MockClock(autojump_threshold=0))
+    assert len(done) == 33 and done.index("car-pc") <= 8, done
+    assert relays._turns == {}  # nothing kept for senders gone
+
+
+def test_a_punch_dials_no_loopback_in_any_form() -> None:
+    for text in ("[::ffff:127.0.0.1]:22", "127.0.0.1:22", "[::1]:22", "[::127.0.0.1]:22", "[::ffff:0.0.0.0]:22",
+                 "0.0.0.0:22", "[2002:7f00:1::1]:22", "[::ffff:169.254.0.1]:22", "255.255.255.255:22",
+                 "224.0.0.1:22", "[fe80::1]:22", "[fec0::1]:22"):
+        with pytest.raises(PeerError, match="not an address a NAT shows"):
+            public_address(text)
+    assert public_address("[::ffff:10.77.0.1]:4000") == ("10.77.0.1", 4000)  # mapped, judged as IPv4
+    assert public_address("192.0.2.7:4000") == ("192.0.2.7", 4000)
+    assert public_address("[2001:db8::7]:4000") == ("2001:db8::7", 4000)
+
+
+def test_an_address_that_fails_is_dialled_ever_more_rarely() -> None:
+    dials = DialBackoff(limit=4)
+    now, waits = 1000.0, []
+    for _ in range(8):
+        assert dials.due("mallory", "192.0.2.1:7000", now)
+        due = dials.failed("mallory", "192.0.2.1:7000", now)
+        assert not dials.due("mallory", "192.0.2.1:7000", due - 1)
+        waits.append(due - now)
+        now = due
+    assert waits[:4] == [FIRST_BACKOFF_SECONDS * 2 ** i for i in range(4)] and max(waits) == MAX_BACKOFF_SECONDS
+    # an address that answered as another host waits the longest at once; one that reached its peer none
+    assert dials.failed("mallory", "127.0.0.1:22", 0.0, wrong_host=True) == MAX_BACKOFF_SECONDS
+    dials.reached("mallory", "192.0.2.1:7000")
+    assert dials.due("mallory", "192.0.2.1:7000", now)
+    for i in range(10):  # bounded: the oldest are forgotten (and dialled as new)
+        dials.failed("mallory", f"192.0.2.{i}:1", 0.0)
+    assert len(dials._failed) == 4

@@ -55,6 +55,7 @@ from p2pvbd.store.map_tree import STALE_ROOT
 from p2pvbd.swarm import access, maps
 from p2pvbd.swarm.access import PeerOp
 from p2pvbd.swarm.address_book import PEERS_FILE, AddressBook
+from p2pvbd.swarm.dial_backoff import MAX_DIAL_ADDRESSES, DialBackoff
 from p2pvbd.swarm.ownership import Ownership
 from p2pvbd.swarm.proven import ProvenOwners
 from p2pvbd.swarm.punch import RELAYED_GRACE_SECONDS, Puncher
@@ -176,6 +177,7 @@ class Swarm:
         self._inbound: dict[str, list[PeerConnection]] = {}
         self._relay_holds: dict[PeerConnection, trio.CancelScope] = {}  # relayed links, to close when replaced
         self._direct_failed: dict[str, float] = {}  # peer -> monotonic time of the last failed connect
+        self.dials = DialBackoff()  # per (peer, address): when a failed address is dialled again
         self._seeking: set[str] = set()  # peers a relayed link to which is being replaced (_better_path)
         self.book = AddressBook(home.path / PEERS_FILE)  # where peers were last found: a restart starts there
         self._last_contact: dict[str, float] = {}  # peer -> wall-clock time of its last request to us
@@ -408,6 +410,9 @@ class Swarm:
         if host == self.name:
             raise PeerError("bad_request", "a host cannot revoke itself")
         rev = self.revoked.current
+        if not rev.revokes(host) and host not in await trio.to_thread.run_sync(invites.taken_names, self.identity):
+            # a list names few hosts (MAX_REVOKED_HOSTS): a name no certificate was issued for would waste one
+            raise PeerError("bad_request", f"{host} is not a member of this swarm: no certificate was issued to it")
         if not rev.revokes(host):
             rev = rev.with_host(self.identity.ca_key, host)
             self.adopt_revocations(rev)
@@ -611,15 +616,26 @@ class Swarm:
         return None
 
     async def _connect_direct(self, peer: str) -> PeerConnection:
-        """A new link to ``peer`` at the first of its advertised addresses that answers."""
+        """A new link to ``peer`` at the first of its advertised addresses that answers, of those not
+        backing off after failing (swarm/dial_backoff.py: a record may name any address)."""
         assert self._nursery is not None
         errors = []
-        for address in await self._addresses(peer):
+        addresses = await self._addresses(peer)
+        now = time.monotonic()
+        due = [a for a in addresses if self.dials.due(peer, a, now)][:MAX_DIAL_ADDRESSES]
+        for address in due:
             host, port = parse_hostport(address)
             try:
-                return await self._nursery.start(self._hold, peer, host, port)
+                conn = await self._nursery.start(self._hold, peer, host, port)
             except PeerError as e:
+                self.dials.failed(peer, address, time.monotonic(), wrong_host=e.code == "wrong_host")
                 errors.append(f"{address}: {e.message}")
+            else:
+                self.dials.reached(peer, address)
+                return conn
+        if addresses and not due:
+            wait = self.dials.next_due(peer, addresses) - now
+            errors.append(f"its addresses failed lately; the next is dialled in {wait:.0f} s")
         raise PeerError("unreachable", f"host {peer} is unreachable" + (f" ({'; '.join(errors)})"
                                                                         if errors else " (no address known)"))
 
