@@ -46,6 +46,10 @@ from typing import Any
 
 from p2pvbd.home import NAME_RE
 
+# A record's ``set_at`` (a definition's, a policy's) further ahead of the reading host's clock than this is
+# not learned: machines kept by NTP agree within seconds, and one stamped days ahead would outrank every
+# later change until that day. Ten minutes leaves room for a machine whose clock is not kept.
+MAX_CLOCK_AHEAD_SECONDS = 600.0
 # Epochs, generations and block counts: msgpack's and numpy's int64 and the store's state hold below this.
 MAX_COUNTER = 2**63
 # Addresses in a host record: the same bound as the address book keeps per peer (swarm/address_book.py).

@@ -23,12 +23,13 @@ from trio.testing import MockClock
 
 from p2pvbd import trust
 from p2pvbd.dht_records import key_digest
+from p2pvbd.dht_schema import MAX_CLOCK_AHEAD_SECONDS
 from p2pvbd.peer_transport import PeerError, open_peer
 from p2pvbd.replica_store import ReplicaStore
 from p2pvbd.swarm import access, relay
 from p2pvbd.swarm.dial_backoff import FIRST_BACKOFF_SECONDS, MAX_BACKOFF_SECONDS, DialBackoff
 from p2pvbd.swarm.punch import public_address
-from p2pvbd.vm.definition import MAX_CLOCK_AHEAD_SECONDS, VmDefinition
+from p2pvbd.vm.definition import VmDefinition
 from tests.daemons import Host, run
 from tests.forge import IndexClient, forge_record
 from tests.test_insiders import as_member, swarm  # noqa: F401 - the fixture
@@ -144,8 +145,8 @@ def test_definitions_and_status_follow_the_deeds_not_the_index(swarm: tuple[list
 
 def test_a_definition_stamped_far_ahead_is_not_learned(swarm: tuple[list[Host], bytes],  # noqa: F811
                                                        tmp_path: Path) -> None:
-    """A definition of office-pc's own (its key) stamped a day ahead, as a machine with a wrong clock
-    would publish it, is refused: it would outrank every later change until that day."""
+    """A definition and a replication policy of office-pc's own (its key) stamped a day ahead, as a machine
+    with a wrong clock would publish them, are refused: each would outrank every later change until then."""
     (office, home, car, mallory), _ = swarm
     office.cli("vm", "create", VM, "--disk", "vm1", "--memory", "64M")
     wait_until(lambda: vm_info(home) is not None, "home-pc to learn workvm")
@@ -153,16 +154,23 @@ def test_a_definition_stamped_far_ahead_is_not_learned(swarm: tuple[list[Host], 
     assert ahead.too_far_ahead(time.time()) and not ahead.too_far_ahead(ahead.set_at - MAX_CLOCK_AHEAD_SECONDS)
     me = trust.load_identity(office.home)
     record = forge_record(me.key, "office-pc", "vm", "vm1", ahead.as_payload(), binding=me.binding)
+    policy = forge_record(me.key, "office-pc", "policy", "vm1",
+                          {"disk": "vm1", "hosts": ["home-pc"], "rate": -1, "set_at": ahead.set_at}, binding=me.binding)
     client = IndexClient(trust.load_identity(mallory.home))
     try:
         for h in (home, car):
             assert client.store(h.port, key_digest("vm", "vm1"), [record]) is True
+            assert client.store(h.port, key_digest("policy", "vm1"), [policy]) is True
     finally:
         client.close()
-    wait_until(lambda: logged(home, f"ignoring a definition of VM {VM} stamped"), "home-pc to see the record")
+    wait_until(lambda: logged(home, f"ignoring a definition of VM {VM} stamped"), "home-pc to see the definition")
+    wait_until(lambda: logged(home, "ignoring office-pc's policy of vm1: stamped"), "home-pc to see the policy")
     office.cli("vm", "allow", VM, "home-pc")
+    office.cli("replicate", "vm1", "--on", "car-pc")
     wait_until(lambda: (vm_info(home) or {}).get("allow") == ["home-pc"], "home-pc to learn the later change")
     assert vm_info(home)["memory"] == 64 << 20  # type: ignore[index]
+    wait_until(lambda: (home.json("status", "vm1")["disks"][0]["replicate"] or {}).get("hosts") == ["car-pc"],
+               "home-pc to learn office-pc's later policy")
 
 
 

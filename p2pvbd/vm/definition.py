@@ -18,6 +18,7 @@ from typing import Any
 
 import msgpack
 
+from p2pvbd.dht_schema import MAX_CLOCK_AHEAD_SECONDS
 from p2pvbd.home import NAME_RE
 from p2pvbd.units import parse_size
 
@@ -41,9 +42,7 @@ ACCELS = ("auto", "kvm", "tcg")
 # Hosts a VM may be pulled to (`vm allow`): a person's handful of machines; eight names of up to 64
 # characters still leave the definition within MAX_PAYLOAD_BYTES with short disk names.
 MAX_ALLOWED_HOSTS = 8
-# A definition stamped further ahead of this host's clock than this is refused: machines kept by NTP
-# agree within seconds, and one stamped days ahead would outrank every later change until that day.
-MAX_CLOCK_AHEAD_SECONDS = 600.0
+
 # A path names a file on every host that runs the VM (kernel, initrd): absolute, printable, bounded.
 _PATH_RE = re.compile(r"/[\x21-\x7e]{0,1023}")
 
