@@ -136,7 +136,8 @@ def start_qemu(work: Path, n: int, kernel: Path, initrd: Path, nbd_sock: Path, e
     g = QemuGuest(work / f"q{n}{tag}", kernel, initrd, nbd_sock, export, memory_mb=MEMORY_MB, incoming=incoming,
                   reconnect_delay=120 if reconnect else None, delay_ms=5)
     if p2pvbd_argv:  # exactly what a p2pvbd daemon runs for the tests' VM
-        from p2pvbd.vm.definition import RunPaths, VmDefinition, qemu_argv
+        from p2pvbd.vm.definition import RunPaths, qemu_argv
+        from p2pvbd.wire.vm_definition import VmDefinition
 
         vm = VmDefinition("vm1", (export,), MEMORY_MB << 20, accel="tcg", kernel=str(kernel), initrd=str(initrd),
                           append=APPEND, qemu_args=("-no-reboot",))

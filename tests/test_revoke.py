@@ -94,6 +94,11 @@ def test_a_revoked_host_is_refused_everywhere_for_good(make_host: Callable[..., 
     listed = trust.load_identity(home.home).trust_dir / "revoked.json"
     assert listed.exists() and "mallory" in listed.read_text()
     assert office.cli("revoke", "office-pc", check=False).returncode != 0
+    # a name that never joined would use up one of the list's few places for good: refused
+    res = office.cli("revoke", "never-joined", check=False)
+    assert res.returncode != 0 and "never-joined is not a member" in res.stderr and "Traceback" not in res.stderr, \
+        res.stderr
+    assert office.json("revoke", "mallory")["revoked"] == ["mallory"]  # again: nothing new, nothing lost
     res = office.cli("disk", "claim", "lap1", check=False)
     assert res.returncode != 0 and "no replica" in res.stderr, res.stderr
     res = car.cli("disk", "claim", "lap1", check=False)  # claimed once: home-pc owns it, not revoked

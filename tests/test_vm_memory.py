@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tests.daemons import Host
 from tests.test_swarm import wait_until
-from tests.test_vm_move import DISK, GUEST_WAIT, QEMU_TCG_CRASH, acked, approve, move, serial, vm_state
+from tests.test_vm_move import DISK, GUEST_BROKE, GUEST_WAIT, acked, approve, move, serial, vm_state
 from tests.vm_guest import MEMCHECK, workload_append
 
 # The guest's random data: a third of its memory, so most 1 MiB pieces of QEMU's stream are incompressible.
@@ -35,10 +35,10 @@ def memory_checked_on(host: Host, what: str, seen: int = 0) -> None:
     """Wait for the guest at ``host`` to check its random data more than ``seen`` times (the serial log
     of a host the VM comes back to goes on from its earlier stay); every check there found it intact."""
     def checked() -> bool:
-        return len(memchecks(host)) > seen or QEMU_TCG_CRASH in serial(host)
+        return len(memchecks(host)) > seen or GUEST_BROKE.search(serial(host)) is not None
 
     wait_until(checked, what, timeout=GUEST_WAIT)
-    assert QEMU_TCG_CRASH not in serial(host), f"the guest crashed at {host.name}: {serial(host)[-600:]!r}"
+    assert not GUEST_BROKE.search(serial(host)), f"the guest crashed at {host.name}: {serial(host)[-600:]!r}"
     assert all(v == b"OK" for _, v in memchecks(host)), memchecks(host)
 
 

@@ -171,7 +171,13 @@ def test_a_running_vm_moves_with_its_memory_and_disk_and_back(
     assert stale.wait_exit() != 0 and b"Permission denied" in (stale.workdir / "qemu.stderr").read_bytes()
     assert stale.verify_result() is None
 
-    report = move(office, "office-pc", "sync")  # asked for on the destination: the request goes to car-pc
+    # Asked for on the destination, the request goes to car-pc, which moves the VM only to a host its
+    # owner allows (car-pc itself now: the definition, allow-list included, moved with the VM).
+    res = office.cli("migrate", "vm1", "--to", "office-pc", check=False, timeout=600)
+    assert res.returncode != 0 and "p2pvbd vm allow vm1 office-pc" in res.stderr, res.stderr
+    car.cli("vm", "allow", "vm1", "office-pc")
+    wait_until(lambda: vm_state(office)["allow"] == ["office-pc"], "office-pc to learn it may pull vm1")
+    report = move(office, "office-pc", "sync")
     assert report["from"] == "car-pc" and report["vm_downtime_ms"] is not None, report
     assert owner(office) == ("office-pc", 3)
     assert vm_state(car)["state"] != "running"
@@ -206,22 +212,29 @@ def test_vm_commands_refuse_what_cannot_work(make_host: Callable[..., Host], gue
     assert [(v["name"], v["state"], v["disks"]) for v in listed] == [("vm1", "stopped here", [DISK])]
 
 
-def test_an_approval_covers_exactly_the_host_parts_it_was_given() -> None:
-    """A definition that takes nothing from the host needs no approval; any change to its kernel, initrd or
-    QEMU arguments (or a VM of another name with the same parts) needs a new one; memory or append do not."""
+def test_an_approval_covers_everything_that_decides_what_runs() -> None:
+    """A definition that takes nothing from the host needs no approval; any change to what runs (kernel,
+    initrd, QEMU arguments, command line, memory, CPUs; or a VM of another name) needs a new one; who may
+    pull it, or when it was set, does not."""
     plain = VmDefinition("vm1", (DISK,))
-    assert plain.host_parts_digest() is None
+    assert plain.approval_digest() is None
     booted = VmDefinition("vm1", (DISK,), kernel="/boot/k", initrd="/boot/i", qemu_args=("-no-reboot",))
-    digest = booted.host_parts_digest()
+    digest = booted.approval_digest()
     assert digest is not None
-    same = VmDefinition("vm1", (DISK,), 256 << 20, kernel="/boot/k", initrd="/boot/i", append="quiet",
-                        qemu_args=("-no-reboot",))
-    assert same.host_parts_digest() == digest
+    same = VmDefinition("vm1", (DISK,), kernel="/boot/k", initrd="/boot/i", qemu_args=("-no-reboot",),
+                        set_at=booted.set_at + 60, allow=("car-pc", "home-pc"))
+    assert same.approval_digest() == digest
     others = [VmDefinition("vm1", (DISK,), kernel="/boot/k", initrd="/etc/shadow", qemu_args=("-no-reboot",)),
               VmDefinition("vm1", (DISK,), kernel="/boot/k", initrd="/boot/i",
                            qemu_args=("-no-reboot", "-netdev", "tap,id=n,script=/tmp/x")),
-              VmDefinition("vm2", (DISK,), kernel="/boot/k", initrd="/boot/i", qemu_args=("-no-reboot",))]
-    assert len({o.host_parts_digest() for o in others} | {digest}) == 4
+              VmDefinition("vm2", (DISK,), kernel="/boot/k", initrd="/boot/i", qemu_args=("-no-reboot",)),
+              VmDefinition("vm1", (DISK,), kernel="/boot/k", initrd="/boot/i", qemu_args=("-no-reboot",),
+                           append="init=/bin/sh"),
+              VmDefinition("vm1", (DISK,), 16 << 20, kernel="/boot/k", initrd="/boot/i", qemu_args=("-no-reboot",)),
+              VmDefinition("vm1", (DISK,), cpus=64, kernel="/boot/k", initrd="/boot/i", qemu_args=("-no-reboot",)),
+              VmDefinition("vm1", (DISK, "other"), kernel="/boot/k", initrd="/boot/i", qemu_args=("-no-reboot",))]
+    assert len({o.approval_digest() for o in others} | {digest}) == len(others) + 1
+
 
 
 def pings(host: Host) -> list[int]:

@@ -239,6 +239,9 @@ def cmd_status(args: argparse.Namespace) -> None:
             notes.append(f"{d['name']}: migrating from {m['from']} to {m['to']} ({m['mode']}): {m['phase']}, "
                          f"{format_size(m['done_bytes'])} of {format_size(m['total_bytes'])} pulled, "
                          f"mirror lag {m['mirror_lag_blocks']} blocks")
+        for c in d.get("conflicts", []):
+            notes.append(f"{d['name']}: conflict: {c['host']} claims to own it at epoch {c['epoch']}, not followed: "
+                         f"{c['error']}")
         if d.get("replicate") and (rate := d["replicate"]["rate"]) > 0:
             notes.append(f"{d['name']}: owner upload for warm replicas at most {format_size(rate)}/s")
     console().print(table)

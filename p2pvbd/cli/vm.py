@@ -46,6 +46,17 @@ def cmd_vm_approve(args: argparse.Namespace) -> None:
     print(f"VM {info['name']} may run here" + (f" with {shown}" if shown else " (it uses nothing of this host)"))
 
 
+def cmd_vm_allow(args: argparse.Namespace) -> None:
+    if args.none == bool(args.hosts):
+        fail("name the hosts that may pull the VM (HOST[,HOST…]), or --none")
+    hosts = [] if args.none else [h for h in args.hosts.split(",") if h]
+    info = ask(args, "vm_allow", name=args.vm, hosts=hosts)
+    if args.json:
+        print_json(info)
+        return
+    print(f"VM {info['name']} may be pulled to " + (", ".join(info["allow"]) or "no host: only its owner moves it"))
+
+
 def cmd_vm_stop(args: argparse.Namespace) -> None:
     info = ask(args, "vm_stop", name=args.vm, timeout=args.timeout)
     if args.json:
@@ -61,10 +72,10 @@ def cmd_vm_list(args: argparse.Namespace) -> None:
         return
     from rich.table import Table
 
-    table = Table("vm", "host", "state", "disks", "memory", "serial log", box=None)
+    table = Table("vm", "host", "state", "disks", "memory", "may pull", "serial log", box=None)
     for v in vms:
         table.add_row(v["name"], v["host"] or "-", v["state"], ", ".join(v["disks"]), format_size(v["memory"]),
-                      v["serial"])
+                      ", ".join(v["allow"]) or "-", v["serial"])
     console().print(table)
 
 
@@ -136,6 +147,11 @@ def add_parsers(add: Any, as_json: argparse.ArgumentParser) -> None:
     sp = add("approve", cmd_vm_approve, "let this host run a VM defined on another host, with the kernel, initrd "
              "and QEMU arguments it names (they run as root here)", (as_json,), into=vsub)
     sp.add_argument("vm")
+    sp = add("allow", cmd_vm_allow, "name the hosts that may pull a VM to themselves ('migrate VM --to HOST' run "
+             "there); run on the owner of its disks", (as_json,), into=vsub)
+    sp.add_argument("vm")
+    sp.add_argument("hosts", nargs="?", metavar="HOST[,HOST…]")
+    sp.add_argument("--none", action="store_true", help="no host may: only the owner moves the VM")
     sp = add("stop", cmd_vm_stop, "power a VM off (ACPI), quitting QEMU after --timeout", (as_json,), into=vsub)
     sp.add_argument("vm")
     sp.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",

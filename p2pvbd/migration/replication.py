@@ -25,7 +25,7 @@ from p2pvbd.migration.fetcher import SyncError, SyncProgress
 from p2pvbd.migration.pull import PullState, sync_disk
 from p2pvbd.swarm.peer_transport import PeerError
 from p2pvbd.wire.dht_records import FirstSeen
-from p2pvbd.wire.dht_schema import check_payload
+from p2pvbd.wire.dht_schema import MAX_CLOCK_AHEAD_SECONDS, check_payload
 
 if TYPE_CHECKING:
     from p2pvbd.swarm.node import Swarm
@@ -124,7 +124,8 @@ class Replication:
 
     async def refresh(self) -> None:
         """Learn policies from the index: a disk's policy counts only when its owner published it (the
-        owner this host's replica records, else the index's), so no other member can make a host pull."""
+        owner this host's replica records, else the one the deeds prove), so no other member can make a
+        host pull; one stamped far ahead of this host's clock is not learned."""
         for disk in await self.swarm.known_disks():
             records = await self.swarm.dht.lookup("policy", disk)
             if not records:
@@ -139,7 +140,13 @@ class Replication:
                                  owner or "unknown")
                     continue
                 try:
-                    self.learn(Policy.from_payload(rec.payload))
+                    policy = Policy.from_payload(rec.payload)
+                    if policy.set_at > time.time() + MAX_CLOCK_AHEAD_SECONDS:  # would outrank every later one
+                        if self._ignored.first((disk, rec.publisher, policy.set_at)):
+                            log.warning("ignoring %s's policy of %s: stamped %.0f s ahead of this host's clock",
+                                        rec.publisher, disk, policy.set_at - time.time())
+                        continue
+                    self.learn(policy)
                 except (ValueError, KeyError, TypeError):
                     log.info("ignoring a malformed policy record from %s", rec.publisher)
 

@@ -172,15 +172,16 @@ def check_lists(op: str, spec: PeerOp, body: dict[str, Any]) -> str | None:
 
 
 class Refusals:
-    """Logs each refused (peer, op, disk) once, remembering at most ``limit`` of them."""
+    """Logs each refused (peer, op, disk or VM) once, remembering at most ``limit`` of them."""
 
     def __init__(self, limit: int = MAX_REMEMBERED_REFUSALS) -> None:
         self.limit = limit
         self._seen: OrderedDict[tuple[str, str, str], None] = OrderedDict()
 
     def refuse(self, peer: str, op: str, body: dict[str, Any], code: str, reason: str) -> PeerError:
-        """The error to answer ``op`` with; logged unless this (peer, op, disk) was refused already."""
-        disk = body.get("disk")
+        """The error to answer ``op`` with; logged unless this (peer, op, disk) was refused already (a VM's
+        ops name the VM instead of a disk)."""
+        disk = body.get("disk", body.get("vm"))
         key = (peer, op, disk if isinstance(disk, str) and NAME_RE.fullmatch(disk) else "?")
         if key in self._seen:
             self._seen.move_to_end(key)

@@ -32,6 +32,7 @@ from p2pvbd.swarm import access, invites, maps, trust
 from p2pvbd.swarm.access import PeerOp
 from p2pvbd.swarm.address_book import PEERS_FILE, AddressBook
 from p2pvbd.swarm.deeds import DeedChecker
+from p2pvbd.swarm.dial_backoff import MAX_DIAL_ADDRESSES, DialBackoff
 from p2pvbd.swarm.ops import IncomingMigrations, OutgoingMigration, ServiceHooks
 from p2pvbd.swarm.ownership import Ownership
 from p2pvbd.swarm.peer_transport import (
@@ -45,6 +46,7 @@ from p2pvbd.swarm.peer_transport import (
     serve_link,
     serve_peers,
 )
+from p2pvbd.swarm.proven import ProvenOwners
 from p2pvbd.swarm.punch import RELAYED_GRACE_SECONDS, Puncher
 from p2pvbd.swarm.relay import Relays
 from p2pvbd.swarm.revoked import REVOKED_FILE, RevocationBook
@@ -161,6 +163,7 @@ class Swarm:
                                binding=identity.binding)
         # Who owns each disk, as proven by its chain of deeds (deeds.py), not by index records.
         self.ownership = Ownership(identity, DeedChecker(ca_public, self.revoked.revokes))  # type: ignore[arg-type]
+        self.proven = ProvenOwners(self)  # the owner each disk's deeds prove, with the claims they refute
         self.client_ssl = trust.client_ssl_context(identity)
         self._conns: dict[str, PeerConnection] = {}  # links this host opened, by peer
         # Links peers opened to this host, by peer: requests go back over them to a peer this host cannot
@@ -170,6 +173,7 @@ class Swarm:
         self._inbound: dict[str, list[PeerConnection]] = {}
         self._relay_holds: dict[PeerConnection, trio.CancelScope] = {}  # relayed links, to close when replaced
         self._direct_failed: dict[str, float] = {}  # peer -> monotonic time of the last failed connect
+        self.dials = DialBackoff()  # per (peer, address): when a failed address is dialled again
         self._seeking: set[str] = set()  # peers a relayed link to which is being replaced (_better_path)
         self.book = AddressBook(home.path / PEERS_FILE)  # where peers were last found: a restart starts there
         self._last_contact: dict[str, float] = {}  # peer -> wall-clock time of its last request to us
@@ -407,6 +411,9 @@ class Swarm:
         if host == self.name:
             raise PeerError("bad_request", "a host cannot revoke itself")
         rev = self.revoked.current
+        if not rev.revokes(host) and host not in await trio.to_thread.run_sync(invites.taken_names, self.identity):
+            # a list names few hosts (MAX_REVOKED_HOSTS): a name no certificate was issued for would waste one
+            raise PeerError("bad_request", f"{host} is not a member of this swarm: no certificate was issued to it")
         if not rev.revokes(host):
             rev = rev.with_host(self.identity.ca_key, host)
             self.adopt_revocations(rev)
@@ -610,15 +617,26 @@ class Swarm:
         return None
 
     async def _connect_direct(self, peer: str) -> PeerConnection:
-        """A new link to ``peer`` at the first of its advertised addresses that answers."""
+        """A new link to ``peer`` at the first of its advertised addresses that answers, of those not
+        backing off after failing (swarm/dial_backoff.py: a record may name any address)."""
         assert self._nursery is not None
         errors = []
-        for address in await self._addresses(peer):
+        addresses = await self._addresses(peer)
+        now = time.monotonic()
+        due = [a for a in addresses if self.dials.due(peer, a, now)][:MAX_DIAL_ADDRESSES]
+        for address in due:
             host, port = parse_hostport(address)
             try:
-                return await self._nursery.start(self._hold, peer, host, port)
+                conn = await self._nursery.start(self._hold, peer, host, port)
             except PeerError as e:
+                self.dials.failed(peer, address, time.monotonic(), wrong_host=e.code == "wrong_host")
                 errors.append(f"{address}: {e.message}")
+            else:
+                self.dials.reached(peer, address)
+                return conn
+        if addresses and not due:
+            wait = self.dials.next_due(peer, addresses) - now
+            errors.append(f"its addresses failed lately; the next is dialled in {wait:.0f} s")
         raise PeerError("unreachable", f"host {peer} is unreachable" + (f" ({'; '.join(errors)})"
                                                                         if errors else " (no address known)"))
 
@@ -760,14 +778,10 @@ class Swarm:
         return sorted(names)
 
     async def owner_of(self, disk: str) -> tuple[str, int]:
-        """(owning host, epoch): the highest epoch any owner record or this host's store knows."""
-        owners = await self.dht.lookup("owner", disk)
-        local = self.ctl.get(disk)
-        candidates = [(int(r.payload["epoch"]), r.ts, str(r.payload["host"])) for r in owners]
-        if local is not None and local.store.owner and not self.revoked.revokes(local.store.owner):
-            candidates.append((local.store.epoch, math.inf, local.store.owner))
-        epoch, _, owner = max(candidates) if candidates else (0, 0.0, "")
-        return owner, epoch
+        """(owning host, epoch) as the disk's chain of deeds proves it (swarm/proven.py): an owner record in
+        the index is only a claim."""
+        proven = await self.proven.of(disk)
+        return proven.owner, proven.epoch
 
     async def holders_of(self, disk: str) -> list[str]:
         hosts = {str(r.payload["host"]) for r in await self.dht.lookup("holders", disk)}
@@ -778,7 +792,8 @@ class Swarm:
     async def disk_status(self, disk: str) -> dict[str, Any]:
         """Owner, epoch and each replica's coverage against the owner's map, from map summaries: a replica
         whose root equals the owner's costs nothing, another a descent into where they differ."""
-        owner, epoch = await self.owner_of(disk)
+        proven = await self.proven.of(disk)
+        owner, epoch = proven.owner, proven.epoch
         local = self.ctl.get(disk)
         holders = {str(r.payload["host"]): r for r in await self.dht.lookup("holders", disk)}
         if local is not None:
@@ -832,6 +847,7 @@ class Swarm:
         return {"name": disk, "size": any_summary.size if any_summary else 0,
                 "block_size": any_summary.block_size if any_summary else 0, "owner": owner, "epoch": epoch,
                 "replicas": replicas, "replicate": self.hooks.replication_policy(disk),
+                "conflicts": [c.as_dict() for c in proven.conflicts],
                 "migration": ref.extra.get("migration") if ref is not None else None}
 
     async def _current_blocks(self, disk: str, holder: maps.MapSource, mine: maps.MapSummary,

@@ -119,9 +119,25 @@ def public_address(text: object) -> tuple[str, int]:
         ip = ipaddress.ip_address(host)
     except (ValueError, HomeError):
         raise PeerError("bad_request", f"{text[:64]!r} is not an \"ip:port\" address") from None
-    if ip.is_loopback or ip.is_unspecified or ip.is_multicast or ip.is_link_local or not 0 < port < 65536:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # [::ffff:127.0.0.1] is 127.0.0.1 to the kernel: judged, and dialled, as such
+    if not 0 < port < 65536 or not unicast(ip):
         raise PeerError("bad_request", f"{text[:64]!r} is not an address a NAT shows")
     return str(ip), port
+
+
+def unicast(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """An address a NAT can show for a peer: not this host's own (loopback, unspecified), not a group
+    (multicast, broadcast), not link-local, reserved or site-local, and no IPv6 form that embeds an IPv4
+    address that is not one (6to4, Teredo: their relays would carry it there)."""
+    if ip.is_loopback or ip.is_unspecified or ip.is_multicast or ip.is_link_local or ip.is_reserved:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.is_site_local or ip.ipv4_mapped is not None:
+            return False
+        embedded = [ip.sixtofour] if ip.sixtofour is not None else list(ip.teredo or ())
+        return all(unicast(e) for e in embedded)
+    return True
 
 
 class Puncher:

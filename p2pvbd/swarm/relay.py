@@ -14,8 +14,13 @@ relay sees ciphertext, cannot alter a byte unnoticed, and cannot speak for eithe
 
 R carries at most MAX_PIPES pipes, MAX_PIPES_PER_HOST of them with any one member at an end (a stolen
 machine cannot take the relay from the rest), paced by one token bucket at its owner's ``relay_rate``
-(config.toml). A pipe whose ends vanished silently is dropped once it has carried nothing for
-PIPE_IDLE_SECONDS and its room is needed; an end still there finds out at its next chunk and reconnects.
+(config.toml) that members share fairly: each sender waits on the bucket with one chunk at a time, so
+a member with many chunks in flight takes its turn with the others instead of queueing them all ahead.
+An end takes at most MAX_ENDS_PER_RELAY pipes from any one relay (the caller of ``relay_accept``, by its
+certificate; the body's ``from`` is only checked later, in the relayed TLS handshake), so a member
+posing as a relay cannot fill the ends every other relay needs. A pipe whose ends vanished silently is
+dropped once it has carried nothing for PIPE_IDLE_SECONDS and its room is needed; an end still there
+finds out at its next chunk and reconnects.
 """
 
 from __future__ import annotations
@@ -71,6 +76,10 @@ MAX_PIPES = 64
 # Pipes with one member at an end: one per other machine it cannot reach directly (a person has a
 # handful), with room for a reconnect while the old pipe is not yet known dead.
 MAX_PIPES_PER_HOST = 8
+# Relayed ends one host holds for any one relay (the caller of relay_accept, by its certificate): half of
+# the room, so a member posing as a relay leaves the other half to the rest. An honest relay carries at
+# most MAX_PIPES_PER_HOST pipes from each member: this is four members' worth to one host.
+MAX_ENDS_PER_RELAY = MAX_PIPES // 2
 # A pipe that carried nothing this long may be dropped for a new one: a link's liveness hello
 # (swarm/node.QUIET_LINK_SECONDS) crosses it whenever it is used after 5 s of quiet, so a pipe silent
 # for a minute is one nobody used for a minute (or whose ends are gone).
@@ -201,6 +210,7 @@ class Relays:
         except ValueError as e:
             raise HomeError(f"relay_rate in config.toml: {e} (bytes per second, e.g. 12M)") from None
         self._bucket: TokenBucket | None = None  # made on first use: it reads trio's clock
+        self._turns: dict[str, trio.Lock] = {}  # per sending member: one chunk of its at a time on the bucket
 
     @property
     def bucket(self) -> TokenBucket:
@@ -254,7 +264,7 @@ class Relays:
             raise PeerError("no_pipe", f"{self.swarm.name} relays no such pipe for {peer}")
         other = pipe.b if peer == pipe.a else pipe.a
         pipe.used = time.monotonic()
-        await self.bucket.take(len(data))
+        await self._pace(peer, len(data))
         try:
             link = await self.swarm.connect(other, relay=False)
             await link.request("relay_deliver", {"id": pipe_id, "seq": seq, "data": data}, timeout=CHUNK_TIMEOUT)
@@ -264,6 +274,19 @@ class Relays:
         if not data:
             self.pipes.pop(pipe_id, None)
         return {}
+
+    async def _pace(self, peer: str, n: int) -> None:
+        """Take ``n`` bytes of ``peer``'s from the relay's bucket, one chunk per member at a time: the
+        bucket's debt holds at most a chunk per sending member, so each waits a round of the others'
+        chunks, never another member's whole backlog."""
+        turn = self._turns.setdefault(peer, trio.Lock())
+        try:
+            async with turn:
+                await self.bucket.take(n)
+        finally:
+            stats = turn.statistics()
+            if not stats.locked and not stats.tasks_waiting and self._turns.get(peer) is turn:
+                del self._turns[peer]
 
     # ---- as an end ------------------------------------------------------------------------------------
     async def _accept(self, relay: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -275,9 +298,14 @@ class Relays:
         if self.swarm.revoked.revokes(source):
             raise PeerError("revoked", f"{source} was revoked from this swarm")
         # Any member may ask this (as a relay would): each end costs a task until its handshake times out,
-        # so they are bounded like a relay's pipes, and one pipe id of a relay names one end.
-        if len(self.ends) >= MAX_PIPES or (relay, pipe) in self.ends:
-            raise PeerError("busy", f"{self.swarm.name} holds {len(self.ends)} relayed ends, or that one already")
+        # so they are bounded like a relay's pipes, per relay (the caller, named by its certificate) as a
+        # relay bounds them per member, and one pipe id of a relay names one end.
+        if (relay, pipe) in self.ends:
+            raise PeerError("busy", f"{self.swarm.name} holds that relayed end of {relay}'s already")
+        if sum(r == relay for r, _ in self.ends) >= MAX_ENDS_PER_RELAY:
+            raise PeerError("busy", f"{self.swarm.name} holds {MAX_ENDS_PER_RELAY} relayed ends of {relay}'s already")
+        if len(self.ends) >= MAX_PIPES:
+            raise PeerError("busy", f"{self.swarm.name} holds {len(self.ends)} relayed ends already")
         stream = RelayStream(await self.swarm.connect(relay, relay=False), pipe)
         self.ends[(relay, pipe)] = stream
         self.swarm.serve_relayed(stream, source, relay, lambda: self.ends.pop((relay, pipe), None))

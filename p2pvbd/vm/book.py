@@ -2,20 +2,26 @@
 
 A definition is a ``vm`` record keyed by the VM's first disk (hosts look records up by the disks they
 know, as for replication policies) and published by the host owning that disk: a record from any other
-publisher is ignored, so a member cannot redefine a VM whose disks it does not own. Each host keeps what
-it learned in ``HOME/vms.json``; the newest ``set_at`` wins.
+publisher is ignored, so a member cannot redefine a VM whose disks it does not own. That owner is the one
+the disk's chain of deeds proves (swarm/proven.py), never an owner record of the index, which any member
+can publish. Each host keeps what it learned in ``HOME/vms.json``; the newest ``set_at`` wins, and one
+stamped more than ``MAX_CLOCK_AHEAD_SECONDS`` ahead of this host's clock is refused (it would outrank
+every later change). The definition also names the hosts that may pull the VM to themselves
+(`vm allow`), so that choice is the owner's too, signed with the rest.
 
 The owner of a disk is one of the person's machines, and any one of them can be stolen: a definition
 decides what QEMU, run as root, opens on every host that runs the VM. So a definition's host parts
 (kernel, initrd, extra QEMU arguments) need this host's approval, kept in ``HOME/vms-approved.json``:
 ``vm create`` approves its own definition where it runs, ``vm approve`` approves a peer's on this host.
-A changed definition needs approving again.
+An approval covers everything that decides what runs (``VmDefinition.runs``: the host parts, command
+line, memory, CPUs, accelerator, disks): a definition changed in any of them needs approving again.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +29,8 @@ import trio
 
 from p2pvbd.base.files import atomic_write, read_json_file
 from p2pvbd.migration.replication import POLICY_REFRESH, POLICY_REPUBLISH
-from p2pvbd.wire.vm_definition import DefinitionError, VmDefinition
+from p2pvbd.wire.dht_records import FirstSeen
+from p2pvbd.wire.vm_definition import MAX_ALLOWED_HOSTS, DefinitionError, VmDefinition
 
 if TYPE_CHECKING:
     from p2pvbd.swarm.node import Swarm
@@ -43,6 +50,8 @@ class VmBook:
         self.approved_path = home / APPROVED_FILE
         self.vms: dict[str, VmDefinition] = self._load()
         self.approved: set[str] = self._load_approved()
+        self._ignored = FirstSeen()  # (disk, publisher) of definitions ignored: logged once
+        self._ahead = FirstSeen()  # (VM, set_at) of definitions refused as stamped ahead: logged once
 
     def _load(self) -> dict[str, VmDefinition]:
         vms: dict[str, VmDefinition] = {}
@@ -59,11 +68,11 @@ class VmBook:
         return {d for d in read_json_file(self.approved_path, list, log) or () if isinstance(d, str)}
 
     def approved_here(self, vm: VmDefinition) -> bool:
-        digest = vm.host_parts_digest()
+        digest = vm.approval_digest()
         return digest is None or digest in self.approved
 
     def approve(self, vm: VmDefinition) -> None:
-        digest = vm.host_parts_digest()
+        digest = vm.approval_digest()
         if digest is not None and digest not in self.approved:
             self.approved.add(digest)
             atomic_write(self.approved_path, json.dumps(sorted(self.approved)).encode())
@@ -72,7 +81,8 @@ class VmBook:
         """DefinitionError, saying how to approve, unless this host may run ``vm`` as defined."""
         if not self.approved_here(vm):
             parts = ", ".join(f"{k} {v}" for k, v in vm.host_parts.items() if v)
-            raise DefinitionError(f"VM {vm.name} was defined on another host with {parts}: run "
+            raise DefinitionError(f"VM {vm.name} was defined on another host with {parts} (or changed since this "
+                                  f"host approved it): run "
                                   f"'p2pvbd vm approve {vm.name}' on {self.swarm.name} to let it run here")
 
     def _save(self) -> None:
@@ -89,6 +99,11 @@ class VmBook:
         an older definition that claims one of its disks is dropped."""
         known = self.vms.get(vm.name)
         if known is not None and known.set_at >= vm.set_at:
+            return False
+        if vm.too_far_ahead(time.time()):
+            if self._ahead.first((vm.name, vm.set_at)):
+                log.warning("ignoring a definition of VM %s stamped %.0f s ahead of this host's clock", vm.name,
+                            vm.set_at - time.time())
             return False
         for other in [o for o in self.vms.values() if o.name != vm.name and set(o.disks) & set(vm.disks)]:
             if other.set_at >= vm.set_at:
@@ -113,10 +128,29 @@ class VmBook:
                 shared = ", ".join(sorted(set(other.disks) & set(vm.disks)))
                 raise DefinitionError(f"disk {shared} already belongs to VM {other.name!r}")
         known = self.vms.get(vm.name)
-        if known is not None and vm.set_at <= known.set_at:
-            vm = VmDefinition(**{**vm.__dict__, "set_at": known.set_at + 1e-3})
+        if known is not None:  # a redefinition keeps who may pull the VM
+            vm = VmDefinition(**{**vm.__dict__, "allow": known.allow, "set_at": max(vm.set_at, known.set_at + 1e-3)})
         self.learn(vm)
         self.approve(vm)
+        await self.publish()
+        return vm
+
+    async def allow(self, name: str, hosts: list[str]) -> VmDefinition:
+        """`vm allow`: the hosts that may pull VM ``name`` to themselves (none: only its owner moves it).
+        Only the owner of its first disk changes it, as only that host's definition counts."""
+        vm = self.vms.get(name)
+        if vm is None:
+            raise DefinitionError(f"no VM named {name!r} (see 'p2pvbd vm list')")
+        exp = self.swarm.ctl.get(vm.disks[0])
+        if exp is None or exp.store.owner != self.swarm.name:
+            owner = exp.store.owner if exp is not None else (await self.swarm.owner_of(vm.disks[0]))[0]
+            raise DefinitionError(f"only the owner of VM {name}'s disk {vm.disks[0]} says who may pull it"
+                                  + (f": run this on {owner}" if owner else ""))
+        hosts = list(dict.fromkeys(hosts))
+        if len(hosts) > MAX_ALLOWED_HOSTS:
+            raise DefinitionError(f"at most {MAX_ALLOWED_HOSTS} hosts may pull a VM, not {len(hosts)}")
+        vm = VmDefinition(**{**vm.__dict__, "allow": tuple(hosts), "set_at": max(time.time(), vm.set_at + 1e-3)})
+        self.learn(vm)
         await self.publish()
         return vm
 
@@ -138,8 +172,11 @@ class VmBook:
                 continue
             owner, _ = await self.swarm.owner_of(disk)
             for rec in records:
-                if rec.publisher != owner:
-                    continue  # only the disk's owner defines the VM using it
+                if rec.publisher != owner:  # only the disk's owner, as its deeds prove, defines the VM using it
+                    if self._ignored.first((disk, rec.publisher)):
+                        log.info("ignoring %s's definition of the VM on %s: its owner is %s", rec.publisher, disk,
+                                 owner or "unknown")
+                    continue
                 try:
                     self.learn(VmDefinition.from_payload(rec.payload))
                 except DefinitionError:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from p2pvbd.base.control import ControlError
+from p2pvbd.base.home import HomeError, check_name
 from p2pvbd.migrate import MigrationError, MigrationProgress, PeerForwarder
 from p2pvbd.swarm.access import PeerOp
 from p2pvbd.swarm.peer_transport import PeerError
@@ -66,7 +67,7 @@ class VmService:
         self._nursery: trio.Nursery | None = None
 
     def ops(self) -> dict[str, PeerOp]:
-        return self.target.ops() | {"vm_move": PeerOp(self._serve_move, _the_destination),
+        return self.target.ops() | {"vm_move": PeerOp(self._serve_move, self._may_pull),
                                     "vm_move_status": PeerOp(self._serve_move_status, _the_destination)}
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -158,6 +159,16 @@ class VmService:
         except DefinitionError as e:
             raise ControlError(str(e)) from None
 
+    async def op_vm_allow(self, name: str, hosts: list[str]) -> dict[str, Any]:
+        """`vm allow`: the hosts that may pull the VM to themselves (empty: none)."""
+        try:
+            for host in hosts:
+                check_name("host", host)
+            vm = await self.book.allow(name, hosts)
+        except (DefinitionError, HomeError) as e:
+            raise ControlError(str(e)) from None
+        return await self._info(vm)
+
     async def op_vm_stop(self, name: str, timeout: float = DEFAULT_STOP_TIMEOUT) -> dict[str, Any]:
         vm = self._vm(name)
         try:
@@ -188,8 +199,10 @@ class VmService:
                 host, state = move.dest, "moved away"
         paths = self.runner.paths(vm.name)
         return {"name": vm.name, "host": host, "state": state, "disks": list(vm.disks), "memory": vm.memory,
-                "cpus": vm.cpus, "accel": rv.accel if rv is not None else vm.accel, "serial": str(paths.serial),
-                "qmp": str(paths.qmp), "host_parts": vm.host_parts, "approved": self.book.approved_here(vm)}
+                "cpus": vm.cpus, "append": vm.append, "accel": rv.accel if rv is not None else vm.accel,
+                "serial": str(paths.serial),
+                "qmp": str(paths.qmp), "host_parts": vm.host_parts, "approved": self.book.approved_here(vm),
+                "allow": list(vm.allow)}
 
     # ---- moves ---------------------------------------------------------------------------------
     def knows(self, name: str) -> bool:
@@ -229,6 +242,10 @@ class VmService:
         vm = self._vm(name)
         self._check_approved(vm)
         source, _ = await self.swarm.owner_of(vm.disks[0])
+        if source and source != self.swarm.name and self.swarm.name not in vm.allow:
+            raise ControlError(f"VM {name} may be pulled only to the hosts its owner allows "
+                               f"({', '.join(vm.allow) or 'none'}): run 'p2pvbd vm allow {name} {self.swarm.name}' "
+                               f"on {source}, or 'p2pvbd migrate {name} --to {self.swarm.name}' there")
         if not source:
             raise ControlError(f"VM {name} is not running anywhere this host knows of; start it with "
                                f"'p2pvbd vm start {name}'")
@@ -265,6 +282,20 @@ class VmService:
                     return
         finally:
             remote.finished = time.monotonic()
+
+    async def _may_pull(self, swarm: Swarm, peer: str, body: dict[str, Any]) -> str | None:
+        """vm_move: a host asks this one, which runs the VM, to move it to the asker. Only to itself, and
+        only when the VM's owner allowed it (`vm allow`, in the definition this host publishes): any member
+        could ask, and a VM moved there runs there, with its disks, owned there."""
+        if body.get("to") != peer:
+            return f"{peer} may only ask to move a VM to itself"
+        vm = self.book.get(body.get("vm"))  # type: ignore[arg-type]
+        if vm is None:
+            return f"no VM {str(body.get('vm'))[:64]!r} is defined here"
+        if peer not in vm.allow:
+            return (f"{peer} may not pull VM {vm.name}: its owner allows "
+                    f"{', '.join(vm.allow) or 'no host'} ('p2pvbd vm allow {vm.name} HOST' on {swarm.name})")
+        return None
 
     async def _serve_move(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
         """vm_move: the destination asks this host, which runs the VM, to move it there."""
@@ -318,7 +349,7 @@ def _first_leaf(exc: BaseException) -> BaseException:
 
 
 async def _the_destination(swarm: Swarm, peer: str, body: dict[str, Any]) -> str | None:
-    """vm_move, vm_move_status: only the host a VM is to move to may ask for the move (or how it goes)."""
+    """vm_move_status: only the host a VM moves to may ask how the move goes."""
     if body.get("to") != peer:
         return f"{peer} may only ask to move a VM to itself"
     return None

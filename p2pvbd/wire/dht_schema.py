@@ -20,7 +20,7 @@ catalog    a name           ``host``: the publisher; ``disks``: up to 256 distin
 policy     a disk name      ``disk``: the key; ``hosts``: up to 64 distinct host names; ``rate``: -1
                             (unlimited) or bytes/s in [1, 2**63]; ``set_at``: seconds in [0, 2**63)
 vm         its first disk   a VM definition as ``wire.vm_definition.VmDefinition`` checks it (name, disks,
-                            memory, cpus, accel, kernel, initrd, append, qemu_args, set_at)
+                            memory, cpus, accel, kernel, initrd, append, qemu_args, set_at, allow)
 revoked    "swarm"          ``serial``: int >= 1; ``names``: up to 8 distinct host names, sorted; ``sig``:
                             64 bytes (the CA's signature, checked by its readers: ``revocation``)
 =========  ===============  =====================================================================
@@ -46,6 +46,7 @@ from typing import Any
 
 from p2pvbd.base.home import NAME_RE
 from p2pvbd.wire.revocation import MAX_REVOKED_HOSTS, REVOKED_KEY
+from p2pvbd.wire.vm_definition import MAX_CLOCK_AHEAD_SECONDS as MAX_CLOCK_AHEAD_SECONDS
 from p2pvbd.wire.vm_definition import VmDefinition
 
 # Epochs, generations and block counts: msgpack's and numpy's int64 and the store's state hold below this.

@@ -33,6 +33,13 @@ MAX_TEXT = 512
 # the signature, key binding, publisher, key and timestamps take up to ~470 bytes.
 MAX_PAYLOAD_BYTES = 640
 ACCELS = ("auto", "kvm", "tcg")
+# Hosts a VM may be pulled to (`vm allow`): a person's handful of machines; eight names of up to 64
+# characters still leave the definition within MAX_PAYLOAD_BYTES with short disk names.
+MAX_ALLOWED_HOSTS = 8
+# A record's ``set_at`` (a definition's, a policy's) further ahead of the reading host's clock than this is
+# not learned: machines kept by NTP agree within seconds, and one stamped days ahead would outrank every
+# later change until that day. Ten minutes leaves room for a machine whose clock is not kept.
+MAX_CLOCK_AHEAD_SECONDS = 600.0
 # A path names a file on every host that runs the VM (kernel, initrd): absolute, printable, bounded.
 _PATH_RE = re.compile(r"/[\x21-\x7e]{0,1023}")
 
@@ -53,6 +60,8 @@ class VmDefinition:
     append: str = ""
     qemu_args: tuple[str, ...] = ()
     set_at: float = field(default_factory=time.time)
+    # Hosts that may pull the VM to themselves (`migrate VM --to HOST` run there): the owner's choice.
+    allow: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not NAME_RE.fullmatch(self.name):
@@ -80,6 +89,9 @@ class VmDefinition:
         if len(self.qemu_args) > MAX_QEMU_ARGS or any(
                 not isinstance(a, str) or len(a) > MAX_TEXT or not a.isprintable() for a in self.qemu_args):
             raise DefinitionError(f"at most {MAX_QEMU_ARGS} printable --qemu-arg values")
+        if len(self.allow) > MAX_ALLOWED_HOSTS or len(set(self.allow)) != len(self.allow) or any(
+                not isinstance(h, str) or not NAME_RE.fullmatch(h) for h in self.allow):
+            raise DefinitionError(f"at most {MAX_ALLOWED_HOSTS} distinct host names may pull a VM")
         if len(msgpack.packb(self.as_payload())) > MAX_PAYLOAD_BYTES:
             raise DefinitionError(f"the definition takes more than {MAX_PAYLOAD_BYTES} bytes: shorten --append, "
                                   "--qemu-arg or the paths")
@@ -88,15 +100,27 @@ class VmDefinition:
     def host_parts(self) -> dict[str, Any]:
         """What the VM takes from the host that runs it, beyond its disks: files QEMU opens as root and
         arguments that can open more (a tap device, a host file, a helper program). A host runs a
-        definition with any of these only once approved there (see :meth:`host_parts_digest`)."""
+        definition with any of these only once approved there (see :meth:`approval_digest`)."""
         return {"kernel": self.kernel, "initrd": self.initrd, "qemu_args": list(self.qemu_args)}
 
-    def host_parts_digest(self) -> str | None:
-        """Names the VM and its host parts; None when it has none (nothing to approve)."""
-        parts = self.host_parts
-        if not any(parts.values()):
+    @property
+    def runs(self) -> list[Any]:
+        """Everything that decides what QEMU runs: its host parts, and the command line, memory, CPUs,
+        accelerator and disks (not ``set_at``, nor who may pull it)."""
+        return [self.name, list(self.disks), self.memory, self.cpus, self.accel, self.kernel, self.initrd,
+                self.append, list(self.qemu_args)]
+
+    def approval_digest(self) -> str | None:
+        """What a host approves (`vm approve`): every field of :attr:`runs`, so a definition changed in
+        any way that changes what runs needs approving again; None when it takes nothing from the host
+        (no host parts: nothing to approve)."""
+        if not any(self.host_parts.values()):
             return None
-        return hashlib.sha256(msgpack.packb([self.name, parts])).hexdigest()
+        return hashlib.sha256(b"p2pvbd-vm-approval/2\0" + msgpack.packb(self.runs)).hexdigest()
+
+    def too_far_ahead(self, now: float) -> bool:
+        """Stamped beyond :data:`MAX_CLOCK_AHEAD_SECONDS` ahead of ``now``: not to be learned."""
+        return self.set_at > now + MAX_CLOCK_AHEAD_SECONDS
 
     @classmethod
     def from_options(cls, name: str, disks: str, memory: str = "1G", **kw: Any) -> VmDefinition:
@@ -108,9 +132,12 @@ class VmDefinition:
         return cls(name, tuple(d for d in disks.split(",") if d), mem, **kw)
 
     def as_payload(self) -> dict[str, Any]:
-        return {"name": self.name, "disks": list(self.disks), "memory": self.memory, "cpus": self.cpus,
-                "accel": self.accel, "kernel": self.kernel, "initrd": self.initrd, "append": self.append,
-                "qemu_args": list(self.qemu_args), "set_at": self.set_at}
+        p = {"name": self.name, "disks": list(self.disks), "memory": self.memory, "cpus": self.cpus,
+             "accel": self.accel, "kernel": self.kernel, "initrd": self.initrd, "append": self.append,
+             "qemu_args": list(self.qemu_args), "set_at": self.set_at}
+        if self.allow:  # absent when empty: a record from before `vm allow` existed reads the same
+            p["allow"] = list(self.allow)
+        return p
 
     @classmethod
     def from_payload(cls, p: dict[str, Any]) -> VmDefinition:
@@ -127,7 +154,10 @@ class VmDefinition:
                 raise DefinitionError(f"{key}: wrong type ({type(p[key]).__name__})")
         if not math.isfinite(p["set_at"]):
             raise DefinitionError("set_at: not finite")
+        allow = p.get("allow", [])
+        if not isinstance(allow, list):
+            raise DefinitionError(f"allow: wrong type ({type(allow).__name__})")
         return cls(p["name"], tuple(p["disks"]), p["memory"], p["cpus"], p["accel"], p["kernel"], p["initrd"],
-                   p["append"], tuple(p["qemu_args"]), float(p["set_at"]))
+                   p["append"], tuple(p["qemu_args"]), float(p["set_at"]), tuple(allow))
 
 
