@@ -12,7 +12,7 @@ import pytest
 
 from p2pvbd.wire.vm_definition import VmDefinition
 from tests.daemons import Host
-from tests.test_swarm import wait_until
+from tests.helpers import wait_until
 from tests.vm_guest import ERR, REC_OK, QemuGuest, verify_records, workload_append
 
 DISK = "vm1disk"
