@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from p2pvbd.base.control import ControlError
-from p2pvbd.migrate import MigrationError, MigrationProgress, PeerForwarder
+from p2pvbd.migrate import MigrationError, MigrationProgress
+from p2pvbd.migration.handover import PeerForwarder
 from p2pvbd.swarm.access import PeerOp
 from p2pvbd.swarm.peer_transport import PeerError
 from p2pvbd.vm.book import VmBook
