@@ -31,8 +31,8 @@ from p2pvbd.wire.dht_schema import MAX_CLOCK_AHEAD_SECONDS
 from p2pvbd.wire.vm_definition import VmDefinition
 from tests.daemons import Host, run
 from tests.forge import IndexClient, forge_record
+from tests.helpers import invite, wait_until
 from tests.test_insiders import as_member, swarm  # noqa: F401 - the fixture
-from tests.test_swarm import invite, wait_until
 
 VM = "workvm"
 # The mallory epoch of test 5: as if it had edited its own store's files.

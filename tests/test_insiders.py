@@ -30,9 +30,8 @@ from p2pvbd.wire.dht_records import key_digest
 from p2pvbd.wire.peer_wire import MAX_BLOCK_ENTRIES, MIN_BLOCK_BYTES
 from tests.daemons import Host, run
 from tests.forge import IndexClient, forge_record
+from tests.helpers import invite, qemu_io, sync, visible, wait_until
 from tests.test_migrate import BLOCK, Guest, model_image
-from tests.test_swarm import invite, wait_until
-from tests.test_sync import qemu_io, sync, visible
 
 BLOCKS = 256  # a 16 MiB disk of 64 KiB blocks
 GUEST_BLOCKS = 200  # the guest writes blocks 0..199; mallory aims at the rest, which keep their base bytes

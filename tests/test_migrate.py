@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemons import Host, env_without_venv, run, system_python, write_refused
-from tests.test_swarm import wait_until
-from tests.test_sync import coverage, qemu_io, sync, visible
+from tests.helpers import coverage, qemu_io, sync, visible, wait_until
 
 BLOCK = 64 * 1024
 BLOCKS = 256  # a 16 MiB disk

@@ -43,9 +43,8 @@ from p2pvbd.base.control import call
 from p2pvbd.base.home import CONTROL_SOCKET
 from p2pvbd.migration import failpoints
 from tests.daemons import BIN, Host, run, system_python, write_refused
+from tests.helpers import sync, visible, wait_until
 from tests.netns import Network, unavailable_reason
-from tests.test_swarm import wait_until
-from tests.test_sync import sync, visible
 
 BLOCK = 64 * 1024
 BLOCKS = 128  # an 8 MiB disk

@@ -20,10 +20,9 @@ from p2pvbd.migrate import COMMIT_TIMEOUT
 from p2pvbd.migration import failpoints
 from tests import test_migrate_faults as faults
 from tests.daemons import BIN, Host, run, write_refused
+from tests.helpers import MiB, coverage, qemu_io, sync, visible, wait_until
 from tests.netns import Network, require_root
 from tests.test_migrate import BLOCK, BLOCKS, Guest, model_image, pattern
-from tests.test_swarm import wait_until
-from tests.test_sync import MiB, coverage, qemu_io, sync, visible
 
 pytestmark = pytest.mark.root
 

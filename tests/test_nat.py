@@ -19,10 +19,9 @@ import pytest
 
 from p2pvbd.migration.pull import MIN_RATE_SAMPLE_BYTES
 from tests.daemons import PEER_PORT_IN_NAMESPACE, Host, run
+from tests.helpers import sync, visible, wait_until
 from tests.netns import Network, require_nft, require_root
 from tests.test_migrate import BLOCK, BLOCKS, Guest, model_image
-from tests.test_swarm import wait_until
-from tests.test_sync import sync, visible
 from tests.test_vm_move import GUEST_WAIT, MovingGuest, acked, approve, define_vm, move, vm_state
 
 pytestmark = pytest.mark.root

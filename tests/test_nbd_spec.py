@@ -31,9 +31,8 @@ from p2pvbd.replica_store import ReplicaStore
 from p2pvbd.store.store_files import DATA_FILE
 from p2pvbd.wire import nbd_codec as nbd
 from tests.daemons import Host, env_without_venv, run, system_python
+from tests.helpers import visible, wait_until
 from tests.test_nbd_bad_input import RawClient
-from tests.test_swarm import wait_until
-from tests.test_sync import visible
 
 KiB, MiB = 1 << 10, 1 << 20
 DISK = "vm1"

@@ -57,6 +57,8 @@ async def handler(peer: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
     if op == "boom":
         raise RuntimeError("handler bug")
     if op == "slow":
+        if (started := HOLD.get("slow")) is not None:
+            started.set()
         await trio.sleep(10)
     if op == "hold":
         HOLD["started"].set()
@@ -68,6 +70,8 @@ async def handler(peer: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
     if op == "stubborn":  # cannot be stopped: its reply comes after the client left
         with trio.CancelScope(shield=True):
             await trio.sleep(0.2)
+        if (done := HOLD.get("stubborn")) is not None:
+            done.set()
     return {}
 
 
@@ -156,7 +160,9 @@ async def test_client_without_certificate_is_refused(server: int, alpha: trust.H
                 pytest.fail("a client without a certificate got in")
         assert e.value.code == "connection"
     # Refused by OpenSSL in the server's handshake, before any request was read; logged once.
-    await trio.sleep(0.5)  # the server's side of the last handshake ends after the client's
+    with trio.fail_after(5):  # the server's side of the last handshake ends after the client's
+        while "PEER_DID_NOT_RETURN_A_CERTIFICATE" not in caplog.text:
+            await trio.sleep(0.01)
     assert caplog.text.count("PEER_DID_NOT_RETURN_A_CERTIFICATE") == 1, caplog.text
     async with pt.open_peer("127.0.0.1", server, trust.client_ssl_context(beta)) as conn:
         assert await conn.request("echo", {"n": 5}) == {"n": 5, "peer": "beta"}
@@ -205,13 +211,14 @@ async def test_connection_refused_is_a_peer_error() -> None:
 
 
 async def test_server_going_away_fails_pending_requests(alpha: trust.HostIdentity, beta: trust.HostIdentity) -> None:
+    HOLD["slow"] = trio.Event()
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     async with trio.open_nursery() as nursery:
         port = await nursery.start(lambda task_status: pt.serve_peers(
             listeners, trust.server_ssl_context(alpha), handler, ops=TEST_OPS, task_status=task_status))
         async with pt.open_peer("127.0.0.1", port, trust.client_ssl_context(beta)) as conn:
             async def stop_soon() -> None:
-                await trio.sleep(0.2)
+                await HOLD["slow"].wait()  # the request is being served: the server goes away under it
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(stop_soon)
@@ -237,10 +244,13 @@ async def test_cancelled_request_stops_on_the_server(server: int, beta: trust.Ho
 
 
 async def test_late_reply_to_a_cancelled_request_is_dropped(server: int, beta: trust.HostIdentity) -> None:
+    HOLD["stubborn"] = trio.Event()
     async with pt.open_peer("127.0.0.1", server, trust.client_ssl_context(beta)) as conn:
         with trio.move_on_after(0.05):
             await conn.request("stubborn", {})
-        await trio.sleep(0.3)  # its reply arrives now, with no one waiting
+        assert not HOLD["stubborn"].is_set()  # the client left before the reply
+        with trio.fail_after(5):
+            await HOLD["stubborn"].wait()  # its reply is on its way now, with no one waiting
         assert not conn.lost.is_set()
         assert await conn.request("echo", {"n": 4}) == {"n": 4, "peer": "beta"}
 

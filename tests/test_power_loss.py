@@ -21,11 +21,10 @@ from p2pvbd.migration import failpoints
 from p2pvbd.replica_store import ReplicaStore
 from tests import test_replica_store as store_tests
 from tests.daemons import BIN, run
+from tests.helpers import coverage, sync, visible, wait_until
 from tests.power import LazyMount, PowerHost, require_lazyfs
 from tests.test_migrate_faults import GUEST_HEAD, POLL_SECONDS, LoggingGuest, pattern, settled, source_phase
 from tests.test_nbd_clients import qemu_io, verify_ok
-from tests.test_swarm import wait_until
-from tests.test_sync import coverage, sync, visible
 
 pytestmark = pytest.mark.usefixtures("lazyfs_available")
 

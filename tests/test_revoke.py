@@ -19,9 +19,8 @@ from p2pvbd.wire.dht_records import key_digest
 from p2pvbd.wire.revocation import Revocations
 from tests.daemons import Host
 from tests.forge import IndexClient, forge_record
+from tests.helpers import invite, sync, visible, wait_until
 from tests.test_insiders import as_member
-from tests.test_swarm import invite, wait_until
-from tests.test_sync import sync, visible
 
 # How long a revoked host's datagram goes unanswered before the test calls it dropped (loopback answers
 # in milliseconds).

@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 
 from tests.daemons import PEER_PORT_IN_NAMESPACE, Host, run
+from tests.helpers import visible, wait_until
 from tests.netns import Network, require_root
 from tests.test_migrate import BLOCK, BLOCKS, Guest, model_image
-from tests.test_swarm import wait_until
-from tests.test_sync import visible
 
 pytestmark = pytest.mark.root
 

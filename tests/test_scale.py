@@ -16,9 +16,8 @@ import pytest
 
 from tests.daemons import Host, run, write_refused
 from tests.guest_model import apply_to_image
+from tests.helpers import coverage, qemu_io, sync, visible, wait_until
 from tests.test_migrate import Guest
-from tests.test_swarm import wait_until
-from tests.test_sync import coverage, qemu_io, sync, visible
 
 GiB = 1 << 30
 BLOCK = 64 * 1024

@@ -17,24 +17,7 @@ from p2pvbd.wire.dht_records import key_digest
 from tests import outsider
 from tests.daemons import Host, free_port
 from tests.forge import IndexClient, forge_record
-
-# Records spread through the DHT within a publish round; this bounds waiting for it (not a speed check).
-CONVERGE_SECONDS = 60.0
-
-
-def wait_until(predicate: Callable[[], Any], what: str, timeout: float = CONVERGE_SECONDS, poll: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(poll)
-
-
-def invite(host: Host) -> str:
-    return host.cli("invite").stdout.strip()
+from tests.helpers import invite, wait_until
 
 
 @pytest.fixture

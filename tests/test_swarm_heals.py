@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import tomllib
 from collections.abc import Callable
 
 from tests.daemons import BIN, Host
-from tests.test_swarm import invite, wait_until
-from tests.test_sync import sync, visible
+from tests.helpers import invite, sync, visible, wait_until
 
 # A restarted founder rejoins through the peers it remembers within a couple of index rounds; without
 # them it waited for its peers' hourly table refresh. This bounds a broken test, it is not a speed check.
@@ -49,7 +47,9 @@ def test_sync_waits_for_a_disk_the_index_does_not_know_yet(make_host: Callable[.
     # The sync starts before the disk exists anywhere; it waits for the index, then pulls.
     pending = subprocess.Popen([BIN, "sync", "vm1", "--json", "--home", str(home.home)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)
+    # Its job waits for the index (phase "planning") before the disk exists anywhere.
+    wait_until(lambda: [j["phase"] for j in home.json("jobs") if j.get("disk") == "vm1"] == ["planning"],
+               "the sync to wait for vm1")
     office.cli("disk", "create", "vm1", "--size", "1M")
     out, err = pending.communicate(timeout=120)
     assert pending.returncode == 0, err

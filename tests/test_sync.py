@@ -7,35 +7,10 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 from p2pvbd.migration.replication import CHECK_INTERVAL
 from tests.daemons import BIN, Host, run
-from tests.test_swarm import wait_until
-
-MiB = 1 << 20
-
-
-def qemu_io(uri: str, *commands: str, read_only: bool = False) -> None:
-    """Run qemu-io commands; a standby export is flagged read-only and opens only with ``read_only``."""
-    args = ["qemu-io", "-f", "raw"] + (["-r"] if read_only else [])
-    for c in commands:
-        args += ["-c", c]
-    run(*args, uri)
-
-
-def sync(host: Host, disk: str, *extra: str, check: bool = True) -> dict[str, Any]:
-    res = host.cli("sync", disk, *extra, "--json", check=check, timeout=600)
-    return json.loads(res.stdout) if res.stdout.strip() else {"error": res.stderr, "returncode": res.returncode}
-
-
-def visible(host: Host, disk: str, holders: int = 1) -> bool:
-    res = host.cli("status", disk, "--json", check=False)
-    return res.returncode == 0 and len(json.loads(res.stdout)["disks"][0]["replicas"]) >= holders
-
-
-def coverage(host: Host, disk: str) -> dict[str, float]:
-    return {r["host"]: r["coverage"] for r in host.json("status", disk)["disks"][0]["replicas"]}
+from tests.helpers import MiB, coverage, qemu_io, sync, visible, wait_until
 
 
 def test_sync_makes_an_identical_replica_from_several_peers(three_hosts: list[Host], tmp_path: Path) -> None:

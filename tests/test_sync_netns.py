@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.daemons import BIN, Host, run
+from tests.helpers import MiB, coverage, qemu_io, sync, visible, wait_until
 from tests.netns import Network, require_root
-from tests.test_swarm import wait_until
-from tests.test_sync import MiB, coverage, qemu_io, sync, visible
 
 pytestmark = pytest.mark.root
 

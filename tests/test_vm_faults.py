@@ -20,8 +20,8 @@ import pytest
 
 from p2pvbd.migration import failpoints
 from tests.daemons import BIN, Host
+from tests.helpers import wait_until
 from tests.test_migrate_faults import settled
-from tests.test_swarm import wait_until
 from tests.test_vm_move import DISK, GUEST_WAIT, acked, define_vm, move, serial, vm_state
 from tests.vm_guest import ERR, verify_records
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.daemons import Host
-from tests.test_swarm import wait_until
+from tests.helpers import wait_until
 from tests.test_vm_move import DISK, GUEST_BROKE, GUEST_WAIT, acked, approve, move, serial, vm_state
 from tests.vm_guest import MEMCHECK, workload_append
 

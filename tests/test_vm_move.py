@@ -14,7 +14,7 @@ import pytest
 from p2pvbd.vm.definition import TCG_RAM_PAD, RunPaths, qemu_argv
 from p2pvbd.wire.vm_definition import VmDefinition
 from tests.daemons import Host
-from tests.test_swarm import wait_until
+from tests.helpers import wait_until
 from tests.vm_guest import ERR, PING, REC_OK, QemuGuest, build_initramfs, verify_records, workload_append
 
 DISK = "vm1disk"

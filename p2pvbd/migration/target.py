@@ -20,9 +20,9 @@ import trio
 import zstandard
 
 from p2pvbd.kernel_hook_ctl import Export, ExportMode, HookError
-from p2pvbd.migrate import PeerForwarder, hand_over, pending_path, read_pending, record_hand_over
 from p2pvbd.migration import failpoints
 from p2pvbd.migration.fetcher import SyncError, SyncProgress
+from p2pvbd.migration.handover import PeerForwarder, hand_over, pending_path, read_pending, record_hand_over
 from p2pvbd.migration.pull import PullState, sync_disk
 from p2pvbd.replica_store import HashMismatch, ReplicaStore, StaleVersion
 from p2pvbd.store.map_tree import same_root

@@ -154,7 +154,7 @@ class Swarm:
         self.home, self.config, self.identity, self.ctl = home, config, identity, ctl
         self.name = config.name
         # This daemon's run: a host that answers with another one restarted, and lost what it had
-        # acknowledged but not yet made durable (migrate.PeerForwarder).
+        # acknowledged but not yet made durable (migration/handover.PeerForwarder).
         self.run_id = secrets.token_hex(8)
         ca_public = identity.ca_cert.public_key()
         self.revoked = RevocationBook(identity.trust_dir / REVOKED_FILE, ca_public)  # type: ignore[arg-type]

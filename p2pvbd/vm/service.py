@@ -16,7 +16,8 @@ import trio
 
 from p2pvbd.base.control import ControlError
 from p2pvbd.base.home import HomeError, check_name
-from p2pvbd.migrate import MigrationError, MigrationProgress, PeerForwarder
+from p2pvbd.migrate import MigrationError, MigrationProgress
+from p2pvbd.migration.handover import PeerForwarder
 from p2pvbd.swarm.access import PeerOp
 from p2pvbd.swarm.peer_transport import PeerError
 from p2pvbd.vm.book import VmBook
