@@ -464,10 +464,10 @@ def run_daemon(home: Home) -> None:
     Raises failpoints.FailpointError before anything starts when the test hook's variable does not parse."""
     config = home.load_config()
     failpoints.configure(os.environ)
-    before, after = admission.raise_descriptor_limit()
-    log.info("open-descriptor limit %d%s", after, f" (raised from {before})" if after != before else "")
     fd = _lock_home(home)
     home.secure()  # a home made by an older version, or by hand, may be open to other users
+    before, after = admission.raise_descriptor_limit()
+    log.info("open-descriptor limit %d%s", after, f" (raised from {before})" if after != before else "")
     try:
         trio.run(_main, home, config)
     except BaseExceptionGroup as group:

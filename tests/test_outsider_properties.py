@@ -29,6 +29,8 @@ from tests.test_outsiders import RSS_GROWTH_BOUND_MB, rss_mb, stalls
 EXAMPLES = 20
 # How long an action waits for what comes back: long enough to see a reply on loopback, no longer.
 WAIT = 0.1
+# A trickle's length: a taste of slowloris (a longer one ends at the handshake timeout: 2-10 s, admission.py).
+SLOW_SECONDS = 0.2
 PROPERTY_SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
                              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -108,7 +110,8 @@ def attempt(action: Callable[[], object]) -> None:
 
 def tcp_actions(payloads: st.SearchStrategy[bytes], tls: bool) -> st.SearchStrategy[tuple[str, Any]]:
     kinds = [st.tuples(st.just("raw"), payloads), st.tuples(st.just("idle"), st.integers(1, 40)),
-             st.tuples(st.just("half"), st.binary(min_size=1, max_size=64))]
+             st.tuples(st.just("half"), st.binary(min_size=1, max_size=64)),
+             st.tuples(st.just("slow"), st.binary(min_size=1, max_size=8))]
     if tls:
         kinds.append(st.tuples(st.just("tls"), payloads))
     return st.one_of(*kinds)
@@ -124,6 +127,8 @@ def run_tcp(port: int, actions: list[tuple[str, Any]]) -> None:
                 attempt(lambda arg=arg: outsider.send_over_tls("127.0.0.1", port, arg, wait=WAIT))
             elif kind == "idle":
                 idle += outsider.flood("127.0.0.1", port, arg)
+            elif kind == "slow":  # a byte at a time (slowloris), over SLOW_SECONDS
+                attempt(lambda arg=arg: outsider.slowloris("127.0.0.1", port, arg, SLOW_SECONDS))
             elif kind == "half":  # some bytes, then the connection is reset mid-stream
                 with contextlib.suppress(OSError), outsider.tcp("127.0.0.1", port) as s:
                     s.sendall(arg)

@@ -158,7 +158,8 @@ class PeerConnection:
         self.lost = trio.Event()
         # Wall-clock time of the last bytes from the peer: when this host last heard from it.
         self.last_received = 0.0
-        # What a frame from this peer may hold (JOIN_LIMITS until the peer is known), and the ops it may ask.
+        # What a frame from this peer may hold (JOIN_LIMITS on a joiner's link to the join port), and the ops
+        # it may ask.
         self.limits = PEER_LIMITS
         self.ops: Mapping[str, OpSpec] = OPS
 
