@@ -42,7 +42,6 @@ ACCELS = ("auto", "kvm", "tcg")
 # Hosts a VM may be pulled to (`vm allow`): a person's handful of machines; eight names of up to 64
 # characters still leave the definition within MAX_PAYLOAD_BYTES with short disk names.
 MAX_ALLOWED_HOSTS = 8
-
 # A path names a file on every host that runs the VM (kernel, initrd): absolute, printable, bounded.
 _PATH_RE = re.compile(r"/[\x21-\x7e]{0,1023}")
 
@@ -103,7 +102,7 @@ class VmDefinition:
     def host_parts(self) -> dict[str, Any]:
         """What the VM takes from the host that runs it, beyond its disks: files QEMU opens as root and
         arguments that can open more (a tap device, a host file, a helper program). A host runs a
-        definition with any of these only once approved there (see :meth:`host_parts_digest`)."""
+        definition with any of these only once approved there (see :meth:`approval_digest`)."""
         return {"kernel": self.kernel, "initrd": self.initrd, "qemu_args": list(self.qemu_args)}
 
     @property
@@ -136,8 +135,8 @@ class VmDefinition:
 
     def as_payload(self) -> dict[str, Any]:
         p = {"name": self.name, "disks": list(self.disks), "memory": self.memory, "cpus": self.cpus,
-                "accel": self.accel, "kernel": self.kernel, "initrd": self.initrd, "append": self.append,
-                "qemu_args": list(self.qemu_args), "set_at": self.set_at}
+             "accel": self.accel, "kernel": self.kernel, "initrd": self.initrd, "append": self.append,
+             "qemu_args": list(self.qemu_args), "set_at": self.set_at}
         if self.allow:  # absent when empty: a record from before `vm allow` existed reads the same
             p["allow"] = list(self.allow)
         return p
