@@ -145,7 +145,7 @@ async def move_vm(swarm: Swarm, runner: VmRunner, vm: VmDefinition, dest: str, m
             reply = await conn.request("vm_incoming", {"vm": vm.as_payload()}, timeout=RESUME_TIMEOUT)
             held = reply.get("ram_held")
             if isinstance(held, bytes):
-                sender.held = {SOURCE_PREVIOUS: split_prefixes(held)}
+                sender.held = {SOURCE_PREVIOUS: await trio.to_thread.run_sync(split_prefixes, held)}
             await gate.converged.wait()
             await indexed.wait()
             progress.phase = "ram"
@@ -437,9 +437,13 @@ class VmTarget:
         inc = self.incoming[vm.name] = IncomingVm(rv, peer)
         assert self.nursery is not None
         self.nursery.start_soon(self._watch, vm.name, inc)
-        inc.image = await trio.to_thread.run_sync(RamImage.open, rv.paths.directory)
-        if inc.image is None:
+        image = await trio.to_thread.run_sync(RamImage.open, rv.paths.directory)
+        if image is None:
             return {}
+        if self.incoming.get(vm.name) is not inc:  # called off meanwhile
+            image.close()
+            return {}
+        inc.image = image
         # which pages the source may send by reference: a prefix of each one's digest
         return {"ram_held": await trio.to_thread.run_sync(inc.image.prefixes, MAX_HELD_PREFIXES)}
 
