@@ -140,3 +140,38 @@ def damage(image: Path) -> None:
         for at in range(0, image.stat().st_size, 2 << 20):
             f.seek(at)
             f.write(b"\xa5" * (1 << 20))
+
+
+def test_a_host_kept_warm_gets_a_move_for_what_changed(
+        make_host: Callable[..., Host], guest_files: tuple[Path, Path], tmp_path: Path) -> None:
+    """`vm replicate --on car-pc`: car-pc keeps a copy of the running VM's memory (and its disk), brought up
+    to date in the background; a first move there then sends little. --off deletes the copy."""
+    office = make_host("office-pc")
+    car = make_host("car-pc", join=office.cli("invite").stdout.strip())
+    kernel, initrd = guest_files
+    define_memory_vm(office, kernel, initrd, tmp_path)
+    approve(car)
+    office.cli("vm", "start", "vm1")
+    wait_until(lambda: memchecks(office), "the guest to fill its memory", timeout=GUEST_WAIT)
+
+    refused = car.cli("vm", "replicate", "vm1", "--on", "office-pc", check=False)
+    assert refused.returncode != 0 and "does not run on car-pc" in refused.stderr, refused.stderr
+    copy = car.home / "vms" / "vm1" / "ram.img"
+
+    def warm_age() -> float | None:
+        age: float | None = vm_state(office)["warm"]["age_s"].get("car-pc")
+        return age
+
+    office.cli("vm", "replicate", "vm1", "--on", "car-pc", "--rate", "50M")
+    wait_until(lambda: warm_age() is not None, "car-pc's copy of the memory to be current", timeout=GUEST_WAIT)
+    assert copy.stat().st_mode & 0o777 == 0o600 and copy.stat().st_blocks * 512 > MEMFILL_MB << 20
+    assert next(d for d in car.json("disk", "list") if d["name"] == DISK)  # the disk is kept warm there too
+
+    policy = office.json("vm", "replicate", "vm1", "--off", "car-pc")
+    assert policy["hosts"] == [] and not copy.exists()
+    office.cli("vm", "replicate", "vm1", "--on", "car-pc", "--rate", "50M")
+    wait_until(lambda: warm_age() is not None, "car-pc's copy to be current again", timeout=GUEST_WAIT)
+
+    report = move(office, "car-pc", "async")
+    assert report["ram_by_ref"].get("previous", 0) * 4096 > MEMFILL_MB << 20, report
+    assert report["ram_wire_bytes"] < report["ram_bytes"] / 5, report
