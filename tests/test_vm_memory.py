@@ -10,8 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import zstandard
 
+from p2pvbd.peer_transport import PeerError
 from tests.daemons import Host
+from tests.test_insiders import as_member
 from tests.test_swarm import wait_until
 from tests.test_vm_move import DISK, GUEST_WAIT, QEMU_TCG_CRASH, acked, approve, move, serial, vm_state
 from tests.vm_guest import MEMCHECK, workload_append
@@ -148,6 +151,7 @@ def test_a_host_kept_warm_gets_a_move_for_what_changed(
     to date in the background; a first move there then sends little. --off deletes the copy."""
     office = make_host("office-pc")
     car = make_host("car-pc", join=office.cli("invite").stdout.strip())
+    mallory = make_host("mallory", join=office.cli("invite").stdout.strip())
     kernel, initrd = guest_files
     define_memory_vm(office, kernel, initrd, tmp_path)
     approve(car)
@@ -166,6 +170,13 @@ def test_a_host_kept_warm_gets_a_move_for_what_changed(
     wait_until(lambda: warm_age() is not None, "car-pc's copy of the memory to be current", timeout=GUEST_WAIT)
     assert copy.stat().st_mode & 0o777 == 0o600 and copy.stat().st_blocks * 512 > MEMFILL_MB << 20
     assert next(d for d in car.json("disk", "list") if d["name"] == DISK)  # the disk is kept warm there too
+    # Only the owner of the VM's disk writes or deletes the copy: another member is refused.
+    before = copy.read_bytes()
+    page = {"vm": "vm1", "size": 128 << 20, "offsets": bytes(8), "data": zstandard.compress(b"x" * 4096)}
+    for op, body in (("vm_warm", page), ("vm_warm_drop", {"vm": "vm1"})):
+        res = as_member(mallory, car, op, body)
+        assert isinstance(res, PeerError) and res.code == "forbidden", res
+    assert copy.read_bytes() == before
 
     policy = office.json("vm", "replicate", "vm1", "--off", "car-pc")
     assert policy["hosts"] == [] and not copy.exists()
