@@ -19,6 +19,7 @@ from typing import Protocol
 import trio
 
 from p2pvbd.replica_store import OutOfRange, ReplicaStore, WriteResult
+from p2pvbd.store.recent_extents import RecentExtents
 from p2pvbd.wire.nbd_codec import NBD_EINVAL, NBD_EIO, NBD_ENOSPC, NBD_ENOTSUP, NBD_EPERM, NBD_ESHUTDOWN
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,8 @@ class Export:
     read_through: Forwarder | None = None
     # When the incoming migration's source was last heard from (trio time): held writes wait while recent.
     incoming_heard: float = 0.0
+    # What guests read and wrote lately: their page cache, which a VM's move sends by reference.
+    recent: RecentExtents = field(default_factory=RecentExtents)
 
     @property
     def name(self) -> str:
@@ -251,7 +254,9 @@ class HookController:
             self._done(exp)
             return await self._read_through(exp, offset, length)
         try:
-            return exp.store.read(offset, length)
+            data = exp.store.read(offset, length)
+            exp.recent.touch(offset, length)
+            return data
         except OutOfRange as e:
             raise HookError(NBD_EINVAL, str(e)) from e
         except OSError as e:
@@ -262,6 +267,8 @@ class HookController:
     async def write(self, name: str, offset: int, data: bytes, fua: bool = False, client: int = 0) -> None:
         if not await self._apply(name, fua, client, lambda s: s.write(offset, data), (offset, len(data))):
             await self._forwarder(name).write(offset, data, fua)
+        elif (exp := self._exports.get(name)) is not None:
+            exp.recent.touch(offset, len(data))
 
     async def write_zeroes(self, name: str, offset: int, length: int, fua: bool = False, client: int = 0, *,
                            no_hole: bool = False, fast: bool = False) -> None:

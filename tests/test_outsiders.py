@@ -28,7 +28,7 @@ OWN_DESCRIPTORS = 64
 FLOOD_SOURCES = [f"127.0.0.{i}" for i in range(2, 102)]
 # What the daemon's event-loop watch logs (daemon.py): a stall of at least 100 ms, and how much of it the
 # daemon itself ran (on a machine busy with other work a process is late without having run).
-STALL = re.compile(r"the event loop was blocked for (\d+) ms \(the daemon ran for (\d+) ms of it\)")
+STALL = re.compile(r"the event loop was blocked for (\d+) ms \(computing for (\d+) ms of it\)")
 # A stall is the daemon's own when it ran this long during it (daemon.LOOP_STALL_WARNING).
 OWN_STALL_MS = 100
 # The daemon's resident memory before any outsider: ~60 MB. What an outsider may add on top: each port's

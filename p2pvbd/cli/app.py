@@ -13,9 +13,11 @@ from typing import Any
 from p2pvbd import __version__
 from p2pvbd.base.control import ControlError
 from p2pvbd.base.home import HomeError, is_loopback, parse_nbd_tcp, wait_for_daemon_exit
-from p2pvbd.base.units import format_size, parse_size
+from p2pvbd.base.units import format_size
 from p2pvbd.cli.attach import AttachError, attach, detach
 from p2pvbd.cli.common import ask, console, fail, home_of, print_json
+from p2pvbd.cli.common import rate_arg as _rate
+from p2pvbd.cli.common import size_arg as _size
 
 # How often `sync` and `migrate` redraw their progress from the daemon.
 JOB_POLL_SECONDS = 0.2
@@ -25,26 +27,11 @@ NBD_TCP_HELP = ("also serve NBD over TLS on this TCP address (an IP address or l
                 "clients need a certificate from 'p2pvbd nbd-client-cert'")
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
-
-
 def _duration(text: str) -> int:
     m = re.match(r"^(\d+)([smhd]?)$", text.strip())
     if not m:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r} (expected e.g. 90s, 30m, 1h, 2d)")
     return int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-
-
-def _rate(text: str) -> float:
-    """Bytes per second from '20M' (bytes) or '100mbit' / '1gbit' (bits)."""
-    m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)bit(?:/s)?\s*$", text, re.IGNORECASE)
-    if m:
-        return float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2).lower()] / 8
-    return float(_size(text.removesuffix("/s")))
 
 
 # ---- commands --------------------------------------------------------------------------------------

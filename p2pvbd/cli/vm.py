@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pvbd.base.units import format_size
-from p2pvbd.cli.common import ask, console, fail, print_json
+from p2pvbd.cli.common import ask, console, fail, print_json, rate_arg
 
 # `vm console` looks for new serial output this often: a person reading a console sees no lag.
 CONSOLE_POLL_SECONDS = 0.2
@@ -103,6 +103,19 @@ def cmd_vm_console(args: argparse.Namespace) -> None:
         pass
 
 
+def cmd_vm_replicate(args: argparse.Namespace) -> None:
+    on = [h for h in (args.on or "").split(",") if h]
+    off = [h for h in (args.off or "").split(",") if h]
+    if not on and not off and args.rate is None:
+        fail("say which hosts: --on HOST[,HOST…] or --off HOST[,HOST…]")
+    policy = ask(args, "vm_replicate", name=args.vm, on=on, off=off, rate=args.rate)
+    if args.json:
+        print_json(policy)
+        return
+    hosts = ", ".join(policy["hosts"]) or "no host"
+    print(f"VM {policy['vm']}: memory and disks kept warm on {hosts}; at most {format_size(policy['rate'])}/s each")
+
+
 def print_vm_move(args: argparse.Namespace, r: dict[str, Any]) -> None:
     """`migrate VM`'s outcome: the VM's pause and memory, then one line per disk."""
     disk_keys = ("disk", "from", "to", "mode", "duration_s", "downtime_ms", "switchover_ms", "bytes_on_wire",
@@ -157,6 +170,12 @@ def add_parsers(add: Any, as_json: argparse.ArgumentParser) -> None:
     sp.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                     help="how long the guest may take to power off (default 30; 0 quits at once)")
     add("list", cmd_vm_list, "the VMs this host runs or knows of", (as_json,), into=vsub)
+    sp = add("replicate", cmd_vm_replicate, "keep a running VM's memory and disks warm on other hosts, so a "
+             "move there sends only what changed (run where the VM runs)", (as_json,), into=vsub)
+    sp.add_argument("vm")
+    sp.add_argument("--on", metavar="HOST,…", help="hosts that keep a warm copy")
+    sp.add_argument("--off", metavar="HOST,…", help="hosts that stop keeping one (their copy is deleted)")
+    sp.add_argument("--rate", type=rate_arg, help="cap on this host's upload to each, e.g. 2M (bytes/s) or 20mbit")
     sp = add("console", cmd_vm_console, "print a VM's serial log on this host and follow it", into=vsub)
     sp.add_argument("vm")
     sp.add_argument("--no-follow", dest="follow", action="store_false", help="print what is there and exit")

@@ -33,6 +33,7 @@ from p2pvbd.migration import failpoints
 from p2pvbd.swarm import access
 from p2pvbd.swarm.access import PeerOp
 from p2pvbd.swarm.peer_transport import PeerError
+from p2pvbd.vm.disk_pages import index_pages
 from p2pvbd.vm.qmp import QmpError
 from p2pvbd.vm.ram_image import ImageWriter, RamImage, page_digest, split_prefixes
 from p2pvbd.vm.ram_refs import (
@@ -133,17 +134,21 @@ async def move_vm(swarm: Swarm, runner: VmRunner, vm: VmDefinition, dest: str, m
     started_qemu_migration = False
     moved = False
     image = ImageWriter(rv.paths.directory)  # the memory the VM leaves here: its next arrival sends less
+    sender = RamSender(image=image)
+    indexed = trio.Event()
     try:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_index_disk_pages, swarm, vm, sender, indexed)
             for p in progress.disks:
                 nursery.start_soon(_disk, swarm, p, max_downtime_ms, gate)
             await gate.prepared.wait()
             progress.phase = "disks"
             reply = await conn.request("vm_incoming", {"vm": vm.as_payload()}, timeout=RESUME_TIMEOUT)
             held = reply.get("ram_held")
-            sender = RamSender({SOURCE_PREVIOUS: split_prefixes(held)} if isinstance(held, bytes) else {},
-                               image=image)
+            if isinstance(held, bytes):
+                sender.held = {SOURCE_PREVIOUS: await trio.to_thread.run_sync(split_prefixes, held)}
             await gate.converged.wait()
+            await indexed.wait()
             progress.phase = "ram"
             relayed = trio.Event()
             await nursery.start(_relay_ram, rv, conn, vm.name, progress, relayed, sender)
@@ -192,6 +197,15 @@ async def move_vm(swarm: Swarm, runner: VmRunner, vm: VmDefinition, dest: str, m
             log.warning("VM %s stays on %s with its disks' I/O forwarded to %s", vm.name, swarm.name, dest)
         raise
     await runner.forget(rv)
+
+
+async def _index_disk_pages(swarm: Swarm, vm: VmDefinition, sender: RamSender, indexed: trio.Event) -> None:
+    """While the disks converge: which pages of the guest's page cache the destination's replicas hold."""
+    share = 2 * vm.memory // max(1, len(vm.disks))  # a page cache is never larger than the memory
+    disks = [(exp.store, exp.recent.newest(share)) if (exp := swarm.ctl.get(disk)) is not None else None
+             for disk in vm.disks]
+    sender.disk_pages = await trio.to_thread.run_sync(index_pages, disks)
+    indexed.set()
 
 
 async def _undo(swarm: Swarm, rv: RunningVm, conn: Any, dest: str, started_qemu_migration: bool,
@@ -307,16 +321,22 @@ async def _relay_ram(rv: RunningVm, conn: Any, vm: str, progress: VmMoveProgress
 
     async def send(seq: int, piece: Any, eof: bool) -> None:
         try:
+            # A page the destination misses goes by a reference into its disks in the piece's next try
+            # if it is disk content, else (and after a second miss) in full.
             exclude: frozenset[bytes] = frozenset()
-            while True:  # a page the destination misses is sent in full in the piece's next try
-                body, stats = await trio.to_thread.run_sync(sender.pack, piece, exclude)
+            not_held: frozenset[bytes] = frozenset()
+            while True:
+                body, stats = await trio.to_thread.run_sync(sender.pack, piece, exclude, not_held)
                 reply = await conn.request("vm_ram", {"vm": vm, "seq": seq, "eof": eof, **body})
                 progress.ram_wire_bytes += stats.wire_bytes
-                missing = missing_digests(reply.get("missing") or b"") - exclude
+                missing = missing_digests(reply.get("missing") or b"")
                 if not missing:
                     break
+                if missing & exclude:
+                    raise MigrationError(f"the destination of {vm} names pages as missing that were sent in full")
                 progress.ram_missed_pages += len(missing)
-                exclude |= missing
+                exclude |= missing & not_held
+                not_held |= missing
             progress.ram_bytes += stats.stream_bytes
             progress.ram_pages += stats.pages
             for source, n in stats.by_ref.items():
@@ -424,9 +444,13 @@ class VmTarget:
         inc = self.incoming[vm.name] = IncomingVm(rv, peer)
         assert self.nursery is not None
         self.nursery.start_soon(self._watch, vm.name, inc)
-        inc.image = await trio.to_thread.run_sync(RamImage.open, rv.paths.directory)
-        if inc.image is None:
+        image = await trio.to_thread.run_sync(RamImage.open, rv.paths.directory)
+        if image is None:
             return {}
+        if self.incoming.get(vm.name) is not inc:  # called off meanwhile
+            image.close()
+            return {}
+        inc.image = image
         # which pages the source may send by reference: a prefix of each one's digest
         return {"ram_held": await trio.to_thread.run_sync(inc.image.prefixes, MAX_HELD_PREFIXES)}
 
@@ -496,7 +520,7 @@ class VmTarget:
             raise PeerError("bad_request", str(e)) from None
         if missing:
             return {"missing": b"".join(missing)}
-        eof = body.get("eof") is True or not data
+        eof = body.get("eof") is True  # a piece the reader held back entirely rebuilds to nothing
         while inc.next_seq != seq:
             await inc.turn.wait()
         for disk in inc.rv.vm.disks:  # its disks' migrations are alive while the memory streams

@@ -8,6 +8,8 @@ where the destination finds it (u8: REF_HELD, a page it holds, found by digest; 
 number in the VM's definition and be64 byte offset: its replica of that disk), and the page's digest.
 The destination checks every page it puts back against its digest; one it cannot find, or that does not
 match, it names in its answer (``missing``), and the source sends the piece again with those pages in it.
+``digest``, the BLAKE2b-256 of the piece's stream bytes, checks the rebuilt piece as a whole before its
+QEMU gets it: whatever goes wrong in reading, packing or rebuilding fails the move, never the guest.
 
 The source reads the stream with :class:`p2pvbd.wire.qemu_stream.QemuStreamReader`, whose state runs
 across pieces: :meth:`RamSender.read` is called once per piece, in order; :meth:`RamSender.pack` as
@@ -16,6 +18,7 @@ often as the destination asks again. Both hash and compress: run them in a worke
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,10 +65,11 @@ class RamStats:
 
 @dataclass
 class ReadPiece:
-    """One piece of the stream, read: its events, and each page's digest."""
+    """One piece of the stream, read: its events, each page's digest, and the digest of its bytes."""
     events: list[Event]
     digests: list[bytes | None]
     size: int
+    whole: bytes
 
 
 class RamSender:
@@ -94,10 +98,12 @@ class RamSender:
                 if isinstance(e, ZeroPage) and self.image is not None:
                     self.image.zero(blocks, e.block, e.offset)
                 digests.append(None)
-        return ReadPiece(events, digests, len(data))
+        return ReadPiece(events, digests, len(data), stream_digest(b"".join(e.raw for e in events)))
 
-    def pack(self, piece: ReadPiece, exclude: frozenset[bytes] = frozenset()) -> tuple[dict[str, Any], RamStats]:
-        """The piece's vm_ram fields, every page the destination holds (and did not miss) by reference."""
+    def pack(self, piece: ReadPiece, exclude: frozenset[bytes] = frozenset(),
+             not_held: frozenset[bytes] = frozenset()) -> tuple[dict[str, Any], RamStats]:
+        """The piece's vm_ram fields, every page the destination holds by reference, except ``exclude``
+        (sent in full) and, for ``not_held``, only by a reference into its disks."""
         literal = bytearray()
         refs = bytearray()
         stats = RamStats(stream_bytes=piece.size)
@@ -106,7 +112,7 @@ class RamSender:
                 literal += event.raw
                 continue
             stats.pages += 1
-            source = None if digest in exclude else self._where(digest)
+            source = None if digest in exclude else self._where(digest, digest in not_held)
             if source is None:
                 literal += event.raw
                 continue
@@ -118,14 +124,14 @@ class RamSender:
         data = bytes(literal)
         packed = zstandard.ZstdCompressor(level=RAM_ZSTD_LEVEL).compress(data) if data else b""
         use_zstd = len(packed) < len(data)
-        body = {"data": packed if use_zstd else data, "zstd": use_zstd, "refs": bytes(refs)}
+        body = {"data": packed if use_zstd else data, "zstd": use_zstd, "refs": bytes(refs), "digest": piece.whole}
         stats.wire_bytes = len(body["data"]) + len(refs)
         return body, stats
 
-    def _where(self, digest: bytes) -> str | None:
+    def _where(self, digest: bytes, not_held: bool = False) -> str | None:
         prefix = digest[:PREFIX_BYTES]
         for source, prefixes in self.held.items():
-            if prefix in prefixes:
+            if prefix in prefixes and not not_held:
                 return source
         if digest in self.disk_pages:
             return SOURCE_DISK
@@ -154,6 +160,8 @@ def rebuild(body: dict[str, Any], find: Finder) -> tuple[bytes, list[bytes]]:
     if len(data) + len(entries) * PAGE_SIZE > RAM_CHUNK_BYTES:
         raise RamPieceError("a piece rebuilds to more than 1 MiB")
     if not entries:
+        if "digest" in body and stream_digest(data) != body["digest"]:
+            raise RamPieceError("vm_ram: a piece rebuilt to other bytes than its source read")
         return data, []
     out = bytearray()
     missing: list[bytes] = []
@@ -169,7 +177,10 @@ def rebuild(body: dict[str, Any], find: Finder) -> tuple[bytes, list[bytes]]:
     if missing:
         return b"", missing
     out += data[at:]
-    return bytes(out), []
+    rebuilt = bytes(out)
+    if "digest" in body and stream_digest(rebuilt) != body["digest"]:
+        raise RamPieceError("vm_ram: a piece rebuilt to other bytes than its source read")
+    return rebuilt, []
 
 
 def _parse_refs(refs: bytes, literal_size: int) -> list[tuple[int, int, int, int, bytes]]:
@@ -194,6 +205,10 @@ def _parse_refs(refs: bytes, literal_size: int) -> list[tuple[int, int, int, int
         at += DIGEST_BYTES
         last = position
     return entries
+
+
+def stream_digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
 
 
 def missing_digests(blob: bytes) -> frozenset[bytes]:

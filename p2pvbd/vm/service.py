@@ -24,6 +24,7 @@ from p2pvbd.vm.book import VmBook
 from p2pvbd.vm.move import VmMoveProgress, VmTarget, move_vm
 from p2pvbd.vm.qmp import QmpError
 from p2pvbd.vm.runner import VmError, VmRunner
+from p2pvbd.vm.warm import WarmMemory
 from p2pvbd.wire.vm_definition import DefinitionError, VmDefinition
 
 if TYPE_CHECKING:
@@ -64,11 +65,12 @@ class VmService:
         self.runner = VmRunner(home, nbd_socket)
         self.book = VmBook(swarm, home)
         self.target = VmTarget(swarm, self.runner, self.book)
+        self.warm = WarmMemory(swarm, self.runner, self.book)
         self.moves: dict[str, VmMoveProgress] = {}
         self._nursery: trio.Nursery | None = None
 
     def ops(self) -> dict[str, PeerOp]:
-        return self.target.ops() | {"vm_move": PeerOp(self._serve_move, self._may_pull),
+        return self.target.ops() | self.warm.ops() | {"vm_move": PeerOp(self._serve_move, self._may_pull),
                                     "vm_move_status": PeerOp(self._serve_move_status, _the_destination)}
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -77,6 +79,7 @@ class VmService:
             await nursery.start(self.runner.run)
             await nursery.start(self.book.run)
             nursery.start_soon(self._adopt)  # QMP answers in milliseconds, but the daemon is ready without it
+            nursery.start_soon(self.warm.run)
             task_status.started()
 
     def forward_left_vms(self) -> None:
@@ -178,6 +181,20 @@ class VmService:
             raise ControlError(str(e)) from None
         return await self._info(vm)
 
+    async def op_vm_replicate(self, name: str, on: list[str], off: list[str], rate: float | None = None
+                              ) -> dict[str, Any]:
+        """`vm replicate`: the hosts that keep the VM's memory warm (and its disks: the caller sets those)."""
+        vm = self._vm(name)
+        if not self.runs_here(name):
+            raise ControlError(f"VM {name} does not run on {self.swarm.name}: set its warm hosts where it runs")
+        for host in (*on, *off):
+            check_name("host", host)
+        if rate is not None and rate <= 0:
+            raise ControlError("--rate must be positive")
+        for disk in vm.disks:  # its disks are kept warm there too, as `replicate DISK` would
+            await self.swarm.replication.set(disk, on, off, rate)
+        return {"vm": vm.name, "disks": list(vm.disks)} | await self.warm.set_policy(name, on, off, rate)
+
     async def op_vm_list(self) -> list[dict[str, Any]]:
         await self.book.refresh()
         return [await self._info(vm) for vm in sorted(self.book.vms.values(), key=lambda v: v.name)]
@@ -203,7 +220,7 @@ class VmService:
                 "cpus": vm.cpus, "append": vm.append, "accel": rv.accel if rv is not None else vm.accel,
                 "serial": str(paths.serial),
                 "qmp": str(paths.qmp), "host_parts": vm.host_parts, "approved": self.book.approved_here(vm),
-                "allow": list(vm.allow)}
+                "allow": list(vm.allow), "warm": self.warm.info(vm.name)}
 
     # ---- moves ---------------------------------------------------------------------------------
     def knows(self, name: str) -> bool:

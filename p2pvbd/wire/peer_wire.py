@@ -157,6 +157,10 @@ OPS: dict[str, OpSpec] = {
     "vm_check": OpSpec({"vm": str}, "the incoming QEMU's run state (inmigrate while it waits)"),
     "vm_finish": OpSpec({"vm": str}, "answer once the arrived VM runs here"),
     "vm_abort": OpSpec({"vm": str}, "the move is off: quit the incoming QEMU"),
+    # The host running a VM -> hosts keeping its memory warm (vm/warm.py).
+    "vm_warm": OpSpec({"vm": str, "size": int, "offsets": bytes, "data": bytes},
+                      "pages of the VM's memory that changed since the last ones sent (zstd)"),
+    "vm_warm_drop": OpSpec({"vm": str}, "stop keeping the VM's memory: delete the copy"),
     # Destination -> the host running a VM: `migrate VM --to HOST` run on HOST itself.
     "revocations": OpSpec({"serial": int, "names": list, "sig": bytes},
                           "the swarm's newest revocation list, signed by its CA (kept if newer and valid)"),
