@@ -112,6 +112,9 @@ class Export:
     read_through: Forwarder | None = None
     # When the incoming migration's source was last heard from (trio time): held writes wait while recent.
     incoming_heard: float = 0.0
+    # Called when a write is held by incoming mode: a libvirt destination learns that its new QEMU runs the
+    # guest (libvirt/service.py).
+    on_held_write: Callable[[], None] | None = None
 
     @property
     def name(self) -> str:
@@ -226,6 +229,8 @@ class HookController:
             if is_write and exp.mode is not ExportMode.PRIMARY:
                 if exp.mode is ExportMode.STANDBY:
                     raise HookError(NBD_EPERM, f"{name} is a standby replica; its owner takes writes")
+                if exp.on_held_write is not None:
+                    exp.on_held_write()
                 with trio.move_on_at(exp.incoming_heard + INCOMING_SILENCE_SECONDS):
                     await exp._mode_changed.wait()
                     exp = self._require(name)
