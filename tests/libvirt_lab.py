@@ -67,9 +67,10 @@ def ensure_libvirt_user() -> None:
 class Libvirtd:
     """One libvirtd instance: a "host" of libvirt, reached at ``uri``."""
 
-    def __init__(self, root: Path, index: int) -> None:
+    def __init__(self, root: Path, index: int, prefix: list[str] | None = None) -> None:
         self.root = root
         self.index = index
+        self.prefix = prefix or []  # e.g. ["ip", "netns", "exec", NS]: libvirtd and its QEMUs in a network namespace
         self.proc: subprocess.Popen[bytes] | None = None
         for sub in MOUNTS:
             (root / sub).mkdir(parents=True, exist_ok=True)
@@ -95,7 +96,7 @@ class Libvirtd:
         binds = " && ".join(f"mount --bind {self.root / sub} {path}" for sub, path in MOUNTS.items())
         log = open(self.root / "libvirtd.out", "ab")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(
-            ["unshare", "-m", "--propagation", "private", "sh", "-c",
+            [*self.prefix, "unshare", "-m", "--propagation", "private", "sh", "-c",
              f"{binds} && exec libvirtd -p {self.root}/libvirtd.pid"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         log.close()

@@ -10,7 +10,7 @@ import json
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,7 +189,7 @@ def test_virsh_migrate_moves_an_adopted_domain_with_its_disk_and_back(
         sites: tuple[Site, Host, Site], guest_files: tuple[Path, Path], tmp_path: Path) -> None:
     office, home, car = sites
     guest_files_of[:] = [guest_files]
-    raw = define(office, tmp_path, guest_files)
+    raw = define(office, tmp_path, guest_files, fmt="qcow2")
     adopt(office, raw)
     assert json.loads(office.host.cli("libvirt", "list", "--json").stdout)[0]["disks"] == {"vda": DISK}
     office.virsh("start", DOMAIN)
@@ -197,48 +197,85 @@ def test_virsh_migrate_moves_an_adopted_domain_with_its_disk_and_back(
     home.cli("sync", DISK)  # home-pc's replica, stale from here on
     writes_on(office, tmp_path, acked(tmp_path) + 20, "more records at office-pc")
 
-    virsh_migrate(office, car)
+    virsh_migrate(office, car, "--persistent")
     assert car.libvirt.state(DOMAIN) == "running"
     assert car.host.nbd_socket in car.virsh("dumpxml", DOMAIN).stdout  # the hook pointed it at car-pc's daemon
     wait_until(lambda: owners(car.host)[car.host.name][0] == car.host.name, "car-pc to own the disk", timeout=60)
     writes_on(car, tmp_path, acked(tmp_path) + 20, "records written at car-pc")
     one_owner(car.host.name, office.host, home, car.host)
+    wait_until(lambda: car.host.nbd_socket in car.virsh("dumpxml", "--inactive", DOMAIN).stdout,
+               "the persistent definition at car-pc to use car-pc's daemon", timeout=60)
 
     res = car.host.cli("migrate", DOMAIN, "--to", office.host.name, "--json", check=False, timeout=600)
     assert res.returncode == 0, f"{res.stdout}{res.stderr}\n{car.host.log_tail()}"
     report = json.loads(res.stdout)
     assert report["vm"] == DOMAIN and report["to"] == office.host.name and report["error"] == "", report
     assert [d["disk"] for d in report["disks"]] == [DISK], report
-    assert office.libvirt.state(DOMAIN) == "running"
+    assert office.libvirt.state(DOMAIN) == "running" and car.libvirt.state(DOMAIN) == "absent"  # --undefinesource
+    assert office.host.nbd_socket in office.virsh("dumpxml", "--inactive", DOMAIN).stdout
     writes_on(office, tmp_path, acked(tmp_path) + 20, "records written back at office-pc")
     one_owner(office.host.name, office.host, home, car.host)
     check_records(office, tmp_path, guest_files)
 
 
+def start_slow_migration(office: Site, car: Site) -> subprocess.Popen[str]:
+    """`virsh migrate` of the domain, its memory copy slowed to 1 MiB/s, once the destination's QEMU runs
+    (the hook let it start: the disk converged)."""
+    office.virsh("migrate-setspeed", DOMAIN, "1")
+    proc = subprocess.Popen(["virsh", "-c", office.libvirt.uri, "migrate", "--live", "--p2p", DOMAIN,
+                             car.libvirt.uri, "--migrateuri", "tcp://127.0.0.1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: car.libvirt.qemu_pid(DOMAIN) is not None or proc.poll() is not None,
+               "the destination's QEMU to start", timeout=120)
+    assert proc.poll() is None, proc.communicate()
+    return proc
+
+
+def kill_destination_qemu(office: Site, car: Site) -> str:
+    proc = start_slow_migration(office, car)
+    pid = car.libvirt.qemu_pid(DOMAIN)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    return proc.communicate(timeout=300)[1] if proc.wait(timeout=300) else "virsh migrate succeeded"
+
+
+def abort_job(office: Site, car: Site) -> str:
+    proc = start_slow_migration(office, car)
+    office.virsh("domjobabort", DOMAIN)
+    return proc.communicate(timeout=300)[1] if proc.wait(timeout=300) else "virsh migrate succeeded"
+
+
+def stop_destination_daemon(office: Site, car: Site) -> str:
+    car.host.stop()
+    res = virsh_migrate(office, car, check=False)
+    assert "no p2pvbd daemon runs on this host" in res.stderr, res.stderr  # the hook's message, through libvirt
+    return res.stderr if res.returncode else "virsh migrate succeeded"
+
+
+@pytest.mark.parametrize("fault", [
+    pytest.param(kill_destination_qemu, marks=pytest.mark.heavy, id="destination-qemu-killed"),
+    pytest.param(abort_job, marks=pytest.mark.heavy, id="domjobabort"),
+    pytest.param(stop_destination_daemon, id="destination-daemon-stopped")])
 def test_a_failed_libvirt_migration_leaves_the_disk_with_the_running_domain(
-        sites: tuple[Site, Host, Site], guest_files: tuple[Path, Path], tmp_path: Path) -> None:
-    """The destination's QEMU killed during the memory copy: libvirt's migration fails, the domain runs on
-    at office-pc, which still owns its disk; the guest's writes go on there."""
+        fault: Callable[[Site, Site], str], sites: tuple[Site, Host, Site], guest_files: tuple[Path, Path],
+        tmp_path: Path) -> None:
+    """libvirt's migration fails (its destination QEMU killed during the memory copy, cancelled, or refused
+    by the hook): the domain runs on at office-pc, which still owns its disk; the guest's writes go on."""
     office, home, car = sites
     guest_files_of[:] = [guest_files]
     raw = define(office, tmp_path, guest_files)
     adopt(office, raw)
     office.virsh("start", DOMAIN)
     writes_on(office, tmp_path, 20, "the guest's first records at office-pc")
-    office.virsh("migrate-setspeed", DOMAIN, "1")  # 1 MiB/s: the memory copy lasts long enough to fail it
-    proc = subprocess.Popen(["virsh", "-c", office.libvirt.uri, "migrate", "--live", "--p2p", DOMAIN,
-                             car.libvirt.uri, "--migrateuri", "tcp://127.0.0.1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_until(lambda: car.libvirt.qemu_pid(DOMAIN) is not None and office.host.json("jobs"),
-               "the destination's QEMU to start", timeout=120)
-    pid = car.libvirt.qemu_pid(DOMAIN)
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode != 0, err
+    home.cli("sync", DISK)
+    failed = fault(office, car)
+    assert failed != "virsh migrate succeeded"
     wait_until(lambda: office.libvirt.state(DOMAIN) == "running", "the domain to run on at office-pc", timeout=60)
-    wait_until(lambda: not any(j["phase"] not in ("done", "failed") for j in office.host.json("jobs")),
-               "the disk's migration to end", timeout=60)
+    assert car.libvirt.state(DOMAIN) in ("absent", "shut off")
+    hosts = [h for h in (office.host, home, car.host) if h.alive()]
+    wait_until(lambda: all(mode != "incoming" for _, _, mode in owners(*hosts).values()),
+               "the disk's migration to be called off", timeout=60)
     writes_on(office, tmp_path, acked(tmp_path) + 20, "records written at office-pc after the failed move")
-    one_owner(office.host.name, office.host, home, car.host)
+    one_owner(office.host.name, *hosts)
+    assert owners(office.host)[office.host.name][1] == 1  # never handed over
     check_records(office, tmp_path, guest_files)

@@ -44,6 +44,9 @@ WATCH_SECONDS = 1.0
 MIGRATE_SECONDS = 3600.0
 # After libvirt's migration finished, the disks' switchover follows within a watch interval or two.
 SWITCHOVER_WAIT_SECONDS = 60.0
+# After the disks arrived, how long a persistent definition libvirt makes here is watched for (libvirt
+# makes it while it finishes the migration, within a second or two).
+PERSIST_SECONDS = 30.0
 # Disks one libvirt_move names: more than a domain has (libvirt allows some hundreds of virtio disks).
 MAX_DOMAIN_DISKS = 256
 # libvirt states in which the domain's QEMU is gone from a host.
@@ -243,6 +246,8 @@ class LibvirtService:
                     await arr.first_write.wait()
                 if all(self._owned_here(d) for d in arr.disks):
                     log.info("domain %s: its disks are here", arr.domain)
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._persist_here, arr)
                     return
                 if any(not self._owned_here(d) and d not in self.swarm.migration_target.incoming for d in arr.disks):
                     log.info("domain %s: the migration of its disks from %s ended without them", arr.domain,
@@ -258,6 +263,31 @@ class LibvirtService:
                         await trio.sleep(WATCH_SECONDS)
         finally:
             self._drop(arr)
+
+    async def _persist_here(self, arr: Arriving) -> None:
+        """`virsh migrate --persistent` defines the domain here from the source's persistent definition,
+        which the hook never sees: it names the source's socket. Point it at this host's once libvirt has
+        defined it (its migration job here may hold the definition for a moment)."""
+        deadline = trio.current_time() + PERSIST_SECONDS
+        while trio.current_time() < deadline:
+            try:
+                info = await self.virsh.arun("dominfo", arr.domain)
+                persistent = any(line.split(":", 1)[-1].strip() == "yes" for line in info.splitlines()
+                                 if line.startswith("Persistent:"))
+                if persistent:
+                    xml = await self.virsh.arun("dumpxml", "--inactive", arr.domain)
+                    fixed = domxml.point_at(xml, set(arr.disks), str(self.nbd_socket))
+                    if {s for _, s in domxml.nbd_disks(xml).values()} <= {str(self.nbd_socket)}:
+                        return
+                    with tempfile.NamedTemporaryFile("w", suffix=".xml") as f:
+                        f.write(fixed)
+                        f.flush()
+                        await self.virsh.arun("define", f.name)
+                    log.info("domain %s: its persistent definition here now uses this host's disks", arr.domain)
+                    return
+            except (VirshError, domxml.DomainXmlError) as e:
+                log.debug("domain %s: persistent definition not fixed yet: %s", arr.domain, e)
+            await trio.sleep(WATCH_SECONDS)
 
     async def op_libvirt_stopped(self, domain: str) -> dict[str, Any]:
         """The hook: the domain's QEMU on this host is gone (`stopped end`, `release end`)."""
@@ -308,7 +338,11 @@ class LibvirtService:
             if old.dest == peer:
                 return {}
             raise PeerError("busy", f"domain {domain} is moving to {old.dest}")
-        if not await self.virsh.migrating(domain):
+        try:
+            migrating = await self.virsh.migrating(domain)
+        except VirshError as e:
+            raise PeerError("refused", f"libvirt on {self.swarm.name}: {e}") from None
+        if not migrating:
             raise PeerError("refused", f"libvirt on {self.swarm.name} is not migrating domain {domain}")
         for disk in disks:
             exp = self.swarm.ctl.get(disk)
@@ -342,7 +376,10 @@ class LibvirtService:
         out = self.outgoing[str(body["domain"])]
         if not out.gate.converged.is_set():
             raise PeerError("not_ready", f"the disks of {out.domain} have not converged")
-        state = await self.virsh.state(out.domain)
+        try:
+            state = await self.virsh.state(out.domain)
+        except VirshError as e:
+            raise PeerError("refused", f"libvirt on {self.swarm.name} cannot say the domain stopped: {e}") from None
         if state == "running":
             raise PeerError("refused", f"domain {out.domain} still runs on {self.swarm.name}")
         log.info("domain %s: its QEMU on %s wrote; switching its disks over (here it is %s)", out.domain, peer,

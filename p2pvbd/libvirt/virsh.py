@@ -61,11 +61,9 @@ class Virsh:
             raise
 
     async def migrating(self, domain: str) -> bool:
-        """Whether libvirt runs a job on the domain here (a migration, for an adopted domain that moves)."""
-        try:
-            out = await self.arun("domjobinfo", domain)
-        except VirshError:
-            return False
+        """Whether libvirt runs a job on the domain here (a migration, for an adopted domain that moves);
+        VirshError when libvirt cannot say (never taken for "no job": that calls a migration off)."""
+        out = await self.arun("domjobinfo", domain)
         for line in out.splitlines():
             key, _, value = line.partition(":")
             if key.strip() == "Job type":
