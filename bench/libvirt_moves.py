@@ -105,12 +105,17 @@ def move(src: Libvirtd, dst: Libvirtd, dst_ns: NsHost, nss: list[NsHost], beats:
     src.virsh("migrate", "--live", "--p2p", *extra, domain, dst.uri, "--migrateuri", f"tcp://{dst_ns.address}",
               timeout=MOVE_TIMEOUT)
     seconds = time.monotonic() - t0
+    job = {}
+    for line in dst.virsh("domjobinfo", "--completed", domain, check=False).stdout.splitlines():
+        key, _, value = line.partition(":")
+        job[key.strip()] = value.strip()
     beats.wait(len(beats.times) + 20)
     times = beats.times[max(0, before_beats - 1):]
     gaps = [b - a for a, b in itertools.pairwise(times)]
     return {"seconds": round(seconds, 2),
             "stall_ms": round(max(gaps) * 1000 - RECORD_EVERY_MS, 1) if gaps else None,
             "wire_mib": round((sum(tx_bytes(ns) for ns in nss) - before_bytes) / MiB, 1),
+            "libvirt_downtime": job.get("Total downtime", ""), "libvirt_data": job.get("Data processed", ""),
             "crashed": CRASH in beats.serial.read_bytes()}
 
 
@@ -175,11 +180,11 @@ def main() -> None:
             beats = Heartbeats(serial)
             beats.wait(20)
             to_car = tmp / "csa-to-car.xml"
-            to_car.write_text(office.virsh("dumpxml", "csa").stdout.replace(str(tmp / "csa-office.raw"),
+            to_car.write_text(office.virsh("dumpxml", "--migratable", "csa").stdout.replace(str(tmp / "csa-office.raw"),
                                                                             str(tmp / "csa-car.raw")))
             first = move(office, car, nss[1], nss, beats, "csa", ["--copy-storage-all", "--xml", str(to_car)])
             to_office = tmp / "csa-to-office.xml"
-            to_office.write_text(car.virsh("dumpxml", "csa").stdout.replace(str(tmp / "csa-car.raw"),
+            to_office.write_text(car.virsh("dumpxml", "--migratable", "csa").stdout.replace(str(tmp / "csa-car.raw"),
                                                                             str(tmp / "csa-office.raw")))
             back = move(car, office, nss[0], nss, beats, "csa", ["--copy-storage-all", "--xml", str(to_office)])
             beats.stop.set()

@@ -211,6 +211,7 @@ def test_virsh_migrate_moves_an_adopted_domain_with_its_disk_and_back(
     report = json.loads(res.stdout)
     assert report["vm"] == DOMAIN and report["to"] == office.host.name and report["error"] == "", report
     assert [d["disk"] for d in report["disks"]] == [DISK], report
+    assert report["vm_downtime_ms"] > 0 and report["ram_bytes"] > 0, report  # libvirt's figures of the move
     assert office.libvirt.state(DOMAIN) == "running" and car.libvirt.state(DOMAIN) == "absent"  # --undefinesource
     assert office.host.nbd_socket in office.virsh("dumpxml", "--inactive", DOMAIN).stdout
     writes_on(office, tmp_path, acked(tmp_path) + 20, "records written back at office-pc")

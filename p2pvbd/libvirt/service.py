@@ -15,6 +15,7 @@ import logging
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,7 @@ import trio
 from p2pvbd.control import ControlError
 from p2pvbd.home import check_name
 from p2pvbd.libvirt import book, domxml
-from p2pvbd.libvirt.virsh import Virsh, VirshError
+from p2pvbd.libvirt.virsh import Virsh, VirshError, parse_ms, parse_size
 from p2pvbd.migrate import DEFAULT_MAX_DOWNTIME_MS, MigrationError, MigrationProgress, SwitchGate, migrate_disk
 from p2pvbd.peer_transport import PeerError
 from p2pvbd.swarm import access
@@ -213,7 +214,7 @@ class LibvirtService:
         for disk in moving:
             exp = self.swarm.ctl.get(disk)
             if exp is not None:
-                exp.on_held_write = arr.first_write.set
+                exp.on_held_write = partial(self._held_write, arr)
         assert self._nursery is not None
         self._nursery.start_soon(self._arrival, arr, conn)
         log.info("domain %s arrives from %s: its disks %s converged and mirror", domain, source, ", ".join(moving))
@@ -229,8 +230,14 @@ class LibvirtService:
             del self.arriving[arr.domain]
         for disk in arr.disks:
             exp = self.swarm.ctl.get(disk)
-            if exp is not None and exp.on_held_write == arr.first_write.set:
+            if exp is not None and exp.on_held_write is not None:
                 exp.on_held_write = None
+
+    def _held_write(self, arr: Arriving) -> None:
+        if not arr.first_write.is_set():
+            log.info("domain %s: its QEMU here sent its first write; asking %s to switch the disks over",
+                     arr.domain, arr.source)
+            arr.first_write.set()
 
     def _owned_here(self, disk: str) -> bool:
         exp = self.swarm.ctl.get(disk)
@@ -291,6 +298,7 @@ class LibvirtService:
 
     async def op_libvirt_stopped(self, domain: str) -> dict[str, Any]:
         """The hook: the domain's QEMU on this host is gone (`stopped end`, `release end`)."""
+        log.debug("domain %s: its QEMU here stopped", domain)
         assert self._nursery is not None
         arr = self.arriving.get(domain)
         if arr is not None and not all(self._owned_here(d) for d in arr.disks):
@@ -320,6 +328,8 @@ class LibvirtService:
     async def _serve_state(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
         domain = str(body.get("domain"))
         try:
+            if body.get("job"):  # after a migration here: libvirt's figures of it
+                return {"state": await self.virsh.state(domain), "job": await self.virsh.completed_job(domain)}
             return {"state": await self.virsh.state(domain)}
         except VirshError as e:
             raise PeerError("libvirt", str(e)) from None
@@ -371,19 +381,15 @@ class LibvirtService:
         return {"converged": out.gate.converged.is_set(), "error": error}
 
     async def _serve_go(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
-        """The destination's QEMU wrote: its guest runs there. Switch over, unless libvirt says the domain
-        still runs here (then the source's QEMU could still write: refuse)."""
+        """The destination's QEMU wrote: its guest runs there, so QEMU here has flushed and inactivated the
+        disks (it does before it sends the last of the guest's state). libvirt is not asked: while it
+        finishes the migration it answers only once its source QEMU is gone, seconds the new guest's
+        write would wait. Were the word wrong, a write of the QEMU here would still be kept: its
+        connection is forwarded to the new owner after the hand-over."""
         out = self.outgoing[str(body["domain"])]
         if not out.gate.converged.is_set():
             raise PeerError("not_ready", f"the disks of {out.domain} have not converged")
-        try:
-            state = await self.virsh.state(out.domain)
-        except VirshError as e:
-            raise PeerError("refused", f"libvirt on {self.swarm.name} cannot say the domain stopped: {e}") from None
-        if state == "running":
-            raise PeerError("refused", f"domain {out.domain} still runs on {self.swarm.name}")
-        log.info("domain %s: its QEMU on %s wrote; switching its disks over (here it is %s)", out.domain, peer,
-                 state)
+        log.info("domain %s: its QEMU on %s wrote; switching its disks over", out.domain, peer)
         out.gate.go.set()
         return {}
 
@@ -489,6 +495,12 @@ class LibvirtService:
                     args += ["--persistent", "--persistent-xml", str(xml), "--undefinesource"]
                 move.phase = "ram"
                 await self.virsh.arun(*args, timeout=MIGRATE_SECONDS)
+            try:
+                job = (await conn.request("libvirt_state", {"domain": move.vm, "job": True}))["job"]
+                move.vm_downtime_ms = parse_ms(str(job.get("Total downtime", "")))
+                move.ram_bytes = parse_size(str(job.get("Memory processed", "")))
+            except (PeerError, KeyError) as e:
+                log.info("domain %s: libvirt on %s has no figures of the migration (%s)", move.vm, move.dest, e)
             out = self.outgoing.get(move.vm)
             if out is not None:
                 move.phase = "switchover"

@@ -71,6 +71,31 @@ class Virsh:
         return False
 
 
+    async def completed_job(self, domain: str) -> dict[str, str]:
+        """The statistics of the domain's last completed job here (`domjobinfo --completed`), by name."""
+        out = await self.arun("domjobinfo", "--completed", domain)
+        return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines()) if v}
+
+
+def parse_ms(text: str) -> float | None:
+    """"372 ms" -> 372.0."""
+    word = text.split()[0] if text.split() else ""
+    try:
+        return float(word)
+    except ValueError:
+        return None
+
+
+def parse_size(text: str) -> int:
+    """"88.032 MiB" -> bytes (virsh's units)."""
+    units = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+    parts = text.split()
+    try:
+        return int(float(parts[0]) * units[parts[1]]) if len(parts) == 2 else 0
+    except (ValueError, KeyError):
+        return 0
+
+
 def _message(stderr: str) -> str:
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     return lines[-1].removeprefix("error: ") if lines else ""
