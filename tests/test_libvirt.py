@@ -205,6 +205,8 @@ def test_virsh_migrate_moves_an_adopted_domain_with_its_disk_and_back(
     one_owner(car.host.name, office.host, home, car.host)
     wait_until(lambda: car.host.nbd_socket in car.virsh("dumpxml", "--inactive", DOMAIN).stdout,
                "the persistent definition at car-pc to use car-pc's daemon", timeout=60)
+    twice = office.virsh("start", DOMAIN, check=False)  # still defined at office-pc: it must not run there too
+    assert twice.returncode != 0 and "owned by car-pc" in twice.stderr, twice.stderr
 
     res = car.host.cli("migrate", DOMAIN, "--to", office.host.name, "--json", check=False, timeout=600)
     assert res.returncode == 0, f"{res.stdout}{res.stderr}\n{car.host.log_tail()}"

@@ -69,6 +69,9 @@ def test_the_hook_refuses_a_migration_when_no_daemon_runs_here(tmp_path: Path) -
     status, out, err = hook.handle(home, "web", "migrate", "begin", adopted)
     assert status == 1 and out == "" and "no p2pvbd daemon runs on this host" in err
     assert hook.handle(home, "web", "migrate", "begin", XML) == (0, "", "")
+    status, _, err = hook.handle(home, "web", "prepare", "begin", adopted)
+    assert status == 1 and "no p2pvbd daemon runs on this host" in err
+    assert hook.handle(home, "web", "prepare", "begin", XML) == (0, "", "")
     assert hook.handle(home, "web", "stopped", "end", adopted) == (0, "", "")
 
 

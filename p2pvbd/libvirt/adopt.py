@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pvbd.control import ControlError, call
-from p2pvbd.home import Home
+from p2pvbd.home import NAME_RE, Home
 from p2pvbd.libvirt import book, domxml
 from p2pvbd.libvirt.virsh import Virsh, VirshError
 
@@ -35,6 +35,9 @@ def disk_name(domain: str, target: str) -> str:
 
 
 def adopt(home: Home, domain: str, virsh: Virsh, delete_images: bool = False) -> dict[str, Any]:
+    if not NAME_RE.fullmatch(domain):
+        raise AdoptError(f"domain name {domain!r}: p2pvbd adopts domains named with 1-64 letters, digits, '.', "
+                         "'_' or '-' (rename it with 'virsh domrename')")
     try:
         state = virsh.run("domstate", domain).strip()
         if state != "shut off":

@@ -50,6 +50,9 @@ def save(home: Path, rec: DomainRecord) -> None:
 
 
 def load(home: Path, domain: str) -> DomainRecord | None:
+    """The record of ``domain`` here; None for a name no record can have (a peer's request may carry any)."""
+    if not NAME_RE.fullmatch(domain):
+        return None
     try:
         data: dict[str, Any] = json.loads(_path(home, domain).read_text())
     except (FileNotFoundError, ValueError):

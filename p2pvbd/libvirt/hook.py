@@ -5,6 +5,8 @@ domain's XML on stdin. It asks this host's p2pvbd daemon, over its control socke
   daemon returns once they converged and mirror, and the hook prints the XML with the disks on this
   host's socket. A failure (no daemon here, the owner refuses) exits non-zero: libvirt then refuses the
   migration and the domain runs on at its source.
+- ``prepare begin``: a domain on p2pvbd disks starts only on the host that owns them (or is receiving
+  them in a migration), so one defined on two hosts never runs on both.
 - ``stopped end`` / ``release end``: the domain's QEMU here is gone. At a destination whose disks have not
   switched over, the arrival is called off; at a source, the daemon switches the disks over once libvirt
   says the domain runs at the destination.
@@ -65,11 +67,31 @@ def handle(home: Home, domain: str, op: str, subop: str, xml: str) -> tuple[int,
     """(exit status, stdout, stderr) of one hook call."""
     if (op, subop) == ("migrate", "begin"):
         return _migrate_begin(home, domain, xml)
+    if (op, subop) == ("prepare", "begin"):
+        return _prepare_begin(home, domain, xml)
     if (op, subop) in (("stopped", "end"), ("release", "end")):
         try:
             call(home.control_socket, "libvirt_stopped", {"domain": domain}, timeout=STOPPED_SECONDS)
         except ControlError:
             pass  # no daemon: nothing of this domain is moving here
+    return 0, "", ""
+
+
+def _prepare_begin(home: Home, domain: str, xml: str) -> tuple[int, str, str]:
+    """Before QEMU starts here: a domain on p2pvbd disks starts only where they are owned (or arriving)."""
+    try:
+        nbd = domxml.nbd_disks(xml)
+    except domxml.DomainXmlError:
+        return 0, "", ""  # libvirt itself will say what is wrong with it
+    if not nbd:
+        return 0, "", ""
+    try:
+        call(home.control_socket, "libvirt_prepare",
+             {"domain": domain, "disks": {t: name for t, (name, _) in nbd.items()}}, timeout=STOPPED_SECONDS)
+    except DaemonNotRunning:
+        return 1, "", f"p2pvbd: no p2pvbd daemon runs on this host (home {home.path}) to serve the disks of {domain}\n"
+    except ControlError as e:
+        return 1, "", f"p2pvbd: {domain} cannot start here: {e}\n"
     return 0, "", ""
 
 

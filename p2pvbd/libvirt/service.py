@@ -184,8 +184,8 @@ class LibvirtService:
             return reply
         owners = {d: (await self.swarm.owner_of(d))[0] for d in ours.values()}
         sources = {o for o in owners.values() if o != self.swarm.name}
-        self._remember(domain, ours)
         if not sources:
+            self._remember(domain, ours)
             return reply  # its disks are here already
         if len(sources) > 1 or "" in sources:
             raise ControlError(f"the disks of {domain} have owners {', '.join(sorted(sources)) or 'unknown'}: "
@@ -215,10 +215,26 @@ class LibvirtService:
             exp = self.swarm.ctl.get(disk)
             if exp is not None:
                 exp.on_held_write = partial(self._held_write, arr)
+        self._remember(domain, ours)
         assert self._nursery is not None
         self._nursery.start_soon(self._arrival, arr, conn)
         log.info("domain %s arrives from %s: its disks %s converged and mirror", domain, source, ", ".join(moving))
         return reply
+
+    async def op_libvirt_prepare(self, domain: str, disks: dict[str, str]) -> dict[str, Any]:
+        """The hook, before libvirt starts the domain's QEMU here: a domain not arriving by migration starts
+        only where its p2pvbd disks are owned (elsewhere its writes would fail: the replicas here are
+        standbys), so the same domain defined on two hosts never runs twice."""
+        if domain in self.arriving:
+            return {}
+        known = set(await self.swarm.known_disks())
+        for disk in sorted(d for d in disks.values() if d in known):
+            owner, _ = await self.swarm.owner_of(disk)
+            if owner != self.swarm.name:
+                raise ControlError(f"its disk {disk} is owned by {owner or 'no known host'}, not {self.swarm.name}: "
+                                   f"start it there, or move it here with 'p2pvbd migrate {domain} --to "
+                                   f"{self.swarm.name}' on {owner or 'its host'}")
+        return {}
 
     def _remember(self, domain: str, disks: dict[str, str]) -> None:
         rec = book.load(self.home, domain) or book.DomainRecord(domain, {})
