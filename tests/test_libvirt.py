@@ -193,6 +193,9 @@ def test_virsh_migrate_moves_an_adopted_domain_with_its_disk_and_back(
     adopt(office, raw)
     assert json.loads(office.host.cli("libvirt", "list", "--json").stdout)[0]["disks"] == {"vda": DISK}
     office.virsh("start", DOMAIN)
+    again = office.host.cli("libvirt", "adopt", DOMAIN, "--connect", office.libvirt.uri, check=False)
+    assert again.returncode == 1 and again.stderr.count("\n") == 1 and "shut it down first" in again.stderr, again
+    assert f"{DOMAIN}: running here; vda: {DISK} (owner office-pc)" in office.host.cli("libvirt", "list").stdout
     writes_on(office, tmp_path, 20, "the guest's first records at office-pc")
     home.cli("sync", DISK)  # home-pc's replica, stale from here on
     writes_on(office, tmp_path, acked(tmp_path) + 20, "more records at office-pc")
