@@ -6,8 +6,9 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 PYTHON      ?= python3
 # Real NBD clients and kernel plumbing the tests drive (nobody here wrote them), and the test VM: QEMU, a
-# guest kernel, busybox and a C compiler for its static workload.
-DEB_PACKAGES := qemu-utils libnbd-bin python3-libnbd fio nbdkit fuse3 python3-pyfuse3 e2fsprogs util-linux iproute2 nftables qemu-system-x86 linux-image-cloud-amd64 busybox-static gcc libc6-dev
+# guest kernel, busybox and a C compiler for its static workload; libvirt for the tests of adopted domains (their
+# fixture makes the libvirt-qemu user libvirtd needs, tests/libvirt_lab.py).
+DEB_PACKAGES := qemu-utils libnbd-bin python3-libnbd fio nbdkit fuse3 python3-pyfuse3 e2fsprogs util-linux iproute2 nftables qemu-system-x86 linux-image-cloud-amd64 busybox-static gcc libc6-dev libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
 
 .PHONY: demo test test-all soak lint bench deps venv clean
 

@@ -20,6 +20,7 @@ from p2pvbd.base import admission
 from p2pvbd.base.control import ControlError, serve_control
 from p2pvbd.base.home import Config, Home, HomeError, check_name, is_loopback, parse_nbd_tcp
 from p2pvbd.kernel_hook_ctl import ExportMode, HookController
+from p2pvbd.libvirt.service import LibvirtService
 from p2pvbd.migrate import DEFAULT_MAX_DOWNTIME_MS
 from p2pvbd.migration import failpoints
 from p2pvbd.migration.pull import PullState
@@ -94,6 +95,8 @@ class Daemon:
         self.services = attach_services(self.swarm, home.path)
         self.vms = VmService(self.swarm, home.path, home.nbd_socket)
         self.swarm.peer_ops |= self.vms.ops()
+        self.libvirt = LibvirtService(self.swarm, home.path, home.nbd_socket)
+        self.swarm.peer_ops |= self.libvirt.ops()
         self.jobs: dict[int, Any] = {}  # SyncProgress or MigrationProgress: both have as_dict()
         self._nursery: trio.Nursery | None = None
 
@@ -144,6 +147,7 @@ class Daemon:
                 await nursery.start(self.services.replication.run)
                 await nursery.start(self.services.target.run)
                 await nursery.start(self.vms.run)
+                await nursery.start(self.libvirt.run)
                 await nursery.start(serve_control, self.home.control_socket, self.handle)
                 nursery.start_soon(self._periodic_flush)
                 nursery.start_soon(_watch_event_loop)
@@ -163,7 +167,7 @@ class Daemon:
     # ---- control ops ---------------------------------------------------------------------------
     async def handle(self, op: str, args: dict[str, Any]) -> Any:
         name = "op_" + op.replace("-", "_")
-        method = getattr(self, name, None) or getattr(self.vms, name, None)
+        method = getattr(self, name, None) or getattr(self.vms, name, None) or getattr(self.libvirt, name, None)
         if method is None:
             raise ControlError(f"unknown command {op!r} (is the daemon older than this CLI?)")
         try:
@@ -328,6 +332,10 @@ class Daemon:
             raise ControlError("--max-downtime must be positive")
         if disks and len(disks) == 1 and self.vms.knows(disks[0]):
             return await self._move_vm(disks[0], to, mode, max_downtime_ms)
+        if disks and len(disks) == 1 and self.libvirt.knows(disks[0]):  # an adopted libvirt domain
+            job = max(self.jobs, default=0) + 1
+            self.jobs[job] = self.libvirt.start_move(disks[0], to)
+            return {"jobs": [job], "vm": disks[0]}
         owned = [e.name for e in self.ctl.exports() if e.store.owner == self.config.name]
         disks = disks or owned
         if not disks:

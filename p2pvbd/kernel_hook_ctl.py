@@ -115,6 +115,9 @@ class Export:
     incoming_heard: float = 0.0
     # What guests read and wrote lately: their page cache, which a VM's move sends by reference.
     recent: RecentExtents = field(default_factory=RecentExtents)
+    # Called when a write is held by incoming mode: a libvirt destination learns that its new QEMU runs the
+    # guest (libvirt/service.py).
+    on_held_write: Callable[[], None] | None = None
 
     @property
     def name(self) -> str:
@@ -229,6 +232,8 @@ class HookController:
             if is_write and exp.mode is not ExportMode.PRIMARY:
                 if exp.mode is ExportMode.STANDBY:
                     raise HookError(NBD_EPERM, f"{name} is a standby replica; its owner takes writes")
+                if exp.on_held_write is not None:
+                    exp.on_held_write()
                 with trio.move_on_at(exp.incoming_heard + INCOMING_SILENCE_SECONDS):
                     await exp._mode_changed.wait()
                     exp = self._require(name)

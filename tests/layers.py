@@ -19,12 +19,12 @@ from pathlib import Path
 PACKAGE = "p2pvbd"
 # Bottom to top, as docs/DESIGN.md draws them. A name is a wing (every module under it) or a top-level module.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("p2pvbd", "base"),  # the package face (its version) and what every layer stands on
+    ("p2pvbd", "base", "data"),  # the package face (its version), what every layer stands on, shipped files
     ("store", "wire", "plan"),  # on-disk formats, pure codecs, pure planning
     ("replica_store", "dht", "sync_planner"),
     ("swarm", "kernel_hook_ctl"),
     ("migration",),
-    ("migrate", "vm", "nbd"),
+    ("migrate", "vm", "nbd", "libvirt"),
     ("daemon",),
     ("cli",),
 )

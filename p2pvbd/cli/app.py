@@ -441,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     from p2pvbd.cli import vm as cli_vm
 
     cli_vm.add_parsers(add, as_json)
+    from p2pvbd.cli import libvirt as cli_libvirt
+
+    cli_libvirt.add_parsers(add, as_json)
     sp = add("replicate", cmd_replicate, "keep replicas of a disk warm on other hosts in the background",
              (as_json,))
     sp.add_argument("disk")

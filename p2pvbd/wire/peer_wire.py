@@ -175,6 +175,15 @@ OPS: dict[str, OpSpec] = {
     # Hole punching between members talking through a relay (swarm/punch.py).
     "punch": OpSpec({"at": str}, "dial the caller at that public ip:port; answers where this host dials from"),
     "vm_move_status": OpSpec({"vm": str, "to": str}, "progress of that move"),
+    # libvirt migrations of adopted domains (libvirt/service.py): destination -> source, but hello and state.
+    "libvirt_hello": OpSpec({}, "how this host's libvirt is reached (URI, NBD socket, migration address)"),
+    "libvirt_state": OpSpec({"domain": str}, "that domain's state in this host's libvirt"),
+    "libvirt_move": OpSpec({"domain": str, "disks": list},
+                           "libvirt migrates that domain to the caller: migrate these disks of it there, held "
+                           "converged until libvirt_go"),
+    "libvirt_move_status": OpSpec({"domain": str}, "whether that domain's disks converged, or why they failed"),
+    "libvirt_go": OpSpec({"domain": str}, "the caller's QEMU runs the domain: switch its disks over"),
+    "libvirt_cancel": OpSpec({"domain": str}, "the caller's QEMU of that domain is gone: keep its disks here"),
 }
 # The join port's ops (a joiner has no certificate yet, so these must never share the peer port's table).
 JOIN_OPS: dict[str, OpSpec] = {
