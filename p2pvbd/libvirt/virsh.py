@@ -64,11 +64,10 @@ class Virsh:
         """Whether libvirt runs a job on the domain here (a migration, for an adopted domain that moves);
         VirshError when libvirt cannot say (never taken for "no job": that calls a migration off)."""
         out = await self.arun("domjobinfo", domain)
-        for line in out.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "Job type":
-                return value.strip() not in ("None", "Completed", "Failed", "Cancelled")
-        return False
+        info = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines())}
+        if info.get("Job type", "None") in ("None", "Completed", "Failed", "Cancelled"):
+            return False
+        return "migration" in info.get("Operation", "migration").lower()  # libvirt >= 3.3 names the operation
 
 
     async def completed_job(self, domain: str) -> dict[str, str]:
