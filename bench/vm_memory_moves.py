@@ -4,7 +4,8 @@ A guest (tests/vm_guest.py, Linux under TCG) with --memory-mib of memory reads -
 --disk-mib disk of random data into its page cache and holds --random-mib of random data (memory no
 compressor shrinks). It moves office-pc -> car-pc (first move: car-pc holds no memory of it, but a
 replica of its disk once the disks converged), idles --idle seconds, moves back (office-pc kept the
-memory the VM left there), idles, and moves to car-pc again. Both daemons run on loopback: this
+memory the VM left there), then is kept warm on home-pc (`vm replicate --on home-pc`) for --idle seconds
+after home-pc's copy first became current, and moves there. Both daemons run on loopback: this
 measures bytes, not time on a slow link (bench/vm_figures.py shapes links). For each move:
 `migrate --json`'s ram_bytes (QEMU's stream), ram_wire_bytes, pages by reference per source, misses,
 the pause and the move's duration.
@@ -68,6 +69,7 @@ def main() -> None:
         initrd = build_initramfs(work / "guest", kernel)
         office = Host(work / "office-pc", "office-pc").start()
         car = Host(work / "car-pc", "car-pc", join=office.cli("invite").stdout.strip()).start()
+        home = Host(work / "home-pc", "home-pc", join=office.cli("invite").stdout.strip()).start()
         try:
             image = work / "disk.img"
             with image.open("wb") as f:
@@ -78,12 +80,21 @@ def main() -> None:
                        "--accel", "tcg", "--kernel", str(kernel), "--initrd", str(initrd), "--append",
                        f"console=ttyS0 quiet panic=-1 memfill_mb={args.random_mib} readdisk_mb={args.cache_mib} "
                        + workload_append("write", delay_ms=5, count=100), "--qemu-arg=-no-reboot")
-            wait(lambda: car.cli("vm", "approve", "vm1", check=False).returncode == 0, "car-pc to approve vm1")
+            for h in (car, home):
+                wait(lambda h=h: h.cli("vm", "approve", "vm1", check=False).returncode == 0, f"{h.name} to approve")
             office.cli("vm", "start", "vm1")
             wait(lambda: MEMCHECK.search(serial(office)), "the guest to fill its memory and read its disk")
             rows = []
             for name, on, to in (("first move to car-pc", office, "car-pc"), ("return to office-pc", car, "office-pc"),
-                                 ("car-pc again", office, "car-pc")):
+                                 ("to home-pc, kept warm", office, "home-pc")):
+                if to == "home-pc":
+                    office.cli("vm", "replicate", "vm1", "--on", "home-pc", "--rate", "50M")
+
+                    def warm() -> bool:
+                        vm = next(v for v in office.json("vm", "list") if v["name"] == "vm1")
+                        return vm["warm"]["age_s"].get("home-pc") is not None
+                    wait(warm, "home-pc's copy to be current")
+                    time.sleep(args.idle)
                 r = move(on, to)
                 rows.append({"move": name} | {k: r[k] for k in ("ram_bytes", "ram_wire_bytes", "ram_pages",
                                                                 "ram_by_ref", "ram_missed_pages", "vm_downtime_ms",
@@ -91,7 +102,7 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
                 time.sleep(args.idle)
         finally:
-            for h in (office, car):
+            for h in (office, car, home):
                 if h.alive():
                     h.cli("vm", "stop", "vm1", "--timeout", "0", check=False)
                     h.stop()
