@@ -451,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sync: a write is acknowledged once both hosts have it; async (default): shipped after")
     sp.add_argument("--max-downtime", type=float, default=50, metavar="MS",
                     help="switch over once the rest ships within this many milliseconds (default 50)")
-    from p2pvbd.cli.app import vm as cli_vm
+    from p2pvbd.cli import vm as cli_vm
 
     cli_vm.add_parsers(add, as_json)
     sp = add("replicate", cmd_replicate, "keep replicas of a disk warm on other hosts in the background",
