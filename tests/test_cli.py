@@ -59,7 +59,7 @@ def test_status_and_list_json(host: Host) -> None:
     assert vm1 == {"name": "vm1", "size": 20 << 30, "block_size": 65536, "owner": "office-pc", "epoch": 1,
                    "replicas": [{"host": "office-pc", "coverage": 1.0, "current_blocks": 327680,
                                  "total_blocks": 327680, "lag_blocks": 0}],
-                   "replicate": None, "migration": None}
+                   "replicate": None, "migration": None, "conflicts": []}
     assert [d["name"] for d in host.json("status", "vm2")["disks"]] == ["vm2"]
     listed = host.json("disk", "list")
     assert {(d["name"], d["block_size"], d["mode"]) for d in listed} == {("vm1", 65536, "primary"),
