@@ -11,6 +11,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -212,17 +213,17 @@ class Daemon:
         self.swarm.request_publish()
 
     async def op_disk_import(self, name: str, path: str, block_size: int = DEFAULT_BLOCK_SIZE) -> dict[str, Any]:
-        src = Path(path)
+        src = trio.Path(path)
         try:
-            size = src.stat().st_size
+            size = (await src.stat()).st_size
         except OSError as e:
             raise ControlError(f"cannot read {path}: {e.strerror}") from e
         size = max(SECTOR, -(-size // SECTOR) * SECTOR)
         info = await self.op_disk_create(name, size, block_size)
         written = 0
-        with open(src, "rb") as f:
+        async with await src.open("rb") as f:
             offset = 0
-            while chunk := await trio.to_thread.run_sync(f.read, IMPORT_CHUNK):
+            while chunk := await f.read(IMPORT_CHUNK):
                 if chunk.count(0) != len(chunk):
                     await self.ctl.write(name, offset, chunk)
                     written += len(chunk)
@@ -268,8 +269,9 @@ class Daemon:
         if ttl <= 0:
             raise ControlError("the invite's lifetime must be positive")
         now = time.time()
-        token, record = invites.make_invite(self.identity, advertised_addresses(self.config.listen), ttl, now)
-        invites.record_invite(self.home.path, record, now=now)
+        addresses = await advertised_addresses(self.config.listen)
+        token, record = invites.make_invite(self.identity, addresses, ttl, now)
+        await trio.to_thread.run_sync(partial(invites.record_invite, self.home.path, record, now=now))
         try:
             await self.swarm.open_join_port()
         except PeerError as e:

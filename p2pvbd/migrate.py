@@ -514,7 +514,8 @@ async def _switchover(swarm: Swarm, conn: PeerConnection, exp: Export, shipper: 
         steps[name] = round((now - clock) * 1000, 2)
         clock = now
 
-    await ctl.freeze(disk, timeout=FREEZE_TIMEOUT, flush=False)  # the destination makes the data durable
+    with trio.fail_after(FREEZE_TIMEOUT):
+        await ctl.freeze(disk, flush=False)  # the destination makes the data durable
     # Fenced from here on: even if the freeze watchdog thaws the export, no write is taken before the
     # commit's outcome is known.
     ctl.set_mode(disk, ExportMode.INCOMING)

@@ -23,6 +23,7 @@ import trio
 import zstandard
 
 from p2pvbd.replica_store import HashMismatch, ReplicaStore, StaleVersion
+from p2pvbd.store.store_journal import PEER_BLOCKS
 from p2pvbd.store.version_map import BlockEntries, VersionMap, block_hash
 from p2pvbd.swarm.peer_transport import PeerError
 from p2pvbd.sync_planner import FetchRequest, PeerInfo, SyncScheduler, plan_sync, request_bytes_for
@@ -220,6 +221,12 @@ class Fetcher:
         # Decompressing and hashing a MiB costs milliseconds of CPU: in a thread (zstd and hashlib release
         # the GIL), the event loop keeps reading the other peers' replies meanwhile.
         decoded = await trio.to_thread.run_sync(self._decode, items)
+        # The first peer blocks into an area of the activity log sync the journal: in a worker thread, as the
+        # guest write path does, so that put_block below, on the event loop, syncs nothing.
+        bs = self.store.block_size
+        span = req.start * bs, min(req.count * bs, self.store.size - req.start * bs)
+        if self.store.needs_activation(*span, PEER_BLOCKS):
+            await trio.to_thread.run_sync(self.store.activate, *span, PEER_BLOCKS)
         good: list[int] = []
         bad: list[int] = []
         nbytes = 0

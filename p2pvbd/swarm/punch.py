@@ -89,7 +89,8 @@ def pick_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def dial_from(local_port: int, host: str, port: int, timeout: float) -> trio.SocketStream:
+# The timeout bounds the connect alone and ends as a PeerError, the socket closed, as a refusal does.
+async def dial_from(local_port: int, host: str, port: int, timeout: float) -> trio.SocketStream:  # noqa: ASYNC109
     """A TCP connection to ``host:port`` from ``local_port``. SO_REUSEADDR and SO_REUSEPORT let the same
     port connect out again while its previous connection lingers in TIME_WAIT."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

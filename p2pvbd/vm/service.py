@@ -125,7 +125,7 @@ class VmService:
             vm = VmDefinition.from_options(name, disks, memory, cpus=cpus, accel=accel, kernel=kernel,
                                            initrd=initrd, append=append, qemu_args=tuple(qemu_args or ()))
             for what, path in (("kernel", kernel), ("initrd", initrd)):
-                if path and not Path(path).is_file():
+                if path and not await trio.Path(path).is_file():
                     raise DefinitionError(f"{what} {path} is not a file on {self.swarm.name}")
             vm = await self.book.define(vm)
         except DefinitionError as e:
@@ -170,10 +170,10 @@ class VmService:
             raise ControlError(str(e)) from None
         return await self._info(vm)
 
-    async def op_vm_stop(self, name: str, timeout: float = DEFAULT_STOP_TIMEOUT) -> dict[str, Any]:
+    async def op_vm_stop(self, name: str, grace: float = DEFAULT_STOP_TIMEOUT) -> dict[str, Any]:
         vm = self._vm(name)
         try:
-            await self.runner.stop(name, timeout)
+            await self.runner.stop(name, grace)
         except VmError as e:
             raise ControlError(str(e)) from None
         return await self._info(vm)
