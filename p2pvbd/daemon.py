@@ -23,6 +23,7 @@ from p2pvbd.base.home import Config, Home, HomeError, check_name, is_loopback, p
 from p2pvbd.kernel_hook_ctl import ExportMode, HookController
 from p2pvbd.migrate import DEFAULT_MAX_DOWNTIME_MS
 from p2pvbd.migration import failpoints
+from p2pvbd.migration.jobs import run_job
 from p2pvbd.migration.pull import PullState
 from p2pvbd.migration.replication import Replication
 from p2pvbd.migration.target import MigrationTarget
@@ -296,19 +297,8 @@ class Daemon:
         from p2pvbd.migration.fetcher import SyncError
         from p2pvbd.migration.pull import sync_disk
 
-        try:
-            await sync_disk(self.swarm, self.services.pulls, disk, progress, sources)
-        except (SyncError, ValueError, OSError) as e:
-            progress.error = str(e)
-        except PeerError as e:
-            progress.error = e.message
-        except Exception as e:
-            log.exception("sync of %s failed", disk)
-            progress.error = f"internal error: {e}"
-        finally:
-            progress.finished = time.monotonic()
-            if progress.error:
-                progress.phase = "failed"
+        await run_job(f"sync of {disk}", progress, partial(sync_disk, self.swarm, self.services.pulls, disk, progress,
+                                                           sources), (SyncError, ValueError, OSError, PeerError))
 
     async def op_jobs(self) -> list[dict[str, Any]]:
         """This host's syncs and migrations, then the pulls it ran as the destination of a migration."""
@@ -372,20 +362,11 @@ class Daemon:
     async def _run_migration(self, progress: Any, max_downtime_ms: float) -> None:
         from p2pvbd.migrate import MigrationError, migrate_disk
 
-        try:
+        async def migrate() -> None:
             await migrate_disk(self.swarm, progress.disk, progress.dest, progress.mode, max_downtime_ms, progress)
             progress.phase = "done"
-        except MigrationError as e:
-            progress.error = str(e)
-        except PeerError as e:
-            progress.error = e.message
-        except Exception as e:
-            log.exception("migration of %s failed", progress.disk)
-            progress.error = f"internal error: {e}"
-        finally:
-            progress.finished = time.monotonic()
-            if progress.error:
-                progress.phase = "failed"
+
+        await run_job(f"migration of {progress.disk}", progress, migrate, (MigrationError, PeerError))
 
     async def op_replicate(self, disk: str, on: list[str], off: list[str], rate: float | None = None
                            ) -> dict[str, Any]:

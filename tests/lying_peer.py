@@ -19,9 +19,8 @@ _honest_serve_blocks = Swarm._serve_blocks
 
 def _lying_serve_blocks(self: Swarm, store: ReplicaStore, wanted: list[Any]) -> tuple[dict[str, Any], int]:
     reply, size = _honest_serve_blocks(self, store, wanted)
-    for entry in reply["blocks"]:  # [index, version, hash, payload, encoding]
-        if entry[3]:
-            entry[3] = bytes([entry[3][0] ^ 0xFF]) + entry[3][1:]
+    reply["blocks"] = [entry._replace(payload=bytes([entry.payload[0] ^ 0xFF]) + entry.payload[1:])
+                       if entry.payload else entry for entry in reply["blocks"]]
     return reply, size
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import trio
+import zstandard
 
 from p2pvbd.migration import fetcher as fetcher_mod
 from p2pvbd.migration.fetcher import Fetcher, SyncProgress
@@ -18,9 +19,10 @@ from p2pvbd.migration.pull import PullState
 from p2pvbd.replica_store import ReplicaStore
 from p2pvbd.store.version_map import BlockEntries, VersionMap
 from p2pvbd.swarm.peer_transport import PeerError
-from p2pvbd.wire.peer_wire import ENC_RAW
+from p2pvbd.wire.peer_wire import BLOCK_ZSTD_LEVEL, pack_entry
 
 MiB, BS = 1 << 20, 64 * 1024
+ZSTD = zstandard.ZstdCompressor(level=BLOCK_ZSTD_LEVEL)
 
 
 class FakePeer:
@@ -44,7 +46,7 @@ class FakePeer:
         for index, version in body["blocks"]:
             rec = self.source.read_block(index)
             assert rec.version == version and rec.data is not None
-            blocks.append([index, rec.version, rec.hash, rec.data, ENC_RAW])
+            blocks.append(pack_entry(index, rec.version, rec.hash, rec.data, ZSTD))
         return {"blocks": blocks}
 
 
@@ -124,9 +126,9 @@ class ServingPeer:
         for index, version in body["blocks"]:
             rec = self.source.read_block(index)
             if rec.version != version and not self.owner:
-                blocks.append([index, rec.version, None, None, ENC_RAW])
+                blocks.append(pack_entry(index, rec.version))
             else:
-                blocks.append([index, rec.version, rec.hash, rec.data, ENC_RAW])
+                blocks.append(pack_entry(index, rec.version, rec.hash, rec.data, ZSTD))
         return {"blocks": blocks}
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import trio
 
-from p2pvbd.base.home import HomeError
+from p2pvbd.base.home import HomeError, format_hostport
 from p2pvbd.base.sockets import remove_socket, unix_listener
 from p2pvbd.kernel_hook_ctl import ExportMode, HookController, HookError
 from p2pvbd.wire import nbd_codec as nbd
@@ -591,7 +591,7 @@ def _peer(stream: trio.SocketStream) -> str:
         host, port = stream.socket.getpeername()[:2]
     except OSError:
         return "(gone)"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_hostport(host, port)
 
 
 async def _tcp_listeners(tcp: TcpEndpoint) -> list[trio.SocketListener]:

@@ -24,7 +24,7 @@ import trio
 import zstandard
 
 from p2pvbd import dht
-from p2pvbd.base.home import Config, Home, HomeError, parse_hostport
+from p2pvbd.base.home import Config, Home, HomeError, format_hostport, is_ip, parse_hostport
 from p2pvbd.kernel_hook_ctl import HookController
 from p2pvbd.replica_store import ReplicaStore
 from p2pvbd.store.map_tree import STALE_ROOT
@@ -50,7 +50,7 @@ from p2pvbd.swarm.proven import ProvenOwners
 from p2pvbd.swarm.punch import RELAYED_GRACE_SECONDS, Puncher
 from p2pvbd.swarm.relay import Relays
 from p2pvbd.swarm.revoked import REVOKED_FILE, RevocationBook
-from p2pvbd.wire.dht_records import format_hostport, holders_payload, host_payload, owner_payload
+from p2pvbd.wire.dht_records import holders_payload, host_payload, owner_payload
 from p2pvbd.wire.dht_schema import (
     MAX_HOST_ADDRESSES,
     MAX_LINKS_LISTED,
@@ -58,15 +58,14 @@ from p2pvbd.wire.dht_schema import (
     PayloadError,
     check_payload,
     is_address,
-    is_ip,
 )
 from p2pvbd.wire.peer_wire import (
     BLOCK_ENTRY_BYTES,
     BLOCK_ZSTD_LEVEL,
     BLOCKS_REPLY_BUDGET,
-    ENC_RAW,
     MAX_BLOCK_ENTRIES,
-    pack_block,
+    BlockEntry,
+    pack_entry,
 )
 from p2pvbd.wire.revocation import REVOKED_KEY, Revocations
 
@@ -133,7 +132,7 @@ def _ip_of(address: str) -> str:
         host = parse_hostport(address)[0]
     except (ValueError, HomeError):
         return ""
-    return host if is_ip(host) else ""
+    return host if is_ip(host, scoped=True) else ""
 
 
 @dataclass
@@ -742,7 +741,7 @@ class Swarm:
         a block's data too (``handle_peer`` already bounded how many there are). Runs in a worker thread,
         with a compressor of its own (one is not safe to share between threads)."""
         compressor = zstandard.ZstdCompressor(level=BLOCK_ZSTD_LEVEL)
-        out: list[list[Any]] = []
+        out: list[BlockEntry] = []
         budget = BLOCKS_REPLY_BUDGET
         for item in wanted:
             if not (isinstance(item, list) and len(item) == 2 and all(isinstance(x, int) for x in item)):
@@ -756,14 +755,10 @@ class Swarm:
             rec = store.read_block(index)
             # Not that version here (any more): a replica says so; the owner sends what it has now.
             if rec.version != version and store.owner != self.name:
-                out.append([index, rec.version, None, None, ENC_RAW])
+                out.append(pack_entry(index, rec.version))
                 continue
-            if rec.data is None:
-                out.append([index, rec.version, rec.hash, None, ENC_RAW])
-                continue
-            encoding, payload = pack_block(rec.data, compressor)
-            out.append([index, rec.version, rec.hash, payload, encoding])
-            budget -= len(payload)
+            out.append(entry := pack_entry(index, rec.version, rec.hash, rec.data, compressor))
+            budget -= len(entry.payload or b"")
         return {"blocks": out}, BLOCKS_REPLY_BUDGET - budget
 
     # ---- swarm-wide queries --------------------------------------------------------------------

@@ -24,9 +24,9 @@ from typing import Any
 import trio
 
 from p2pvbd.base import admission
-from p2pvbd.base.home import HomeError, parse_hostport
+from p2pvbd.base.home import HomeError, format_hostport, parse_hostport
 from p2pvbd.swarm import invites, trust
-from p2pvbd.wire.dht_records import FirstSeen, format_hostport
+from p2pvbd.wire.dht_records import FirstSeen
 from p2pvbd.wire.peer_wire import (
     ERR_CONNECTION,
     ERR_INTERNAL,

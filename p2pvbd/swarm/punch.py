@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from p2pvbd.base.home import HomeError, parse_hostport
+from p2pvbd.base.home import HomeError, format_hostport, parse_hostport
 from p2pvbd.swarm import trust
 from p2pvbd.swarm.access import PeerOp, member
 from p2pvbd.swarm.peer_transport import (
@@ -41,7 +41,6 @@ from p2pvbd.swarm.peer_transport import (
     serve_link,
     watch_liveness,
 )
-from p2pvbd.wire.dht_records import format_hostport
 
 if TYPE_CHECKING:
     import ssl

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ from p2pvbd.base.control import ControlError
 from p2pvbd.base.home import HomeError, check_name
 from p2pvbd.migrate import MigrationError, MigrationProgress
 from p2pvbd.migration.handover import PeerForwarder
+from p2pvbd.migration.jobs import run_job
 from p2pvbd.swarm.access import PeerOp
 from p2pvbd.swarm.peer_transport import PeerError
 from p2pvbd.vm.book import VmBook
@@ -321,32 +323,12 @@ class VmService:
 
     async def run_move(self, progress: VmMoveProgress, max_downtime_ms: float) -> None:
         vm = self._vm(progress.vm)
-        try:
-            assert self._nursery is not None
-            await move_vm(self.swarm, self.runner, vm, progress.dest, max_downtime_ms, progress, self._nursery)
-        except (MigrationError, VmError) as e:
-            progress.error = str(e)
-        except PeerError as e:
-            progress.error = e.message
-        except BaseExceptionGroup as eg:  # from the disks' tasks: the first reason is the user's
-            expected, other = eg.split((MigrationError, PeerError, VmError))
-            first = _first_leaf(expected or eg)
-            progress.error = getattr(first, "message", None) or str(first) or type(first).__name__
-            if other is not None:
-                log.error("moving VM %s failed", progress.vm, exc_info=other)
-        except Exception as e:
-            log.exception("moving VM %s failed", progress.vm)
-            progress.error = f"internal error: {e}"
-        finally:
-            progress.finished = time.monotonic()
-            if progress.error:
-                progress.phase = "failed"
-
-
-def _first_leaf(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
+        assert self._nursery is not None
+        # The disks' tasks fail as a group: its first expected reason is the user's.
+        await run_job(f"moving VM {progress.vm}", progress,
+                      partial(move_vm, self.swarm, self.runner, vm, progress.dest, max_downtime_ms, progress,
+                              self._nursery),
+                      (MigrationError, PeerError, VmError))
 
 
 async def _the_destination(swarm: Swarm, peer: str, body: dict[str, Any]) -> str | None:
