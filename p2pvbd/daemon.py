@@ -11,6 +11,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ from p2pvbd.kernel_hook_ctl import ExportMode, HookController
 from p2pvbd.libvirt.service import LibvirtService
 from p2pvbd.migrate import DEFAULT_MAX_DOWNTIME_MS
 from p2pvbd.migration import failpoints
+from p2pvbd.migration.jobs import run_job
 from p2pvbd.migration.pull import PullState
 from p2pvbd.migration.replication import Replication
 from p2pvbd.migration.target import MigrationTarget
@@ -216,17 +218,17 @@ class Daemon:
         self.swarm.request_publish()
 
     async def op_disk_import(self, name: str, path: str, block_size: int = DEFAULT_BLOCK_SIZE) -> dict[str, Any]:
-        src = Path(path)
+        src = trio.Path(path)
         try:
-            size = src.stat().st_size
+            size = (await src.stat()).st_size
         except OSError as e:
             raise ControlError(f"cannot read {path}: {e.strerror}") from e
         size = max(SECTOR, -(-size // SECTOR) * SECTOR)
         info = await self.op_disk_create(name, size, block_size)
         written = 0
-        with open(src, "rb") as f:
+        async with await src.open("rb") as f:
             offset = 0
-            while chunk := await trio.to_thread.run_sync(f.read, IMPORT_CHUNK):
+            while chunk := await f.read(IMPORT_CHUNK):
                 if chunk.count(0) != len(chunk):
                     await self.ctl.write(name, offset, chunk)
                     written += len(chunk)
@@ -272,8 +274,9 @@ class Daemon:
         if ttl <= 0:
             raise ControlError("the invite's lifetime must be positive")
         now = time.time()
-        token, record = invites.make_invite(self.identity, advertised_addresses(self.config.listen), ttl, now)
-        invites.record_invite(self.home.path, record, now=now)
+        addresses = await advertised_addresses(self.config.listen)
+        token, record = invites.make_invite(self.identity, addresses, ttl, now)
+        await trio.to_thread.run_sync(partial(invites.record_invite, self.home.path, record, now=now))
         try:
             await self.swarm.open_join_port()
         except PeerError as e:
@@ -298,19 +301,8 @@ class Daemon:
         from p2pvbd.migration.fetcher import SyncError
         from p2pvbd.migration.pull import sync_disk
 
-        try:
-            await sync_disk(self.swarm, self.services.pulls, disk, progress, sources)
-        except (SyncError, ValueError, OSError) as e:
-            progress.error = str(e)
-        except PeerError as e:
-            progress.error = e.message
-        except Exception as e:
-            log.exception("sync of %s failed", disk)
-            progress.error = f"internal error: {e}"
-        finally:
-            progress.finished = time.monotonic()
-            if progress.error:
-                progress.phase = "failed"
+        await run_job(f"sync of {disk}", progress, partial(sync_disk, self.swarm, self.services.pulls, disk, progress,
+                                                           sources), (SyncError, ValueError, OSError, PeerError))
 
     async def op_jobs(self) -> list[dict[str, Any]]:
         """This host's syncs and migrations, then the pulls it ran as the destination of a migration."""
@@ -378,20 +370,11 @@ class Daemon:
     async def _run_migration(self, progress: Any, max_downtime_ms: float) -> None:
         from p2pvbd.migrate import MigrationError, migrate_disk
 
-        try:
+        async def migrate() -> None:
             await migrate_disk(self.swarm, progress.disk, progress.dest, progress.mode, max_downtime_ms, progress)
             progress.phase = "done"
-        except MigrationError as e:
-            progress.error = str(e)
-        except PeerError as e:
-            progress.error = e.message
-        except Exception as e:
-            log.exception("migration of %s failed", progress.disk)
-            progress.error = f"internal error: {e}"
-        finally:
-            progress.finished = time.monotonic()
-            if progress.error:
-                progress.phase = "failed"
+
+        await run_job(f"migration of {progress.disk}", progress, migrate, (MigrationError, PeerError))
 
     async def op_replicate(self, disk: str, on: list[str], off: list[str], rate: float | None = None
                            ) -> dict[str, Any]:

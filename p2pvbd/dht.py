@@ -51,6 +51,7 @@ from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 from kademlia.routing import RoutingTable
 
+from p2pvbd.base.home import format_hostport, is_ip, is_name, parse_hostport
 from p2pvbd.wire.dht_records import (
     DEFAULT_TTL,
     LOGGED_DROPS,
@@ -62,11 +63,8 @@ from p2pvbd.wire.dht_records import (
     RecordStore,
     check_record,
     derive_mac_key,
-    format_hostport,
-    is_name,
     key_digest,
     newest_per_publisher,
-    parse_hostport,
     parse_record,
     seal,
     sign_record,
@@ -77,7 +75,6 @@ from p2pvbd.wire.dht_wire import (
     RPC_LIMITS,
     Sender,
     decode_rpc,
-    is_ip_literal,
     is_node_id,
     is_request,
     node_id_for,
@@ -611,7 +608,7 @@ class DhtNode:
         resolved = []
         for host, port in addrs:
             try:
-                infos = [] if is_ip_literal(host) else await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+                infos = [] if is_ip(host) else await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
                 resolved.append((infos[0][4][0] if infos else host, port))
             except OSError as exc:
                 log.warning("cannot resolve DHT peer %s: %s", host, exc)
@@ -643,7 +640,7 @@ class DhtNode:
         out = []
         for e in entries:
             try:
-                out.append(parse_hostport(e))
+                out.append(parse_hostport(e, default_port=None))
             except (ValueError, AttributeError):
                 log.warning("%s: ignoring bad bootstrap entry %r", path, e)
         return out

@@ -360,12 +360,12 @@ class HookController:
             raise HookError(NBD_EINVAL, str(e)) from e
 
     # ---- freeze / thaw -------------------------------------------------------------------------
-    async def freeze(self, name: str, timeout: float = 5.0, flush: bool = True) -> None:
+    async def freeze(self, name: str, flush: bool = True) -> None:
         """Hold new requests, wait for those in flight, flush. Thaws by itself after MAX_FREEZE_SECONDS.
 
         ``flush=False`` skips the flush, for a caller that makes the data durable elsewhere (a switchover:
-        the destination flushes what it commits). Raises trio.TooSlowError (and thaws) when draining and
-        flushing take longer than ``timeout``.
+        the destination flushes what it commits). A freeze cancelled while it drains or flushes (the
+        caller's ``trio.fail_after``, say) thaws before it returns.
         """
         exp = self._require(name)
         if exp.frozen:
@@ -376,13 +376,12 @@ class HookController:
         gen = exp._freeze_generation
         trio.lowlevel.spawn_system_task(self._freeze_watchdog, name, gen)
         try:
-            with trio.fail_after(timeout):
-                if exp.inflight:
-                    exp._drained = trio.Event()
-                    await exp._drained.wait()
-                exp._drained = None
-                if flush:
-                    await self._sync(exp)
+            if exp.inflight:
+                exp._drained = trio.Event()
+                await exp._drained.wait()
+            exp._drained = None
+            if flush:
+                await self._sync(exp)
         except BaseException:
             exp._drained = None
             self.thaw(name)

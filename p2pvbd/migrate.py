@@ -38,7 +38,7 @@ from p2pvbd.migration.handover import (
 from p2pvbd.replica_store import ReplicaStore, WriteResult
 from p2pvbd.swarm.peer_transport import PeerError
 from p2pvbd.wire.map_wire import unpack_blocks
-from p2pvbd.wire.peer_wire import BLOCK_ZSTD_LEVEL, ENC_RAW, FrameError, pack_block
+from p2pvbd.wire.peer_wire import BLOCK_ZSTD_LEVEL, BlockEntry, FrameError, pack_entry
 
 if TYPE_CHECKING:
     from p2pvbd.swarm.node import Swarm
@@ -221,24 +221,21 @@ class Shipper:
         await self.conn.request("put_blocks", {"disk": self.exp.name, "blocks": [], "flush": True},
                                 timeout=REQUEST_TIMEOUT)
 
-    def _pack(self, blocks: npt.NDArray[np.int64]) -> tuple[list[list[Any]], int, int]:
+    def _pack(self, blocks: npt.NDArray[np.int64]) -> tuple[list[BlockEntry], int, int]:
         """One put_blocks batch: each block read and compressed, in a worker thread (a batch of
         compressible blocks is milliseconds of CPU the event loop must not spend). Returns the batch, its
         payload bytes and its guest bytes."""
         store, compressor = self.exp.store, zstandard.ZstdCompressor(level=BLOCK_ZSTD_LEVEL)
-        batch: list[list[Any]] = []
+        batch: list[BlockEntry] = []
         size = raw = 0
         for index in blocks.tolist():
             rec = store.read_block(index)
-            if rec.data is None:
-                batch.append([index, rec.version, rec.hash, None, ENC_RAW])
-                continue
-            encoding, payload = pack_block(rec.data, compressor)
-            batch.append([index, rec.version, rec.hash, payload, encoding])
-            size, raw = size + len(payload), raw + len(rec.data)
+            batch.append(entry := pack_entry(index, rec.version, rec.hash, rec.data, compressor))
+            if rec.data is not None:
+                size, raw = size + len(entry.payload or b""), raw + len(rec.data)
         return batch, size, raw
 
-    async def _send(self, batch: list[list[Any]], size: int, windowed: bool) -> None:
+    async def _send(self, batch: list[BlockEntry], size: int, windowed: bool) -> None:
         try:
             await self.conn.request("put_blocks", {"disk": self.exp.name, "blocks": batch}, timeout=REQUEST_TIMEOUT)
         finally:
@@ -514,7 +511,8 @@ async def _switchover(swarm: Swarm, conn: PeerConnection, exp: Export, shipper: 
         steps[name] = round((now - clock) * 1000, 2)
         clock = now
 
-    await ctl.freeze(disk, timeout=FREEZE_TIMEOUT, flush=False)  # the destination makes the data durable
+    with trio.fail_after(FREEZE_TIMEOUT):
+        await ctl.freeze(disk, flush=False)  # the destination makes the data durable
     # Fenced from here on: even if the freeze watchdog thaws the export, no write is taken before the
     # commit's outcome is known.
     ctl.set_mode(disk, ExportMode.INCOMING)

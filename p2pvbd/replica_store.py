@@ -692,30 +692,32 @@ class ReplicaStore:
             del self._active[area]
         return [self._area_record(RETIRE, area) for area in retired]
 
-    def needs_activation(self, offset: int, length: int) -> bool:
-        """Whether a guest write there would first sync the journal (a new area). Read without the lock: a
-        stale answer only moves that sync back into the write."""
+    def needs_activation(self, offset: int, length: int, written: int = GUEST_WRITES) -> bool:
+        """Whether a write there would first sync the journal (a new area): a guest write, or a peer's blocks
+        (``written=PEER_BLOCKS``). Read without the lock: a stale answer only moves that sync back into the
+        write."""
         if length <= 0 or offset < 0 or offset + length > self._size:
             return False
         ab = self._area_blocks * self._bs
         areas = range(offset // ab, (offset + length - 1) // ab + 1)
         return len(areas) <= MAX_AREAS_PER_ACTIVATION and any(
-            not self._active.get(a, 0) & GUEST_WRITES for a in areas)
+            not self._active.get(a, 0) & written for a in areas)
 
-    def activate(self, offset: int, length: int) -> None:
-        """Make the areas of a coming guest write active, syncing the journal here (a worker thread) rather
-        than inside the write, which the event loop runs; concurrent activations share the file's sync.
-        An area counts as active only once its record is durable, and only in the journal it went to."""
-        if not self.needs_activation(offset, length):
+    def activate(self, offset: int, length: int, written: int = GUEST_WRITES) -> None:
+        """Make the areas of a coming write active (a guest's, or ``written=PEER_BLOCKS`` a peer's blocks),
+        syncing the journal here (a worker thread) rather than inside the write, which the event loop runs;
+        concurrent activations share the file's sync. An area counts as active only once its record is
+        durable, and only in the journal it went to."""
+        if not self.needs_activation(offset, length, written):
             return
         ab = self._area_blocks * self._bs
         with self._lock:
             self._check_open()
             areas = [a for a in range(offset // ab, (offset + length - 1) // ab + 1)
-                     if not self._active.get(a, 0) & GUEST_WRITES]
+                     if not self._active.get(a, 0) & written]
             if not areas:
                 return
-            self._append(b"".join(self._area_record(ACTIVE, a, self._active.get(a, 0) | GUEST_WRITES)
+            self._append(b"".join(self._area_record(ACTIVE, a, self._active.get(a, 0) | written)
                                   for a in areas))
             seq, fd = self._jseq, os.dup(self._jfd)  # a checkpoint may rotate (and close) the journal meanwhile
         try:
@@ -726,7 +728,7 @@ class ReplicaStore:
             if self._jseq != seq or self._closed:
                 return  # rotated: a write activates its area again in the new journal
             for a in areas:
-                self._active[a] = self._active.pop(a, 0) | GUEST_WRITES
+                self._active[a] = self._active.pop(a, 0) | written
             self._append(b"".join(self._retire_excess()))
 
     @property

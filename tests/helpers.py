@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import trio
+
 from tests.daemons import Host, run
 
 # Records spread through the DHT within a publish round; this bounds waiting for it (not a speed check).
@@ -23,6 +25,13 @@ def wait_until(predicate: Callable[[], Any], what: str, timeout: float = CONVERG
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(poll)
+
+
+async def settled(predicate: Callable[[], Any], poll: float = 0.01) -> None:
+    """Return once ``predicate()`` holds, for state that no event announces (a log line, a node's own
+    retry); the caller bounds the wait with ``trio.fail_after``."""
+    while not predicate():  # noqa: ASYNC110 -- no event to wait for: the state is polled
+        await trio.sleep(poll)
 
 
 def invite(host: Host) -> str:

@@ -11,16 +11,16 @@ import logging
 from typing import Any
 
 from p2pvbd import cli
+from p2pvbd.replica_store import ReplicaStore
 from p2pvbd.swarm.node import Swarm
 
 _honest_serve_blocks = Swarm._serve_blocks
 
 
-def _lying_serve_blocks(self: Swarm, disk: str, wanted: list[Any]) -> tuple[dict[str, Any], int]:
-    reply, size = _honest_serve_blocks(self, disk, wanted)
-    for entry in reply["blocks"]:  # [index, version, hash, payload, encoding]
-        if entry[3]:
-            entry[3] = bytes([entry[3][0] ^ 0xFF]) + entry[3][1:]
+def _lying_serve_blocks(self: Swarm, store: ReplicaStore, wanted: list[Any]) -> tuple[dict[str, Any], int]:
+    reply, size = _honest_serve_blocks(self, store, wanted)
+    reply["blocks"] = [entry._replace(payload=bytes([entry.payload[0] ^ 0xFF]) + entry.payload[1:])
+                       if entry.payload else entry for entry in reply["blocks"]]
     return reply, size
 
 

@@ -34,6 +34,7 @@ from p2pvbd.wire.dht_records import (
     unseal,
 )
 from p2pvbd.wire.dht_wire import node_id_for, open_datagram, sign_datagram
+from tests.helpers import settled
 
 SECRET = bytes(range(32))
 _ME_KEY = Ed25519PrivateKey.generate()
@@ -268,8 +269,7 @@ async def test_no_neighbours_keeps_record_and_retries() -> None:
         assert [r.payload["epoch"] for r in await lone.lookup("owner", "vm9")] == [3]
         late, _ = await start(nursery, "late", [pl])
         with trio.fail_after(60):  # bounds a broken test: the retry comes every 0.1 s
-            while lone._own[("owner", "vm9")].pending:  # the maintenance task retried and reached `late`
-                await trio.sleep(0.05)
+            await settled(lambda: not lone._own[("owner", "vm9")].pending)  # the retry reached `late`
         assert [r.publisher for _, r in late._server.storage.records(key_digest("owner", "vm9"))] == ["lone"]
         assert [r.payload["epoch"] for r in await late.lookup("owner", "vm9")] == [3]
         nursery.cancel_scope.cancel()
@@ -311,19 +311,21 @@ async def test_cancelled_lookups_and_stopping_mid_lookup_are_clean() -> None:
             with trio.move_on_after(0.05):
                 await a.lookup("owner", "vm1")  # cancelled while waiting: late replies must be ignored
         got: list[object] = []
+        ended = trio.Event()
 
         async def lookup_then_record() -> None:
             try:
                 got.append(await a.lookup("owner", "vm1"))
             except DhtStopped as exc:
                 got.append(exc)
+            finally:
+                ended.set()
 
         outer.start_soon(lookup_then_record)
         await trio.sleep(0.1)
         node_scope.cancel()  # a's run() returns while that lookup waits on the dead contact
         with trio.fail_after(60):  # bounds a broken test: the lookup ends as soon as the node stops
-            while not got:
-                await trio.sleep(0.01)
+            await ended.wait()
         assert isinstance(got[0], DhtStopped)
         assert a.neighbours() == [] and a.stats["rpc_errors"] == b.stats["rpc_errors"] == 0
         outer.cancel_scope.cancel()

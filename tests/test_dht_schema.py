@@ -23,7 +23,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from p2pvbd.base.home import Config, Home
+from p2pvbd.base.home import (
+    DEFAULT_PEER_PORT,
+    AddressError,
+    Config,
+    Home,
+    HomeError,
+    format_hostport,
+    is_ip,
+    parse_hostport,
+)
 from p2pvbd.daemon import Services, attach_services
 from p2pvbd.kernel_hook_ctl import HookController
 from p2pvbd.migration.fetcher import SyncError, SyncProgress
@@ -351,3 +360,22 @@ def test_policy_book_keeps_the_good_policies_of_a_bad_file(tmp_path: Path) -> No
     assert list(Replication(swarm, tmp_path, PullState()).policies) == ["vm1"]  # type: ignore[arg-type]
     path.write_text("[1, 2]")
     assert Replication(swarm, tmp_path, PullState()).policies == {}  # type: ignore[arg-type]
+
+
+def test_one_address_parser_for_settings_and_records() -> None:
+    """Settings may leave the port out, records may not; both refuse port 0, unbracketed IPv6 and
+    non-ASCII digits, with an error that is both a user's HomeError and a peer's ValueError."""
+    assert parse_hostport("office-pc") == ("office-pc", DEFAULT_PEER_PORT)
+    assert parse_hostport("[::1]:80", default_port=None) == ("::1", 80)
+    for text in ("office-pc", "::1:80", "host:0", "host:²", "[::1]x:80", "host:123456", 80):
+        with pytest.raises(AddressError) as e:
+            parse_hostport(text, default_port=None)
+        assert isinstance(e.value, HomeError) and isinstance(e.value, ValueError)
+    assert format_hostport(*parse_hostport("[fe80::1]:7")) == "[fe80::1]:7"
+
+
+def test_one_ip_literal_check() -> None:
+    assert is_ip("10.0.0.1") and is_ip("::1") and not is_ip("010.0.0.1") and not is_ip("[::1]")
+    assert not is_ip("host") and not is_ip(None) and not is_ip("1.2.3.4\0")
+    assert not is_ip("fe80::1%eth0") and is_ip("fe80::1%eth0", scoped=True)  # a zone only where asked
+    assert not is_ip("10.0.0.1%eth0", scoped=True) and not is_ip("fe80::1%", scoped=True)

@@ -19,6 +19,7 @@ from p2pvbd.swarm import invites, trust
 from p2pvbd.swarm import peer_transport as pt
 from p2pvbd.wire.dht_records import FirstSeen
 from p2pvbd.wire.peer_wire import MAX_FRAME_BYTES, OPS, OpSpec, PeerError, encode_request
+from tests.helpers import settled
 
 # echo may carry padding as big as a block (an op must say so: frames above 64 KiB are refused otherwise).
 TEST_OPS = {**OPS, "echo": OpSpec({"n": int}, max_frame=MAX_FRAME_BYTES), "boom": OpSpec(), "refuse": OpSpec(),
@@ -161,8 +162,7 @@ async def test_client_without_certificate_is_refused(server: int, alpha: trust.H
         assert e.value.code == "connection"
     # Refused by OpenSSL in the server's handshake, before any request was read; logged once.
     with trio.fail_after(5):  # the server's side of the last handshake ends after the client's
-        while "PEER_DID_NOT_RETURN_A_CERTIFICATE" not in caplog.text:
-            await trio.sleep(0.01)
+        await settled(lambda: "PEER_DID_NOT_RETURN_A_CERTIFICATE" in caplog.text)
     assert caplog.text.count("PEER_DID_NOT_RETURN_A_CERTIFICATE") == 1, caplog.text
     async with pt.open_peer("127.0.0.1", server, trust.client_ssl_context(beta)) as conn:
         assert await conn.request("echo", {"n": 5}) == {"n": 5, "peer": "beta"}

@@ -7,6 +7,7 @@ from typing import Any
 
 import msgpack
 import pytest
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -197,3 +198,16 @@ def test_fuzz_valid_requests_round_trip(request_id: int, op: str, body: dict[str
     (f,) = decode_all(w.encode_request(request_id, op, body))
     assert f["id"] == request_id and f["op"] == op
     assert f["body"].keys() == body.keys()
+
+
+def test_block_entries_have_one_shape() -> None:
+    """What pack_entry makes crosses msgpack and comes back equal; anything else is a FrameError."""
+    compressor = zstandard.ZstdCompressor(level=w.BLOCK_ZSTD_LEVEL)
+    entries = [w.pack_entry(1, 2), w.pack_entry(3, 4, b"h" * 32),
+               w.pack_entry(5, 6, b"h" * 32, b"a" * 4096, compressor)]
+    assert entries[2].encoding == w.ENC_ZSTD and len(entries[2].payload or b"") < 4096
+    assert [w.unpack_entry(e) for e in msgpack.unpackb(msgpack.packb(entries))] == entries
+    for bad in ([1, 2, 3], (1, 2, None, b"x", 0), [1, "2", b"h", None, 0], [1, 2, "h", None, 0],
+                [1, 2, b"h", "data", 0], {"index": 1}):
+        with pytest.raises(FrameError):
+            w.unpack_entry(bad)

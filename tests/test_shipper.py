@@ -31,7 +31,7 @@ class RecordingLink:
         self.sent: list[tuple[int, ...]] = []
         self.started: dict[tuple[int, ...], float] = {}
 
-    async def request(self, op: str, body: dict[str, Any], timeout: float = 0) -> dict[str, Any]:
+    async def request(self, op: str, body: dict[str, Any], timeout: float = 0) -> dict[str, Any]:  # noqa: ASYNC109 -- PeerConnection.request
         blocks = tuple(entry[0] for entry in body["blocks"])
         self.started.setdefault(blocks, trio.current_time())
         await trio.sleep(SEND_SECONDS)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import random
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import trio
+import zstandard
 
 from p2pvbd.migration import fetcher as fetcher_mod
 from p2pvbd.migration.fetcher import Fetcher, SyncProgress
@@ -16,9 +19,10 @@ from p2pvbd.migration.pull import PullState
 from p2pvbd.replica_store import ReplicaStore
 from p2pvbd.store.version_map import BlockEntries, VersionMap
 from p2pvbd.swarm.peer_transport import PeerError
-from p2pvbd.wire.peer_wire import ENC_RAW
+from p2pvbd.wire.peer_wire import BLOCK_ZSTD_LEVEL, pack_entry
 
 MiB, BS = 1 << 20, 64 * 1024
+ZSTD = zstandard.ZstdCompressor(level=BLOCK_ZSTD_LEVEL)
 
 
 class FakePeer:
@@ -28,7 +32,7 @@ class FakePeer:
         self.source, self.stalled = source, stalled
         self.requests = self.cancelled = 0
 
-    async def request(self, op: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def request(self, op: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:  # noqa: ASYNC109 -- PeerConnection.request
         assert op == "get_blocks"
         self.requests += 1
         if self.stalled:
@@ -42,7 +46,7 @@ class FakePeer:
         for index, version in body["blocks"]:
             rec = self.source.read_block(index)
             assert rec.version == version and rec.data is not None
-            blocks.append([index, rec.version, rec.hash, rec.data, ENC_RAW])
+            blocks.append(pack_entry(index, rec.version, rec.hash, rec.data, ZSTD))
         return {"blocks": blocks}
 
 
@@ -85,6 +89,30 @@ async def test_a_stalled_peer_is_duplicated_then_cancelled_not_waited_for(tmp_pa
         assert target.read(0, size) == owner.read(0, size)
 
 
+async def test_the_journal_is_synced_off_the_event_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first peer block into an area of the activity log syncs the journal: in a worker thread, never on
+    the event loop, which every guest request of this host waits on meanwhile."""
+    size = 8 * MiB
+    with ReplicaStore.create(tmp_path / "owner", "vm1", size, BS) as owner, \
+            ReplicaStore.create(tmp_path / "target", "vm1", size, BS) as target:
+        owner.write(0, random.Random(2).randbytes(size))
+        _, wanted, mine = entries(owner, target)
+        synced_on: list[bool] = []
+        real_fsync = os.fsync
+
+        def fsync(fd: int) -> None:
+            synced_on.append(threading.current_thread() is threading.main_thread())
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        fetcher = Fetcher(FakeSwarm({"owner": FakePeer(owner)}), target, "owner", wanted,  # type: ignore[arg-type]
+                          mine, {"owner": wanted.versions}, SyncProgress("vm1"))
+        with trio.fail_after(600):  # bounds a broken test
+            await fetcher.run()
+        assert target.read(0, size) == owner.read(0, size)
+        assert synced_on and not any(synced_on), synced_on
+
+
 class ServingPeer:
     """Answers get_blocks as a daemon does: the owner sends what it holds now, a replica says which version
     it holds when it lacks the one asked for."""
@@ -92,15 +120,15 @@ class ServingPeer:
     def __init__(self, source: ReplicaStore, owner: bool, rng: random.Random) -> None:
         self.source, self.owner, self.rng = source, owner, rng
 
-    async def request(self, op: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def request(self, op: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:  # noqa: ASYNC109 -- PeerConnection.request
         await trio.sleep(self.rng.random() * 0.004)
         blocks = []
         for index, version in body["blocks"]:
             rec = self.source.read_block(index)
             if rec.version != version and not self.owner:
-                blocks.append([index, rec.version, None, None, ENC_RAW])
+                blocks.append(pack_entry(index, rec.version))
             else:
-                blocks.append([index, rec.version, rec.hash, rec.data, ENC_RAW])
+                blocks.append(pack_entry(index, rec.version, rec.hash, rec.data, ZSTD))
         return {"blocks": blocks}
 
 
@@ -157,7 +185,7 @@ class FlakyPeer(ServingPeer):
         super().__init__(source, True, rng)
         self.broke = False
 
-    async def request(self, op: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def request(self, op: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:  # noqa: ASYNC109 -- PeerConnection.request
         if not self.broke:
             self.broke = True
             raise PeerError("connection", "connection to owner lost: reset")

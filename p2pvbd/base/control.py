@@ -19,8 +19,8 @@ from typing import Any
 import msgpack
 import trio
 
-from p2pvbd.base.home import PRIVATE_SOCKET_MODE
 from p2pvbd.base.msgpack_bounds import MAX_FRAME_DEPTH, FrameLimits, unpack_bounded
+from p2pvbd.base.sockets import remove_socket, unix_listener
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +104,7 @@ async def _serve_one(stream: trio.SocketStream, handler: Handler, limiter: trio.
 
 async def serve_control(path: Path, handler: Handler, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the control socket at ``path`` until cancelled."""
-    path.unlink(missing_ok=True)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await sock.bind(os.fspath(path))
-    os.chmod(path, PRIVATE_SOCKET_MODE)
-    sock.listen(MAX_CONTROL_CLIENTS)
-    listener = trio.SocketListener(sock)
+    listener = await unix_listener(path, MAX_CONTROL_CLIENTS)
     limiter = trio.CapacityLimiter(MAX_CONTROL_CLIENTS)
 
     async def one(stream: trio.SocketStream) -> None:
@@ -123,7 +118,7 @@ async def serve_control(path: Path, handler: Handler, *, task_status: Any = trio
             task_status.started()
             await trio.serve_listeners(one, [listener], handler_nursery=nursery)
     finally:
-        path.unlink(missing_ok=True)
+        await remove_socket(path)
 
 
 def call(control_socket: Path, op: str, args: dict[str, Any] | None = None, timeout: float | None = None) -> Any:

@@ -9,6 +9,7 @@ import fcntl
 import ipaddress
 import os
 import re
+import socket
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -35,6 +36,9 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # use fullmatch: "$" w
 DEFAULT_PEER_PORT = 7420
 # NBD's port registered with IANA (proto.md, "Protocol phases"): what clients assume when a URI names none.
 DEFAULT_NBD_PORT = 10809
+# "host:port": a bracketed IPv6 literal, or a host without colons (an IPv4 literal or a name); up to 5 digits.
+_BRACKETED_RE = re.compile(r"\[([^\[\]]+)\](?::([0-9]{1,5}))?")
+_PLAIN_RE = re.compile(r"([^:\[\]]+)(?::([0-9]{1,5}))?")
 
 
 class HomeError(Exception):
@@ -51,23 +55,63 @@ def resolve_home(arg: str | os.PathLike[str] | None) -> Path:
     return Path(platformdirs.user_data_dir("p2pvbd")).absolute()
 
 
+def is_name(x: object) -> bool:
+    """A host or disk name as ``check_name`` accepts it (in full: no trailing newline)."""
+    return isinstance(x, str) and NAME_RE.fullmatch(x) is not None
+
+
 def check_name(kind: str, name: str) -> str:
-    if not NAME_RE.fullmatch(name):
+    if not is_name(name):
         raise HomeError(
             f"invalid {kind} name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     return name
 
 
-def parse_hostport(text: str, default_port: int = DEFAULT_PEER_PORT) -> tuple[str, int]:
-    """'HOST:PORT', 'HOST' or '[v6]:PORT' to a pair."""
-    m = re.match(r"^\[([^\]]+)\](?::(\d+))?$", text) or re.match(r"^([^:]*)(?::(\d+))?$", text)
-    if not m or not m.group(1):
-        raise HomeError(f"not a HOST:PORT address: {text!r}")
-    port = int(m.group(2)) if m.group(2) else default_port
-    if not 0 <= port <= 65535:
-        raise HomeError(f"port out of range in {text!r}")
+class AddressError(HomeError, ValueError):
+    """Not a "host:port" address: a HomeError for a user's setting (a one-line message), a ValueError for
+    what a peer sent (refused with the rest of its message)."""
+
+
+def parse_hostport(text: object, default_port: int | None = DEFAULT_PEER_PORT) -> tuple[str, int]:
+    """'HOST:PORT' or '[v6]:PORT' to a pair; 'HOST' alone too, unless ``default_port`` is None. An IPv6
+    address takes brackets, a port is 1-65535 in ASCII digits: the one parser for settings, invites,
+    index records and address books."""
+    m = isinstance(text, str) and (_BRACKETED_RE.fullmatch(text) or _PLAIN_RE.fullmatch(text))
+    if not m:
+        raise AddressError(f"not a HOST:PORT address: {text!r}")
+    if m.group(2) is None and default_port is None:
+        raise AddressError(f"no port in {text!r}")
+    port = int(m.group(2)) if m.group(2) is not None else default_port
+    assert port is not None
+    if not 0 < port < 65536:
+        raise AddressError(f"port out of range in {text!r} (peers and clients need a fixed port, 1-65535)")
     return m.group(1), port
+
+
+def format_hostport(host: str, port: int) -> str:
+    """The inverse of ``parse_hostport``: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_ip(x: object, *, scoped: bool = False) -> bool:
+    """An IPv4 or IPv6 literal, without brackets or port; an IPv6 one with a zone ("fe80::1%eth0") only if
+    ``scoped`` (a zone means something on the host that names it alone). inet_pton, 10x faster than
+    ipaddress: the index checks the address of every contact in every datagram with it."""
+    if not isinstance(x, str):
+        return False
+    if scoped and "%" in x:
+        x, _, zone = x.partition("%")
+        return bool(zone) and "%" not in zone and _parses(socket.AF_INET6, x)
+    return _parses(socket.AF_INET, x) or _parses(socket.AF_INET6, x)
+
+
+def _parses(family: int, text: str) -> bool:
+    try:
+        socket.inet_pton(family, text)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def parse_nbd_tcp(text: str) -> tuple[str, int]:
@@ -76,14 +120,9 @@ def parse_nbd_tcp(text: str) -> tuple[str, int]:
     Addresses only, no other names: the server's certificate must name what clients connect to, and a
     name that resolves differently later would silently listen elsewhere."""
     host, port = parse_hostport(text, DEFAULT_NBD_PORT)
-    if host != "localhost":
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            raise HomeError(f"not an NBD TCP address: {text!r} (use an IP address or localhost, e.g. "
-                            f"127.0.0.1:{DEFAULT_NBD_PORT})") from None
-    if port == 0:
-        raise HomeError(f"the NBD TCP port must be fixed, not 0, in {text!r}: clients need to know it")
+    if host != "localhost" and not is_ip(host, scoped=True):
+        raise HomeError(f"not an NBD TCP address: {text!r} (use an IP address or localhost, e.g. "
+                        f"127.0.0.1:{DEFAULT_NBD_PORT})")
     return host, port
 
 

@@ -58,7 +58,7 @@ def cmd_vm_allow(args: argparse.Namespace) -> None:
 
 
 def cmd_vm_stop(args: argparse.Namespace) -> None:
-    info = ask(args, "vm_stop", name=args.vm, timeout=args.timeout)
+    info = ask(args, "vm_stop", name=args.vm, grace=args.timeout)
     if args.json:
         print_json(info)
         return

@@ -23,10 +23,11 @@ import trio
 import zstandard
 
 from p2pvbd.replica_store import HashMismatch, ReplicaStore, StaleVersion
+from p2pvbd.store.store_journal import PEER_BLOCKS
 from p2pvbd.store.version_map import BlockEntries, VersionMap, block_hash
 from p2pvbd.swarm.peer_transport import PeerError
 from p2pvbd.sync_planner import FetchRequest, PeerInfo, SyncScheduler, plan_sync, request_bytes_for
-from p2pvbd.wire.peer_wire import FrameError, unpack_block
+from p2pvbd.wire.peer_wire import BlockEntry, FrameError, unpack_block, unpack_entry
 
 if TYPE_CHECKING:
     from p2pvbd.swarm.node import Swarm
@@ -216,10 +217,16 @@ class Fetcher:
         wanted = [[i, int(versions[base + i])] for i in range(req.start, req.start + req.count)]
         reply = await conn.request("get_blocks", {"disk": self.store.name, "blocks": wanted,
                                                   "background": self.background}, timeout=REQUEST_TIMEOUT)
-        items = [_parse_item(item) for item in reply.get("blocks", [])]
+        items = [unpack_entry(item) for item in reply.get("blocks", [])]
         # Decompressing and hashing a MiB costs milliseconds of CPU: in a thread (zstd and hashlib release
         # the GIL), the event loop keeps reading the other peers' replies meanwhile.
         decoded = await trio.to_thread.run_sync(self._decode, items)
+        # The first peer blocks into an area of the activity log sync the journal: in a worker thread, as the
+        # guest write path does, so that put_block below, on the event loop, syncs nothing.
+        bs = self.store.block_size
+        span = req.start * bs, min(req.count * bs, self.store.size - req.start * bs)
+        if self.store.needs_activation(*span, PEER_BLOCKS):
+            await trio.to_thread.run_sync(self.store.activate, *span, PEER_BLOCKS)
         good: list[int] = []
         bad: list[int] = []
         nbytes = 0
@@ -266,7 +273,7 @@ class Fetcher:
             if (scope := self._inflight.get(useless)) is not None:
                 scope.cancel()  # its blocks are all in: the peer is told to stop, its reply is dropped
 
-    def _decode(self, items: list[_Item]) -> list[tuple[bytes | None, bytes]]:
+    def _decode(self, items: list[BlockEntry]) -> list[tuple[bytes | None, bytes]]:
         """Each item's block data (None: a zero block) and its hash; b"" for both when it does not decode.
 
         Runs in a worker thread, hence a decompressor of its own (one is not safe across threads).
@@ -284,18 +291,3 @@ class Fetcher:
                 continue
             out.append((data, block_hash(data)))
         return out
-
-
-# One get_blocks reply entry: index, version, hash, payload (None: a zero block), encoding.
-_Item = tuple[int, int, bytes, bytes | None, int]
-
-
-def _parse_item(item: Any) -> _Item:
-    if not (isinstance(item, list) and len(item) == 5 and isinstance(item[0], int) and isinstance(item[1], int)):
-        raise FrameError("malformed block entry")
-    index, version, digest, payload, encoding = item
-    if digest is None and payload is None:
-        return index, version, b"", None, 0
-    if not isinstance(digest, bytes) or not (payload is None or isinstance(payload, bytes)):
-        raise FrameError("malformed block entry")
-    return index, version, digest, payload, encoding

@@ -23,6 +23,7 @@ from p2pvbd.kernel_hook_ctl import Export, ExportMode, HookError
 from p2pvbd.migration import failpoints
 from p2pvbd.migration.fetcher import SyncError, SyncProgress
 from p2pvbd.migration.handover import PeerForwarder, hand_over, pending_path, read_pending, record_hand_over
+from p2pvbd.migration.jobs import run_job
 from p2pvbd.migration.pull import PullState, sync_disk
 from p2pvbd.replica_store import HashMismatch, ReplicaStore, StaleVersion
 from p2pvbd.store.map_tree import same_root
@@ -34,7 +35,14 @@ from p2pvbd.swarm.ownership import ERR_UNPROVEN, save_links
 from p2pvbd.swarm.peer_transport import PeerError
 from p2pvbd.wire.map_wire import MAX_ENTRY_BLOCKS, pack_blocks
 from p2pvbd.wire.nbd_codec import NBD_EPERM
-from p2pvbd.wire.peer_wire import MAX_BLOCK_ENTRIES, MAX_GUEST_IO_BYTES, FrameError, unpack_block
+from p2pvbd.wire.peer_wire import (
+    MAX_BLOCK_ENTRIES,
+    MAX_GUEST_IO_BYTES,
+    BlockEntry,
+    FrameError,
+    unpack_block,
+    unpack_entry,
+)
 
 if TYPE_CHECKING:
     from p2pvbd.swarm.node import Swarm
@@ -188,15 +196,9 @@ class MigrationTarget:
         return {"job": job}
 
     async def _pull(self, disk: str, progress: SyncProgress) -> None:
-        import time
-
-
-        try:
-            await sync_disk(self.swarm, self.pulls, disk, progress)
-        except (SyncError, PeerError, OSError, ValueError) as e:
-            progress.error = getattr(e, "message", None) or str(e)
-        finally:
-            progress.finished = time.monotonic()
+        await run_job(f"the pull of incoming {disk}", progress,
+                      partial(sync_disk, self.swarm, self.pulls, disk, progress),
+                      (SyncError, PeerError, OSError, ValueError))
 
     async def job(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
         inc = self._from_source(peer, body["disk"])
@@ -209,13 +211,15 @@ class MigrationTarget:
         disk = body["disk"]
         self._from_source(peer, disk)
         store = self._store(disk)
-        items = body["blocks"]
+        try:
+            items = [unpack_entry(item) for item in body["blocks"]]
+        except FrameError as e:
+            raise PeerError("bad_request", str(e)) from None
         for item in items:
-            if not (isinstance(item, list) and len(item) == 5 and isinstance(item[0], int)
-                    and isinstance(item[1], int) and isinstance(item[2], bytes)):
-                raise PeerError("bad_request", "blocks must be [index, version, hash, payload, encoding]")
-            if not 0 <= item[0] < store.n_blocks:
-                raise PeerError("bad_request", f"block {item[0]} is outside {disk}")
+            if item.hash is None:
+                raise PeerError("bad_request", f"block {item.index}: a mirrored block carries its hash")
+            if not 0 <= item.index < store.n_blocks:
+                raise PeerError("bad_request", f"block {item.index} is outside {disk}")
         stored = await trio.to_thread.run_sync(_store_blocks, store, items) if items else 0
         if body.get("flush"):
             await trio.to_thread.run_sync(store.maintain)  # durable and digested before the switchover
@@ -453,12 +457,13 @@ def _check_guest_io(body: dict[str, Any]) -> None:
         raise PeerError(access.ERR_TOO_LARGE, f"guest_io moves at most {MAX_GUEST_IO_BYTES} bytes per request")
 
 
-def _store_blocks(store: ReplicaStore, items: list[list[Any]]) -> int:
+def _store_blocks(store: ReplicaStore, items: list[BlockEntry]) -> int:
     """Decode, check and store mirrored blocks, in a worker thread (decompressing and hashing a batch is
     milliseconds of CPU the event loop must not spend). Returns how many changed the replica."""
     decompressor = zstandard.ZstdDecompressor()
     stored = 0
     for index, version, digest, payload, encoding in items:
+        assert digest is not None  # put_blocks refused entries without one
         try:
             data = None if payload is None else unpack_block(encoding, payload, _length(store, index), decompressor)
             if data is not None and block_hash(data) != digest:

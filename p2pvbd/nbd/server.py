@@ -24,12 +24,14 @@ import socket
 import ssl
 import struct
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from p2pvbd.base.home import PRIVATE_SOCKET_MODE, HomeError
+from p2pvbd.base.home import HomeError, format_hostport
+from p2pvbd.base.sockets import remove_socket, unix_listener
 from p2pvbd.kernel_hook_ctl import ExportMode, HookController, HookError
 from p2pvbd.wire import nbd_codec as nbd
 
@@ -584,22 +586,12 @@ async def _handle(stream: trio.abc.Stream, ctl: HookController, tls: ssl.SSLCont
             log.exception("NBD connection failed; closed it")
 
 
-async def _unix_listener(path: Path) -> trio.SocketListener:
-    """The socket is 0600 whatever the umask (its 0700 directory covers the instant before the chmod)."""
-    path.unlink(missing_ok=True)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await sock.bind(os.fspath(path))
-    os.chmod(path, PRIVATE_SOCKET_MODE)
-    sock.listen(LISTEN_BACKLOG)
-    return trio.SocketListener(sock)
-
-
 def _peer(stream: trio.SocketStream) -> str:
     try:
         host, port = stream.socket.getpeername()[:2]
     except OSError:
         return "(gone)"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_hostport(host, port)
 
 
 async def _tcp_listeners(tcp: TcpEndpoint) -> list[trio.SocketListener]:
@@ -618,7 +610,7 @@ async def serve_nbd(
 ) -> None:
     """Serve every export of ``ctl`` on a Unix socket (and over TLS on a TCP address) until cancelled."""
     tcp_listeners = await _tcp_listeners(tcp) if tcp is not None else []
-    unix_listeners = [await _unix_listener(unix_path)]
+    unix_listeners = [await unix_listener(unix_path, LISTEN_BACKLOG)]
     open_tcp = 0
 
     async def handle_tcp(stream: trio.SocketStream) -> None:
@@ -637,9 +629,9 @@ async def serve_nbd(
 
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(lambda: trio.serve_listeners(lambda s: _handle(s, ctl), unix_listeners))
+            nursery.start_soon(trio.serve_listeners, partial(_handle, ctl=ctl), unix_listeners)
             if tcp_listeners:
-                nursery.start_soon(lambda: trio.serve_listeners(handle_tcp, tcp_listeners))
+                nursery.start_soon(trio.serve_listeners, handle_tcp, tcp_listeners)
             task_status.started()
     finally:
-        unix_path.unlink(missing_ok=True)
+        await remove_socket(unix_path)

@@ -31,8 +31,9 @@ import msgpack
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from p2pvbd.base.home import is_name
 from p2pvbd.swarm.trust import key_binding_valid
-from p2pvbd.wire.dht_schema import MAX_COUNTER, is_name
+from p2pvbd.wire.dht_schema import MAX_COUNTER
 
 CREATE, HAND, CLAIM = "create", "hand", "claim"
 KINDS = (CREATE, HAND, CLAIM)

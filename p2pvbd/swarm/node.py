@@ -24,7 +24,7 @@ import trio
 import zstandard
 
 from p2pvbd import dht
-from p2pvbd.base.home import Config, Home, HomeError, parse_hostport
+from p2pvbd.base.home import Config, Home, HomeError, format_hostport, is_ip, parse_hostport
 from p2pvbd.kernel_hook_ctl import HookController
 from p2pvbd.replica_store import ReplicaStore
 from p2pvbd.store.map_tree import STALE_ROOT
@@ -50,7 +50,7 @@ from p2pvbd.swarm.proven import ProvenOwners
 from p2pvbd.swarm.punch import RELAYED_GRACE_SECONDS, Puncher
 from p2pvbd.swarm.relay import Relays
 from p2pvbd.swarm.revoked import REVOKED_FILE, RevocationBook
-from p2pvbd.wire.dht_records import format_hostport, holders_payload, host_payload, owner_payload
+from p2pvbd.wire.dht_records import holders_payload, host_payload, owner_payload
 from p2pvbd.wire.dht_schema import (
     MAX_HOST_ADDRESSES,
     MAX_LINKS_LISTED,
@@ -58,15 +58,14 @@ from p2pvbd.wire.dht_schema import (
     PayloadError,
     check_payload,
     is_address,
-    is_ip,
 )
 from p2pvbd.wire.peer_wire import (
     BLOCK_ENTRY_BYTES,
     BLOCK_ZSTD_LEVEL,
     BLOCKS_REPLY_BUDGET,
-    ENC_RAW,
     MAX_BLOCK_ENTRIES,
-    pack_block,
+    BlockEntry,
+    pack_entry,
 )
 from p2pvbd.wire.revocation import REVOKED_KEY, Revocations
 
@@ -104,9 +103,12 @@ JOIN_OPEN_SECONDS = 10.0
 # on a few hosts that are down, before the connection and the request themselves.
 REVOCATION_PUSH_SECONDS = 30.0
 WILDCARDS = ("0.0.0.0", "::", "")
+# get_blocks replies read and compressed at once, each in a worker thread: two keep a core busy with zstd
+# while the other reads the disk, and leave the event loop its own on the two-core hosts this runs on.
+BLOCK_READERS = 2
 
 
-def advertised_addresses(listen: str) -> list[str]:
+async def advertised_addresses(listen: str) -> list[str]:
     """Where peers can reach us: the listen address, or every non-loopback address for a wildcard; only
     distinct, well-formed ones, as many as a host record holds (its schema refuses the record otherwise)."""
     host, port = parse_hostport(listen)
@@ -114,7 +116,8 @@ def advertised_addresses(listen: str) -> list[str]:
         addrs = [host]
     else:
         try:
-            out = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True, check=True).stdout
+            out = (await trio.run_process(["ip", "-j", "addr", "show"], capture_stdout=True,
+                                          capture_stderr=True, stdin=subprocess.DEVNULL)).stdout
             addrs = [a["local"] for ifc in json.loads(out) for a in ifc.get("addr_info", [])
                      if a.get("scope") == "global"]
         except (OSError, subprocess.CalledProcessError, ValueError, KeyError):
@@ -129,7 +132,7 @@ def _ip_of(address: str) -> str:
         host = parse_hostport(address)[0]
     except (ValueError, HomeError):
         return ""
-    return host if is_ip(host) else ""
+    return host if is_ip(host, scoped=True) else ""
 
 
 @dataclass
@@ -185,7 +188,7 @@ class Swarm:
         # Coverage of a replica against the owner, by (disk, host, its root, the owner's root): status
         # repeated while nothing changes costs two summaries per replica.
         self._coverage_cache: OrderedDict[tuple[str, str, bytes, bytes], int] = OrderedDict()
-        self._block_compressor = zstandard.ZstdCompressor(level=BLOCK_ZSTD_LEVEL)
+        self._block_readers = trio.CapacityLimiter(BLOCK_READERS)
         self.record_ttl = RECORD_TTL
         # What the services the daemon composes onto this node (daemon.attach_services) tell it: pacing,
         # policies, pull rates (swarm/ops.py). The node dispatches their peer ops but imports none of them.
@@ -325,7 +328,7 @@ class Swarm:
         if self.revoked.current.serial:  # every host that knows the list carries it on
             await self.dht.publish("revoked", REVOKED_KEY, self.revoked.current.as_payload(), RECORD_TTL)
         await self.dht.publish("host", self.name, host_payload(
-            advertised_addresses(self.config.listen), self.identity.cert_fingerprint, **self.reach()),
+            await advertised_addresses(self.config.listen), self.identity.cert_fingerprint, **self.reach()),
             RECORD_TTL)
         disks = self.ctl.names()
         await self.dht.publish("catalog", CATALOG_KEY, {"host": self.name, "disks": disks}, RECORD_TTL)
@@ -713,7 +716,11 @@ class Swarm:
         return await maps.serve_changes(self._store(body["disk"]), body)
 
     async def _get_blocks(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
-        reply, nbytes = self._serve_blocks(body["disk"], body["blocks"])
+        # Reading, hashing and compressing up to a frame of blocks is milliseconds of disk and CPU: in a
+        # worker thread (zstd and hashlib release the GIL), so guest requests are served meanwhile.
+        store = self._store(body["disk"])
+        reply, nbytes = await trio.to_thread.run_sync(self._serve_blocks, store, body["blocks"],
+                                                      limiter=self._block_readers)
         if body.get("background") is True:  # a warm-replica pull: paced to the policy's rate
             await self.hooks.pace_background(body["disk"], nbytes)
         return reply
@@ -729,32 +736,29 @@ class Swarm:
         migration = self.migrations.get(disk)
         return migration.as_dict() if migration is not None and migration.finished is None else None
 
-    def _serve_blocks(self, disk: str, wanted: list[Any]) -> tuple[dict[str, Any], int]:
+    def _serve_blocks(self, store: ReplicaStore, wanted: list[Any]) -> tuple[dict[str, Any], int]:
         """As many of ``wanted`` as fit one reply, in order; every entry counts against the reply's budget,
-        a block's data too (``handle_peer`` already bounded how many there are)."""
-        store = self._store(disk)
-        out: list[list[Any]] = []
+        a block's data too (``handle_peer`` already bounded how many there are). Runs in a worker thread,
+        with a compressor of its own (one is not safe to share between threads)."""
+        compressor = zstandard.ZstdCompressor(level=BLOCK_ZSTD_LEVEL)
+        out: list[BlockEntry] = []
         budget = BLOCKS_REPLY_BUDGET
         for item in wanted:
             if not (isinstance(item, list) and len(item) == 2 and all(isinstance(x, int) for x in item)):
                 raise PeerError("bad_request", "blocks must be [index, version] pairs")
             index, version = item
             if not 0 <= index < store.n_blocks:
-                raise PeerError("bad_request", f"block {index} is outside {disk}")
+                raise PeerError("bad_request", f"block {index} is outside {store.name}")
             if budget < BLOCK_ENTRY_BYTES + store.block_size:
                 break  # the caller asks again for the rest
             budget -= BLOCK_ENTRY_BYTES
             rec = store.read_block(index)
             # Not that version here (any more): a replica says so; the owner sends what it has now.
             if rec.version != version and store.owner != self.name:
-                out.append([index, rec.version, None, None, ENC_RAW])
+                out.append(pack_entry(index, rec.version))
                 continue
-            if rec.data is None:
-                out.append([index, rec.version, rec.hash, None, ENC_RAW])
-                continue
-            encoding, payload = pack_block(rec.data, self._block_compressor)
-            out.append([index, rec.version, rec.hash, payload, encoding])
-            budget -= len(payload)
+            out.append(entry := pack_entry(index, rec.version, rec.hash, rec.data, compressor))
+            budget -= len(entry.payload or b"")
         return {"blocks": out}, BLOCKS_REPLY_BUDGET - budget
 
     # ---- swarm-wide queries --------------------------------------------------------------------

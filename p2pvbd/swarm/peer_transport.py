@@ -24,9 +24,9 @@ from typing import Any
 import trio
 
 from p2pvbd.base import admission
-from p2pvbd.base.home import HomeError, parse_hostport
+from p2pvbd.base.home import HomeError, format_hostport, parse_hostport
 from p2pvbd.swarm import invites, trust
-from p2pvbd.wire.dht_records import FirstSeen, format_hostport
+from p2pvbd.wire.dht_records import FirstSeen
 from p2pvbd.wire.peer_wire import (
     ERR_CONNECTION,
     ERR_INTERNAL,
@@ -163,7 +163,10 @@ class PeerConnection:
         self.limits = PEER_LIMITS
         self.ops: Mapping[str, OpSpec] = OPS
 
-    async def request(self, op: str, body: dict[str, Any], timeout: float = DEFAULT_REQUEST_TIMEOUT) -> dict[str, Any]:
+    # The timeout is the request's own: it also cuts a send the caller's cancellation cannot (a frame is sent
+    # whole, shielded), and ends as a PeerError like any other failure of the peer.
+    async def request(self, op: str, body: dict[str, Any],
+                      timeout: float = DEFAULT_REQUEST_TIMEOUT) -> dict[str, Any]:  # noqa: ASYNC109
         """Send a request and wait for its reply body; PeerError for error replies, timeouts, dead links.
 
         Cancelling the caller is safe: a frame is always sent whole, the peer is told to drop the request
@@ -226,7 +229,7 @@ class PeerConnection:
             except (PeerError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the connection is gone or marked broken: nothing left to cancel
 
-    async def alive(self, timeout: float) -> bool:
+    async def alive(self, timeout: float) -> bool:  # noqa: ASYNC109 -- passed on to request(): see there
         """Whether the peer answers a ``hello`` within ``timeout``; a connection that does not is ended
         (so a pool makes a new one, to wherever the peer is now). While a frame is being sent the link is
         in use, and the kernel's own timeout (UNACKED_DATA_SECONDS) judges it: a hello queued behind a

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from p2pvbd.base.home import HomeError, parse_hostport
+from p2pvbd.base.home import HomeError, format_hostport, parse_hostport
 from p2pvbd.swarm import trust
 from p2pvbd.swarm.access import PeerOp, member
 from p2pvbd.swarm.peer_transport import (
@@ -41,7 +41,6 @@ from p2pvbd.swarm.peer_transport import (
     serve_link,
     watch_liveness,
 )
-from p2pvbd.wire.dht_records import format_hostport
 
 if TYPE_CHECKING:
     import ssl
@@ -89,7 +88,8 @@ def pick_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def dial_from(local_port: int, host: str, port: int, timeout: float) -> trio.SocketStream:
+# The timeout bounds the connect alone and ends as a PeerError, the socket closed, as a refusal does.
+async def dial_from(local_port: int, host: str, port: int, timeout: float) -> trio.SocketStream:  # noqa: ASYNC109
     """A TCP connection to ``host:port`` from ``local_port``. SO_REUSEADDR and SO_REUSEPORT let the same
     port connect out again while its previous connection lingers in TIME_WAIT."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -34,26 +34,42 @@ async def kvm_boots(qemu: str) -> bool:
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False
     t0 = trio.current_time()
-    if not await boots(qemu, "tcg", PROBE_TIMEOUT):
+    tcg = kvm = False
+    with trio.move_on_after(PROBE_TIMEOUT) as probe:
+        tcg = await boots(qemu, "tcg")
+    if probe.cancelled_caught:
+        log.info("tcg did not boot a probe sector within %.1f s: not used", PROBE_TIMEOUT)
+    if not tcg:
         return False  # no reference: QEMU itself does not run here
     allowed = (trio.current_time() - t0) * KVM_SLOWER_FACTOR + KVM_SLACK_SECONDS
-    return await boots(qemu, "kvm", allowed)
+    with trio.move_on_after(allowed) as probe:
+        kvm = await boots(qemu, "kvm")
+    if probe.cancelled_caught:
+        log.info("kvm did not boot a probe sector within %.1f s: not used", allowed)
+    return kvm
 
 
-async def boots(qemu: str, accel: str, timeout: float) -> bool:
-    """Whether QEMU with ``accel`` runs the probe's boot sector to its end within ``timeout`` seconds."""
-    with tempfile.TemporaryDirectory(prefix="p2pvbd-accel-") as tmp:
-        image = Path(tmp) / "boot.img"
-        image.write_bytes(BOOT_SECTOR)
+async def boots(qemu: str, accel: str) -> bool:
+    """Whether QEMU with ``accel`` runs the probe's boot sector to its end (the caller bounds how long)."""
+    tmp = await trio.to_thread.run_sync(_probe_dir)
+    try:
+        image = Path(tmp.name) / "boot.img"
         argv = [qemu, "-accel", accel, "-nodefaults", "-display", "none", "-no-user-config", "-m", "16M",
                 "-drive", f"file={image},format=raw,if=ide", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]
         try:
-            with trio.move_on_after(timeout):
-                res = await trio.run_process(argv, check=False, stdin=subprocess.DEVNULL,
-                                             capture_stdout=True, capture_stderr=True)
-                return res.returncode == DEBUG_EXIT_STATUS
+            res = await trio.run_process(argv, check=False, stdin=subprocess.DEVNULL,
+                                         capture_stdout=True, capture_stderr=True)
         except OSError as e:
             log.warning("cannot run %s to probe %s: %s", qemu, accel, e)
             return False
-    log.info("%s did not boot a probe sector within %.1f s: not used", accel, timeout)
-    return False
+        return res.returncode == DEBUG_EXIT_STATUS
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(tmp.cleanup)
+
+
+def _probe_dir() -> tempfile.TemporaryDirectory[str]:
+    """A private directory holding the boot sector as a disk image."""
+    tmp = tempfile.TemporaryDirectory(prefix="p2pvbd-accel-")
+    (Path(tmp.name) / "boot.img").write_bytes(BOOT_SECTOR)
+    return tmp

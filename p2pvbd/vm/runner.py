@@ -18,7 +18,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import trio
 
@@ -67,6 +67,29 @@ class RunningVm:
             return "unknown"
 
 
+def _prepare_run(paths: RunPaths) -> BinaryIO:
+    """The VM's directory, without the sockets of an earlier run, and its QEMU log open for appending."""
+    paths.directory.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+    for sock in (paths.qmp, paths.incoming, paths.outgoing):
+        sock.unlink(missing_ok=True)
+    return open(paths.directory / "qemu.log", "ab")
+
+
+async def _exit_of(rv: RunningVm) -> None:
+    """Return once QEMU has exited (recording its status when it is this daemon's child)."""
+    if rv.process is not None:
+        rv.exit_status = await rv.process.wait()
+        return
+    try:
+        fd = os.pidfd_open(rv.pid)
+    except ProcessLookupError:
+        return  # gone already
+    try:
+        await trio.lowlevel.wait_readable(fd)
+    finally:
+        os.close(fd)
+
+
 def _alive(rv: RunningVm) -> bool:
     if rv.process is not None:
         return rv.process.poll() is None  # reaps our child once it exited
@@ -111,14 +134,15 @@ class VmRunner:
         """The daemon stops: its QEMUs stop with it (their disks are gone). The nursery that watched them is
         cancelled already, so this signals and polls: SIGTERM (QEMU exits cleanly), SIGKILL if still there."""
         left = [rv for rv in self.running.values() if _alive(rv)]
-        for sig, wait in ((signal.SIGTERM, QUIT_TIMEOUT), (signal.SIGKILL, QUIT_TIMEOUT)):
+        for sig in (signal.SIGTERM, signal.SIGKILL):
             for rv in left:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(rv.pid, sig)
-            deadline = trio.current_time() + wait
-            while (left := [rv for rv in left if _alive(rv)]) and trio.current_time() < deadline:
-                await trio.sleep(0.05)
-            if not left:
+            with trio.move_on_after(QUIT_TIMEOUT):
+                async with trio.open_nursery() as nursery:
+                    for rv in left:
+                        nursery.start_soon(_exit_of, rv)
+            if not (left := [rv for rv in left if _alive(rv)]):
                 break
         for rv in self.running.values():
             log.info("QEMU of VM %s stopped with the daemon", rv.vm.name)
@@ -140,18 +164,14 @@ class VmRunner:
             raise VmError(f"VM {vm.name} is already running here")
         accel = await self.resolve_accel(vm.accel)
         paths = self.paths(vm.name)
-        paths.directory.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
-        for sock in (paths.qmp, paths.incoming, paths.outgoing):
-            sock.unlink(missing_ok=True)
         argv = qemu_argv(vm, paths, self.nbd_socket, accel, incoming=incoming, qemu=QEMU_BINARY)
         log.info("starting VM %s%s: %s", vm.name, " (incoming)" if incoming else "", " ".join(argv))
-        qemu_log = paths.directory / "qemu.log"
-        with open(qemu_log, "ab") as out:
+        with await trio.to_thread.run_sync(_prepare_run, paths) as out:
             try:
                 proc = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
             except OSError as e:
                 raise VmError(f"cannot run {QEMU_BINARY}: {e.strerror}") from None
-        paths.definition.write_text(json.dumps(vm.as_payload() | {"accel": accel}))
+        await trio.to_thread.run_sync(paths.definition.write_text, json.dumps(vm.as_payload() | {"accel": accel}))
         rv = RunningVm(vm, paths, accel, proc, proc.pid, incoming=incoming)
         self.running[vm.name] = rv
         if not incoming:
@@ -194,28 +214,21 @@ class VmRunner:
     async def _watch(self, rv: RunningVm) -> None:
         """Mark ``rv`` exited once QEMU has exited (a cancelled watch, at daemon stop, marks nothing: the
         QEMU still runs until _terminate_all stops it)."""
-        if rv.process is not None:
-            rv.exit_status = await rv.process.wait()
-        else:
-            fd = os.pidfd_open(rv.pid)
-            try:
-                await trio.lowlevel.wait_readable(fd)
-            finally:
-                os.close(fd)
+        await _exit_of(rv)
         rv.exited.set()
         log.info("QEMU of VM %s exited (status %s)", rv.vm.name, rv.exit_status)
         if rv.qmp is not None:
             await rv.qmp.aclose()
 
-    async def stop(self, name: str, timeout: float) -> None:
-        """Ask the guest to power off (ACPI), then quit QEMU after ``timeout`` seconds if it has not."""
+    async def stop(self, name: str, grace: float) -> None:
+        """Ask the guest to power off (ACPI), then quit QEMU after ``grace`` seconds if it has not."""
         rv = self.get(name)
-        if rv.qmp is not None and timeout > 0:
+        if rv.qmp is not None and grace > 0:
             try:
                 await rv.qmp.command("system_powerdown")
             except QmpError:
                 pass
-            with trio.move_on_after(timeout):
+            with trio.move_on_after(grace):
                 await rv.exited.wait()
         await self._quit(rv)
 

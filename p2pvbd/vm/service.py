@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ from p2pvbd.base.control import ControlError
 from p2pvbd.base.home import HomeError, check_name
 from p2pvbd.migrate import MigrationError, MigrationProgress
 from p2pvbd.migration.handover import PeerForwarder
+from p2pvbd.migration.jobs import run_job
 from p2pvbd.swarm.access import PeerOp
 from p2pvbd.swarm.peer_transport import PeerError
 from p2pvbd.vm.book import VmBook
@@ -128,7 +130,7 @@ class VmService:
             vm = VmDefinition.from_options(name, disks, memory, cpus=cpus, accel=accel, kernel=kernel,
                                            initrd=initrd, append=append, qemu_args=tuple(qemu_args or ()))
             for what, path in (("kernel", kernel), ("initrd", initrd)):
-                if path and not Path(path).is_file():
+                if path and not await trio.Path(path).is_file():
                     raise DefinitionError(f"{what} {path} is not a file on {self.swarm.name}")
             vm = await self.book.define(vm)
         except DefinitionError as e:
@@ -173,10 +175,10 @@ class VmService:
             raise ControlError(str(e)) from None
         return await self._info(vm)
 
-    async def op_vm_stop(self, name: str, timeout: float = DEFAULT_STOP_TIMEOUT) -> dict[str, Any]:
+    async def op_vm_stop(self, name: str, grace: float = DEFAULT_STOP_TIMEOUT) -> dict[str, Any]:
         vm = self._vm(name)
         try:
-            await self.runner.stop(name, timeout)
+            await self.runner.stop(name, grace)
         except VmError as e:
             raise ControlError(str(e)) from None
         return await self._info(vm)
@@ -338,32 +340,12 @@ class VmService:
 
     async def run_move(self, progress: VmMoveProgress, max_downtime_ms: float) -> None:
         vm = self._vm(progress.vm)
-        try:
-            assert self._nursery is not None
-            await move_vm(self.swarm, self.runner, vm, progress.dest, max_downtime_ms, progress, self._nursery)
-        except (MigrationError, VmError) as e:
-            progress.error = str(e)
-        except PeerError as e:
-            progress.error = e.message
-        except BaseExceptionGroup as eg:  # from the disks' tasks: the first reason is the user's
-            expected, other = eg.split((MigrationError, PeerError, VmError))
-            first = _first_leaf(expected or eg)
-            progress.error = getattr(first, "message", None) or str(first) or type(first).__name__
-            if other is not None:
-                log.error("moving VM %s failed", progress.vm, exc_info=other)
-        except Exception as e:
-            log.exception("moving VM %s failed", progress.vm)
-            progress.error = f"internal error: {e}"
-        finally:
-            progress.finished = time.monotonic()
-            if progress.error:
-                progress.phase = "failed"
-
-
-def _first_leaf(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
+        assert self._nursery is not None
+        # The disks' tasks fail as a group: its first expected reason is the user's.
+        await run_job(f"moving VM {progress.vm}", progress,
+                      partial(move_vm, self.swarm, self.runner, vm, progress.dest, max_downtime_ms, progress,
+                              self._nursery),
+                      (MigrationError, PeerError, VmError))
 
 
 async def _the_destination(swarm: Swarm, peer: str, body: dict[str, Any]) -> str | None:

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from kademlia.storage import IStorage
 
+from p2pvbd.base.home import is_name, parse_hostport
 from p2pvbd.wire.dht_schema import KINDS, PayloadError, check_payload
 
 MAC_BYTES = 16  # HMAC-SHA256 cut to 128 bits: RFC 2104 §5 allows truncating to >= half the output
@@ -128,10 +129,6 @@ def _signed_bytes(m: dict[str, Any]) -> bytes:
     return msgpack.packb([_SIG_DOMAIN, *(m[f] for f in _FIELDS[:-1])])
 
 
-def is_name(x: object) -> bool:
-    return isinstance(x, str) and 0 < len(x.encode("utf-8", "surrogatepass")) <= MAX_NAME_BYTES
-
-
 def sign_record(signing_key: Ed25519PrivateKey, publisher: str, kind: str, key: str, payload: dict[str, Any],
                 ttl: float = DEFAULT_TTL, ts: float | None = None, binding: bytes = b"") -> bytes:
     """Encode and sign a record; ValueError (RecordError) if verifiers would refuse it. ``binding`` is the
@@ -190,7 +187,7 @@ def host_payload(addresses: list[str], cert_fingerprint: str, reach: str = "unkn
     can be reached (``reach``: "direct", "nat" or "unknown"; ``seen_as``: behind NAT, the addresses peers
     saw it at; ``links``: the members it holds a direct link to, which can relay to it)."""
     for a in addresses:
-        parse_hostport(a)
+        parse_hostport(a, default_port=None)
     return {"addresses": list(addresses), "cert": cert_fingerprint, "reach": reach, "seen_as": list(seen_as or []),
             "links": list(links or [])}
 
@@ -203,19 +200,6 @@ def owner_payload(host: str, epoch: int) -> dict[str, Any]:
 def holders_payload(host: str, current_blocks: int, generation: int) -> dict[str, Any]:
     """`holders` kind, keyed by disk: a host holding a replica, how complete, of which generation."""
     return {"host": host, "current_blocks": int(current_blocks), "generation": int(generation)}
-
-
-def parse_hostport(text: str) -> tuple[str, int]:
-    """'host:port' or '[v6]:port' to (host, port); ValueError otherwise."""
-    host, sep, port = text.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"not host:port: {text!r}")
-    return host, int(port)
-
-
-def format_hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def is_newer(a: tuple[bytes, Record], b: tuple[bytes, Record]) -> bool:

@@ -38,13 +38,12 @@ lower than one already seen. Pure: no trio, no asyncio.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import re
 from collections.abc import Callable
 from typing import Any
 
-from p2pvbd.base.home import NAME_RE
+from p2pvbd.base.home import AddressError, is_ip, is_name, parse_hostport
 from p2pvbd.wire.revocation import MAX_REVOKED_HOSTS, REVOKED_KEY
 from p2pvbd.wire.vm_definition import MAX_CLOCK_AHEAD_SECONDS as MAX_CLOCK_AHEAD_SECONDS
 from p2pvbd.wire.vm_definition import VmDefinition
@@ -84,36 +83,22 @@ class PayloadError(ValueError):
     """A payload does not match its kind's schema; the message names the field and what is wrong with it."""
 
 
-def is_name(x: object) -> bool:
-    """A host or disk name as ``home.check_name`` accepts it (in full: no trailing newline)."""
-    return isinstance(x, str) and NAME_RE.fullmatch(x) is not None
-
-
 def is_address(x: object) -> bool:
-    """"host:port" that both address parsers (``home.parse_hostport``, ``dht_records.parse_hostport``)
-    accept and a connect can be tried with: an IPv4 literal, a bracketed IPv6 literal or a DNS name."""
+    """"host:port" that ``home.parse_hostport`` accepts with a port and a connect can be tried with: an
+    IPv4 literal, a bracketed IPv6 literal or a DNS name."""
     if not isinstance(x, str) or len(x) > MAX_ADDRESS_CHARS:
         return False
-    host, sep, port = x.rpartition(":")
-    if not (sep and port.isascii() and port.isdigit() and len(port) <= 5 and 0 < int(port) < 65536):
-        return False
-    if host.startswith("[") and host.endswith("]"):
-        return _is_ip(host[1:-1], ipaddress.IPv6Address)
-    return _is_ip(host, ipaddress.IPv4Address) or _DNS_RE.fullmatch(host) is not None
-
-
-def is_ip(x: object) -> bool:
-    """An IPv4 or IPv6 literal (no brackets, no port)."""
-    return isinstance(x, str) and len(x) <= MAX_ADDRESS_CHARS and (
-        _is_ip(x, ipaddress.IPv4Address) or _is_ip(x, ipaddress.IPv6Address))
-
-
-def _is_ip(text: str, kind: type[ipaddress.IPv4Address] | type[ipaddress.IPv6Address]) -> bool:
     try:
-        kind(text)
-    except ValueError:
+        host, _ = parse_hostport(x, default_port=None)
+    except AddressError:
         return False
-    return True
+    if x.startswith("["):
+        return ":" in host and is_ip(host, scoped=True)
+    return is_ip(host) or _DNS_RE.fullmatch(host) is not None
+
+
+def _is_seen_ip(x: object) -> bool:
+    return isinstance(x, str) and len(x) <= MAX_ADDRESS_CHARS and is_ip(x, scoped=True)
 
 
 def _type_name(x: object) -> str:
@@ -181,7 +166,7 @@ def _host(key: str, publisher: str, p: dict[str, Any]) -> dict[str, Any]:
         raise PayloadError(f"reach: not one of {', '.join(REACH_KINDS)}")
     return {"addresses": _strings(p, "addresses", is_address, "host:port", MAX_HOST_ADDRESSES, least=1),
             "cert": cert, "reach": reach,
-            "seen_as": _strings(p, "seen_as", is_ip, "an IP address", MAX_SEEN_AS) if "seen_as" in p else [],
+            "seen_as": _strings(p, "seen_as", _is_seen_ip, "an IP address", MAX_SEEN_AS) if "seen_as" in p else [],
             "links": _strings(p, "links", is_name, "a host name", MAX_LINKS_LISTED) if "links" in p else []}
 
 

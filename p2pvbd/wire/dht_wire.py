@@ -8,7 +8,6 @@ address literals, no asyncio, no trio. Whatever fails these checks is dropped an
 from __future__ import annotations
 
 import hashlib
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,7 +16,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from kademlia.node import Node
 
-from p2pvbd.wire.dht_records import BINDING_BYTES, MAX_NAME_BYTES, MAX_RECORDS_PER_KEY, is_name
+from p2pvbd.base.home import is_ip, is_name
+from p2pvbd.wire.dht_records import BINDING_BYTES, MAX_NAME_BYTES, MAX_RECORDS_PER_KEY
 from p2pvbd.wire.peer_wire import FrameError, FrameLimits, unpack_bounded
 
 MAX_NODES_IN_REPLY = 64  # bounds the work a reply causes; peers send ksize (the paper's k = 20)
@@ -95,17 +95,6 @@ def decode_rpc(data: bytes) -> object | None:
         return None
 
 
-def is_ip_literal(text: str) -> bool:
-    """A literal address (sendto would resolve a name, blocking the loop); inet_pton is 10x ipaddress."""
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, text)
-            return True
-        except (OSError, ValueError):
-            pass
-    return False
-
-
 def is_node_id(x: object) -> bool:
     return isinstance(x, bytes) and len(x) == 20
 
@@ -136,7 +125,7 @@ def parse_node_list(x: object) -> list[Node] | None:
     """A validated peer list from a reply, or None."""
     if not isinstance(x, list) or len(x) > MAX_NODES_IN_REPLY:
         return None
-    ok = all(isinstance(t, list) and len(t) == 3 and is_node_id(t[0]) and isinstance(t[1], str) and is_ip_literal(t[1])
+    ok = all(isinstance(t, list) and len(t) == 3 and is_node_id(t[0]) and isinstance(t[1], str) and is_ip(t[1])
              and type(t[2]) is int and 0 < t[2] < 65536 for t in x)
     return [Node(*t) for t in x] if ok else None  # type: ignore[misc]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -408,6 +408,41 @@ BLOCK_ZSTD_LEVEL = 1
 # Compress only when it saves at least 1/8 of the block: random or already compressed data would only
 # cost the receiver a decompression for nothing.
 MIN_SAVING_FRACTION = 1 / 8
+
+
+class BlockEntry(NamedTuple):
+    """One block of a get_blocks reply or a put_blocks request, on the wire as the list [index, version,
+    hash, payload, encoding]. No hash and no payload: the sender does not hold the version asked (a
+    replica says which it holds); no payload: a zero block."""
+
+    index: int
+    version: int
+    hash: bytes | None = None
+    payload: bytes | None = None
+    encoding: int = ENC_RAW
+
+
+def pack_entry(index: int, version: int, hash: bytes | None = None, data: bytes | None = None,
+               compressor: Any = None) -> BlockEntry:
+    """The entry for a block: ``data`` (None for a zero block) compressed with ``compressor`` (a
+    zstandard.ZstdCompressor, one per thread) when that saves bytes."""
+    if data is None:
+        return BlockEntry(index, version, hash)
+    encoding, payload = pack_block(data, compressor)
+    return BlockEntry(index, version, hash, payload, encoding)
+
+
+def unpack_entry(item: Any) -> BlockEntry:
+    """A received entry, typed; FrameError unless it is one (its payload is decoded by ``unpack_block``).
+    A tuple is one too: what a sender in this process made, before msgpack turned it into a list."""
+    if not (isinstance(item, list | tuple) and len(item) == 5
+            and isinstance(item[0], int) and isinstance(item[1], int)):
+        raise FrameError("a block entry is [index, version, hash, payload, encoding]")
+    entry = BlockEntry(*item)
+    if not (isinstance(entry.hash, bytes) or (entry.hash is None and entry.payload is None)) \
+            or not (entry.payload is None or isinstance(entry.payload, bytes)):
+        raise FrameError(f"block {entry.index}: a hash is bytes, a payload bytes or nothing")
+    return entry
 
 
 def pack_block(data: bytes, compressor: Any) -> tuple[int, bytes]:
