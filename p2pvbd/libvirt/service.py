@@ -26,6 +26,7 @@ from p2pvbd.base.home import check_name
 from p2pvbd.libvirt import book, domxml
 from p2pvbd.libvirt.virsh import Virsh, VirshError, parse_ms, parse_size
 from p2pvbd.migrate import DEFAULT_MAX_DOWNTIME_MS, MigrationError, MigrationProgress, SwitchGate, migrate_disk
+from p2pvbd.migration.jobs import run_job
 from p2pvbd.swarm import access
 from p2pvbd.swarm.access import PeerOp
 from p2pvbd.swarm.peer_transport import PeerError
@@ -491,49 +492,41 @@ class LibvirtService:
         return move
 
     async def _migrate(self, move: DomainMove) -> None:
+        await run_job(f"moving domain {move.vm}", move, lambda: self._move_domain(move),
+                      (ControlError, VirshError, MigrationError, PeerError))
+
+    async def _move_domain(self, move: DomainMove) -> None:
+        state = await self.virsh.state(move.vm)
+        if state != "running":
+            raise ControlError(f"domain {move.vm} is {state} on {self.swarm.name}, not running")
+        conn = await self.swarm.connect(move.dest)
+        hello = await conn.request("libvirt_hello", {})
+        args = ["migrate", "--live", "--p2p", move.vm, str(hello["uri"])]
+        if hello.get("migrate_uri"):
+            args += ["--migrateuri", str(hello["migrate_uri"])]
+        rec = book.load(self.home, move.vm)
+        disks = set(rec.disks.values()) if rec is not None else set()
+        with tempfile.TemporaryDirectory() as tmp:
+            if "yes" in (await self.virsh.arun("dominfo", move.vm)).split("Persistent:")[-1].split("\n")[0]:
+                # the definition libvirt keeps there names that host's socket (the hook sees only the live one)
+                inactive = await self.virsh.arun("dumpxml", "--inactive", move.vm)
+                xml = Path(tmp) / "persistent.xml"
+                xml.write_text(domxml.point_at(inactive, disks, str(hello["socket"])))
+                args += ["--persistent", "--persistent-xml", str(xml), "--undefinesource"]
+            move.phase = "ram"
+            await self.virsh.arun(*args, seconds=MIGRATE_SECONDS)
         try:
-            state = await self.virsh.state(move.vm)
-            if state != "running":
-                raise ControlError(f"domain {move.vm} is {state} on {self.swarm.name}, not running")
-            conn = await self.swarm.connect(move.dest)
-            hello = await conn.request("libvirt_hello", {})
-            args = ["migrate", "--live", "--p2p", move.vm, str(hello["uri"])]
-            if hello.get("migrate_uri"):
-                args += ["--migrateuri", str(hello["migrate_uri"])]
-            rec = book.load(self.home, move.vm)
-            disks = set(rec.disks.values()) if rec is not None else set()
-            with tempfile.TemporaryDirectory() as tmp:
-                if "yes" in (await self.virsh.arun("dominfo", move.vm)).split("Persistent:")[-1].split("\n")[0]:
-                    # the definition libvirt keeps there names that host's socket (the hook sees only the live one)
-                    inactive = await self.virsh.arun("dumpxml", "--inactive", move.vm)
-                    xml = Path(tmp) / "persistent.xml"
-                    xml.write_text(domxml.point_at(inactive, disks, str(hello["socket"])))
-                    args += ["--persistent", "--persistent-xml", str(xml), "--undefinesource"]
-                move.phase = "ram"
-                await self.virsh.arun(*args, timeout=MIGRATE_SECONDS)
-            try:
-                job = (await conn.request("libvirt_state", {"domain": move.vm, "job": True}))["job"]
-                move.vm_downtime_ms = parse_ms(str(job.get("Total downtime", "")))
-                move.ram_bytes = parse_size(str(job.get("Memory processed", "")))
-            except (PeerError, KeyError) as e:
-                log.info("domain %s: libvirt on %s has no figures of the migration (%s)", move.vm, move.dest, e)
-            out = self.outgoing.get(move.vm)
-            if out is not None:
-                move.phase = "switchover"
-                with trio.move_on_after(SWITCHOVER_WAIT_SECONDS):
-                    await out.done.wait()
-                if not out.gate.committed.is_set():
-                    raise ControlError(f"libvirt moved {move.vm} but its disks did not switch over: "
-                                       f"{out.why_cancelled or 'still waiting'}")
-            move.phase = "done"
-        except (ControlError, VirshError, MigrationError) as e:
-            move.error = str(e)
-        except PeerError as e:
-            move.error = e.message
-        except Exception as e:
-            log.exception("moving domain %s failed", move.vm)
-            move.error = f"internal error: {e}"
-        finally:
-            move.finished = time.monotonic()
-            if move.error:
-                move.phase = "failed"
+            job = (await conn.request("libvirt_state", {"domain": move.vm, "job": True}))["job"]
+            move.vm_downtime_ms = parse_ms(str(job.get("Total downtime", "")))
+            move.ram_bytes = parse_size(str(job.get("Memory processed", "")))
+        except (PeerError, KeyError) as e:
+            log.info("domain %s: libvirt on %s has no figures of the migration (%s)", move.vm, move.dest, e)
+        out = self.outgoing.get(move.vm)
+        if out is not None:
+            move.phase = "switchover"
+            with trio.move_on_after(SWITCHOVER_WAIT_SECONDS):
+                await out.done.wait()
+            if not out.gate.committed.is_set():
+                raise ControlError(f"libvirt moved {move.vm} but its disks did not switch over: "
+                                   f"{out.why_cancelled or 'still waiting'}")
+        move.phase = "done"

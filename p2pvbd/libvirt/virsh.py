@@ -37,16 +37,16 @@ class Virsh:
             raise VirshError(_message(res.stderr) or f"virsh {args[0]} failed")
         return res.stdout
 
-    async def arun(self, *args: str, timeout: float = QUERY_SECONDS) -> str:
-        """In the daemon: without blocking its event loop."""
+    async def arun(self, *args: str, seconds: float = QUERY_SECONDS) -> str:
+        """In the daemon: without blocking its event loop; VirshError after ``seconds``."""
         try:
-            with trio.fail_after(timeout):
+            with trio.fail_after(seconds):
                 res = await trio.run_process(self.argv(*args), capture_stdout=True, capture_stderr=True,
                                              check=False)
         except FileNotFoundError:
             raise VirshError("virsh is not installed (Debian: libvirt-clients)") from None
         except trio.TooSlowError:
-            raise VirshError(f"virsh {args[0]} did not answer within {timeout:.0f} s") from None
+            raise VirshError(f"virsh {args[0]} did not answer within {seconds:.0f} s") from None
         if res.returncode != 0:
             raise VirshError(_message(res.stderr.decode(errors="replace")) or f"virsh {args[0]} failed")
         return res.stdout.decode(errors="replace")
