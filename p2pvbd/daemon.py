@@ -95,7 +95,7 @@ class Daemon:
         self.nbd_tcp = self._nbd_tcp()
         self.swarm = Swarm(home, config, self.identity, self.ctl)
         self.services = attach_services(self.swarm, home.path)
-        self.vms = VmService(self.swarm, home.path, home.nbd_socket)
+        self.vms = VmService(self.swarm, home.path, home.nbd_socket, self.services.replication.set)
         self.swarm.peer_ops |= self.vms.ops()
         self.libvirt = LibvirtService(self.swarm, home.path, home.nbd_socket)
         self.swarm.peer_ops |= self.libvirt.ops()

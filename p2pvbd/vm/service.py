@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,9 +62,14 @@ class RemoteMove:
         return dict(self.state)
 
 
+# Sets a disk's replication policy (hosts on, hosts off, rate): migration/replication.Replication.set.
+ReplicateDisk = Callable[[str, list[str], list[str], float | None], Awaitable[Any]]
+
+
 class VmService:
-    def __init__(self, swarm: Swarm, home: Path, nbd_socket: Path) -> None:
+    def __init__(self, swarm: Swarm, home: Path, nbd_socket: Path, replicate_disk: ReplicateDisk) -> None:
         self.swarm = swarm
+        self.replicate_disk = replicate_disk  # the replication service's `set`: a VM's disks stay warm with it
         self.runner = VmRunner(home, nbd_socket)
         self.book = VmBook(swarm, home)
         self.target = VmTarget(swarm, self.runner, self.book)
@@ -194,7 +200,7 @@ class VmService:
         if rate is not None and rate <= 0:
             raise ControlError("--rate must be positive")
         for disk in vm.disks:  # its disks are kept warm there too, as `replicate DISK` would
-            await self.swarm.replication.set(disk, on, off, rate)
+            await self.replicate_disk(disk, on, off, rate)
         return {"vm": vm.name, "disks": list(vm.disks)} | await self.warm.set_policy(name, on, off, rate)
 
     async def op_vm_list(self) -> list[dict[str, Any]]:
