@@ -19,6 +19,7 @@ import trio
 
 from p2pvbd.base import admission
 from p2pvbd.base.control import ControlError, serve_control
+from p2pvbd.base.control_ops import ControlOps, OpHandler
 from p2pvbd.base.home import Config, Home, HomeError, check_name, is_loopback, parse_nbd_tcp
 from p2pvbd.kernel_hook_ctl import ExportMode, HookController
 from p2pvbd.migrate import DEFAULT_MAX_DOWNTIME_MS
@@ -81,7 +82,8 @@ def attach_services(swarm: Swarm, home: Path) -> Services:
 
 
 class Daemon:
-    """State shared by the daemon's services; control ops are its ``op_*`` methods."""
+    """The composition root: builds the services and wires them together; the control ops in its table
+    (``control_ops``) are the commands that span several services."""
 
     def __init__(self, home: Home, config: Config) -> None:
         self.home = home
@@ -97,6 +99,10 @@ class Daemon:
         self.vms = VmService(self.swarm, home.path, home.nbd_socket)
         self.swarm.peer_ops |= self.vms.ops()
         self.jobs: dict[int, Any] = {}  # SyncProgress or MigrationProgress: both have as_dict()
+        # Every control command, by name; a ValueError, HomeError or FileExistsError from one is the user's.
+        self.control = ControlOps(user_errors=(ValueError, HomeError, FileExistsError))
+        self.control.add(self.control_ops())
+        self.control.add(self.vms.control_ops())
         self._nursery: trio.Nursery | None = None
 
     def _nbd_tcp(self) -> TcpEndpoint | None:
@@ -146,7 +152,7 @@ class Daemon:
                 await nursery.start(self.services.replication.run)
                 await nursery.start(self.services.target.run)
                 await nursery.start(self.vms.run)
-                await nursery.start(serve_control, self.home.control_socket, self.handle)
+                await nursery.start(serve_control, self.home.control_socket, self.control)
                 nursery.start_soon(self._periodic_flush)
                 nursery.start_soon(_watch_event_loop)
                 log.info("daemon of host %s ready: %s", self.config.name, self.home.path)
@@ -163,17 +169,27 @@ class Daemon:
                 log.exception("periodic flush failed")
 
     # ---- control ops ---------------------------------------------------------------------------
-    async def handle(self, op: str, args: dict[str, Any]) -> Any:
-        name = "op_" + op.replace("-", "_")
-        method = getattr(self, name, None) or getattr(self.vms, name, None)
-        if method is None:
-            raise ControlError(f"unknown command {op!r} (is the daemon older than this CLI?)")
-        try:
-            return await method(**args)
-        except TypeError as e:
-            raise ControlError(f"bad arguments for {op}: {e}") from e
-        except (ValueError, HomeError, FileExistsError) as e:
-            raise ControlError(str(e)) from e
+    def control_ops(self) -> dict[str, OpHandler]:
+        """The daemon's own control commands (the VM service offers the `vm_*` ones)."""
+        return {
+            "ping": self.op_ping,
+            "shutdown": self.op_shutdown,
+            "disk_create": self.op_disk_create,
+            "disk_import": self.op_disk_import,
+            "disk_list": self.op_disk_list,
+            "nbd_uri": self.op_nbd_uri,
+            "status": self.op_status,
+            "peers": self.op_peers,
+            "disk_claim": self.op_disk_claim,
+            "revoke": self.op_revoke,
+            "invite": self.op_invite,
+            "sync": self.op_sync,
+            "jobs": self.op_jobs,
+            "migrate": self.op_migrate,
+            "replicate": self.op_replicate,
+            "job": self.op_job,
+            "verify": self.op_verify,
+        }
 
     def _store(self, disk: str) -> ReplicaStore:
         exp = self.ctl.get(disk)
