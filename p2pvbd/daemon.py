@@ -68,16 +68,17 @@ class Services:
     target: MigrationTarget
 
 
-def attach_services(swarm: Swarm, home: Path) -> Services:
+def attach_services(swarm: Swarm, home: Path, vms: VmService | None = None) -> Services:
     """Compose the swarm node with the services whose peer ops it dispatches, handing it what it shows of
-    them through narrow hooks (swarm/ops.py): the node imports none of them."""
+    them through narrow hooks (swarm/ops.py): the node imports none of them. Every peer op this host
+    serves is registered here, the node's own, the migration target's and the VM service's."""
     pulls = PullState()
     services = Services(pulls, Replication(swarm, home, pulls), MigrationTarget(swarm, pulls))
     swarm.hooks.pace_background = services.replication.pace
     swarm.hooks.replication_policy = services.replication.policy_payload
     swarm.hooks.pull_rate = pulls.rates.get
     swarm.migration_target = services.target
-    swarm.peer_ops |= services.target.ops()
+    swarm.register_ops([*swarm.ops(), *services.target.ops(), *(vms.ops() if vms is not None else [])])
     return services
 
 
@@ -95,9 +96,8 @@ class Daemon:
         self.identity = trust.load_identity(home.path)
         self.nbd_tcp = self._nbd_tcp()
         self.swarm = Swarm(home, config, self.identity, self.ctl)
-        self.services = attach_services(self.swarm, home.path)
         self.vms = VmService(self.swarm, home.path, home.nbd_socket)
-        self.swarm.peer_ops |= self.vms.ops()
+        self.services = attach_services(self.swarm, home.path, self.vms)
         self.jobs: dict[int, Any] = {}  # SyncProgress or MigrationProgress: both have as_dict()
         # Every control command, by name; a ValueError, HomeError or FileExistsError from one is the user's.
         self.control = ControlOps(user_errors=(ValueError, HomeError, FileExistsError))

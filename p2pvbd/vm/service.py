@@ -70,9 +70,9 @@ class VmService:
         self.moves: dict[str, VmMoveProgress] = {}
         self._nursery: trio.Nursery | None = None
 
-    def ops(self) -> dict[str, PeerOp]:
-        return self.target.ops() | {"vm_move": PeerOp(self._serve_move, self._may_pull),
-                                    "vm_move_status": PeerOp(self._serve_move_status, _the_destination)}
+    def ops(self) -> list[PeerOp]:
+        return [*self.target.ops(), PeerOp("vm_move", self._may_pull, self._serve_move),
+                PeerOp("vm_move_status", _the_destination, self._serve_move_status)]
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
