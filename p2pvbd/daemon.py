@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -19,6 +20,7 @@ import trio
 
 from p2pvbd.base import admission
 from p2pvbd.base.control import ControlError, serve_control
+from p2pvbd.base.control_ops import ControlOps, OpHandler
 from p2pvbd.base.home import Config, Home, HomeError, check_name, is_loopback, parse_nbd_tcp
 from p2pvbd.kernel_hook_ctl import ExportMode, HookController
 from p2pvbd.libvirt.service import LibvirtService
@@ -32,6 +34,7 @@ from p2pvbd.nbd import tls as nbd_tls
 from p2pvbd.nbd.server import TcpEndpoint, serve_nbd
 from p2pvbd.replica_store import DEFAULT_BLOCK_SIZE, ReplicaStore
 from p2pvbd.swarm import invites, trust
+from p2pvbd.swarm.access import PeerOp
 from p2pvbd.swarm.node import Swarm, advertised_addresses
 from p2pvbd.swarm.peer_transport import PeerError
 from p2pvbd.vm.service import VmService
@@ -68,21 +71,23 @@ class Services:
     target: MigrationTarget
 
 
-def attach_services(swarm: Swarm, home: Path) -> Services:
+def attach_services(swarm: Swarm, home: Path, more_ops: Sequence[PeerOp] = ()) -> Services:
     """Compose the swarm node with the services whose peer ops it dispatches, handing it what it shows of
-    them through narrow hooks (swarm/ops.py): the node imports none of them."""
+    them through narrow hooks (swarm/ops.py): the node imports none of them. Every peer op this host
+    serves is registered here, the node's own, the migration target's and the VM service's."""
     pulls = PullState()
     services = Services(pulls, Replication(swarm, home, pulls), MigrationTarget(swarm, pulls))
     swarm.hooks.pace_background = services.replication.pace
     swarm.hooks.replication_policy = services.replication.policy_payload
     swarm.hooks.pull_rate = pulls.rates.get
     swarm.migration_target = services.target
-    swarm.peer_ops |= services.target.ops()
+    swarm.register_ops([*swarm.ops(), *services.target.ops(), *more_ops])
     return services
 
 
 class Daemon:
-    """State shared by the daemon's services; control ops are its ``op_*`` methods."""
+    """The composition root: builds the services and wires them together; the control ops in its table
+    (``control_ops``) are the commands that span several services."""
 
     def __init__(self, home: Home, config: Config) -> None:
         self.home = home
@@ -94,12 +99,15 @@ class Daemon:
         self.identity = trust.load_identity(home.path)
         self.nbd_tcp = self._nbd_tcp()
         self.swarm = Swarm(home, config, self.identity, self.ctl)
-        self.services = attach_services(self.swarm, home.path)
-        self.vms = VmService(self.swarm, home.path, home.nbd_socket, self.services.replication.set)
-        self.swarm.peer_ops |= self.vms.ops()
+        self.vms = VmService(self.swarm, home.path, home.nbd_socket, self._replicate_disk)
         self.libvirt = LibvirtService(self.swarm, home.path, home.nbd_socket)
-        self.swarm.peer_ops |= self.libvirt.ops()
+        self.services = attach_services(self.swarm, home.path, [*self.vms.ops(), *self.libvirt.ops()])
         self.jobs: dict[int, Any] = {}  # SyncProgress or MigrationProgress: both have as_dict()
+        # Every control command, by name; a ValueError, HomeError or FileExistsError from one is the user's.
+        self.control = ControlOps(user_errors=(ValueError, HomeError, FileExistsError))
+        self.control.add(self.control_ops())
+        self.control.add(self.vms.control_ops())
+        self.control.add(self.libvirt.control_ops())
         self._nursery: trio.Nursery | None = None
 
     def _nbd_tcp(self) -> TcpEndpoint | None:
@@ -150,7 +158,7 @@ class Daemon:
                 await nursery.start(self.services.target.run)
                 await nursery.start(self.vms.run)
                 await nursery.start(self.libvirt.run)
-                await nursery.start(serve_control, self.home.control_socket, self.handle)
+                await nursery.start(serve_control, self.home.control_socket, self.control)
                 nursery.start_soon(self._periodic_flush)
                 nursery.start_soon(_watch_event_loop)
                 log.info("daemon of host %s ready: %s", self.config.name, self.home.path)
@@ -167,17 +175,31 @@ class Daemon:
                 log.exception("periodic flush failed")
 
     # ---- control ops ---------------------------------------------------------------------------
-    async def handle(self, op: str, args: dict[str, Any]) -> Any:
-        name = "op_" + op.replace("-", "_")
-        method = getattr(self, name, None) or getattr(self.vms, name, None) or getattr(self.libvirt, name, None)
-        if method is None:
-            raise ControlError(f"unknown command {op!r} (is the daemon older than this CLI?)")
-        try:
-            return await method(**args)
-        except TypeError as e:
-            raise ControlError(f"bad arguments for {op}: {e}") from e
-        except (ValueError, HomeError, FileExistsError) as e:
-            raise ControlError(str(e)) from e
+    async def _replicate_disk(self, disk: str, on: list[str], off: list[str], rate: float | None) -> Any:
+        """A VM's disks are kept warm wherever its memory is (`vm replicate`)."""
+        return await self.services.replication.set(disk, on, off, rate)
+
+    def control_ops(self) -> dict[str, OpHandler]:
+        """The daemon's own control commands (the VM service offers the `vm_*` ones)."""
+        return {
+            "ping": self.op_ping,
+            "shutdown": self.op_shutdown,
+            "disk_create": self.op_disk_create,
+            "disk_import": self.op_disk_import,
+            "disk_list": self.op_disk_list,
+            "nbd_uri": self.op_nbd_uri,
+            "status": self.op_status,
+            "peers": self.op_peers,
+            "disk_claim": self.op_disk_claim,
+            "revoke": self.op_revoke,
+            "invite": self.op_invite,
+            "sync": self.op_sync,
+            "jobs": self.op_jobs,
+            "migrate": self.op_migrate,
+            "replicate": self.op_replicate,
+            "job": self.op_job,
+            "verify": self.op_verify,
+        }
 
     def _store(self, disk: str) -> ReplicaStore:
         exp = self.ctl.get(disk)

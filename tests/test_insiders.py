@@ -289,7 +289,7 @@ def test_block_entry_bound_covers_every_legitimate_request() -> None:
     assert SHIP_BATCH_BYTES // MIN_BLOCK_SIZE <= MAX_BLOCK_ENTRIES  # the mirror's put_blocks
     async def handler(peer: str, body: dict[str, Any]) -> dict[str, Any]:
         return {}
-    spec = access.PeerOp(handler, access.member, {"blocks": 2})
+    spec = access.PeerOp("get_blocks", access.member, handler, {"blocks": 2})
 
     assert access.check_lists("get_blocks", spec, {"blocks": [[0, 1]] * 2}) is None
     assert "3 blocks; at most 2" in (access.check_lists("get_blocks", spec, {"blocks": [[0, 1]] * 3}) or "")

@@ -23,7 +23,7 @@ from p2pvbd.daemon import attach_services
 from p2pvbd.kernel_hook_ctl import ExportMode, HookController
 from p2pvbd.migrate import _root
 from p2pvbd.replica_store import ReplicaStore
-from p2pvbd.swarm import trust
+from p2pvbd.swarm import access, trust
 from p2pvbd.swarm.node import Swarm
 from p2pvbd.swarm.peer_transport import PeerError
 from p2pvbd.wire.peer_wire import OPS, validate_body
@@ -137,3 +137,20 @@ def test_any_body_gets_an_answer_or_a_refusal(identity: trust.HostIdentity,
         assert (owned.store.owner, owned.store.epoch, owned.mode, _root(owned.store)) == before, batch
         for exp in swarm.ctl.exports():
             exp.store.close()
+
+
+
+def test_every_peer_op_is_one_record_registered_once(tmp_path: Path, identity: trust.HostIdentity) -> None:
+    """Each op a host serves carries its name, its schema, its rule and its handler; registering one twice,
+    or one the wire has no schema for, fails at start-up rather than silently replacing a handler."""
+    swarm = Swarm(Home(tmp_path), Config(name=ME, listen="127.0.0.1:7420"), identity, HookController())
+    attach_services(swarm, tmp_path)
+    assert {"get_blocks", "put_blocks", "migrate_commit", "relay_open", "punch"} <= set(swarm.peer_ops)
+    assert all(op.name == name and op.schema is OPS[name] for name, op in swarm.peer_ops.items())
+    with pytest.raises(ValueError, match="registered twice"):
+        swarm.register_ops(swarm.ops()[:1])
+
+    async def handler(peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        return {}
+    with pytest.raises(ValueError, match="no schema"):
+        access.PeerOp("frobnicate", access.member, handler)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from p2pvbd.base.control import ControlError
+from p2pvbd.base.control_ops import OpHandler
 from p2pvbd.base.home import check_name
 from p2pvbd.libvirt import book, domxml
 from p2pvbd.libvirt.virsh import Virsh, VirshError, parse_ms, parse_size
@@ -137,13 +138,18 @@ class LibvirtService:
     def virsh(self) -> Virsh:
         return Virsh(self.config.uri)
 
-    def ops(self) -> dict[str, PeerOp]:
-        return {"libvirt_hello": PeerOp(self._serve_hello, access.member),
-                "libvirt_state": PeerOp(self._serve_state, access.member),
-                "libvirt_move": PeerOp(self._serve_move, access.member, {"disks": MAX_DOMAIN_DISKS}),
-                "libvirt_move_status": PeerOp(self._serve_move_status, self._the_destination),
-                "libvirt_go": PeerOp(self._serve_go, self._the_destination),
-                "libvirt_cancel": PeerOp(self._serve_cancel, self._the_destination)}
+    def ops(self) -> list[PeerOp]:
+        return [PeerOp("libvirt_hello", access.member, self._serve_hello),
+                PeerOp("libvirt_state", access.member, self._serve_state),
+                PeerOp("libvirt_move", access.member, self._serve_move, {"disks": MAX_DOMAIN_DISKS}),
+                PeerOp("libvirt_move_status", self._the_destination, self._serve_move_status),
+                PeerOp("libvirt_go", self._the_destination, self._serve_go),
+                PeerOp("libvirt_cancel", self._the_destination, self._serve_cancel)]
+
+    def control_ops(self) -> dict[str, OpHandler]:
+        """The commands libvirt's hook and `libvirt list` send, registered with the daemon's table."""
+        return {"libvirt_list": self.op_libvirt_list, "libvirt_incoming": self.op_libvirt_incoming,
+                "libvirt_prepare": self.op_libvirt_prepare, "libvirt_stopped": self.op_libvirt_stopped}
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:

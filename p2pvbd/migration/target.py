@@ -102,16 +102,16 @@ class MigrationTarget:
             task_status.started()
             await trio.sleep_forever()
 
-    def ops(self) -> dict[str, PeerOp]:
+    def ops(self) -> list[PeerOp]:
         """The migration ops and who may call each (swarm/access.py)."""
-        return {"migrate_prepare": PeerOp(self.prepare, access.current_owner, {"deeds": MAX_CHAIN_LINKS}),
-                "migrate_pull": PeerOp(self.pull, access.migration_source),
-                "migrate_job": PeerOp(self.job, access.migration_source),
-                "put_blocks": PeerOp(self.put_blocks, access.migration_source, {"blocks": MAX_BLOCK_ENTRIES}),
-                "migrate_commit": PeerOp(self.commit, access.migration_source),
-                "migrate_status": PeerOp(self.status, access.migration_party),
-                "migrate_abort": PeerOp(self.abort, access.migration_source),
-                "guest_io": PeerOp(self.guest_io, access.handed_over)}
+        return [PeerOp("migrate_prepare", access.current_owner, self.prepare, {"deeds": MAX_CHAIN_LINKS}),
+                PeerOp("migrate_pull", access.migration_source, self.pull),
+                PeerOp("migrate_job", access.migration_source, self.job),
+                PeerOp("put_blocks", access.migration_source, self.put_blocks, {"blocks": MAX_BLOCK_ENTRIES}),
+                PeerOp("migrate_commit", access.migration_source, self.commit),
+                PeerOp("migrate_status", access.migration_party, self.status),
+                PeerOp("migrate_abort", access.migration_source, self.abort),
+                PeerOp("guest_io", access.handed_over, self.guest_io)]
 
     def _from_source(self, peer: str, disk: str) -> Incoming:
         inc = self.incoming.get(disk)

@@ -25,6 +25,7 @@ from p2pvbd.base.home import NAME_RE
 from p2pvbd.swarm import maps
 from p2pvbd.swarm.deeds import DeedError
 from p2pvbd.swarm.peer_transport import PeerError
+from p2pvbd.wire.peer_wire import OPS, OpSpec
 
 if TYPE_CHECKING:
     from p2pvbd.kernel_hook_ctl import HookController
@@ -61,11 +62,21 @@ Rule = Callable[[Any, str, dict[str, Any]], Awaitable[str | None]]
 
 @dataclass(frozen=True)
 class PeerOp:
-    """A peer op's registration: its handler, who may call it, and its list fields' most entries."""
+    """One peer op, all of it: its name, its request's schema (the transport checks bodies against it
+    before anything else: ``wire/peer_wire.OPS`` by default), who may call it, its handler, and its list
+    fields' most entries. Each service lists its own (``ops()``); the daemon registers them all."""
 
-    handler: Handler
+    name: str
     rule: Rule
+    handler: Handler
     lists: Mapping[str, int] = field(default_factory=dict)
+    schema: OpSpec | None = None  # None: the wire table's, OPS[name], filled in here
+
+    def __post_init__(self) -> None:
+        if self.schema is None:
+            if self.name not in OPS:
+                raise ValueError(f"peer op {self.name!r} has no schema in wire/peer_wire.OPS")
+            object.__setattr__(self, "schema", OPS[self.name])
 
 
 # ---- rules ------------------------------------------------------------------------------------------------

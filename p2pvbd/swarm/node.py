@@ -15,7 +15,7 @@ import secrets
 import subprocess
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -197,16 +197,8 @@ class Swarm:
         self.relays = Relays(self)
         self.puncher = Puncher(self)
         # Every op this host serves, with who may call it (swarm/access.py): checked before its handler runs.
-        self.peer_ops: dict[str, PeerOp] = {
-            "map_summary": PeerOp(self._serve_summary, access.member),
-            "map_nodes": PeerOp(self._serve_nodes, access.member),
-            "map_entries": PeerOp(self._serve_entries, access.member),
-            "map_changes": PeerOp(self._serve_changes, access.member),
-            "get_blocks": PeerOp(self._get_blocks, access.member, {"blocks": MAX_BLOCK_ENTRIES}),
-            "revocations": PeerOp(self._serve_revocations, access.member),
-            "deeds": PeerOp(self._serve_deeds, access.member),
-        }
-        self.peer_ops |= self.relays.ops() | self.puncher.ops()
+        # The daemon registers them all (daemon.attach_services): the node's own and its services'.
+        self.peer_ops: dict[str, PeerOp] = {}
         self.refusals = access.Refusals()
         # Migrations this host runs as their source, by disk: shown by `status` on every host.
         self.migrations: dict[str, OutgoingMigration] = {}
@@ -702,6 +694,22 @@ class Swarm:
         if (why := await spec.rule(self, peer, body)) is not None:
             raise self.refusals.refuse(peer, op, body, access.ERR_FORBIDDEN, why)
         return await spec.handler(peer, body)
+
+    def ops(self) -> list[PeerOp]:
+        """The node's own peer ops: maps, blocks, revocations, deeds, relaying and punching."""
+        member = access.member
+        return [PeerOp("map_summary", member, self._serve_summary), PeerOp("map_nodes", member, self._serve_nodes),
+                PeerOp("map_entries", member, self._serve_entries), PeerOp("map_changes", member, self._serve_changes),
+                PeerOp("get_blocks", member, self._get_blocks, {"blocks": MAX_BLOCK_ENTRIES}),
+                PeerOp("revocations", member, self._serve_revocations), PeerOp("deeds", member, self._serve_deeds),
+                *self.relays.ops(), *self.puncher.ops()]
+
+    def register_ops(self, ops: Iterable[PeerOp]) -> None:
+        """Serve ``ops``; an op registered twice is a wiring mistake, refused at start-up."""
+        for op in ops:
+            if op.name in self.peer_ops:
+                raise ValueError(f"peer op {op.name!r} registered twice")
+            self.peer_ops[op.name] = op
 
     async def _serve_summary(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
         return await maps.serve_summary(self._store(body["disk"])) | {"migration": self._migration(body["disk"])}

@@ -149,8 +149,8 @@ class Puncher:
         self._trying: set[str] = set()
         self._answering = 0
 
-    def ops(self) -> dict[str, PeerOp]:
-        return {"punch": PeerOp(self._answer, member)}
+    def ops(self) -> list[PeerOp]:
+        return [PeerOp("punch", member, self._answer)]
 
     def due(self, peer: str) -> bool:
         """Whether a relayed link to ``peer`` should try to become a punched one now."""

@@ -218,9 +218,9 @@ class Relays:
             self._bucket = TokenBucket(self.rate if self.rate > 0 else math.inf)
         return self._bucket
 
-    def ops(self) -> dict[str, PeerOp]:
-        return {"relay_open": PeerOp(self._open, member), "relay_accept": PeerOp(self._accept, member),
-                "relay_send": PeerOp(self._send, member), "relay_deliver": PeerOp(self._deliver, member)}
+    def ops(self) -> list[PeerOp]:
+        return [PeerOp("relay_open", member, self._open), PeerOp("relay_accept", member, self._accept),
+                PeerOp("relay_send", member, self._send), PeerOp("relay_deliver", member, self._deliver)]
 
     # ---- as the relay ---------------------------------------------------------------------------------
     async def _open(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -384,12 +384,12 @@ class VmTarget:
         self.incoming: dict[str, IncomingVm] = {}
         self.nursery: trio.Nursery | None = None  # the VM service's: where incoming VMs are watched
 
-    def ops(self) -> dict[str, PeerOp]:
-        return {"vm_incoming": PeerOp(self.start_incoming, self._source_of_every_disk),
-                "vm_ram": PeerOp(self.ram, self._vm_source),
-                "vm_check": PeerOp(self.check, self._vm_source),
-                "vm_finish": PeerOp(self.finish, self._vm_source),
-                "vm_abort": PeerOp(self.abort, self._vm_source_or_giver)}
+    def ops(self) -> list[PeerOp]:
+        return [PeerOp("vm_incoming", self._source_of_every_disk, self.start_incoming),
+                PeerOp("vm_ram", self._vm_source, self.ram),
+                PeerOp("vm_check", self._vm_source, self.check),
+                PeerOp("vm_finish", self._vm_source, self.finish),
+                PeerOp("vm_abort", self._vm_source_or_giver, self.abort)]
 
     async def _source_of_every_disk(self, swarm: Swarm, peer: str, body: dict[str, Any]) -> str | None:
         """vm_incoming: for each of the VM's disks, the source of its incoming migration here, or the host

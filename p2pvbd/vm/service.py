@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from p2pvbd.base.control import ControlError
+from p2pvbd.base.control_ops import OpHandler
 from p2pvbd.base.home import HomeError, check_name
 from p2pvbd.migrate import MigrationError, MigrationProgress
 from p2pvbd.migration.handover import PeerForwarder
@@ -77,9 +78,9 @@ class VmService:
         self.moves: dict[str, VmMoveProgress] = {}
         self._nursery: trio.Nursery | None = None
 
-    def ops(self) -> dict[str, PeerOp]:
-        return self.target.ops() | self.warm.ops() | {"vm_move": PeerOp(self._serve_move, self._may_pull),
-                                    "vm_move_status": PeerOp(self._serve_move_status, _the_destination)}
+    def ops(self) -> list[PeerOp]:
+        return [*self.target.ops(), *self.warm.ops(), PeerOp("vm_move", self._may_pull, self._serve_move),
+                PeerOp("vm_move_status", _the_destination, self._serve_move_status)]
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -129,6 +130,18 @@ class VmService:
                 log.warning("VM %s left running cannot be checked (%s)", rv.vm.name, e)
 
     # ---- control ops ---------------------------------------------------------------------------
+    def control_ops(self) -> dict[str, OpHandler]:
+        """The `vm` commands, registered with the daemon's table."""
+        return {
+            "vm_create": self.op_vm_create,
+            "vm_start": self.op_vm_start,
+            "vm_approve": self.op_vm_approve,
+            "vm_allow": self.op_vm_allow,
+            "vm_stop": self.op_vm_stop,
+            "vm_list": self.op_vm_list,
+            "vm_replicate": self.op_vm_replicate,
+        }
+
     async def op_vm_create(self, name: str, disks: str, memory: str = "1G", cpus: int = 1, accel: str = "auto",
                            kernel: str = "", initrd: str = "", append: str = "",
                            qemu_args: list[str] | None = None) -> dict[str, Any]:

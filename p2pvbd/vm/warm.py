@@ -161,8 +161,8 @@ class WarmMemory:
         self.swarm, self.runner, self.book = swarm, runner, book
         self.states: dict[str, WarmState] = {}
 
-    def ops(self) -> dict[str, PeerOp]:
-        return {"vm_warm": PeerOp(self._receive, self._owner), "vm_warm_drop": PeerOp(self._drop, self._owner)}
+    def ops(self) -> list[PeerOp]:
+        return [PeerOp("vm_warm", self._owner, self._receive), PeerOp("vm_warm_drop", self._owner, self._drop)]
 
     # ---- policy ------------------------------------------------------------------------------------------
     def _state(self, name: str) -> WarmState:
