@@ -96,6 +96,7 @@ def test_incompressible_memory_moves_there_and_back(
 
     office_log, seen = log_size(office), len(memchecks(office))
     car.cli("vm", "allow", "vm1", "office-pc,car-pc")  # the owner lets either host bring the VM to itself
+    wait_until(lambda: "office-pc" in vm_state(office).get("allow", []), "office-pc to learn it may pull vm1")
     back = move(office, "office-pc", "async")
     assert back["from"] == "car-pc" and back["ram_bytes"] > MEMFILL_MB << 20, back
     assert not stalls(office, office_log)
