@@ -737,18 +737,23 @@ class ReplicaStore:
             not self._active.get(a, 0) & GUEST_WRITES for a in areas)
 
     def activate(self, offset: int, length: int) -> None:
-        """Make the areas of a coming guest write active, syncing the journal here (a worker thread) rather
-        than inside the write, which the event loop runs. Activations share syncs (a group commit): each
-        appends its ACTIVE records, then one thread at a time syncs everything appended so far, and a
-        thread whose records an earlier sync covered returns without one. An area counts as active only
-        once its record is durable, and only in the journal it went to."""
-        if not self.needs_activation(offset, length):
+        """Make the areas of a coming guest write active: see activate_spans."""
+        self.activate_spans([(offset, length)])
+
+    def activate_spans(self, spans: Iterable[tuple[int, int]]) -> None:
+        """Make the areas of coming guest writes (offset, length) active, syncing the journal here (a worker
+        thread) rather than inside the writes, which the event loop runs. Activations share syncs (a group
+        commit): each appends its ACTIVE records, then one thread at a time syncs everything appended so
+        far, and a thread whose records an earlier sync covered returns without one. An area counts as
+        active only once its record is durable, and only in the journal it went to."""
+        spans = [sp for sp in spans if self.needs_activation(*sp)]
+        if not spans:
             return
         ab = self._area_blocks * self._bs
         with self._lock:
             self._check_open()
-            areas = [a for a in range(offset // ab, (offset + length - 1) // ab + 1)
-                     if not self._active.get(a, 0) & GUEST_WRITES]
+            areas = sorted({a for offset, length in spans for a in range(offset // ab, (offset + length - 1) // ab + 1)
+                            if not self._active.get(a, 0) & GUEST_WRITES})
             if not areas:
                 return
             new = [a for a in areas if a not in self._activating]  # others' records are on their way
