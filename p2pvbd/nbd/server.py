@@ -198,6 +198,8 @@ class NbdConnection:
         self._sock: trio.socket.SocketType | None = None
         self._fd = -1  # the socket's descriptor, for receives and sends that need no waiting
         self._fast_receives = 0
+        self._gathered: list[bytes] = []  # replies of tasks waiting for one send (_send_gathered)
+        self._gathering = False
         if isinstance(stream, trio.SocketStream) and hasattr(stream.socket, "sendmsg"):
             self._sock = stream.socket
             self._fd = stream.socket.fileno()
@@ -443,9 +445,22 @@ class NbdConnection:
     async def _run_task(self, export: str, size: int, req: nbd.Request) -> None:
         try:
             reply = await self._execute(export, size, req)
-            await self._send(list(reply) if isinstance(reply, tuple) else [reply])
+            await self._send_gathered(list(reply) if isinstance(reply, tuple) else [reply])
         finally:
             self.tasks.release()
+
+    async def _send_gathered(self, bufs: list[bytes]) -> None:
+        """Send a task's reply together with those of the tasks finishing in the same scheduler round (the
+        writes one activation released): one sendmsg() for all of them instead of one each."""
+        self._gathered += bufs
+        if self._gathering:
+            return  # the task gathering now sends it
+        self._gathering = True
+        try:
+            await trio.lowlevel.checkpoint()
+        finally:
+            bufs, self._gathered, self._gathering = self._gathered, [], False
+        await self._send(bufs)
 
     async def _receive(self) -> bytes:
         """The next bytes from the client (b"" at EOF): straight from the socket when some are waiting."""
