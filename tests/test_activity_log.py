@@ -240,3 +240,28 @@ def test_journal_records_overwrite_zeros_written_ahead(tmp_path: Path) -> None:
     s = ReplicaStore.open(directory)
     assert s.read(7 * AREA_BLOCKS * BS, 1) == b"y" and s.verify() == []
     s.close()
+
+
+def test_an_unclean_open_reads_only_what_active_areas_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The never-written holes of an active area read as zeros: the open after a crash checks the blocks
+    written there, not the whole area."""
+    s = ReplicaStore.create(tmp_path / "d", "d", 4 * AREA_BLOCKS * BS, BS)
+    for a in range(3):
+        s.write(a * AREA_BLOCKS * BS + 5 * BS, b"z" * BS)
+    s.flush()
+    s.write(AREA_BLOCKS * BS + 9 * BS, b"w" * 100)  # not flushed: replay checks it too
+    directory = cut_journal(s, journal_size(s))
+    read: list[int] = []
+    real = ReplicaStore._read_and_hash
+
+    def counting(store: ReplicaStore, i: int) -> tuple[bytes, bool]:
+        read.append(i)
+        return real(store, i)
+
+    monkeypatch.setattr(ReplicaStore, "_read_and_hash", counting)
+    s = ReplicaStore.open(directory)
+    assert len(read) <= 3 + 1 + 3, sorted(read)  # the written blocks (and a checkpoint's settling of them)
+    assert s.read(AREA_BLOCKS * BS + 9 * BS, 100) == b"w" * 100
+    monkeypatch.undo()
+    assert s.verify() == []
+    s.close()
