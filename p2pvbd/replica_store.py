@@ -882,12 +882,18 @@ class ReplicaStore:
         self._tree = MapTree.build(self._meta, self._bs, self._size)
 
     def _skip_area_holes(self, verdicts: npt.NDArray[np.uint8]) -> None:
-        """Blocks of still active areas that were never written and are holes read as zeros: they need no
-        check. Most of a sparse disk's active areas are such holes, so a crash costs what was written there."""
+        """Blocks of still active areas that are holes in the data and, per metadata, never written or zero
+        blocks: reading them would only confirm that, so they need no check. A sparse disk's active areas are
+        mostly such holes, so a crash costs a read of what was written there, not of whole areas."""
         area = (verdicts == store_journal.CHECK_GUEST_AREA) | (verdicts == store_journal.CHECK_PEER_AREA)
-        for a, b in runs(np.flatnonzero(area & (self._versions[:len(verdicts)] == 0))):
-            held = store_files.allocated_in(self._data_fd, a * self._bs, min(b * self._bs, self._size), self._bs)
-            verdicts[a:b][~held] = 0
+        zero = np.frombuffer(zero_hash(self._bs), np.uint8)
+        for a, b in runs(np.flatnonzero(area)):
+            b = min(b, self._n - 1)  # the last block, possibly shorter, is always checked
+            if b <= a:
+                continue
+            hole = ~store_files.allocated_in(self._data_fd, a * self._bs, b * self._bs, self._bs)
+            known_zero = (self._versions[a:b] == 0) | (self._hashes[a:b] == zero).all(axis=1)
+            verdicts[a:b][hole & known_zero & area[a:b]] = 0
 
     def _checkpoint(self, clean: bool) -> None:
         """Fold every change into meta.bin and state.bin and drop the journals, while guest I/O goes on.

@@ -242,10 +242,15 @@ def test_journal_records_overwrite_zeros_written_ahead(tmp_path: Path) -> None:
     s.close()
 
 
-def test_an_unclean_open_reads_only_what_active_areas_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The never-written holes of an active area read as zeros: the open after a crash checks the blocks
-    written there, not the whole area."""
+@pytest.mark.parametrize("zeroed", [False, True])
+def test_an_unclean_open_reads_only_what_active_areas_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           zeroed: bool) -> None:
+    """The holes of an active area that were never written, or are zero blocks, read as zeros: the open after
+    a crash checks the blocks written there, not the whole area."""
     s = ReplicaStore.create(tmp_path / "d", "d", 4 * AREA_BLOCKS * BS, BS)
+    if zeroed:  # every block a zero block (version > 0), as after a whole-disk zeroing
+        s.write_zeroes(0, s.size)
+        s.flush()
     for a in range(3):
         s.write(a * AREA_BLOCKS * BS + 5 * BS, b"z" * BS)
     s.flush()
