@@ -97,8 +97,9 @@ REFRESH_ROUNDS = 3
 # pass only sees blocks written during the previous one, so few are left for the locked pass.
 PREHASH_ROUNDS = 3
 # Activity log: the unit a durable ACTIVE record names, and how many may be active at once. An unclean
-# open re-reads at most their product (5 GiB: holes cost a page copy, written blocks a read and a hash,
-# ~15 s for 5 GiB of data here); DRBD's default activity log covers 4.8 GiB (1237 extents of 4 MiB). A
+# open re-reads what was written into at most their product (5 GiB: a read and a hash per written block,
+# ~15 s for 5 GiB of data here; holes are skipped); DRBD's default activity log covers 4.8 GiB (1237 extents
+# of 4 MiB). A
 # working set larger than this costs one journal sync (shared by the writes in flight) per new area.
 # Larger areas mean fewer journal syncs for sequential writes.
 ACTIVE_AREA_BYTES = 16 * 1024 * 1024
