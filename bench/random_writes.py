@@ -1,9 +1,10 @@
 """Random 4 KiB writes spread over a small and a large disk: p2pvbd's export against qemu-nbd.
 
 The store's activity log syncs its journal before the first write into each 16 MiB area (see
-docs/DESIGN.md): free while a guest's writes stay within 128 areas (2 GiB), one sync per write when they
-are spread over a disk much larger than that. fio (ioengine=nbd, randwrite, bs 4k, iodepth 32, 8 s after
-a 1 s ramp) over the whole of a sparse 512 MiB and a sparse 100 GiB disk, on each server in turn.
+docs/DESIGN.md): free while a guest's writes stay within 320 areas (5 GiB); spread over a disk much
+larger than that, nearly every write needs a sync, shared by the writes in flight. fio (ioengine=nbd,
+randwrite, bs 4k, iodepth 32, 8 s after a 1 s ramp) over the whole of a sparse 512 MiB and a sparse
+100 GiB disk, on each server in turn.
 
     .venv/bin/python bench/random_writes.py [--json FILE]
 """

@@ -8,9 +8,11 @@ state directly: they write, then cut the journal back to what was durable before
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from p2pvbd import replica_store as rs
 from p2pvbd.replica_store import ReplicaStore
@@ -23,7 +25,8 @@ AREA_BLOCKS = rs.ACTIVE_AREA_BYTES // BS
 
 
 def journal_size(store: ReplicaStore) -> int:
-    return (store.directory / JOURNAL_FILE).stat().st_size
+    """Bytes of records in the active journal (its file goes on with zeros written ahead)."""
+    return sj.records_end((store.directory / JOURNAL_FILE).read_bytes(), 1 << 40)
 
 
 def cut_journal(store: ReplicaStore, size: int) -> Path:
@@ -186,4 +189,84 @@ def test_activating_ahead_of_a_write_moves_its_sync_out_of_the_write(tmp_path: P
     directory = cut_journal(s, durable)  # the write's own record lost, its data on disk
     s = ReplicaStore.open(directory)
     assert s.verify() == [] and s.read(offset, 100) == b"y" * 100
+    s.close()
+
+
+def test_concurrent_activations_share_one_journal_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writes in flight into new areas wait on one sync between them (a group commit), not one each."""
+    s = ReplicaStore.create(tmp_path / "d", "d", 8 * AREA_BLOCKS * BS, BS)
+    s.write(0, b"x")  # area 0 active and the journal grown, before the syncs counted here
+    s.flush()
+    journal = (tmp_path / "d" / JOURNAL_FILE).stat().st_ino
+    real_fdatasync = os.fdatasync
+    syncs: list[int] = []
+    first_sync, release = threading.Event(), threading.Event()
+
+    def fdatasync(fd: int) -> None:
+        if os.fstat(fd).st_ino == journal:
+            syncs.append(fd)
+            if len(syncs) == 1:  # the first activation's sync is slow: the others queue up behind it
+                first_sync.set()
+                release.wait()
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    threads = [threading.Thread(target=s.activate, args=(a * AREA_BLOCKS * BS, 1)) for a in range(1, 7)]
+    threads[0].start()
+    first_sync.wait()
+    for t in threads[1:]:
+        t.start()
+    while kinds(tmp_path / "d").count(sj.ACTIVE) < 7:  # every activation has appended its record
+        threading.Event().wait(0.01)
+    release.set()
+    for t in threads:
+        t.join()
+    assert s.active_areas == 7 and not any(s.needs_activation(a * AREA_BLOCKS * BS, 1) for a in range(7))
+    assert len(syncs) == 2, "the activations queued behind a sync did not share the next one"
+    s.close()
+
+
+def test_journal_records_overwrite_zeros_written_ahead(tmp_path: Path) -> None:
+    """Activations sync data only: the journal's size stays put while records go in (no file-system commit)."""
+    s = ReplicaStore.create(tmp_path / "d", "d", 8 * AREA_BLOCKS * BS, BS)
+    s.write(0, b"x")
+    size = (tmp_path / "d" / JOURNAL_FILE).stat().st_size
+    for a in range(1, 8):
+        s.write(a * AREA_BLOCKS * BS, b"y")
+    s.flush()
+    assert (tmp_path / "d" / JOURNAL_FILE).stat().st_size == size == rs.JOURNAL_GROWTH_BYTES
+    assert kinds(tmp_path / "d").count(sj.ACTIVE) == 8
+    directory = cut_journal(s, size)  # a power cut with every record durable
+    s = ReplicaStore.open(directory)
+    assert s.read(7 * AREA_BLOCKS * BS, 1) == b"y" and s.verify() == []
+    s.close()
+
+
+@pytest.mark.parametrize("zeroed", [False, True])
+def test_an_unclean_open_reads_only_what_active_areas_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           zeroed: bool) -> None:
+    """The holes of an active area that were never written, or are zero blocks, read as zeros: the open after
+    a crash checks the blocks written there, not the whole area."""
+    s = ReplicaStore.create(tmp_path / "d", "d", 4 * AREA_BLOCKS * BS, BS)
+    if zeroed:  # every block a zero block (version > 0), as after a whole-disk zeroing
+        s.write_zeroes(0, s.size)
+        s.flush()
+    for a in range(3):
+        s.write(a * AREA_BLOCKS * BS + 5 * BS, b"z" * BS)
+    s.flush()
+    s.write(AREA_BLOCKS * BS + 9 * BS, b"w" * 100)  # not flushed: replay checks it too
+    directory = cut_journal(s, journal_size(s))
+    read: list[int] = []
+    real = ReplicaStore._read_and_hash
+
+    def counting(store: ReplicaStore, i: int) -> tuple[bytes, bool]:
+        read.append(i)
+        return real(store, i)
+
+    monkeypatch.setattr(ReplicaStore, "_read_and_hash", counting)
+    s = ReplicaStore.open(directory)
+    assert len(read) <= 3 + 1 + 3, sorted(read)  # the written blocks (and a checkpoint's settling of them)
+    assert s.read(AREA_BLOCKS * BS + 9 * BS, 100) == b"w" * 100
+    monkeypatch.undo()
+    assert s.verify() == []
     s.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -135,6 +136,7 @@ async def test_freeze_that_cannot_drain_in_time_thaws_and_says_so(ctl: HookContr
 async def test_a_forgotten_freeze_thaws_by_itself(ctl: HookController, monkeypatch: pytest.MonkeyPatch,
                                                   autojump_clock: trio.testing.MockClock) -> None:
     monkeypatch.setattr(khc, "MAX_FREEZE_SECONDS", 3.0)
+    await ctl.write("vm1", 0, b"first")  # its area active now: the write below has no thread work the clock skips
     await ctl.freeze("vm1")
     with trio.fail_after(10):
         await ctl.write("vm1", 0, b"eventually")
@@ -240,3 +242,29 @@ async def test_incoming_reads_come_from_the_owner_until_ownership_arrives(ctl: H
     assert await ctl.read("vm1", 0, 10) == b"stalestale"  # this host is the owner now: its data is current
     assert await ctl.read("vm1", 0, 10) == b"stalestale"
     assert owner.calls == 2
+
+
+async def test_writes_into_new_areas_share_one_activation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guest writes that arrive together, each into an area not yet active, wait on one journal sync."""
+    from p2pvbd import replica_store as rs
+
+    area = rs.ACTIVE_AREA_BYTES
+    store = ReplicaStore.create(tmp_path / "big", "big", 8 * area, 64 * KiB, owner="office-pc", epoch=1)
+    c = HookController()
+    c.add_export(store, ExportMode.PRIMARY)
+    await c.write("big", 0, b"first")  # the journal grown and area 0 active before the syncs counted here
+    journal = (tmp_path / "big" / "journal.log").stat().st_ino
+    real_fdatasync, syncs = os.fdatasync, []
+
+    def fdatasync(fd: int) -> None:
+        if os.fstat(fd).st_ino == journal:
+            syncs.append(fd)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    async with trio.open_nursery() as nursery:
+        for a in range(1, 8):
+            nursery.start_soon(c.write, "big", a * area, b"x" * 4096)
+    assert store.active_areas == 8 and [store.read(a * area, 1) for a in range(1, 8)] == [b"x"] * 7
+    assert len(syncs) == 1, "each write synced the journal for its own area"
+    store.close()

@@ -666,3 +666,36 @@ async def test_read_only_binds_the_connection_that_was_told(tmp_path: Path) -> N
             nursery.cancel_scope.cancel()
     finally:
         store.close()
+
+
+def test_pipelined_writes_into_new_areas_are_each_answered_once(rw_servers: tuple[Server, Server]) -> None:
+    """Writes that wait for their area's activation run side by side and their replies go out gathered:
+    every request of a pipelined burst (writes into every area of the disk, a FLUSH among them) gets exactly
+    one well-framed reply, and every write is there afterwards."""
+    srv = rw_servers[0]
+    area = 16 * MiB  # replica_store.ACTIVE_AREA_BYTES
+    writes = {cookie: (cookie * area + 12345, bytes([cookie]) * 5000) for cookie in range(1, DISK_SIZE // area)}
+    c = Client(srv)
+    try:
+        c.open()
+        requests = [_request(nbd.NBD_CMD_WRITE, cookie, off, data) for cookie, (off, data) in writes.items()]
+        requests.insert(len(requests) // 2, _request(nbd.NBD_CMD_FLUSH, 1000, 0, b""))
+        c.send(b"".join(requests))
+        answered = []
+        for _ in range(len(writes) + 1):
+            (magic,) = struct.unpack(">I", c.recv_exact(4))
+            assert magic == nbd.NBD_SIMPLE_REPLY_MAGIC, hex(magic)
+            error, cookie = struct.unpack(">IQ", c.recv_exact(12))
+            assert error == 0, (cookie, error)
+            answered.append(cookie)
+        assert sorted(answered) == sorted([*writes, 1000])
+        for off, data in writes.values():
+            assert c.read(off, len(data)) == data
+        c.disconnect()
+    finally:
+        c.close()
+
+
+def _request(cmd: int, cookie: int, offset: int, payload: bytes) -> bytes:
+    length = len(payload) if cmd == nbd.NBD_CMD_WRITE else 0
+    return struct.pack(">IHHQQI", nbd.NBD_REQUEST_MAGIC, 0, cmd, cookie, offset, length) + payload

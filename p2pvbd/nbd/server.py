@@ -5,8 +5,10 @@ through :class:`~p2pvbd.kernel_hook_ctl.HookController`. One task per connection
 requests; cheap commands are applied inline and their replies batched into one send (a list of buffers
 handed to one sendmsg(), so READ data is never copied in Python; receives and sends that need no waiting
 bypass trio's scheduler, with a checkpoint every few receives), while commands
-that wait for the disk (FLUSH, FUA writes) or for a gate (frozen or incoming exports) run as their own
-tasks, so their replies may overtake or be overtaken by others (out-of-order replies, as the spec allows).
+that wait for the disk (FLUSH, FUA writes, writes into an area the activity log must first make active)
+or for a gate (frozen or incoming exports) run as their own tasks, so their replies may overtake or be
+overtaken by others (out-of-order replies, as the spec allows). A FLUSH covers every write answered before
+it arrived: those were applied to the store, whose flush syncs everything applied before it.
 
 The Unix socket speaks plain NBD (only its owner may connect). The TCP listener is in the spec's FORCEDTLS mode:
 nothing but STARTTLS gets an answer before a TLS handshake in which the client presents a certificate of this
@@ -51,8 +53,9 @@ IOV_MAX = 1024
 # epoll_wait() and Python bookkeeping, five times per 1 MiB WRITE); every this-many receives one goes
 # through trio anyway, so the other tasks and cancellation get their turn.
 FAST_RECEIVES_PER_CHECKPOINT = 16
-# Requests one connection may have running as separate tasks (FLUSH, FUA, held writes) before the
-# reader stops reading: backpressure instead of unbounded memory. Linux's nbd driver queues 128.
+# Requests one connection may have running as separate tasks (FLUSH, FUA, held writes, writes waiting for
+# an area's activation) before the reader stops reading: backpressure instead of unbounded memory. Linux's
+# nbd driver queues 128.
 MAX_TASKS_PER_CONNECTION = 128
 # How many connections wait in the kernel's accept queue.
 LISTEN_BACKLOG = 128
@@ -77,6 +80,12 @@ BASE_NAMESPACE = "base:"  # the query naming the whole base namespace (proto.md,
 # What a writable export offers (proto.md, "Transmission flags"): the same set as qemu-nbd without DF.
 # FAST_ZERO: zeroing whole blocks is metadata and a hole punch; any other zeroing is refused with ENOTSUP
 # when asked to be fast. CACHE: accepted and checked, with no effect (the spec allows that).
+# CAN_MULTI_CONN promises that a FLUSH on one connection covers the writes answered on every other: all
+# connections to an export apply their writes to the same ReplicaStore (one per disk, HookController),
+# a write is answered only after its record is appended and its data written to the shared data file, and
+# the store's flush fdatasyncs that file and then vouches (SYNC) for every record appended before it began,
+# whichever connection appended it. Connections forwarded after a switchover flush at the new owner,
+# where their writes went.
 TRANSMISSION_FLAGS = (
     nbd.NBD_FLAG_HAS_FLAGS
     | nbd.NBD_FLAG_SEND_FLUSH
@@ -191,6 +200,8 @@ class NbdConnection:
         self._sock: trio.socket.SocketType | None = None
         self._fd = -1  # the socket's descriptor, for receives and sends that need no waiting
         self._fast_receives = 0
+        self._gathered: list[bytes] = []  # replies of tasks waiting for one send (_send_gathered)
+        self._gathering = False
         if isinstance(stream, trio.SocketStream) and hasattr(stream.socket, "sendmsg"):
             self._sock = stream.socket
             self._fd = stream.socket.fileno()
@@ -428,15 +439,30 @@ class NbdConnection:
         exp = self.ctl.get(export)
         if exp is None or exp.frozen or exp.forward is not None or exp.read_through is not None:
             return True  # may wait, or cross the peer link: never hold up the connection's other requests
-        return req.type in (nbd.NBD_CMD_WRITE, nbd.NBD_CMD_WRITE_ZEROES, nbd.NBD_CMD_TRIM) and (
-            exp.mode is ExportMode.INCOMING or exp.after_write is not None)
+        # A write into an area the store's activity log has not made active waits for a journal sync: such
+        # writes run side by side, so the requests in flight share syncs (ReplicaStore.activate).
+        return req.type in _WRITES and (exp.mode is ExportMode.INCOMING or exp.after_write is not None
+                                        or exp.store.needs_activation(req.offset, req.length))
 
     async def _run_task(self, export: str, size: int, req: nbd.Request) -> None:
         try:
             reply = await self._execute(export, size, req)
-            await self._send(list(reply) if isinstance(reply, tuple) else [reply])
+            await self._send_gathered(list(reply) if isinstance(reply, tuple) else [reply])
         finally:
             self.tasks.release()
+
+    async def _send_gathered(self, bufs: list[bytes]) -> None:
+        """Send a task's reply together with those of the tasks finishing in the same scheduler round (the
+        writes one activation released): one sendmsg() for all of them instead of one each."""
+        self._gathered += bufs
+        if self._gathering:
+            return  # the task gathering now sends it
+        self._gathering = True
+        try:
+            await trio.lowlevel.checkpoint()
+        finally:
+            bufs, self._gathered, self._gathering = self._gathered, [], False
+        await self._send(bufs)
 
     async def _receive(self) -> bytes:
         """The next bytes from the client (b"" at EOF): straight from the socket when some are waiting."""

@@ -89,16 +89,25 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
 
 def allocated_blocks(fd: int, size: int, block_size: int) -> npt.NDArray[np.bool_]:
     """Blocks with allocated extents in the file, found with SEEK_DATA/SEEK_HOLE without reading."""
-    mask, off = np.zeros(blocks_for(size, block_size), np.bool_), 0
-    while off < size:
+    return allocated_in(fd, 0, size, block_size)
+
+
+def allocated_in(fd: int, start: int, end: int, block_size: int) -> npt.NDArray[np.bool_]:
+    """Which blocks of bytes [start, end) (``start`` a multiple of ``block_size``) have allocated extents. A
+    file system without SEEK_DATA reports everything allocated."""
+    first = start // block_size
+    mask, off = np.zeros(blocks_for(end - start, block_size), np.bool_), start
+    while off < end:
         try:
-            start = os.lseek(fd, off, os.SEEK_DATA)
+            data = os.lseek(fd, off, os.SEEK_DATA)
         except OSError as e:
             if e.errno != errno.ENXIO:
                 raise
             break
-        off = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        mask[start // block_size:-(-off // block_size)] = True
+        if data >= end:
+            break
+        off = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        mask[data // block_size - first:-(-off // block_size) - first] = True
     return mask
 
 

@@ -53,6 +53,12 @@ def parse_journal(buf: bytes, n_blocks: int) -> list[JournalRecord]:
     return out
 
 
+def records_end(buf: bytes, n_blocks: int) -> int:
+    """Where a journal's records end: its file goes on with zeros written ahead of them."""
+    recs = parse_journal(buf, n_blocks)
+    return recs[-1][0] if recs else 0
+
+
 def set_zero_hashes(hashes: npt.NDArray[np.uint8], a: int, b: int, block_size: int, tail: int) -> None:
     """Give blocks [a, b) the hash of zero data; the disk's last block, ``tail`` bytes long, its own."""
     if b > a:
