@@ -97,14 +97,19 @@ async def test_the_journal_is_synced_off_the_event_loop(tmp_path: Path, monkeypa
             ReplicaStore.create(tmp_path / "target", "vm1", size, BS) as target:
         owner.write(0, random.Random(2).randbytes(size))
         _, wanted, mine = entries(owner, target)
-        synced_on: list[bool] = []
-        real_fsync = os.fsync
+        synced_on: list[bool] = []  # per sync (the journal's are fdatasyncs of records written in place)
+        real_fsync, real_fdatasync = os.fsync, os.fdatasync
 
         def fsync(fd: int) -> None:
             synced_on.append(threading.current_thread() is threading.main_thread())
             real_fsync(fd)
 
+        def fdatasync(fd: int) -> None:
+            synced_on.append(threading.current_thread() is threading.main_thread())
+            real_fdatasync(fd)
+
         monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
         fetcher = Fetcher(FakeSwarm({"owner": FakePeer(owner)}), target, "owner", wanted,  # type: ignore[arg-type]
                           mine, {"owner": wanted.versions}, SyncProgress("vm1"))
         with trio.fail_after(600):  # bounds a broken test

@@ -159,7 +159,7 @@ OPS: dict[str, OpSpec] = {
     "vm_abort": OpSpec({"vm": str}, "the move is off: quit the incoming QEMU"),
     # The host running a VM -> hosts keeping its memory warm (vm/warm.py).
     "vm_warm": OpSpec({"vm": str, "size": int, "offsets": bytes, "data": bytes},
-                      "pages of the VM's memory that changed since the last ones sent (zstd)"),
+                      "pages of the VM's memory that changed since the last ones sent (zstd)", MAX_FRAME_BYTES),
     "vm_warm_drop": OpSpec({"vm": str}, "stop keeping the VM's memory: delete the copy"),
     # Destination -> the host running a VM: `migrate VM --to HOST` run on HOST itself.
     "revocations": OpSpec({"serial": int, "names": list, "sig": bytes},
