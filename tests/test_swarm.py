@@ -209,6 +209,9 @@ def _join_port_accepts(host: Host) -> bool:
     return True
 
 
+# Rounds of filling the join port before its refusal must show (see the test below).
+JOIN_CAP_ATTEMPTS = 5
+
 def test_the_join_port_listens_only_for_an_outstanding_invite_and_few(make_host: Callable[..., Host]) -> None:
     """Nobody without a certificate reaches the founder unless an invite is outstanding; then at most
     JOIN_MAX_CONNECTIONS connections at once, from different addresses (40 idle ones once took 330 MB)."""
@@ -216,17 +219,27 @@ def test_the_join_port_listens_only_for_an_outstanding_invite_and_few(make_host:
     assert not _join_port_accepts(office)  # no invite yet
     token = invite(office)
     assert _join_port_accepts(office)  # open once `invite` returns
-    held = [outsider.tcp("127.0.0.1", office.port + 1, source=f"127.0.0.{2 + i}")
-            for i in range(pt.JOIN_MAX_CONNECTIONS)]
-    try:
-        extra = outsider.tcp("127.0.0.1", office.port + 1, source="127.0.0.99")
-        refused = (f"refused a connection on port {office.port + 1} from 127.0.0.99: "
-                   f"{pt.JOIN_MAX_CONNECTIONS} connections are still in their handshake")
-        wait_until(lambda: refused in (office.home / "daemon.log").read_text(), "the extra connection's refusal")
-        extra.close()
-    finally:
-        for s in held:
-            s.close()
+    # Held connections keep their places only for a handshake's time (2 s once half are taken), which a
+    # loaded machine can spend before the extra one arrives: then the round is tried again, from new addresses.
+    for attempt in range(JOIN_CAP_ATTEMPTS):
+        held = [outsider.tcp("127.0.0.1", office.port + 1, source=f"127.0.{attempt + 1}.{2 + i}")
+                for i in range(pt.JOIN_MAX_CONNECTIONS)]
+        try:
+            extra = outsider.tcp("127.0.0.1", office.port + 1, source=f"127.0.{attempt + 1}.99")
+            refused = (f"refused a connection on port {office.port + 1} from 127.0.{attempt + 1}.99: "
+                       f"{pt.JOIN_MAX_CONNECTIONS} connections are still in their handshake")
+            try:
+                seen = wait_until(lambda: refused in (office.home / "daemon.log").read_text(),  # noqa: B023
+                                  "the extra connection's refusal", timeout=pt.JOIN_CONNECTION_SECONDS)
+            except AssertionError:
+                seen = False
+            extra.close()
+        finally:
+            for s in held:
+                s.close()
+        if seen:
+            break
+    assert seen, f"the join port never refused a connection beyond {pt.JOIN_MAX_CONNECTIONS} in their handshake"
     home = make_host("home-pc", join=token)  # the cap is for idle strangers: a real join goes through
     assert home.alive()
     wait_until(lambda: not _join_port_accepts(office), "the join port to close once the invite is used",
