@@ -33,6 +33,7 @@ from p2pvbd.migration import failpoints
 from p2pvbd.swarm import access
 from p2pvbd.swarm.access import PeerOp
 from p2pvbd.swarm.peer_transport import PeerError
+from p2pvbd.vm.converge import DowntimeRamp, StreamPace
 from p2pvbd.vm.disk_pages import index_pages
 from p2pvbd.vm.qmp import QmpError
 from p2pvbd.vm.ram_image import ImageWriter, RamImage, page_digest, split_prefixes
@@ -98,6 +99,8 @@ class VmMoveProgress:
     ram_pages: int = 0  # pages in QEMU's stream (zero pages are a flag in it, not counted)
     ram_by_ref: dict[str, int] = field(default_factory=dict)  # pages sent by reference, per place found
     ram_missed_pages: int = 0  # references the destination could not resolve: sent again in full
+    ram_passes: int = 0  # QEMU's passes over the memory (dirty-page syncs) before the pause
+    ram_downtime_limit_ms: float | None = None  # QEMU's downtime-limit at the end (vm/converge.py)
     vm_downtime_ms: float | None = None
     disk_switchover_ms: float | None = None  # from pre-switchover to migrate-continue: the disks' part
     started: float = field(default_factory=time.monotonic)
@@ -111,6 +114,7 @@ class VmMoveProgress:
                 "phase": self.phase,
                 "ram_bytes": self.ram_bytes, "ram_wire_bytes": self.ram_wire_bytes, "ram_pages": self.ram_pages,
                 "ram_by_ref": dict(self.ram_by_ref), "ram_missed_pages": self.ram_missed_pages,
+                "ram_passes": self.ram_passes, "ram_downtime_limit_ms": self.ram_downtime_limit_ms,
                 "vm_downtime_ms": self.vm_downtime_ms,
                 "disk_switchover_ms": self.disk_switchover_ms, "duration_s": round(end - self.started, 3),
                 "error": self.error, "disks": disks,
@@ -154,12 +158,13 @@ async def move_vm(swarm: Swarm, runner: VmRunner, vm: VmDefinition, dest: str, m
             await nursery.start(_relay_ram, rv, conn, vm.name, progress, relayed, sender)
             await qmp.command("migrate-set-capabilities", capabilities=[
                 {"capability": "pause-before-switchover", "state": True}, {"capability": "events", "state": True}])
-            await qmp.command("migrate-set-parameters",
-                              **{"downtime-limit": max(1, int(max_downtime_ms * RAM_DOWNTIME_SHARE))})
+            ramp = DowntimeRamp(max_downtime_ms * RAM_DOWNTIME_SHARE)
+            progress.ram_downtime_limit_ms = ramp.base_ms
+            await qmp.command("migrate-set-parameters", **{"downtime-limit": max(1, int(ramp.base_ms))})
             started_qemu_migration = True
             await qmp.command("migrate", uri=f"unix:{rv.paths.outgoing}")
             with trio.fail_after(RAM_TIMEOUT):
-                await _migration_reaches(rv, "pre-switchover")
+                await _migration_reaches(rv, "pre-switchover", ramp, progress)
             progress.phase = "switchover"
             paused_at = trio.current_time()
             await failpoints.pause("vm.switchover")
@@ -280,9 +285,11 @@ async def _disk(swarm: Swarm, progress: MigrationProgress, max_downtime_ms: floa
         progress.finished = time.monotonic()
 
 
-async def _migration_reaches(rv: RunningVm, status: str) -> None:
+async def _migration_reaches(rv: RunningVm, status: str, ramp: DowntimeRamp | None = None,
+                             progress: VmMoveProgress | None = None) -> None:
     """Wait until QEMU's outgoing migration is in ``status``; MigrationError if it failed or was cancelled.
-    Woken by QEMU's MIGRATION events, so the guest's pause is not lengthened by a polling interval."""
+    Woken by QEMU's MIGRATION events, so the guest's pause is not lengthened by a polling interval. With
+    ``ramp``, QEMU's downtime-limit grows as its passes over the memory fail to converge (vm/converge.py)."""
     qmp = rv.qmp
     assert qmp is not None
     while True:
@@ -290,6 +297,15 @@ async def _migration_reaches(rv: RunningVm, status: str) -> None:
         state = info.get("status")
         if state == status:
             return
+        passes = info.get("ram", {}).get("dirty-sync-count")
+        if ramp is not None and progress is not None and isinstance(passes, int):
+            progress.ram_passes = passes
+            if (limit := ramp.on_passes(passes)) is not None:
+                if progress.ram_downtime_limit_ms == ramp.base_ms:
+                    log.info("the memory of %s does not converge within %.0f ms after %d passes: letting the "
+                             "pause grow, to at most %.0f ms", rv.vm.name, ramp.base_ms, passes, ramp.cap_ms)
+                await qmp.command("migrate-set-parameters", **{"downtime-limit": max(1, int(limit))})
+                progress.ram_downtime_limit_ms = round(limit, 1)
         if state in ("failed", "cancelled", "cancelling"):
             why = info.get("error-desc", "no reason given")
             raise MigrationError(f"QEMU's migration of {rv.vm.name} {state}: {why}")
@@ -318,6 +334,7 @@ async def _relay_ram(rv: RunningVm, conn: Any, vm: str, progress: VmMoveProgress
         path.unlink(missing_ok=True)
     await failpoints.pause("vm.ram")
     window = trio.Semaphore(RAM_WINDOW)
+    pace = StreamPace(RAM_READ_BYTES)
 
     async def send(seq: int, piece: Any, eof: bool) -> None:
         try:
@@ -338,6 +355,7 @@ async def _relay_ram(rv: RunningVm, conn: Any, vm: str, progress: VmMoveProgress
                 exclude |= missing & not_held
                 not_held |= missing
             progress.ram_bytes += stats.stream_bytes
+            pace.taken(trio.current_time(), stats.stream_bytes)
             progress.ram_pages += stats.pages
             for source, n in stats.by_ref.items():
                 progress.ram_by_ref[source] = progress.ram_by_ref.get(source, 0) + n
@@ -348,7 +366,7 @@ async def _relay_ram(rv: RunningVm, conn: Any, vm: str, progress: VmMoveProgress
     async with stream, trio.open_nursery() as nursery:
         seq = 0
         while True:
-            data = await stream.receive_some(RAM_READ_BYTES)
+            data = await stream.receive_some(pace.piece_bytes(trio.current_time()))
             digest.update(data)
             # reading QEMU's stream (pages hashed, and kept in this host's image) is memory-sized work: a
             # worker thread's, in order, as the reader's state runs from piece to piece
