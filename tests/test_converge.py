@@ -11,6 +11,7 @@ from p2pvbd.vm.converge import (
     RAMP_AFTER_PASSES,
     RAMP_CAP_MS,
     RAMP_FACTOR,
+    STALL_MARGIN,
     DowntimeRamp,
     StreamPace,
 )
@@ -18,26 +19,51 @@ from p2pvbd.vm.converge import (
 
 def test_the_asked_limit_holds_for_the_first_passes_then_grows_each_pass() -> None:
     ramp = DowntimeRamp(25.0)
-    assert [ramp.on_passes(n) for n in range(1, RAMP_AFTER_PASSES + 1)] == [None] * RAMP_AFTER_PASSES
-    assert ramp.on_passes(RAMP_AFTER_PASSES + 1) == 25.0 * RAMP_FACTOR
-    assert ramp.on_passes(RAMP_AFTER_PASSES + 1) is None  # the same pass seen again changes nothing
-    assert ramp.on_passes(RAMP_AFTER_PASSES + 3) == 25.0 * RAMP_FACTOR ** 3  # passes missed between polls count
+    assert [ramp.on_progress(n) for n in range(1, RAMP_AFTER_PASSES + 1)] == [None] * RAMP_AFTER_PASSES
+    assert ramp.on_progress(RAMP_AFTER_PASSES + 1) == 25.0 * RAMP_FACTOR
+    assert ramp.on_progress(RAMP_AFTER_PASSES + 1) is None  # the same pass seen again changes nothing
+    assert ramp.on_progress(RAMP_AFTER_PASSES + 3) == 25.0 * RAMP_FACTOR ** 3  # passes missed between polls count
+
+
+def test_a_copy_that_stops_shrinking_gets_the_pause_its_smallest_pass_needs() -> None:
+    ramp = DowntimeRamp(25.0)
+    mbps = 20.0  # 2.5 MB/s: 2.5 kB per ms
+    for n, size in enumerate([800_000_000, 50_000_000, 10_000_000], start=1):  # shrinking: no change
+        assert ramp.on_progress(n, size, mbps) is None
+    # the fourth pass left 9.5 MB after 10: stalled; the smallest recent pass, 9.5 MB, needs 3.8 s at 2.5 MB/s,
+    # so the limit doubles at each stalled pass towards it, to the cap
+    assert ramp.on_progress(4, 9_500_000, mbps) == 50.0
+    assert ramp.on_progress(5, 9_400_000, mbps) == 100.0
+    assert [ramp.on_progress(n, 9_300_000, mbps) for n in range(6, 11)] == [200.0, 400.0, 800.0, 1600.0, RAMP_CAP_MS]
+    converging = DowntimeRamp(25.0)
+    for n, size in enumerate([800_000_000, 50_000_000, 10_000_000, 1_000_000], start=1):
+        limit = converging.on_progress(n, size, mbps)
+    assert limit == 25.0 * RAMP_FACTOR  # still shrinking fast: only the slow ladder
+    small = DowntimeRamp(25.0)
+    for n, size in enumerate([800_000_000, 1_000_000, 900_000, 950_000], start=1):
+        limit = small.on_progress(n, size, mbps)
+    assert limit == 50.0  # stalled: towards 432 ms (900 kB at 20 Mbit/s, with the margin), doubling
+    assert 900_000 / 2500 * STALL_MARGIN < 400.0 * RAMP_FACTOR
+    assert small.on_progress(5, 950_000, mbps) == 100.0
+    # doubling while below the need, then (QEMU still not done) the ladder above it
+    assert [small.on_progress(n, 950_000, mbps) for n in (6, 7, 8)] == [200.0, 400.0, 400.0 * RAMP_FACTOR]
 
 
 def test_the_limit_stops_at_the_cap_and_a_larger_ask_is_kept() -> None:
     ramp = DowntimeRamp(25.0)
-    ramp.on_passes(1000)
-    assert ramp.limit_ms == RAMP_CAP_MS and ramp.on_passes(1001) is None
+    ramp.on_progress(1000)
+    assert ramp.limit_ms == RAMP_CAP_MS and ramp.on_progress(1001) is None
     big = DowntimeRamp(RAMP_CAP_MS * 2)
-    assert big.on_passes(1000) is None and big.limit_ms == RAMP_CAP_MS * 2
+    assert big.on_progress(1000) is None and big.limit_ms == RAMP_CAP_MS * 2
 
 
-@given(st.floats(1, 5000), st.lists(st.integers(0, 200), max_size=30))
-def test_the_limit_never_shrinks_nor_passes_the_cap(base: float, polls: list[int]) -> None:
+@given(st.floats(1, 5000), st.lists(st.tuples(st.integers(0, 200), st.integers(0, 1 << 32)), max_size=30),
+       st.floats(0.1, 10_000))
+def test_the_limit_never_shrinks_nor_passes_the_cap(base: float, polls: list[tuple[int, int]], mbps: float) -> None:
     ramp = DowntimeRamp(base)
     last = ramp.limit_ms
-    for passes in sorted(polls):
-        ramp.on_passes(passes)
+    for passes, remaining in sorted(polls):
+        ramp.on_progress(passes, remaining, mbps)
         assert last <= ramp.limit_ms <= max(base, RAMP_CAP_MS)
         last = ramp.limit_ms
 

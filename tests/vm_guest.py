@@ -56,6 +56,7 @@ for arg in $(cat /proc/cmdline); do
     pingflood=*) pingflood="${arg#pingflood=}" ;;
     memfill_mb=*) memfill="${arg#memfill_mb=}" ;;
     readdisk_mb=*) readdisk="${arg#readdisk_mb=}" ;;
+    memchurn_mb=*) memchurn="${arg#memchurn_mb=}" ;;
   esac
 done
 if [ -n "$pingflood" ]; then  # network load: pings as fast as replies come; PING <replies> every 2 s
@@ -69,6 +70,16 @@ if [ -n "$memfill" ]; then
   sum=$(md5sum /tmp/memfill | cut -c1-32)
   (n=0; while sleep 10; do n=$((n + 1))
      if [ "$(md5sum /tmp/memfill | cut -c1-32)" = "$sum" ]; then echo "MEMCHECK $n OK"; else echo "MEMCHECK $n BAD"; fi
+   done) &
+fi
+if [ -n "$memchurn" ]; then
+  # memory the guest keeps rewriting: N MiB of random data, one random MiB of it replaced every second
+  # (MEMCHURN READY once filled)
+  grep -q " /tmp " /proc/mounts || mount -t tmpfs -o size=90% tmpfs /tmp
+  dd if=/dev/urandom of=/tmp/memchurn bs=1M count="$memchurn" 2>/dev/null || echo "MEMCHURN FAILED"
+  echo "MEMCHURN READY"
+  (while sleep 1; do
+     dd if=/dev/urandom of=/tmp/memchurn bs=1M count=1 seek=$((RANDOM % memchurn)) conv=notrunc 2>/dev/null
    done) &
 fi
 if [ "$mode" != idle ]; then
@@ -300,7 +311,8 @@ VERIFY = re.compile(rb"^VERIFY ((?:\w+=\d+ ?)+)\r?$", re.M)
 ALIVE = re.compile(rb"^ALIVE (\d+) (\d+)\r?$", re.M)
 PING = re.compile(rb"^PING (\d*)\r?$", re.M)
 ERR = re.compile(rb"^ERR .*$", re.M)
-# memfill_mb=N on the kernel command line: the guest holds N MiB of random data and checks it (INIT_SCRIPT).
+# memfill_mb=N on the kernel command line: the guest holds N MiB of random data and checks it (INIT_SCRIPT);
+# memchurn_mb=N: it holds N MiB of random data and replaces a random MiB of it every second.
 MEMCHECK = re.compile(rb"^MEMCHECK (\d+) (OK|BAD)\r?$", re.M)
 
 

@@ -1,25 +1,36 @@
-"""How long a VM may pause at the end of its memory's move, when the link cannot carry what the guest dirties.
+"""How long a VM may pause at the end of its memory's move, when the link cannot carry what the guest dirties;
+and how large the pieces of its memory stream are, so that what is in flight holds the link briefly.
 
 QEMU stops the guest for its last pass only once the pages still dirty fit in its ``downtime-limit`` at the
-rate it measures. A guest that dirties memory faster than the link drains it between two passes (1 MiB/s of
-fresh data against a 20 Mbit/s uplink is enough) never gets there: every pass leaves as much as the last,
-and the move would run until its timeout. So, as OpenStack's ``live_migration_downtime_steps`` does, the
-limit starts at what the user asked for and, once QEMU has made RAMP_AFTER_PASSES passes over the memory
-without converging, grows by RAMP_FACTOR with each further pass, up to a cap: the move ends at the first
-limit the link can meet, no more than RAMP_FACTOR above it. Pure: the caller reads QEMU's pass count and
+rate it measures. A guest that dirties memory about as fast as the link drains it (1 MiB/s of fresh data and
+a busy TCP flow against a 20 Mbit/s uplink) never gets there: every pass leaves about as much as the last,
+and the move would run until its timeout, sending the same pages again and again. So once QEMU's passes
+stop shrinking (a pass left more than STALL_RATIO of the one before, after RAMP_AFTER_PASSES passes), the
+limit moves towards what the smallest recent pass needs at QEMU's measured rate (at most doubling per
+pass); and each
+further pass that still does not end the copy raises it by RAMP_FACTOR (as OpenStack's
+``live_migration_downtime_steps`` do), up to a cap. Pure: the caller reads QEMU's ``query-migrate`` and
 sets the limit it is given.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-# Passes QEMU gets at the asked-for limit: a guest that converges at all does so within a few (its first
-# pass sends all memory, the next ones what was dirtied meanwhile, each shorter than the last).
-RAMP_AFTER_PASSES = 5
-# Each further pass raises the limit by this factor: the pause ends at most 20 % above the shortest one
-# the link allows, reached in about 16 passes from 25 ms to 500 ms (seconds on a slow link, since a
-# non-converging pass lasts about as long as its limit allows).
+# Passes QEMU gets at the asked-for limit: the first sends all memory, and a guest that converges at all
+# shows it in the next ones, each shorter than the last.
+RAMP_AFTER_PASSES = 3
+# A pass that left more than this share of the one before is not converging: at 0.8 the copy would need
+# 10+ more passes (each as long as the link takes for it) to shrink tenfold.
+STALL_RATIO = 0.8
+# The limit given a stalled copy: the smallest of the last few passes at QEMU's rate, this much over it.
+STALL_MARGIN = 1.2
+RECENT_PASSES = 3
+# ... but a stalled copy's limit at most doubles per pass: early passes are long and large, and a pass that
+# is about to end small must not be met with a pause sized for the large ones.
+STALL_STEP = 2.0
+# Each further pass raises the limit by this factor: the pause ends at most 20 % above the shortest one the
+# link allows.
 RAMP_FACTOR = 1.2
 # The longest pause the ramp gives a guest: noticeable, but below any timeout a guest or its peers act on
 # (Linux's virtio/SCSI command timeout is 30 s, TCP's first retransmission timeouts are 1 s and more, and
@@ -35,33 +46,43 @@ class DowntimeRamp:
     cap_ms: float = RAMP_CAP_MS
     limit_ms: float = 0.0
     passes: int = 0
+    pass_bytes: list[int] = field(default_factory=list)  # what each pass had to send, at its start
 
     def __post_init__(self) -> None:
         self.limit_ms = self.base_ms
         self.cap_ms = max(self.cap_ms, self.base_ms)  # a user asking for more than the cap gets what they asked
 
-    def on_passes(self, passes: int) -> float | None:
-        """QEMU reports ``passes`` dirty-page syncs so far: the new limit to set, or None to keep it."""
+    def on_progress(self, passes: int, remaining: int | None = None, mbps: float | None = None) -> float | None:
+        """QEMU reports ``passes`` dirty-page syncs so far, ``remaining`` bytes still to send and its rate
+        (``mbps``, Mbit/s): the new limit to set, or None to keep it. Called soon after each sync, the
+        remaining bytes are that pass's size."""
         if passes <= self.passes:
             return None
-        grown = self.limit_ms
-        for n in range(self.passes + 1, passes + 1):
-            if n > RAMP_AFTER_PASSES:
-                grown = min(self.cap_ms, grown * RAMP_FACTOR)
+        new_passes = passes - self.passes
         self.passes = passes
-        if grown == self.limit_ms:
+        if remaining is not None:
+            self.pass_bytes.append(remaining)
+        if passes <= RAMP_AFTER_PASSES:
+            return None
+        grown = self.limit_ms * RAMP_FACTOR ** new_passes
+        sizes = self.pass_bytes[1:]  # the first pass is all memory
+        if len(sizes) >= 2 and mbps and sizes[-1] > STALL_RATIO * sizes[-2]:
+            need_ms = min(sizes[-RECENT_PASSES:]) / (mbps * 1e6 / 8) * 1000 * STALL_MARGIN
+            grown = max(grown, min(need_ms, self.limit_ms * STALL_STEP))
+        grown = min(self.cap_ms, grown)
+        if grown <= self.limit_ms:
             return None
         self.limit_ms = grown
         return grown
 
 
 # Each piece of the memory stream in flight holds the link about this long at the rate measured: with
-# RAM_WINDOW (4) pieces in flight, the pause waits at most ~0.1 s for what was already on its way when
-# QEMU stopped the guest (1 MiB pieces would be 1.7 s of a 20 Mbit/s link).
-PIECE_SECONDS = 0.025
-# ... but no piece is smaller than this: 16 pages, a few requests a second on the slowest link worth moving
-# a VM over (1 Mbit/s), and per-piece costs stay small next to hashing the pages.
-MIN_PIECE_BYTES = 64 * 1024
+# RAM_WINDOW (4) pieces in flight, the pause waits ~50 ms for what was already on its way when QEMU
+# stopped the guest (1 MiB pieces would be 1.7 s of a 20 Mbit/s link).
+PIECE_SECONDS = 0.0125
+# ... but no piece is smaller than this: 8 pages, a few requests a second on the slowest link worth moving
+# a VM over (1 Mbit/s), ~80 on 20 Mbit/s; per-piece costs stay small next to hashing the pages.
+MIN_PIECE_BYTES = 32 * 1024
 # The rate is what the destination took over the last this many seconds: long enough to span several
 # pieces on a slow link, short enough to follow a link that changes.
 RATE_HORIZON_SECONDS = 2.0

@@ -140,6 +140,7 @@ async def move_vm(swarm: Swarm, runner: VmRunner, vm: VmDefinition, dest: str, m
     image = ImageWriter(rv.paths.directory)  # the memory the VM leaves here: its next arrival sends less
     sender = RamSender(image=image)
     indexed = trio.Event()
+    rv.moving = True  # warm copies wait: the move carries the memory, and needs the link
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_index_disk_pages, swarm, vm, sender, indexed)
@@ -194,6 +195,7 @@ async def move_vm(swarm: Swarm, runner: VmRunner, vm: VmDefinition, dest: str, m
         progress.phase = "done"
         await trio.to_thread.run_sync(image.commit)
     except BaseException:
+        rv.moving = False
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(image.discard)
         with trio.CancelScope(shield=True), trio.move_on_after(ABORT_SECONDS):
@@ -297,13 +299,16 @@ async def _migration_reaches(rv: RunningVm, status: str, ramp: DowntimeRamp | No
         state = info.get("status")
         if state == status:
             return
-        passes = info.get("ram", {}).get("dirty-sync-count")
+        ram = info.get("ram", {})
+        passes, remaining, mbps = ram.get("dirty-sync-count"), ram.get("remaining"), ram.get("mbps")
         if ramp is not None and progress is not None and isinstance(passes, int):
             progress.ram_passes = passes
-            if (limit := ramp.on_passes(passes)) is not None:
+            if (limit := ramp.on_progress(passes, remaining if isinstance(remaining, int) else None,
+                                          float(mbps) if isinstance(mbps, (int, float)) else None)) is not None:
                 if progress.ram_downtime_limit_ms == ramp.base_ms:
                     log.info("the memory of %s does not converge within %.0f ms after %d passes: letting the "
-                             "pause grow, to at most %.0f ms", rv.vm.name, ramp.base_ms, passes, ramp.cap_ms)
+                             "pause grow to %.0f ms, at most %.0f ms", rv.vm.name, ramp.base_ms, passes, limit,
+                             ramp.cap_ms)
                 await qmp.command("migrate-set-parameters", **{"downtime-limit": max(1, int(limit))})
                 progress.ram_downtime_limit_ms = round(limit, 1)
         if state in ("failed", "cancelled", "cancelling"):

@@ -54,6 +54,7 @@ class RunningVm:
     pid: int
     qmp: Qmp | None = None
     incoming: bool = False
+    moving: bool = False  # a move to another host is under way
     exited: trio.Event = field(default_factory=trio.Event)
     exit_status: int | None = None
 

@@ -210,7 +210,7 @@ class WarmMemory:
         while True:
             for name, rv in list(self.runner.running.items()):
                 state = self._state(name)
-                if not state.hosts or rv.qmp is None or rv.exited.is_set() or rv.incoming:
+                if not state.hosts or rv.qmp is None or rv.exited.is_set() or rv.incoming or rv.moving:
                     continue
                 try:
                     if await rv.status() == "running":
@@ -230,6 +230,8 @@ class WarmMemory:
             pages = await trio.to_thread.run_sync(changed_pages, now, sent)
             conn = await self.swarm.connect(host)
             for at in range(0, len(pages), WARM_BATCH_PAGES):
+                if rv.moving:  # the move sends the memory now; what this pass did send stays valid
+                    return
                 batch = pages[at:at + WARM_BATCH_PAGES]
                 packed, digests = await trio.to_thread.run_sync(read_batch, rv.pid, hva, batch)
                 await conn.request("vm_warm", {"vm": name, "size": size, "data": packed,
