@@ -120,13 +120,18 @@ def test_a_vm_is_changed_only_when_asked_and_deleted_everywhere(make_host: Calla
     assert res.returncode == 0 and res.stdout.startswith("VM vm1 changed: memory, kernel, initrd"), res
     assert "approve" not in res.stdout
 
-    # Deleted on its owner, it goes on every host; its disk stays; the name can be used again.
+    # Deleted on its owner, it goes on every host, with each host's files of it (here a memory image
+    # car-pc kept from an earlier run); its disk stays; the name can be used again.
+    (car.home / "vms" / "vm1").mkdir(parents=True)
+    (car.home / "vms" / "vm1" / "ram.img").write_bytes(b"memory")
     one_line_error(car.cli("vm", "delete", "vm1", check=False), "only the owner of VM vm1's disk d1",
                    "run this on office-pc")
     res = office.cli("vm", "delete", "vm1", check=False)
     assert res.returncode == 0 and res.stdout.startswith("deleted VM vm1 on every host; its disks stay"), res
     assert vm(office) is None and "d1" in disks(office)
     wait_until(lambda: vm(car) is None, "car-pc to see vm1 deleted")
+    wait_until(lambda: not (car.home / "vms" / "vm1").exists(), "car-pc to remove its files of vm1")
+    assert not (office.home / "vms" / "vm1").exists()
     one_line_error(office.cli("vm", "start", "vm1", check=False), "no VM named 'vm1'")
     office.cli("vm", "create", "vm1", "--disk", "d1")
     wait_until(lambda: vm(car) is not None, "car-pc to learn the new vm1")

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +60,8 @@ class VmBook:
         self.approved: set[str] = self._load_approved()
         self._ignored = FirstSeen()  # (disk, publisher) of definitions ignored: logged once
         self._ahead = FirstSeen()  # (VM, set_at) of definitions refused as stamped ahead: logged once
+        # Called with a VM's name when a tombstone replaces its definition (the service removes its files).
+        self.on_deleted: Callable[[str], None] | None = None
 
     def _load(self) -> dict[str, VmDefinition]:
         vms: dict[str, VmDefinition] = {}
@@ -123,6 +126,8 @@ class VmBook:
             del self.vms[other.name]
         self.vms[vm.name] = vm
         self._save()
+        if vm.deleted and known is not None and not known.deleted and self.on_deleted is not None:
+            self.on_deleted(vm.name)
         return True
 
     async def define(self, vm: VmDefinition, replace: bool = False) -> VmDefinition:

@@ -81,6 +81,7 @@ class VmService:
         self.warm = WarmMemory(swarm, self.runner, self.book)
         self.moves: dict[str, VmMoveProgress] = {}
         self._nursery: trio.Nursery | None = None
+        self.book.on_deleted = self._deleted_elsewhere
 
     def ops(self) -> list[PeerOp]:
         return [*self.target.ops(), *self.warm.ops(), PeerOp("vm_move", self._may_pull, self._serve_move),
@@ -273,6 +274,19 @@ class VmService:
     async def op_vm_list(self) -> list[dict[str, Any]]:
         await self.book.refresh()
         return [await self._info(vm) for vm in self.book.defined()]
+
+    def _deleted_elsewhere(self, name: str) -> None:
+        """A tombstone arrived: this host's files of the VM (a memory image it left, a warm copy) go too,
+        unless a QEMU of it still runs here (its files go with a later `vm delete` here)."""
+        if self._nursery is not None and name not in self.runner.running:
+            self._nursery.start_soon(self._remove_files, name)
+
+    async def _remove_files(self, name: str) -> None:
+        try:
+            if removed := await trio.to_thread.run_sync(self.runner.remove_files, name):
+                log.info("VM %s was deleted: removed %s", name, removed[0])
+        except (VmError, OSError) as e:
+            log.warning("VM %s was deleted, but its files here stay: %s", name, e)
 
     async def _here(self, vm: VmDefinition, command: str) -> None:
         """A command for a VM that runs on another host names that host (none: the command's own error)."""
