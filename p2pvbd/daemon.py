@@ -296,7 +296,8 @@ class Daemon:
             self.services.pulls.forget(disk)
         await self.swarm.withdraw(disk)
         log.info("deleted disk %s (%d bytes freed)", disk, freed)
-        return {"disk": disk, "owner": store.owner, "bytes_freed": freed}
+        vm = self.vms.book.of_disk(disk)
+        return {"disk": disk, "owner": store.owner, "bytes_freed": freed, "vm": vm.name if vm is not None else ""}
 
     def _in_use(self, disk: str) -> str:
         """Why ``disk`` cannot be deleted now ("" if it can): a VM, a migration, a guest connection."""

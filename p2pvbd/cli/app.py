@@ -188,6 +188,8 @@ def cmd_disk_delete(args: argparse.Namespace) -> None:
         return
     print(f"deleted this host's replica of {info['disk']} ({format_size(info['bytes_freed'])} freed); peers no "
           "longer ask this host for it")
+    if info["vm"]:
+        print(f"note: VM {info['vm']} still names {info['disk']}; 'p2pvbd vm delete {info['vm']}' deletes it")
 
 
 def cmd_disk_list(args: argparse.Namespace) -> None:

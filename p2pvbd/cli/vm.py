@@ -107,8 +107,12 @@ def cmd_vm_stop(args: argparse.Namespace) -> None:
     if args.json:
         print_json(info)
         return
-    print(f"VM {info['name']} " + ("shut down" if info["shut_down"] else
-                                   f"stopped: QEMU quit after {args.timeout:g} s without the guest powering off"))
+    if info["shut_down"]:
+        print(f"VM {info['name']} shut down")
+    elif args.timeout > 0:
+        print(f"VM {info['name']} stopped: QEMU quit after {args.timeout:g} s without the guest powering off")
+    else:
+        print(f"VM {info['name']} stopped (QEMU quit at once)")
 
 
 def cmd_vm_list(args: argparse.Namespace) -> None:
