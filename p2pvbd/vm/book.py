@@ -60,7 +60,8 @@ class VmBook:
         self.approved: set[str] = self._load_approved()
         self._ignored = FirstSeen()  # (disk, publisher) of definitions ignored: logged once
         self._ahead = FirstSeen()  # (VM, set_at) of definitions refused as stamped ahead: logged once
-        # Called with a VM's name when a tombstone replaces its definition (the service removes its files).
+        # Called with a VM's name when a tombstone from the index replaces its definition (the service
+        # removes this host's files of it; `vm delete` here removes them itself).
         self.on_deleted: Callable[[str], None] | None = None
 
     def _load(self) -> dict[str, VmDefinition]:
@@ -126,8 +127,6 @@ class VmBook:
             del self.vms[other.name]
         self.vms[vm.name] = vm
         self._save()
-        if vm.deleted and known is not None and not known.deleted and self.on_deleted is not None:
-            self.on_deleted(vm.name)
         return True
 
     async def define(self, vm: VmDefinition, replace: bool = False) -> VmDefinition:
@@ -214,7 +213,9 @@ class VmBook:
                                  owner or "unknown")
                     continue
                 try:
-                    self.learn(VmDefinition.from_payload(rec.payload))
+                    vm = VmDefinition.from_payload(rec.payload)
+                    if self.learn(vm) and vm.deleted and self.on_deleted is not None:
+                        self.on_deleted(vm.name)  # deleted on its owner: this host's files of it go too
                 except DefinitionError:
                     log.info("ignoring a malformed VM definition from %s", rec.publisher)
 

@@ -183,7 +183,8 @@ class VmService:
             raise ControlError(str(e)) from None
         info = await self._info(vm)
         info["changed"] = vm_changes.differences(before, vm) if before is not None else []
-        info["restart_needed"] = before is not None and bool(info["changed"]) and info["host"] != ""
+        running = bool(info["host"]) and info["state"] != "moved away"
+        info["restart_needed"] = before is not None and bool(info["changed"]) and running
         info["approve_again"] = before is not None and vm_changes.needs_new_approval(before, vm)
         return info
 
