@@ -54,6 +54,8 @@ IMPORT_CHUNK = 1024 * 1024
 # QEMUs still running (`p2pvbd stop --vm-timeout`): systemd and libvirt-guests give a guest 30 s too
 # (the unit's TimeoutStopSec=90 leaves room for it, runner.QUIT_TIMEOUT and closing the stores).
 DEFAULT_VM_SHUTDOWN_SECONDS = 30.0
+# A longer --vm-timeout is a typo: no guest takes a day to power off.
+MAX_VM_SHUTDOWN_SECONDS = 86400
 # Past the guests' time and runner.QUIT_TIMEOUT for their QEMUs, a stopping daemon stops regardless.
 SHUTDOWN_MARGIN_SECONDS = 15.0
 # `invite --ttl` default: long enough to walk to the other machine, short enough to be useless later.
@@ -221,8 +223,8 @@ class Daemon:
     async def op_shutdown(self, vm_timeout: float = DEFAULT_VM_SHUTDOWN_SECONDS) -> dict[str, Any]:
         """`p2pvbd stop`: the guests are shut down first (the reply says which powered off and which were
         killed), then the daemon ends once the reply is on its way."""
-        if not 0 <= vm_timeout <= 86400:
-            raise ControlError("--vm-timeout must be between 0 and 86400 seconds")
+        if not 0 <= vm_timeout <= MAX_VM_SHUTDOWN_SECONDS:
+            raise ControlError(f"--vm-timeout must be between 0 and {MAX_VM_SHUTDOWN_SECONDS} seconds")
         outcome = await self.shutdown(vm_timeout)
         assert self._nursery is not None
         self._nursery.start_soon(self._end)
@@ -302,7 +304,7 @@ class Daemon:
     def _in_use(self, disk: str) -> str:
         """Why ``disk`` cannot be deleted now ("" if it can): a VM, a migration, a guest connection."""
         vm = self.vms.book.of_disk(disk)
-        if vm is not None and vm.name in self.vms.runner.running:
+        if vm is not None and (rv := self.vms.runner.running.get(vm.name)) is not None and not rv.exited.is_set():
             return f"VM {vm.name} runs on it here (stop it with 'p2pvbd vm stop {vm.name}')"
         if (out := self.swarm.migrations.get(disk)) is not None and out.finished is None:
             return f"it is migrating to {out.dest}"

@@ -139,7 +139,7 @@ class VmRunner:
             log.info("VM %s %s", rv.vm.name, "shut down" if clean else f"killed: not off after {grace:g} s")
 
         async with trio.open_nursery() as nursery:
-            for rv in list(self.running.values()):
+            for rv in [rv for rv in self.running.values() if not rv.exited.is_set()]:
                 if rv.incoming:  # no guest runs in it yet: nothing to shut down
                     nursery.start_soon(self._quit, rv)
                 else:

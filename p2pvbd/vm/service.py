@@ -279,7 +279,7 @@ class VmService:
     def _deleted_elsewhere(self, name: str) -> None:
         """A tombstone arrived: this host's files of the VM (a memory image it left, a warm copy) go too,
         unless a QEMU of it still runs here (its files go with a later `vm delete` here)."""
-        if self._nursery is not None and name not in self.runner.running:
+        if self._nursery is not None and not self.runs_here(name):
             self._nursery.start_soon(self._remove_files, name)
 
     async def _remove_files(self, name: str) -> None:
