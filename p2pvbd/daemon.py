@@ -437,6 +437,7 @@ class Daemon:
             job = max(self.jobs, default=0) + 1
             self.jobs[job] = await self.vms.request_move(name, mode, max_downtime_ms)
             return {"jobs": [job], "vm": name}
+        await self.vms.check_here(name, f"p2pvbd migrate {name} --to {to}")
         progress = self.vms.prepare_move(name, to, mode)
         for disk in progress.disks:
             if disk.disk in self.swarm.migrations and self.swarm.migrations[disk.disk].finished is None:

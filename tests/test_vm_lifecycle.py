@@ -69,6 +69,8 @@ def test_a_running_vm_is_seen_everywhere_and_shut_down_with_its_daemon(
     assert seen_from_car()["state"] == "running on office-pc"  # type: ignore[index]
     refused(car.cli("vm", "stop", "vm1", check=False), "vm1 runs on office-pc: run `p2pvbd vm stop vm1` there")
     refused(car.cli("vm", "delete", "vm1", check=False), "vm1 runs on office-pc: stop it first")
+    refused(car.cli("migrate", "vm1", "--to", "home-pc", check=False),
+            "vm1 runs on office-pc: run `p2pvbd migrate vm1 --to home-pc` there")
     refused(office.cli("vm", "delete", "vm1", check=False), "vm1 runs on office-pc: stop it first")
     refused(office.cli("disk", "delete", "d1", "--force", check=False), "d1 is in use: VM vm1 runs on it here")
     res = office.cli("vm", "set", "vm1", "--memory", "160M")

@@ -251,7 +251,7 @@ class VmService:
 
     async def op_vm_stop(self, name: str, grace: float = DEFAULT_STOP_TIMEOUT) -> dict[str, Any]:
         vm = self._vm(name)
-        await self._here(vm, "stop")
+        await self.check_here(name, f"p2pvbd vm stop {name}")
         try:
             clean = await self.runner.stop(name, grace)
         except VmError as e:
@@ -289,13 +289,15 @@ class VmService:
         except (VmError, OSError) as e:
             log.warning("VM %s was deleted, but its files here stay: %s", name, e)
 
-    async def _here(self, vm: VmDefinition, command: str) -> None:
-        """A command for a VM that runs on another host names that host (none: the command's own error)."""
-        if self.runs_here(vm.name):
+    async def check_here(self, name: str, command: str) -> None:
+        """A ``command`` for a VM that runs on another host fails naming that host (a VM running nowhere is
+        left to the command's own error)."""
+        vm = self._vm(name)
+        if self.runs_here(name):
             return
         elsewhere = await self._where(vm)
         if elsewhere:
-            raise ControlError(f"{vm.name} runs on {elsewhere}: run `p2pvbd vm {command} {vm.name}` there")
+            raise ControlError(f"{name} runs on {elsewhere}: run `{command}` there")
 
     async def _where(self, vm: VmDefinition) -> str:
         """The other host running ``vm``, as its disks' owner says (only the owner runs it), or ""."""
