@@ -78,9 +78,12 @@ def test_a_deletion_cut_short_by_a_crash_leaves_no_replica(make_host: Callable[.
     office.cli("disk", "create", "d1", "--size", "4M")
     office.stop()
     (office.home / "disks" / "d1").rename(office.home / "disks" / ".deleted-d1.1")
+    (office.home / "vms" / ".deleted-vm1.1").mkdir(parents=True)  # a `vm delete` cut short likewise
+    (office.home / "vms" / ".deleted-vm1.1" / "ram.img").write_bytes(b"memory")
     office.start()
     assert disks(office) == []
     assert not list((office.home / "disks").glob(".deleted-*"))
+    wait_until(lambda: not list((office.home / "vms").glob(".deleted-*")), "the VM's leftovers to go")
 
 
 def test_a_vm_is_changed_only_when_asked_and_deleted_everywhere(make_host: Callable[..., Host],
