@@ -33,6 +33,7 @@ from p2pvbd.migration.target import MigrationTarget
 from p2pvbd.nbd import tls as nbd_tls
 from p2pvbd.nbd.server import TcpEndpoint, serve_nbd
 from p2pvbd.replica_store import DEFAULT_BLOCK_SIZE, ReplicaStore
+from p2pvbd.store import store_delete
 from p2pvbd.swarm import invites, trust
 from p2pvbd.swarm.access import PeerOp
 from p2pvbd.swarm.node import Swarm, advertised_addresses
@@ -49,8 +50,14 @@ log = logging.getLogger(__name__)
 FLUSH_INTERVAL_SECONDS = 5.0
 # `disk import` copies in pieces this large; zero pieces are skipped so imports stay sparse.
 IMPORT_CHUNK = 1024 * 1024
-# A stopping daemon first quits its VMs, each within runner.QUIT_TIMEOUT; past this it stops regardless.
-SHUTDOWN_VM_SECONDS = 15.0
+# A stopping daemon first asks its guests to power off (ACPI) and waits this long before it quits the
+# QEMUs still running (`p2pvbd stop --vm-timeout`): systemd and libvirt-guests give a guest 30 s too
+# (the unit's TimeoutStopSec=90 leaves room for it, runner.QUIT_TIMEOUT and closing the stores).
+DEFAULT_VM_SHUTDOWN_SECONDS = 30.0
+# A longer --vm-timeout is a typo: no guest takes a day to power off.
+MAX_VM_SHUTDOWN_SECONDS = 86400
+# Past the guests' time and runner.QUIT_TIMEOUT for their QEMUs, a stopping daemon stops regardless.
+SHUTDOWN_MARGIN_SECONDS = 15.0
 # `invite --ttl` default: long enough to walk to the other machine, short enough to be useless later.
 DEFAULT_INVITE_TTL = 3600
 # Disk sizes are whole 512-byte sectors: what every hypervisor and the NBD clients expect.
@@ -125,6 +132,8 @@ class Daemon:
     # ---- lifecycle -----------------------------------------------------------------------------
     async def open_disks(self) -> None:
         """Open every store in a worker thread: replaying a journal and digesting a big map take a while."""
+        for left in await trio.to_thread.run_sync(store_delete.remove_leftovers, self.home.disks_dir):
+            log.info("removed %s, a replica whose deletion a crash cut short", left.name)
         for name in self.home.disk_names():
             try:
                 store = await trio.to_thread.run_sync(ReplicaStore.open, self.home.disk_dir(name))
@@ -187,6 +196,7 @@ class Daemon:
             "disk_create": self.op_disk_create,
             "disk_import": self.op_disk_import,
             "disk_list": self.op_disk_list,
+            "disk_delete": self.op_disk_delete,
             "nbd_uri": self.op_nbd_uri,
             "status": self.op_status,
             "peers": self.op_peers,
@@ -210,14 +220,24 @@ class Daemon:
     async def op_ping(self) -> dict[str, Any]:
         return {"host": self.config.name, "pid": os.getpid()}
 
-    async def op_shutdown(self) -> None:
+    async def op_shutdown(self, vm_timeout: float = DEFAULT_VM_SHUTDOWN_SECONDS) -> dict[str, Any]:
+        """`p2pvbd stop`: the guests are shut down first (the reply says which powered off and which were
+        killed), then the daemon ends once the reply is on its way."""
+        if not 0 <= vm_timeout <= MAX_VM_SHUTDOWN_SECONDS:
+            raise ControlError(f"--vm-timeout must be between 0 and {MAX_VM_SHUTDOWN_SECONDS} seconds")
+        outcome = await self.shutdown(vm_timeout)
         assert self._nursery is not None
-        self._nursery.start_soon(self.shutdown)
+        self._nursery.start_soon(self._end)
+        return {**outcome, "vm_timeout": vm_timeout}
 
-    async def shutdown(self) -> None:
-        """Stop this host's VMs while their disks are still served (QEMU then exits at once, its last
-        writes flushed), then everything else."""
-        await self.vms.runner.quit_all()
+    async def shutdown(self, vm_timeout: float = DEFAULT_VM_SHUTDOWN_SECONDS) -> dict[str, list[str]]:
+        """Shut this host's VMs down while their disks are still served: each guest gets ``vm_timeout``
+        seconds to power off after the ACPI button, then its QEMU is quit (its last writes flushed)."""
+        with trio.move_on_after(vm_timeout + SHUTDOWN_MARGIN_SECONDS):
+            return await self.vms.runner.power_down_all(vm_timeout)
+        return {"shut_down": [], "killed": sorted(self.vms.runner.running)}  # past the margin: ended below
+
+    async def _end(self) -> None:
         assert self.cancel_scope is not None
         self.cancel_scope.cancel()
 
@@ -257,6 +277,46 @@ class Daemon:
                 offset += len(chunk)
         await self.ctl.flush(name)
         return {**info, "bytes_written": written}
+
+    async def op_disk_delete(self, disk: str, force: bool = False) -> dict[str, Any]:
+        """`disk delete`: close this host's replica, remove its files and withdraw it from the index. Refused
+        while anything uses it, and for the disk this host owns unless ``force``d (its data may exist nowhere
+        else)."""
+        store = self._store(disk)
+        if why := self._in_use(disk):
+            raise ControlError(f"{disk} is in use: {why}")
+        if store.owner == self.config.name and not force:
+            raise ControlError(f"{self.config.name} owns {disk}: move it first ('p2pvbd migrate {disk} --to HOST') "
+                               f"or delete it anyway with 'p2pvbd disk delete {disk} --force'")
+        lock = self.services.pulls.lock(disk)
+        if lock.locked():
+            raise ControlError(f"{disk} is in use: a pull into it is under way here")
+        async with lock:
+            self.ctl.remove_export(disk)  # no new guest connection, peer read or flush reaches it now
+            await trio.to_thread.run_sync(store.abandon)  # no checkpoint: nothing of it is kept
+            freed = await trio.to_thread.run_sync(store_delete.delete_store, store.directory)
+            self.services.pulls.forget(disk)
+        await self.swarm.withdraw(disk)
+        log.info("deleted disk %s (%d bytes freed)", disk, freed)
+        vm = self.vms.book.of_disk(disk)
+        return {"disk": disk, "owner": store.owner, "bytes_freed": freed, "vm": vm.name if vm is not None else ""}
+
+    def _in_use(self, disk: str) -> str:
+        """Why ``disk`` cannot be deleted now ("" if it can): a VM, a migration, a guest connection."""
+        vm = self.vms.book.of_disk(disk)
+        if vm is not None and (rv := self.vms.runner.running.get(vm.name)) is not None and not rv.exited.is_set():
+            return f"VM {vm.name} runs on it here (stop it with 'p2pvbd vm stop {vm.name}')"
+        if (out := self.swarm.migrations.get(disk)) is not None and out.finished is None:
+            return f"it is migrating to {out.dest}"
+        if disk in self.services.target.incoming:
+            return f"it is migrating here from {self.services.target.incoming[disk].source}"
+        if (exp := self.ctl.get(disk)) is not None and exp.clients:
+            return f"{len(exp.clients)} NBD client(s) have it open (a VM, or 'p2pvbd attach')"
+        policy = self.services.replication.policies.get(disk)
+        if policy is not None and self.config.name in policy.hosts and exp is not None and exp.store.owner:
+            return (f"its owner keeps a warm replica here (run 'p2pvbd replicate {disk} --off {self.config.name}' "
+                    f"on {exp.store.owner} first)")
+        return ""
 
     async def op_disk_list(self) -> list[dict[str, Any]]:
         return [self._disk_info(exp.store) | {"mode": exp.mode.value} for exp in self.ctl.exports()]
@@ -377,6 +437,7 @@ class Daemon:
             job = max(self.jobs, default=0) + 1
             self.jobs[job] = await self.vms.request_move(name, mode, max_downtime_ms)
             return {"jobs": [job], "vm": name}
+        await self.vms.check_here(name, f"p2pvbd migrate {name} --to {to}")
         progress = self.vms.prepare_move(name, to, mode)
         for disk in progress.disks:
             if disk.disk in self.swarm.migrations and self.swarm.migrations[disk.disk].finished is None:
@@ -453,7 +514,7 @@ def _lock_home(home: Home) -> int:
     return fd
 
 
-async def _main(home: Home, config: Config) -> None:
+async def _main(home: Home, config: Config, vm_timeout: float) -> None:
     daemon = Daemon(home, config)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
@@ -463,16 +524,16 @@ async def _main(home: Home, config: Config) -> None:
             async def stop_on_signal() -> None:
                 async for sig in signals:
                     log.info("received %s, shutting down", signal.Signals(sig).name)
-                    with trio.move_on_after(SHUTDOWN_VM_SECONDS):
-                        await daemon.shutdown()
+                    await daemon.shutdown(vm_timeout)
                     nursery.cancel_scope.cancel()
                     return
 
             nursery.start_soon(stop_on_signal)
 
 
-def run_daemon(home: Home) -> None:
-    """Foreground entry point: lock the home, serve until SIGTERM/SIGINT, close every store cleanly.
+def run_daemon(home: Home, vm_timeout: float = DEFAULT_VM_SHUTDOWN_SECONDS) -> None:
+    """Foreground entry point: lock the home, serve until SIGTERM/SIGINT (shutting the guests down, each
+    given ``vm_timeout`` seconds to power off), close every store cleanly.
 
     Raises failpoints.FailpointError before anything starts when the test hook's variable does not parse."""
     config = home.load_config()
@@ -482,7 +543,7 @@ def run_daemon(home: Home) -> None:
     before, after = admission.raise_descriptor_limit()
     log.info("open-descriptor limit %d%s", after, f" (raised from {before})" if after != before else "")
     try:
-        trio.run(_main, home, config)
+        trio.run(_main, home, config, vm_timeout)
     except BaseExceptionGroup as group:
         # A service that cannot start for a reason the user can fix (an NBD address in use) says so in one line.
         errors = _leaves(group)

@@ -597,6 +597,10 @@ class DhtNode:
         await self._ready.wait()
         return await self._send_own(kind, key, own)
 
+    def stop_publishing(self, kind: str, key: str) -> None:
+        """Stop republishing our record of ``kind`` under ``key``: it expires from the index within its TTL."""
+        self._own.pop((kind, key), None)
+
     async def lookup(self, kind: str, key: str, *, trace: LookupTrace | None = None) -> list[Record]:
         """Verified, unexpired records, newest per publisher; with no neighbours, the ones we hold."""
         if kind not in KINDS:

@@ -19,6 +19,9 @@ BIN = str(Path(sys.executable).parent / "p2pvbd")
 REPO = Path(__file__).resolve().parent.parent  # where `python -m tests.lying_peer` finds the tests package
 # Starting a daemon is quick; this bounds a broken start, it is not a speed assertion.
 READY_SECONDS = 30.0
+# On SIGTERM a test daemon quits its QEMUs at once (`daemon --vm-timeout`): the test guest ignores the ACPI
+# button unless told otherwise, and a test's teardown need not wait for it.
+TEST_VM_TIMEOUT = 0.0
 
 
 # A host alone in its network namespace has every port to itself.
@@ -73,13 +76,16 @@ class Host:
     def json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--json").stdout)
 
-    def start(self, env: dict[str, str] | None = None, liar: bool = False, nofile: int | None = None) -> Host:
+    def start(self, env: dict[str, str] | None = None, liar: bool = False, nofile: int | None = None,
+              vm_timeout: float = TEST_VM_TIMEOUT) -> Host:
         """Start the daemon; ``liar``: as tests/lying_peer.py, which corrupts every block it serves;
-        ``nofile``: its soft and hard limit on open descriptors (a service manager's limits)."""
+        ``nofile``: its soft and hard limit on open descriptors (a service manager's limits); ``vm_timeout``:
+        how long its guests may take to power off when it gets SIGTERM."""
         assert self.proc is None or self.proc.poll() is not None
         log = open(self.home / "daemon.log", "ab")  # noqa: SIM115 - owned by the child
         program = [sys.executable, "-m", "tests.lying_peer"] if liar else [BIN]
-        self.proc = subprocess.Popen([*self.prefix, *program, "daemon", "--home", str(self.home), "-v"],
+        self.proc = subprocess.Popen([*self.prefix, *program, "daemon", "--home", str(self.home), "-v",
+                                      "--vm-timeout", str(vm_timeout)],
                                      stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=REPO,
                                      env={**os.environ, **(env or {})},
                                      preexec_fn=None if nofile is None else partial(_limit_descriptors, nofile))

@@ -118,8 +118,9 @@ def test_definitions_and_status_follow_the_deeds_not_the_index(swarm: tuple[list
     with ReplicaStore.open(mallory.home / "disks" / "vm1") as store:
         store.set_owner("mallory", FORGED_EPOCH)
     mallory.start()
+    # --replace: mallory's book may have learned office-pc's workvm by now, and any member may say --replace
     mallory.cli("vm", "create", VM, "--disk", "vm1", "--memory", "16M", "--cpus", "64", "--kernel", str(kernel),
-                "--append", "console=ttyS0 init=/bin/sh")
+                "--append", "console=ttyS0 init=/bin/sh", "--replace")
     honest = (office, home, car)
     for h in honest:  # each saw mallory's definition in the index, and did not take it
         wait_until(lambda h=h: logged(h, "ignoring mallory's definition of the VM on vm1: its owner is office-pc"),

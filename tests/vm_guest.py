@@ -32,8 +32,10 @@ from p2pvbd.vm.definition import TCG_RAM_PAD
 WORKLOAD_SRC = Path(__file__).with_name("guest") / "workload.c"
 CACHE_DIR = Path(tempfile.gettempdir()) / "p2pvbd-vm-guest"
 BUSYBOX = Path("/bin/busybox")
-# Loaded in this order with their dependencies first; the cloud kernel builds them as modules.
-GUEST_MODULES = ("virtio_pci", "virtio_blk")
+# Loaded in this order with their dependencies first; the cloud kernel builds them as modules. ACPI's
+# power button and the event devices busybox acpid reads it from are loaded too, for a guest told to
+# honour the button (``powerbutton=1``; without it nothing listens and the button does nothing).
+GUEST_MODULES = ("virtio_pci", "virtio_blk", "button", "evdev")
 BOOT_TIMEOUT = 300.0  # a hang guard only: TCG boots in seconds, but a loaded 2-core CI machine is slow
 
 T = TypeVar("T")
@@ -57,8 +59,15 @@ for arg in $(cat /proc/cmdline); do
     memfill_mb=*) memfill="${arg#memfill_mb=}" ;;
     readdisk_mb=*) readdisk="${arg#readdisk_mb=}" ;;
     memchurn_mb=*) memchurn="${arg#memchurn_mb=}" ;;
+    powerbutton=*) powerbutton="${arg#powerbutton=}" ;;
   esac
 done
+if [ -n "$powerbutton" ]; then  # the ACPI power button shuts down: flush, say so, power off
+  mkdir -p /etc/acpi/PWRF
+  printf '#!/bin/sh\necho "GUEST POWERDOWN" > /dev/console\nsync\npoweroff -f\n' > /etc/acpi/PWRF/00000080
+  chmod +x /etc/acpi/PWRF/00000080
+  acpid -f -c /etc/acpi -l /dev/null &  # its default log, /var/log/acpid.log, cannot be made here
+fi
 if [ -n "$pingflood" ]; then  # network load: pings as fast as replies come; PING <replies> every 2 s
   (while :; do echo "PING $(ping -A -q -w 2 "$pingflood" | awk '/packets received/ {print $4}')"; done) &
 fi

@@ -125,7 +125,7 @@ def cmd_daemon(args: argparse.Namespace) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         filename=args.log_file)
     try:
-        run_daemon(home_of(args))
+        run_daemon(home_of(args), **({} if args.vm_timeout is None else {"vm_timeout": args.vm_timeout}))
     except (FailpointError, TrustError) as e:
         fail(str(e))
 
@@ -156,10 +156,14 @@ def cmd_nbd_client_cert(args: argparse.Namespace) -> None:
 
 
 def cmd_stop(args: argparse.Namespace) -> None:
-    ask(args, "shutdown")
+    outcome = ask(args, "shutdown", **({} if args.vm_timeout is None else {"vm_timeout": args.vm_timeout}))
     home = home_of(args)
     if not wait_for_daemon_exit(home, STOP_WAIT_SECONDS):
         fail(f"the daemon of {home.path} did not stop within {STOP_WAIT_SECONDS:.0f} s")
+    for name in outcome["shut_down"]:
+        print(f"VM {name} shut down")
+    for name in outcome["killed"]:
+        print(f"VM {name} killed: it did not power off within {outcome['vm_timeout']:g} s")
     print("daemon stopped")
 
 
@@ -175,6 +179,17 @@ def cmd_disk_import(args: argparse.Namespace) -> None:
     info = ask(args, "disk_import", name=args.disk, path=str(path), block_size=args.block_size)
     print(f"imported {args.file} as disk {info['name']}: {format_size(info['size'])}, "
           f"{format_size(info['bytes_written'])} of data")
+
+
+def cmd_disk_delete(args: argparse.Namespace) -> None:
+    info = ask(args, "disk_delete", disk=args.disk, force=args.force)
+    if args.json:
+        print_json(info)
+        return
+    print(f"deleted this host's replica of {info['disk']} ({format_size(info['bytes_freed'])} freed); peers no "
+          "longer ask this host for it")
+    if info["vm"]:
+        print(f"note: VM {info['vm']} still names {info['disk']}; 'p2pvbd vm delete {info['vm']}' deletes it")
 
 
 def cmd_disk_list(args: argparse.Namespace) -> None:
@@ -398,8 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("daemon", cmd_daemon, "run this host's daemon in the foreground")
     sp.add_argument("--log-file", metavar="FILE", help="log here instead of to stderr")
     sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sp.add_argument("--vm-timeout", type=float, metavar="SECONDS",
+                    help="on SIGTERM, how long the guests may take to power off before they are killed (default 30)")
 
-    add("stop", cmd_stop, "stop this host's daemon")
+    sp = add("stop", cmd_stop, "stop this host's daemon, shutting its VMs down first (ACPI power button)")
+    sp.add_argument("--vm-timeout", type=float, metavar="SECONDS",
+                    help="how long the guests may take to power off before they are killed (default 30)")
 
     disk = add("disk", None, "create, import and list disks")
     dsub = disk.add_subparsers(dest="disk_command", required=True, metavar="SUBCOMMAND")
@@ -412,6 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("file")
     sp.add_argument("--block-size", type=_size, default=64 * 1024, help="versioning granularity (default 64K)")
     add("list", cmd_disk_list, "list this host's disks", (as_json,), into=dsub)
+    sp = add("delete", cmd_disk_delete, "delete this host's replica of a disk: its files, and its entry in the "
+             "index (refused while a VM, a migration or a sync uses it)", (as_json,), into=dsub)
+    sp.add_argument("disk")
+    sp.add_argument("--force", action="store_true",
+                    help="delete it even if this host owns it (its data may then exist nowhere else)")
     sp = add("claim", cmd_disk_claim, "take over a disk whose owner was revoked (a lost machine), from this "
              "host's replica", (as_json,), into=dsub)
     sp.add_argument("disk")

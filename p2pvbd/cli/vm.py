@@ -20,12 +20,57 @@ def cmd_vm_create(args: argparse.Namespace) -> None:
     initrd = str(Path(args.initrd).absolute()) if args.initrd else ""
     info = ask(args, "vm_create", name=args.vm, disks=args.disk, memory=args.memory, cpus=args.cpus,
                     accel=args.accel, kernel=kernel, initrd=initrd, append=args.append or "",
-                    qemu_args=args.qemu_arg or [])
+                    qemu_args=args.qemu_arg or [], replace=args.replace)
     if args.json:
         print_json(info)
         return
+    if args.replace:
+        print_changed(info)
+        return
     print(f"defined VM {info['name']}: disks {', '.join(info['disks'])}, {format_size(info['memory'])} of memory, "
           f"{info['cpus']} CPU(s); start it with 'p2pvbd vm start {info['name']}'")
+
+
+def cmd_vm_set(args: argparse.Namespace) -> None:
+    changes: dict[str, Any] = {k: v for k, v in (("memory", args.memory), ("cpus", args.cpus), ("accel", args.accel),
+                                                  ("append", args.append), ("disks", args.disk),
+                                                  ("qemu_args", args.qemu_arg)) if v is not None}
+    for what in ("kernel", "initrd"):  # "" clears it; a path is this host's, made absolute
+        if (path := getattr(args, what)) is not None:
+            changes[what] = str(Path(path).absolute()) if path else ""
+    if not changes:
+        fail("say what changes: --memory, --cpus, --accel, --kernel, --initrd, --append, --disk or --qemu-arg")
+    info = ask(args, "vm_set", name=args.vm, changes=changes)
+    if args.json:
+        print_json(info)
+        return
+    print_changed(info)
+
+
+def print_changed(info: dict[str, Any]) -> None:
+    """What `vm set` or `vm create --replace` changed, and what that means for where the VM runs."""
+    name = info["name"]
+    if not info["changed"]:
+        print(f"VM {name} unchanged")
+        return
+    line = f"VM {name} changed: {', '.join(info['changed'])}"
+    if info["restart_needed"]:
+        line += f"; it runs on {info['host']} with the old definition until its next start"
+    else:
+        line += "; it takes effect at its next start"
+    if info["approve_again"]:
+        line += (f"; hosts that approved it must approve it again ('p2pvbd vm approve {name}' there) before "
+                 "it runs or moves there")
+    print(line)
+
+
+def cmd_vm_delete(args: argparse.Namespace) -> None:
+    info = ask(args, "vm_delete", name=args.vm)
+    if args.json:
+        print_json(info)
+        return
+    print(f"deleted VM {info['name']} on every host; its disks stay ({', '.join(info['disks'])}: "
+          "'p2pvbd disk delete DISK' deletes one)")
 
 
 def cmd_vm_start(args: argparse.Namespace) -> None:
@@ -62,7 +107,12 @@ def cmd_vm_stop(args: argparse.Namespace) -> None:
     if args.json:
         print_json(info)
         return
-    print(f"VM {info['name']} stopped")
+    if info["shut_down"]:
+        print(f"VM {info['name']} shut down")
+    elif args.timeout > 0:
+        print(f"VM {info['name']} stopped: QEMU quit after {args.timeout:g} s without the guest powering off")
+    else:
+        print(f"VM {info['name']} stopped (QEMU quit at once)")
 
 
 def cmd_vm_list(args: argparse.Namespace) -> None:
@@ -155,6 +205,22 @@ def add_parsers(add: Any, as_json: argparse.ArgumentParser) -> None:
     sp.add_argument("--initrd", metavar="FILE")
     sp.add_argument("--append", metavar="TEXT", help="the kernel's command line")
     sp.add_argument("--qemu-arg", action="append", metavar="ARG", help="one more QEMU argument (repeatable)")
+    sp.add_argument("--replace", action="store_true", help="define an existing VM anew (who may pull it stays)")
+    sp = add("set", cmd_vm_set, "change some of a VM's definition (run on the owner of its disks); a running VM "
+             "gets the change at its next start", (as_json,), into=vsub)
+    sp.add_argument("vm")
+    sp.add_argument("--disk", metavar="DISK[,DISK…]", help="its disks, the first one booted from")
+    sp.add_argument("--memory", help="e.g. 512M or 2G")
+    sp.add_argument("--cpus", type=int)
+    sp.add_argument("--accel", choices=("auto", "kvm", "tcg"))
+    sp.add_argument("--kernel", metavar="FILE", help="boot this kernel directly ('' boots the first disk again)")
+    sp.add_argument("--initrd", metavar="FILE", help="('' for none)")
+    sp.add_argument("--append", metavar="TEXT", help="the kernel's command line")
+    sp.add_argument("--qemu-arg", action="append", metavar="ARG",
+                    help="the extra QEMU arguments, replacing the old ones (repeatable)")
+    sp = add("delete", cmd_vm_delete, "delete a VM that runs nowhere: its definition on every host and this "
+             "host's files of it (serial log, memory image); its disks stay", (as_json,), into=vsub)
+    sp.add_argument("vm")
     sp = add("start", cmd_vm_start, "start a VM on this host (it must own the VM's disks)", (as_json,), into=vsub)
     sp.add_argument("vm")
     sp = add("approve", cmd_vm_approve, "let this host run a VM defined on another host, with the kernel, initrd "

@@ -795,8 +795,20 @@ class Swarm:
         proven = await self.proven.of(disk)
         return proven.owner, proven.epoch
 
+    async def holder_records(self, disk: str) -> list[Any]:
+        """The index's holders records of ``disk``, but those of hosts that deleted their replica."""
+        return [r for r in await self.dht.lookup("holders", disk) if not r.payload.get("gone")]
+
+    async def withdraw(self, disk: str) -> None:
+        """`disk delete`: this host no longer holds ``disk``. Its holders record is replaced by one saying so
+        (records are newest-per-publisher, so the old one is overwritten, not left to expire) and its catalog
+        is republished without it."""
+        self.dht.stop_publishing("owner", disk)  # a deleted owned disk: the deeds say who owns it, not this
+        await self.dht.publish("holders", disk, holders_payload(self.name, 0, 0, gone=True), RECORD_TTL)
+        self.request_publish()
+
     async def holders_of(self, disk: str) -> list[str]:
-        hosts = {str(r.payload["host"]) for r in await self.dht.lookup("holders", disk)}
+        hosts = {str(r.payload["host"]) for r in await self.holder_records(disk)}
         if self.ctl.get(disk) is not None:
             hosts.add(self.name)
         return sorted(hosts)
@@ -807,7 +819,7 @@ class Swarm:
         proven = await self.proven.of(disk)
         owner, epoch = proven.owner, proven.epoch
         local = self.ctl.get(disk)
-        holders = {str(r.payload["host"]): r for r in await self.dht.lookup("holders", disk)}
+        holders = {str(r.payload["host"]): r for r in await self.holder_records(disk)}
         if local is not None:
             holders.setdefault(self.name, None)  # type: ignore[arg-type]
         sources: dict[str, maps.MapSource] = {}

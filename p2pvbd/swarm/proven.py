@@ -173,7 +173,8 @@ class ProvenOwners:
     async def _most_held(self, disk: str, chains: dict[str, Chain]) -> bytes:
         """The history of ``disk`` that most of its holders hold (each asked for its chain); ties go to the
         history with the lowest create digest, so every host picks the same one."""
-        holders = {str(r.payload["host"]) for r in await self.swarm.dht.lookup("holders", disk)} | set(chains)
+        holders = {str(r.payload["host"]) for r in await self.swarm.dht.lookup("holders", disk)
+                   if not r.payload.get("gone")} | set(chains)
         counts: dict[bytes, int] = {history(c): 0 for c in chains.values()}
 
         async def ask(host: str) -> None:

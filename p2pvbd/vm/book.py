@@ -15,13 +15,21 @@ decides what QEMU, run as root, opens on every host that runs the VM. So a defin
 ``vm create`` approves its own definition where it runs, ``vm approve`` approves a peer's on this host.
 An approval covers everything that decides what runs (``VmDefinition.runs``: the host parts, command
 line, memory, CPUs, accelerator, disks): a definition changed in any of them needs approving again.
+
+A name is defined once: ``vm create`` refuses a known one unless told ``--replace``, and ``vm set``
+changes the given fields only; either is signed by the owner as a create is (its index record), and a
+running QEMU keeps the definition it started with until its next start. ``vm delete`` publishes a
+*tombstone* (the definition with ``deleted`` set, stamped newer): every host that learns it drops the VM,
+and keeps the tombstone so the old record, still in the index until it expires, is not learned again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +60,9 @@ class VmBook:
         self.approved: set[str] = self._load_approved()
         self._ignored = FirstSeen()  # (disk, publisher) of definitions ignored: logged once
         self._ahead = FirstSeen()  # (VM, set_at) of definitions refused as stamped ahead: logged once
+        # Called with a VM's name when a tombstone from the index replaces its definition (the service
+        # removes this host's files of it; `vm delete` here removes them itself).
+        self.on_deleted: Callable[[str], None] | None = None
 
     def _load(self) -> dict[str, VmDefinition]:
         vms: dict[str, VmDefinition] = {}
@@ -89,10 +100,15 @@ class VmBook:
         atomic_write(self.path, json.dumps([vm.as_payload() for vm in self.vms.values()]).encode())
 
     def get(self, name: str) -> VmDefinition | None:
-        return self.vms.get(name)
+        vm = self.vms.get(name)
+        return None if vm is None or vm.deleted else vm
+
+    def defined(self) -> list[VmDefinition]:
+        """The VMs defined now (not the tombstones of deleted ones), by name."""
+        return sorted((vm for vm in self.vms.values() if not vm.deleted), key=lambda v: v.name)
 
     def of_disk(self, disk: str) -> VmDefinition | None:
-        return next((vm for vm in self.vms.values() if disk in vm.disks), None)
+        return next((vm for vm in self.defined() if disk in vm.disks), None)
 
     def learn(self, vm: VmDefinition) -> bool:
         """Keep ``vm`` if newer than what is known; True when it changed anything. A disk belongs to one VM:
@@ -113,43 +129,62 @@ class VmBook:
         self._save()
         return True
 
-    async def define(self, vm: VmDefinition) -> VmDefinition:
-        """`vm create`: this host must own every disk, and no other VM may use them."""
+    async def define(self, vm: VmDefinition, replace: bool = False) -> VmDefinition:
+        """`vm create` (``replace``: `vm create --replace` and `vm set`): this host must own every disk, no
+        other VM may use them, and a known name is changed only when ``replace`` says so."""
         for disk in vm.disks:
             exp = self.swarm.ctl.get(disk)
             if exp is None or exp.store.owner != self.swarm.name:
                 owner = exp.store.owner if exp is not None else None
                 raise DefinitionError(f"{self.swarm.name} does not own disk {disk!r}"
                                       + (f" ({owner} does)" if owner else "")
-                                      + ": create the VM on the host that owns its disks")
+                                      + ": define the VM on the host that owns its disks")
         await self.refresh()
-        for other in self.vms.values():
+        known = self.get(vm.name)
+        if known is not None and not replace:
+            raise DefinitionError(f"{vm.name} exists; change it with `p2pvbd vm set` or `vm create --replace`")
+        for other in self.defined():
             if other.name != vm.name and set(other.disks) & set(vm.disks):
                 shared = ", ".join(sorted(set(other.disks) & set(vm.disks)))
                 raise DefinitionError(f"disk {shared} already belongs to VM {other.name!r}")
-        known = self.vms.get(vm.name)
-        if known is not None:  # a redefinition keeps who may pull the VM
-            vm = VmDefinition(**{**vm.__dict__, "allow": known.allow, "set_at": max(vm.set_at, known.set_at + 1e-3)})
+        last = self.vms.get(vm.name)  # the definition or the tombstone this one must outrank
+        vm = dataclasses.replace(vm, allow=known.allow if known is not None else (),  # who may pull it stays
+                                 set_at=max(vm.set_at, last.set_at + 1e-3) if last is not None else vm.set_at)
         self.learn(vm)
         self.approve(vm)
         await self.publish()
         return vm
 
-    async def allow(self, name: str, hosts: list[str]) -> VmDefinition:
-        """`vm allow`: the hosts that may pull VM ``name`` to themselves (none: only its owner moves it).
-        Only the owner of its first disk changes it, as only that host's definition counts."""
-        vm = self.vms.get(name)
+    async def delete(self, name: str) -> VmDefinition:
+        """`vm delete`: replace the definition with its tombstone, here and in the index (the caller has
+        checked that the VM runs nowhere). Only the owner of its first disk may: only its record counts."""
+        vm = self.get(name)
         if vm is None:
             raise DefinitionError(f"no VM named {name!r} (see 'p2pvbd vm list')")
+        await self._check_owner(vm, "deletes it")
+        tomb = dataclasses.replace(vm, deleted=True, allow=(), set_at=max(time.time(), vm.set_at + 1e-3))
+        self.learn(tomb)
+        await self.publish()
+        return tomb
+
+    async def _check_owner(self, vm: VmDefinition, what: str) -> None:
         exp = self.swarm.ctl.get(vm.disks[0])
         if exp is None or exp.store.owner != self.swarm.name:
             owner = exp.store.owner if exp is not None else (await self.swarm.owner_of(vm.disks[0]))[0]
-            raise DefinitionError(f"only the owner of VM {name}'s disk {vm.disks[0]} says who may pull it"
+            raise DefinitionError(f"only the owner of VM {vm.name}'s disk {vm.disks[0]} {what}"
                                   + (f": run this on {owner}" if owner else ""))
+
+    async def allow(self, name: str, hosts: list[str]) -> VmDefinition:
+        """`vm allow`: the hosts that may pull VM ``name`` to themselves (none: only its owner moves it).
+        Only the owner of its first disk changes it, as only that host's definition counts."""
+        vm = self.get(name)
+        if vm is None:
+            raise DefinitionError(f"no VM named {name!r} (see 'p2pvbd vm list')")
+        await self._check_owner(vm, "says who may pull it")
         hosts = list(dict.fromkeys(hosts))
         if len(hosts) > MAX_ALLOWED_HOSTS:
             raise DefinitionError(f"at most {MAX_ALLOWED_HOSTS} hosts may pull a VM, not {len(hosts)}")
-        vm = VmDefinition(**{**vm.__dict__, "allow": tuple(hosts), "set_at": max(time.time(), vm.set_at + 1e-3)})
+        vm = dataclasses.replace(vm, allow=tuple(hosts), set_at=max(time.time(), vm.set_at + 1e-3))
         self.learn(vm)
         await self.publish()
         return vm
@@ -178,7 +213,9 @@ class VmBook:
                                  owner or "unknown")
                     continue
                 try:
-                    self.learn(VmDefinition.from_payload(rec.payload))
+                    vm = VmDefinition.from_payload(rec.payload)
+                    if self.learn(vm) and vm.deleted and self.on_deleted is not None:
+                        self.on_deleted(vm.name)  # deleted on its owner: this host's files of it go too
                 except DefinitionError:
                     log.info("ignoring a malformed VM definition from %s", rec.publisher)
 

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -31,6 +32,8 @@ from p2pvbd.wire.vm_definition import VmDefinition
 log = logging.getLogger(__name__)
 
 VMS_DIR = "vms"
+# `vm delete` renames a VM's directory to this prefix before removing it; no VM name starts with a dot.
+DELETED_PREFIX = ".deleted-"
 # QEMU creates its QMP socket within a second of starting, also under TCG; after this it is stuck or
 # failed, and its own log says why.
 QMP_CONNECT_TIMEOUT = 20.0
@@ -125,11 +128,24 @@ class VmRunner:
             with trio.CancelScope(shield=True):
                 await self._terminate_all()
 
-    async def quit_all(self) -> None:
-        """QMP `quit` to every QEMU, at once, while the daemon still serves their disks."""
+    async def power_down_all(self, grace: float) -> dict[str, list[str]]:
+        """The daemon stops (`p2pvbd stop`, SIGTERM): every guest is asked to power off (ACPI), all at once
+        and while the daemon still serves their disks; QEMUs whose guest has not within ``grace`` seconds
+        are quit. Returns the VMs that shut down and those that had to be killed."""
+        outcome: dict[str, list[str]] = {"shut_down": [], "killed": []}
+
+        async def one(rv: RunningVm) -> None:
+            clean = await self._power_down(rv, grace)
+            outcome["shut_down" if clean else "killed"].append(rv.vm.name)
+            log.info("VM %s %s", rv.vm.name, "shut down" if clean else f"killed: not off after {grace:g} s")
+
         async with trio.open_nursery() as nursery:
-            for rv in list(self.running.values()):
-                nursery.start_soon(self._quit, rv)
+            for rv in [rv for rv in self.running.values() if not rv.exited.is_set()]:
+                if rv.incoming:  # no guest runs in it yet: nothing to shut down
+                    nursery.start_soon(self._quit, rv)
+                else:
+                    nursery.start_soon(one, rv)
+        return {k: sorted(v) for k, v in outcome.items()}
 
     async def _terminate_all(self) -> None:
         """The daemon stops: its QEMUs stop with it (their disks are gone). The nursery that watched them is
@@ -221,17 +237,22 @@ class VmRunner:
         if rv.qmp is not None:
             await rv.qmp.aclose()
 
-    async def stop(self, name: str, grace: float) -> None:
-        """Ask the guest to power off (ACPI), then quit QEMU after ``grace`` seconds if it has not."""
-        rv = self.get(name)
-        if rv.qmp is not None and grace > 0:
+    async def stop(self, name: str, grace: float) -> bool:
+        """Ask the guest to power off (ACPI), then quit QEMU after ``grace`` seconds if it has not. True
+        when the guest powered off by itself."""
+        return await self._power_down(self.get(name), grace)
+
+    async def _power_down(self, rv: RunningVm, grace: float) -> bool:
+        if rv.qmp is not None and grace > 0 and not rv.exited.is_set():
             try:
                 await rv.qmp.command("system_powerdown")
             except QmpError:
                 pass
             with trio.move_on_after(grace):
                 await rv.exited.wait()
+        clean = rv.exited.is_set()
         await self._quit(rv)
+        return clean
 
     async def _quit(self, rv: RunningVm, graceful: bool = True) -> None:
         """QMP `quit`, then SIGKILL if QEMU has not exited after QUIT_TIMEOUT (or at once if not
@@ -295,6 +316,25 @@ class VmRunner:
                 continue  # the pid was reused, or the file is not a VM's
             found.append((vm, paths, pid, b"-incoming" in cmdline))
         return found
+
+    def remove_files(self, name: str) -> list[Path]:
+        """`vm delete`: this host's directory of the VM (serial log, memory image, warm policy), renamed
+        aside first so a crash midway leaves either the whole directory or none under the VM's name
+        (start_up_cleanup removes what a crash left aside). Blocking: call it in a worker thread."""
+        if name in self.running and not self.running[name].exited.is_set():
+            raise VmError(f"VM {name} is running on this host")
+        directory = self.paths(name).directory
+        if not directory.exists():
+            return []
+        aside = self.dir / f"{DELETED_PREFIX}{name}.{time.time_ns()}"
+        directory.rename(aside)
+        shutil.rmtree(aside)
+        return [directory]
+
+    def start_up_cleanup(self) -> None:
+        """Remove what a `vm delete` cut short by a crash left renamed aside."""
+        for aside in self.dir.glob(f"{DELETED_PREFIX}*") if self.dir.is_dir() else ():
+            shutil.rmtree(aside, ignore_errors=True)
 
     def get(self, name: str) -> RunningVm:
         rv = self.running.get(name)

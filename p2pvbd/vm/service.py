@@ -22,8 +22,9 @@ from p2pvbd.base.home import HomeError, check_name
 from p2pvbd.migrate import MigrationError, MigrationProgress
 from p2pvbd.migration.handover import PeerForwarder
 from p2pvbd.migration.jobs import run_job
-from p2pvbd.swarm.access import PeerOp
+from p2pvbd.swarm.access import PeerOp, member
 from p2pvbd.swarm.peer_transport import PeerError
+from p2pvbd.vm import changes as vm_changes
 from p2pvbd.vm.book import VmBook
 from p2pvbd.vm.move import VmMoveProgress, VmTarget, move_vm
 from p2pvbd.vm.qmp import QmpError
@@ -42,6 +43,9 @@ DEFAULT_STOP_TIMEOUT = 30.0
 OUTGOING_UNFINISHED = frozenset({"setup", "active", "pre-switchover", "device", "wait-unplug"})
 # A move asked for from its destination is followed by asking the source this often.
 REMOTE_POLL_SECONDS = 0.25
+# `vm list` asks a VM's owner whether it runs there; an owner that is down must not hold the list up
+# (swarm/node.QUERY_TIMEOUT is the same bound for status queries).
+WHERE_TIMEOUT = 5.0
 
 
 class RemoteMove:
@@ -77,14 +81,17 @@ class VmService:
         self.warm = WarmMemory(swarm, self.runner, self.book)
         self.moves: dict[str, VmMoveProgress] = {}
         self._nursery: trio.Nursery | None = None
+        self.book.on_deleted = self._deleted_elsewhere
 
     def ops(self) -> list[PeerOp]:
         return [*self.target.ops(), *self.warm.ops(), PeerOp("vm_move", self._may_pull, self._serve_move),
-                PeerOp("vm_move_status", _the_destination, self._serve_move_status)]
+                PeerOp("vm_move_status", _the_destination, self._serve_move_status),
+                PeerOp("vm_where", member, self._serve_where)]
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = self.target.nursery = nursery
+            await trio.to_thread.run_sync(self.runner.start_up_cleanup)
             await nursery.start(self.runner.run)
             await nursery.start(self.book.run)
             nursery.start_soon(self._adopt)  # QMP answers in milliseconds, but the daemon is ready without it
@@ -134,6 +141,8 @@ class VmService:
         """The `vm` commands, registered with the daemon's table."""
         return {
             "vm_create": self.op_vm_create,
+            "vm_set": self.op_vm_set,
+            "vm_delete": self.op_vm_delete,
             "vm_start": self.op_vm_start,
             "vm_approve": self.op_vm_approve,
             "vm_allow": self.op_vm_allow,
@@ -144,17 +153,63 @@ class VmService:
 
     async def op_vm_create(self, name: str, disks: str, memory: str = "1G", cpus: int = 1, accel: str = "auto",
                            kernel: str = "", initrd: str = "", append: str = "",
-                           qemu_args: list[str] | None = None) -> dict[str, Any]:
+                           qemu_args: list[str] | None = None, replace: bool = False) -> dict[str, Any]:
+        """`vm create` (``replace``: `vm create --replace`, a known VM defined anew)."""
         try:
             vm = VmDefinition.from_options(name, disks, memory, cpus=cpus, accel=accel, kernel=kernel,
                                            initrd=initrd, append=append, qemu_args=tuple(qemu_args or ()))
-            for what, path in (("kernel", kernel), ("initrd", initrd)):
-                if path and not await trio.Path(path).is_file():
-                    raise DefinitionError(f"{what} {path} is not a file on {self.swarm.name}")
-            vm = await self.book.define(vm)
         except DefinitionError as e:
             raise ControlError(str(e)) from None
-        return await self._info(vm)
+        return await self._define(vm, self.book.get(name) if replace else None, replace)
+
+    async def op_vm_set(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """`vm set`: only the fields given change (``changes``: definition field -> new value)."""
+        known = self._vm(name)
+        try:
+            vm = vm_changes.apply(known, changes)
+        except DefinitionError as e:
+            raise ControlError(str(e)) from None
+        return await self._define(vm, known, True)
+
+    async def _define(self, vm: VmDefinition, before: VmDefinition | None, replace: bool) -> dict[str, Any]:
+        """Sign and publish ``vm`` (as the owner), and say what the change means: a running QEMU keeps the
+        definition it started with, and hosts that approved the old one must approve the new one."""
+        try:
+            for what, path in (("kernel", vm.kernel), ("initrd", vm.initrd)):
+                if path and not await trio.Path(path).is_file():
+                    raise DefinitionError(f"{what} {path} is not a file on {self.swarm.name}")
+            vm = await self.book.define(vm, replace)
+        except DefinitionError as e:
+            raise ControlError(str(e)) from None
+        info = await self._info(vm)
+        info["changed"] = vm_changes.differences(before, vm) if before is not None else []
+        running = bool(info["host"]) and info["state"] != "moved away"
+        info["restart_needed"] = before is not None and bool(info["changed"]) and running
+        info["approve_again"] = before is not None and vm_changes.needs_new_approval(before, vm)
+        return info
+
+    async def op_vm_delete(self, name: str) -> dict[str, Any]:
+        """`vm delete`: the definition goes (a tombstone in the index), and this host's memory image and
+        run directory with it; its disks stay. Refused while the VM runs here or on its owner."""
+        vm = self._vm(name)
+        info = await self._info(vm)
+        if info["host"] and info["state"] != "moved away":
+            raise ControlError(f"{name} runs on {info['host']}: stop it first (`p2pvbd vm stop {name}`"
+                               + (" there)" if info["host"] != self.swarm.name else ")"))
+        if (move := self.moves.get(name)) is not None and move.finished is None:
+            raise ControlError(f"{name} is moving to {move.dest}: delete it once the move has ended")
+        try:
+            await self.book.delete(name)
+        except DefinitionError as e:
+            raise ControlError(str(e)) from None
+        if hosts := self.warm.info(name)["hosts"]:  # their copies of its memory go too
+            await self.warm.set_policy(name, [], hosts, None)
+        self.warm.states.pop(name, None)
+        try:
+            removed = await trio.to_thread.run_sync(self.runner.remove_files, name)
+        except (VmError, OSError) as e:
+            raise ControlError(f"VM {name} is deleted, but not its files on {self.swarm.name}: {e}") from None
+        return {"name": name, "disks": list(vm.disks), "removed": [str(p) for p in removed]}
 
     async def op_vm_start(self, name: str) -> dict[str, Any]:
         vm = self._vm(name)
@@ -196,11 +251,12 @@ class VmService:
 
     async def op_vm_stop(self, name: str, grace: float = DEFAULT_STOP_TIMEOUT) -> dict[str, Any]:
         vm = self._vm(name)
+        await self.check_here(name, f"p2pvbd vm stop {name}")
         try:
-            await self.runner.stop(name, grace)
+            clean = await self.runner.stop(name, grace)
         except VmError as e:
             raise ControlError(str(e)) from None
-        return await self._info(vm)
+        return await self._info(vm) | {"shut_down": clean}
 
     async def op_vm_replicate(self, name: str, on: list[str], off: list[str], rate: float | None = None
                               ) -> dict[str, Any]:
@@ -218,7 +274,49 @@ class VmService:
 
     async def op_vm_list(self) -> list[dict[str, Any]]:
         await self.book.refresh()
-        return [await self._info(vm) for vm in sorted(self.book.vms.values(), key=lambda v: v.name)]
+        return [await self._info(vm) for vm in self.book.defined()]
+
+    def _deleted_elsewhere(self, name: str) -> None:
+        """A tombstone arrived: this host's files of the VM (a memory image it left, a warm copy) go too,
+        unless a QEMU of it still runs here (its files go with a later `vm delete` here)."""
+        if self._nursery is not None and not self.runs_here(name):
+            self._nursery.start_soon(self._remove_files, name)
+
+    async def _remove_files(self, name: str) -> None:
+        try:
+            if removed := await trio.to_thread.run_sync(self.runner.remove_files, name):
+                log.info("VM %s was deleted: removed %s", name, removed[0])
+        except (VmError, OSError) as e:
+            log.warning("VM %s was deleted, but its files here stay: %s", name, e)
+
+    async def check_here(self, name: str, command: str) -> None:
+        """A ``command`` for a VM that runs on another host fails naming that host (a VM running nowhere is
+        left to the command's own error)."""
+        vm = self._vm(name)
+        if self.runs_here(name):
+            return
+        elsewhere = await self._where(vm)
+        if elsewhere:
+            raise ControlError(f"{name} runs on {elsewhere}: run `{command}` there")
+
+    async def _where(self, vm: VmDefinition) -> str:
+        """The other host running ``vm``, as its disks' owner says (only the owner runs it), or ""."""
+        exp = self.swarm.ctl.get(vm.disks[0])
+        owner = exp.store.owner if exp is not None else (await self.swarm.owner_of(vm.disks[0]))[0]
+        if not owner or owner == self.swarm.name:
+            return ""
+        try:
+            with trio.fail_after(WHERE_TIMEOUT):
+                conn = await self.swarm.connect(owner)
+                reply = await conn.request("vm_where", {"vm": vm.name}, timeout=WHERE_TIMEOUT)
+        except (PeerError, trio.TooSlowError) as e:
+            log.info("cannot ask %s where VM %s runs: %s", owner, vm.name, getattr(e, "message", "timed out"))
+            return ""
+        return owner if reply.get("running") else ""
+
+    async def _serve_where(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        """vm_where: whether that VM runs here (any member may ask: `vm list` on every host shows where)."""
+        return {"running": self.runs_here(str(body["vm"]))}
 
     def _vm(self, name: str) -> VmDefinition:
         vm = self.book.get(name)
@@ -230,6 +328,8 @@ class VmService:
         rv = self.runner.running.get(vm.name)
         if rv is not None and not rv.exited.is_set():
             host, state = self.swarm.name, await rv.status()
+        elif elsewhere := await self._where(vm):
+            host, state = elsewhere, f"running on {elsewhere}"
         else:
             host, state = "", "stopped here"
             move = self.moves.get(vm.name)

@@ -197,9 +197,11 @@ def owner_payload(host: str, epoch: int) -> dict[str, Any]:
     return {"host": host, "epoch": int(epoch)}
 
 
-def holders_payload(host: str, current_blocks: int, generation: int) -> dict[str, Any]:
-    """`holders` kind, keyed by disk: a host holding a replica, how complete, of which generation."""
-    return {"host": host, "current_blocks": int(current_blocks), "generation": int(generation)}
+def holders_payload(host: str, current_blocks: int, generation: int, gone: bool = False) -> dict[str, Any]:
+    """`holders` kind, keyed by disk: a host holding a replica, how complete, of which generation; ``gone``:
+    it deleted its replica (the record replaces its last one, so peers stop asking it before that expires)."""
+    return {"host": host, "current_blocks": int(current_blocks), "generation": int(generation)} | (
+        {"gone": True} if gone else {})
 
 
 def is_newer(a: tuple[bytes, Record], b: tuple[bytes, Record]) -> bool:

@@ -15,7 +15,8 @@ host       its publisher    ``addresses``: 1 to 16 distinct "host:port" (IPv4, [
                             "unknown"; ``seen_as``: up to 4 distinct IP addresses; ``links``: up to 64
                             distinct host names
 owner      a disk name      ``host``: the publisher; ``epoch``: int
-holders    a disk name      ``host``: the publisher; ``current_blocks``: int; ``generation``: int
+holders    a disk name      ``host``: the publisher; ``current_blocks``: int; ``generation``: int;
+                            optional ``gone``: true once the host deleted its replica (`disk delete`)
 catalog    a name           ``host``: the publisher; ``disks``: up to 256 distinct disk names
 policy     a disk name      ``disk``: the key; ``hosts``: up to 64 distinct host names; ``rate``: -1
                             (unlimited) or bytes/s in [1, 2**63]; ``set_at``: seconds in [0, 2**63)
@@ -175,8 +176,11 @@ def _owner(key: str, publisher: str, p: dict[str, Any]) -> dict[str, Any]:
 
 
 def _holders(key: str, publisher: str, p: dict[str, Any]) -> dict[str, Any]:
+    gone = p.get("gone", False)
+    if not isinstance(gone, bool):
+        raise PayloadError("gone: not a bool")
     return {"host": _publisher_host(p, publisher), "current_blocks": _counter(p, "current_blocks"),
-            "generation": _counter(p, "generation")}
+            "generation": _counter(p, "generation")} | ({"gone": True} if gone else {})
 
 
 def _catalog(key: str, publisher: str, p: dict[str, Any]) -> dict[str, Any]:

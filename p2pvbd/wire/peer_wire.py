@@ -175,6 +175,7 @@ OPS: dict[str, OpSpec] = {
     # Hole punching between members talking through a relay (swarm/punch.py).
     "punch": OpSpec({"at": str}, "dial the caller at that public ip:port; answers where this host dials from"),
     "vm_move_status": OpSpec({"vm": str, "to": str}, "progress of that move"),
+    "vm_where": OpSpec({"vm": str}, "whether that VM runs on this host (`vm list` elsewhere says where it runs)"),
     # libvirt migrations of adopted domains (libvirt/service.py): destination -> source, but hello and state.
     "libvirt_hello": OpSpec({}, "how this host's libvirt is reached (URI, NBD socket, migration address)"),
     "libvirt_state": OpSpec({"domain": str}, "that domain's state in this host's libvirt"),

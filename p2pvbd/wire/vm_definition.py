@@ -62,6 +62,9 @@ class VmDefinition:
     set_at: float = field(default_factory=time.time)
     # Hosts that may pull the VM to themselves (`migrate VM --to HOST` run there): the owner's choice.
     allow: tuple[str, ...] = ()
+    # `vm delete`: a tombstone, newer than the definition it ends, so every host drops the VM (and never
+    # learns the old definition again from a record still in the index).
+    deleted: bool = False
 
     def __post_init__(self) -> None:
         if not NAME_RE.fullmatch(self.name):
@@ -137,6 +140,8 @@ class VmDefinition:
              "qemu_args": list(self.qemu_args), "set_at": self.set_at}
         if self.allow:  # absent when empty: a record from before `vm allow` existed reads the same
             p["allow"] = list(self.allow)
+        if self.deleted:  # absent unless set, likewise
+            p["deleted"] = True
         return p
 
     @classmethod
@@ -157,7 +162,10 @@ class VmDefinition:
         allow = p.get("allow", [])
         if not isinstance(allow, list):
             raise DefinitionError(f"allow: wrong type ({type(allow).__name__})")
+        deleted = p.get("deleted", False)
+        if not isinstance(deleted, bool):
+            raise DefinitionError(f"deleted: wrong type ({type(deleted).__name__})")
         return cls(p["name"], tuple(p["disks"]), p["memory"], p["cpus"], p["accel"], p["kernel"], p["initrd"],
-                   p["append"], tuple(p["qemu_args"]), float(p["set_at"]), tuple(allow))
+                   p["append"], tuple(p["qemu_args"]), float(p["set_at"]), tuple(allow), deleted)
 
 
