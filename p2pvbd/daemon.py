@@ -22,6 +22,7 @@ from p2pvbd.base import admission
 from p2pvbd.base.control import ControlError, serve_control
 from p2pvbd.base.control_ops import ControlOps, OpHandler
 from p2pvbd.base.home import Config, Home, HomeError, check_name, is_loopback, parse_nbd_tcp
+from p2pvbd.base.listen_check import check_listen
 from p2pvbd.kernel_hook_ctl import ExportMode, HookController
 from p2pvbd.libvirt.service import LibvirtService
 from p2pvbd.migrate import DEFAULT_MAX_DOWNTIME_MS
@@ -31,7 +32,7 @@ from p2pvbd.migration.pull import PullState
 from p2pvbd.migration.replication import Replication
 from p2pvbd.migration.target import MigrationTarget
 from p2pvbd.nbd import tls as nbd_tls
-from p2pvbd.nbd.server import TcpEndpoint, serve_nbd
+from p2pvbd.nbd.server import NbdListenError, TcpEndpoint, serve_nbd
 from p2pvbd.replica_store import DEFAULT_BLOCK_SIZE, ReplicaStore
 from p2pvbd.swarm import invites, trust
 from p2pvbd.swarm.access import PeerOp
@@ -478,6 +479,11 @@ def run_daemon(home: Home) -> None:
     config = home.load_config()
     failpoints.configure(os.environ)
     fd = _lock_home(home)
+    try:
+        check_listen(config.listen, f"change listen in {home.config_path}")
+    except HomeError:
+        os.close(fd)
+        raise
     home.secure()  # a home made by an older version, or by hand, may be open to other users
     before, after = admission.raise_descriptor_limit()
     log.info("open-descriptor limit %d%s", after, f" (raised from {before})" if after != before else "")
@@ -486,6 +492,8 @@ def run_daemon(home: Home) -> None:
     except BaseExceptionGroup as group:
         # A service that cannot start for a reason the user can fix (an NBD address in use) says so in one line.
         errors = _leaves(group)
+        if len(errors) == 1 and isinstance(errors[0], NbdListenError):
+            raise HomeError(f"{errors[0]}: change nbd_tcp in {home.config_path}") from None
         if len(errors) == 1 and isinstance(errors[0], HomeError):
             raise errors[0] from None
         raise

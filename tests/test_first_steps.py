@@ -1,0 +1,98 @@
+"""A new user's first commands, typed as shown: every mistake is one line naming what to change, and a
+failed step leaves nothing half done (a join that cannot work keeps its token)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tests.daemons import BIN, READY_SECONDS, Host, free_port
+
+
+def _p2pvbd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([BIN, *args], capture_output=True, text=True, timeout=120,
+                          env=None if env is None else {**os.environ, **env})
+
+
+def _assert_one_line_error(res: subprocess.CompletedProcess[str], words: str) -> None:
+    assert res.returncode == 1, res
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()], res.stderr
+    assert words in res.stderr, res.stderr
+
+
+@contextmanager
+def _taken(port: int) -> Iterator[None]:
+    """Something else listening on TCP ``port`` of loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        yield
+
+
+def test_listen_address_is_checked_before_init_and_join(make_host: Callable[..., Host], tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    res = _p2pvbd("init", "office-pc", "--listen", "nosuchhost.invalid:7000", "--home", str(bad))
+    _assert_one_line_error(res, "cannot listen on nosuchhost.invalid:7000 (no such address on this machine)")
+    assert not (bad / "config.toml").exists()
+
+    office = make_host("office-pc")
+    token = office.cli("invite").stdout.strip()
+    port = free_port()
+    joiner = tmp_path / "home-pc"
+    with _taken(port):
+        res = _p2pvbd("join", token, "home-pc", "--listen", f"127.0.0.1:{port}", "--home", str(joiner))
+    _assert_one_line_error(res, f"cannot listen on 127.0.0.1:{port} (address in use): choose another with --listen")
+    assert not (joiner / "config.toml").exists()
+    # the token was not spent: the same one works once the address does
+    res = _p2pvbd("join", token, "home-pc", "--listen", f"127.0.0.1:{port}", "--home", str(joiner))
+    assert res.returncode == 0, res.stderr
+    assert f"listening on 127.0.0.1:{port} (TLS, this machine only)" in res.stdout
+
+
+def test_default_listen_is_every_address_behind_tls(tmp_path: Path) -> None:
+    res = _p2pvbd("init", "office-pc", "--home", str(tmp_path / "h"))
+    if res.returncode == 1 and "address in use" in res.stderr:  # another daemon on this machine has 7420
+        _assert_one_line_error(res, "cannot listen on 0.0.0.0:7420 (address in use)")
+        return
+    assert res.returncode == 0, res.stderr
+    assert "listening on 0.0.0.0:7420 (TLS, members only)" in res.stdout
+    assert 'listen = "0.0.0.0:7420"' in (tmp_path / "h" / "config.toml").read_text()
+
+
+def _daemon(home: Path, log_file: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([BIN, "daemon", "--home", str(home), "--log-file", str(log_file), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_daemon_start_failure_is_one_line_in_the_log_too(make_host: Callable[..., Host], tmp_path: Path) -> None:
+    h = make_host("office-pc", start=False)
+    log_file = tmp_path / "daemon.log"
+    with _taken(h.port):
+        proc = _daemon(h.home, log_file)
+        out, err = proc.communicate(timeout=READY_SECONDS)
+    res = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    words = f"cannot listen on 127.0.0.1:{h.port} (address in use): change listen in {h.home / 'config.toml'}"
+    _assert_one_line_error(res, words)
+    assert words in log_file.read_text()
+    h.start()  # nothing was left behind: the same home starts once the port is free
+
+
+def test_library_logs_stay_quiet_unless_verbose(make_host: Callable[..., Host], tmp_path: Path) -> None:
+    h = make_host("office-pc", start=False)
+    for verbose, log_file in ((False, tmp_path / "quiet.log"), (True, tmp_path / "verbose.log")):
+        proc = _daemon(h.home, log_file, *(["-v"] if verbose else []))
+        deadline = time.monotonic() + READY_SECONDS
+        while h.cli("disk", "list", check=False).returncode != 0 and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        h.cli("stop")
+        proc.communicate(timeout=READY_SECONDS)
+        text = log_file.read_text()
+        assert "daemon of host office-pc ready" in text  # p2pvbd's own INFO lines stay
+        assert (" INFO kademlia" in text) == verbose, text
