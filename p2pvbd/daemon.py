@@ -23,6 +23,7 @@ from p2pvbd.base.control import ControlError, serve_control
 from p2pvbd.base.control_ops import ControlOps, OpHandler
 from p2pvbd.base.home import Config, Home, HomeError, check_name, is_loopback, parse_nbd_tcp
 from p2pvbd.base.listen_check import check_listen
+from p2pvbd.base.units import SIZE_RULE
 from p2pvbd.kernel_hook_ctl import ExportMode, HookController
 from p2pvbd.libvirt.service import LibvirtService
 from p2pvbd.migrate import DEFAULT_MAX_DOWNTIME_MS
@@ -223,6 +224,13 @@ class Daemon:
         self.cancel_scope.cancel()
 
     async def op_disk_create(self, name: str, size: int, block_size: int = DEFAULT_BLOCK_SIZE) -> dict[str, Any]:
+        if 0 < size < block_size and size % SECTOR == 0:  # `--size 512` meant more than 512 bytes
+            raise ControlError(f"a disk of {size} bytes is smaller than one block ({block_size} bytes): sizes take "
+                               f"{SIZE_RULE}")
+        return await self._create_disk(name, size, block_size)
+
+    async def _create_disk(self, name: str, size: int, block_size: int) -> dict[str, Any]:
+        """A new disk of any whole number of sectors: an imported image may be smaller than a block."""
         check_name("disk", name)
         if self.ctl.get(name) is not None:
             raise ControlError(f"disk {name!r} already exists")
@@ -247,7 +255,7 @@ class Daemon:
         except OSError as e:
             raise ControlError(f"cannot read {path}: {e.strerror}") from e
         size = max(SECTOR, -(-size // SECTOR) * SECTOR)
-        info = await self.op_disk_create(name, size, block_size)
+        info = await self._create_disk(name, size, block_size)
         written = 0
         async with await src.open("rb") as f:
             offset = 0

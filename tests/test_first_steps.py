@@ -96,3 +96,27 @@ def test_library_logs_stay_quiet_unless_verbose(make_host: Callable[..., Host], 
         text = log_file.read_text()
         assert "daemon of host office-pc ready" in text  # p2pvbd's own INFO lines stay
         assert (" INFO kademlia" in text) == verbose, text
+
+
+def test_disk_sizes_follow_the_stated_rule(host: Host) -> None:
+    help_text = " ".join(host.cli("disk", "create", "--help").stdout.split())
+    assert "powers of 1024" in help_text and "bare number is bytes" in help_text
+    _assert_one_line_error(host.cli("disk", "create", "vm1", "--size", "512", check=False),
+                           "smaller than one block (65536 bytes)")
+    ambiguous = host.cli("disk", "create", "vm1", "--size", "10GB", check=False)
+    assert ambiguous.returncode == 2 and "'10GB' is ambiguous" in ambiguous.stderr
+    assert "Traceback" not in ambiguous.stderr
+    assert host.json("disk", "list") == []
+    host.cli("disk", "create", "vm1", "--size", "1.5G")
+    host.cli("disk", "create", "vm2", "--size", "20GiB")
+    assert {d["name"]: d["size"] for d in host.json("disk", "list")} == {"vm1": 3 << 29, "vm2": 20 << 30}
+
+
+def test_a_disk_larger_than_the_file_system_warns(host: Host) -> None:
+    fs = os.statvfs(host.home)
+    size_gib = 2 * fs.f_bavail * fs.f_frsize // (1 << 30) + 1  # twice what is free: sparse, so it is made
+    res = host.cli("disk", "create", "big", "--size", f"{size_gib}G", "--block-size", "4M")
+    assert f"created disk big: {size_gib} GiB" in res.stdout
+    assert "p2pvbd: warning: the disk is" in res.stderr and "guest writes fail once it fills" in res.stderr
+    small = host.cli("disk", "create", "small", "--size", "64M")
+    assert small.stderr == ""

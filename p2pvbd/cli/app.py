@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 from functools import partial
@@ -22,11 +23,12 @@ from p2pvbd.base.home import (
     wait_for_daemon_exit,
 )
 from p2pvbd.base.listen_check import check_listen
-from p2pvbd.base.units import format_size
+from p2pvbd.base.units import SIZE_RULE, format_size
 from p2pvbd.cli.attach import AttachError, attach, detach
 from p2pvbd.cli.common import ask, console, fail, home_of, print_json, setup_daemon_logging
 from p2pvbd.cli.common import rate_arg as _rate
 from p2pvbd.cli.common import size_arg as _size
+from p2pvbd.store.capacity import capacity_warnings
 
 # How often `sync` and `migrate` redraw their progress from the daemon.
 JOB_POLL_SECONDS = 0.2
@@ -193,6 +195,20 @@ def cmd_stop(args: argparse.Namespace) -> None:
 def cmd_disk_create(args: argparse.Namespace) -> None:
     info = ask(args, "disk_create", name=args.disk, size=args.size, block_size=args.block_size)
     print(f"created disk {info['name']}: {format_size(info['size'])}, blocks of {format_size(info['block_size'])}")
+    fs = os.statvfs(home_of(args).disks_dir)
+    for warning in capacity_warnings(info["size"], info["block_size"], fs.f_bavail * fs.f_frsize, _available_memory()):
+        print(f"p2pvbd: warning: {warning}", file=sys.stderr)
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo (what can be had without swapping), None where there is none."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def cmd_disk_import(args: argparse.Namespace) -> None:
@@ -432,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = disk.add_subparsers(dest="disk_command", required=True, metavar="SUBCOMMAND")
     sp = add("create", cmd_disk_create, "create an empty disk owned by this host", into=dsub)
     sp.add_argument("disk")
-    sp.add_argument("--size", type=_size, required=True, help="e.g. 20G")
+    sp.add_argument("--size", type=_size, required=True,
+                    help=f"e.g. 20G, at least one block: {SIZE_RULE}".replace("%", "%%"))
     sp.add_argument("--block-size", type=_size, default=64 * 1024, help="versioning granularity (default 64K)")
     sp = add("import", cmd_disk_import, "create a disk from a raw image file", into=dsub)
     sp.add_argument("disk")
