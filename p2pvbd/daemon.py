@@ -60,6 +60,10 @@ SECTOR = 512
 # The event-loop watch: how often it looks (10 wake-ups a second cost next to nothing), and the delay
 # worth a warning (a guest sees it as a stall; the switchover target is 50 ms, so 100 ms is a problem).
 LOOP_WATCH_INTERVAL = 0.1
+# `sync NAME` of a disk the catalog does not list: its creator publishes at once (request_publish), so
+# the index has it within a round trip or two; this long covers a loaded machine, and is what a typo costs.
+CATALOG_WAIT_SECONDS = 2.0
+CATALOG_POLL_SECONDS = 0.2
 LOOP_STALL_WARNING = 0.1
 
 
@@ -317,6 +321,7 @@ class Daemon:
     async def op_sync(self, disk: str, sources: list[str] | None = None) -> dict[str, Any]:
         """Start pulling ``disk`` up to the owner's versions; `job` reports progress."""
         check_name("disk", disk)
+        await self._known_disk(disk)
         # a VM move's job names a VM, not a disk: only syncs and disk migrations count here
         if any(getattr(p, "disk", None) == disk and p.finished is None for p in self.jobs.values()):
             raise ControlError(f"a sync of {disk} is already running")
@@ -327,6 +332,16 @@ class Daemon:
         assert self._nursery is not None
         self._nursery.start_soon(self._run_sync, disk, sources, progress)
         return {"job": job}
+
+    async def _known_disk(self, disk: str) -> None:
+        """Refuse a mistyped name at once, not after the pull's wait for an owner (pull.INDEX_WAIT_SECONDS):
+        a disk made a moment ago on another host is in the index's catalog within CATALOG_WAIT_SECONDS."""
+        with trio.move_on_after(CATALOG_WAIT_SECONDS):
+            while True:
+                if disk in await self.swarm.known_disks():
+                    return
+                await trio.sleep(CATALOG_POLL_SECONDS)
+        raise ControlError(f"no disk named {disk!r} is known in this swarm (p2pvbd status lists them)")
 
     async def _run_sync(self, disk: str, sources: list[str] | None, progress: SyncProgress) -> None:
         from p2pvbd.migration.fetcher import SyncError
@@ -368,6 +383,9 @@ class Daemon:
                 raise ControlError(f"host {self.config.name} does not own {disk!r}")
             if disk in self.swarm.migrations and self.swarm.migrations[disk].finished is None:
                 raise ControlError(f"{disk} is already migrating")
+            if (vm := self.vms.running_on(disk)) is not None:
+                raise ControlError(f"{disk} is a disk of VM {vm}, running here: move them together with "
+                                   f"'p2pvbd migrate {vm} --to {to}'")
         if to == self.config.name:
             raise ControlError(f"{', '.join(disks)} already live(s) on {to}")
         jobs = []

@@ -120,3 +120,44 @@ def test_a_disk_larger_than_the_file_system_warns(host: Host) -> None:
     assert "p2pvbd: warning: the disk is" in res.stderr and "guest writes fail once it fills" in res.stderr
     small = host.cli("disk", "create", "small", "--size", "64M")
     assert small.stderr == ""
+
+
+def test_unknown_names_are_refused_at_once(make_host: Callable[..., Host], tmp_path: Path) -> None:
+    office = make_host("office-pc")
+    home = make_host("home-pc", join=office.cli("invite").stdout.strip())
+    office.cli("disk", "create", "vm1", "--size", "1M")
+    _assert_one_line_error(office.cli("replicate", "vm1", "--on", "nosuch-pc", check=False),
+                           "no host nosuch-pc is known in this swarm")
+    assert office.json("status", "vm1")["disks"][0]["replicate"] is None
+    _assert_one_line_error(office.cli("revoke", "nosuch-pc", check=False), "nosuch-pc is not a member")
+    _assert_one_line_error(home.cli("sync", "nosuch", check=False), "no disk named 'nosuch' is known in this swarm")
+    assert home.json("jobs") == []
+    assert office.json("replicate", "vm1", "--on", "home-pc")["hosts"] == ["home-pc"]
+
+
+def test_a_revoked_name_cannot_join_again(make_host: Callable[..., Host], tmp_path: Path) -> None:
+    office = make_host("office-pc")
+    make_host("car-pc", join=office.cli("invite").stdout.strip(), start=False)
+    office.cli("revoke", "car-pc")
+    token = office.cli("invite").stdout.strip()
+    again = tmp_path / "car-pc-again"
+    res = _p2pvbd("join", token, "car-pc", "--listen", f"127.0.0.1:{free_port()}", "--home", str(again))
+    _assert_one_line_error(res, "car-pc was revoked; choose another name")
+    assert not (again / "config.toml").exists()
+    res = _p2pvbd("join", token, "car-pc2", "--listen", f"127.0.0.1:{free_port()}", "--home", str(again))
+    assert res.returncode == 0, res.stderr  # the same token: the refusal did not spend it
+
+
+def test_migrating_the_disk_of_a_running_vm_points_to_the_vm(make_host: Callable[..., Host]) -> None:
+    office = make_host("office-pc")
+    make_host("car-pc", join=office.cli("invite").stdout.strip())
+    office.cli("disk", "create", "vm1disk", "--size", "16M")
+    office.cli("vm", "create", "vm1", "--disk", "vm1disk", "--memory", "128M", "--accel", "tcg")
+    office.cli("vm", "start", "vm1")  # no kernel: the firmware finds nothing to boot and waits, QEMU runs
+    try:
+        _assert_one_line_error(office.cli("migrate", "vm1disk", "--to", "car-pc", check=False),
+                               "vm1disk is a disk of VM vm1, running here: move them together with "
+                               "'p2pvbd migrate vm1 --to car-pc'")
+        assert [d["owner"] for d in office.json("disk", "list")] == ["office-pc"]
+    finally:
+        office.cli("vm", "stop", "vm1")
