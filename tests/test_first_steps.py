@@ -6,12 +6,15 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from tests.daemons import BIN, READY_SECONDS, Host, free_port
+import pytest
+
+from tests.daemons import BIN, READY_SECONDS, REPO, Host, free_port
 
 
 def _p2pvbd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -161,3 +164,29 @@ def test_migrating_the_disk_of_a_running_vm_points_to_the_vm(make_host: Callable
         assert [d["owner"] for d in office.json("disk", "list")] == ["office-pc"]
     finally:
         office.cli("vm", "stop", "vm1")
+
+
+def test_the_demo_takes_its_ports_and_namespace_names_from_the_environment(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    port = free_port()
+    with _taken(port):
+        res = subprocess.run([sys.executable, str(REPO / "demo" / "demo.py"), "--loopback"], capture_output=True,
+                             text=True, timeout=120, env={**os.environ, "P2PVBD_DEMO_PORT": str(port)})
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res
+    assert f"port {port} of P2PVBD_DEMO_PORT={port} cannot be used (address in use)" in res.stdout
+
+    from demo.machines import make_machines
+    from tests.netns import list_namespaces, unavailable_reason
+
+    monkeypatch.setenv("P2PVBD_DEMO_PORT", str(port))
+    with ExitStack() as stack:
+        machines = make_machines(["office-pc", "home-pc"], tmp_path, False, stack)
+        assert [m.port for m in machines] == [port, port + 10]
+    if (reason := unavailable_reason()) is not None:
+        pytest.skip(f"no network namespaces: {reason}")
+    monkeypatch.setenv("P2PVBD_DEMO_NETNS_PREFIX", "p2pv-mine")
+    with ExitStack() as stack:
+        machines = make_machines(["office-pc"], tmp_path, True, stack)
+        assert machines[0].port == port
+        assert any(ns.startswith("p2pv-mine") and ns.endswith("-office-pc") for ns in list_namespaces())
+    assert not any(ns.startswith("p2pv-mine") for ns in list_namespaces())
