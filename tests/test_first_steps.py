@@ -190,3 +190,25 @@ def test_the_demo_takes_its_ports_and_namespace_names_from_the_environment(tmp_p
         assert machines[0].port == port
         assert any(ns.startswith("p2pv-mine") and ns.endswith("-office-pc") for ns in list_namespaces())
     assert not any(ns.startswith("p2pv-mine") for ns in list_namespaces())
+
+
+def _complete(*words: str) -> list[str]:
+    """What bash offers after ``p2pvbd WORDS…`` (the last word is the one being typed)."""
+    script = _p2pvbd("completion", "bash").stdout
+    line = " ".join(f"'{w}'" for w in ("p2pvbd", *words))
+    res = subprocess.run(["bash", "-c", f'{script}\nCOMP_WORDS=({line}); COMP_CWORD={len(words)}; '
+                          '_p2pvbd_complete; printf "%s\\n" "${COMPREPLY[@]}"'],
+                         capture_output=True, text=True, timeout=60, check=True)
+    return sorted(res.stdout.split())
+
+
+def test_version_and_shell_completion() -> None:
+    from p2pvbd import __version__
+
+    res = _p2pvbd("--version")
+    assert res.returncode == 0 and res.stdout.strip() == f"p2pvbd {__version__}"
+    assert _complete("di") == ["disk"]
+    assert _complete("disk", "c") == ["claim", "create"]
+    assert _complete("disk", "create", "vm1", "--s") == ["--size"]
+    assert _complete("--home", "/tmp/h", "disk", "create", "--b") == ["--block-size"]
+    assert "--to" in _complete("migrate", "vm1", "--")

@@ -502,7 +502,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", metavar="/dev/nbdN", help="the nbd device to use (kernel nbd module only)")
     sp = add("detach", cmd_detach, "disconnect a disk attached with 'attach'")
     sp.add_argument("disk")
+    sp = add("completion", cmd_completion, "print a shell completion script: eval \"$(p2pvbd completion bash)\"")
+    sp.add_argument("shell", choices=("bash",))
     return p
+
+
+def cmd_completion(args: argparse.Namespace) -> None:
+    from p2pvbd.cli.completion import bash_script
+
+    print(bash_script(build_parser()), end="")
 
 
 def main(argv: list[str] | None = None) -> None:
