@@ -83,6 +83,15 @@ def test_daemon_start_failure_is_one_line_in_the_log_too(make_host: Callable[...
     words = f"cannot listen on 127.0.0.1:{h.port} (address in use): change listen in {h.home / 'config.toml'}"
     _assert_one_line_error(res, words)
     assert words in log_file.read_text()
+    config = h.home / "config.toml"
+    good = config.read_text()
+    for listen, problem in (("nosuchhost.invalid:7000", "cannot listen on nosuchhost.invalid:7000 (no such address"),
+                            ("127.0.0.1:port", "not a HOST:PORT address: '127.0.0.1:port'")):
+        config.write_text(good.replace(f"127.0.0.1:{h.port}", listen))
+        res = subprocess.run([BIN, "daemon", "--home", str(h.home)], capture_output=True, text=True, timeout=60)
+        _assert_one_line_error(res, f"{problem}")
+        assert f"change listen in {config}" in res.stderr
+    config.write_text(good)
     h.start()  # nothing was left behind: the same home starts once the port is free
 
 

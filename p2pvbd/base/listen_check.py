@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import socket
 
-from p2pvbd.base.home import HomeError, parse_hostport
+from p2pvbd.base.home import AddressError, HomeError, parse_hostport
 
 # What a peer address needs (swarm/node.py): TCP port P for peer links and UDP port P for the index.
 PEER_SOCKET_KINDS = (socket.SOCK_STREAM, socket.SOCK_DGRAM)
@@ -58,5 +58,9 @@ def listen_problem(listen: str) -> str | None:
 
 def check_listen(listen: str, fix: str) -> None:
     """Raise ListenError, one line ending in ``fix`` (what to change, and where), unless ``listen`` works."""
-    if (problem := listen_problem(listen)) is not None:
+    try:
+        problem = listen_problem(listen)
+    except AddressError as e:
+        raise ListenError(f"{e}: {fix}") from None
+    if problem is not None:
         raise ListenError(f"cannot listen on {listen} ({problem}): {fix}")
