@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,20 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the network harness lives in tests/
 
+from p2pvbd.base.listen_check import listen_problem  # noqa: E402
 from tests.daemons import PEER_PORT_IN_NAMESPACE, free_port  # noqa: E402
-from tests.netns import Network, unavailable_reason  # noqa: E402
+from tests.netns import PREFIX, Network, unavailable_reason  # noqa: E402
 
 BIN = Path(sys.executable).parent / "p2pvbd"
 # Each machine's link to the others, both directions: a typical home or office ethernet/fibre line.
 LINK_RATE = "100mbit"
+# The demo's settings, for running it beside daemons or namespaces that already use the defaults.
+PORT_ENV = "P2PVBD_DEMO_PORT"
+NETNS_PREFIX_ENV = "P2PVBD_DEMO_NETNS_PREFIX"
+# On loopback the machines take PORT, PORT+10, PORT+20: each uses P and P+1 (joins), with room to spare.
+LOOPBACK_PORT_STEP = 10
+# The last machine's join port (P+1 of PORT+20) must still be a port.
+MAX_DEMO_PORT = 65535 - 21
 # A daemon answers on its control socket within moments; this bounds a broken start on a busy machine.
 READY_SECONDS = 30.0
 # Swarm records (a new disk, a new replica) spread through the index within a publish round or two.
@@ -144,15 +153,34 @@ def wait_until(ready: Callable[[], bool], seconds: float, what: str,
         time.sleep(0.2)
 
 
+def demo_settings(environ: Mapping[str, str]) -> tuple[int | None, str]:
+    """The peer port (P2PVBD_DEMO_PORT; None: 7420 in namespaces, free ports on loopback) and the
+    namespace name prefix (P2PVBD_DEMO_NETNS_PREFIX), so the demo runs beside anything using the defaults."""
+    port_text = environ.get(PORT_ENV, "")
+    port = None
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) <= MAX_DEMO_PORT:
+            raise DemoError(f"{PORT_ENV}={port_text!r}: a port from 1 to {MAX_DEMO_PORT}")
+        port = int(port_text)
+    prefix = environ.get(NETNS_PREFIX_ENV, PREFIX)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,12}", prefix):
+        raise DemoError(f"{NETNS_PREFIX_ENV}={prefix!r}: 1-12 letters, digits, '_', '.' or '-'")
+    return port, prefix
+
+
 def make_machines(names: list[str], work: Path, use_netns: bool, stack: ExitStack) -> list[Machine]:
     """The machines, not yet initialised; `stack` stops their daemons and removes their namespaces."""
+    port, prefix = demo_settings(os.environ)
     machines: list[Machine] = []
-    net = stack.enter_context(Network()) if use_netns else None
+    net = stack.enter_context(Network(prefix=prefix)) if use_netns else None
     stack.callback(lambda: [m.stop() for m in machines])  # runs before the network goes away
-    for name in names:
+    for i, name in enumerate(names):
         if net is not None:
             ns = net.add_host(name, upload=LINK_RATE, download=LINK_RATE)
-            machines.append(Machine(name, work / name, ns.exec_prefix(), ns.address, PEER_PORT_IN_NAMESPACE))
+            machines.append(Machine(name, work / name, ns.exec_prefix(), ns.address, port or PEER_PORT_IN_NAMESPACE))
         else:
-            machines.append(Machine(name, work / name, [], "127.0.0.1", free_port()))
+            mine = free_port() if port is None else port + i * LOOPBACK_PORT_STEP
+            if port is not None and (problem := listen_problem(f"127.0.0.1:{mine}")) is not None:
+                raise DemoError(f"port {mine} of {PORT_ENV}={port} cannot be used ({problem}): choose another")
+            machines.append(Machine(name, work / name, [], "127.0.0.1", mine))
     return machines

@@ -22,6 +22,8 @@ from p2pvbd.base import admission
 from p2pvbd.base.control import ControlError, serve_control
 from p2pvbd.base.control_ops import ControlOps, OpHandler
 from p2pvbd.base.home import Config, Home, HomeError, check_name, is_loopback, parse_nbd_tcp
+from p2pvbd.base.listen_check import check_listen
+from p2pvbd.base.units import SIZE_RULE
 from p2pvbd.kernel_hook_ctl import ExportMode, HookController
 from p2pvbd.libvirt.service import LibvirtService
 from p2pvbd.migrate import DEFAULT_MAX_DOWNTIME_MS
@@ -31,7 +33,7 @@ from p2pvbd.migration.pull import PullState
 from p2pvbd.migration.replication import Replication
 from p2pvbd.migration.target import MigrationTarget
 from p2pvbd.nbd import tls as nbd_tls
-from p2pvbd.nbd.server import TcpEndpoint, serve_nbd
+from p2pvbd.nbd.server import NbdListenError, TcpEndpoint, serve_nbd
 from p2pvbd.replica_store import DEFAULT_BLOCK_SIZE, ReplicaStore
 from p2pvbd.store import store_delete
 from p2pvbd.swarm import invites, trust
@@ -65,6 +67,10 @@ SECTOR = 512
 # The event-loop watch: how often it looks (10 wake-ups a second cost next to nothing), and the delay
 # worth a warning (a guest sees it as a stall; the switchover target is 50 ms, so 100 ms is a problem).
 LOOP_WATCH_INTERVAL = 0.1
+# `sync NAME` of a disk the catalog does not list: its creator publishes at once (request_publish), so
+# the index has it within a round trip or two; this long covers a loaded machine, and is what a typo costs.
+CATALOG_WAIT_SECONDS = 2.0
+CATALOG_POLL_SECONDS = 0.2
 LOOP_STALL_WARNING = 0.1
 
 
@@ -242,6 +248,13 @@ class Daemon:
         self.cancel_scope.cancel()
 
     async def op_disk_create(self, name: str, size: int, block_size: int = DEFAULT_BLOCK_SIZE) -> dict[str, Any]:
+        if 0 < size < block_size and size % SECTOR == 0:  # `--size 512` meant more than 512 bytes
+            raise ControlError(f"a disk of {size} bytes is smaller than one block ({block_size} bytes): sizes take "
+                               f"{SIZE_RULE}")
+        return await self._create_disk(name, size, block_size)
+
+    async def _create_disk(self, name: str, size: int, block_size: int) -> dict[str, Any]:
+        """A new disk of any whole number of sectors: an imported image may be smaller than a block."""
         check_name("disk", name)
         if self.ctl.get(name) is not None:
             raise ControlError(f"disk {name!r} already exists")
@@ -266,7 +279,7 @@ class Daemon:
         except OSError as e:
             raise ControlError(f"cannot read {path}: {e.strerror}") from e
         size = max(SECTOR, -(-size // SECTOR) * SECTOR)
-        info = await self.op_disk_create(name, size, block_size)
+        info = await self._create_disk(name, size, block_size)
         written = 0
         async with await src.open("rb") as f:
             offset = 0
@@ -368,6 +381,7 @@ class Daemon:
     async def op_sync(self, disk: str, sources: list[str] | None = None) -> dict[str, Any]:
         """Start pulling ``disk`` up to the owner's versions; `job` reports progress."""
         check_name("disk", disk)
+        await self._known_disk(disk)
         # a VM move's job names a VM, not a disk: only syncs and disk migrations count here
         if any(getattr(p, "disk", None) == disk and p.finished is None for p in self.jobs.values()):
             raise ControlError(f"a sync of {disk} is already running")
@@ -378,6 +392,16 @@ class Daemon:
         assert self._nursery is not None
         self._nursery.start_soon(self._run_sync, disk, sources, progress)
         return {"job": job}
+
+    async def _known_disk(self, disk: str) -> None:
+        """Refuse a mistyped name at once, not after the pull's wait for an owner (pull.INDEX_WAIT_SECONDS):
+        a disk made a moment ago on another host is in the index's catalog within CATALOG_WAIT_SECONDS."""
+        with trio.move_on_after(CATALOG_WAIT_SECONDS):
+            while True:
+                if disk in await self.swarm.known_disks():
+                    return
+                await trio.sleep(CATALOG_POLL_SECONDS)
+        raise ControlError(f"no disk named {disk!r} is known in this swarm (p2pvbd status lists them)")
 
     async def _run_sync(self, disk: str, sources: list[str] | None, progress: SyncProgress) -> None:
         from p2pvbd.migration.fetcher import SyncError
@@ -419,6 +443,9 @@ class Daemon:
                 raise ControlError(f"host {self.config.name} does not own {disk!r}")
             if disk in self.swarm.migrations and self.swarm.migrations[disk].finished is None:
                 raise ControlError(f"{disk} is already migrating")
+            if (vm := self.vms.running_on(disk)) is not None:
+                raise ControlError(f"{disk} is a disk of VM {vm}, running here: move them together with "
+                                   f"'p2pvbd migrate {vm} --to {to}'")
         if to == self.config.name:
             raise ControlError(f"{', '.join(disks)} already live(s) on {to}")
         jobs = []
@@ -539,6 +566,11 @@ def run_daemon(home: Home, vm_timeout: float = DEFAULT_VM_SHUTDOWN_SECONDS) -> N
     config = home.load_config()
     failpoints.configure(os.environ)
     fd = _lock_home(home)
+    try:
+        check_listen(config.listen, f"change listen in {home.config_path}")
+    except HomeError:
+        os.close(fd)
+        raise
     home.secure()  # a home made by an older version, or by hand, may be open to other users
     before, after = admission.raise_descriptor_limit()
     log.info("open-descriptor limit %d%s", after, f" (raised from {before})" if after != before else "")
@@ -547,6 +579,8 @@ def run_daemon(home: Home, vm_timeout: float = DEFAULT_VM_SHUTDOWN_SECONDS) -> N
     except BaseExceptionGroup as group:
         # A service that cannot start for a reason the user can fix (an NBD address in use) says so in one line.
         errors = _leaves(group)
+        if len(errors) == 1 and isinstance(errors[0], NbdListenError):
+            raise HomeError(f"{errors[0]}: change nbd_tcp in {home.config_path}") from None
         if len(errors) == 1 and isinstance(errors[0], HomeError):
             raise errors[0] from None
         raise

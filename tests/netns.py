@@ -326,7 +326,7 @@ class Network:
     Context manager; ``close()`` is idempotent and also runs at interpreter exit.
     """
 
-    def __init__(self, subnet: str = "10.77.0.0/24") -> None:
+    def __init__(self, subnet: str = "10.77.0.0/24", prefix: str = PREFIX) -> None:
         reason = unavailable_reason()
         if reason is not None:
             raise NetnsError(reason)
@@ -334,7 +334,7 @@ class Network:
         if not self.subnet.is_private:
             raise ValueError(f"subnet {subnet} is not private")
         self._addresses = self.subnet.hosts()
-        self.prefix = f"{PREFIX}{os.getpid()}-{next(_counter)}-"
+        self.prefix = f"{prefix}{os.getpid()}-{next(_counter)}-"
         self.ns = self.prefix + "br"
         self.hosts: dict[str, NsHost] = {}
         self._index = itertools.count(1)

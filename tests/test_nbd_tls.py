@@ -410,4 +410,5 @@ def test_a_daemon_whose_nbd_port_is_taken_says_so(tmp_path: Path) -> None:
         Host(home, "office-pc", "--nbd-tcp", f"127.0.0.1:{port}")
         res = _p2pvbd("daemon", "--home", str(home), "--log-file", str(tmp_path / "log"))
     assert res.returncode == 1, res
-    assert res.stderr.strip() == f"p2pvbd: error: cannot serve NBD on 127.0.0.1:{port}: Address already in use"
+    assert res.stderr.strip() == (f"p2pvbd: error: cannot serve NBD on 127.0.0.1:{port}: Address already in use: "
+                                  f"change nbd_tcp in {home / 'config.toml'}")

@@ -136,7 +136,9 @@ class Config:
     """HOME/config.toml. Unknown keys are kept so newer versions' settings survive a rewrite."""
 
     name: str
-    listen: str = f"127.0.0.1:{DEFAULT_PEER_PORT}"
+    # Every address, so other machines reach a host set up with no --listen; TLS with swarm certificates is
+    # the guard (only members get a connection).
+    listen: str = f"0.0.0.0:{DEFAULT_PEER_PORT}"
     nbd_tcp: str = ""
     bootstrap: list[str] = field(default_factory=list)
     extra: dict[str, object] = field(default_factory=dict)

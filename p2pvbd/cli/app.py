@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 from functools import partial
@@ -12,17 +13,28 @@ from typing import Any
 
 from p2pvbd import __version__
 from p2pvbd.base.control import ControlError
-from p2pvbd.base.home import HomeError, is_loopback, parse_nbd_tcp, wait_for_daemon_exit
-from p2pvbd.base.units import format_size
+from p2pvbd.base.home import (
+    Config,
+    HomeError,
+    is_ip,
+    is_loopback,
+    parse_hostport,
+    parse_nbd_tcp,
+    wait_for_daemon_exit,
+)
+from p2pvbd.base.listen_check import check_listen
+from p2pvbd.base.units import SIZE_RULE, format_size
 from p2pvbd.cli.attach import AttachError, attach, detach
-from p2pvbd.cli.common import ask, console, fail, home_of, print_json
+from p2pvbd.cli.common import ask, console, fail, home_of, print_json, setup_daemon_logging
 from p2pvbd.cli.common import rate_arg as _rate
 from p2pvbd.cli.common import size_arg as _size
+from p2pvbd.store.capacity import capacity_warnings
 
 # How often `sync` and `migrate` redraw their progress from the daemon.
 JOB_POLL_SECONDS = 0.2
 # Stopping flushes and checkpoints every disk; a large journal may take a while to write out.
 STOP_WAIT_SECONDS = 60.0
+LISTEN_FIX = "choose another with --listen HOST:PORT"
 NBD_TCP_HELP = ("also serve NBD over TLS on this TCP address (an IP address or localhost; port 10809 if omitted); "
                 "clients need a certificate from 'p2pvbd nbd-client-cert'")
 
@@ -39,11 +51,20 @@ def cmd_init(args: argparse.Namespace) -> None:
     from p2pvbd.swarm import trust
 
     home = home_of(args)
+    home.check_new(args.name, listen=args.listen, nbd_tcp=args.nbd_tcp or "")
+    check_listen(args.listen or Config.listen, LISTEN_FIX)
     cfg = home.init(args.name, listen=args.listen, nbd_tcp=args.nbd_tcp or "")
     identity = trust.create_swarm(home.path, cfg.name)
-    print(f"initialised host {cfg.name} in {home.path}: a new swarm (CA {identity.ca_fingerprint[:16]}…), "
-          f"peers reach it on {cfg.listen}")
+    print(f"initialised host {cfg.name} in {home.path}: a new swarm (CA {identity.ca_fingerprint[:16]}…); "
+          f"{_listening(cfg.listen)}")
     _print_nbd_tcp(cfg.nbd_tcp)
+
+
+def _listening(listen: str) -> str:
+    """Say where peers connect and what guards it: a new user should not have to read the config to know."""
+    host, _ = parse_hostport(listen)
+    who = "this machine only" if host and is_ip(host) and is_loopback(host) else "members only"
+    return f"listening on {listen} (TLS, {who})"
 
 
 def _print_nbd_tcp(nbd_tcp: str) -> None:
@@ -68,12 +89,13 @@ def cmd_join(args: argparse.Namespace) -> None:
     try:
         invite = invites.parse_invite(args.token)
         home.check_new(args.name, listen=args.listen, nbd_tcp=args.nbd_tcp or "")
+        check_listen(args.listen or Config.listen, LISTEN_FIX)  # before the token is spent
         identity = trio.run(partial(join_swarm, home.path, args.token, args.name))
     except trust.TrustError as e:
         fail(str(e))
     cfg = home.init(args.name, listen=args.listen, nbd_tcp=args.nbd_tcp or "", bootstrap=invite.addresses)
     print(f"host {identity.name} joined the swarm (CA {identity.ca_fingerprint[:16]}…) in {home.path}; "
-          f"peers reach it on {cfg.listen}")
+          f"{_listening(cfg.listen)}")
     _print_nbd_tcp(cfg.nbd_tcp)
 
 
@@ -121,13 +143,20 @@ def cmd_daemon(args: argparse.Namespace) -> None:
     from p2pvbd.migration.failpoints import FailpointError
     from p2pvbd.swarm.trust import TrustError
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        filename=args.log_file)
+    setup_daemon_logging(args.log_file, args.verbose)
+    log = logging.getLogger("p2pvbd.daemon")
     try:
         run_daemon(home_of(args), **({} if args.vm_timeout is None else {"vm_timeout": args.vm_timeout}))
-    except (FailpointError, TrustError) as e:
+    except (FailpointError, TrustError, HomeError) as e:
+        if args.log_file:  # where a service's user looks; on a terminal the line below says it
+            log.error("cannot run the daemon: %s", e)
         fail(str(e))
+    except Exception as e:
+        # the traceback goes to the log file (or, with -v, to the terminal), the terminal gets one line
+        if args.log_file or args.verbose:
+            log.error("the daemon stopped on an unexpected error", exc_info=True)
+        fail(f"the daemon stopped on an unexpected error: {e!r}"
+             + (f" (details in {args.log_file})" if args.log_file else ""))
 
 
 def cmd_nbd_client_cert(args: argparse.Namespace) -> None:
@@ -170,6 +199,20 @@ def cmd_stop(args: argparse.Namespace) -> None:
 def cmd_disk_create(args: argparse.Namespace) -> None:
     info = ask(args, "disk_create", name=args.disk, size=args.size, block_size=args.block_size)
     print(f"created disk {info['name']}: {format_size(info['size'])}, blocks of {format_size(info['block_size'])}")
+    fs = os.statvfs(home_of(args).disks_dir)
+    for warning in capacity_warnings(info["size"], info["block_size"], fs.f_bavail * fs.f_frsize, _available_memory()):
+        print(f"p2pvbd: warning: {warning}", file=sys.stderr)
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo (what can be had without swapping), None where there is none."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def cmd_disk_import(args: argparse.Namespace) -> None:
@@ -424,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = disk.add_subparsers(dest="disk_command", required=True, metavar="SUBCOMMAND")
     sp = add("create", cmd_disk_create, "create an empty disk owned by this host", into=dsub)
     sp.add_argument("disk")
-    sp.add_argument("--size", type=_size, required=True, help="e.g. 20G")
+    sp.add_argument("--size", type=_size, required=True,
+                    help=f"e.g. 20G, at least one block: {SIZE_RULE}".replace("%", "%%"))
     sp.add_argument("--block-size", type=_size, default=64 * 1024, help="versioning granularity (default 64K)")
     sp = add("import", cmd_disk_import, "create a disk from a raw image file", into=dsub)
     sp.add_argument("disk")
@@ -482,7 +526,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", metavar="/dev/nbdN", help="the nbd device to use (kernel nbd module only)")
     sp = add("detach", cmd_detach, "disconnect a disk attached with 'attach'")
     sp.add_argument("disk")
+    sp = add("completion", cmd_completion, "print a shell completion script: eval \"$(p2pvbd completion bash)\"")
+    sp.add_argument("shell", choices=("bash",))
     return p
+
+
+def cmd_completion(args: argparse.Namespace) -> None:
+    from p2pvbd.cli.completion import bash_script
+
+    print(bash_script(build_parser()), end="")
 
 
 def main(argv: list[str] | None = None) -> None:

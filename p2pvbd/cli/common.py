@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import sys
 from typing import Any, NoReturn
@@ -12,6 +13,9 @@ from p2pvbd.base.control import call
 from p2pvbd.base.home import Home, resolve_home
 from p2pvbd.base.units import parse_size
 
+# Libraries log their own chatter at INFO (kademlia: every lookup and refresh, 99.9% of a quiet daemon's
+# lines with two peers); below -v only their warnings and errors are worth a line.
+THIRD_PARTY_LEVEL = logging.WARNING
 # Width of tables written to a pipe or file: every column of status (nine) fits with long host names.
 PIPED_WIDTH = 160
 
@@ -19,6 +23,22 @@ PIPED_WIDTH = 160
 def fail(message: str) -> NoReturn:
     print(f"p2pvbd: error: {message}", file=sys.stderr)
     raise SystemExit(1)
+
+
+class _OwnOrWarning(logging.Filter):
+    """Pass p2pvbd's own records at any level, other loggers' from THIRD_PARTY_LEVEL up."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.split(".", 1)[0] == "p2pvbd" or record.levelno >= THIRD_PARTY_LEVEL
+
+
+def setup_daemon_logging(log_file: str | None, verbose: bool) -> None:
+    """The daemon's log: p2pvbd at INFO (DEBUG with -v), libraries at WARNING unless -v shows them all."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", filename=log_file)
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_OwnOrWarning())
 
 
 def home_of(args: argparse.Namespace) -> Home:

@@ -104,6 +104,8 @@ class Replication:
             owner = local.store.owner if local is not None else (await self.swarm.owner_of(disk))[0]
             raise ValueError(f"only the owner of {disk} sets its replication" + (f": run this on {owner}"
                                                                               if owner else ""))
+        if unknown := sorted(set(add) - await self.swarm.known_hosts()):
+            raise ValueError(f"no host {', '.join(unknown)} is known in this swarm (p2pvbd peers)")
         await self.refresh()
         known = self.policies.get(disk)
         hosts = [h for h in (known.hosts if known else ()) if h not in remove]

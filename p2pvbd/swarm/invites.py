@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
 
 from p2pvbd.base.files import atomic_write
+from p2pvbd.swarm.revoked import REVOKED_FILE, RevocationBook
 from p2pvbd.swarm.trust import (
     SWARM_SECRET_BYTES,
     HostIdentity,
@@ -306,6 +307,9 @@ def accept_join(identity: HostIdentity, body: dict[str, Any], now: float) -> dic
     expected = join_proof(bytes.fromhex(record.secret), public_key_raw(csr.public_key()), name)  # type: ignore[arg-type]
     if not hmac.compare_digest(expected, proof):
         raise InviteError("join proof does not match the invite secret")
+    if RevocationBook(identity.trust_dir / REVOKED_FILE, identity.ca_cert.public_key()).revokes(name):  # type: ignore[arg-type]
+        # its old certificate is refused everywhere: a new one under the name would be isolated at once
+        raise InviteError(f"{name} was revoked; choose another name")
     cert = sign_host_csr(identity.ca_key, identity.ca_cert, csr, name, taken_names(identity), now=now)
     consume_invite(identity.home, invite_id, now, used_by=name)
     return {"ca": identity.ca_pem, "cert": cert_to_pem(cert), "swarm_secret": identity.swarm_secret,

@@ -783,6 +783,15 @@ class Swarm:
             summary = replace(summary, extra={"migration": self._migration(disk)})
         return summary
 
+    async def known_hosts(self) -> set[str]:
+        """Every member this host knows of, to refuse a mistyped name at once: itself, the hosts in the
+        index's catalog and in its address book, and on the founder every name its CA issued; none revoked."""
+        names = {self.name, *self.book.hosts}
+        names.update(str(r.payload.get("host", r.publisher)) for r in await self.dht.lookup("catalog", CATALOG_KEY))
+        if self.identity.can_invite:
+            names.update(await trio.to_thread.run_sync(invites.taken_names, self.identity))
+        return {n for n in names if not self.revoked.revokes(n)}
+
     async def known_disks(self) -> list[str]:
         names = set(self.ctl.names())
         for rec in await self.dht.lookup("catalog", CATALOG_KEY):

@@ -372,6 +372,15 @@ class VmService:
         progress = self.moves[name] = VmMoveProgress(name, self.swarm.name, to, mode, disks)
         return progress
 
+    def running_on(self, disk: str) -> str | None:
+        """The VM running here on ``disk``, if any: moving the disk alone would leave it here reading
+        every block over the network."""
+        for name in list(self.runner.running):
+            vm = self.book.get(name)
+            if vm is not None and disk in vm.disks and self.runs_here(name):
+                return name
+        return None
+
     def runs_here(self, name: str) -> bool:
         rv = self.runner.running.get(name)
         return rv is not None and not rv.exited.is_set()
