@@ -4,10 +4,12 @@ office-pc, home-pc and car-pc are three machines: network namespaces with 100 Mb
 root, loopback ports otherwise (or with --loopback). office-pc owns a disk with data; home-pc holds a
 partial, partly stale replica; a VM (QEMU, TCG unless KVM works here) runs on office-pc with that disk,
 its guest writing and verifying records, while `p2pvbd migrate workvm --to car-pc` moves it, memory and
-disk. Then `status` and a summary: the VM's pause, duration, bytes from each peer, and whether every
-record the guest saw written is on car-pc. Where QEMU or a guest kernel is missing, a libnbd guest
-writes to the disk instead while `p2pvbd migrate vm1 --to car-pc` moves the disk alone, and car-pc's disk
-must equal exactly what that guest was promised. The exit code is non-zero when any check fails.
+disk. Then `status`, the VM's return to office-pc (which kept the memory it left with, so only what
+changed since crosses), and a summary: the VM's pause, duration, bytes from each peer, what its memory
+cost each way, and whether every record the guest saw written is on the disk. Where QEMU or a guest
+kernel is missing, a libnbd guest writes to the disk instead while `p2pvbd migrate vm1 --to car-pc`
+moves the disk alone, and car-pc's disk must equal exactly what that guest was promised. The exit code
+is non-zero when any check fails.
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ VM_RECORDS = 400
 VM_APPEND = ("console=ttyS0 quiet panic=-1 workload=write workload_delay_ms=5 workload_mem_mb=8 "
              f"workload_slots={VM_RECORDS}")
 VM_RECORDS_AFTER = 30
+# The return move must send less than this fraction of the first move's memory: the guest's 8 MiB of
+# checked memory and its kernel stay as they were, so what crosses back is what the guest changed.
+RETURN_SHARE = 4
 # How often the migration's progress is printed.
 PROGRESS_SECONDS = 1.0
 # Bounds for a stuck step on a busy machine; normal runs take a fraction of these.
@@ -130,31 +135,47 @@ def records(machine: Machine) -> int:
     return int(found[-1].split()[1]) if found else 0
 
 
-def vm_check(car: Machine, office: Machine, files: tuple[Path, Path], work: Path) -> tuple[bool, str]:
-    """After the move: the guest writes on at car-pc, with no failed write or memory check anywhere; then,
-    with the VM stopped, a second guest reads every slot back and finds each record the first one saw
-    written."""
+def guest_writes_on(here: Machine, since: int) -> None:
+    """Wait for the VM's guest to write VM_RECORDS_AFTER records at ``here`` past record ``since``."""
+    try:
+        wait_until(lambda: records(here) >= since + VM_RECORDS_AFTER, GUEST_SECONDS,
+                   f"the guest to write on at {here.name}")
+    except DemoError as e:
+        log = here.home / "vms" / VM_NAME / "serial.log"
+        tail = log.read_bytes()[-600:].decode(errors="replace") if log.exists() else "(none)"
+        raise DemoError(f"{e}; {here.name}'s serial log ends:\n{tail}") from None
+
+
+def vm_check(at: Machine, machines: list[Machine], files: tuple[Path, Path], work: Path,
+             moved_at: int) -> tuple[bool, str]:
+    """With the VM stopped at ``at``, a second guest reads every slot back there and finds each record the
+    first one saw written; no write or memory check failed on any host it ran on."""
     from tests.vm_guest import ERR, verify_records
 
-    moved_at = records(office)
-    try:
-        wait_until(lambda: records(car) >= moved_at + VM_RECORDS_AFTER, GUEST_SECONDS,
-                   "the guest to write on at car-pc")
-    except DemoError as e:
-        log = car.home / "vms" / VM_NAME / "serial.log"
-        tail = log.read_bytes()[-600:].decode(errors="replace") if log.exists() else "(none)"
-        raise DemoError(f"{e}; car-pc's serial log ends:\n{tail}") from None
-    car.run(BIN, "vm", "list")
-    car.run(BIN, "vm", "stop", VM_NAME, "--timeout", "0")
+    at.run(BIN, "vm", "list")
+    at.run(BIN, "vm", "stop", VM_NAME, "--timeout", "0")
     errors = sum(len(ERR.findall((m.home / "vms" / VM_NAME / "serial.log").read_bytes()))
-                 for m in (office, car) if (m.home / "vms" / VM_NAME / "serial.log").exists())
-    last = max(records(office), records(car))
-    result = verify_records(work / "verify", *files, car.home / "nbd.sock", "vm1", last, slots=VM_RECORDS)
+                 for m in machines if (m.home / "vms" / VM_NAME / "serial.log").exists())
+    last = max(records(m) for m in machines)
+    result = verify_records(work / "verify", *files, at.home / "nbd.sock", "vm1", last, slots=VM_RECORDS)
     ok = errors == 0 and result["bad"] == 0 and result["stale"] == 0 and result["maxseq"] >= last
-    detail = (f"{last} records ({moved_at} on office-pc), {errors} failed writes; read back on car-pc: "
-              f"{result['bad']} bad, {result['stale']} stale")
+    detail = (f"{last} records ({moved_at} before the first move), {errors} failed writes; read back on "
+              f"{at.name}: {result['bad']} bad, {result['stale']} stale")
     note(f"the guest: {detail}")
     return ok, detail
+
+
+def move_back(car: Machine, office: Machine) -> dict[str, Any]:
+    """`car-pc$ p2pvbd migrate workvm --to office-pc --json`: the VM returns to the host that kept the memory
+    it left with, so only what changed since crosses."""
+    cmd = (BIN, "migrate", VM_NAME, "--to", "office-pc", "--json")
+    car.show(cmd)
+    res = subprocess.run(car.argv(cmd), capture_output=True, text=True, env=car.env, timeout=MIGRATE_SECONDS)
+    print((res.stdout + res.stderr).rstrip(), flush=True)
+    back: dict[str, Any] = json.loads(res.stdout) if res.stdout.strip() else {"error": res.stderr.strip()}
+    if res.returncode != 0 and not back.get("error"):
+        back["error"] = f"exit code {res.returncode}"
+    return back
 
 
 def start_guest(office: Machine, work: Path, stack: ExitStack) -> subprocess.Popen[bytes] | None:
@@ -270,10 +291,10 @@ def story(work: Path, use_netns: bool, why: str, stack: ExitStack) -> bool:
     time.sleep(0.5)  # the guest's connection to office-pc is forwarded to car-pc now
 
     say("5. Afterwards: car-pc owns vm1, holds all of it, and has every write the guest was promised")
-    if files is not None:
-        model_ok, guest_detail = vm_check(car, office, files, work) if not summary.get("error") else (False, "-")
-        guest_ok = model_ok
-    else:
+    moved_at = records(office)
+    if files is not None and not summary.get("error"):
+        guest_writes_on(car, moved_at)
+    elif files is None:
         model_ok, guest_ok, guest_detail = model_check(car, guest, work)
     car.run(BIN, "status")
     coverage = holders(car, "vm1").get("car-pc", 0.0)
@@ -283,13 +304,30 @@ def story(work: Path, use_netns: bool, why: str, stack: ExitStack) -> bool:
     refused = any(m in attempt for m in ("Permission denied", "Operation not permitted"))
     note(f"a new writer on office-pc is refused: {refused}")
     migrated = res.returncode == 0 and not summary.get("error")
+    back: dict[str, Any] = {}
+    if files is not None:
+        if migrated:
+            say("6. The VM comes back to office-pc, which kept the memory it left with: only what changed "
+                "since crosses")
+            back = move_back(car, office)
+            if not back.get("error"):
+                guest_writes_on(office, records(car))
+        at = office if back and not back.get("error") else car
+        model_ok, guest_detail = vm_check(at, [office, car], files, work, moved_at) if migrated else (False, "-")
+        guest_ok = model_ok
     checks = [("migrate", f"exit code {res.returncode}", migrated),
               ("guest", guest_detail, guest_ok),
               ("model check", "car-pc's disk = what the guest wrote" if model_ok else "car-pc's disk differs",
-               model_ok) if files is None else ("VM", "runs on car-pc, then stopped there", model_ok),
+               model_ok) if files is None else ("VM", "ran on car-pc and back, then stopped", model_ok),
               ("coverage on car-pc", f"{coverage:.3f}", coverage == 1.0),
               ("verify on car-pc", "ok" if verified else "mismatch", verified),
               ("office-pc after", "refuses writes" if refused else "still takes writes", refused)]
+    if files is not None:
+        sent, first = back.get("ram_wire_bytes", 0), summary.get("ram_wire_bytes", 0)
+        checks.append(("memory back to office-pc", back["error"] if back.get("error") else
+                       f"{format_size(sent)} sent of QEMU's {format_size(back.get('ram_bytes', 0))} "
+                       f"(the first move sent {format_size(first)})",
+                       not back.get("error") and 0 < sent < first / RETURN_SHARE))
     print_summary(f"{LINK_RATE} namespaces" if use_netns else "loopback", summary, checks)
     return all(ok for _, _, ok in checks)
 
@@ -300,7 +338,9 @@ def print_summary(mode: str, summary: dict[str, Any], checks: list[tuple[str, st
     if not summary.get("error") and "vm" in summary:
         table.add_row("VM paused", f"{summary['vm_downtime_ms']:.0f} ms (memory and disk switch-over)")
         table.add_row("duration", f"{summary['duration_s']:.1f} s")
-        table.add_row("memory moved", format_size(summary["ram_bytes"]))
+        table.add_row("memory moved", f"QEMU's stream {format_size(summary['ram_bytes'])}, "
+                      f"{format_size(summary['ram_wire_bytes'])} on the wire (pages the disk replica holds "
+                      "go by reference)")
         for disk in summary["disks"]:
             for host, n in sorted(disk["bytes_from"].items()):
                 table.add_row(f"{disk['disk']} from {host}", f"{format_size(n)} ({n} bytes)")

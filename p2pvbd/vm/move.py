@@ -62,6 +62,10 @@ RAM_DOWNTIME_SHARE = 0.5
 # The destination announces at most this many digest prefixes of the pages it holds (4 bytes each, well
 # inside a peer frame): a 4 GiB guest's pages.
 MAX_HELD_PREFIXES = 1 << 20
+# QEMU's own cap on its migration stream (its default is 128 MiB/s): the relay's window already holds QEMU
+# to what the link takes, and a stream of pages the destination holds, sent as references, should run at
+# the speed pages can be hashed (~1 GB/s), not take 8 s per GiB of memory.
+RAM_QEMU_MAX_BANDWIDTH = 8 << 30
 # Chunks in flight: keeps a link with 10-50 ms round trips busy; the destination writes them in order.
 RAM_WINDOW = 4
 # QEMU's migration of the RAM: the longest it may take to reach pre-switchover or to complete. A link
@@ -161,7 +165,8 @@ async def move_vm(swarm: Swarm, runner: VmRunner, vm: VmDefinition, dest: str, m
                 {"capability": "pause-before-switchover", "state": True}, {"capability": "events", "state": True}])
             ramp = DowntimeRamp(max_downtime_ms * RAM_DOWNTIME_SHARE)
             progress.ram_downtime_limit_ms = ramp.base_ms
-            await qmp.command("migrate-set-parameters", **{"downtime-limit": max(1, int(ramp.base_ms))})
+            await qmp.command("migrate-set-parameters", **{"downtime-limit": max(1, int(ramp.base_ms)),
+                                                             "max-bandwidth": RAM_QEMU_MAX_BANDWIDTH})
             started_qemu_migration = True
             await qmp.command("migrate", uri=f"unix:{rv.paths.outgoing}")
             with trio.fail_after(RAM_TIMEOUT):
