@@ -25,6 +25,7 @@ from p2pvbd.base.home import Config, Home, HomeError, check_name, is_loopback, p
 from p2pvbd.kernel_hook_ctl import ExportMode, HookController
 from p2pvbd.libvirt.service import LibvirtService
 from p2pvbd.migrate import DEFAULT_MAX_DOWNTIME_MS
+from p2pvbd.migration import cancel as job_cancel
 from p2pvbd.migration import failpoints
 from p2pvbd.migration.jobs import run_job
 from p2pvbd.migration.pull import PullState
@@ -59,6 +60,9 @@ SECTOR = 512
 # worth a warning (a guest sees it as a stall; the switchover target is 50 ms, so 100 ms is a problem).
 LOOP_WATCH_INTERVAL = 0.1
 LOOP_STALL_WARNING = 0.1
+# `jobs cancel` waits this long for the job to stop: a migration's source tells the destination it gave
+# up within 5 s (migrate.py's migrate_abort), a sync stops at its next request; past this it answers anyway.
+CANCEL_WAIT_SECONDS = 15.0
 
 
 
@@ -103,6 +107,7 @@ class Daemon:
         self.libvirt = LibvirtService(self.swarm, home.path, home.nbd_socket)
         self.services = attach_services(self.swarm, home.path, [*self.vms.ops(), *self.libvirt.ops()])
         self.jobs: dict[int, Any] = {}  # SyncProgress or MigrationProgress: both have as_dict()
+        self.cancels: dict[int, job_cancel.JobCancel] = {}  # the jobs a person may cancel
         # Every control command, by name; a ValueError, HomeError or FileExistsError from one is the user's.
         self.control = ControlOps(user_errors=(ValueError, HomeError, FileExistsError))
         self.control.add(self.control_ops())
@@ -198,6 +203,7 @@ class Daemon:
             "migrate": self.op_migrate,
             "replicate": self.op_replicate,
             "job": self.op_job,
+            "job_cancel": self.op_job_cancel,
             "verify": self.op_verify,
         }
 
@@ -315,16 +321,29 @@ class Daemon:
         from p2pvbd.migration.fetcher import SyncProgress
 
         progress = self.jobs[job] = SyncProgress(disk)
+        cancel = self.cancels[job] = job_cancel.JobCancel("sync", partial(self._sync_cancelled, progress))
         assert self._nursery is not None
-        self._nursery.start_soon(self._run_sync, disk, sources, progress)
+        self._nursery.start_soon(self._run_sync, disk, sources, progress, cancel)
         return {"job": job}
 
-    async def _run_sync(self, disk: str, sources: list[str] | None, progress: SyncProgress) -> None:
+    async def _run_sync(self, disk: str, sources: list[str] | None, progress: SyncProgress,
+                        cancel: job_cancel.JobCancel) -> None:
         from p2pvbd.migration.fetcher import SyncError
         from p2pvbd.migration.pull import sync_disk
 
         await run_job(f"sync of {disk}", progress, partial(sync_disk, self.swarm, self.services.pulls, disk, progress,
-                                                           sources), (SyncError, ValueError, OSError, PeerError))
+                                                           sources), (SyncError, ValueError, OSError, PeerError),
+                      cancel)
+
+    async def _sync_cancelled(self, progress: SyncProgress) -> str:
+        """What a cancelled sync kept: its blocks, made durable like a finished sync's."""
+        exp = self.ctl.get(progress.disk)
+        if exp is None:
+            return f"cancelled before a replica of {progress.disk} was made here"
+        await trio.to_thread.run_sync(exp.store.flush)
+        self.swarm.request_publish()
+        return job_cancel.sync_cancelled(progress.disk, progress.blocks_fetched, exp.store.held_blocks,
+                                         exp.store.n_blocks)
 
     async def op_jobs(self) -> list[dict[str, Any]]:
         """This host's syncs and migrations, then the pulls it ran as the destination of a migration."""
@@ -367,7 +386,9 @@ class Daemon:
             job = max(self.jobs, default=0) + 1
             progress = self.jobs[job] = self.swarm.migrations[disk] = MigrationProgress(disk, self.config.name, to,
                                                                                         mode)
-            self._nursery.start_soon(self._run_migration, progress, max_downtime_ms)
+            cancel = self.cancels[job] = job_cancel.JobCancel("migration",
+                                                              partial(self._migration_cancelled, progress))
+            self._nursery.start_soon(self._run_migration, progress, max_downtime_ms, cancel)
             jobs.append(job)
         return {"jobs": jobs}
 
@@ -383,20 +404,30 @@ class Daemon:
                 raise ControlError(f"{disk.disk} is already migrating")
         job = max(self.jobs, default=0) + 1
         self.jobs[job] = progress
+        cancel = self.cancels[job] = job_cancel.JobCancel("vm move", partial(self._vm_move_cancelled, progress))
         for disk in progress.disks:
             self.swarm.migrations[disk.disk] = disk
         assert self._nursery is not None
-        self._nursery.start_soon(self.vms.run_move, progress, max_downtime_ms)
+        self._nursery.start_soon(self.vms.run_move, progress, max_downtime_ms, cancel)
         return {"jobs": [job], "vm": name}
 
-    async def _run_migration(self, progress: Any, max_downtime_ms: float) -> None:
+    async def _run_migration(self, progress: Any, max_downtime_ms: float, cancel: job_cancel.JobCancel) -> None:
         from p2pvbd.migrate import MigrationError, migrate_disk
 
         async def migrate() -> None:
             await migrate_disk(self.swarm, progress.disk, progress.dest, progress.mode, max_downtime_ms, progress)
             progress.phase = "done"
 
-        await run_job(f"migration of {progress.disk}", progress, migrate, (MigrationError, PeerError))
+        await run_job(f"migration of {progress.disk}", progress, migrate, (MigrationError, PeerError), cancel)
+
+    async def _migration_cancelled(self, progress: Any) -> str:
+        exp = self.ctl.get(progress.disk)
+        return job_cancel.migration_cancelled(progress.disk, self.config.name, progress.dest,
+                                              exp.store.owner if exp is not None else "")
+
+    async def _vm_move_cancelled(self, progress: Any) -> str:
+        return job_cancel.vm_move_cancelled(progress.vm, self.config.name, progress.dest,
+                                            self.vms.runs_here(progress.vm))
 
     async def op_replicate(self, disk: str, on: list[str], off: list[str], rate: float | None = None
                            ) -> dict[str, Any]:
@@ -414,6 +445,24 @@ class Daemon:
         if progress is None:
             raise ControlError(f"no job {job}")
         return progress.as_dict() | {"done": progress.finished is not None}
+
+    async def op_job_cancel(self, job: int) -> dict[str, Any]:
+        """Cancel a job unless its commit has started; answers once it stopped, with the state it left."""
+        progress = self.jobs.get(job)
+        if progress is None:
+            raise ControlError(f"no job {job} (see 'p2pvbd jobs')")
+        if progress.finished is not None:
+            raise ControlError(f"job {job} has already ended ({progress.phase})")
+        cancel = self.cancels.get(job)
+        if cancel is None:
+            raise ControlError(f"job {job} ({_kind(progress)}) cannot be cancelled")
+        if not cancel.request(progress.phase):
+            return {"job": job, "cancelled": False, "phase": progress.phase,
+                    "message": job_cancel.COMMITTING[cancel.kind]}
+        with trio.move_on_after(CANCEL_WAIT_SECONDS):
+            await cancel.ended.wait()
+        return {"job": job, "cancelled": True, "phase": progress.phase,
+                "message": progress.error if cancel.ended.is_set() else "cancelling: see 'p2pvbd jobs'"}
 
     async def op_verify(self, disk: str) -> dict[str, Any]:
         store = self._store(disk)

@@ -239,7 +239,7 @@ def cmd_status(args: argparse.Namespace) -> None:
 def cmd_sync(args: argparse.Namespace) -> None:
     sources = [h for h in (args.sources or "").split(",") if h] or None
     job = ask(args, "sync", disk=args.disk, sources=sources)["job"]
-    res = _follow_job(args, job, f"sync {args.disk}", quiet=args.json)
+    res = _follow_jobs(args, [job], f"sync {args.disk}", quiet=args.json)[0]
     if args.json:
         print_json({k: res[k] for k in ("disk", "bytes_from", "blocks_fetched", "bytes_on_wire", "map_bytes",
                                          "duration_s", "zero_blocks", "local_copies", "peers", "error")})
@@ -258,7 +258,7 @@ def cmd_migrate(args: argparse.Namespace) -> None:
     reply = ask(args, "migrate", to=args.to, disks=args.disks or None, mode=args.mode,
                  max_downtime_ms=args.max_downtime)
     jobs = reply["jobs"]
-    results = [_follow_job(args, job, f"migrate to {args.to}", quiet=args.json) for job in jobs]
+    results = _follow_jobs(args, jobs, f"migrate to {args.to}", quiet=args.json)
     if "vm" in reply:
         from p2pvbd.cli.vm import print_vm_move
 
@@ -310,6 +310,51 @@ def cmd_jobs(args: argparse.Namespace) -> None:
         table.add_row(str(j["job"]), j["disk"], j["phase"], share, format_size(j["bytes_on_wire"]), memory,
                       f"{j['duration_s']:.1f} s", j["error"])
     console().print(table)
+
+
+def cmd_jobs_cancel(args: argparse.Namespace) -> None:
+    res = ask(args, "job_cancel", job=args.job)
+    if args.json:
+        print_json(res)
+    if not res["cancelled"]:
+        fail(f"job {args.job}: {res['message']}")
+    if not args.json:
+        print(f"job {args.job}: {res['message']}")
+
+
+def _follow_jobs(args: argparse.Namespace, jobs: list[int], title: str, quiet: bool) -> list[dict[str, Any]]:
+    """Follow a command's jobs to their end. Ctrl-C cancels those not yet committing and says, in one line
+    each, what state they left (exit 130); the others are followed to their end, unless interrupted again."""
+    results: dict[int, dict[str, Any]] = {}
+    try:
+        for job in jobs:
+            results[job] = _follow_job(args, job, title, quiet)
+        return [results[job] for job in jobs]
+    except KeyboardInterrupt:
+        pass
+    committing = []
+    for job in jobs:
+        if job in results:
+            continue
+        try:
+            res = ask(args, "job_cancel", job=job)
+        except ControlError:  # it ended meanwhile: followed below
+            committing.append(job)
+            continue
+        if res["cancelled"]:
+            print(f"p2pvbd: {title}: {res['message']}", file=sys.stderr)
+        else:
+            print(f"p2pvbd: {title}: {res['message']}", file=sys.stderr)
+            committing.append(job)
+    if not committing:
+        raise SystemExit(130)
+    try:
+        for job in committing:
+            results[job] = _follow_job(args, job, title, quiet)
+    except KeyboardInterrupt:
+        print(f"p2pvbd: {title} goes on in the daemon: see 'p2pvbd jobs'", file=sys.stderr)
+        raise SystemExit(130) from None
+    return [results[job] for job in jobs if job in results]
 
 
 def _follow_job(args: argparse.Namespace, job: int, title: str, quiet: bool) -> dict[str, Any]:
@@ -450,7 +495,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--on", metavar="HOST,…", help="hosts that keep a warm replica")
     sp.add_argument("--off", metavar="HOST,…", help="hosts that stop keeping one")
     sp.add_argument("--rate", type=_rate, help="cap on the owner's upload for it, e.g. 20M (bytes/s) or 100mbit")
-    add("jobs", cmd_jobs, "syncs this daemon ran or is running, with their progress", (as_json,))
+    sp = add("jobs", cmd_jobs, "syncs, migrations and VM moves this daemon ran or is running, with their progress",
+             (as_json,))
+    jsub = sp.add_subparsers(dest="jobs_command", metavar="SUBCOMMAND")
+    sp = add("cancel", cmd_jobs_cancel, "stop a job before its commit (a migration's source then still owns the "
+             "disk; a sync keeps what it pulled)", (as_json,), into=jsub)
+    sp.add_argument("job", type=int, metavar="ID", help="the job's number in 'p2pvbd jobs'")
     sp = add("verify", cmd_verify, "re-hash every block of a disk against its recorded hash", (as_json,))
     sp.add_argument("disk")
     sp = add("attach", cmd_attach, "connect a disk to a kernel block device and print its path")
