@@ -84,6 +84,7 @@ def attach_services(swarm: Swarm, home: Path, more_ops: Sequence[PeerOp] = ()) -
     swarm.hooks.pace_background = services.replication.pace
     swarm.hooks.replication_policy = services.replication.policy_payload
     swarm.hooks.pull_rate = pulls.rates.get
+    swarm.hooks.synced_owner = pulls.synced_owner
     swarm.migration_target = services.target
     swarm.register_ops([*swarm.ops(), *services.target.ops(), *more_ops])
     return services
@@ -276,9 +277,7 @@ class Daemon:
         return self.home.nbd_uri(disk)
 
     async def op_status(self, disk: str | None = None) -> dict[str, Any]:
-        if disk and disk not in await self.swarm.known_disks():
-            raise ControlError(f"no disk named {disk!r} in the swarm")
-        return await self.swarm.status(disk)
+        return await self.swarm.status(disk or None)  # ValueError for a name the swarm does not know
 
     async def op_peers(self) -> list[dict[str, Any]]:
         return await self.swarm.peers()

@@ -217,11 +217,15 @@ def cmd_status(args: argparse.Namespace) -> None:
     for d in status["disks"]:
         warm = set((d.get("replicate") or {}).get("hosts", []))
         for i, r in enumerate(d["replicas"] or [None]):
-            head = [d["name"], format_size(d["size"]), d["owner"], str(d["epoch"])] if i == 0 else [""] * 4
+            owner = d["owner"] if d.get("owner_reachable", True) else f"{d['owner']} (unreachable)"
+            head = [d["name"], format_size(d["size"]), owner, str(d["epoch"])] if i == 0 else [""] * 4
             tail = [r["host"], f"{r['coverage']:.1%}" + (" (last known)" if r.get("stale") else ""),
                     f"{r['current_blocks']}/{r['total_blocks']}", f"{r['lag_blocks']} blocks",
                     "yes" if r["host"] in warm else ""] if r else ["-"] * 5
             table.add_row(*head, *tail)
+        if not d.get("owner_reachable", True):
+            notes.append(f"{d['name']}: owner {d['owner']} unreachable ({d['owner_error']}): coverage as last "
+                         "measured against it")
         if (m := d.get("migration")) is not None:
             notes.append(f"{d['name']}: migrating from {m['from']} to {m['to']} ({m['mode']}): {m['phase']}, "
                          f"{format_size(m['done_bytes'])} of {format_size(m['total_bytes'])} pulled, "
