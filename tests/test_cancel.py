@@ -154,3 +154,31 @@ def test_jobs_cancel(make_host: Callable[..., Host], tmp_path: Path) -> None:
     assert unknown.returncode == 1 and unknown.stderr == "p2pvbd: error: no job 99 (see 'p2pvbd jobs')\n"
     assert home.cli("jobs", "cancel", "x", check=False).returncode == 2
     assert "cancelled" in home.cli("jobs").stdout  # the plain listing still works
+
+
+def test_ctrl_c_while_a_job_is_being_started_is_held_until_its_number_is_known(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pressed before the daemon's answer, Ctrl-C would leave the job running unseen: it is held, and the
+    job then cancelled as if pressed a moment later (a second press still interrupts at once)."""
+    import argparse
+
+    from p2pvbd.cli import app
+
+    def started(args: argparse.Namespace, op: str, **kwargs: Any) -> dict[str, Any]:
+        os.kill(os.getpid(), signal.SIGINT)  # delivered here, between bytecodes
+        return {"job": 7}
+
+    monkeypatch.setattr(app, "ask", started)
+    before = signal.getsignal(signal.SIGINT)
+    assert app._start(argparse.Namespace(), "sync", disk="d1") == ({"job": 7}, True)
+    assert signal.getsignal(signal.SIGINT) is before
+
+    def pressed_twice(args: argparse.Namespace, op: str, **kwargs: Any) -> dict[str, Any]:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        return {"job": 8}
+
+    monkeypatch.setattr(app, "ask", pressed_twice)
+    with pytest.raises(KeyboardInterrupt):
+        app._start(argparse.Namespace(), "sync", disk="d1")
+    assert signal.getsignal(signal.SIGINT) is before

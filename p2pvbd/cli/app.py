@@ -242,8 +242,8 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 def cmd_sync(args: argparse.Namespace) -> None:
     sources = [h for h in (args.sources or "").split(",") if h] or None
-    job = ask(args, "sync", disk=args.disk, sources=sources)["job"]
-    res = _follow_jobs(args, [job], f"sync {args.disk}", quiet=args.json)[0]
+    reply, interrupted = _start(args, "sync", disk=args.disk, sources=sources)
+    res = _follow_jobs(args, [reply["job"]], f"sync {args.disk}", quiet=args.json, interrupted=interrupted)[0]
     if args.json:
         print_json({k: res[k] for k in ("disk", "bytes_from", "blocks_fetched", "bytes_on_wire", "map_bytes",
                                          "duration_s", "zero_blocks", "local_copies", "peers", "error")})
@@ -259,10 +259,10 @@ def cmd_sync(args: argparse.Namespace) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
-    reply = ask(args, "migrate", to=args.to, disks=args.disks or None, mode=args.mode,
-                 max_downtime_ms=args.max_downtime)
+    reply, interrupted = _start(args, "migrate", to=args.to, disks=args.disks or None, mode=args.mode,
+                                max_downtime_ms=args.max_downtime)
     jobs = reply["jobs"]
-    results = _follow_jobs(args, jobs, f"migrate to {args.to}", quiet=args.json)
+    results = _follow_jobs(args, jobs, f"migrate to {args.to}", quiet=args.json, interrupted=interrupted)
     if "vm" in reply:
         from p2pvbd.cli.vm import print_vm_move
 
@@ -326,17 +326,40 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> None:
         print(f"job {args.job}: {res['message']}")
 
 
-def _follow_jobs(args: argparse.Namespace, jobs: list[int], title: str, quiet: bool) -> list[dict[str, Any]]:
-    """Follow a command's jobs to their end. Ctrl-C cancels those not yet committing and says, in one line
-    each, what state they left (exit 130); the others are followed to their end, unless interrupted again."""
+def _start(args: argparse.Namespace, op: str, **kwargs: Any) -> tuple[Any, bool]:
+    """Ask the daemon to start a job; a Ctrl-C meanwhile is held until its number is known (True), so that
+    it cancels the job rather than leave it running unseen."""
+    import signal
+
+    pressed: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        if pressed:  # pressed again: the person insists
+            raise KeyboardInterrupt
+        pressed.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        reply = ask(args, op, **kwargs)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return reply, bool(pressed)
+
+
+def _follow_jobs(args: argparse.Namespace, jobs: list[int], title: str, quiet: bool, interrupted: bool = False
+                 ) -> list[dict[str, Any]]:
+    """Follow a command's jobs to their end. Ctrl-C (or ``interrupted``: pressed while they were started)
+    cancels those not yet committing and says, in one line each, what state they left (exit 130); the
+    others are followed to their end, unless interrupted again."""
     results: dict[int, dict[str, Any]] = {}
     try:
-        for job in jobs:
+        for job in [] if interrupted else jobs:
             results[job] = _follow_job(args, job, title, quiet)
-        return [results[job] for job in jobs]
+        if not interrupted:
+            return [results[job] for job in jobs]
     except KeyboardInterrupt:
         pass
-    committing = []
+    committing, cancelled = [], 0
     for job in jobs:
         if job in results:
             continue
@@ -345,10 +368,13 @@ def _follow_jobs(args: argparse.Namespace, jobs: list[int], title: str, quiet: b
         except ControlError:  # it ended meanwhile: followed below
             committing.append(job)
             continue
+        except KeyboardInterrupt:
+            print(f"p2pvbd: {title}: interrupted while cancelling; see 'p2pvbd jobs'", file=sys.stderr)
+            raise SystemExit(130) from None
+        print(f"p2pvbd: {title}: {res['message']}", file=sys.stderr)
         if res["cancelled"]:
-            print(f"p2pvbd: {title}: {res['message']}", file=sys.stderr)
+            cancelled += 1
         else:
-            print(f"p2pvbd: {title}: {res['message']}", file=sys.stderr)
             committing.append(job)
     if not committing:
         raise SystemExit(130)
@@ -358,6 +384,11 @@ def _follow_jobs(args: argparse.Namespace, jobs: list[int], title: str, quiet: b
     except KeyboardInterrupt:
         print(f"p2pvbd: {title} goes on in the daemon: see 'p2pvbd jobs'", file=sys.stderr)
         raise SystemExit(130) from None
+    if cancelled:  # some of several disks: say how the others ended, and that not all moved
+        for job in committing:
+            res = results[job]
+            print(f"p2pvbd: {title}: {res['disk']}: {res['error'] or 'done'}", file=sys.stderr)
+        raise SystemExit(130)
     return [results[job] for job in jobs if job in results]
 
 
