@@ -365,7 +365,8 @@ def _follow_jobs(args: argparse.Namespace, jobs: list[int], title: str, quiet: b
             continue
         try:
             res = ask(args, "job_cancel", job=job)
-        except ControlError:  # it ended meanwhile: followed below
+        except ControlError as e:  # it ended meanwhile, or cannot be cancelled: followed below
+            print(f"p2pvbd: {title}: {e}", file=sys.stderr)
             committing.append(job)
             continue
         except KeyboardInterrupt:

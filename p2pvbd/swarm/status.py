@@ -101,8 +101,11 @@ class StatusView:
             raise answers["proven"].error or RuntimeError("no owner")
         proven = answers["proven"].value
         owner, epoch = proven.owner, proven.epoch
+        local = swarm.ctl.get(disk)
+        if not answers["proven"].fresh and local is not None and local.store.epoch > epoch:
+            owner, epoch = local.store.owner, local.store.epoch  # it changed hands here since that answer
         holders = {str(r.payload["host"]): r for r in answers["holders"].value or []}
-        if swarm.ctl.get(disk) is not None:
+        if local is not None:
             holders.setdefault(swarm.name, None)
 
         asks: dict[str, Answer] = {}
