@@ -830,6 +830,12 @@ class Swarm:
         links = [c for c in [self._conns.get(peer), *self._inbound.get(peer, [])] if c is not None]
         return any(not c.lost.is_set() and time.time() - c.last_received < 2 * PUBLISH_INTERVAL for c in links)
 
+    def a_peer_in_doubt(self) -> bool:
+        """Whether a peer this host had a link with has none alive now: it went down or away, and the
+        index may stall a lookup on it (a silent node costs the DHT's RPC timeout)."""
+        return any(not self.has_live_link(peer) for peer in {*self._conns, *self._inbound}
+                   if not self.revoked.revokes(peer))
+
     def known_coverage(self, disk: str, host: str, mine: bytes, ref: bytes) -> int | None:
         """The coverage measured here of ``host``'s replica with root ``mine`` against the owner's root ``ref``."""
         return self._coverage_cache.get((disk, host, mine, ref))

@@ -2,9 +2,11 @@
 
 What it needs is asked concurrently: the index (the disk catalog, the owner claims behind the deeds, the
 holders), then each holder's map summary. Each step is bounded (INDEX_SECONDS, ASK_SECONDS); what has not
-answered by then is stood in for by its last answer (swarm/recall.py), except a host heard from lately:
-its link is open and busy, so its answer is worth waiting for (up to QUERY_TIMEOUT, as before): a loaded host
-may take longer than ASK_SECONDS, and a remembered summary of a live host would show old coverage.
+answered by then is stood in for by its last answer (swarm/recall.py). The index is bounded only while a
+peer this host had a link with has none alive (a node gone silent is what stalls a lookup), and a host
+heard from lately is never bounded: its link is open, so its answer is worth waiting for (up to
+QUERY_TIMEOUT, as before): a loaded host may take longer than ASK_SECONDS, and a remembered summary of a
+live host would show old coverage.
 
 When the owner does not answer, coverage cannot be measured against it. The disk says so
 (``owner_reachable: false``, ``owner_error``) and each replica shows what is known: all of it current
@@ -15,6 +17,7 @@ root, while the replica's root is unchanged since; else what the holder last pub
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Protocol
 
 import trio
@@ -52,6 +55,7 @@ class StatusHost(Protocol):
                              owner: maps.MapSource, ref: maps.MapSummary) -> int: ...
     def known_coverage(self, disk: str, host: str, mine: bytes, ref: bytes) -> int | None: ...
     def has_live_link(self, peer: str) -> bool: ...
+    def a_peer_in_doubt(self) -> bool: ...
 
 
 class StatusView:
@@ -69,7 +73,10 @@ class StatusView:
 
     async def status(self, disk: str | None = None) -> dict[str, Any]:
         """Every disk's status, or ``disk``'s (ValueError when the swarm has none of that name)."""
-        index_by = trio.current_time() + INDEX_SECONDS  # the catalog and each disk's lookups, together
+        # The catalog and each disk's lookups, together; bounded only while a peer is in doubt: with every
+        # link alive nothing stalls the index, and a slow lookup (shaped links, a loaded host) is waited for
+        # rather than answered with a holder missing.
+        index_by = trio.current_time() + INDEX_SECONDS if self.swarm.a_peer_in_doubt() else math.inf
         names = await self.known_disks(index_by)
         if disk is not None:
             if disk not in names:
