@@ -90,7 +90,11 @@ def test_ctrl_c_once_the_commit_started_lets_the_migration_finish(
         make_host: Callable[..., Host], tmp_path: Path, again: bool) -> None:
     office, home = two_hosts(make_host, tmp_path, office_env={failpoints.ENV: f"migrate.switchover={HOLD_SECONDS}"})
     proc, err = start_cli(office, tmp_path, "migrate", "d1", "--to", "home-pc")
-    job_at(office, "switchover")
+    job = job_at(office, "switchover")
+    if not again:  # `jobs cancel` from elsewhere is refused alike
+        refused = office.cli("jobs", "cancel", str(job["job"]), check=False)
+        assert refused.returncode == 1
+        assert refused.stderr == f"p2pvbd: error: job {job['job']}: the commit has started; migration will finish\n"
     proc.send_signal(signal.SIGINT)
     said = "p2pvbd: migrate to home-pc: the commit has started; migration will finish"
     wait_until(lambda: said in err.read_text(), "migrate to say the commit goes on", poll=0.05)
