@@ -27,6 +27,7 @@ from p2pvbd.base.units import SIZE_RULE
 from p2pvbd.kernel_hook_ctl import ExportMode, HookController
 from p2pvbd.libvirt.service import LibvirtService
 from p2pvbd.migrate import DEFAULT_MAX_DOWNTIME_MS
+from p2pvbd.migration import cancel as job_cancel
 from p2pvbd.migration import failpoints
 from p2pvbd.migration.jobs import run_job
 from p2pvbd.migration.pull import PullState
@@ -72,6 +73,9 @@ LOOP_WATCH_INTERVAL = 0.1
 CATALOG_WAIT_SECONDS = 2.0
 CATALOG_POLL_SECONDS = 0.2
 LOOP_STALL_WARNING = 0.1
+# `jobs cancel` waits this long for the job to stop: a migration's source tells the destination it gave
+# up within 5 s (migrate.py's migrate_abort), a sync stops at its next request; past this it answers anyway.
+CANCEL_WAIT_SECONDS = 15.0
 
 
 
@@ -93,6 +97,7 @@ def attach_services(swarm: Swarm, home: Path, more_ops: Sequence[PeerOp] = ()) -
     swarm.hooks.pace_background = services.replication.pace
     swarm.hooks.replication_policy = services.replication.policy_payload
     swarm.hooks.pull_rate = pulls.rates.get
+    swarm.hooks.synced_owner = pulls.synced_owner
     swarm.migration_target = services.target
     swarm.register_ops([*swarm.ops(), *services.target.ops(), *more_ops])
     return services
@@ -116,6 +121,7 @@ class Daemon:
         self.libvirt = LibvirtService(self.swarm, home.path, home.nbd_socket)
         self.services = attach_services(self.swarm, home.path, [*self.vms.ops(), *self.libvirt.ops()])
         self.jobs: dict[int, Any] = {}  # SyncProgress or MigrationProgress: both have as_dict()
+        self.cancels: dict[int, job_cancel.JobCancel] = {}  # the jobs a person may cancel
         # Every control command, by name; a ValueError, HomeError or FileExistsError from one is the user's.
         self.control = ControlOps(user_errors=(ValueError, HomeError, FileExistsError))
         self.control.add(self.control_ops())
@@ -214,6 +220,7 @@ class Daemon:
             "migrate": self.op_migrate,
             "replicate": self.op_replicate,
             "job": self.op_job,
+            "job_cancel": self.op_job_cancel,
             "verify": self.op_verify,
         }
 
@@ -343,9 +350,7 @@ class Daemon:
         return self.home.nbd_uri(disk)
 
     async def op_status(self, disk: str | None = None) -> dict[str, Any]:
-        if disk and disk not in await self.swarm.known_disks():
-            raise ControlError(f"no disk named {disk!r} in the swarm")
-        return await self.swarm.status(disk)
+        return await self.swarm.status(disk or None)  # ValueError for a name the swarm does not know
 
     async def op_peers(self) -> list[dict[str, Any]]:
         return await self.swarm.peers()
@@ -389,8 +394,9 @@ class Daemon:
         from p2pvbd.migration.fetcher import SyncProgress
 
         progress = self.jobs[job] = SyncProgress(disk)
+        cancel = self.cancels[job] = job_cancel.JobCancel("sync", partial(self._sync_cancelled, progress))
         assert self._nursery is not None
-        self._nursery.start_soon(self._run_sync, disk, sources, progress)
+        self._nursery.start_soon(self._run_sync, disk, sources, progress, cancel)
         return {"job": job}
 
     async def _known_disk(self, disk: str) -> None:
@@ -403,12 +409,24 @@ class Daemon:
                 await trio.sleep(CATALOG_POLL_SECONDS)
         raise ControlError(f"no disk named {disk!r} is known in this swarm (p2pvbd status lists them)")
 
-    async def _run_sync(self, disk: str, sources: list[str] | None, progress: SyncProgress) -> None:
+    async def _run_sync(self, disk: str, sources: list[str] | None, progress: SyncProgress,
+                        cancel: job_cancel.JobCancel) -> None:
         from p2pvbd.migration.fetcher import SyncError
         from p2pvbd.migration.pull import sync_disk
 
         await run_job(f"sync of {disk}", progress, partial(sync_disk, self.swarm, self.services.pulls, disk, progress,
-                                                           sources), (SyncError, ValueError, OSError, PeerError))
+                                                           sources), (SyncError, ValueError, OSError, PeerError),
+                      cancel)
+
+    async def _sync_cancelled(self, progress: SyncProgress) -> str:
+        """What a cancelled sync kept: its blocks, made durable like a finished sync's."""
+        exp = self.ctl.get(progress.disk)
+        if exp is None:
+            return f"cancelled before a replica of {progress.disk} was made here"
+        await trio.to_thread.run_sync(exp.store.flush)
+        self.swarm.request_publish()
+        return job_cancel.sync_cancelled(progress.disk, progress.blocks_fetched, exp.store.held_blocks,
+                                         exp.store.n_blocks)
 
     async def op_jobs(self) -> list[dict[str, Any]]:
         """This host's syncs and migrations, then the pulls it ran as the destination of a migration."""
@@ -454,7 +472,9 @@ class Daemon:
             job = max(self.jobs, default=0) + 1
             progress = self.jobs[job] = self.swarm.migrations[disk] = MigrationProgress(disk, self.config.name, to,
                                                                                         mode)
-            self._nursery.start_soon(self._run_migration, progress, max_downtime_ms)
+            cancel = self.cancels[job] = job_cancel.JobCancel("migration",
+                                                              partial(self._migration_cancelled, progress))
+            self._nursery.start_soon(self._run_migration, progress, max_downtime_ms, cancel)
             jobs.append(job)
         return {"jobs": jobs}
 
@@ -471,20 +491,30 @@ class Daemon:
                 raise ControlError(f"{disk.disk} is already migrating")
         job = max(self.jobs, default=0) + 1
         self.jobs[job] = progress
+        cancel = self.cancels[job] = job_cancel.JobCancel("vm move", partial(self._vm_move_cancelled, progress))
         for disk in progress.disks:
             self.swarm.migrations[disk.disk] = disk
         assert self._nursery is not None
-        self._nursery.start_soon(self.vms.run_move, progress, max_downtime_ms)
+        self._nursery.start_soon(self.vms.run_move, progress, max_downtime_ms, cancel)
         return {"jobs": [job], "vm": name}
 
-    async def _run_migration(self, progress: Any, max_downtime_ms: float) -> None:
+    async def _run_migration(self, progress: Any, max_downtime_ms: float, cancel: job_cancel.JobCancel) -> None:
         from p2pvbd.migrate import MigrationError, migrate_disk
 
         async def migrate() -> None:
             await migrate_disk(self.swarm, progress.disk, progress.dest, progress.mode, max_downtime_ms, progress)
             progress.phase = "done"
 
-        await run_job(f"migration of {progress.disk}", progress, migrate, (MigrationError, PeerError))
+        await run_job(f"migration of {progress.disk}", progress, migrate, (MigrationError, PeerError), cancel)
+
+    async def _migration_cancelled(self, progress: Any) -> str:
+        exp = self.ctl.get(progress.disk)
+        return job_cancel.migration_cancelled(progress.disk, self.config.name, progress.dest,
+                                              exp.store.owner if exp is not None else "")
+
+    async def _vm_move_cancelled(self, progress: Any) -> str:
+        return job_cancel.vm_move_cancelled(progress.vm, self.config.name, progress.dest,
+                                            self.vms.runs_here(progress.vm))
 
     async def op_replicate(self, disk: str, on: list[str], off: list[str], rate: float | None = None
                            ) -> dict[str, Any]:
@@ -502,6 +532,24 @@ class Daemon:
         if progress is None:
             raise ControlError(f"no job {job}")
         return progress.as_dict() | {"done": progress.finished is not None}
+
+    async def op_job_cancel(self, job: int) -> dict[str, Any]:
+        """Cancel a job unless its commit has started; answers once it stopped, with the state it left."""
+        progress = self.jobs.get(job)
+        if progress is None:
+            raise ControlError(f"no job {job} (see 'p2pvbd jobs')")
+        if progress.finished is not None:
+            raise ControlError(f"job {job} has already ended ({progress.phase})")
+        cancel = self.cancels.get(job)
+        if cancel is None:
+            raise ControlError(f"job {job} ({_kind(progress)}) cannot be cancelled")
+        if not cancel.request(progress.phase):
+            return {"job": job, "cancelled": False, "phase": progress.phase,
+                    "message": job_cancel.COMMITTING[cancel.kind]}
+        with trio.move_on_after(CANCEL_WAIT_SECONDS):
+            await cancel.ended.wait()
+        return {"job": job, "cancelled": True, "phase": progress.phase,
+                "message": progress.error if cancel.ended.is_set() else "cancelling: see 'p2pvbd jobs'"}
 
     async def op_verify(self, disk: str) -> dict[str, Any]:
         store = self._store(disk)

@@ -57,6 +57,7 @@ def test_status_and_list_json(host: Host) -> None:
     assert status["host"] == "office-pc"
     vm1 = next(d for d in status["disks"] if d["name"] == "vm1")
     assert vm1 == {"name": "vm1", "size": 20 << 30, "block_size": 65536, "owner": "office-pc", "epoch": 1,
+                   "owner_reachable": True, "owner_error": "",
                    "replicas": [{"host": "office-pc", "coverage": 1.0, "current_blocks": 327680,
                                  "total_blocks": 327680, "lag_blocks": 0}],
                    "replicate": None, "migration": None, "conflicts": []}

@@ -43,3 +43,40 @@ async def test_a_job_records_why_it_failed(caplog: pytest.LogCaptureFixture) -> 
     bug = await ends(KeyError("boom"))
     assert bug.error == "internal error: 'boom'" and bug.phase == "failed"
     assert "Traceback" in caplog.text and "KeyError: 'boom'" in caplog.text
+
+
+async def test_a_cancelled_job_says_what_it_left_and_a_committing_one_goes_on() -> None:
+    """A cancel before the commit stops the work (its parallel tasks too) and records the state it left,
+    before `finished`; from the commit on the request is refused and the job ends as it would have."""
+    from p2pvbd.migration.cancel import JobCancel
+
+    async def left() -> str:
+        return "cancelled: the source still owns it"
+
+    async def run(phase_when_asked: str) -> tuple[Progress, bool]:
+        progress = Progress(phase=phase_when_asked)
+        cancel = JobCancel("migration", left)
+        reached = trio.Event()
+
+        async def work() -> None:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.sleep_forever)
+                reached.set()
+                await trio.sleep(0.5)  # the job's own pace; cancelled or not, it ends on its own
+            progress.phase = "done"
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_job, "the test job", progress, work, (ValueError,), cancel)
+            await reached.wait()
+            accepted = cancel.request(progress.phase)
+            await cancel.ended.wait()
+        return progress, accepted
+
+    with trio.move_on_after(5) as outer:  # a cancel that did not stop the work would hang here
+        cancelled, accepted = await run("bulk")
+    assert not outer.cancelled_caught and accepted
+    assert cancelled.phase == "cancelled" and cancelled.error == "cancelled: the source still owns it"
+    assert cancelled.finished is not None
+    cancel = JobCancel("migration", left)
+    assert not cancel.request("switchover") and not cancel.requested  # the commit has started
+    assert JobCancel("sync", left).request("pulling")  # a sync never commits: always cancellable

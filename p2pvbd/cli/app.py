@@ -275,11 +275,15 @@ def cmd_status(args: argparse.Namespace) -> None:
     for d in status["disks"]:
         warm = set((d.get("replicate") or {}).get("hosts", []))
         for i, r in enumerate(d["replicas"] or [None]):
-            head = [d["name"], format_size(d["size"]), d["owner"], str(d["epoch"])] if i == 0 else [""] * 4
+            owner = d["owner"] if d.get("owner_reachable", True) else f"{d['owner']} (unreachable)"
+            head = [d["name"], format_size(d["size"]), owner, str(d["epoch"])] if i == 0 else [""] * 4
             tail = [r["host"], f"{r['coverage']:.1%}" + (" (last known)" if r.get("stale") else ""),
                     f"{r['current_blocks']}/{r['total_blocks']}", f"{r['lag_blocks']} blocks",
                     "yes" if r["host"] in warm else ""] if r else ["-"] * 5
             table.add_row(*head, *tail)
+        if not d.get("owner_reachable", True):
+            notes.append(f"{d['name']}: owner {d['owner']} unreachable ({d['owner_error']}): coverage as last "
+                         "measured against it")
         if (m := d.get("migration")) is not None:
             notes.append(f"{d['name']}: migrating from {m['from']} to {m['to']} ({m['mode']}): {m['phase']}, "
                          f"{format_size(m['done_bytes'])} of {format_size(m['total_bytes'])} pulled, "
@@ -296,8 +300,8 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 def cmd_sync(args: argparse.Namespace) -> None:
     sources = [h for h in (args.sources or "").split(",") if h] or None
-    job = ask(args, "sync", disk=args.disk, sources=sources)["job"]
-    res = _follow_job(args, job, f"sync {args.disk}", quiet=args.json)
+    reply, interrupted = _start(args, "sync", disk=args.disk, sources=sources)
+    res = _follow_jobs(args, [reply["job"]], f"sync {args.disk}", quiet=args.json, interrupted=interrupted)[0]
     if args.json:
         print_json({k: res[k] for k in ("disk", "bytes_from", "blocks_fetched", "bytes_on_wire", "map_bytes",
                                          "duration_s", "zero_blocks", "local_copies", "peers", "error")})
@@ -313,10 +317,10 @@ def cmd_sync(args: argparse.Namespace) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
-    reply = ask(args, "migrate", to=args.to, disks=args.disks or None, mode=args.mode,
-                 max_downtime_ms=args.max_downtime)
+    reply, interrupted = _start(args, "migrate", to=args.to, disks=args.disks or None, mode=args.mode,
+                                max_downtime_ms=args.max_downtime)
     jobs = reply["jobs"]
-    results = [_follow_job(args, job, f"migrate to {args.to}", quiet=args.json) for job in jobs]
+    results = _follow_jobs(args, jobs, f"migrate to {args.to}", quiet=args.json, interrupted=interrupted)
     if "vm" in reply:
         from p2pvbd.cli.vm import print_vm_move
 
@@ -368,6 +372,83 @@ def cmd_jobs(args: argparse.Namespace) -> None:
         table.add_row(str(j["job"]), j["disk"], j["phase"], share, format_size(j["bytes_on_wire"]), memory,
                       f"{j['duration_s']:.1f} s", j["error"])
     console().print(table)
+
+
+def cmd_jobs_cancel(args: argparse.Namespace) -> None:
+    res = ask(args, "job_cancel", job=args.job)
+    if args.json:
+        print_json(res)
+    if not res["cancelled"]:
+        fail(f"job {args.job}: {res['message']}")
+    if not args.json:
+        print(f"job {args.job}: {res['message']}")
+
+
+def _start(args: argparse.Namespace, op: str, **kwargs: Any) -> tuple[Any, bool]:
+    """Ask the daemon to start a job; a Ctrl-C meanwhile is held until its number is known (True), so that
+    it cancels the job rather than leave it running unseen."""
+    import signal
+
+    pressed: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        if pressed:  # pressed again: the person insists
+            raise KeyboardInterrupt
+        pressed.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        reply = ask(args, op, **kwargs)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return reply, bool(pressed)
+
+
+def _follow_jobs(args: argparse.Namespace, jobs: list[int], title: str, quiet: bool, interrupted: bool = False
+                 ) -> list[dict[str, Any]]:
+    """Follow a command's jobs to their end. Ctrl-C (or ``interrupted``: pressed while they were started)
+    cancels those not yet committing and says, in one line each, what state they left (exit 130); the
+    others are followed to their end, unless interrupted again."""
+    results: dict[int, dict[str, Any]] = {}
+    try:
+        for job in [] if interrupted else jobs:
+            results[job] = _follow_job(args, job, title, quiet)
+        if not interrupted:
+            return [results[job] for job in jobs]
+    except KeyboardInterrupt:
+        pass
+    committing, cancelled = [], 0
+    for job in jobs:
+        if job in results:
+            continue
+        try:
+            res = ask(args, "job_cancel", job=job)
+        except ControlError as e:  # it ended meanwhile, or cannot be cancelled: followed below
+            print(f"p2pvbd: {title}: {e}", file=sys.stderr)
+            committing.append(job)
+            continue
+        except KeyboardInterrupt:
+            print(f"p2pvbd: {title}: interrupted while cancelling; see 'p2pvbd jobs'", file=sys.stderr)
+            raise SystemExit(130) from None
+        print(f"p2pvbd: {title}: {res['message']}", file=sys.stderr)
+        if res["cancelled"]:
+            cancelled += 1
+        else:
+            committing.append(job)
+    if not committing:
+        raise SystemExit(130)
+    try:
+        for job in committing:
+            results[job] = _follow_job(args, job, title, quiet)
+    except KeyboardInterrupt:
+        print(f"p2pvbd: {title} goes on in the daemon: see 'p2pvbd jobs'", file=sys.stderr)
+        raise SystemExit(130) from None
+    if cancelled:  # some of several disks: say how the others ended, and that not all moved
+        for job in committing:
+            res = results[job]
+            print(f"p2pvbd: {title}: {res['disk']}: {res['error'] or 'done'}", file=sys.stderr)
+        raise SystemExit(130)
+    return [results[job] for job in jobs if job in results]
 
 
 def _follow_job(args: argparse.Namespace, job: int, title: str, quiet: bool) -> dict[str, Any]:
@@ -518,7 +599,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--on", metavar="HOST,…", help="hosts that keep a warm replica")
     sp.add_argument("--off", metavar="HOST,…", help="hosts that stop keeping one")
     sp.add_argument("--rate", type=_rate, help="cap on the owner's upload for it, e.g. 20M (bytes/s) or 100mbit")
-    add("jobs", cmd_jobs, "syncs this daemon ran or is running, with their progress", (as_json,))
+    sp = add("jobs", cmd_jobs, "syncs, migrations and VM moves this daemon ran or is running, with their progress",
+             (as_json,))
+    jsub = sp.add_subparsers(dest="jobs_command", metavar="SUBCOMMAND")
+    sp = add("cancel", cmd_jobs_cancel, "stop a job before its commit (a migration's source then still owns the "
+             "disk; a sync keeps what it pulled)", (as_json,), into=jsub)
+    sp.add_argument("job", type=int, metavar="ID", help="the job's number in 'p2pvbd jobs'")
     sp = add("verify", cmd_verify, "re-hash every block of a disk against its recorded hash", (as_json,))
     sp.add_argument("disk")
     sp = add("attach", cmd_attach, "connect a disk to a kernel block device and print its path")

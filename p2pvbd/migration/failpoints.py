@@ -33,6 +33,8 @@ POINTS = {
                           "requests are held meanwhile",
     "migrate.commit_answer": "the destination, between making a commit durable and answering it: only the "
                              "destination knows the outcome meanwhile",
+    "sync.pull": "every worker of a pull (a sync, or a migration's bulk copy at the destination), once its first "
+                 "request's blocks are stored (phase pulling): the pull holds what it has meanwhile",
     "vm.ram": "the source of a VM move, once QEMU sends its memory, before relaying any of it (phase ram): the "
               "guest runs on meanwhile",
     "vm.switchover": "the source of a VM move, once QEMU paused the guest at pre-switchover, before the disks "

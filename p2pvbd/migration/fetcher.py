@@ -22,6 +22,7 @@ import numpy.typing as npt
 import trio
 import zstandard
 
+from p2pvbd.migration import failpoints
 from p2pvbd.replica_store import HashMismatch, ReplicaStore, StaleVersion
 from p2pvbd.store.store_journal import PEER_BLOCKS
 from p2pvbd.store.version_map import BlockEntries, VersionMap, block_hash
@@ -172,6 +173,7 @@ class Fetcher:
 
     async def _worker(self, peer: str) -> None:
         prog = self.progress.peers[peer]
+        first = True
         while not self.scheduler.done and not prog.dropped:
             req = self.scheduler.next_request(peer, time.monotonic())
             if req is None:
@@ -187,6 +189,9 @@ class Fetcher:
                         await self._fetch(peer, req)
                 if not scope.cancelled_caught:  # else another peer's answer made it useless: no verdict
                     self._failures[peer] = 0
+                    if first:
+                        first = False
+                        await failpoints.pause("sync.pull")
             except (PeerError, trio.TooSlowError, FrameError) as e:
                 message = getattr(e, "message", None) or str(e) or "timed out"
                 log.info("sync of %s: request to %s failed: %s", self.store.name, peer, message)

@@ -12,6 +12,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+import trio
+
+from p2pvbd.migration.cancel import JobCancel
+
 log = logging.getLogger(__name__)
 
 
@@ -22,12 +26,17 @@ class JobProgress(Protocol):
 
 
 async def run_job(what: str, progress: JobProgress, work: Callable[[], Awaitable[None]],
-                  expected: tuple[type[Exception], ...]) -> None:
+                  expected: tuple[type[Exception], ...], cancel: JobCancel | None = None) -> None:
     """Run ``work``, then record its end in ``progress``. An ``expected`` failure's message becomes the
     job's error (a PeerError's ``message``); in a group of them (a job's parallel tasks), the first one's.
-    Anything else is an internal error, logged with its traceback as failing ``what``."""
+    Anything else is an internal error, logged with its traceback as failing ``what``.
+
+    With ``cancel``, the work runs in its cancel scope; a cancelled job ends in phase "cancelled" with the
+    state it left as its error, recorded before ``finished`` so a follower never sees it end otherwise."""
+    scope = cancel.scope if cancel is not None else trio.CancelScope()
     try:
-        await work()
+        with scope:
+            await work()
     except expected as e:
         progress.error = _reason(e)
     except BaseExceptionGroup as eg:
@@ -42,9 +51,23 @@ async def run_job(what: str, progress: JobProgress, work: Callable[[], Awaitable
         log.exception("%s failed", what)
         progress.error = f"internal error: {e}"
     finally:
+        if cancel is not None and cancel.requested and progress.phase != "done":
+            with trio.CancelScope(shield=True):
+                progress.error = await _describe(what, cancel)
+            progress.phase = "cancelled"
         progress.finished = time.monotonic()
-        if progress.error:
+        if progress.error and progress.phase != "cancelled":
             progress.phase = "failed"
+        if cancel is not None:
+            cancel.ended.set()
+
+
+async def _describe(what: str, cancel: JobCancel) -> str:
+    try:
+        return await cancel.describe()
+    except Exception:
+        log.exception("%s was cancelled; telling in what state failed", what)
+        return "cancelled"
 
 
 def _reason(exc: BaseException) -> str:

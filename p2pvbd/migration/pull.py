@@ -83,6 +83,10 @@ class PullState:
     def lock(self, disk: str) -> trio.Lock:
         return self._locks.setdefault(disk, trio.Lock())
 
+    def synced_owner(self, disk: str) -> str | None:
+        last = self.synced.get(disk)
+        return last.owner if last is not None else None
+
     def forget(self, disk: str) -> None:
         self.synced.pop(disk, None)
 

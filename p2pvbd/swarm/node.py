@@ -48,8 +48,10 @@ from p2pvbd.swarm.peer_transport import (
 )
 from p2pvbd.swarm.proven import ProvenOwners
 from p2pvbd.swarm.punch import RELAYED_GRACE_SECONDS, Puncher
+from p2pvbd.swarm.recall import Recall
 from p2pvbd.swarm.relay import Relays
 from p2pvbd.swarm.revoked import REVOKED_FILE, RevocationBook
+from p2pvbd.swarm.status import StatusView
 from p2pvbd.wire.dht_records import holders_payload, host_payload, owner_payload
 from p2pvbd.wire.dht_schema import (
     MAX_HOST_ADDRESSES,
@@ -188,6 +190,8 @@ class Swarm:
         # Coverage of a replica against the owner, by (disk, host, its root, the owner's root): status
         # repeated while nothing changes costs two summaries per replica.
         self._coverage_cache: OrderedDict[tuple[str, str, bytes, bytes], int] = OrderedDict()
+        # `status` within a second when a host or the index is slow: their last answers stand in.
+        self.status_view = StatusView(self, Recall(lambda: self._nursery))
         self._block_readers = trio.CapacityLimiter(BLOCK_READERS)
         self.record_ttl = RECORD_TTL
         # What the services the daemon composes onto this node (daemon.attach_services) tell it: pacing,
@@ -328,8 +332,10 @@ class Swarm:
             store = exp.store
             if store.owner == self.name:
                 await self.dht.publish("owner", store.name, owner_payload(self.name, store.epoch), RECORD_TTL)
-            # the owner's replica is the reference; another's best guess without a comparison is what it holds
-            current = store.n_blocks if store.owner == self.name else store.held_blocks
+            # the owner's replica is the reference; another's best guess without a comparison is all of it
+            # when its last pull from its owner completed (as of then), else what it holds
+            current = store.n_blocks if self.name == store.owner or self.hooks.synced_owner(store.name) == store.owner \
+                else store.held_blocks
             await self.dht.publish("holders", store.name, holders_payload(self.name, current, store.counter),
                                    RECORD_TTL)
 
@@ -822,68 +828,7 @@ class Swarm:
             hosts.add(self.name)
         return sorted(hosts)
 
-    async def disk_status(self, disk: str) -> dict[str, Any]:
-        """Owner, epoch and each replica's coverage against the owner's map, from map summaries: a replica
-        whose root equals the owner's costs nothing, another a descent into where they differ."""
-        proven = await self.proven.of(disk)
-        owner, epoch = proven.owner, proven.epoch
-        local = self.ctl.get(disk)
-        holders = {str(r.payload["host"]): r for r in await self.holder_records(disk)}
-        if local is not None:
-            holders.setdefault(self.name, None)  # type: ignore[arg-type]
-        sources: dict[str, maps.MapSource] = {}
-        summaries: dict[str, maps.MapSummary] = {}
-        current: dict[str, int] = {}
-        errors: dict[str, str] = {}
-
-        async def ask(host: str) -> None:
-            try:
-                with trio.fail_after(QUERY_TIMEOUT):
-                    sources[host] = await self.map_of(host, disk)
-                    summaries[host] = await sources[host].summary()
-            except (PeerError, trio.TooSlowError) as e:
-                errors[host] = getattr(e, "message", None) or "timed out"
-
-        async def compare(host: str, ref: maps.MapSummary) -> None:
-            try:
-                with trio.fail_after(QUERY_TIMEOUT):
-                    current[host] = await self._current_blocks(disk, sources[host], summaries[host],
-                                                               sources[owner], ref)
-            except (PeerError, trio.TooSlowError) as e:
-                errors[host] = getattr(e, "message", None) or "timed out"
-
-        async with trio.open_nursery() as nursery:
-            for host in {*holders, owner} - {""}:
-                nursery.start_soon(ask, host)
-        ref = summaries.get(owner)
-        if ref is not None:
-            async with trio.open_nursery() as nursery:
-                for host in holders:
-                    if host == owner:
-                        current[host] = ref.n_blocks
-                    elif host in summaries and summaries[host].n_blocks == ref.n_blocks:
-                        nursery.start_soon(compare, host, ref)
-        any_summary = ref or next(iter(summaries.values()), None)
-        total = any_summary.n_blocks if any_summary is not None else 0
-        replicas = []
-        for host in sorted(holders):
-            entry: dict[str, Any] = {"host": host}
-            if host in current:
-                entry |= {"coverage": current[host] / total, "current_blocks": current[host], "total_blocks": total}
-            else:  # the owner or this holder is unreachable: what the holder last published
-                rec = holders[host]
-                held = min(rec.payload["current_blocks"], total) if rec is not None else 0
-                entry |= {"coverage": (held / total) if total else 0.0, "current_blocks": held,
-                          "total_blocks": total, "stale": True, "error": errors.get(host) or errors.get(owner, "")}
-            entry["lag_blocks"] = entry["total_blocks"] - entry["current_blocks"]
-            replicas.append(entry)
-        return {"name": disk, "size": any_summary.size if any_summary else 0,
-                "block_size": any_summary.block_size if any_summary else 0, "owner": owner, "epoch": epoch,
-                "replicas": replicas, "replicate": self.hooks.replication_policy(disk),
-                "conflicts": [c.as_dict() for c in proven.conflicts],
-                "migration": ref.extra.get("migration") if ref is not None else None}
-
-    async def _current_blocks(self, disk: str, holder: maps.MapSource, mine: maps.MapSummary,
+    async def current_blocks(self, disk: str, holder: maps.MapSource, mine: maps.MapSummary,
                               owner: maps.MapSource, ref: maps.MapSummary) -> int:
         """Blocks of ``holder`` at the owner's version and content; remembered per pair of roots."""
         key = (disk, holder.name, mine.root, ref.root)
@@ -900,17 +845,25 @@ class Swarm:
                 self._coverage_cache.popitem(last=False)
         return value
 
+    def has_live_link(self, peer: str) -> bool:
+        """Whether a link with ``peer`` is open and was heard from lately, told without a request: a standing
+        link is probed every PUBLISH_INTERVAL (_keep_links), so one silent for two of them is in doubt."""
+        links = [c for c in [self._conns.get(peer), *self._inbound.get(peer, [])] if c is not None]
+        return any(not c.lost.is_set() and time.time() - c.last_received < 2 * PUBLISH_INTERVAL for c in links)
+
+    def a_peer_in_doubt(self) -> bool:
+        """Whether a peer this host had a link with has none alive now: it went down or away, and the
+        index may stall a lookup on it (a silent node costs the DHT's RPC timeout)."""
+        return any(not self.has_live_link(peer) for peer in {*self._conns, *self._inbound}
+                   if not self.revoked.revokes(peer))
+
+    def known_coverage(self, disk: str, host: str, mine: bytes, ref: bytes) -> int | None:
+        """The coverage measured here of ``host``'s replica with root ``mine`` against the owner's root ``ref``."""
+        return self._coverage_cache.get((disk, host, mine, ref))
+
     async def status(self, disk: str | None = None) -> dict[str, Any]:
-        names = [disk] if disk else await self.known_disks()
-        results: dict[str, dict[str, Any]] = {}
-
-        async def one(name: str) -> None:
-            results[name] = await self.disk_status(name)
-
-        async with trio.open_nursery() as nursery:
-            for name in names:
-                nursery.start_soon(one, name)
-        return {"host": self.name, "disks": [results[n] for n in names]}
+        """Every disk's (or ``disk``'s) owner and replicas, within about a second (swarm/status.py)."""
+        return await self.status_view.status(disk)
 
     async def peers(self) -> list[dict[str, Any]]:
         names = {str(r.payload.get("host", r.publisher)) for r in await self.dht.lookup("catalog", CATALOG_KEY)}

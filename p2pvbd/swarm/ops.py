@@ -31,6 +31,9 @@ class ServiceHooks:
     replication_policy: Callable[[str], dict[str, Any] | None] = _nothing
     # What a peer delivered in this host's last pull from it (bytes/s), or None.
     pull_rate: Callable[[str], float | None] = _nothing
+    # The owner this host's replica of the disk last completed a pull from (it then held all of its
+    # versions), or None: its holders record then reports the whole disk current as of that pull.
+    synced_owner: Callable[[str], str | None] = _nothing
 
 
 class HasSource(Protocol):

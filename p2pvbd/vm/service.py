@@ -20,6 +20,7 @@ from p2pvbd.base.control import ControlError
 from p2pvbd.base.control_ops import OpHandler
 from p2pvbd.base.home import HomeError, check_name
 from p2pvbd.migrate import MigrationError, MigrationProgress
+from p2pvbd.migration.cancel import JobCancel
 from p2pvbd.migration.handover import PeerForwarder
 from p2pvbd.migration.jobs import run_job
 from p2pvbd.swarm.access import PeerOp, member
@@ -466,14 +467,17 @@ class VmService:
             raise PeerError("no_move", f"VM {body['vm']} is not moving to {peer}")
         return move.as_dict() | {"done": move.finished is not None}
 
-    async def run_move(self, progress: VmMoveProgress, max_downtime_ms: float) -> None:
+    async def run_move(self, progress: VmMoveProgress, max_downtime_ms: float, cancel: JobCancel | None = None
+                       ) -> None:
+        """Run a move as a job; ``cancel``: how a person may stop it before its switchover (move_vm then
+        cancels QEMU's migration and the guest runs on here)."""
         vm = self._vm(progress.vm)
         assert self._nursery is not None
         # The disks' tasks fail as a group: its first expected reason is the user's.
         await run_job(f"moving VM {progress.vm}", progress,
                       partial(move_vm, self.swarm, self.runner, vm, progress.dest, max_downtime_ms, progress,
                               self._nursery),
-                      (MigrationError, PeerError, VmError))
+                      (MigrationError, PeerError, VmError), cancel)
 
 
 async def _the_destination(swarm: Swarm, peer: str, body: dict[str, Any]) -> str | None:
