@@ -168,3 +168,42 @@ def test_a_host_kept_warm_gets_a_move_for_what_changed(
     report = move(office, "car-pc", "async")
     assert report["ram_by_ref"].get("previous", 0) * 4096 > MEMFILL_MB << 20, report
     assert report["ram_wire_bytes"] < report["ram_bytes"] / 5, report
+
+
+def test_a_move_reads_memory_from_the_host_kept_warm(
+        make_host: Callable[..., Host], guest_files: tuple[Path, Path], tmp_path: Path) -> None:
+    """The VM runs at office-pc, home-pc keeps its memory warm, and it moves to car-pc, which holds none of
+    it: car-pc reads the pages from home-pc while the disks converge, and office-pc sends little. Only a
+    host the owner granted may read home-pc's copy."""
+    office = make_host("office-pc")
+    home = make_host("home-pc", join=office.cli("invite").stdout.strip())
+    car = make_host("car-pc", join=office.cli("invite").stdout.strip())
+    mallory = make_host("mallory", join=office.cli("invite").stdout.strip())
+    kernel, initrd = guest_files
+    define_memory_vm(office, kernel, initrd, tmp_path)
+    approve(car)
+    office.cli("vm", "start", "vm1")
+    wait_until(lambda: memchecks(office), "the guest to fill its memory", timeout=GUEST_WAIT)
+    office.cli("vm", "replicate", "vm1", "--on", "home-pc", "--rate", "50M")
+    wait_until(lambda: vm_state(office)["warm"]["age_s"].get("home-pc") is not None,
+               "home-pc's copy of the memory to be current", timeout=GUEST_WAIT)
+
+    # A member the owner did not grant it to reads nothing of home-pc's copy, nor grants it to itself.
+    for op, body in (("vm_warm_index", {"vm": "vm1", "first": 0, "count": 16}),
+                     ("vm_warm_read", {"vm": "vm1", "offsets": bytes(8)}),
+                     ("vm_warm_grant", {"vm": "vm1", "host": "mallory"})):
+        res = as_member(mallory, home, op, body)
+        assert isinstance(res, PeerError) and res.code == "forbidden", (op, res)
+
+    seen = len(memchecks(car))
+    report = move(office, "car-pc", "async")
+    from_peers: dict[str, int] = report["ram_from_peers"]  # type: ignore[assignment]
+    by_ref: dict[str, int] = report["ram_by_ref"]  # type: ignore[assignment]
+    assert list(from_peers) == ["home-pc"] and from_peers["home-pc"] > MEMFILL_MB << 20, report
+    assert by_ref.get("warm-peer", 0) * 4096 > MEMFILL_MB << 20, report
+    from_office = int(report["ram_wire_bytes"]) - sum(from_peers.values())  # type: ignore[call-overload]
+    assert 0 < from_office < int(report["ram_bytes"]) / 5, report  # type: ignore[call-overload]
+    memory_checked_on(car, "the guest to check its random data at car-pc", seen)
+    assert vm_state(car)["state"] == "running"
+    print("bytes by source:", {"office-pc": from_office, **from_peers}, "of", report["ram_bytes"],
+          "pages by reference:", by_ref)

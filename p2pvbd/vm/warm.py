@@ -162,7 +162,7 @@ class WarmMemory:
         self.states: dict[str, WarmState] = {}
 
     def ops(self) -> list[PeerOp]:
-        return [PeerOp("vm_warm", self._owner, self._receive), PeerOp("vm_warm_drop", self._owner, self._drop)]
+        return [PeerOp("vm_warm", self.owner, self._receive), PeerOp("vm_warm_drop", self.owner, self._drop)]
 
     # ---- policy ------------------------------------------------------------------------------------------
     def _state(self, name: str) -> WarmState:
@@ -241,7 +241,7 @@ class WarmMemory:
                 state.current_at[host] = time.time()
 
     # ---- a warm host ---------------------------------------------------------------------------------------
-    async def _owner(self, swarm: Swarm, peer: str, body: dict[str, Any]) -> str | None:
+    async def owner(self, swarm: Swarm, peer: str, body: dict[str, Any]) -> str | None:
         """The owner of the VM's first disk, as this host's replica of it says."""
         vm = self.book.get(body.get("vm"))  # type: ignore[arg-type]
         if vm is None:
