@@ -35,6 +35,9 @@ POINTS = {
                              "destination knows the outcome meanwhile",
     "vm.ram": "the source of a VM move, once QEMU sends its memory, before relaying any of it (phase ram): the "
               "guest runs on meanwhile",
+    "vm.ram_crossing": "the source of a VM move, once the destination took the first piece of QEMU's memory "
+                       "stream, before it relays more (phase ram, ram_bytes above 0 in jobs): the guest runs on, "
+                       "the destination's QEMU holds part of the stream",
     "vm.switchover": "the source of a VM move, once QEMU paused the guest at pre-switchover, before the disks "
                      "switch over (phase switchover)",
     "vm.committed": "the source of a VM move, once every disk is committed to the destination, before QEMU is "

@@ -372,6 +372,8 @@ async def _relay_ram(rv: RunningVm, conn: Any, vm: str, progress: VmMoveProgress
             progress.ram_pages += stats.pages
             for source, n in stats.by_ref.items():
                 progress.ram_by_ref[source] = progress.ram_by_ref.get(source, 0) + n
+            if seq == 0:
+                await failpoints.pause("vm.ram_crossing")
         finally:
             window.release()
 
