@@ -4,15 +4,19 @@ goes on syncing disks, and its jobs tell QEMU's stream from what crossed the lin
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import zstandard
 
+from p2pvbd.migration import failpoints
 from p2pvbd.swarm.peer_transport import PeerError
-from tests.daemons import Host
+from tests.daemons import BIN, Host
 from tests.helpers import wait_until
 from tests.test_insiders import as_member
 from tests.test_vm_move import DISK, GUEST_BROKE, GUEST_WAIT, acked, approve, move, serial, vm_state
@@ -25,6 +29,9 @@ DISK_MB = 16
 # loop that computed that long did memory-sized work itself (a host busy with other work only makes it late).
 STALL = re.compile(r"the event loop was blocked for (\d+) ms \(computing for (\d+) ms of it\)")
 STALL_MS = 100
+# The pause of car-pc's pull from home-pc that home-pc is killed in: within the pull's grace once the disks
+# are ready (vm/warm_pull.WARM_PULL_GRACE_SECONDS, 5 s), so the pull goes on to ask the dead host.
+PULL_PAUSE_SECONDS = 3
 
 
 def define_memory_vm(host: Host, kernel: Path, initrd: Path, workdir: Path, memfill_mb: int = MEMFILL_MB) -> None:
@@ -207,3 +214,36 @@ def test_a_move_reads_memory_from_the_host_kept_warm(
     assert vm_state(car)["state"] == "running"
     print("bytes by source:", {"office-pc": from_office, **from_peers}, "of", report["ram_bytes"],
           "pages by reference:", by_ref)
+
+
+@pytest.mark.heavy
+def test_a_warm_host_lost_during_the_pull_costs_only_bytes(
+        make_host: Callable[..., Host], guest_files: tuple[Path, Path], tmp_path: Path) -> None:
+    """kill -9 of the warm host once car-pc has its index, before any page came: car-pc's reads fail (or wait
+    for the dead host until the pull's time is up), and the move goes on, the VM's host sending what the
+    warm copy would have covered."""
+    office = make_host("office-pc")
+    home = make_host("home-pc", join=office.cli("invite").stdout.strip())
+    car = make_host("car-pc", join=office.cli("invite").stdout.strip(), start=False).start(
+        {failpoints.ENV: f"vm.warm_pull={PULL_PAUSE_SECONDS}"})
+    kernel, initrd = guest_files
+    define_memory_vm(office, kernel, initrd, tmp_path)
+    approve(car)
+    office.cli("vm", "start", "vm1")
+    wait_until(lambda: memchecks(office), "the guest to fill its memory", timeout=GUEST_WAIT)
+    office.cli("vm", "replicate", "vm1", "--on", "home-pc", "--rate", "50M")
+    wait_until(lambda: vm_state(office)["warm"]["age_s"].get("home-pc") is not None,
+               "home-pc's copy of the memory to be current", timeout=GUEST_WAIT)
+
+    car_log = log_size(car)
+    migrate = subprocess.Popen([BIN, "migrate", "vm1", "--to", "car-pc", "--json", "--home", str(office.home)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: b"failpoint vm.warm_pull: pausing" in (car.home / "daemon.log").read_bytes()[car_log:],
+               "car-pc to have home-pc's index", timeout=GUEST_WAIT)
+    home.kill9()
+    out, err = migrate.communicate(timeout=600)
+    assert migrate.returncode == 0, (out, err, office.log_tail())
+    report = json.loads(out)
+    assert report["ram_from_peers"].get("home-pc", 0) > 0 and not report["ram_by_ref"].get("warm-peer"), report
+    assert report["ram_wire_bytes"] > MEMFILL_MB << 20, report  # office-pc sent the random data itself
+    memory_checked_on(car, "the guest to check its random data at car-pc")

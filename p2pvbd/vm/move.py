@@ -505,7 +505,7 @@ class VmTarget:
         try:
             with inc.pull_scope:
                 await pull_warm(self.swarm, inc.rv.vm.name, inc.rv.vm.memory, hosts, inc.rv.paths.directory, inc.pull)
-        except (PeerError, OSError) as e:  # an optimisation: the move goes on without it
+        except Exception as e:  # an optimisation: the move goes on without it, and the daemon never stops for it
             log.warning("VM %s: reading its memory from warm hosts failed: %s", inc.rv.vm.name, e)
         finally:
             inc.pull_done.set()
@@ -516,8 +516,10 @@ class VmTarget:
         """vm_ram_held: the disks are ready; the pull from warm hosts gets WARM_PULL_GRACE_SECONDS more,
         then the pages held are announced, those pulled apart."""
         inc = self._arriving(body)
-        if inc.pull is None or inc.image is not None:
-            return {}
+        if inc.pull is None or inc.image is not None:  # nothing pulled, or asked again: the image as it is
+            if inc.image is None:
+                return await self._held_here(inc)
+            return {"ram_held": await trio.to_thread.run_sync(inc.image.prefixes, MAX_HELD_PREFIXES)}
         with trio.move_on_after(WARM_PULL_GRACE_SECONDS):
             await inc.pull_done.wait()
         inc.pull_scope.cancel()

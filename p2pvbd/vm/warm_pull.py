@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 import zstandard
 
+from p2pvbd.migration import failpoints
 from p2pvbd.swarm.access import PeerOp
 from p2pvbd.swarm.peer_transport import PeerError
 from p2pvbd.vm.ram_image import DIGEST_BYTES, IMAGE, INDEX, LAYOUT, page_digest
@@ -184,7 +185,7 @@ async def pull_warm(swarm: Swarm, vm: str, size: int, hosts: list[str], director
                 if len(digests) < min(WARM_INDEX_PAGES, pages - first) * DIGEST_BYTES:
                     break  # its copy is shorter: the rest it does not keep
             offers[host] = b"".join(parts)
-        except PeerError as e:
+        except (PeerError, OSError) as e:
             log.info("VM %s: %s's warm copy of its memory is not to be had (%s)", vm, host, e)
 
     async with trio.open_nursery() as nursery:
@@ -192,6 +193,7 @@ async def pull_warm(swarm: Swarm, vm: str, size: int, hosts: list[str], director
             nursery.start_soon(index_of, host)
     own = await trio.to_thread.run_sync(read_index, directory, 0, pages)
     plan = await trio.to_thread.run_sync(plan_pull, own, {h: offers[h] for h in hosts if h in offers})
+    await failpoints.pause("vm.warm_pull")
 
     async def read_from(host: str, slots: list[int]) -> None:
         index = offers[host]
@@ -218,7 +220,7 @@ async def pull_warm(swarm: Swarm, vm: str, size: int, hosts: list[str], director
     async def guarded(host: str, slots: list[int]) -> None:
         try:
             await read_from(host, slots)
-        except PeerError as e:
+        except (PeerError, OSError) as e:
             log.info("VM %s: reading %s's warm copy of its memory stopped: %s", vm, host, e)
 
     async with trio.open_nursery() as nursery:
