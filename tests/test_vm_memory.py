@@ -208,6 +208,8 @@ def test_a_move_reads_memory_from_the_host_kept_warm(
     by_ref: dict[str, int] = report["ram_by_ref"]  # type: ignore[assignment]
     assert list(from_peers) == ["home-pc"] and from_peers["home-pc"] > MEMFILL_MB << 20, report
     assert by_ref.get("warm-peer", 0) * 4096 > MEMFILL_MB << 20, report
+    # the guest's page cache is its disk, which car-pc's replica holds: those pages are not read from home-pc
+    assert by_ref.get("disk", 0) * 4096 > (DISK_MB << 20) // 2, report
     from_office = int(report["ram_wire_bytes"]) - sum(from_peers.values())  # type: ignore[call-overload]
     assert 0 < from_office < int(report["ram_bytes"]) / 5, report  # type: ignore[call-overload]
     memory_checked_on(car, "the guest to check its random data at car-pc", seen)

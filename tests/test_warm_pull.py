@@ -31,6 +31,8 @@ def test_each_page_comes_once_from_a_host_that_offers_it_and_the_load_is_shared(
     assert plan.get("home-pc")  # the pages both offer are shared out
     # where hosts disagree, a page comes from one holding the first host's version
     assert plan_pull(b"", {"home-pc": index(a), "car-pc": index(d)}) == {"home-pc": [0]}
+    # pages the destination's disk replicas hold (the page cache) are left to the move's disk references
+    assert plan_pull(b"", {"home-pc": index(a, c)}, frozenset({c[:4]})) == {"home-pc": [0]}
 
 
 def test_only_pages_with_the_named_digest_are_taken(tmp_path: Path) -> None:

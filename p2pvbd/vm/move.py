@@ -158,7 +158,11 @@ async def move_vm(swarm: Swarm, runner: VmRunner, vm: VmDefinition, dest: str, m
             warm = await grant_warm(swarm, vm.name, dest, warm_hosts)
             await gate.prepared.wait()
             progress.phase = "disks"
-            reply = await conn.request("vm_incoming", {"vm": vm.as_payload(), "warm": warm}, timeout=RESUME_TIMEOUT)
+            incoming: dict[str, Any] = {"vm": vm.as_payload(), "warm": warm}
+            if warm:  # the destination reads from them none of the pages its disk replicas hold
+                await indexed.wait()
+                incoming["disk_pages"] = await trio.to_thread.run_sync(_prefixes, list(sender.disk_pages))
+            reply = await conn.request("vm_incoming", incoming, timeout=RESUME_TIMEOUT)
             await _take_held(sender, progress, reply)
             await gate.converged.wait()
             await indexed.wait()
@@ -485,7 +489,9 @@ class VmTarget:
         hosts = [h for h in warm if isinstance(h, str) and h != self.swarm.name] if isinstance(warm, list) else []
         if hosts and await trio.to_thread.run_sync(image_takes_pages, rv.paths.directory, vm.memory):
             inc.pull = PullStats()
-            self.nursery.start_soon(self._pull, inc, hosts[:MAX_WARM_HOSTS])
+            on_disk = body.get("disk_pages")
+            self.nursery.start_soon(self._pull, inc, hosts[:MAX_WARM_HOSTS], await trio.to_thread.run_sync(
+                split_prefixes, on_disk[:MAX_HELD_PREFIXES * PREFIX_BYTES] if isinstance(on_disk, bytes) else b""))
             return {"warm_pull": True}
         return await self._held_here(inc)
 
@@ -500,11 +506,12 @@ class VmTarget:
         inc.image = image
         return {"ram_held": await trio.to_thread.run_sync(inc.image.prefixes, MAX_HELD_PREFIXES)}
 
-    async def _pull(self, inc: IncomingVm, hosts: list[str]) -> None:
+    async def _pull(self, inc: IncomingVm, hosts: list[str], on_disk: frozenset[bytes]) -> None:
         assert inc.pull is not None
         try:
             with inc.pull_scope:
-                await pull_warm(self.swarm, inc.rv.vm.name, inc.rv.vm.memory, hosts, inc.rv.paths.directory, inc.pull)
+                await pull_warm(self.swarm, inc.rv.vm.name, inc.rv.vm.memory, hosts, inc.rv.paths.directory, inc.pull,
+                                on_disk)
         except Exception as e:  # an optimisation: the move goes on without it, and the daemon never stops for it
             log.warning("VM %s: reading its memory from warm hosts failed: %s", inc.rv.vm.name, e)
         finally:

@@ -35,7 +35,7 @@ import zstandard
 from p2pvbd.migration import failpoints
 from p2pvbd.swarm.access import PeerOp
 from p2pvbd.swarm.peer_transport import PeerError
-from p2pvbd.vm.ram_image import DIGEST_BYTES, IMAGE, INDEX, LAYOUT, page_digest
+from p2pvbd.vm.ram_image import DIGEST_BYTES, IMAGE, INDEX, LAYOUT, PREFIX_BYTES, page_digest
 from p2pvbd.vm.warm import RAM_BLOCK, write_pages
 from p2pvbd.wire.qemu_stream import PAGE_SIZE
 
@@ -101,11 +101,13 @@ def read_pages(directory: Path, slots: list[int]) -> bytes:
     return zstandard.ZstdCompressor(level=WARM_ZSTD_LEVEL).compress(data)
 
 
-def plan_pull(own: bytes, offers: Mapping[str, bytes]) -> dict[str, list[int]]:
+def plan_pull(own: bytes, offers: Mapping[str, bytes], on_disk: frozenset[bytes] = frozenset()) -> dict[str, list[int]]:
     """Which pages to read from which warm host: each page whose digest the destination does not hold
     (``own``: its image's index) and some host offers, from the offering host with the fewest assigned so
     far (the first host's digest counts where hosts disagree: either may be stale, and the move's own
-    check decides). Zero pages are left out: QEMU sends those as a flag."""
+    check decides). Zero pages are left out: QEMU sends those as a flag; so are the pages whose digest
+    starts as one of ``on_disk`` (PREFIX_BYTES each): the guest's page cache, which the source sends as
+    references into the destination's disk replicas."""
     held = {own[i:i + DIGEST_BYTES] for i in range(0, len(own), DIGEST_BYTES)}
     plan: dict[str, list[int]] = {host: [] for host in offers}
     pages = max((len(d) for d in offers.values()), default=0) // DIGEST_BYTES
@@ -115,7 +117,8 @@ def plan_pull(own: bytes, offers: Mapping[str, bytes]) -> dict[str, list[int]]:
         hosts: list[str] = []
         for host, index in offers.items():
             digest = index[at]
-            if len(digest) != DIGEST_BYTES or digest in (_EMPTY, _ZERO_DIGEST) or digest in held:
+            if (len(digest) != DIGEST_BYTES or digest in (_EMPTY, _ZERO_DIGEST) or digest in held
+                    or digest[:PREFIX_BYTES] in on_disk):
                 continue
             if wanted is None:
                 wanted = digest
@@ -162,10 +165,11 @@ class PullStats:
         self.pages[host] = self.pages.get(host, 0) + pages
 
 
-async def pull_warm(swarm: Swarm, vm: str, size: int, hosts: list[str], directory: Path, stats: PullStats) -> None:
+async def pull_warm(swarm: Swarm, vm: str, size: int, hosts: list[str], directory: Path, stats: PullStats,
+                    on_disk: frozenset[bytes] = frozenset()) -> None:
     """Fill the image in ``directory`` with the pages of VM ``vm`` (``size`` bytes of memory) that ``hosts``
-    keep warm and this host lacks. Cancelling it at any point leaves a consistent image (each page is
-    written before its digest)."""
+    keep warm and this host lacks, but those ``on_disk`` (see plan_pull). Cancelling it at any point leaves
+    a consistent image (each page is written before its digest)."""
     pages = size // PAGE_SIZE
     offers: dict[str, bytes] = {}
 
@@ -192,7 +196,7 @@ async def pull_warm(swarm: Swarm, vm: str, size: int, hosts: list[str], director
         for host in hosts:
             nursery.start_soon(index_of, host)
     own = await trio.to_thread.run_sync(read_index, directory, 0, pages)
-    plan = await trio.to_thread.run_sync(plan_pull, own, {h: offers[h] for h in hosts if h in offers})
+    plan = await trio.to_thread.run_sync(plan_pull, own, {h: offers[h] for h in hosts if h in offers}, on_disk)
     await failpoints.pause("vm.warm_pull")
 
     async def read_from(host: str, slots: list[int]) -> None:
