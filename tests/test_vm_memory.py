@@ -4,15 +4,19 @@ goes on syncing disks, and its jobs tell QEMU's stream from what crossed the lin
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import zstandard
 
+from p2pvbd.migration import failpoints
 from p2pvbd.swarm.peer_transport import PeerError
-from tests.daemons import Host
+from tests.daemons import BIN, Host
 from tests.helpers import wait_until
 from tests.test_insiders import as_member
 from tests.test_vm_move import DISK, GUEST_BROKE, GUEST_WAIT, acked, approve, move, serial, vm_state
@@ -25,6 +29,9 @@ DISK_MB = 16
 # loop that computed that long did memory-sized work itself (a host busy with other work only makes it late).
 STALL = re.compile(r"the event loop was blocked for (\d+) ms \(computing for (\d+) ms of it\)")
 STALL_MS = 100
+# The pause of car-pc's pull from home-pc that home-pc is killed in: within the pull's grace once the disks
+# are ready (vm/warm_pull.WARM_PULL_GRACE_SECONDS, 5 s), so the pull goes on to ask the dead host.
+PULL_PAUSE_SECONDS = 3
 
 
 def define_memory_vm(host: Host, kernel: Path, initrd: Path, workdir: Path, memfill_mb: int = MEMFILL_MB) -> None:
@@ -168,3 +175,77 @@ def test_a_host_kept_warm_gets_a_move_for_what_changed(
     report = move(office, "car-pc", "async")
     assert report["ram_by_ref"].get("previous", 0) * 4096 > MEMFILL_MB << 20, report
     assert report["ram_wire_bytes"] < report["ram_bytes"] / 5, report
+
+
+def test_a_move_reads_memory_from_the_host_kept_warm(
+        make_host: Callable[..., Host], guest_files: tuple[Path, Path], tmp_path: Path) -> None:
+    """The VM runs at office-pc, home-pc keeps its memory warm, and it moves to car-pc, which holds none of
+    it: car-pc reads the pages from home-pc while the disks converge, and office-pc sends little. Only a
+    host the owner granted may read home-pc's copy."""
+    office = make_host("office-pc")
+    home = make_host("home-pc", join=office.cli("invite").stdout.strip())
+    car = make_host("car-pc", join=office.cli("invite").stdout.strip())
+    mallory = make_host("mallory", join=office.cli("invite").stdout.strip())
+    kernel, initrd = guest_files
+    define_memory_vm(office, kernel, initrd, tmp_path)
+    approve(car)
+    office.cli("vm", "start", "vm1")
+    wait_until(lambda: memchecks(office), "the guest to fill its memory", timeout=GUEST_WAIT)
+    office.cli("vm", "replicate", "vm1", "--on", "home-pc", "--rate", "50M")
+    wait_until(lambda: vm_state(office)["warm"]["age_s"].get("home-pc") is not None,
+               "home-pc's copy of the memory to be current", timeout=GUEST_WAIT)
+
+    # A member the owner did not grant it to reads nothing of home-pc's copy, nor grants it to itself.
+    for op, body in (("vm_warm_index", {"vm": "vm1", "first": 0, "count": 16}),
+                     ("vm_warm_read", {"vm": "vm1", "offsets": bytes(8)}),
+                     ("vm_warm_grant", {"vm": "vm1", "host": "mallory"})):
+        res = as_member(mallory, home, op, body)
+        assert isinstance(res, PeerError) and res.code == "forbidden", (op, res)
+
+    seen = len(memchecks(car))
+    report = move(office, "car-pc", "async")
+    from_peers: dict[str, int] = report["ram_from_peers"]  # type: ignore[assignment]
+    by_ref: dict[str, int] = report["ram_by_ref"]  # type: ignore[assignment]
+    assert list(from_peers) == ["home-pc"] and from_peers["home-pc"] > MEMFILL_MB << 20, report
+    assert by_ref.get("warm-peer", 0) * 4096 > MEMFILL_MB << 20, report
+    # the guest's page cache is its disk, which car-pc's replica holds: those pages are not read from home-pc
+    assert by_ref.get("disk", 0) * 4096 > (DISK_MB << 20) // 2, report
+    from_office = int(report["ram_wire_bytes"]) - sum(from_peers.values())  # type: ignore[call-overload]
+    assert 0 < from_office < int(report["ram_bytes"]) / 5, report  # type: ignore[call-overload]
+    memory_checked_on(car, "the guest to check its random data at car-pc", seen)
+    assert vm_state(car)["state"] == "running"
+    print("bytes by source:", {"office-pc": from_office, **from_peers}, "of", report["ram_bytes"],
+          "pages by reference:", by_ref)
+
+
+@pytest.mark.heavy
+def test_a_warm_host_lost_during_the_pull_costs_only_bytes(
+        make_host: Callable[..., Host], guest_files: tuple[Path, Path], tmp_path: Path) -> None:
+    """kill -9 of the warm host once car-pc has its index, before any page came: car-pc's reads fail (or wait
+    for the dead host until the pull's time is up), and the move goes on, the VM's host sending what the
+    warm copy would have covered."""
+    office = make_host("office-pc")
+    home = make_host("home-pc", join=office.cli("invite").stdout.strip())
+    car = make_host("car-pc", join=office.cli("invite").stdout.strip(), start=False).start(
+        {failpoints.ENV: f"vm.warm_pull={PULL_PAUSE_SECONDS}"})
+    kernel, initrd = guest_files
+    define_memory_vm(office, kernel, initrd, tmp_path)
+    approve(car)
+    office.cli("vm", "start", "vm1")
+    wait_until(lambda: memchecks(office), "the guest to fill its memory", timeout=GUEST_WAIT)
+    office.cli("vm", "replicate", "vm1", "--on", "home-pc", "--rate", "50M")
+    wait_until(lambda: vm_state(office)["warm"]["age_s"].get("home-pc") is not None,
+               "home-pc's copy of the memory to be current", timeout=GUEST_WAIT)
+
+    car_log = log_size(car)
+    migrate = subprocess.Popen([BIN, "migrate", "vm1", "--to", "car-pc", "--json", "--home", str(office.home)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: b"failpoint vm.warm_pull: pausing" in (car.home / "daemon.log").read_bytes()[car_log:],
+               "car-pc to have home-pc's index", timeout=GUEST_WAIT)
+    home.kill9()
+    out, err = migrate.communicate(timeout=600)
+    assert migrate.returncode == 0, (out, err, office.log_tail())
+    report = json.loads(out)
+    assert report["ram_from_peers"].get("home-pc", 0) > 0 and not report["ram_by_ref"].get("warm-peer"), report
+    assert report["ram_wire_bytes"] > MEMFILL_MB << 20, report  # office-pc sent the random data itself
+    memory_checked_on(car, "the guest to check its random data at car-pc")

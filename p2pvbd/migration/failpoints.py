@@ -37,6 +37,11 @@ POINTS = {
                  "request's blocks are stored (phase pulling): the pull holds what it has meanwhile",
     "vm.ram": "the source of a VM move, once QEMU sends its memory, before relaying any of it (phase ram): the "
               "guest runs on meanwhile",
+    "vm.ram_crossing": "the source of a VM move, once the destination took the first piece of QEMU's memory "
+                       "stream, before it relays more (phase ram, ram_bytes above 0 in jobs): the guest runs on, "
+                       "the destination's QEMU holds part of the stream",
+    "vm.warm_pull": "the destination of a VM move, once it has the warm hosts' indexes of the VM's memory, "
+                    "before it reads any page from them",
     "vm.switchover": "the source of a VM move, once QEMU paused the guest at pre-switchover, before the disks "
                      "switch over (phase switchover)",
     "vm.committed": "the source of a VM move, once every disk is committed to the destination, before QEMU is "

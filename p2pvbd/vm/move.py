@@ -23,6 +23,7 @@ import hashlib
 import logging
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +37,7 @@ from p2pvbd.swarm.peer_transport import PeerError
 from p2pvbd.vm.converge import DowntimeRamp, StreamPace
 from p2pvbd.vm.disk_pages import index_pages
 from p2pvbd.vm.qmp import QmpError
-from p2pvbd.vm.ram_image import ImageWriter, RamImage, page_digest, split_prefixes
+from p2pvbd.vm.ram_image import PREFIX_BYTES, ImageWriter, RamImage, page_digest, split_prefixes
 from p2pvbd.vm.ram_refs import (
     PAGE_BYTES,
     RAM_READ_BYTES,
@@ -48,6 +49,14 @@ from p2pvbd.vm.ram_refs import (
     rebuild,
 )
 from p2pvbd.vm.runner import RunningVm, VmError, VmRunner
+from p2pvbd.vm.warm_pull import (
+    SOURCE_WARM_PEER,
+    WARM_PULL_GRACE_SECONDS,
+    PullStats,
+    grant_warm,
+    image_takes_pages,
+    pull_warm,
+)
 from p2pvbd.wire.vm_definition import DefinitionError, VmDefinition
 
 if TYPE_CHECKING:
@@ -66,6 +75,8 @@ MAX_HELD_PREFIXES = 1 << 20
 # to what the link takes, and a stream of pages the destination holds, sent as references, should run at
 # the speed pages can be hashed (~1 GB/s), not take 8 s per GiB of memory.
 RAM_QEMU_MAX_BANDWIDTH = 8 << 30
+# Warm hosts an arrival reads memory from: a person's machines are a handful.
+MAX_WARM_HOSTS = 16
 # Chunks in flight: keeps a link with 10-50 ms round trips busy; the destination writes them in order.
 RAM_WINDOW = 4
 # QEMU's migration of the RAM: the longest it may take to reach pre-switchover or to complete. A link
@@ -105,6 +116,7 @@ class VmMoveProgress:
     ram_missed_pages: int = 0  # references the destination could not resolve: sent again in full
     ram_passes: int = 0  # QEMU's passes over the memory (dirty-page syncs) before the pause
     ram_downtime_limit_ms: float | None = None  # QEMU's downtime-limit at the end (vm/converge.py)
+    ram_from_peers: dict[str, int] = field(default_factory=dict)  # bytes the destination read from warm hosts
     vm_downtime_ms: float | None = None
     disk_switchover_ms: float | None = None  # from pre-switchover to migrate-continue: the disks' part
     started: float = field(default_factory=time.monotonic)
@@ -119,6 +131,7 @@ class VmMoveProgress:
                 "ram_bytes": self.ram_bytes, "ram_wire_bytes": self.ram_wire_bytes, "ram_pages": self.ram_pages,
                 "ram_by_ref": dict(self.ram_by_ref), "ram_missed_pages": self.ram_missed_pages,
                 "ram_passes": self.ram_passes, "ram_downtime_limit_ms": self.ram_downtime_limit_ms,
+                "ram_from_peers": dict(self.ram_from_peers),
                 "vm_downtime_ms": self.vm_downtime_ms,
                 "disk_switchover_ms": self.disk_switchover_ms, "duration_s": round(end - self.started, 3),
                 "error": self.error, "disks": disks,
@@ -131,8 +144,9 @@ class VmMoveProgress:
 
 
 async def move_vm(swarm: Swarm, runner: VmRunner, vm: VmDefinition, dest: str, max_downtime_ms: float,
-                  progress: VmMoveProgress, later: trio.Nursery) -> None:
-    """Move ``vm`` to ``dest``; ``later`` runs what outlives a failed move (settling a paused guest)."""
+                  progress: VmMoveProgress, later: trio.Nursery, warm_hosts: Sequence[str] = ()) -> None:
+    """Move ``vm`` to ``dest``; ``later`` runs what outlives a failed move (settling a paused guest);
+    ``warm_hosts`` keep the VM's memory warm: the destination may read the pages it lacks from them."""
     rv = runner.get(vm.name)
     if rv.incoming or rv.qmp is None:
         raise MigrationError(f"VM {vm.name} is still arriving on this host")
@@ -150,14 +164,20 @@ async def move_vm(swarm: Swarm, runner: VmRunner, vm: VmDefinition, dest: str, m
             nursery.start_soon(_index_disk_pages, swarm, vm, sender, indexed)
             for p in progress.disks:
                 nursery.start_soon(_disk, swarm, p, max_downtime_ms, gate)
+            warm = await grant_warm(swarm, vm.name, dest, warm_hosts)
             await gate.prepared.wait()
             progress.phase = "disks"
-            reply = await conn.request("vm_incoming", {"vm": vm.as_payload()}, timeout=RESUME_TIMEOUT)
-            held = reply.get("ram_held")
-            if isinstance(held, bytes):
-                sender.held = {SOURCE_PREVIOUS: await trio.to_thread.run_sync(split_prefixes, held)}
+            incoming: dict[str, Any] = {"vm": vm.as_payload(), "warm": warm}
+            if warm:  # the destination reads from them none of the pages its disk replicas hold
+                await indexed.wait()
+                incoming["disk_pages"] = await trio.to_thread.run_sync(_prefixes, list(sender.disk_pages))
+            reply = await conn.request("vm_incoming", incoming, timeout=RESUME_TIMEOUT)
+            await _take_held(sender, progress, reply)
             await gate.converged.wait()
             await indexed.wait()
+            if reply.get("warm_pull") is True:  # the destination read pages from warm hosts meanwhile
+                await _take_held(sender, progress, await conn.request("vm_ram_held", {"vm": vm.name},
+                                                                      timeout=RESUME_TIMEOUT))
             progress.phase = "ram"
             relayed = trio.Event()
             await nursery.start(_relay_ram, rv, conn, vm.name, progress, relayed, sender)
@@ -209,6 +229,21 @@ async def move_vm(swarm: Swarm, runner: VmRunner, vm: VmDefinition, dest: str, m
             log.warning("VM %s stays on %s with its disks' I/O forwarded to %s", vm.name, swarm.name, dest)
         raise
     await runner.forget(rv)
+
+
+async def _take_held(sender: RamSender, progress: VmMoveProgress, reply: dict[str, Any]) -> None:
+    """Which pages the destination holds (``ram_held``), those of them it read from warm hosts
+    (``ram_pulled``, counted apart: first) and the bytes that read took per host."""
+    held: dict[str, frozenset[bytes]] = {}
+    for key, source in (("ram_pulled", SOURCE_WARM_PEER), ("ram_held", SOURCE_PREVIOUS)):
+        if isinstance(blob := reply.get(key), bytes):
+            held[source] = await trio.to_thread.run_sync(split_prefixes, blob)
+    sender.held = held
+    peers = reply.get("ram_from_peers")
+    if isinstance(peers, dict):
+        got = {str(h): n for h, n in peers.items() if type(n) is int and n >= 0}
+        progress.ram_from_peers = got
+        progress.ram_wire_bytes += sum(got.values())
 
 
 async def _index_disk_pages(swarm: Swarm, vm: VmDefinition, sender: RamSender, indexed: trio.Event) -> None:
@@ -369,6 +404,8 @@ async def _relay_ram(rv: RunningVm, conn: Any, vm: str, progress: VmMoveProgress
             progress.ram_pages += stats.pages
             for source, n in stats.by_ref.items():
                 progress.ram_by_ref[source] = progress.ram_by_ref.get(source, 0) + n
+            if seq == 0:
+                await failpoints.pause("vm.ram_crossing")
         finally:
             window.release()
 
@@ -402,6 +439,9 @@ class IncomingVm:
     turn: trio.Event = field(default_factory=trio.Event)
     heard: float = field(default_factory=trio.current_time)  # the source's last request for it (trio time)
     image: RamImage | None = None  # the memory this VM left here when it last ran here
+    pull: PullStats | None = None  # pages read from warm hosts while the disks converge
+    pull_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    pull_done: trio.Event = field(default_factory=trio.Event)
 
 
 class VmTarget:
@@ -416,6 +456,7 @@ class VmTarget:
         return [PeerOp("vm_incoming", self._source_of_every_disk, self.start_incoming),
                 PeerOp("vm_ram", self._vm_source, self.ram),
                 PeerOp("vm_check", self._vm_source, self.check),
+                PeerOp("vm_ram_held", self._vm_source, self.held),
                 PeerOp("vm_finish", self._vm_source, self.finish),
                 PeerOp("vm_abort", self._vm_source_or_giver, self.abort)]
 
@@ -472,15 +513,54 @@ class VmTarget:
         inc = self.incoming[vm.name] = IncomingVm(rv, peer)
         assert self.nursery is not None
         self.nursery.start_soon(self._watch, vm.name, inc)
-        image = await trio.to_thread.run_sync(RamImage.open, rv.paths.directory)
+        warm = body.get("warm")
+        hosts = [h for h in warm if isinstance(h, str) and h != self.swarm.name] if isinstance(warm, list) else []
+        if hosts and await trio.to_thread.run_sync(image_takes_pages, rv.paths.directory, vm.memory):
+            inc.pull = PullStats()
+            on_disk = body.get("disk_pages")
+            self.nursery.start_soon(self._pull, inc, hosts[:MAX_WARM_HOSTS], await trio.to_thread.run_sync(
+                split_prefixes, on_disk[:MAX_HELD_PREFIXES * PREFIX_BYTES] if isinstance(on_disk, bytes) else b""))
+            return {"warm_pull": True}
+        return await self._held_here(inc)
+
+    async def _held_here(self, inc: IncomingVm) -> dict[str, Any]:
+        """Which pages the source may send by reference: a prefix of each one's digest."""
+        image = await trio.to_thread.run_sync(RamImage.open, inc.rv.paths.directory)
         if image is None:
             return {}
-        if self.incoming.get(vm.name) is not inc:  # called off meanwhile
+        if self.incoming.get(inc.rv.vm.name) is not inc:  # called off meanwhile
             image.close()
             return {}
         inc.image = image
-        # which pages the source may send by reference: a prefix of each one's digest
         return {"ram_held": await trio.to_thread.run_sync(inc.image.prefixes, MAX_HELD_PREFIXES)}
+
+    async def _pull(self, inc: IncomingVm, hosts: list[str], on_disk: frozenset[bytes]) -> None:
+        assert inc.pull is not None
+        try:
+            with inc.pull_scope:
+                await pull_warm(self.swarm, inc.rv.vm.name, inc.rv.vm.memory, hosts, inc.rv.paths.directory, inc.pull,
+                                on_disk)
+        except Exception as e:  # an optimisation: the move goes on without it, and the daemon never stops for it
+            log.warning("VM %s: reading its memory from warm hosts failed: %s", inc.rv.vm.name, e)
+        finally:
+            inc.pull_done.set()
+        log.info("VM %s: read %s pages of its memory from warm hosts (%s bytes)", inc.rv.vm.name,
+                 inc.pull.pages, inc.pull.wire_bytes)
+
+    async def held(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        """vm_ram_held: the disks are ready; the pull from warm hosts gets WARM_PULL_GRACE_SECONDS more,
+        then the pages held are announced, those pulled apart."""
+        inc = self._arriving(body)
+        if inc.pull is None or inc.image is not None:  # nothing pulled, or asked again: the image as it is
+            if inc.image is None:
+                return await self._held_here(inc)
+            return {"ram_held": await trio.to_thread.run_sync(inc.image.prefixes, MAX_HELD_PREFIXES)}
+        with trio.move_on_after(WARM_PULL_GRACE_SECONDS):
+            await inc.pull_done.wait()
+        inc.pull_scope.cancel()
+        await inc.pull_done.wait()
+        pulled = await trio.to_thread.run_sync(_prefixes, inc.pull.digests)
+        return await self._held_here(inc) | {"ram_pulled": pulled, "ram_from_peers": dict(inc.pull.wire_bytes)}
 
     def _arriving(self, body: dict[str, Any]) -> IncomingVm:
         """The incoming VM a request names; an abort or a watcher may have dropped it meanwhile."""
@@ -493,6 +573,7 @@ class VmTarget:
         """Call off an arrival: forget it, close its stream, stop its QEMU."""
         if self.incoming.get(name) is inc:
             del self.incoming[name]
+        inc.pull_scope.cancel()
         _close_image(inc)
         if inc.stream is not None:
             with trio.CancelScope(shield=True):
@@ -621,6 +702,10 @@ class VmTarget:
             await self.runner.forget(rv, graceful=False)
             return {"running": False}
         return {"running": True}
+
+
+def _prefixes(digests: list[bytes]) -> bytes:
+    return b"".join(sorted({d[:PREFIX_BYTES] for d in digests})[:MAX_HELD_PREFIXES])
 
 
 def _close_image(inc: IncomingVm) -> None:

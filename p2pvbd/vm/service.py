@@ -31,6 +31,7 @@ from p2pvbd.vm.move import VmMoveProgress, VmTarget, move_vm
 from p2pvbd.vm.qmp import QmpError
 from p2pvbd.vm.runner import VmError, VmRunner
 from p2pvbd.vm.warm import WarmMemory
+from p2pvbd.vm.warm_pull import WarmReads
 from p2pvbd.wire.vm_definition import DefinitionError, VmDefinition
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ class RemoteMove:
                                       "phase": "prepare", "error": "", "disks": [], "total_bytes": 0,
                                       "done_bytes": 0, "bytes_on_wire": 0, "mirror_lag_blocks": 0, "peers": {},
                                       "ram_bytes": 0, "ram_wire_bytes": 0, "ram_pages": 0, "ram_by_ref": {},
-                                      "ram_missed_pages": 0, "vm_downtime_ms": None,
+                                      "ram_missed_pages": 0, "ram_from_peers": {}, "vm_downtime_ms": None,
                                       "disk_switchover_ms": None,
                                       "bytes_from": {}, "throttled": False,
                                       "duration_s": 0.0}
@@ -80,12 +81,14 @@ class VmService:
         self.book = VmBook(swarm, home)
         self.target = VmTarget(swarm, self.runner, self.book)
         self.warm = WarmMemory(swarm, self.runner, self.book)
+        self.warm_reads = WarmReads(self.runner, self.book)
         self.moves: dict[str, VmMoveProgress] = {}
         self._nursery: trio.Nursery | None = None
         self.book.on_deleted = self._deleted_elsewhere
 
     def ops(self) -> list[PeerOp]:
-        return [*self.target.ops(), *self.warm.ops(), PeerOp("vm_move", self._may_pull, self._serve_move),
+        return [*self.target.ops(), *self.warm.ops(), *self.warm_reads.ops(self.warm.owner),
+                PeerOp("vm_move", self._may_pull, self._serve_move),
                 PeerOp("vm_move_status", _the_destination, self._serve_move_status),
                 PeerOp("vm_where", member, self._serve_where)]
 
@@ -476,7 +479,7 @@ class VmService:
         # The disks' tasks fail as a group: its first expected reason is the user's.
         await run_job(f"moving VM {progress.vm}", progress,
                       partial(move_vm, self.swarm, self.runner, vm, progress.dest, max_downtime_ms, progress,
-                              self._nursery),
+                              self._nursery, warm_hosts=self.warm.info(progress.vm)["hosts"]),
                       (MigrationError, PeerError, VmError), cancel)
 
 

@@ -162,7 +162,7 @@ class WarmMemory:
         self.states: dict[str, WarmState] = {}
 
     def ops(self) -> list[PeerOp]:
-        return [PeerOp("vm_warm", self._owner, self._receive), PeerOp("vm_warm_drop", self._owner, self._drop)]
+        return [PeerOp("vm_warm", self.owner, self._receive), PeerOp("vm_warm_drop", self.owner, self._drop)]
 
     # ---- policy ------------------------------------------------------------------------------------------
     def _state(self, name: str) -> WarmState:
@@ -243,13 +243,14 @@ class WarmMemory:
                 state.current_at[host] = time.time()
 
     # ---- a warm host ---------------------------------------------------------------------------------------
-    async def _owner(self, swarm: Swarm, peer: str, body: dict[str, Any]) -> str | None:
-        """The owner of the VM's first disk, as this host's replica of it says."""
+    async def owner(self, swarm: Swarm, peer: str, body: dict[str, Any]) -> str | None:
+        """The owner of the VM's first disk, of which this host keeps a replica: as the replica says, or, when
+        that is behind (the VM moved on since this host last synced it), as the disk's deeds prove."""
         vm = self.book.get(body.get("vm"))  # type: ignore[arg-type]
         if vm is None:
             return f"no VM {body.get('vm')!r} is known here"
         exp = swarm.ctl.get(vm.disks[0])
-        if exp is None or exp.store.owner != peer:
+        if exp is None or (exp.store.owner != peer and (await swarm.owner_of(vm.disks[0]))[0] != peer):
             return f"{peer} does not own VM {vm.name}'s disk {vm.disks[0]} here"
         return None
 

@@ -157,10 +157,15 @@ OPS: dict[str, OpSpec] = {
     "vm_check": OpSpec({"vm": str}, "the incoming QEMU's run state (inmigrate while it waits)"),
     "vm_finish": OpSpec({"vm": str}, "answer once the arrived VM runs here"),
     "vm_abort": OpSpec({"vm": str}, "the move is off: quit the incoming QEMU"),
+    "vm_ram_held": OpSpec({"vm": str}, "the disks are ready: stop pulling from warm hosts, say which pages are held"),
     # The host running a VM -> hosts keeping its memory warm (vm/warm.py).
     "vm_warm": OpSpec({"vm": str, "size": int, "offsets": bytes, "data": bytes},
                       "pages of the VM's memory that changed since the last ones sent (zstd)", MAX_FRAME_BYTES),
     "vm_warm_drop": OpSpec({"vm": str}, "stop keeping the VM's memory: delete the copy"),
+    "vm_warm_grant": OpSpec({"vm": str, "host": str}, "the owner lets that host read the copy for a move there"),
+    # A move's destination -> the hosts keeping the VM's memory warm (vm/warm_pull.py).
+    "vm_warm_index": OpSpec({"vm": str, "first": int, "count": int}, "digests of the pages of the copy kept here"),
+    "vm_warm_read": OpSpec({"vm": str, "offsets": bytes}, "those pages of the copy kept here (zstd)"),
     # Destination -> the host running a VM: `migrate VM --to HOST` run on HOST itself.
     "revocations": OpSpec({"serial": int, "names": list, "sig": bytes},
                           "the swarm's newest revocation list, signed by its CA (kept if newer and valid)"),
