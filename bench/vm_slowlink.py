@@ -264,7 +264,9 @@ def p2pvbd_move(net: Network, hosts: dict[str, Host], src: str, dst: str, tag: s
     row = {"move": tag, "from": src, "to": dst, "mem_wire_bytes": r["ram_wire_bytes"], "wire_bytes": sum(sent.values()),
            "sent_by": sent, "stream_bytes": r["ram_bytes"], "ram_pages": r["ram_pages"], "by_ref": r["ram_by_ref"],
            "missed_pages": r["ram_missed_pages"], "duration_s": round(t1 - t0, 1),
-           "downtime_ms": r["vm_downtime_ms"], "disk_switchover_ms": r["disk_switchover_ms"], "load": loadavg()}
+           "downtime_ms": r["vm_downtime_ms"], "disk_switchover_ms": r["disk_switchover_ms"],
+           "passes": r.get("ram_passes"), "downtime_limit_ms": r.get("ram_downtime_limit_ms"),
+           "from_peers": r.get("ram_from_peers", {}), "load": loadavg()}
     print(f"  ({tag}) {src} -> {dst}: memory {r['ram_wire_bytes'] / 1e6:.1f} MB on the wire of a "
           f"{r['ram_bytes'] / 1e6:.1f} MB stream, links {row['wire_bytes'] / 1e6:.1f} MB, {row['duration_s']} s, "
           f"pause {r['vm_downtime_ms']} ms, by reference {r['ram_by_ref']}", flush=True)
@@ -355,7 +357,8 @@ def table(result: dict[str, Any]) -> list[str]:
     refs = [r["row"] for r in result["qemu"] if r["row"]["status"] == "completed"]
     best_row = min(refs, key=lambda r: r["wire_bytes"], default=None)
     best = best_row["wire_bytes"] if best_row else None
-    qemu_downtime = best_row["downtime_ms"] if best_row else None
+    # the pause target: QEMU's shortest memory-only pause among its variants (each measured STOP to RESUME)
+    qemu_downtime = min((r["downtime_ms"] for r in refs if r["downtime_ms"] is not None), default=None)
     rows = {m["row"]["move"]: m["row"] for m in result["p2pvbd"]["moves"]}
     met = verdicts(rows, best)
     lines = ["| move | memory on the wire | of QEMU's best | of non-zero memory | all links | QEMU's stream "
@@ -377,7 +380,7 @@ def table(result: dict[str, Any]) -> list[str]:
         lines.append(f"| {names[tag]} {r['from']} → {r['to']} | {r['mem_wire_bytes'] / 1e6:.1f} MB | {share} | "
                      f"{r['mem_wire_bytes'] / r['nonzero_bytes']:.3f} | {r['wire_bytes'] / 1e6:.1f} MB | "
                      f"{r['stream_bytes'] / 1e6:.1f} MB | {r['duration_s']} s | {r['downtime_ms']:.0f} ms"
-                     f"{'' if pause_ok else ' (over)'} | {r['by_ref']}, missed {r['missed_pages']} | "
+                     f"{'' if pause_ok else ' (over QEMU + 50 ms)'} | {r['by_ref']}, missed {r['missed_pages']} | "
                      f"{report.fmt(f['mbit_before'])} / {report.fmt(f['mbit_during'])} / {report.fmt(f['mbit_after'])}"
                      f" Mbit/s, {f['longest_gap_ms']:.0f} ms | {met[tag]}: {TARGETS[tag]} |")
     return lines
@@ -423,7 +426,14 @@ def main() -> int:
     ap.add_argument("--qemu", default="xbzrle,multifd-zstd", help=f"QEMU variants: {','.join(VARIANTS)}")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path)
+    ap.add_argument("--render", type=Path, metavar="JSON", help="print the table (and --plot) of an earlier --json")
     args = ap.parse_args()
+    if args.render:
+        result = json.loads(args.render.read_text())
+        print("\n".join(table(result)))
+        if args.plot:
+            plot(result, args.plot)
+        return 0
     result: dict[str, Any] = {"machine": machine(), "commit": git_head(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
                               time.gmtime()), "args": {k: str(v) for k, v in vars(args).items()}}
     with tempfile.TemporaryDirectory(prefix="p2pvbd-slowlink-") as tmp:
