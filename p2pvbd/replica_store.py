@@ -12,7 +12,10 @@ Crash rule: an intent record (DIRTY, ZERO, PUT) is appended *before* its data is
 ``kill -9`` the page cache holds the intent whenever it holds the data. SYNC(L), appended after an
 fdatasync of the data, vouches that the records before journal offset L have their data durable;
 replay trusts those and re-checks the rest against the data. Writes never hash (NBD hot path):
-blocks go dirty and are "settled" (read, hashed, SETTLE record) when a hash is needed.
+blocks go dirty and are "settled" (read, hashed, SETTLE record) when a hash is needed: a peer asks for
+them, a map is compared or published, a checkpoint, or more than HASH_PENDING_BYTES wait. A flush does
+not hash: a dirty block's DIRTY record before a SYNC is trusted, and replay hashes the block's data
+again keeping its version, so a pending hash survives a crash.
 
 Power loss breaks "the page cache holds the intent": data can reach the disk (a flush's data sync, the
 kernel's writeback) before its intent record does. An activity log, after DRBD's, covers that: before
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import mmap
 import os
 import threading
@@ -93,6 +97,12 @@ CHECKPOINT_CHUNK_LEAVES = 4096
 # Lock-free passes of digesting stale leaves before a refresh gives up on those a writer keeps touching
 # (they stay marked stale, which a comparison treats as "differs": correct, only less precise).
 REFRESH_ROUNDS = 3
+# Written data whose hash a flush may leave pending (dirty blocks). Hashing is what costs a guest write
+# most (BLAKE2b of the whole 64 KiB block, for a 4 KiB write too), and a block written again before
+# anyone needs its hash is hashed once instead of once per flush. The cost is at an unclean open: replay
+# re-reads and hashes every pending block (about 3 s per GiB here, as for the activity log's areas, which
+# often hold the same blocks). 2 GiB keeps that within the activity log's own bound (5 GiB, ~15 s).
+HASH_PENDING_BYTES = 2 * 1024**3
 # Passes of lock-free hashing before the blocks rewritten meanwhile are hashed under the lock: each
 # pass only sees blocks written during the previous one, so few are left for the locked pass.
 PREHASH_ROUNDS = 3
@@ -181,6 +191,7 @@ class ReplicaStore:
         self._versions: npt.NDArray[np.uint64] = meta["version"]
         self._hashes: npt.NDArray[np.uint8] = meta["hash"]
         self._dirty: set[int] = set()  # written blocks whose hash is not known yet
+        self._max_pending = max(1, HASH_PENDING_BYTES // self._bs)  # dirty blocks a flush leaves unhashed
         self._area_blocks = max(1, ACTIVE_AREA_BYTES // self._bs)
         # Active areas, least recently written first -> what was written there (GUEST_WRITES | PEER_BLOCKS).
         # Each has a durable ACTIVE record in the active journal; the set starts empty with every journal.
@@ -398,14 +409,23 @@ class ReplicaStore:
         return self.write_zeroes(offset, length, fua)
 
     def flush(self) -> None:
-        """Durability point for every write before it. Hashing and data sync run without the state lock."""
+        """Durability point for every write before it. The data sync runs without the state lock.
+
+        Dirty blocks stay dirty (their hash pending) unless more than HASH_PENDING_BYTES of them wait: then
+        the excess is hashed first, down to half the bound, so flushes hash in batches. A dirty block's
+        DIRTY record before ``covered`` becomes trusted by the SYNC below, and replay re-hashes such blocks
+        keeping their version."""
         with self._flush_lock:
-            known = self._prehash(rounds=1)
             with self._lock:
                 self._check_open()
-                # blocks dirtied meanwhile stay dirty: their DIRTY records before `covered` become trusted
-                # by the SYNC below, and replay re-hashes such blocks keeping their version
-                self._settle(self._dirty, known, only_known=True)
+                excess = len(self._dirty) - self._max_pending
+                among = set(itertools.islice(self._dirty, excess + self._max_pending // 2)) if excess > 0 else None
+            if among:
+                known = self._prehash(rounds=1, among=among)
+            with self._lock:
+                self._check_open()
+                if among:
+                    self._settle(among & self._dirty, known, only_known=True)
                 covered = self._jlen
                 if covered == self._synced_jlen:
                     return
@@ -426,10 +446,18 @@ class ReplicaStore:
                 self._checkpoint(clean=False)
 
     def maintain(self) -> None:
-        """Periodic upkeep (the daemon's, every few seconds): flush, then digest what changed, so that
-        comparisons and a switchover find the tree up to date."""
+        """Flush, then hash and digest everything that changed: before a switchover, so that it finds the
+        tree up to date."""
         self.flush()
         self.refresh_tree()
+
+    def upkeep(self) -> None:
+        """Periodic upkeep (the daemon's, every few seconds): flush (which bounds the pending hashes), then
+        digest the changed leaves whose hashes are known. Pending hashes wait until something needs them:
+        a map comparison or publication refreshes the tree in full (refresh_tree), a peer's request settles
+        its blocks."""
+        self.flush()
+        self.refresh_tree(settle=False)
 
     def allocation(self, offset: int, length: int) -> list[tuple[int, int]]:
         """NBD base:allocation extents (length, flags) from metadata alone: zero blocks are holes."""
@@ -463,13 +491,14 @@ class ReplicaStore:
         and re-check what they use (the planner's local dedup: a copy is verified against its hash)."""
         return VersionMap(self._bs, self._size, self._versions, self._hashes)
 
-    def refresh_tree(self) -> None:
+    def refresh_tree(self, settle: bool = True) -> None:
         """Digest the leaves changed since the last refresh, and their ancestors, while guest I/O goes on.
 
         Costs what changed since then. A leaf rewritten while it is digested stays stale (a comparison
-        then looks into it); once writes stop, one refresh leaves nothing stale."""
+        then looks into it); once writes stop, one refresh leaves nothing stale. Without ``settle``, leaves
+        holding blocks whose hash is pending are left stale rather than hashed."""
         with self._flush_lock:
-            known = self._prehash(rounds=1)
+            known = self._prehash(rounds=1) if settle else {}
             with self._tree_lock:
                 tree = self._tree
                 for _ in range(REFRESH_ROUNDS):
@@ -491,7 +520,7 @@ class ReplicaStore:
                                         newest[ok], propagate=False)
                         tree.stale[leaves[~ok]] = True
                     tree.propagate(leaves[ok])
-                    known = self._prehash(rounds=1)
+                    known = self._prehash(rounds=1) if settle else {}
 
     def map_summary(self) -> dict[str, Any]:
         """What a peer needs to compare maps with this one: geometry, owner, generation, root digest."""
@@ -822,7 +851,7 @@ class ReplicaStore:
             known.update({i: (v, *self._read_and_hash(i)) for i, v in todo})
         return known
 
-    def _settle_blocks(self, blocks: npt.NDArray[np.int64]) -> None:
+    def _settle_blocks(self, blocks: npt.NDArray[np.int64], journal: bool = True) -> None:
         """Settle the dirty ones among ``blocks``, hashing them outside the state lock (call without it)."""
         with self._lock:
             among = self._dirty_among(blocks)
@@ -832,7 +861,7 @@ class ReplicaStore:
             known = self._prehash(among=among)
             with self._lock:
                 self._check_open()
-                self._settle(among & self._dirty, known)
+                self._settle(among & self._dirty, known, journal=journal)
 
     def _dirty_among(self, blocks: npt.NDArray[np.int64]) -> set[int]:
         if not self._dirty or not blocks.size:
@@ -841,10 +870,11 @@ class ReplicaStore:
         return set(dirty[np.isin(dirty, blocks)].tolist())
 
     def _settle(self, indexes: Iterable[int], known: dict[int, tuple[int, bytes, bool]] | None = None,
-                only_known: bool = False) -> None:
+                only_known: bool = False, journal: bool = True) -> None:
         """Hash dirty blocks (or take still-valid _prehash results; with ``only_known`` nothing else)
-        and journal the hashes; all-zero blocks become holes (unless kept allocated), which leaves their content
-        unchanged."""
+        and journal the hashes (a checkpoint does not: it writes them to meta.bin, and until it has, replay
+        hashes the blocks again from their DIRTY records); all-zero blocks become holes (unless kept
+        allocated), which leaves their content unchanged."""
         order, recs = [], []
         for i in sorted(indexes):
             pre = (known or {}).get(i)
@@ -860,7 +890,8 @@ class ReplicaStore:
             self._hashes[i] = np.frombuffer(digest, np.uint8)
             self._tree.touch(i, i, 0)  # the leaf's digest covers hashes too
             self._changed_leaves[i // LEAF_BLOCKS] = True
-            recs.append(journal_record(SETTLE, i, 1, int(self._versions[i]), digest))
+            if journal:
+                recs.append(journal_record(SETTLE, i, 1, int(self._versions[i]), digest))
         self._append(b"".join(recs))
         self._dirty.difference_update(order)
         if self._keep_allocated:
@@ -920,10 +951,12 @@ class ReplicaStore:
             for start in range(0, leaves.size, CHECKPOINT_CHUNK_LEAVES):
                 chunk = leaves[start:start + CHECKPOINT_CHUNK_LEAVES]
                 blocks = leaf_blocks(chunk, self._n)
-                self._settle_blocks(blocks)
+                # No SETTLE records: a clean close would leave them in the new journal, and the next open
+                # would take that journal for a crash's.
+                self._settle_blocks(blocks, journal=False)
                 with self._lock:
                     self._check_open()
-                    self._settle(self._dirty_among(blocks))  # written since _settle_blocks: a few, if any
+                    self._settle(self._dirty_among(blocks), journal=False)  # written since: a few, if any
                     pieces = [(a * LEAF_BLOCKS, self._meta[a * LEAF_BLOCKS:min(b * LEAF_BLOCKS, self._n)].copy())
                               for a, b in runs(chunk)]
                 os.fdatasync(self._data_fd)
