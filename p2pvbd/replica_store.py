@@ -22,7 +22,8 @@ kernel's writeback) before its intent record does. An activity log, after DRBD's
 any data is written into an area (ACTIVE_AREA_BYTES), a durable ACTIVE record names the area; an
 unclean open re-checks every block of the areas still active. Only the first write into an area costs a
 journal fsync; the least recently written areas are retired (RETIRE, no sync needed: it follows their
-writes' records in the journal, so it is durable only if they are), keeping at most MAX_ACTIVE_AREAS.
+writes' records in the journal, so it is durable only if they are), keeping the data the active areas
+hold within ACTIVE_DATA_BYTES (what an unclean open re-reads) and their number within MAX_ACTIVE_AREAS.
 
 Locks: ``_lock`` guards the metadata and is held only for work proportional to a request (the event loop
 takes it for guest and peer I/O). Hashing many blocks, digesting the tree, data syncs and checkpoints run
@@ -106,21 +107,28 @@ HASH_PENDING_BYTES = 2 * 1024**3
 # Passes of lock-free hashing before the blocks rewritten meanwhile are hashed under the lock: each
 # pass only sees blocks written during the previous one, so few are left for the locked pass.
 PREHASH_ROUNDS = 3
-# Activity log: the unit a durable ACTIVE record names, and how many may be active at once. An unclean
-# open re-reads what was written into at most their product (5 GiB: a read and a hash per written block,
-# ~15 s for 5 GiB of data here; holes are skipped); DRBD's default activity log covers 4.8 GiB (1237 extents
-# of 4 MiB). A
-# working set larger than this costs one journal sync (shared by the writes in flight) per new area.
-# Larger areas mean fewer journal syncs for sequential writes.
+# Activity log: the unit a durable ACTIVE record names. Larger areas mean fewer journal syncs for
+# sequential writes.
 ACTIVE_AREA_BYTES = 16 * 1024 * 1024
-MAX_ACTIVE_AREAS = 320
+# What an unclean open re-reads is the data held in the active areas (a read and a hash per block,
+# ~15 s for 5 GiB here; holes are skipped without reading), so that is what is bounded: blocks holding
+# data in an area when it becomes active, plus those its writes fill, are its weight, and the least
+# recently written areas retire once the weights pass this. DRBD's default activity log covers 4.8 GiB
+# (1237 extents of 4 MiB), counted in extents because it resyncs them whole. A working set holding more
+# data than this costs one journal sync (shared by the writes in flight) per new area.
+ACTIVE_DATA_BYTES = 5 * 1024**3
+# Areas active at once whatever their weight: each costs a 48-byte ACTIVE record and, at an unclean
+# open, a walk over its holes (SEEK_DATA). 8192 areas are 128 GiB: writes spread over a sparse disk
+# of that size make each area active once, not once per write.
+MAX_ACTIVE_AREAS = 8192
 # The active journal is grown by writing this many zero bytes past its records (then one sync), and
 # records are written over those zeros: a journal sync then flushes data only, with no file-system
 # journal commit for a new file size (about 0.1 ms against 2 ms on ext4 here). Replay stops at the
 # first record that fails its CRC, as zeros do. 1 MiB holds ~21,800 records.
 JOURNAL_GROWTH_BYTES = 1024 * 1024
-# Areas retired together once MAX_ACTIVE_AREAS is exceeded: their RETIRE records share the sync of the
-# activation that needed the room, so a writer spreading over the disk pays one sync per new area, not two.
+# Areas retired together once MAX_ACTIVE_AREAS or ACTIVE_DATA_BYTES is exceeded (room for this many
+# more areas, or full areas' weight): their RETIRE records share the sync of the activation that needed
+# the room, so a writer spreading over the disk pays one sync per new area, not two.
 RETIRE_BATCH = 16
 # A write spanning more areas than this (a large zeroing) syncs its own intent record instead of
 # activating them all: one sync either way, and the active set stays small.
@@ -196,6 +204,9 @@ class ReplicaStore:
         # Active areas, least recently written first -> what was written there (GUEST_WRITES | PEER_BLOCKS).
         # Each has a durable ACTIVE record in the active journal; the set starts empty with every journal.
         self._active: dict[int, int] = {}
+        self._weights: dict[int, int] = {}  # active area -> blocks holding data there (see ACTIVE_DATA_BYTES)
+        self._weight = 0  # their sum
+        self._max_weight = max(1, ACTIVE_DATA_BYTES // self._bs)
         # Blocks partly zeroed with allocate=True (NBD's NO_HOLE): settling them keeps them allocated even if
         # they turn out to be all zeros. Entries go when the block is settled; a stale one only spares a hole.
         self._keep_allocated: set[int] = set()
@@ -688,11 +699,17 @@ class ReplicaStore:
     def _set_versions(self, first: int, last: int, version: int) -> None:
         """Blocks first..last now hold ``version`` (> 0): the one place versions change after opening."""
         if first == last:
-            self._held += int(self._versions[first] == 0)
+            new = int(self._versions[first] == 0)
             self._versions[first] = version
         else:
-            self._held += int(np.count_nonzero(self._versions[first:last + 1] == 0))
+            new = int(np.count_nonzero(self._versions[first:last + 1] == 0))
             self._versions[first:last + 1] = version
+        self._held += new
+        if new and (area := last // self._area_blocks) in self._weights:  # blocks of a write spanning areas
+            self._weights[area] += new  # all count in its last: only the sum is bounded
+            self._weight += new
+            if self._weight > self._max_weight:  # RETIREs follow every record of their areas' writes: no sync
+                self._append(b"".join(self._retire_excess(keep=range(first // self._area_blocks, area + 1))))
         self._changes += 1
         self._tree.touch(first, last, version)
         self._changed_leaves[first // LEAF_BLOCKS:last // LEAF_BLOCKS + 1] = True
@@ -730,8 +747,10 @@ class ReplicaStore:
             self._activating.pop(area, None)  # active now: a pending activation must not mark it again
             if had | written != had:
                 recs.append(self._area_record(ACTIVE, area, had | written))
+            if not had:
+                self._weigh(area)
         if recs:
-            self._append(b"".join(self._retire_excess() + recs))
+            self._append(b"".join(self._retire_excess(keep=areas) + recs))
             self._sync_journal_locked()
         self._append(records)
 
@@ -744,16 +763,33 @@ class ReplicaStore:
         ab = self._area_blocks
         return journal_record(kind, area * ab, min(ab, self._n - area * ab), written)
 
-    def _retire_excess(self) -> list[bytes]:
-        """RETIRE records for the oldest areas once more than MAX_ACTIVE_AREAS are active (the newest, just
-        written, are at the end; RETIRE_BATCH leaves room for them)."""
-        excess = len(self._active) - MAX_ACTIVE_AREAS
-        if excess <= 0:
+    def _weigh(self, area: int) -> None:
+        """Count the blocks holding data in an area becoming active (version above 0: zero blocks too,
+        which costs a check at most)."""
+        ab = self._area_blocks
+        w = int(np.count_nonzero(self._versions[area * ab:(area + 1) * ab]))
+        self._weight += w - self._weights.get(area, 0)
+        self._weights[area] = w
+
+    def _retire_excess(self, keep: Iterable[int] = ()) -> list[bytes]:
+        """RETIRE records for the oldest areas once more than MAX_ACTIVE_AREAS are active or their weight
+        passes ACTIVE_DATA_BYTES, down to RETIRE_BATCH areas (or full areas' weight) below either bound.
+        The areas in ``keep``, whose writes come next, stay."""
+        if len(self._active) <= MAX_ACTIVE_AREAS and self._weight <= self._max_weight:
             return []
-        retired = list(self._active)[:excess + RETIRE_BATCH]
-        for area in retired:
+        keep = set(keep)
+        count_goal = MAX_ACTIVE_AREAS - RETIRE_BATCH
+        weight_goal = self._max_weight - RETIRE_BATCH * self._area_blocks
+        retired = []
+        for area in list(self._active):
+            if len(self._active) <= count_goal and self._weight <= weight_goal:
+                break
+            if area in keep:
+                continue
             del self._active[area]
+            self._weight -= self._weights.pop(area, 0)
             self._activating.pop(area, None)  # its RETIRE follows that ACTIVE: the write must activate again
+            retired.append(area)
         return [self._area_record(RETIRE, area) for area in retired]
 
     def needs_activation(self, offset: int, length: int, written: int = GUEST_WRITES) -> bool:
@@ -818,8 +854,11 @@ class ReplicaStore:
             done = [a for a in areas if a in self._activating and self._activating[a][0] <= self._jdurable]
             for a in done:
                 _, bits_done = self._activating.pop(a)
-                self._active[a] = self._active.pop(a, 0) | bits_done
-            self._append(b"".join(self._retire_excess()))
+                had = self._active.pop(a, 0)
+                self._active[a] = had | bits_done
+                if not had:
+                    self._weigh(a)
+            self._append(b"".join(self._retire_excess(keep=done)))
 
     @property
     def active_areas(self) -> int:
@@ -986,6 +1025,8 @@ class ReplicaStore:
         # Writes from now on activate their areas in the new journal. Those before the rotation are covered
         # by the old journal's ACTIVE records until the checkpoint has made them durable and deletes it.
         self._active.clear()
+        self._weights.clear()
+        self._weight = 0
         return seq
 
     def _write_state(self, state: dict[str, Any]) -> None:
