@@ -219,6 +219,7 @@ class ReplicaStore:
         self._fds = fds
         self._data_fd, self._jfd = fds
         self._jlen = self._synced_jlen = 0
+        self._flushed_jlen = 0  # the journal's length at the last flush: how fast it grows
         self._jcap = os.fstat(self._jfd).st_size  # bytes of the active journal written (records, then zeros)
         self._jdurable = 0  # a sync made the active journal durable up to here
         # Areas whose ACTIVE record is in the journal but perhaps not durable yet -> the record's end offset.
@@ -447,9 +448,12 @@ class ReplicaStore:
                 quiet = self._jlen == covered
                 self._append(journal_record(SYNC, covered, 0))
                 self._synced_jlen = self._jlen if quiet else covered
-                if self._jcap - self._jlen < JOURNAL_GROWTH_BYTES // 2:  # grow here, in a worker thread,
-                    self._grow_journal(self._jlen)  # rather than in a guest write on the event loop
-                end = self._jlen
+                # Grow here, in a worker thread, rather than in a guest write on the event loop: room for twice
+                # what the journal took since the last flush (a busy guest's records until the next one).
+                room = max(JOURNAL_GROWTH_BYTES // 2, 2 * (self._jlen - self._flushed_jlen))
+                if self._jcap - self._jlen < room:
+                    self._grow_journal(self._jlen + room)
+                self._flushed_jlen = end = self._jlen
             os.fdatasync(self._jfd)
             with self._lock:
                 self._jdurable = max(self._jdurable, end)
@@ -716,18 +720,19 @@ class ReplicaStore:
 
     def _append(self, buf: bytes) -> None:
         if buf:
-            if self._jlen + len(buf) > self._jcap:
-                self._grow_journal(self._jlen + len(buf))
+            if self._jlen + len(buf) > self._jcap:  # no sync here (the event loop): the next journal sync,
+                self._grow_journal(self._jlen + len(buf), sync=False)  # in a worker, carries the new size
             if os.pwrite(self._jfd, buf, self._jlen) != len(buf):
                 raise OSError(errno.EIO, f"short write to the journal of {self._name!r}")
             self._jlen += len(buf)
 
-    def _grow_journal(self, needed: int) -> None:
+    def _grow_journal(self, needed: int, sync: bool = True) -> None:
         """Write zeros past the journal's records up to the next JOURNAL_GROWTH_BYTES boundary beyond
-        ``needed`` and make the new size durable: records then overwrite allocated blocks."""
+        ``needed`` and (with ``sync``) make the new size durable: records then overwrite allocated blocks."""
         cap = (needed // JOURNAL_GROWTH_BYTES + 1) * JOURNAL_GROWTH_BYTES
         pwrite_all(self._jfd, bytes(cap - self._jcap), self._jcap)
-        os.fdatasync(self._jfd)
+        if sync:
+            os.fdatasync(self._jfd)
         self._jcap = cap
 
     def _log_intent(self, first: int, last: int, written: int, records: bytes) -> None:
@@ -1020,7 +1025,7 @@ class ReplicaStore:
         fd = os.open(active, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         os.close(self._fds[1])
         self._fds[1] = self._jfd = fd
-        self._jlen = self._synced_jlen = self._jcap = self._jdurable = 0
+        self._jlen = self._synced_jlen = self._jcap = self._jdurable = self._flushed_jlen = 0
         self._activating.clear()
         # Writes from now on activate their areas in the new journal. Those before the rotation are covered
         # by the old journal's ACTIVE records until the checkpoint has made them durable and deletes it.

@@ -287,6 +287,29 @@ def test_journal_records_overwrite_zeros_written_ahead(tmp_path: Path) -> None:
     s.close()
 
 
+def test_guest_writes_never_sync_to_grow_the_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writes run on the event loop: one that finds the journal's zeros used up writes more without a sync
+    (the next journal sync, in a worker thread, carries the new size), and a flush grows the journal ahead by
+    twice what it took since the last one, so a busy guest rarely finds it full."""
+    s = ReplicaStore.create(tmp_path / "d", "d", 8 * AREA_BLOCKS * BS, BS)
+    s.write(0, b"x")
+    s.flush()
+    syncs: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: syncs.append(fd) or real(fd))
+    n = 2 * rs.JOURNAL_GROWTH_BYTES // sj.REC_SIZE  # records for twice the zeros written ahead
+    for k in range(n):
+        s.write(k % 64 * BS, b"w")  # an active area: one DIRTY record each
+    assert syncs == [], "a guest write synced the journal to grow it"
+    s.flush()
+    used = journal_size(s)
+    assert (tmp_path / "d" / JOURNAL_FILE).stat().st_size - used >= 2 * (n - 1) * sj.REC_SIZE
+    directory = cut_journal(s, used)  # every record durable (the flush synced the journal)
+    s = ReplicaStore.open(directory)
+    assert s.read(0, 1) == b"w" and s.verify() == []
+    s.close()
+
+
 @pytest.mark.parametrize("zeroed", [False, True])
 def test_an_unclean_open_reads_only_what_active_areas_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                            zeroed: bool) -> None:
