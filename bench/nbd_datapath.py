@@ -14,7 +14,8 @@ Tests, each run against both servers back to back (which goes first alternates b
   read-only exports, so nbdcopy's default would give p2pvbd four connections and qemu-nbd one;
 * fio (``ioengine=nbd``, 512 MiB working set, fixed runtime after a ramp): 1 MiB sequential read and
   write at iodepth 8, 4 KiB random read and write at iodepth 32. Reads run before writes, so they
-  read the random file's data.
+  read the random file's data. The same fio jobs also run on a third copy of the file itself
+  (``ioengine=io_uring``, buffered like both servers): "raw", what the NBD hop costs.
 
 After every write test both exports get an untimed NBD FLUSH (qemu-io), so p2pvbd's background flush
 of one test's dirty blocks does not land in the next measurement. Every test runs ``--repeat`` times
@@ -22,10 +23,14 @@ per side (default 3, 1 with ``--quick``); the table shows medians. The ratio is 
 p2pvbd / qemu-nbd over pairs of runs adjacent in time, so load from other processes that drifts
 between repeats cancels out (the machine's load average is recorded with every run in the JSON).
 "CPU" is the server process's CPU time (all threads) per wall-clock second (1.00 = one core busy),
-"us/op" that CPU time per fio request (per MiB for nbdcopy), "p99" fio's completion latency.
+"us/op" that CPU time per fio request (per MiB for nbdcopy), "s/GiB" per GiB moved, "p99" fio's
+completion latency. For the raw file the CPU time is fio's own (user + system: the kernel's work of
+the I/O itself, which the servers' figures include too).
 
-Targets (ratio p2pvbd / qemu-nbd): 1 MiB sequential >= 0.8, 4 KiB random IOPS >= 0.5; nbdcopy has
-no target. The exit status is 0 even when a target is missed (this is a measurement, not a test).
+Targets (ratio p2pvbd / qemu-nbd): reads, 1 MiB sequential >= 0.8 and 4 KiB random IOPS >= 0.5;
+writes (the guest's write path near native speed), both >= 1.0, with p99 latency within 2x of
+qemu-nbd's; nbdcopy has no target. The exit status is 0 even when a target is missed (this is a
+measurement, not a test).
 
 ``--profile DIR`` then runs each p2pvbd fio test once more under py-spy (raw collapsed stacks in
 DIR/<test>.txt, one per thread) and prints where the daemon's event-loop thread and its worker
@@ -91,8 +96,8 @@ TESTS = (
     Test("nbdcopy export->null", "mib_s", None),
     Test("fio seq read 1M qd8", "mib_s", 0.8, "read", "1M", 8),
     Test("fio rand read 4k qd32", "iops", 0.5, "randread", "4k", 32),
-    Test("fio seq write 1M qd8", "mib_s", 0.8, "write", "1M", 8, writes=True),
-    Test("fio rand write 4k qd32", "iops", 0.5, "randwrite", "4k", 32, writes=True),
+    Test("fio seq write 1M qd8", "mib_s", 1.0, "write", "1M", 8, writes=True),
+    Test("fio rand write 4k qd32", "iops", 1.0, "randwrite", "4k", 32, writes=True),
 )
 
 
@@ -105,24 +110,28 @@ class Sample:
     seconds: float | None = None
     server_cpu: float | None = None  # CPU time of the server process (all threads) / wall time
     cpu_us_per_op: float | None = None  # server CPU per fio request (per MiB for nbdcopy)
+    cpu_s_per_gib: float | None = None  # server CPU per GiB moved
+    fio_cpu_s: float | None = None  # fio's own CPU time (user + system), for the raw file's figures
     load1: float | None = None  # the machine's 1-minute load average when the run ended
 
 
 @dataclass
 class Result:
     test: Test
-    samples: dict[str, list[Sample]] = field(default_factory=lambda: {"qemu-nbd": [], "p2pvbd": []})
+    samples: dict[str, list[Sample]] = field(default_factory=lambda: {"qemu-nbd": [], "p2pvbd": [], "raw": []})
 
     def median(self, side: str, what: str) -> float | None:
         values = [v for s in self.samples[side] if (v := getattr(s, what)) is not None]
         return statistics.median(values) if values else None
 
-    def ratio(self) -> float | None:
-        """Median over repeats of p2pvbd / qemu-nbd, each run paired with the other side's run next to
-        it in time, so load from other processes that drifts between repeats cancels out."""
-        pairs = [getattr(p, self.test.metric) / getattr(q, self.test.metric)
-                 for q, p in zip(self.samples["qemu-nbd"], self.samples["p2pvbd"], strict=False)
-                 if getattr(q, self.test.metric)]
+    def ratio(self, against: str = "qemu-nbd", what: str = "") -> float | None:
+        """Median over repeats of p2pvbd / ``against`` (of the test's metric, or ``what``), each run paired
+        with the other side's run next to it in time, so load from other processes that drifts between
+        repeats cancels out."""
+        what = what or self.test.metric
+        pairs = [getattr(p, what) / getattr(q, what)
+                 for q, p in zip(self.samples[against], self.samples["p2pvbd"], strict=False)
+                 if getattr(q, what) and getattr(p, what) is not None]
         return statistics.median(pairs) if pairs else None
 
     def met(self) -> bool | None:
@@ -253,7 +262,10 @@ def run_nbdcopy(test: Test, uri: str, source: Path) -> Sample:
 
 
 def fio_cmd(test: Test, uri: str, runtime: int, ramp: int, output: Path) -> list[str]:
-    return ["fio", f"--name={test.rw}-{test.bs}", "--ioengine=nbd", f"--uri={uri}", f"--rw={test.rw}",
+    """fio's job against an NBD URI, or (any other ``uri``) a file through io_uring."""
+    nbd = uri.startswith("nbd")
+    engine = ["--ioengine=nbd", f"--uri={uri}"] if nbd else ["--ioengine=io_uring", f"--filename={uri}"]
+    return ["fio", f"--name={test.rw}-{test.bs}", *engine, f"--rw={test.rw}",
             f"--bs={test.bs}", f"--iodepth={test.iodepth}", f"--size={DISK_SIZE // MiB}M", "--numjobs=1",
             "--time_based", f"--runtime={runtime}", f"--ramp_time={ramp}", "--output-format=json",
             f"--output={output}"]
@@ -270,7 +282,8 @@ def run_fio(test: Test, uri: str, runtime: int, ramp: int, tmp: Path) -> Sample:
         raise RuntimeError(f"fio {test.name} against {uri} did no I/O")
     p99 = d.get("clat_ns", {}).get("percentile", {}).get("99.000000")
     return Sample(mib_s=d["bw_bytes"] / MiB, iops=d["iops"], lat_mean_us=d["lat_ns"]["mean"] / 1000,
-                  lat_p99_us=p99 / 1000 if p99 is not None else None)
+                  lat_p99_us=p99 / 1000 if p99 is not None else None,
+                  fio_cpu_s=(job["usr_cpu"] + job["sys_cpu"]) / 100 * job["job_runtime"] / 1000)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -279,14 +292,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(test: Test, uri: str, pid: int, source: Path, runtime: int, ramp: int, tmp: Path) -> Sample:
-    cpu, t = cpu_seconds(pid), time.perf_counter()
+def measure(test: Test, uri: str, pid: int | None, source: Path, runtime: int, ramp: int, tmp: Path) -> Sample:
+    """One run against a server (``pid``: whose CPU time counts) or, with no pid, the raw file."""
+    cpu, t = cpu_seconds(pid) if pid else 0.0, time.perf_counter()
     sample = run_nbdcopy(test, uri, source) if not test.rw else run_fio(test, uri, runtime, ramp, tmp)
-    sample.server_cpu = (cpu_seconds(pid) - cpu) / (time.perf_counter() - t)
+    if pid:
+        sample.server_cpu = (cpu_seconds(pid) - cpu) / (time.perf_counter() - t)
+    elif sample.fio_cpu_s is not None:
+        sample.server_cpu = sample.fio_cpu_s / runtime
     rate = sample.iops if sample.iops is not None else sample.mib_s
-    sample.cpu_us_per_op = sample.server_cpu / rate * 1e6 if rate else None
+    if sample.server_cpu is not None and rate:
+        sample.cpu_us_per_op = sample.server_cpu / rate * 1e6
+        sample.cpu_s_per_gib = sample.server_cpu / (sample.mib_s / 1024) if sample.mib_s else None
     sample.load1 = os.getloadavg()[0]
-    if test.writes:
+    if test.writes and pid:
         nbd_flush(uri)  # untimed: the next test starts with nothing dirty
     return sample
 
@@ -345,21 +364,23 @@ def fmt(v: float | None, spec: str) -> str:
 
 
 def table(results: list[Result]) -> str:
-    head = (f"{'test':<24} {'qemu IOPS':>10} {'qemu MiB/s':>10} {'p2p IOPS':>10} {'p2p MiB/s':>10} "
-            f"{'ratio':>6} {'target':>7} {'met':>4}  {'qemu p99 us':>11} {'p2p p99 us':>10} {'qemu CPU':>8} "
-            f"{'p2p CPU':>7} {'qemu us/op':>10} {'p2p us/op':>9}")
-    lines = [head, "-" * len(head)]
+    head = (f"{'test':<24} {'qemu':>10} {'p2p':>10} {'raw':>10} {'ratio':>6} {'target':>7} {'met':>4} {'vs raw':>6}  "
+            f"{'p99 us qemu/p2p':>17} {'CPU qemu/p2p/raw':>16} {'us/op qemu/p2p':>15} {'s/GiB qemu/p2p/raw':>18}")
+    lines = [head, "(IOPS for 4k tests, MiB/s for the others)", "-" * len(head)]
+    q, p, f = "qemu-nbd", "p2pvbd", "raw"
     for r in results:
-        q, p = "qemu-nbd", "p2pvbd"
         met = {None: "-", True: "yes", False: "NO"}[r.met()]
         target = "-" if r.test.target is None else f">={r.test.target:g}"
+        m = r.test.metric
+        spec = ",.0f"
         lines.append(
-            f"{r.test.name:<24} {fmt(r.median(q, 'iops'), ',.0f'):>10} {fmt(r.median(q, 'mib_s'), ',.0f'):>10} "
-            f"{fmt(r.median(p, 'iops'), ',.0f'):>10} {fmt(r.median(p, 'mib_s'), ',.0f'):>10} "
-            f"{fmt(r.ratio(), '.2f'):>6} {target:>7} {met:>4}  {fmt(r.median(q, 'lat_p99_us'), ',.0f'):>11} "
-            f"{fmt(r.median(p, 'lat_p99_us'), ',.0f'):>10} {fmt(r.median(q, 'server_cpu'), '.2f'):>8} "
-            f"{fmt(r.median(p, 'server_cpu'), '.2f'):>7} {fmt(r.median(q, 'cpu_us_per_op'), ',.1f'):>10} "
-            f"{fmt(r.median(p, 'cpu_us_per_op'), ',.1f'):>9}")
+            f"{r.test.name:<24} {fmt(r.median(q, m), spec):>10} {fmt(r.median(p, m), spec):>10} "
+            f"{fmt(r.median(f, m), spec):>10} {fmt(r.ratio(), '.2f'):>6} {target:>7} {met:>4} "
+            f"{fmt(r.ratio(f), '.2f'):>6}  "
+            f"{fmt(r.median(q, 'lat_p99_us'), ',.0f') + '/' + fmt(r.median(p, 'lat_p99_us'), ',.0f'):>17} "
+            f"{'/'.join(fmt(r.median(x, 'server_cpu'), '.2f') for x in (q, p, f)):>16} "
+            f"{fmt(r.median(q, 'cpu_us_per_op'), ',.1f') + '/' + fmt(r.median(p, 'cpu_us_per_op'), ',.1f'):>15} "
+            f"{'/'.join(fmt(r.median(x, 'cpu_s_per_gib'), '.2f') for x in (q, p, f)):>18}")
     return "\n".join(lines)
 
 
@@ -370,10 +391,12 @@ def to_json(results: list[Result], meta: dict[str, Any]) -> dict[str, Any]:
                         "lat_mean_us": r.median(side, "lat_mean_us"), "lat_p99_us": r.median(side, "lat_p99_us"),
                         "server_cpu": r.median(side, "server_cpu"),
                         "cpu_us_per_op": r.median(side, "cpu_us_per_op"),
+                        "cpu_s_per_gib": r.median(side, "cpu_s_per_gib"),
                         "runs": [s.__dict__ for s in r.samples[side]]}
-                 for side in ("qemu-nbd", "p2pvbd")}
+                 for side in ("qemu-nbd", "p2pvbd", "raw")}
         rows.append({"test": r.test.name, "metric": r.test.metric, "target": r.test.target,
-                     "ratio": r.ratio(), "met": r.met(), **sides})
+                     "ratio": r.ratio(), "met": r.met(), "ratio_vs_raw": r.ratio("raw"),
+                     "p99_ratio": r.ratio(what="lat_p99_us"), **sides})
     return {**meta, "results": rows}
 
 
@@ -400,7 +423,9 @@ def main() -> int:
     args.repeat = args.repeat or (1 if args.quick else 3)
     ramp = 1 if args.quick else 2
     signal.signal(signal.SIGTERM, _interrupt)
-    meta = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "machine": machine(),
+    commit = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit, "machine": machine(),
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "config": {"disk_mib": DISK_SIZE // MiB, "fio_runtime_s": runtime, "fio_ramp_s": ramp,
                        "repeat": args.repeat, "qemu_nbd": "qemu-nbd -f raw -t -e 8 -k SOCKET FILE",
@@ -415,12 +440,14 @@ def main() -> int:
         with p2pvbd_host(tmp) as (p2p_uri, pid), qemu_nbd(tmp, source) as (qemu_uri, qemu_pid):
             run(["nbdcopy", str(source), p2p_uri])  # the same data on both sides before anything is timed
             nbd_flush(p2p_uri)
-            uris = {"qemu-nbd": qemu_uri, "p2pvbd": p2p_uri}
-            pids = {"qemu-nbd": qemu_pid, "p2pvbd": pid}
+            raw = tmp / "raw.raw"
+            shutil.copyfile(source, raw)
+            uris = {"qemu-nbd": qemu_uri, "p2pvbd": p2p_uri, "raw": str(raw)}
+            pids: dict[str, int | None] = {"qemu-nbd": qemu_pid, "p2pvbd": pid, "raw": None}
             for rep in range(args.repeat):
                 order = ("qemu-nbd", "p2pvbd") if rep % 2 == 0 else ("p2pvbd", "qemu-nbd")
                 for r in results:
-                    for side in order:
+                    for side in (*order, "raw") if r.test.rw else order:
                         s = measure(r.test, uris[side], pids[side], source, runtime, ramp, tmp)
                         r.samples[side].append(s)
                         shown = f"{s.iops:,.0f} IOPS, " if s.iops is not None else ""

@@ -452,7 +452,8 @@ class HookController:
 
     async def flush_all(self) -> None:
         """Periodic upkeep of every store, replicas too (their journals checkpoint like the owner's): flush,
-        then digest what changed, in a worker thread. A frozen export is left to its switchover."""
+        then digest what changed and is hashed, in a worker thread (hashes wait until needed:
+        ReplicaStore.upkeep). A frozen export is left to its switchover."""
         for exp in self.exports():
             if not exp.frozen:
-                await trio.to_thread.run_sync(exp.store.maintain)
+                await trio.to_thread.run_sync(exp.store.upkeep)

@@ -12,14 +12,18 @@ Crash rule: an intent record (DIRTY, ZERO, PUT) is appended *before* its data is
 ``kill -9`` the page cache holds the intent whenever it holds the data. SYNC(L), appended after an
 fdatasync of the data, vouches that the records before journal offset L have their data durable;
 replay trusts those and re-checks the rest against the data. Writes never hash (NBD hot path):
-blocks go dirty and are "settled" (read, hashed, SETTLE record) when a hash is needed.
+blocks go dirty and are "settled" (read, hashed, SETTLE record) when a hash is needed: a peer asks for
+them, a map is compared or published, a checkpoint, or more than HASH_PENDING_BYTES wait. A flush does
+not hash: a dirty block's DIRTY record before a SYNC is trusted, and replay hashes the block's data
+again keeping its version, so a pending hash survives a crash.
 
 Power loss breaks "the page cache holds the intent": data can reach the disk (a flush's data sync, the
 kernel's writeback) before its intent record does. An activity log, after DRBD's, covers that: before
 any data is written into an area (ACTIVE_AREA_BYTES), a durable ACTIVE record names the area; an
 unclean open re-checks every block of the areas still active. Only the first write into an area costs a
 journal fsync; the least recently written areas are retired (RETIRE, no sync needed: it follows their
-writes' records in the journal, so it is durable only if they are), keeping at most MAX_ACTIVE_AREAS.
+writes' records in the journal, so it is durable only if they are), keeping the data the active areas
+hold within ACTIVE_DATA_BYTES (what an unclean open re-reads) and their number within MAX_ACTIVE_AREAS.
 
 Locks: ``_lock`` guards the metadata and is held only for work proportional to a request (the event loop
 takes it for guest and peer I/O). Hashing many blocks, digesting the tree, data syncs and checkpoints run
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import mmap
 import os
 import threading
@@ -93,24 +98,37 @@ CHECKPOINT_CHUNK_LEAVES = 4096
 # Lock-free passes of digesting stale leaves before a refresh gives up on those a writer keeps touching
 # (they stay marked stale, which a comparison treats as "differs": correct, only less precise).
 REFRESH_ROUNDS = 3
+# Written data whose hash a flush may leave pending (dirty blocks). Hashing is what costs a guest write
+# most (BLAKE2b of the whole 64 KiB block, for a 4 KiB write too), and a block written again before
+# anyone needs its hash is hashed once instead of once per flush. The cost is at an unclean open: replay
+# re-reads and hashes every pending block (about 3 s per GiB here, as for the activity log's areas, which
+# often hold the same blocks). 2 GiB keeps that within the activity log's own bound (5 GiB, ~15 s).
+HASH_PENDING_BYTES = 2 * 1024**3
 # Passes of lock-free hashing before the blocks rewritten meanwhile are hashed under the lock: each
 # pass only sees blocks written during the previous one, so few are left for the locked pass.
 PREHASH_ROUNDS = 3
-# Activity log: the unit a durable ACTIVE record names, and how many may be active at once. An unclean
-# open re-reads what was written into at most their product (5 GiB: a read and a hash per written block,
-# ~15 s for 5 GiB of data here; holes are skipped); DRBD's default activity log covers 4.8 GiB (1237 extents
-# of 4 MiB). A
-# working set larger than this costs one journal sync (shared by the writes in flight) per new area.
-# Larger areas mean fewer journal syncs for sequential writes.
+# Activity log: the unit a durable ACTIVE record names. Larger areas mean fewer journal syncs for
+# sequential writes.
 ACTIVE_AREA_BYTES = 16 * 1024 * 1024
-MAX_ACTIVE_AREAS = 320
+# What an unclean open re-reads is the data held in the active areas (a read and a hash per block,
+# ~15 s for 5 GiB here; holes are skipped without reading), so that is what is bounded: blocks holding
+# data in an area when it becomes active, plus those its writes fill, are its weight, and the least
+# recently written areas retire once the weights pass this. DRBD's default activity log covers 4.8 GiB
+# (1237 extents of 4 MiB), counted in extents because it resyncs them whole. A working set holding more
+# data than this costs one journal sync (shared by the writes in flight) per new area.
+ACTIVE_DATA_BYTES = 5 * 1024**3
+# Areas active at once whatever their weight: each costs a 48-byte ACTIVE record and, at an unclean
+# open, a walk over its holes (SEEK_DATA). 8192 areas are 128 GiB: writes spread over a sparse disk
+# of that size make each area active once, not once per write.
+MAX_ACTIVE_AREAS = 8192
 # The active journal is grown by writing this many zero bytes past its records (then one sync), and
 # records are written over those zeros: a journal sync then flushes data only, with no file-system
 # journal commit for a new file size (about 0.1 ms against 2 ms on ext4 here). Replay stops at the
 # first record that fails its CRC, as zeros do. 1 MiB holds ~21,800 records.
 JOURNAL_GROWTH_BYTES = 1024 * 1024
-# Areas retired together once MAX_ACTIVE_AREAS is exceeded: their RETIRE records share the sync of the
-# activation that needed the room, so a writer spreading over the disk pays one sync per new area, not two.
+# Areas retired together once MAX_ACTIVE_AREAS or ACTIVE_DATA_BYTES is exceeded (room for this many
+# more areas, or full areas' weight): their RETIRE records share the sync of the activation that needed
+# the room, so a writer spreading over the disk pays one sync per new area, not two.
 RETIRE_BATCH = 16
 # A write spanning more areas than this (a large zeroing) syncs its own intent record instead of
 # activating them all: one sync either way, and the active set stays small.
@@ -181,10 +199,14 @@ class ReplicaStore:
         self._versions: npt.NDArray[np.uint64] = meta["version"]
         self._hashes: npt.NDArray[np.uint8] = meta["hash"]
         self._dirty: set[int] = set()  # written blocks whose hash is not known yet
+        self._max_pending = max(1, HASH_PENDING_BYTES // self._bs)  # dirty blocks a flush leaves unhashed
         self._area_blocks = max(1, ACTIVE_AREA_BYTES // self._bs)
         # Active areas, least recently written first -> what was written there (GUEST_WRITES | PEER_BLOCKS).
         # Each has a durable ACTIVE record in the active journal; the set starts empty with every journal.
         self._active: dict[int, int] = {}
+        self._weights: dict[int, int] = {}  # active area -> blocks holding data there (see ACTIVE_DATA_BYTES)
+        self._weight = 0  # their sum
+        self._max_weight = max(1, ACTIVE_DATA_BYTES // self._bs)
         # Blocks partly zeroed with allocate=True (NBD's NO_HOLE): settling them keeps them allocated even if
         # they turn out to be all zeros. Entries go when the block is settled; a stale one only spares a hole.
         self._keep_allocated: set[int] = set()
@@ -197,6 +219,7 @@ class ReplicaStore:
         self._fds = fds
         self._data_fd, self._jfd = fds
         self._jlen = self._synced_jlen = 0
+        self._flushed_jlen = 0  # the journal's length at the last flush: how fast it grows
         self._jcap = os.fstat(self._jfd).st_size  # bytes of the active journal written (records, then zeros)
         self._jdurable = 0  # a sync made the active journal durable up to here
         # Areas whose ACTIVE record is in the journal but perhaps not durable yet -> the record's end offset.
@@ -398,14 +421,23 @@ class ReplicaStore:
         return self.write_zeroes(offset, length, fua)
 
     def flush(self) -> None:
-        """Durability point for every write before it. Hashing and data sync run without the state lock."""
+        """Durability point for every write before it. The data sync runs without the state lock.
+
+        Dirty blocks stay dirty (their hash pending) unless more than HASH_PENDING_BYTES of them wait: then
+        the excess is hashed first, down to half the bound, so flushes hash in batches. A dirty block's
+        DIRTY record before ``covered`` becomes trusted by the SYNC below, and replay re-hashes such blocks
+        keeping their version."""
         with self._flush_lock:
-            known = self._prehash(rounds=1)
             with self._lock:
                 self._check_open()
-                # blocks dirtied meanwhile stay dirty: their DIRTY records before `covered` become trusted
-                # by the SYNC below, and replay re-hashes such blocks keeping their version
-                self._settle(self._dirty, known, only_known=True)
+                excess = len(self._dirty) - self._max_pending
+                among = set(itertools.islice(self._dirty, excess + self._max_pending // 2)) if excess > 0 else None
+            if among:
+                known = self._prehash(rounds=1, among=among)
+            with self._lock:
+                self._check_open()
+                if among:
+                    self._settle(among & self._dirty, known, only_known=True)
                 covered = self._jlen
                 if covered == self._synced_jlen:
                     return
@@ -416,9 +448,12 @@ class ReplicaStore:
                 quiet = self._jlen == covered
                 self._append(journal_record(SYNC, covered, 0))
                 self._synced_jlen = self._jlen if quiet else covered
-                if self._jcap - self._jlen < JOURNAL_GROWTH_BYTES // 2:  # grow here, in a worker thread,
-                    self._grow_journal(self._jlen)  # rather than in a guest write on the event loop
-                end = self._jlen
+                # Grow here, in a worker thread, rather than in a guest write on the event loop: room for twice
+                # what the journal took since the last flush (a busy guest's records until the next one).
+                room = max(JOURNAL_GROWTH_BYTES // 2, 2 * (self._jlen - self._flushed_jlen))
+                if self._jcap - self._jlen < room:
+                    self._grow_journal(self._jlen + room)
+                self._flushed_jlen = end = self._jlen
             os.fdatasync(self._jfd)
             with self._lock:
                 self._jdurable = max(self._jdurable, end)
@@ -426,10 +461,18 @@ class ReplicaStore:
                 self._checkpoint(clean=False)
 
     def maintain(self) -> None:
-        """Periodic upkeep (the daemon's, every few seconds): flush, then digest what changed, so that
-        comparisons and a switchover find the tree up to date."""
+        """Flush, then hash and digest everything that changed: before a switchover, so that it finds the
+        tree up to date."""
         self.flush()
         self.refresh_tree()
+
+    def upkeep(self) -> None:
+        """Periodic upkeep (the daemon's, every few seconds): flush (which bounds the pending hashes), then
+        digest the changed leaves whose hashes are known. Pending hashes wait until something needs them:
+        a map comparison or publication refreshes the tree in full (refresh_tree), a peer's request settles
+        its blocks."""
+        self.flush()
+        self.refresh_tree(settle=False)
 
     def allocation(self, offset: int, length: int) -> list[tuple[int, int]]:
         """NBD base:allocation extents (length, flags) from metadata alone: zero blocks are holes."""
@@ -463,13 +506,14 @@ class ReplicaStore:
         and re-check what they use (the planner's local dedup: a copy is verified against its hash)."""
         return VersionMap(self._bs, self._size, self._versions, self._hashes)
 
-    def refresh_tree(self) -> None:
+    def refresh_tree(self, settle: bool = True) -> None:
         """Digest the leaves changed since the last refresh, and their ancestors, while guest I/O goes on.
 
         Costs what changed since then. A leaf rewritten while it is digested stays stale (a comparison
-        then looks into it); once writes stop, one refresh leaves nothing stale."""
+        then looks into it); once writes stop, one refresh leaves nothing stale. Without ``settle``, leaves
+        holding blocks whose hash is pending are left stale rather than hashed."""
         with self._flush_lock:
-            known = self._prehash(rounds=1)
+            known = self._prehash(rounds=1) if settle else {}
             with self._tree_lock:
                 tree = self._tree
                 for _ in range(REFRESH_ROUNDS):
@@ -491,7 +535,7 @@ class ReplicaStore:
                                         newest[ok], propagate=False)
                         tree.stale[leaves[~ok]] = True
                     tree.propagate(leaves[ok])
-                    known = self._prehash(rounds=1)
+                    known = self._prehash(rounds=1) if settle else {}
 
     def map_summary(self) -> dict[str, Any]:
         """What a peer needs to compare maps with this one: geometry, owner, generation, root digest."""
@@ -659,29 +703,36 @@ class ReplicaStore:
     def _set_versions(self, first: int, last: int, version: int) -> None:
         """Blocks first..last now hold ``version`` (> 0): the one place versions change after opening."""
         if first == last:
-            self._held += int(self._versions[first] == 0)
+            new = int(self._versions[first] == 0)
             self._versions[first] = version
         else:
-            self._held += int(np.count_nonzero(self._versions[first:last + 1] == 0))
+            new = int(np.count_nonzero(self._versions[first:last + 1] == 0))
             self._versions[first:last + 1] = version
+        self._held += new
+        if new and (area := last // self._area_blocks) in self._weights:  # blocks of a write spanning areas
+            self._weights[area] += new  # all count in its last: only the sum is bounded
+            self._weight += new
+            if self._weight > self._max_weight:  # RETIREs follow every record of their areas' writes: no sync
+                self._append(b"".join(self._retire_excess(keep=range(first // self._area_blocks, area + 1))))
         self._changes += 1
         self._tree.touch(first, last, version)
         self._changed_leaves[first // LEAF_BLOCKS:last // LEAF_BLOCKS + 1] = True
 
     def _append(self, buf: bytes) -> None:
         if buf:
-            if self._jlen + len(buf) > self._jcap:
-                self._grow_journal(self._jlen + len(buf))
+            if self._jlen + len(buf) > self._jcap:  # no sync here (the event loop): the next journal sync,
+                self._grow_journal(self._jlen + len(buf), sync=False)  # in a worker, carries the new size
             if os.pwrite(self._jfd, buf, self._jlen) != len(buf):
                 raise OSError(errno.EIO, f"short write to the journal of {self._name!r}")
             self._jlen += len(buf)
 
-    def _grow_journal(self, needed: int) -> None:
+    def _grow_journal(self, needed: int, sync: bool = True) -> None:
         """Write zeros past the journal's records up to the next JOURNAL_GROWTH_BYTES boundary beyond
-        ``needed`` and make the new size durable: records then overwrite allocated blocks."""
+        ``needed`` and (with ``sync``) make the new size durable: records then overwrite allocated blocks."""
         cap = (needed // JOURNAL_GROWTH_BYTES + 1) * JOURNAL_GROWTH_BYTES
         pwrite_all(self._jfd, bytes(cap - self._jcap), self._jcap)
-        os.fdatasync(self._jfd)
+        if sync:
+            os.fdatasync(self._jfd)
         self._jcap = cap
 
     def _log_intent(self, first: int, last: int, written: int, records: bytes) -> None:
@@ -701,8 +752,10 @@ class ReplicaStore:
             self._activating.pop(area, None)  # active now: a pending activation must not mark it again
             if had | written != had:
                 recs.append(self._area_record(ACTIVE, area, had | written))
+            if not had:
+                self._weigh(area)
         if recs:
-            self._append(b"".join(self._retire_excess() + recs))
+            self._append(b"".join(self._retire_excess(keep=areas) + recs))
             self._sync_journal_locked()
         self._append(records)
 
@@ -715,16 +768,33 @@ class ReplicaStore:
         ab = self._area_blocks
         return journal_record(kind, area * ab, min(ab, self._n - area * ab), written)
 
-    def _retire_excess(self) -> list[bytes]:
-        """RETIRE records for the oldest areas once more than MAX_ACTIVE_AREAS are active (the newest, just
-        written, are at the end; RETIRE_BATCH leaves room for them)."""
-        excess = len(self._active) - MAX_ACTIVE_AREAS
-        if excess <= 0:
+    def _weigh(self, area: int) -> None:
+        """Count the blocks holding data in an area becoming active (version above 0: zero blocks too,
+        which costs a check at most)."""
+        ab = self._area_blocks
+        w = int(np.count_nonzero(self._versions[area * ab:(area + 1) * ab]))
+        self._weight += w - self._weights.get(area, 0)
+        self._weights[area] = w
+
+    def _retire_excess(self, keep: Iterable[int] = ()) -> list[bytes]:
+        """RETIRE records for the oldest areas once more than MAX_ACTIVE_AREAS are active or their weight
+        passes ACTIVE_DATA_BYTES, down to RETIRE_BATCH areas (or full areas' weight) below either bound.
+        The areas in ``keep``, whose writes come next, stay."""
+        if len(self._active) <= MAX_ACTIVE_AREAS and self._weight <= self._max_weight:
             return []
-        retired = list(self._active)[:excess + RETIRE_BATCH]
-        for area in retired:
+        keep = set(keep)
+        count_goal = MAX_ACTIVE_AREAS - RETIRE_BATCH
+        weight_goal = self._max_weight - RETIRE_BATCH * self._area_blocks
+        retired = []
+        for area in list(self._active):
+            if len(self._active) <= count_goal and self._weight <= weight_goal:
+                break
+            if area in keep:
+                continue
             del self._active[area]
+            self._weight -= self._weights.pop(area, 0)
             self._activating.pop(area, None)  # its RETIRE follows that ACTIVE: the write must activate again
+            retired.append(area)
         return [self._area_record(RETIRE, area) for area in retired]
 
     def needs_activation(self, offset: int, length: int, written: int = GUEST_WRITES) -> bool:
@@ -789,8 +859,11 @@ class ReplicaStore:
             done = [a for a in areas if a in self._activating and self._activating[a][0] <= self._jdurable]
             for a in done:
                 _, bits_done = self._activating.pop(a)
-                self._active[a] = self._active.pop(a, 0) | bits_done
-            self._append(b"".join(self._retire_excess()))
+                had = self._active.pop(a, 0)
+                self._active[a] = had | bits_done
+                if not had:
+                    self._weigh(a)
+            self._append(b"".join(self._retire_excess(keep=done)))
 
     @property
     def active_areas(self) -> int:
@@ -822,7 +895,7 @@ class ReplicaStore:
             known.update({i: (v, *self._read_and_hash(i)) for i, v in todo})
         return known
 
-    def _settle_blocks(self, blocks: npt.NDArray[np.int64]) -> None:
+    def _settle_blocks(self, blocks: npt.NDArray[np.int64], journal: bool = True) -> None:
         """Settle the dirty ones among ``blocks``, hashing them outside the state lock (call without it)."""
         with self._lock:
             among = self._dirty_among(blocks)
@@ -832,7 +905,7 @@ class ReplicaStore:
             known = self._prehash(among=among)
             with self._lock:
                 self._check_open()
-                self._settle(among & self._dirty, known)
+                self._settle(among & self._dirty, known, journal=journal)
 
     def _dirty_among(self, blocks: npt.NDArray[np.int64]) -> set[int]:
         if not self._dirty or not blocks.size:
@@ -841,10 +914,11 @@ class ReplicaStore:
         return set(dirty[np.isin(dirty, blocks)].tolist())
 
     def _settle(self, indexes: Iterable[int], known: dict[int, tuple[int, bytes, bool]] | None = None,
-                only_known: bool = False) -> None:
+                only_known: bool = False, journal: bool = True) -> None:
         """Hash dirty blocks (or take still-valid _prehash results; with ``only_known`` nothing else)
-        and journal the hashes; all-zero blocks become holes (unless kept allocated), which leaves their content
-        unchanged."""
+        and journal the hashes (a checkpoint does not: it writes them to meta.bin, and until it has, replay
+        hashes the blocks again from their DIRTY records); all-zero blocks become holes (unless kept
+        allocated), which leaves their content unchanged."""
         order, recs = [], []
         for i in sorted(indexes):
             pre = (known or {}).get(i)
@@ -860,7 +934,8 @@ class ReplicaStore:
             self._hashes[i] = np.frombuffer(digest, np.uint8)
             self._tree.touch(i, i, 0)  # the leaf's digest covers hashes too
             self._changed_leaves[i // LEAF_BLOCKS] = True
-            recs.append(journal_record(SETTLE, i, 1, int(self._versions[i]), digest))
+            if journal:
+                recs.append(journal_record(SETTLE, i, 1, int(self._versions[i]), digest))
         self._append(b"".join(recs))
         self._dirty.difference_update(order)
         if self._keep_allocated:
@@ -920,10 +995,12 @@ class ReplicaStore:
             for start in range(0, leaves.size, CHECKPOINT_CHUNK_LEAVES):
                 chunk = leaves[start:start + CHECKPOINT_CHUNK_LEAVES]
                 blocks = leaf_blocks(chunk, self._n)
-                self._settle_blocks(blocks)
+                # No SETTLE records: a clean close would leave them in the new journal, and the next open
+                # would take that journal for a crash's.
+                self._settle_blocks(blocks, journal=False)
                 with self._lock:
                     self._check_open()
-                    self._settle(self._dirty_among(blocks))  # written since _settle_blocks: a few, if any
+                    self._settle(self._dirty_among(blocks), journal=False)  # written since: a few, if any
                     pieces = [(a * LEAF_BLOCKS, self._meta[a * LEAF_BLOCKS:min(b * LEAF_BLOCKS, self._n)].copy())
                               for a, b in runs(chunk)]
                 os.fdatasync(self._data_fd)
@@ -948,11 +1025,13 @@ class ReplicaStore:
         fd = os.open(active, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         os.close(self._fds[1])
         self._fds[1] = self._jfd = fd
-        self._jlen = self._synced_jlen = self._jcap = self._jdurable = 0
+        self._jlen = self._synced_jlen = self._jcap = self._jdurable = self._flushed_jlen = 0
         self._activating.clear()
         # Writes from now on activate their areas in the new journal. Those before the rotation are covered
         # by the old journal's ACTIVE records until the checkpoint has made them durable and deletes it.
         self._active.clear()
+        self._weights.clear()
+        self._weight = 0
         return seq
 
     def _write_state(self, state: dict[str, Any]) -> None:

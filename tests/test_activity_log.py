@@ -104,7 +104,8 @@ def test_zeroes_without_their_record_are_found(tmp_path: Path) -> None:
     s.close()
 
 
-def test_active_areas_stay_bounded_and_retire_in_the_journal(tmp_path: Path) -> None:
+def test_active_areas_stay_bounded_and_retire_in_the_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rs, "MAX_ACTIVE_AREAS", 40)  # the real bound is thousands of areas: a slow test
     n_areas = rs.MAX_ACTIVE_AREAS + rs.RETIRE_BATCH + 3
     s = ReplicaStore.create(tmp_path / "d", "d", n_areas * AREA_BLOCKS * BS, BS)
     for area in range(n_areas):
@@ -129,6 +130,50 @@ def test_active_areas_stay_bounded_and_retire_in_the_journal(tmp_path: Path) -> 
     assert len(set(checked)) <= rs.MAX_ACTIVE_AREAS * AREA_BLOCKS + n_areas
     assert s.verify() == []
     assert [s.read(a * AREA_BLOCKS * BS, 512) for a in range(n_areas)] == [b"w" * 512] * n_areas
+    s.close()
+
+
+def test_the_data_held_in_active_areas_stays_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What an unclean open re-reads is the data in the active areas, so that is bounded, not their number:
+    writes filling areas retire the oldest once they hold more than ACTIVE_DATA_BYTES, and the next open
+    re-reads no more than that (plus the areas a write needed room for)."""
+    monkeypatch.setattr(rs, "ACTIVE_DATA_BYTES", 3 * AREA_BLOCKS * BS)
+    monkeypatch.setattr(rs, "RETIRE_BATCH", 1)
+    n_areas = 8
+    s = ReplicaStore.create(tmp_path / "d", "d", n_areas * AREA_BLOCKS * BS, BS)
+    for area in range(n_areas):
+        s.write(area * AREA_BLOCKS * BS, os.urandom(AREA_BLOCKS * BS))  # fills the area
+        assert s.active_areas <= 3
+        s.version_map()  # hashed and flushed: only an active area's blocks are left to check
+        s.flush()
+    assert kinds(s.directory).count(sj.RETIRE) >= n_areas - 3
+    checked: set[int] = set()
+    directory = s.directory
+    s.abandon()
+    hash_data = ReplicaStore._read_and_hash
+
+    def counting(store: ReplicaStore, i: int) -> tuple[bytes, bool]:
+        checked.add(i)
+        return hash_data(store, i)
+
+    monkeypatch.setattr(ReplicaStore, "_read_and_hash", counting)
+    s = ReplicaStore.open(directory)
+    assert checked and len(checked) <= 3 * AREA_BLOCKS
+    assert min(checked) >= (n_areas - 3) * AREA_BLOCKS, "a retired area was re-read"
+    assert s.verify() == []
+    s.close()
+
+
+def test_sparse_writes_over_many_areas_make_each_active_once(tmp_path: Path) -> None:
+    """A few blocks in each of more areas than the old fixed bound (320) weigh little: written round and round,
+    each area is made active (a journal sync) once, not at every pass."""
+    n_areas = 400
+    s = ReplicaStore.create(tmp_path / "d", "d", n_areas * AREA_BLOCKS * BS, BS)
+    for rnd in range(2):
+        for area in range(n_areas):
+            s.write(area * AREA_BLOCKS * BS + rnd * BS, b"s" * 4096)
+    assert s.active_areas == n_areas
+    assert kinds(s.directory).count(sj.ACTIVE) == n_areas and sj.RETIRE not in kinds(s.directory)
     s.close()
 
 
@@ -239,6 +284,29 @@ def test_journal_records_overwrite_zeros_written_ahead(tmp_path: Path) -> None:
     directory = cut_journal(s, size)  # a power cut with every record durable
     s = ReplicaStore.open(directory)
     assert s.read(7 * AREA_BLOCKS * BS, 1) == b"y" and s.verify() == []
+    s.close()
+
+
+def test_guest_writes_never_sync_to_grow_the_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writes run on the event loop: one that finds the journal's zeros used up writes more without a sync
+    (the next journal sync, in a worker thread, carries the new size), and a flush grows the journal ahead by
+    twice what it took since the last one, so a busy guest rarely finds it full."""
+    s = ReplicaStore.create(tmp_path / "d", "d", 8 * AREA_BLOCKS * BS, BS)
+    s.write(0, b"x")
+    s.flush()
+    syncs: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: syncs.append(fd) or real(fd))
+    n = 2 * rs.JOURNAL_GROWTH_BYTES // sj.REC_SIZE  # records for twice the zeros written ahead
+    for k in range(n):
+        s.write(k % 64 * BS, b"w")  # an active area: one DIRTY record each
+    assert syncs == [], "a guest write synced the journal to grow it"
+    s.flush()
+    used = journal_size(s)
+    assert (tmp_path / "d" / JOURNAL_FILE).stat().st_size - used >= 2 * (n - 1) * sj.REC_SIZE
+    directory = cut_journal(s, used)  # every record durable (the flush synced the journal)
+    s = ReplicaStore.open(directory)
+    assert s.read(0, 1) == b"w" and s.verify() == []
     s.close()
 
 

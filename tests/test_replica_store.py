@@ -254,6 +254,64 @@ def test_a_write_settled_during_a_flush_is_synced_by_the_next(tmp_path: Path,
         assert len(syncs) == 2
 
 
+def test_a_flush_leaves_hashes_pending_and_a_crash_keeps_them(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flush hashes nothing (a 4 KiB write would cost a whole block's hash at every flush); the flushed
+    blocks keep their versions through a crash, hashed by replay, and a map comparison still hashes them."""
+    hashed: list[int] = []
+    monkeypatch.setattr(rs, "block_hash", lambda d: hashed.append(len(d)) or block_hash(d))
+    s = make(tmp_path)
+    for k in range(4):
+        s.write(k * BS + 100, payload(k, 10))
+    s.flush()
+    s.upkeep()  # the daemon's periodic upkeep does not hash either
+    assert hashed == [], "a flush hashed blocks nobody asked a hash of"
+    versions = s.live_map().versions[:4].copy()
+    tree_matches_map(s)  # a full refresh hashes what it needs
+    assert len(hashed) == 4
+    s.write(BS, b"x")
+    s.flush()
+    s.abandon()  # a crash with block 1's hash pending
+    with ReplicaStore.open(tmp_path / "d") as s:
+        v = s.live_map().versions
+        assert v[0] == versions[0] and v[2:4].tolist() == versions[2:4].tolist()
+        assert v[1] > versions[1] and v[1] < rs.UNCLEAN_COUNTER_GAP, "a flushed write got a fresh version"
+        assert s.read(BS, 1) == b"x"
+        assert_consistent(s)
+
+
+def test_a_clean_close_with_pending_hashes_reopens_clean(tmp_path: Path) -> None:
+    """Closing hashes the pending blocks into meta.bin, not into the new journal: a journal left with
+    records makes the next open take the close for a crash (and jump the version counter)."""
+    s = make(tmp_path)
+    s.write(0, payload(1, 10))
+    counter = s.counter
+    s.close()
+    with ReplicaStore.open(tmp_path / "d") as s:
+        assert s.counter == counter, "a clean close was reopened as a crash"
+        assert_consistent(s)
+
+
+def test_a_flush_hashes_what_exceeds_the_pending_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replay re-hashes pending blocks, so a flush keeps them within HASH_PENDING_BYTES: over it, it hashes
+    them down to half the bound."""
+    monkeypatch.setattr(rs, "HASH_PENDING_BYTES", 4 * BS)
+    hashed: list[int] = []
+    monkeypatch.setattr(rs, "block_hash", lambda d: hashed.append(len(d)) or block_hash(d))
+    with make(tmp_path) as s:
+        for k in range(4):
+            s.write(k * BS, payload(k, 10))
+        s.flush()
+        assert hashed == []  # at the bound: nothing to hash
+        for k in range(4, 10):
+            s.write(k * BS, payload(k, 10))
+        s.flush()
+        assert len(hashed) == 8  # 10 pending, down to 2
+        s.flush()
+        assert len(hashed) == 8
+        assert_consistent(s)
+
+
 # ---- replication ----------------------------------------------------------------------------------
 def test_put_block_rules(tmp_path: Path) -> None:
     with make(tmp_path) as s:
