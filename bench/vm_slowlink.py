@@ -62,6 +62,7 @@ BOOT_S = 900.0  # hang guard: a 1 GiB TCG guest reading 600 MiB of its disk boot
 SETTLE_S = 20.0  # the guest runs this long in its steady state before a move
 FLOW_BEFORE_S, FLOW_AFTER_S = 10.0, 10.0  # the TCP flow is shown from this long before a move to after it
 MIGRATE_S = 3600.0  # hang guard for one migration at 20 Mbit/s
+WARM_FRESH_S = 15.0  # (c) starts once the warm copy's last pass ended less than this ago (passes every 10 s)
 QEMU_PORT = 4444
 VARIANTS = ("plain", "xbzrle", "multifd-zstd", "compress")
 HOSTS = ("office-pc", "car-pc", "home-pc")
@@ -318,7 +319,12 @@ def p2pvbd_run(work: Path, kernel: Path, initrd: Path, image: Path, args: argpar
             wait_for(lambda: warm_age(car, "home-pc") is not None, "home-pc's warm copy to be current", BOOT_S, 2)
             print(f"  home-pc's warm copy current after {time.time() - warm_since:.0f} s", flush=True)
             time.sleep(max(0.0, args.wait - (time.time() - a["mig"]["returned"])))
+            # kept warm, not just copied once: its latest pass ended moments ago (a first copy of a GiB takes
+            # minutes at 2 MB/s, and the pages the guest changed meanwhile follow in the next passes)
+            wait_for(lambda: (age := warm_age(car, "home-pc")) is not None and age < WARM_FRESH_S,
+                     "home-pc's warm copy to be fresh", BOOT_S, 1)
             c = p2pvbd_move(net, hosts, "car-pc", "home-pc", "c")
+            c["row"]["warm_since_s"] = round(c["mig"]["launched"] - warm_since, 1)
             moves.append(c)
             time.sleep(SETTLE_S)
             b = p2pvbd_move(net, hosts, "home-pc", "office-pc", "b")
@@ -424,6 +430,8 @@ def main() -> int:
     ap.add_argument("--warm-rate", default="16mbit", help="vm replicate --rate")
     ap.add_argument("--wait", type=float, default=600.0, help="seconds from move (a) to move (c)")
     ap.add_argument("--qemu", default="xbzrle,multifd-zstd", help=f"QEMU variants: {','.join(VARIANTS)}")
+    ap.add_argument("--qemu-from", type=Path, metavar="JSON",
+                    help="take the QEMU references from an earlier --json of this benchmark instead")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path)
     ap.add_argument("--render", type=Path, metavar="JSON", help="print the table (and --plot) of an earlier --json")
@@ -445,8 +453,12 @@ def main() -> int:
             for _ in range(args.cache_mib):
                 f.write(os.urandom(MiB))
             f.truncate(args.disk_mib * MiB)
-        result["qemu"] = [qemu_reference(work / f"qemu-{v}", kernel, initrd, image, v, args)
-                          for v in filter(None, args.qemu.split(","))]
+        if args.qemu_from:
+            result["qemu"] = json.loads(args.qemu_from.read_text())["qemu"]
+            result["qemu_from"] = str(args.qemu_from)
+        else:
+            result["qemu"] = [qemu_reference(work / f"qemu-{v}", kernel, initrd, image, v, args)
+                              for v in filter(None, args.qemu.split(","))]
         result["p2pvbd"] = p2pvbd_run(work / "p2pvbd", kernel, initrd, image, args)
     lines = table(result)
     print("\n".join(lines))

@@ -233,12 +233,14 @@ class WarmMemory:
                 if rv.moving:  # the move sends the memory now; what this pass did send stays valid
                     return
                 batch = pages[at:at + WARM_BATCH_PAGES]
+                started = trio.current_time()
                 packed, digests = await trio.to_thread.run_sync(read_batch, rv.pid, hva, batch)
                 await conn.request("vm_warm", {"vm": name, "size": size, "data": packed,
                                                "offsets": b"".join(_OFFSET.pack(i * PAGE_SIZE) for i in batch)})
                 for i, digest in zip(batch, digests, strict=True):
                     sent[i * DIGEST_BYTES:(i + 1) * DIGEST_BYTES] = digest
-                await trio.sleep(len(packed) / state.rate)
+                # paced from when the batch started: its own time on the link counts towards the rate
+                await trio.sleep_until(started + len(packed) / state.rate)
             if host in state.hosts:
                 state.current_at[host] = time.time()
 
