@@ -176,7 +176,8 @@ def print_vm_move(args: argparse.Namespace, r: dict[str, Any]) -> None:
                          "disk_switchover_ms": r["disk_switchover_ms"], "ram_bytes": r["ram_bytes"],
                          "ram_wire_bytes": r["ram_wire_bytes"], "ram_pages": r.get("ram_pages", 0),
                          "ram_by_ref": r.get("ram_by_ref", {}), "ram_missed_pages": r.get("ram_missed_pages", 0),
-                         "ram_from_peers": r.get("ram_from_peers", {}),
+                         "ram_from_peers": r.get("ram_from_peers", {}), "ram_passes": r.get("ram_passes", 0),
+                         "ram_downtime_limit_ms": r.get("ram_downtime_limit_ms"),
                          "error": r["error"], "disks": [{k: d[k] for k in disk_keys} for d in r["disks"]]})
     if r["error"]:
         print(f"p2pvbd: error: VM {r['vm']}: {r['error']}", file=sys.stderr)
