@@ -11,6 +11,7 @@ from p2pvbd.vm.converge import (
     RAMP_AFTER_PASSES,
     RAMP_CAP_MS,
     RAMP_FACTOR,
+    RATE_HORIZON_SECONDS,
     STALL_MARGIN,
     DowntimeRamp,
     StreamPace,
@@ -82,3 +83,17 @@ def test_pieces_shrink_to_a_slow_links_rate_and_stay_whole_on_a_fast_one() -> No
     for i in range(20):  # a trickle: QEMU has little left to send
         idle.taken(i * 0.1, 100)
     assert idle.piece_bytes(2.0) == MIN_PIECE_BYTES
+
+
+@given(st.lists(st.tuples(st.floats(0, 0.5), st.integers(0, 1 << 20)), max_size=60))
+def test_the_measured_rate_is_what_the_last_seconds_took(pieces: list[tuple[float, int]]) -> None:
+    """The running sum agrees with summing the pieces of the horizon afresh, whatever the spacing."""
+    pace, now, seen = StreamPace(1 << 20), 0.0, []
+    for gap, n in pieces:
+        now += gap
+        pace.taken(now, n)
+        seen.append((now, n))
+        recent = [(t, b) for t, b in seen if t >= now - RATE_HORIZON_SECONDS]
+        if len(recent) >= 2 and now - recent[0][0] > 0:
+            rate = sum(b for _, b in recent[1:]) / (now - recent[0][0])
+            assert pace.piece_bytes(now) == max(MIN_PIECE_BYTES, int(min(1 << 20, rate * PIECE_SECONDS)))

@@ -15,6 +15,7 @@ sets the limit it is given.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 # Passes QEMU gets at the asked-for limit: the first sends all memory, and a guest that converges at all
@@ -94,16 +95,23 @@ class StreamPace:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self.done_at: list[tuple[float, int]] = []  # (when, stream bytes) of each piece the destination took
+        self.done_at: deque[tuple[float, int]] = deque()  # (when, stream bytes) of each piece taken lately
+        self.bytes_after_first = 0  # the sum of done_at's bytes but its oldest entry's
 
     def taken(self, now: float, stream_bytes: int) -> None:
+        if self.done_at:
+            self.bytes_after_first += stream_bytes
         self.done_at.append((now, stream_bytes))
+        self._forget(now)
+
+    def _forget(self, now: float) -> None:
         while self.done_at and self.done_at[0][0] < now - RATE_HORIZON_SECONDS:
-            self.done_at.pop(0)
+            self.done_at.popleft()
+            self.bytes_after_first -= self.done_at[0][1] if self.done_at else self.bytes_after_first
 
     def piece_bytes(self, now: float) -> int:
-        recent = [(t, n) for t, n in self.done_at if t >= now - RATE_HORIZON_SECONDS]
-        if len(recent) < 2 or (span := now - recent[0][0]) <= 0:
+        self._forget(now)
+        if len(self.done_at) < 2 or (span := now - self.done_at[0][0]) <= 0:
             return self.max_bytes  # nothing measured yet: a fast link's pieces
-        rate = sum(n for _, n in recent[1:]) / span
-        return max(MIN_PIECE_BYTES, min(self.max_bytes, int(rate * PIECE_SECONDS)))
+        rate = self.bytes_after_first / span
+        return max(MIN_PIECE_BYTES, int(min(self.max_bytes, rate * PIECE_SECONDS)))
