@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -336,6 +337,11 @@ def p2pvbd_run(work: Path, kernel: Path, initrd: Path, image: Path, args: argpar
             received = stop_receiver(recv, work / "received.json")
         finally:
             lan.close()
+            if args.logs:
+                args.logs.mkdir(parents=True, exist_ok=True)
+                for h in hosts.values():
+                    with contextlib.suppress(OSError):
+                        shutil.copy(h.home / "daemon.log", args.logs / f"{h.name}.log")
     for m in moves:
         m["row"]["nonzero_bytes"] = nonzero
         m["row"]["crashed"] = crashed
@@ -433,6 +439,7 @@ def main() -> int:
     ap.add_argument("--qemu-from", type=Path, metavar="JSON",
                     help="take the QEMU references from an earlier --json of this benchmark instead")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--logs", type=Path, metavar="DIR", help="keep every daemon's log here")
     ap.add_argument("--plot", type=Path)
     ap.add_argument("--render", type=Path, metavar="JSON", help="print the table (and --plot) of an earlier --json")
     args = ap.parse_args()
