@@ -868,9 +868,11 @@ class ReplicaStore:
         if length <= 0 or offset < 0 or offset + length > self._size:
             return False
         ab = self._area_blocks * self._bs
-        areas = range(offset // ab, (offset + length - 1) // ab + 1)
-        return len(areas) <= MAX_AREAS_PER_ACTIVATION and any(
-            not self._active.get(a, 0) & written for a in areas)
+        first, last = offset // ab, (offset + length - 1) // ab
+        if first == last:  # the usual case, once per guest write: no generator
+            return not self._active.get(first, 0) & written
+        return last - first < MAX_AREAS_PER_ACTIVATION and any(
+            not self._active.get(a, 0) & written for a in range(first, last + 1))
 
     def activate(self, offset: int, length: int, written: int = GUEST_WRITES) -> None:
         """Make the areas of a coming write active (a guest's, or ``written=PEER_BLOCKS`` a peer's blocks): see
