@@ -323,6 +323,37 @@ class HookController:
         elif (exp := self._exports.get(name)) is not None:
             exp.recent.touch(offset, len(data))
 
+    async def write_many(self, name: str, writes: list[tuple[int, bytes]], client: int = 0) -> list[HookError | None]:
+        """Apply a burst of plain writes (no FUA) in order; each one's error or None. On a primary export
+        with nothing to run after each write they go to the store together (ReplicaStore.write_many: one
+        journal append; a write into an area not yet active syncs the journal there, so callers leave such
+        writes to write(), which shares that sync with others); otherwise one by one as write()."""
+        exp = self._exports.get(name)
+        if (exp is None or exp.frozen or exp.mode is not ExportMode.PRIMARY or exp.forward is not None
+                or exp.after_write is not None):
+            return [await self._write_or_error(name, offset, data, client) for offset, data in writes]
+        exp.inflight += 1  # what _admit does for a primary export that is not frozen
+        try:
+            results = exp.store.write_many(writes)
+        finally:
+            self._done(exp)
+        out: list[HookError | None] = []
+        for (offset, data), res in zip(writes, results, strict=True):
+            if isinstance(res, WriteResult):
+                self._publish(name, res)
+                exp.recent.touch(offset, len(data))
+                out.append(None)
+            else:
+                out.append(_write_error(res))
+        return out
+
+    async def _write_or_error(self, name: str, offset: int, data: bytes, client: int) -> HookError | None:
+        try:
+            await self.write(name, offset, data, client=client)
+        except HookError as e:
+            return e
+        return None
+
     async def write_zeroes(self, name: str, offset: int, length: int, fua: bool = False, client: int = 0, *,
                            no_hole: bool = False, fast: bool = False) -> None:
         """Zero a range. ``no_hole``: keep it allocated (NBD_CMD_FLAG_NO_HOLE). ``fast``: fail at once with
@@ -372,10 +403,8 @@ class HookController:
                     assert exp.activator is not None
                     await exp.activator.activate(*span)
                 res = op(exp.store)
-            except OutOfRange as e:
-                raise HookError(NBD_ENOSPC, str(e)) from e
-            except OSError as e:
-                raise HookError(NBD_ENOSPC if e.errno in _NO_SPACE_ERRNOS else NBD_EIO, f"write failed: {e}") from e
+            except (OutOfRange, OSError) as e:
+                raise _write_error(e) from e
             self._publish(name, res)
             if exp.after_write is not None:
                 await exp.after_write(res)
@@ -457,3 +486,10 @@ class HookController:
         for exp in self.exports():
             if not exp.frozen:
                 await trio.to_thread.run_sync(exp.store.upkeep)
+
+
+def _write_error(e: OutOfRange | OSError) -> HookError:
+    """The NBD error a failed store write answers."""
+    if isinstance(e, OutOfRange):
+        return HookError(NBD_ENOSPC, str(e))
+    return HookError(NBD_ENOSPC if e.errno in _NO_SPACE_ERRNOS else NBD_EIO, f"write failed: {e}")

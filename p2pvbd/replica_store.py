@@ -40,7 +40,7 @@ import mmap
 import os
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,6 +225,7 @@ class ReplicaStore:
         # Areas whose ACTIVE record is in the journal but perhaps not durable yet -> the record's end offset.
         self._activating: dict[int, tuple[int, int]] = {}  # area -> (end of its ACTIVE record, bits)
         self._jseq = 1
+        self._held_records: list[bytes] | None = None  # records of a write_many batch not yet in the journal
         self._lock = threading.Lock()
         self._flush_lock = threading.RLock()  # re-entered: a checkpoint settles blocks, which takes it too
         self._tree_lock = threading.Lock()
@@ -376,6 +377,58 @@ class ReplicaStore:
         if fua:
             self.flush()
         return WriteResult(first, last, v)
+
+    def write_many(self, writes: Sequence[tuple[int, bytes | bytearray | memoryview]]
+                   ) -> list[WriteResult | OutOfRange | OSError]:
+        """Apply writes as write() would one after the other (no FUA), with one journal append for all their
+        records: a burst of small guest writes costs one journal pwrite instead of one each, which was as
+        much as the data's own. Every record precedes every data write of the batch, so the crash rule
+        (intent before data) holds for each; a crash leaves records whose data did not land, as it can
+        between any write's record and data. Returns each write's result or error, in order."""
+        results: list[WriteResult | OutOfRange | OSError] = []
+        landing: list[tuple[int, int, bytes | bytearray | memoryview]] = []  # (result index, offset, data)
+        bs = self._bs
+        with self._lock:
+            self._check_open()
+            self._held_records = []
+            try:
+                for offset, data in writes:
+                    length = len(data)
+                    try:
+                        self._check_range(offset, length)
+                        if not length:
+                            results.append(WriteResult(offset // bs, offset // bs - 1, 0))
+                            continue
+                        first, last = offset // bs, (offset + length - 1) // bs
+                        self._counter = v = self._counter + 1
+                        self._log_intent(first, last, GUEST_WRITES, journal_record(DIRTY, first, last - first + 1, v))
+                    except (OutOfRange, OSError) as e:  # a failed activation sync fails this write only...
+                        results.append(e)
+                        if self._held_records is None:  # ...unless the held records did not reach the journal
+                            for i, _, _ in landing:
+                                results[i] = e
+                            landing, self._held_records = [], []
+                        continue
+                    self._set_versions(first, last, v)
+                    if first == last:
+                        self._dirty.add(first)
+                    else:
+                        self._dirty.update(range(first, last + 1))
+                    landing.append((len(results), offset, data))
+                    results.append(WriteResult(first, last, v))
+            finally:
+                try:
+                    self._release_records()
+                except OSError as e:  # no record, no data: none of the batch's writes may land
+                    for i, _, _ in landing:
+                        results[i] = e
+                    landing = []
+            for i, offset, data in landing:
+                try:
+                    pwrite_all(self._data_fd, data, offset)
+                except OSError as e:
+                    results[i] = e
+        return results
 
     def write_zeroes(self, offset: int, length: int, fua: bool = False, allocate: bool = False) -> WriteResult:
         """Whole blocks become zero blocks (hole, known hash); partial edge blocks are ordinary writes.
@@ -719,12 +772,20 @@ class ReplicaStore:
         self._changed_leaves[first // LEAF_BLOCKS:last // LEAF_BLOCKS + 1] = True
 
     def _append(self, buf: bytes) -> None:
-        if buf:
+        if buf and self._held_records is not None:  # inside write_many: one pwrite for the batch
+            self._held_records.append(buf)
+        elif buf:
             if self._jlen + len(buf) > self._jcap:  # no sync here (the event loop): the next journal sync,
                 self._grow_journal(self._jlen + len(buf), sync=False)  # in a worker, carries the new size
             if os.pwrite(self._jfd, buf, self._jlen) != len(buf):
                 raise OSError(errno.EIO, f"short write to the journal of {self._name!r}")
             self._jlen += len(buf)
+
+    def _release_records(self) -> None:
+        """Append the records write_many held back, in their order, and stop holding them."""
+        held, self._held_records = self._held_records, None
+        if held:
+            self._append(b"".join(held))
 
     def _grow_journal(self, needed: int, sync: bool = True) -> None:
         """Write zeros past the journal's records up to the next JOURNAL_GROWTH_BYTES boundary beyond
@@ -761,6 +822,9 @@ class ReplicaStore:
 
     def _sync_journal_locked(self) -> None:
         """Make the whole active journal durable now (with self._lock held)."""
+        if self._held_records is not None:  # write_many's records so far go first, and it holds the rest
+            self._release_records()
+            self._held_records = []
         os.fdatasync(self._jfd)
         self._jdurable = self._jlen
 
@@ -804,9 +868,11 @@ class ReplicaStore:
         if length <= 0 or offset < 0 or offset + length > self._size:
             return False
         ab = self._area_blocks * self._bs
-        areas = range(offset // ab, (offset + length - 1) // ab + 1)
-        return len(areas) <= MAX_AREAS_PER_ACTIVATION and any(
-            not self._active.get(a, 0) & written for a in areas)
+        first, last = offset // ab, (offset + length - 1) // ab
+        if first == last:  # the usual case, once per guest write: no generator
+            return not self._active.get(first, 0) & written
+        return last - first < MAX_AREAS_PER_ACTIVATION and any(
+            not self._active.get(a, 0) & written for a in range(first, last + 1))
 
     def activate(self, offset: int, length: int, written: int = GUEST_WRITES) -> None:
         """Make the areas of a coming write active (a guest's, or ``written=PEER_BLOCKS`` a peer's blocks): see

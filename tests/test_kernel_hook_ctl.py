@@ -268,3 +268,42 @@ async def test_writes_into_new_areas_share_one_activation(tmp_path: Path, monkey
     assert store.active_areas == 8 and [store.read(a * area, 1) for a in range(1, 8)] == [b"x"] * 7
     assert len(syncs) == 1, "each write synced the journal for its own area"
     store.close()
+
+
+async def test_a_burst_of_writes_is_applied_in_order_published_and_failed_one_by_one(
+        ctl: HookController, store: ReplicaStore) -> None:
+    store.activate(0, store.size)  # what the NBD server leaves to write_many: writes into active areas
+    with ctl.subscribe("vm1") as sub:
+        errors = await ctl.write_many("vm1", [(0, b"a" * 100), (50, b"b" * 10), (store.size - 1, b"cd"),
+                                              (64 * KiB, b"e")])
+        events = [sub.receive.receive_nowait() for _ in range(3)]
+    assert errors[0] is None and errors[1] is None and errors[3] is None
+    assert isinstance(errors[2], HookError) and errors[2].errno == khc.NBD_ENOSPC
+    assert [(e.first_block, e.last_block) for e in events] == [(0, 0), (0, 0), (1, 1)]
+    assert events[0].version < events[1].version < events[2].version
+    assert store.read(0, 100) == b"a" * 50 + b"b" * 10 + b"a" * 40 and store.read(64 * KiB, 1) == b"e"
+    assert ctl.get("vm1").recent.newest(1 << 20) == [64 * KiB, 0]  # type: ignore[union-attr]
+
+
+async def test_a_burst_of_writes_to_a_standby_fails_each_with_eperm(ctl: HookController) -> None:
+    ctl.set_mode("vm1", ExportMode.STANDBY)
+    errors = await ctl.write_many("vm1", [(0, b"x"), (1, b"y")])
+    assert [e.errno if e else None for e in errors] == [NBD_EPERM, NBD_EPERM]
+    assert ctl.get("vm1").store.read(0, 2) == bytes(2)  # type: ignore[union-attr]
+
+
+async def test_a_burst_of_writes_to_a_frozen_export_waits_for_the_thaw(ctl: HookController, nursery: trio.Nursery
+                                                                       ) -> None:
+    await ctl.freeze("vm1")
+    done = trio.Event()
+
+    async def burst() -> None:
+        assert await ctl.write_many("vm1", [(0, b"p"), (1, b"q")]) == [None, None]
+        done.set()
+
+    nursery.start_soon(burst)
+    await trio.testing.wait_all_tasks_blocked()
+    assert not done.is_set() and ctl.get("vm1").store.read(0, 2) == bytes(2)  # type: ignore[union-attr]
+    ctl.thaw("vm1")
+    await done.wait()
+    assert ctl.get("vm1").store.read(0, 2) == b"pq"  # type: ignore[union-attr]

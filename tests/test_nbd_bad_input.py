@@ -380,6 +380,33 @@ def test_oversized_write_payload_is_skipped_with_einval(nbd_host: Host, structur
     assert_served(nbd_host)
 
 
+def test_a_burst_of_writes_is_applied_in_order_with_each_error_its_own(nbd_host: Host) -> None:
+    """Plain writes received together are applied as one batch: overlapping ones in order, a bad one failing
+    alone, a READ after them seeing them and a write after the READ not."""
+    c = connect(nbd_host)
+    c.handshake()
+    size, _ = c.go()
+    base = 4 * MiB  # away from what assert_served reads
+    burst = [
+        (nbd.NBD_CMD_WRITE, 1, base, b"a" * 8192, 0),
+        (nbd.NBD_CMD_WRITE, 2, base + 4096, b"b" * 100, 0),
+        (nbd.NBD_CMD_WRITE, 3, size - 10, b"x" * 20, 0),  # past the end: ENOSPC
+        (nbd.NBD_CMD_WRITE, 4, base + 8192, b"c" * 4096, nbd.NBD_CMD_FLAG_NO_HOLE),  # not a WRITE's flag: EINVAL
+        (nbd.NBD_CMD_WRITE, 5, base + 8192 + 4096, b"e" * 4096, 0),
+        (nbd.NBD_CMD_READ, 6, base, b"", 0),
+        (nbd.NBD_CMD_WRITE, 7, base, b"d" * 10, 0),
+    ]
+    c.send(b"".join(_REQUEST.pack(nbd.NBD_REQUEST_MAGIC, flags, cmd, cookie, off, 16384 if cmd == nbd.NBD_CMD_READ
+                                  else len(data)) + data for cmd, cookie, off, data, flags in burst))
+    replies = [c.reply(cookie, 16384 if cmd == nbd.NBD_CMD_READ else 0) for cmd, cookie, *_ in burst]
+    assert [error for error, _ in replies] == [0, 0, nbd.NBD_ENOSPC, nbd.NBD_EINVAL, 0, 0, 0]
+    assert replies[5][1] == b"a" * 4096 + b"b" * 100 + b"a" * 3996 + bytes(4096) + b"e" * 4096
+    assert c.read(base, 16384) == b"d" * 10 + b"a" * 4086 + b"b" * 100 + b"a" * 3996 + bytes(4096) + b"e" * 4096
+    c.disconnect()
+    c.close()
+    assert_served(nbd_host)
+
+
 def test_pipelined_requests_right_after_go(nbd_host: Host) -> None:
     """GO and the first requests in one send: the requests after the handshake must not be lost."""
     c = connect(nbd_host)

@@ -26,9 +26,14 @@ class RecentExtents:
         if length <= 0:
             return
         extents = self._extents
-        for e in range(offset // EXTENT_BYTES, (offset + length - 1) // EXTENT_BYTES + 1):
-            extents[e] = None
-            extents.move_to_end(e)
+        first, last = offset // EXTENT_BYTES, (offset + length - 1) // EXTENT_BYTES
+        if first == last:  # the usual case, once per guest request: no range to build
+            extents[first] = None
+            extents.move_to_end(first)
+        else:
+            for e in range(first, last + 1):
+                extents[e] = None
+                extents.move_to_end(e)
         while len(extents) > self._max:
             extents.popitem(last=False)
 
