@@ -113,6 +113,9 @@ def main() -> None:
                 for size in SIZES:
                     order = SIDES[rep % 3:] + SIDES[:rep % 3]
                     for side in order:
+                        # each side starts with nothing of the one before still being written back: its
+                        # syncs would otherwise wait behind the other side's dirty pages
+                        os.sync()
                         r = (run_qemu(size, work) if side == "qemu-nbd" else run_raw(size, work) if side == "raw"
                              else run_p2pvbd(host, size, rep, work))
                         runs[size][side].append(r)
