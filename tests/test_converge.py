@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pvbd.vm.converge import (
+    IN_FLIGHT_SECONDS,
+    MIN_IN_FLIGHT_BYTES,
     MIN_PIECE_BYTES,
     PIECE_SECONDS,
     RAMP_AFTER_PASSES,
@@ -16,6 +20,7 @@ from p2pvbd.vm.converge import (
     DowntimeRamp,
     StreamPace,
 )
+from p2pvbd.vm.ram_window import WireWindow
 
 
 def test_the_asked_limit_holds_for_the_first_passes_then_grows_each_pass() -> None:
@@ -97,3 +102,48 @@ def test_the_measured_rate_is_what_the_last_seconds_took(pieces: list[tuple[floa
         if len(recent) >= 2 and now - recent[0][0] > 0:
             rate = sum(b for _, b in recent[1:]) / (now - recent[0][0])
             assert pace.piece_bytes(now) == max(MIN_PIECE_BYTES, int(min(1 << 20, rate * PIECE_SECONDS)))
+
+
+def test_the_bytes_in_flight_follow_what_the_link_carried_not_the_stream() -> None:
+    pace = StreamPace(1 << 20)
+    assert pace.in_flight_bytes(0.0) == MIN_IN_FLIGHT_BYTES  # nothing measured yet
+    for i in range(20):  # pieces of references: 25 MB/s of stream, 250 kB/s on the link
+        pace.taken(i * 0.04, 1_000_000, 10_000)
+    assert pace.piece_bytes(0.77) > 8 * MIN_PIECE_BYTES  # and large pieces
+    assert pace.in_flight_bytes(0.77) == MIN_IN_FLIGHT_BYTES
+    busy = StreamPace(1 << 20)
+    for i in range(20):  # pages the destination lacks on a 100 Mbit/s link
+        busy.taken(i * 0.1, 1_250_000, 1_250_000)
+    assert busy.in_flight_bytes(1.9) == int(12.5e6 * IN_FLIGHT_SECONDS)
+
+
+async def test_pieces_enter_the_link_in_order_within_the_budget() -> None:
+    window, entered = WireWindow(), []
+
+    async def piece(seq: int, size: int) -> None:
+        await window.enter(seq, size, lambda: 100)
+        entered.append(seq)
+
+    async with trio.open_nursery() as nursery:
+        for seq, size in ((2, 30), (1, 80), (0, 50)):  # ready out of order
+            nursery.start_soon(piece, seq, size)
+        await trio.testing.wait_all_tasks_blocked()
+        assert entered == [0]  # 1 would pass the budget; 2, which would not, must not overtake it
+        window.leave(50)
+        await trio.testing.wait_all_tasks_blocked()
+        assert entered == [0, 1] and window.in_flight == 80
+        window.leave(80)
+        await trio.testing.wait_all_tasks_blocked()
+        assert entered == [0, 1, 2]
+    big = WireWindow()
+    await big.enter(0, 10_000, lambda: 100)  # a piece larger than the budget goes alone
+    assert big.in_flight == 10_000
+
+
+def test_a_resent_piece_counts_at_its_new_size() -> None:
+    window = WireWindow()
+    trio.run(window.enter, 0, 100, lambda: 1000)
+    window.resize(100, 4196)
+    assert window.in_flight == 4196
+    window.leave(4196)
+    assert window.in_flight == 0

@@ -77,41 +77,63 @@ class DowntimeRamp:
         return grown
 
 
-# Each piece of the memory stream in flight holds the link about this long at the rate measured: with
-# RAM_WINDOW (4) pieces in flight, the pause waits ~50 ms for what was already on its way when QEMU
-# stopped the guest (1 MiB pieces would be 1.7 s of a 20 Mbit/s link).
+# Each piece of the memory stream holds the link about this long at the rate measured, and what is in
+# flight at once about IN_FLIGHT_SECONDS: the pause waits that long for what was already on its way when
+# QEMU stopped the guest (a 1 MiB piece would be 0.4 s of a 20 Mbit/s link).
 PIECE_SECONDS = 0.0125
+IN_FLIGHT_SECONDS = 0.05
 # ... but no piece is smaller than this: 8 pages, a few requests a second on the slowest link worth moving
 # a VM over (1 Mbit/s), ~80 on 20 Mbit/s; per-piece costs stay small next to hashing the pages.
 MIN_PIECE_BYTES = 32 * 1024
-# The rate is what the destination took over the last this many seconds: long enough to span several
+# ... and the bytes in flight may always reach this: with a round trip and a piece's processing (a few ms)
+# on top of its time on the link, four minimal pieces keep a slow link busy.
+MIN_IN_FLIGHT_BYTES = 4 * MIN_PIECE_BYTES
+# The rates are what the destination took over the last this many seconds: long enough to span several
 # pieces on a slow link, short enough to follow a link that changes.
 RATE_HORIZON_SECONDS = 2.0
 
 
 class StreamPace:
-    """How much of QEMU's stream to read into the next piece, so that the pieces in flight hold the link for
-    a bounded time however fast it is. Pure: the caller passes the clock."""
+    """How much of QEMU's stream to read into the next piece, and how many bytes may be on the link at
+    once, so that what is in flight holds the link for a bounded time however fast it is. Pieces of pages
+    the destination holds are references, a few bytes a page: many of them may be in flight, and the
+    hashing of the next ones overlaps the link carrying the pages it lacks. Pure: the caller passes the
+    clock."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self.done_at: deque[tuple[float, int]] = deque()  # (when, stream bytes) of each piece taken lately
-        self.bytes_after_first = 0  # the sum of done_at's bytes but its oldest entry's
+        self.done_at: deque[tuple[float, int, int]] = deque()  # (when, stream bytes, wire bytes) per piece
+        self.bytes_after_first = 0  # the sum of done_at's stream bytes but its oldest entry's
+        self.wire_after_first = 0  # ... and of its wire bytes
 
-    def taken(self, now: float, stream_bytes: int) -> None:
+    def taken(self, now: float, stream_bytes: int, wire_bytes: int = 0) -> None:
         if self.done_at:
             self.bytes_after_first += stream_bytes
-        self.done_at.append((now, stream_bytes))
+            self.wire_after_first += wire_bytes
+        self.done_at.append((now, stream_bytes, wire_bytes))
         self._forget(now)
 
     def _forget(self, now: float) -> None:
         while self.done_at and self.done_at[0][0] < now - RATE_HORIZON_SECONDS:
             self.done_at.popleft()
-            self.bytes_after_first -= self.done_at[0][1] if self.done_at else self.bytes_after_first
+            if self.done_at:
+                self.bytes_after_first -= self.done_at[0][1]
+                self.wire_after_first -= self.done_at[0][2]
+            else:
+                self.bytes_after_first = self.wire_after_first = 0
+
+    def _span(self, now: float) -> float:
+        self._forget(now)
+        return now - self.done_at[0][0] if len(self.done_at) >= 2 else 0.0
 
     def piece_bytes(self, now: float) -> int:
-        self._forget(now)
-        if len(self.done_at) < 2 or (span := now - self.done_at[0][0]) <= 0:
+        if (span := self._span(now)) <= 0:
             return self.max_bytes  # nothing measured yet: a fast link's pieces
         rate = self.bytes_after_first / span
         return max(MIN_PIECE_BYTES, int(min(self.max_bytes, rate * PIECE_SECONDS)))
+
+    def in_flight_bytes(self, now: float) -> int:
+        """The most bytes to have on the link at once: IN_FLIGHT_SECONDS of what it carried lately."""
+        if (span := self._span(now)) <= 0:
+            return MIN_IN_FLIGHT_BYTES
+        return max(MIN_IN_FLIGHT_BYTES, int(min(1 << 40, self.wire_after_first / span * IN_FLIGHT_SECONDS)))

@@ -48,6 +48,7 @@ from p2pvbd.vm.ram_refs import (
     missing_digests,
     rebuild,
 )
+from p2pvbd.vm.ram_window import WireWindow
 from p2pvbd.vm.runner import RunningVm, VmError, VmRunner
 from p2pvbd.vm.warm_pull import (
     SOURCE_WARM_PEER,
@@ -82,8 +83,11 @@ RAM_QEMU_MAX_BANDWIDTH = 8 << 30
 RAM_AUTO_CONVERGE = True
 # Warm hosts an arrival reads memory from: a person's machines are a handful.
 MAX_WARM_HOSTS = 16
-# Chunks in flight: keeps a link with 10-50 ms round trips busy; the destination writes them in order.
-RAM_WINDOW = 4
+# Pieces in flight at most; the destination takes them in order and holds each (≤ 1 MiB, and as much
+# rebuilt) until its turn: 32 MiB at most. Pieces of references are a few KiB on the wire, so this many
+# lets the source hash ahead while the link carries the pages the destination lacks; what is on the link
+# at once is bounded in bytes (vm/ram_window.py).
+RAM_WINDOW = 16
 # QEMU's migration of the RAM: the longest it may take to reach pre-switchover or to complete. A link
 # that moves less than a few MiB a minute is not one to move a VM over.
 RAM_TIMEOUT = 3600.0
@@ -394,8 +398,13 @@ async def _relay_ram(rv: RunningVm, conn: Any, vm: str, progress: VmMoveProgress
     await failpoints.pause("vm.ram")
     window = trio.Semaphore(RAM_WINDOW)
     pace = StreamPace(RAM_READ_BYTES)
+    wire = WireWindow()
+
+    def budget() -> int:
+        return pace.in_flight_bytes(trio.current_time())
 
     async def send(seq: int, piece: Any, eof: bool) -> None:
+        admitted: int | None = None  # the piece's bytes on the link, once it is let on
         try:
             # A page the destination misses goes by a reference into its disks in the piece's next try
             # if it is disk content, else (and after a second miss) in full.
@@ -403,6 +412,11 @@ async def _relay_ram(rv: RunningVm, conn: Any, vm: str, progress: VmMoveProgress
             not_held: frozenset[bytes] = frozenset()
             while True:
                 body, stats = await trio.to_thread.run_sync(sender.pack, piece, exclude, not_held)
+                if admitted is None:
+                    await wire.enter(seq, stats.wire_bytes, budget)
+                else:
+                    wire.resize(admitted, stats.wire_bytes)
+                admitted = stats.wire_bytes
                 reply = await conn.request("vm_ram", {"vm": vm, "seq": seq, "eof": eof, **body})
                 progress.ram_wire_bytes += stats.wire_bytes
                 missing = missing_digests(reply.get("missing") or b"")
@@ -414,13 +428,15 @@ async def _relay_ram(rv: RunningVm, conn: Any, vm: str, progress: VmMoveProgress
                 exclude |= missing & not_held
                 not_held |= missing
             progress.ram_bytes += stats.stream_bytes
-            pace.taken(trio.current_time(), stats.stream_bytes)
+            pace.taken(trio.current_time(), stats.stream_bytes, stats.wire_bytes)
             progress.ram_pages += stats.pages
             for source, n in stats.by_ref.items():
                 progress.ram_by_ref[source] = progress.ram_by_ref.get(source, 0) + n
             if seq == 0:
                 await failpoints.pause("vm.ram_crossing")
         finally:
+            if admitted is not None:
+                wire.leave(admitted)
             window.release()
 
     digest = hashlib.sha256()  # of the stream as QEMU wrote it; the destination logs its own to compare
