@@ -7,7 +7,7 @@ a busy TCP flow against a 20 Mbit/s uplink) never gets there: every pass leaves 
 and the move would run until its timeout, sending the same pages again and again. So once QEMU's passes
 stop shrinking (a pass left more than STALL_RATIO of the one before, after RAMP_AFTER_PASSES passes), the
 limit moves towards what the smallest recent pass needs at QEMU's measured rate (at most doubling per
-pass); and each
+pass, and all the way once STALLS_TO_JUMP passes in a row stalled); and each
 further pass that still does not end the copy raises it by RAMP_FACTOR (as OpenStack's
 ``live_migration_downtime_steps`` do), up to a cap. Pure: the caller reads QEMU's ``query-migrate`` and
 sets the limit it is given.
@@ -30,6 +30,10 @@ RECENT_PASSES = 3
 # ... but a stalled copy's limit at most doubles per pass: early passes are long and large, and a pass that
 # is about to end small must not be met with a pause sized for the large ones.
 STALL_STEP = 2.0
+# ... until this many passes in a row stalled: the copy has reached what the guest writes in a pass, and each
+# further pass sends as much again without shrinking the last one (a second of this guest's writes: ~2 MB of
+# a 20 Mbit/s link per pass).
+STALLS_TO_JUMP = 2
 # Each further pass raises the limit by this factor: the pause ends at most 20 % above the shortest one the
 # link allows.
 RAMP_FACTOR = 1.2
@@ -48,6 +52,7 @@ class DowntimeRamp:
     limit_ms: float = 0.0
     passes: int = 0
     pass_bytes: list[int] = field(default_factory=list)  # what each pass had to send, at its start
+    stalls: int = 0  # passes in a row that left more than STALL_RATIO of the one before
 
     def __post_init__(self) -> None:
         self.limit_ms = self.base_ms
@@ -68,8 +73,11 @@ class DowntimeRamp:
         grown = self.limit_ms * RAMP_FACTOR ** new_passes
         sizes = self.pass_bytes[1:]  # the first pass is all memory
         if len(sizes) >= 2 and mbps and sizes[-1] > STALL_RATIO * sizes[-2]:
+            self.stalls += 1
             need_ms = min(sizes[-RECENT_PASSES:]) / (mbps * 1e6 / 8) * 1000 * STALL_MARGIN
-            grown = max(grown, min(need_ms, self.limit_ms * STALL_STEP))
+            grown = max(grown, need_ms if self.stalls >= STALLS_TO_JUMP else min(need_ms, self.limit_ms * STALL_STEP))
+        else:
+            self.stalls = 0
         grown = min(self.cap_ms, grown)
         if grown <= self.limit_ms:
             return None
