@@ -17,8 +17,10 @@ down once the disk replicas are in place (the disks are warm on every host befor
   (b) home-pc -> office-pc: the return move, --wait seconds (and more) after office-pc last ran the VM.
 The references: the same guest QEMU to QEMU over the same link (memory over TCP, the disk one shared
 qemu-nbd export), once per variant of --qemu: `plain`, `xbzrle` (cache a quarter of the memory),
-`multifd-zstd` (2 channels, level 1), `compress` (QEMU's zlib threads, level 1). Every QEMU runs with
-downtime-limit 50 ms, p2pvbd's --max-downtime default.
+`multifd-zstd` (2 channels, level 1), `compress` (QEMU's zlib threads, level 1), each optionally with
+`+converge` (QEMU's auto-converge, which p2pvbd's moves use). Every QEMU runs with downtime-limit 50 ms,
+p2pvbd's --max-downtime default. `--qemu-from JSON` takes the references of an earlier run (and
+`--qemu-also` runs more).
 
 For each move: the memory's bytes on the wire (p2pvbd: `migrate --json` ram_wire_bytes; QEMU: what its
 namespace's shaped upload let through during the migration), all bytes the hosts sent meanwhile, QEMU's
@@ -126,6 +128,11 @@ def qemu_caps(variant: str, memory: int) -> tuple[dict[str, bool], dict[str, Any
     caps: dict[str, bool] = {"events": True}
     src: dict[str, Any] = {"downtime-limit": DOWNTIME_LIMIT_MS}
     dst: dict[str, Any] = {}
+    variant, _, extra = variant.partition("+")
+    if extra == "converge":  # QEMU's auto-converge: the guest's vCPUs throttled while passes do not shrink
+        caps["auto-converge"] = True
+    elif extra:
+        raise SystemExit(f"unknown QEMU option +{extra} (+converge)")
     if variant == "xbzrle":
         caps["xbzrle"] = True
         src["xbzrle-cache-size"] = memory // 4
@@ -435,9 +442,11 @@ def main() -> int:
                     help="the TCP flow's server download (its buffers dirty the guest's memory at that rate)")
     ap.add_argument("--warm-rate", default="16mbit", help="vm replicate --rate")
     ap.add_argument("--wait", type=float, default=600.0, help="seconds from move (a) to move (c)")
-    ap.add_argument("--qemu", default="xbzrle,multifd-zstd", help=f"QEMU variants: {','.join(VARIANTS)}")
+    ap.add_argument("--qemu", default="xbzrle,multifd-zstd,multifd-zstd+converge",
+                    help=f"QEMU variants: {','.join(VARIANTS)}, each optionally +converge")
     ap.add_argument("--qemu-from", type=Path, metavar="JSON",
                     help="take the QEMU references from an earlier --json of this benchmark instead")
+    ap.add_argument("--qemu-also", default="", metavar="VARIANTS", help="with --qemu-from: run these too")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--logs", type=Path, metavar="DIR", help="keep every daemon's log here")
     ap.add_argument("--plot", type=Path)
@@ -460,12 +469,13 @@ def main() -> int:
             for _ in range(args.cache_mib):
                 f.write(os.urandom(MiB))
             f.truncate(args.disk_mib * MiB)
+        result["qemu"] = []
         if args.qemu_from:
             result["qemu"] = json.loads(args.qemu_from.read_text())["qemu"]
             result["qemu_from"] = str(args.qemu_from)
-        else:
-            result["qemu"] = [qemu_reference(work / f"qemu-{v}", kernel, initrd, image, v, args)
-                              for v in filter(None, args.qemu.split(","))]
+        variants = args.qemu_also if args.qemu_from else args.qemu
+        result["qemu"] += [qemu_reference(work / f"qemu-{v}", kernel, initrd, image, v, args)
+                           for v in filter(None, variants.split(","))]
         result["p2pvbd"] = p2pvbd_run(work / "p2pvbd", kernel, initrd, image, args)
     lines = table(result)
     print("\n".join(lines))

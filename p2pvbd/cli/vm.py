@@ -178,6 +178,7 @@ def print_vm_move(args: argparse.Namespace, r: dict[str, Any]) -> None:
                          "ram_by_ref": r.get("ram_by_ref", {}), "ram_missed_pages": r.get("ram_missed_pages", 0),
                          "ram_from_peers": r.get("ram_from_peers", {}), "ram_passes": r.get("ram_passes", 0),
                          "ram_downtime_limit_ms": r.get("ram_downtime_limit_ms"),
+                         "ram_throttle_percent": r.get("ram_throttle_percent", 0),
                          "error": r["error"], "disks": [{k: d[k] for k in disk_keys} for d in r["disks"]]})
     if r["error"]:
         print(f"p2pvbd: error: VM {r['vm']}: {r['error']}", file=sys.stderr)

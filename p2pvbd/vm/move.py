@@ -48,6 +48,7 @@ from p2pvbd.vm.ram_refs import (
     missing_digests,
     rebuild,
 )
+from p2pvbd.vm.ram_window import WireWindow
 from p2pvbd.vm.runner import RunningVm, VmError, VmRunner
 from p2pvbd.vm.warm_pull import (
     SOURCE_WARM_PEER,
@@ -75,10 +76,18 @@ MAX_HELD_PREFIXES = 1 << 20
 # to what the link takes, and a stream of pages the destination holds, sent as references, should run at
 # the speed pages can be hashed (~1 GB/s), not take 8 s per GiB of memory.
 RAM_QEMU_MAX_BANDWIDTH = 8 << 30
+# QEMU's auto-converge: while a pass dirties more than half of what the pass before sent (QEMU's default
+# threshold), the guest's vCPUs are throttled (20 %, then 10 % more per pass). A guest that writes fresh
+# data about as fast as a slow link drains it otherwise makes pre-copy send it again pass after pass, and
+# the last pass, inside the pause, stays as large as what it writes in one (vm/converge.py).
+RAM_AUTO_CONVERGE = True
 # Warm hosts an arrival reads memory from: a person's machines are a handful.
 MAX_WARM_HOSTS = 16
-# Chunks in flight: keeps a link with 10-50 ms round trips busy; the destination writes them in order.
-RAM_WINDOW = 4
+# Pieces in flight at most; the destination takes them in order and holds each (≤ 1 MiB, and as much
+# rebuilt) until its turn: 32 MiB at most. Pieces of references are a few KiB on the wire, so this many
+# lets the source hash ahead while the link carries the pages the destination lacks; what is on the link
+# at once is bounded in bytes (vm/ram_window.py).
+RAM_WINDOW = 16
 # QEMU's migration of the RAM: the longest it may take to reach pre-switchover or to complete. A link
 # that moves less than a few MiB a minute is not one to move a VM over.
 RAM_TIMEOUT = 3600.0
@@ -116,6 +125,7 @@ class VmMoveProgress:
     ram_missed_pages: int = 0  # references the destination could not resolve: sent again in full
     ram_passes: int = 0  # QEMU's passes over the memory (dirty-page syncs) before the pause
     ram_downtime_limit_ms: float | None = None  # QEMU's downtime-limit at the end (vm/converge.py)
+    ram_throttle_percent: int = 0  # the most auto-converge throttled the guest's vCPUs during the move
     ram_from_peers: dict[str, int] = field(default_factory=dict)  # bytes the destination read from warm hosts
     vm_downtime_ms: float | None = None
     disk_switchover_ms: float | None = None  # from pre-switchover to migrate-continue: the disks' part
@@ -131,6 +141,7 @@ class VmMoveProgress:
                 "ram_bytes": self.ram_bytes, "ram_wire_bytes": self.ram_wire_bytes, "ram_pages": self.ram_pages,
                 "ram_by_ref": dict(self.ram_by_ref), "ram_missed_pages": self.ram_missed_pages,
                 "ram_passes": self.ram_passes, "ram_downtime_limit_ms": self.ram_downtime_limit_ms,
+                "ram_throttle_percent": self.ram_throttle_percent,
                 "ram_from_peers": dict(self.ram_from_peers),
                 "vm_downtime_ms": self.vm_downtime_ms,
                 "disk_switchover_ms": self.disk_switchover_ms, "duration_s": round(end - self.started, 3),
@@ -182,7 +193,8 @@ async def move_vm(swarm: Swarm, runner: VmRunner, vm: VmDefinition, dest: str, m
             relayed = trio.Event()
             await nursery.start(_relay_ram, rv, conn, vm.name, progress, relayed, sender)
             await qmp.command("migrate-set-capabilities", capabilities=[
-                {"capability": "pause-before-switchover", "state": True}, {"capability": "events", "state": True}])
+                {"capability": "pause-before-switchover", "state": True}, {"capability": "events", "state": True},
+                {"capability": "auto-converge", "state": RAM_AUTO_CONVERGE}])
             ramp = DowntimeRamp(max_downtime_ms * RAM_DOWNTIME_SHARE)
             progress.ram_downtime_limit_ms = ramp.base_ms
             await qmp.command("migrate-set-parameters", **{"downtime-limit": max(1, int(ramp.base_ms)),
@@ -343,9 +355,12 @@ async def _migration_reaches(rv: RunningVm, status: str, ramp: DowntimeRamp | No
         passes, remaining, mbps = ram.get("dirty-sync-count"), ram.get("remaining"), ram.get("mbps")
         if ramp is not None and progress is not None and isinstance(passes, int):
             if passes > (progress.ram_passes or 0):  # where a slow move's time goes, pass by pass
-                log.info("VM %s: memory pass %d, %s bytes left, QEMU at %s Mbit/s, %.1f MB on the wire so far",
-                         rv.vm.name, passes, remaining, mbps, progress.ram_wire_bytes / 1e6)
+                log.info("VM %s: memory pass %d, %s bytes left, QEMU at %s Mbit/s, %.1f MB on the wire so far, "
+                         "vCPUs throttled %s %%", rv.vm.name, passes, remaining, mbps, progress.ram_wire_bytes / 1e6,
+                         info.get("cpu-throttle-percentage", 0))
             progress.ram_passes = passes
+            if isinstance(throttle := info.get("cpu-throttle-percentage"), int):
+                progress.ram_throttle_percent = max(progress.ram_throttle_percent, throttle)
             if (limit := ramp.on_progress(passes, remaining if isinstance(remaining, int) else None,
                                           float(mbps) if isinstance(mbps, (int, float)) else None)) is not None:
                 if progress.ram_downtime_limit_ms == ramp.base_ms:
@@ -383,8 +398,13 @@ async def _relay_ram(rv: RunningVm, conn: Any, vm: str, progress: VmMoveProgress
     await failpoints.pause("vm.ram")
     window = trio.Semaphore(RAM_WINDOW)
     pace = StreamPace(RAM_READ_BYTES)
+    wire = WireWindow()
+
+    def budget() -> int:
+        return pace.in_flight_bytes(trio.current_time())
 
     async def send(seq: int, piece: Any, eof: bool) -> None:
+        admitted: int | None = None  # the piece's bytes on the link, once it is let on
         try:
             # A page the destination misses goes by a reference into its disks in the piece's next try
             # if it is disk content, else (and after a second miss) in full.
@@ -392,6 +412,11 @@ async def _relay_ram(rv: RunningVm, conn: Any, vm: str, progress: VmMoveProgress
             not_held: frozenset[bytes] = frozenset()
             while True:
                 body, stats = await trio.to_thread.run_sync(sender.pack, piece, exclude, not_held)
+                if admitted is None:
+                    await wire.enter(seq, stats.wire_bytes, budget)
+                else:
+                    wire.resize(admitted, stats.wire_bytes)
+                admitted = stats.wire_bytes
                 reply = await conn.request("vm_ram", {"vm": vm, "seq": seq, "eof": eof, **body})
                 progress.ram_wire_bytes += stats.wire_bytes
                 missing = missing_digests(reply.get("missing") or b"")
@@ -403,13 +428,15 @@ async def _relay_ram(rv: RunningVm, conn: Any, vm: str, progress: VmMoveProgress
                 exclude |= missing & not_held
                 not_held |= missing
             progress.ram_bytes += stats.stream_bytes
-            pace.taken(trio.current_time(), stats.stream_bytes)
+            pace.taken(trio.current_time(), stats.stream_bytes, stats.wire_bytes)
             progress.ram_pages += stats.pages
             for source, n in stats.by_ref.items():
                 progress.ram_by_ref[source] = progress.ram_by_ref.get(source, 0) + n
             if seq == 0:
                 await failpoints.pause("vm.ram_crossing")
         finally:
+            if admitted is not None:
+                wire.leave(admitted)
             window.release()
 
     digest = hashlib.sha256()  # of the stream as QEMU wrote it; the destination logs its own to compare

@@ -208,6 +208,9 @@ class WarmMemory:
     # ---- the VM's host -----------------------------------------------------------------------------------
     async def run(self) -> None:
         while True:
+            # passes start every WARM_PASS_SECONDS (one hashes all memory): a copy is at most that plus one
+            # pass behind, where a pause after each pass would add the pass's own time
+            started = trio.current_time()
             for name, rv in list(self.runner.running.items()):
                 state = self._state(name)
                 if not state.hosts or rv.qmp is None or rv.exited.is_set() or rv.incoming or rv.moving:
@@ -217,7 +220,7 @@ class WarmMemory:
                         await self._pass(name, rv, state)
                 except Exception as e:  # a warm copy is an optimisation: never stop the daemon for it
                     log.warning("VM %s: updating its warm memory failed: %s", name, e)
-            await trio.sleep(WARM_PASS_SECONDS)
+            await trio.sleep_until(started + WARM_PASS_SECONDS)
 
     async def _pass(self, name: str, rv: Any, state: WarmState) -> None:
         out = await rv.qmp.command("human-monitor-command", **{"command-line": "gpa2hva 0"})
