@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -58,3 +59,10 @@ def visible(host: Host, disk: str, holders: int = 1) -> bool:
 
 def coverage(host: Host, disk: str) -> dict[str, float]:
     return {r["host"]: r["coverage"] for r in host.json("status", disk)["disks"][0]["replicas"]}
+
+
+def as_in_a_terminal() -> None:
+    """A child's Ctrl-C as in a person's terminal (``preexec_fn``): a suite started in the background by a
+    shell without job control (``make test &``) runs with SIGINT ignored, which its children inherit and a
+    command rightly keeps, so a test of Ctrl-C would send it to a process that never sees it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -15,7 +15,7 @@ import pytest
 
 from p2pvbd.migration import failpoints
 from tests.daemons import BIN, Host
-from tests.helpers import coverage, invite, qemu_io, sync, visible, wait_until
+from tests.helpers import as_in_a_terminal, coverage, invite, qemu_io, sync, visible, wait_until
 
 BLOCK = 64 * 1024
 # 16 MiB of random data: 256 blocks, 16 pull requests of 1 MiB; the four workers of a one-peer pull
@@ -45,7 +45,7 @@ def start_cli(host: Host, tmp_path: Path, *args: str) -> tuple[subprocess.Popen[
     """A command as a person types it, in the background; its stderr goes to a file read while it runs."""
     err = tmp_path / f"stderr-{args[0]}-{len(list(tmp_path.iterdir()))}"
     proc = subprocess.Popen([BIN, *args, "--home", str(host.home)], stdout=subprocess.PIPE,
-                            stderr=err.open("w"), text=True)
+                            stderr=err.open("w"), text=True, preexec_fn=as_in_a_terminal)
     return proc, err
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from p2pvbd.migration import failpoints
 from tests.daemons import BIN, Host
-from tests.helpers import wait_until
+from tests.helpers import as_in_a_terminal, wait_until
 from tests.test_vm_move import GUEST_WAIT, acked, define_vm, owner, vm_state
 
 # The failpoint holds the phase this long: polls of `jobs`, the signal and the cancel fit in it.
@@ -34,7 +34,7 @@ def test_ctrl_c_in_a_vm_move(make_host: Any, guest_files: tuple[Path, Path], tmp
     wait_until(lambda: acked(office) >= 30, "the guest to write at office-pc", timeout=GUEST_WAIT)
     err = tmp_path / "migrate.err"
     migrate = subprocess.Popen([BIN, "migrate", "vm1", "--to", "car-pc", "--home", str(office.home)],
-                               stdout=subprocess.PIPE, stderr=err.open("w"), text=True)
+                               stdout=subprocess.PIPE, stderr=err.open("w"), text=True, preexec_fn=as_in_a_terminal)
     wait_until(lambda: vm_phase(office) == phase or migrate.poll() is not None, f"phase {phase}",
                timeout=GUEST_WAIT, poll=0.05)
     assert vm_phase(office) == phase, err.read_text()
