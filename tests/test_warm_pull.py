@@ -9,7 +9,7 @@ from pathlib import Path
 import zstandard
 
 from p2pvbd.vm.ram_image import RamImage, page_digest
-from p2pvbd.vm.warm import write_pages
+from p2pvbd.vm.warm import WARM_PASS_SECONDS, next_round, write_pages
 from p2pvbd.vm.warm_pull import image_takes_pages, plan_pull, read_index, take_pages
 
 PAGE = 4096
@@ -62,3 +62,8 @@ def test_a_kept_image_of_another_layout_is_not_overwritten(tmp_path: Path) -> No
     assert not image_takes_pages(tmp_path, 16 * PAGE)
     (tmp_path / "ram.json").write_text('{"blocks": {"pc.ram": 32776, "vga.vram": 4096}}')
     assert not image_takes_pages(tmp_path, 32768)  # the image a VM left here, laid out as QEMU's stream
+
+
+def test_warm_passes_keep_hashing_to_a_tenth_of_the_time_whatever_the_memory() -> None:
+    assert next_round(100.0, 1.0) == 100.0 + WARM_PASS_SECONDS  # a 1 GiB guest: every 10 s
+    assert next_round(100.0, 8.0) == 180.0  # 8 GiB: hashing 8 s of every 80

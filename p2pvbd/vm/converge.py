@@ -96,6 +96,9 @@ MIN_PIECE_BYTES = 32 * 1024
 # ... and the bytes in flight may always reach this: with a round trip and a piece's processing (a few ms)
 # on top of its time on the link, four minimal pieces keep a slow link busy.
 MIN_IN_FLIGHT_BYTES = 4 * MIN_PIECE_BYTES
+# ... and never needs more than this: above what the relay's 16 pieces of at most 1 MiB can hold (the
+# cap also keeps a rate measured over an instant finite).
+MAX_IN_FLIGHT_BYTES = 64 << 20
 # The rates are what the destination took over the last this many seconds: long enough to span several
 # pieces on a slow link, short enough to follow a link that changes.
 RATE_HORIZON_SECONDS = 2.0
@@ -144,4 +147,5 @@ class StreamPace:
         """The most bytes to have on the link at once: IN_FLIGHT_SECONDS of what it carried lately."""
         if (span := self._span(now)) <= 0:
             return MIN_IN_FLIGHT_BYTES
-        return max(MIN_IN_FLIGHT_BYTES, int(min(1 << 40, self.wire_after_first / span * IN_FLIGHT_SECONDS)))
+        return max(MIN_IN_FLIGHT_BYTES, int(min(MAX_IN_FLIGHT_BYTES,
+                                                 self.wire_after_first / span * IN_FLIGHT_SECONDS)))

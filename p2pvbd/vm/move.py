@@ -354,12 +354,13 @@ async def _migration_reaches(rv: RunningVm, status: str, ramp: DowntimeRamp | No
         ram = info.get("ram", {})
         passes, remaining, mbps = ram.get("dirty-sync-count"), ram.get("remaining"), ram.get("mbps")
         if ramp is not None and progress is not None and isinstance(passes, int):
-            if passes > (progress.ram_passes or 0):  # where a slow move's time goes, pass by pass
+            throttle = info.get("cpu-throttle-percentage", 0)
+            if passes > progress.ram_passes:  # where a slow move's time goes, pass by pass
                 log.info("VM %s: memory pass %d, %s bytes left, QEMU at %s Mbit/s, %.1f MB on the wire so far, "
                          "vCPUs throttled %s %%", rv.vm.name, passes, remaining, mbps, progress.ram_wire_bytes / 1e6,
-                         info.get("cpu-throttle-percentage", 0))
+                         throttle)
             progress.ram_passes = passes
-            if isinstance(throttle := info.get("cpu-throttle-percentage"), int):
+            if isinstance(throttle, int):
                 progress.ram_throttle_percent = max(progress.ram_throttle_percent, throttle)
             if (limit := ramp.on_progress(passes, remaining if isinstance(remaining, int) else None,
                                           float(mbps) if isinstance(mbps, (int, float)) else None)) is not None:

@@ -46,6 +46,9 @@ RAM_BLOCK = "pc.ram"
 # How often a VM's memory is hashed to find what changed: hashing reads all of it (~1 s of one core per
 # GiB), so a pass every 10 s costs a 1 GiB guest's host at most a tenth of a core.
 WARM_PASS_SECONDS = 10.0
+# ... and for a larger guest, passes start no more often than keeps hashing at this share of the time
+# (an 8 GiB guest's ~8 s of hashing: a pass every 80 s, not every 10).
+WARM_HASH_SHARE = 0.1
 # Pages per vm_warm request: 256 KiB before compression, well inside a peer frame.
 WARM_BATCH_PAGES = 64
 # Without --rate, a warm host gets at most this many bytes a second: a background trickle next to a
@@ -95,6 +98,12 @@ def read_batch(pid: int, hva: int, pages: list[int]) -> tuple[bytes, list[bytes]
     finally:
         os.close(fd)
     return zstandard.ZstdCompressor(level=WARM_ZSTD_LEVEL).compress(b"".join(data)), [page_digest(d) for d in data]
+
+
+def next_round(started: float, hashing: float) -> float:
+    """When the next round of warm passes starts: WARM_PASS_SECONDS after this one started (a copy is then
+    at most that and one pass behind), or later if hashing would take more than WARM_HASH_SHARE of the time."""
+    return started + max(WARM_PASS_SECONDS, hashing / WARM_HASH_SHARE)
 
 
 def changed_pages(now: bytearray, sent: bytearray) -> list[int]:
@@ -211,30 +220,34 @@ class WarmMemory:
             # passes start every WARM_PASS_SECONDS (one hashes all memory): a copy is at most that plus one
             # pass behind, where a pause after each pass would add the pass's own time
             started = trio.current_time()
+            hashing = 0.0  # seconds this round spent hashing memory
             for name, rv in list(self.runner.running.items()):
                 state = self._state(name)
                 if not state.hosts or rv.qmp is None or rv.exited.is_set() or rv.incoming or rv.moving:
                     continue
                 try:
                     if await rv.status() == "running":
-                        await self._pass(name, rv, state)
+                        hashing += await self._pass(name, rv, state)
                 except Exception as e:  # a warm copy is an optimisation: never stop the daemon for it
                     log.warning("VM %s: updating its warm memory failed: %s", name, e)
-            await trio.sleep_until(started + WARM_PASS_SECONDS)
+            await trio.sleep_until(next_round(started, hashing))
 
-    async def _pass(self, name: str, rv: Any, state: WarmState) -> None:
+    async def _pass(self, name: str, rv: Any, state: WarmState) -> float:
+        """Send each warm host what changed; the seconds spent hashing the guest's memory."""
         out = await rv.qmp.command("human-monitor-command", **{"command-line": "gpa2hva 0"})
         if f"({RAM_BLOCK})" not in out:
-            return
+            return 0.0
         hva, size = int(out.split()[-1], 16), rv.vm.memory
+        hash_started = trio.current_time()
         now = await trio.to_thread.run_sync(hash_ram, rv.pid, hva, size)
+        hashed = trio.current_time() - hash_started
         for host in list(state.hosts):
             sent = state.sent.setdefault(host, bytearray())
             pages = await trio.to_thread.run_sync(changed_pages, now, sent)
             conn = await self.swarm.connect(host)
             for at in range(0, len(pages), WARM_BATCH_PAGES):
                 if rv.moving:  # the move sends the memory now; what this pass did send stays valid
-                    return
+                    return hashed
                 batch = pages[at:at + WARM_BATCH_PAGES]
                 started = trio.current_time()
                 packed, digests = await trio.to_thread.run_sync(read_batch, rv.pid, hva, batch)
@@ -246,6 +259,7 @@ class WarmMemory:
                 await trio.sleep_until(started + len(packed) / state.rate)
             if host in state.hosts:
                 state.current_at[host] = time.time()
+        return hashed
 
     # ---- a warm host ---------------------------------------------------------------------------------------
     async def owner(self, swarm: Swarm, peer: str, body: dict[str, Any]) -> str | None:
